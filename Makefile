@@ -1,0 +1,51 @@
+# raggen: `make demo` runs the quickstart, `make test` runs the tests. Both build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The CPU wheel of torch lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-unit test-integration bench reader clean gpu
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/raggen quickstart --config configs/quickstart.yaml
+
+test: venv
+	$(BIN)/python -m pytest -q --timeout=600
+
+test-unit: venv
+	$(BIN)/python -m pytest -q -m "not integration"
+
+test-integration: venv
+	$(BIN)/python -m pytest -q -m integration --timeout=600
+
+bench: venv
+	$(BIN)/python benchmarks/estimators.py
+	$(BIN)/python benchmarks/index.py --small
+	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/serve.py
+
+# Rebuild the shipped reader (raggen/assets/reader) from scratch on an endless stream of fresh world facts.
+reader: venv
+	$(BIN)/raggen pretrain-reader --out raggen/assets/reader
+
+# On a CUDA node: swap faiss-cpu for the GPU build (both provide the `faiss` module).
+gpu: venv
+	$(BIN)/python -m pip uninstall -y faiss-cpu
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall "faiss-gpu>=1.8"
+
+clean:
+	rm -rf $(VENV) artifacts runs

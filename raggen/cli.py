@@ -1,0 +1,204 @@
+"""The ``raggen`` command. Each subcommand reads a config, applies ``--set a.b=v`` overrides and calls
+one library function; errors a user can fix print as one line (exit 2), never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+from raggen.config import RaggenConfig, load_config
+from raggen.errors import RaggenError
+
+log = logging.getLogger("raggen")
+
+
+def _config(args: argparse.Namespace) -> RaggenConfig:
+    return load_config(getattr(args, "config", None), getattr(args, "set", None) or [])
+
+
+def cmd_world(args: argparse.Namespace) -> None:
+    w = _config(args).world
+    from raggen.corpus.world import WorldConfig, write_world
+
+    files = write_world(w.out_dir, WorldConfig(num_entities=w.num_entities, seed=w.seed, changed_fraction=w.changed_fraction))
+    print(json.dumps({k: str(v) for k, v in vars(files).items()}, indent=2))
+
+
+def index_build_kwargs(cfg: RaggenConfig) -> dict:
+    """The config's index section as the plain keyword arguments of ``raggen.index.build_index``."""
+    ix = cfg.index
+    return dict(
+        passages_uri=ix.passages,
+        output_uri=ix.output,
+        passages_format=ix.format,
+        encoder_name_or_path=ix.encoder.name_or_path,
+        pooling=ix.encoder.pooling,
+        max_length=ix.encoder.max_length,
+        batch_size=ix.batch_size,
+        num_shards=ix.num_shards,
+        faiss_factory=ix.faiss_factory,
+        metric=ix.metric,
+        train_sample=ix.train_sample,
+        num_actors=ix.num_actors,
+        actor_num_cpus=ix.actor_num_cpus,
+        actor_num_gpus=ix.actor_num_gpus,
+        version=ix.version,
+        s3=ix.s3.as_kwargs(),
+    )
+
+
+def cmd_index_build(args: argparse.Namespace) -> None:
+    from raggen.index import build_index
+    from raggen.ray_utils import ensure_ray
+
+    cfg = _config(args)
+    ensure_ray()
+    manifest = build_index(**index_build_kwargs(cfg))
+    print(f"published {cfg.index.output} version {manifest.version}: {manifest.num_passages} passages in {len(manifest.shards)} shards")
+
+
+def cmd_index_search(args: argparse.Namespace) -> None:
+    from raggen.index import search_index
+
+    cfg = _config(args)
+    enc = cfg.index.encoder
+    results = search_index(args.uri, [args.question], k=args.k, encoder_name_or_path=enc.name_or_path,
+                           pooling=enc.pooling, max_length=enc.max_length, s3=cfg.index.s3.as_kwargs())
+    for rank, hit in enumerate(results[0], 1):
+        print(f"{rank:>2}. [{hit['score']:.3f}] {hit['id']} {hit['title']}: {hit['text'][:120]}")
+
+
+def cmd_index_verify(args: argparse.Namespace) -> None:
+    from raggen.index import verify_index
+
+    manifest = verify_index(args.uri, version=args.version, s3=_config(args).index.s3.as_kwargs())
+    print(f"ok: {args.uri} version {manifest.version}, {manifest.num_passages} passages, {len(manifest.shards)} shards, all checksums match")
+
+
+def cmd_index_publish(args: argparse.Namespace) -> None:
+    from raggen.index import publish_index
+
+    manifest = publish_index(args.src, args.dst, s3=_config(args).index.s3.as_kwargs())
+    print(f"published {args.dst} version {manifest.version}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from raggen.train.trainer import run_training
+
+    result = run_training(_config(args))
+    print(json.dumps(result, indent=2, default=str))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from raggen.train.evaluate import evaluate_from_config
+
+    print(json.dumps(evaluate_from_config(_config(args), checkpoint=args.checkpoint, split=args.split), indent=2))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from raggen.train.metrics import plot_metrics
+
+    print(plot_metrics(args.run, args.out))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from raggen.serve.app import serve_from_config
+
+    serve_from_config(_config(args), blocking=not args.detach)
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from raggen.serve.client import ask
+
+    reply = ask(args.url, args.question, top_k=args.top_k, decoding=args.decoding, max_new_tokens=args.max_new_tokens)
+    print(json.dumps(reply, indent=2))
+
+
+def cmd_pretrain_reader(args: argparse.Namespace) -> None:
+    from raggen.train.reader import pretrain_reader
+
+    print(pretrain_reader(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed))
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from raggen.quickstart import run_quickstart
+
+    run_quickstart(_config(args))
+
+
+def _with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+    if required:
+        p.add_argument("config", help="YAML config file (see configs/)")
+    else:
+        p.add_argument("--config", default=None, help="YAML config file (defaults when omitted)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. train.lr=3e-5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raggen", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable, help: str, parent=sub, config: bool | None = True) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help)
+        if config is not None:
+            _with_config(p, required=config)
+        p.set_defaults(fn=fn)
+        return p
+
+    add("world", cmd_world, "write the embedded generated world (passages TSV, QA files, v2)", config=False)
+    index = sub.add_parser("index", help="build, search, verify and publish sharded FAISS indexes")
+    isub = index.add_subparsers(dest="index_command", required=True)
+    add("build", cmd_index_build, "encode a corpus with Ray Data and publish shards", parent=isub)
+    p = add("search", cmd_index_search, "search a published index", parent=isub, config=False)
+    p.add_argument("uri")
+    p.add_argument("question")
+    p.add_argument("-k", type=int, default=5)
+    p = add("verify", cmd_index_verify, "check every checksum of a published version", parent=isub, config=False)
+    p.add_argument("uri")
+    p.add_argument("--version", default=None)
+    p = add("publish", cmd_index_publish, "copy a verified version to another store and move LATEST", parent=isub, config=False)
+    p.add_argument("src")
+    p.add_argument("dst")
+    add("train", cmd_train, "train end to end with Ray Train")
+    p = add("eval", cmd_eval, "EM/F1 and retrieval recall of a checkpoint")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--split", default="test", choices=["dev", "test", "changed"])
+    p = add("report", cmd_report, "plot a run's metrics to PNG", config=None)
+    p.add_argument("run", help="run folder holding metrics.jsonl")
+    p.add_argument("--out", default=None)
+    p = add("serve", cmd_serve, "deploy the Serve graph (starts Ray locally if no cluster)")
+    p.add_argument("--detach", action="store_true", help="return after deploying instead of blocking")
+    p = add("ask", cmd_ask, "ask a running raggen service", config=None)
+    p.add_argument("question")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--decoding", default="rag-token")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p = add("pretrain-reader", cmd_pretrain_reader, "pre-train the small reader on fresh world facts", config=None)
+    p.add_argument("--out", default="raggen/assets/reader")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    add("quickstart", cmd_quickstart, "world -> index -> eval -> JSA train -> eval -> plot -> serve -> hot-swap", config=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.fn(args)
+    except RaggenError as e:
+        print(f"raggen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

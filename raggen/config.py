@@ -1,0 +1,240 @@
+"""Every raggen setting as a pydantic model: YAML in, validated, one clear error naming the field out.
+
+A config file has one section per flow (``world``, ``index``, ``model``, ``train``, ``serve``); each
+command reads the sections it needs. CLI overrides use dotted paths: ``--set train.lr=3e-5``.
+Builders turn these fields into plain keyword arguments; library modules never import this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raggen.errors import ConfigError
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+Estimator = Literal["rag-sequence", "rag-token", "vrag", "jsa", "emdr2", "pdist", "gumbel-rerank"]
+Decoding = Literal["rag-token", "rag-sequence-fast", "rag-sequence-thorough"]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a YAML file must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class S3Config(_Strict):
+    """Where S3 lives; unset fields fall back to the standard AWS environment (AWS_ENDPOINT_URL, ...)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    max_attempts: int = Field(5, ge=1, le=50)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class WorldSection(_Strict):
+    """The embedded generated knowledge base (raggen/corpus/world.py)."""
+
+    out_dir: str = "artifacts/world"
+    num_entities: int = Field(2000, ge=10)
+    seed: int = 0
+    changed_fraction: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class EncoderSection(_Strict):
+    name_or_path: str = MINILM
+    pooling: Literal["cls", "mean"] = "mean"
+    max_length: int = Field(128, ge=8, le=8192)
+
+
+class IndexSection(_Strict):
+    """Corpus -> Ray Data encoding -> FAISS shards -> a published, versioned index."""
+
+    passages: str = "artifacts/world/passages.tsv"
+    format: Literal["auto", "dpr-tsv", "jsonl", "parquet"] = "auto"
+    output: str = "artifacts/index"
+    version: str | None = None
+    encoder: EncoderSection = EncoderSection()
+    batch_size: int = Field(64, ge=1)
+    num_shards: int = Field(2, ge=1)
+    faiss_factory: str = "Flat"
+    metric: Literal["ip", "l2"] = "ip"
+    train_sample: int = Field(100_000, ge=1)
+    num_actors: int = Field(1, ge=1)
+    actor_num_cpus: float = Field(1.0, gt=0)
+    actor_num_gpus: float = Field(0.0, ge=0)
+    s3: S3Config = S3Config()
+
+
+class ModelSection(_Strict):
+    """The models a RAG system is made of; every path is an HF id or a local folder."""
+
+    query_encoder: EncoderSection = EncoderSection()
+    posterior_encoder: EncoderSection | None = None
+    generator: str = "artifacts/models/reader"
+    reranker: str | None = None
+    max_source_length: int = Field(192, ge=8)
+    max_target_length: int = Field(24, ge=1)
+
+
+class JSASection(_Strict):
+    """Defaults keep the exact estimator; the official JSA-RAG code used temperature 0.1 and 50 proposals."""
+
+    num_proposals: int = Field(8, ge=1)
+    retriever_temperature: float = Field(1.0, gt=0)
+    length_normalize: bool = False
+    restart_chains: bool = False
+
+
+class GumbelSection(_Strict):
+    k: int = Field(2, ge=1)
+    tau: float = Field(0.5, gt=0)
+    method: Literal["subset", "max"] = "subset"
+    train_reader: bool = False
+    candidates: int = Field(10, ge=1)
+
+
+class TrainSection(_Strict):
+    name: str = "quickstart"
+    storage_path: str = "runs"
+    train_file: str = "artifacts/world/train.jsonl"
+    dev_file: str = "artifacts/world/dev.jsonl"
+    index: str = "artifacts/index"
+    estimator: Estimator = "jsa"
+    top_k: int = Field(5, ge=1, le=100)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-5, gt=0)
+    retriever_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    vrag_beta: float = Field(1.0, ge=0)
+    pdist_temperature: float = Field(1.0, gt=0)
+    train_passage_encoder: bool = False
+    train_generator: bool = True
+    jsa: JSASection = JSASection()
+    gumbel: GumbelSection = GumbelSection()
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool | None = None
+    max_failures: int = Field(0, ge=-1)
+    checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(0, ge=0)
+    eval_examples: int = Field(200, ge=1)
+    refresh_index_every: int = Field(0, ge=0)
+    seed: int = 0
+    s3: S3Config = S3Config()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSection":
+        if self.estimator == "gumbel-rerank" and self.gumbel.k > self.gumbel.candidates:
+            raise ValueError("gumbel.k must not exceed gumbel.candidates")
+        if self.refresh_index_every and not self.train_passage_encoder:
+            raise ValueError("refresh_index_every needs train_passage_encoder: true (a frozen encoder never changes the index)")
+        return self
+
+
+class AutoscalingSection(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingSection":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class ServeSection(_Strict):
+    index: str = "artifacts/index"
+    watch_latest: bool = False
+    watch_interval_s: float = Field(10.0, gt=0)
+    model_dir: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    default_top_k: int = Field(5, ge=1)
+    max_top_k: int = Field(20, ge=1)
+    max_question_chars: int = Field(1000, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    num_beams: int = Field(4, ge=1)
+    replica_num_cpus: float = Field(0.25, gt=0)
+    replica_num_gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    autoscaling: AutoscalingSection = AutoscalingSection()
+    api_token_env: str = "RAGGEN_API_TOKEN"
+    s3: S3Config = S3Config()
+
+
+class RaggenConfig(_Strict):
+    world: WorldSection = WorldSection()
+    index: IndexSection = IndexSection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    serve: ServeSection = ServeSection()
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "<root>"
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    """One line per problem: ``file: train.lr: Input should be greater than 0 (got -1)``."""
+    lines = []
+    for e in err.errors():
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        lines.append(f"{source}: {_field_path(e['loc'])}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=3e-5`` -> (["train", "lr"], 3e-05); the value is parsed as YAML (numbers, bools, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-5")
+    key, _, raw = text.partition("=")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RaggenConfig:
+    """Read YAML (or defaults when ``path`` is None), apply ``a.b=value`` overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such config file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{source}:{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+        data = loaded or {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(data, keys, value)
+    try:
+        return RaggenConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(source, e)) from None
