@@ -1,0 +1,75 @@
+"""Configs: defaults validate, overrides apply, and every bad value names its field in one line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from raggen.config import load_config, parse_override
+from raggen.errors import ConfigError
+
+
+def test_defaults_and_overrides_apply():
+    cfg = load_config(overrides=["train.lr=3e-5", "train.estimator=vrag", "serve.autoscaling.max_replicas=4"])
+    assert cfg.train.lr == pytest.approx(3e-5)
+    assert cfg.train.estimator == "vrag"
+    assert cfg.serve.autoscaling.max_replicas == 4
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.lr=-1", "train.lr"),
+        ("train.estimatr=jsa", "train.estimatr"),
+        ("train.estimator=gibbs", "train.estimator"),
+        ("index.num_shards=abc", "index.num_shards"),
+        ("serve.port=70000", "serve.port"),
+        ("train.jsa.retriever_temperature=0", "train.jsa.retriever_temperature"),
+        ("serve.autoscaling.min_replicas=9", "serve.autoscaling"),
+        ("train.refresh_index_every=5", "train"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    message = str(info.value)
+    assert f"<defaults>: {field}:" in message
+    assert "\n" not in message
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: line \d+: invalid YAML"):
+        load_config(bad)
+    notutf8 = tmp_path / "latin1.yaml"
+    notutf8.write_bytes("train:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(notutf8)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_file_values_are_validated_with_the_file_named(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  top_k: 0\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.top_k: Input should be greater than or equal to 1 \(got 0\)"):
+        load_config(cfg)
+
+
+def test_override_parsing():
+    assert parse_override("a.b=null") == (["a", "b"], None)
+    assert parse_override("a=true") == (["a"], True)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("train.lr")
+
+
+def test_cli_prints_one_line_and_exits_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "raggen.cli", "world", "--set", "world.num_entities=3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "raggen: error: <defaults>: world.num_entities: Input should be greater than or equal to 10 (got 3)"
+    ]
