@@ -1,0 +1,458 @@
+"""The reader: an HF seq2seq (BART, T5) or decoder-only (GPT-2 style) LM scoring answers given passages.
+
+Input format (one row per (question, passage) pair):
+
+* encoder-decoder: the encoder reads ``"question: {q} context: {passage}"`` (with the tokenizer's
+  own special tokens); the decoder reads ``[start] y_1 .. y_n`` and predicts ``y_1 .. y_n [eos]``.
+* decoder-only: the model reads ``"question: {q} context: {passage}"`` (no special tokens,
+  left-padded) followed by ``[start] y_1 .. y_n`` and predicts ``y_1 .. y_n [eos]``; the prompt
+  positions are never scored.
+
+``[start]`` is :attr:`Generator.bos_id` (the decoder start token, or the LM's BOS). A *target* is
+``y_1 .. y_n [eos]`` right-padded with :attr:`pad_id`; for BART checkpoints whose generation config
+forces a BOS (``facebook/bart-large``), ``y_1`` is that forced token, as HF fine-tunes them.
+A *prefix* in decoding is ``[start] y_1 .. y_t``: ``next_logprobs`` on it scores ``y_{t+1}``, so
+teacher forcing and step-wise decoding agree token for token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
+
+from raggen.errors import ConfigError
+from raggen.models.loading import resolve_model_path
+from raggen.models.retriever import save_pretrained_atomic
+
+SOURCE_TEMPLATE = "question: {question} context: {passage}"
+
+NextLogprobs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def source_text(question: str, passage: str) -> str:
+    """The text the reader sees for one (question, passage) pair."""
+    return SOURCE_TEMPLATE.format(question=question, passage=passage)
+
+
+def check_batch(questions: list[str], passages: list[list[str]], targets: list[str] | None = None) -> tuple[int, int]:
+    """(b, k) of a rectangular batch; a ragged or mistyped one is refused with the row named."""
+    b = len(questions)
+    if b == 0:
+        raise ValueError("empty batch: no questions")
+    if len(passages) != b:
+        raise ValueError(f"{b} questions but {len(passages)} passage lists")
+    if targets is not None and len(targets) != b:
+        raise ValueError(f"{b} questions but {len(targets)} targets")
+    k = len(passages[0])
+    if k == 0:
+        raise ValueError("passages[0] is empty: every question needs at least one passage")
+    for row, group in enumerate(passages):
+        if isinstance(group, str) or len(group) != k:
+            raise ValueError(f"passages[{row}] must be a list of {k} strings (as passages[0]), got {group!r:.80}")
+        for col, passage in enumerate(group):
+            if not isinstance(passage, str):
+                raise ValueError(f"passages[{row}][{col}] must be a str, got {type(passage).__name__}")
+    return b, k
+
+
+def target_mask(target_ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """(n, t) ids -> (n, t) float mask: 1 up to and including the first EOS, 0 for padding after it.
+
+    Works when pad == eos (GPT-2) because only the first EOS counts.
+    """
+    is_eos = target_ids == eos_id  # (n, t)
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS strictly before t
+    keep = (eos_before == 0) & ((target_ids != pad_id) | is_eos)
+    return keep.to(torch.float32)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits are upcast before a softmax over the vocabulary; fp64 stays fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(n, t, v) logits, (n, t) ids -> (n, t) log-softmax of each id, in at least float32."""
+    return torch.log_softmax(_at_least_fp32(logits), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _first_int(value) -> int | None:
+    if isinstance(value, (list, tuple)):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+@dataclass
+class EncodedRows:
+    """Reader inputs encoded once and reused by every decoding step.
+
+    Rows are ``b * k + j`` for question b and passage j (``rows_per_question = k``); FiD rows hold
+    one question each with its k passages' encoder states concatenated.
+    """
+
+    num_questions: int
+    rows_per_question: int
+    attention_mask: torch.Tensor  # (n, s) 0/1, or (n, 1, 1, s) additive float (FiD with a passage mask)
+    hidden: torch.Tensor | None = None  # (n, s, h) encoder outputs (encoder-decoder models)
+    prompt_ids: torch.Tensor | None = None  # (n, p) left-padded prompts (decoder-only models)
+    # per decoder layer (n, heads, s, head_dim) cross-attention keys and values, filled by the
+    # first decoding step so later steps skip re-projecting the encoder states of every beam
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.attention_mask.shape[0])
+
+
+class Generator(nn.Module):
+    """An HF LM with its tokenizer, exposing per-token log-likelihoods of targets given passages.
+
+    ``forward`` is :meth:`token_logprobs` (or :meth:`fid_token_logprobs` with ``fid=True``), so a
+    DDP-wrapped generator synchronises gradients.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, max_source_length: int = 256, max_target_length: int = 32):
+        super().__init__()
+        if max_target_length < 2:
+            raise ValueError(f"max_target_length must be >= 2 (a token and EOS), got {max_target_length}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_source_length = max_source_length
+        self.max_target_length = max_target_length
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._init_special_ids()
+
+    def _init_special_ids(self) -> None:
+        sources = [getattr(self.model, "generation_config", None), self.model.config]
+
+        def pick(name: str) -> int | None:
+            for source in sources:
+                value = _first_int(getattr(source, name, None)) if source is not None else None
+                if value is not None:
+                    return value
+            return None
+
+        def first_set(*values) -> int | None:
+            return next((int(v) for v in values if v is not None), None)
+
+        tok = self.tokenizer
+        eos = first_set(pick("eos_token_id"), tok.eos_token_id, tok.sep_token_id)
+        if eos is None:
+            raise ConfigError("generator: neither the model config nor the tokenizer defines an EOS token")
+        pad = first_set(pick("pad_token_id"), tok.pad_token_id, eos)
+        if tok.pad_token_id is None:  # GPT-2 tokenizers have none; padding needs one
+            tok.pad_token_id = pad
+        if self.is_encoder_decoder:
+            start = first_set(pick("decoder_start_token_id"), pick("bos_token_id"), pad)
+            forced = pick("forced_bos_token_id")
+        else:
+            start = first_set(pick("bos_token_id"), tok.bos_token_id, tok.cls_token_id, eos)
+            forced = None
+        self.bos_id: int = int(start)
+        self.eos_id: int = int(eos)
+        self.pad_id: int = int(pad)
+        self.target_prefix: list[int] = [] if forced is None else [int(forced)]
+        if self.max_target_length < len(self.target_prefix) + 2:
+            raise ValueError(f"max_target_length must leave room for a token and EOS, got {self.max_target_length}")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        max_source_length: int = 256,
+        max_target_length: int = 32,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+    ) -> "Generator":
+        """Seq2seq or causal LM, decided by the config's ``is_encoder_decoder``."""
+        path = resolve_model_path(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as exc:
+            raise ConfigError(f"generator {name_or_path!r}: cannot load ({str(exc).splitlines()[0]})") from exc
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        kwargs = {}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        model = auto.from_pretrained(path, **kwargs)
+        generator = cls(model, tokenizer, max_source_length=max_source_length, max_target_length=max_target_length)
+        return generator.to(device) if device is not None else generator
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of ``next_logprobs`` (the LM head, which may exceed the tokenizer's vocabulary)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    # ---- tokenisation -------------------------------------------------------------------------
+
+    def tokenize_sources(self, questions: list[str], passages: list[list[str]]) -> dict[str, torch.Tensor]:
+        """input_ids / attention_mask (b*k, s) of every (question, passage) row, row = b*k + j."""
+        texts = [source_text(q, p) for q, group in zip(questions, passages) for p in group]
+        if self.is_encoder_decoder:
+            batch = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.max_source_length, return_tensors="pt"
+            )
+        else:
+            batch = self.tokenizer(
+                texts,
+                add_special_tokens=False,
+                padding=True,
+                padding_side="left",
+                truncation=True,
+                max_length=self.max_source_length,
+                return_tensors="pt",
+            )
+        return {name: batch[name].to(self.device) for name in ("input_ids", "attention_mask")}
+
+    def tokenize_targets(self, targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets -> ids (b, t) = [forced bos] y_1..y_n eos, pad; mask (b, t) float, 1 on real tokens."""
+        budget = self.max_target_length - 1 - len(self.target_prefix)
+        tokenized = self.tokenizer(list(targets), add_special_tokens=False, truncation=True, max_length=budget)
+        pieces = tokenized["input_ids"]
+        rows = [self.target_prefix + list(ids) + [self.eos_id] for ids in pieces]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1.0
+        return ids.to(self.device), mask.to(self.device)
+
+    def decode(self, ids) -> str:
+        """Token ids (with or without the start token) -> text, cut at the first EOS."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if ids and ids[0] == self.bos_id:
+            ids = ids[1:]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def decode_batch(self, ids: torch.Tensor) -> list[str]:
+        return [self.decode(row) for row in ids]
+
+    # ---- encoding -----------------------------------------------------------------------------
+
+    def encode(self, questions: list[str], passages: list[list[str]]) -> EncodedRows:
+        """Encode the b*k rows once (with grad): encoder states, or the prompts of a causal LM."""
+        b, k = check_batch(questions, passages)
+        batch = self.tokenize_sources(questions, passages)
+        if not self.is_encoder_decoder:
+            return EncodedRows(b, k, attention_mask=batch["attention_mask"], prompt_ids=batch["input_ids"])
+        hidden = self.model.get_encoder()(**batch).last_hidden_state  # (b*k, s, h)
+        return EncodedRows(b, k, attention_mask=batch["attention_mask"], hidden=hidden)
+
+    def fid_encode(
+        self, questions: list[str], passages: list[list[str]], passage_log_mask: torch.Tensor | None = None
+    ) -> EncodedRows:
+        """Fusion-in-Decoder rows: each pair encoded alone, a question's k states concatenated.
+
+        ``passage_log_mask[b, j]`` is added to every cross-attention logit on passage j, so the
+        reader attends to it with weight proportional to ``M_j * exp(score)`` (G-Rerank).
+        """
+        if not self.is_encoder_decoder:
+            raise ValueError("FiD reading needs an encoder-decoder generator (BART, T5); this one is decoder-only")
+        rows = self.encode(questions, passages)
+        b, k = rows.num_questions, rows.rows_per_question
+        s, h = rows.hidden.shape[1], rows.hidden.shape[2]
+        hidden = rows.hidden.reshape(b, k * s, h)  # (b, k*s, h)
+        present = rows.attention_mask.reshape(b, k * s)  # (b, k*s)
+        if passage_log_mask is None:
+            return EncodedRows(b, 1, attention_mask=present, hidden=hidden)
+        if tuple(passage_log_mask.shape) != (b, k):
+            raise ValueError(f"passage_log_mask must be (b, k) = ({b}, {k}), got {tuple(passage_log_mask.shape)}")
+        impl = getattr(self.model.config, "_attn_implementation", "eager")
+        if impl not in ("eager", "sdpa"):
+            raise ConfigError(f"generator: a passage mask needs attn_implementation 'eager' or 'sdpa', got {impl!r}")
+        bias = passage_log_mask.to(device=hidden.device, dtype=hidden.dtype).repeat_interleave(s, dim=1)  # (b, k*s)
+        floor = torch.finfo(hidden.dtype).min
+        additive = torch.where(present.bool(), bias, torch.full_like(bias, floor))  # (b, k*s)
+        return EncodedRows(b, 1, attention_mask=additive[:, None, None, :], hidden=hidden)
+
+    # ---- scoring ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lm_head_on_last(self, keep: int):
+        """Apply the LM head to the last ``keep`` positions only (seq2seq forwards lack logits_to_keep).
+
+        Decoding needs one position out of t; the full (n, t, vocab) product would dominate a step.
+        """
+        if self._keeps_logits:
+            yield {"logits_to_keep": keep}
+            return
+        head = self.model.get_output_embeddings()
+
+        def slice_input(module, args):
+            if not args:  # called with keywords: leave it whole, the caller slices the logits
+                return None
+            return (args[0][:, -keep:],) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(slice_input)
+        try:
+            yield {}
+        finally:
+            handle.remove()
+
+    def _cross_attention_cache(self, encoded: EncodedRows, rows: torch.Tensor) -> EncoderDecoderCache:
+        """A cache holding only the cross-attention keys/values of ``rows``, computed once per ``encoded``.
+
+        No gradient flows through it: decoding only.
+        """
+        if encoded.cross_kv is None:
+            with torch.no_grad():
+                start = torch.full((encoded.num_rows, 1), self.bos_id, dtype=torch.long, device=self.device)
+                out = self.model(
+                    encoder_outputs=BaseModelOutput(last_hidden_state=encoded.hidden),
+                    attention_mask=encoded.attention_mask,
+                    decoder_input_ids=start,
+                    use_cache=True,
+                )
+            layers = out.past_key_values.cross_attention_cache.layers
+            encoded.cross_kv = [(layer.keys.contiguous(), layer.values.contiguous()) for layer in layers]
+        cross = [(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in encoded.cross_kv]
+        return EncoderDecoderCache(DynamicCache(), DynamicCache(cross))
+
+    def _decoder_logits(
+        self, encoded: EncodedRows, rows: torch.Tensor, decoder_ids: torch.Tensor, keep: int, reuse_cross: bool = False
+    ) -> torch.Tensor:
+        """Logits (n, keep, v) at the last ``keep`` positions of ``decoder_ids`` (n, t) = [start] ....
+
+        ``reuse_cross`` takes cross-attention keys/values from :meth:`_cross_attention_cache`.
+        """
+        rows = rows.to(device=self.device, dtype=torch.long)
+        if rows.dim() != 1 or rows.shape[0] != decoder_ids.shape[0]:
+            shapes = f"{tuple(rows.shape)}, {tuple(decoder_ids.shape)}"
+            raise ValueError(f"rows must be (n,) matching prefixes (n, t); got {shapes}")
+        mask = encoded.attention_mask.index_select(0, rows)
+        cache = {}
+        if self.is_encoder_decoder:
+            hidden = encoded.hidden.index_select(0, rows)  # (n, s, h)
+            inputs = {
+                "encoder_outputs": BaseModelOutput(last_hidden_state=hidden),
+                "attention_mask": mask,
+                "decoder_input_ids": decoder_ids,
+            }
+            if reuse_cross:
+                cache = {"past_key_values": self._cross_attention_cache(encoded, rows), "use_cache": True}
+        else:
+            prompt = encoded.prompt_ids.index_select(0, rows)  # (n, p)
+            full_mask = torch.cat([mask, torch.ones_like(decoder_ids)], dim=1)  # (n, p + t)
+            inputs = {
+                "input_ids": torch.cat([prompt, decoder_ids], dim=1),
+                "attention_mask": full_mask,
+                "position_ids": (full_mask.cumsum(-1) - 1).clamp(min=0),  # left padding: real tokens from 0
+            }
+        with self._lm_head_on_last(keep) as extra:
+            out = self.model(**inputs, **(cache or {"use_cache": False}), **extra)
+        return out.logits[:, -keep:]
+
+    def _target_logprobs(
+        self, encoded: EncodedRows, rows: torch.Tensor, target_ids: torch.Tensor, reuse_cross: bool = False
+    ) -> torch.Tensor:
+        """Teacher forcing: (n, t) log p(target_t | x, z, target_<t), unmasked."""
+        target_ids = target_ids.to(device=self.device, dtype=torch.long)
+        start = torch.full_like(target_ids[:, :1], self.bos_id)
+        decoder_ids = torch.cat([start, target_ids[:, :-1]], dim=1)  # (n, t)
+        logits = self._decoder_logits(encoded, rows, decoder_ids, keep=target_ids.shape[1], reuse_cross=reuse_cross)
+        return gather_logprobs(logits, target_ids)
+
+    def token_logprobs(
+        self, questions: list[str], passages: list[list[str]], targets: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(y_t | x_b, z_bk, y_<t) as (b, k, t), 0 on padding, and the target mask (b, t).
+
+        One batched forward over the b*k rows, with grad; float32 (float64 for a float64 model).
+        """
+        b, k = check_batch(questions, passages, targets)
+        encoded = self.encode(questions, passages)
+        target_ids, mask = self.tokenize_targets(targets)  # (b, t)
+        rows = torch.arange(b * k, device=self.device)
+        logprobs = self._target_logprobs(encoded, rows, target_ids.repeat_interleave(k, dim=0))  # (b*k, t)
+        logprobs = logprobs.view(b, k, -1) * mask.unsqueeze(1)  # (b, k, t)
+        return logprobs, mask
+
+    def fid_token_logprobs(
+        self,
+        questions: list[str],
+        passages: list[list[str]],
+        targets: list[str],
+        passage_log_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(y_t | x_b, z_b1..z_bk, y_<t) as (b, t) (0 on padding) and the mask (b, t).
+
+        The decoder cross-attends to all k passages at once (FiD); see :meth:`fid_encode`.
+        """
+        b, _ = check_batch(questions, passages, targets)
+        encoded = self.fid_encode(questions, passages, passage_log_mask)
+        target_ids, mask = self.tokenize_targets(targets)  # (b, t)
+        logprobs = self._target_logprobs(encoded, torch.arange(b, device=self.device), target_ids)  # (b, t)
+        return logprobs * mask, mask
+
+    def forward(
+        self,
+        questions: list[str],
+        passages: list[list[str]],
+        targets: list[str],
+        fid: bool = False,
+        passage_log_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if fid:
+            return self.fid_token_logprobs(questions, passages, targets, passage_log_mask)
+        if passage_log_mask is not None:
+            raise ValueError("passage_log_mask only applies to FiD reading (fid=True)")
+        return self.token_logprobs(questions, passages, targets)
+
+    # ---- decoding -----------------------------------------------------------------------------
+
+    def next_logprobs(self, encoded: EncodedRows, rows: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
+        """(n, v) log p(next | x, z_row, prefix) for prefixes (n, t) = [start] y_1..y_{t-1}.
+
+        Recomputes the decoder over the prefix (no self-attention cache), so beams may be reordered
+        freely; without grad, cross-attention keys/values are computed once per ``encoded``.
+        """
+        prefixes = prefixes.to(device=self.device, dtype=torch.long)
+        if prefixes.dim() != 2 or prefixes.shape[1] < 1:
+            raise ValueError(f"prefixes must be (n, t >= 1) starting with bos_id, got {tuple(prefixes.shape)}")
+        reuse = self.is_encoder_decoder and not torch.is_grad_enabled()
+        logits = self._decoder_logits(encoded, rows, prefixes, keep=1, reuse_cross=reuse)[:, -1]  # (n, v)
+        return torch.log_softmax(_at_least_fp32(logits), dim=-1)
+
+    def step_fn(self, encoded: EncodedRows) -> NextLogprobs:
+        """``next_logprobs(rows, prefixes)`` bound to ``encoded``, without grad, for beam searches."""
+
+        def next_logprobs(rows: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.next_logprobs(encoded, rows, prefixes)
+
+        return next_logprobs
+
+    def sequence_logprob(self, encoded: EncodedRows, rows: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """(n,) log p(y | x, z_row) of targets (n, t) = y_1..y_n eos [pad...], without the start token.
+
+        Tokens after the first EOS are ignored, so finished beam hypotheses can be passed as is
+        (after dropping their start column). Keeps the graph; under no_grad (decoding) it reuses
+        the cross-attention keys/values as :meth:`next_logprobs` does.
+        """
+        target_ids = target_ids.to(device=self.device, dtype=torch.long)
+        mask = target_mask(target_ids, self.eos_id, self.pad_id)  # (n, t)
+        reuse = self.is_encoder_decoder and not torch.is_grad_enabled()
+        return (self._target_logprobs(encoded, rows, target_ids, reuse_cross=reuse) * mask).sum(-1)
+
+    def save_pretrained(self, path: str) -> None:
+        save_pretrained_atomic(path, self.model, self.tokenizer)
