@@ -50,6 +50,7 @@ class EncoderSection(_Strict):
     name_or_path: str = MINILM
     pooling: Literal["cls", "mean"] = "mean"
     max_length: int = Field(128, ge=8, le=8192)
+    normalize: bool = False  # L2-normalise vectors (cosine); MiniLM was trained that way, DPR was not
 
 
 class IndexSection(_Strict):
