@@ -1,0 +1,324 @@
+"""Build and deploy the serve graph: Ingress -> Retriever -> [Reranker] -> Generator.
+
+Three ways in, one builder:
+
+* a Serve config file (``serve deploy configs/serve.yaml``, a KubeRay RayService) names
+  ``import_path: raggen.serve.app:build_app`` and passes ``args`` (:class:`AppArgs`);
+* ``raggen serve CONFIG`` calls :func:`serve_from_config`, which turns the raggen config into the
+  same Serve config (:func:`serve_deploy_config`) and deploys it;
+* Python: ``serve.run(build_app_from_config(index=..., generator=...))``.
+
+The index a running service serves is the Retriever's ``user_config``. Changing only that
+(:func:`with_index`, then :func:`deploy_config` or ``serve deploy``) is a lightweight update:
+Serve calls ``reconfigure`` on the live replicas, which load and verify the new version beside the
+old one and swap. Changing ``args`` instead redeploys every replica.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ray import serve
+from ray.serve import Application
+
+from raggen.errors import ConfigError, RaggenError
+from raggen.serve.deployments import Generator, Ingress, IndexUserConfig, Reranker, Retriever
+from raggen.serve.schemas import RequestLimits
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "raggen"
+IMPORT_PATH = "raggen.serve.app:build_app"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class _Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EncoderArgs(_Args):
+    name_or_path: str = MINILM
+    pooling: str = "mean"
+    max_length: int = Field(64, ge=8)
+    normalize: bool = False  # must match how the index's passages were encoded
+
+
+class AutoscalingArgs(_Args):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingArgs":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class AppArgs(_Args):
+    """``args`` of ``build_app``: plain values (a Serve config's YAML, or a raggen config's fields)."""
+
+    index: str = Field(min_length=1, description="index root (folder or s3:// prefix) with versions + LATEST")
+    index_version: str | None = None
+    watch_latest: bool = False
+    watch_interval_s: float = Field(10.0, gt=0)
+    s3: dict[str, Any] | None = None
+    query_encoder: EncoderArgs = EncoderArgs()
+    generator: str = Field(min_length=1, description="reader checkpoint: HF id or local folder")
+    reranker: str | None = None
+    rerank_candidates: int = Field(20, ge=1)
+    max_source_length: int = Field(192, ge=8)
+    max_target_length: int = Field(32, ge=2)
+    num_beams: int = Field(4, ge=1)
+    default_top_k: int = Field(5, ge=1)
+    max_top_k: int = Field(20, ge=1)
+    max_question_chars: int = Field(1000, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    replica_num_cpus: float = Field(0.25, gt=0)
+    replica_num_gpus: float = Field(0.0, ge=0)
+    ingress_num_cpus: float = Field(0.1, gt=0)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    autoscaling: AutoscalingArgs = AutoscalingArgs()
+    api_token_env: str = "RAGGEN_API_TOKEN"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AppArgs":
+        if self.default_top_k > self.max_top_k:
+            raise ValueError(f"default_top_k ({self.default_top_k}) must be <= max_top_k ({self.max_top_k})")
+        if self.watch_latest and self.index_version is not None:
+            raise ValueError("index_version pins a version while watch_latest follows LATEST: set only one")
+        return self
+
+    def index_user_config(self) -> dict[str, Any]:
+        return IndexUserConfig(index=self.index, version=self.index_version, watch_latest=self.watch_latest,
+                               watch_interval_s=self.watch_interval_s).model_dump()
+
+
+def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
+    """Validate ``args``; a bad one is a ConfigError naming the field (``args.max_top_k: ...``)."""
+    try:
+        return AppArgs.model_validate(args or {})
+    except ValidationError as exc:
+        problems = "; ".join(f"args.{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"raggen serve app: {problems}") from None
+
+
+def _model_options(a: AppArgs) -> dict[str, Any]:
+    """Resources, autoscaling and queue depth of a model deployment (Retriever, Reranker, Generator)."""
+    return dict(
+        ray_actor_options={"num_cpus": a.replica_num_cpus, "num_gpus": a.replica_num_gpus},
+        autoscaling_config=a.autoscaling.model_dump(),
+        # a replica must accept a full batch's worth of requests for @serve.batch to fill it
+        max_ongoing_requests=a.max_ongoing_requests or max(5, 2 * a.max_batch_size),
+    )
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application a Serve config names in ``import_path`` (``raggen.serve.app:build_app``)."""
+    a = parse_app_args(args)
+    batching = dict(max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_timeout_s)
+    retriever = Retriever.options(user_config=a.index_user_config(), **_model_options(a)).bind(
+        encoder=a.query_encoder.model_dump(), s3=a.s3, **batching)
+    generator = Generator.options(**_model_options(a)).bind(
+        path=a.generator, max_source_length=a.max_source_length, max_target_length=a.max_target_length,
+        num_beams=a.num_beams, **batching)
+    reranker = Reranker.options(**_model_options(a)).bind(path=a.reranker, **batching) if a.reranker else None
+    limits = RequestLimits(max_question_chars=a.max_question_chars, default_top_k=a.default_top_k,
+                           max_top_k=a.max_top_k, max_new_tokens=a.max_new_tokens)
+    ingress = Ingress.options(
+        ray_actor_options={"num_cpus": a.ingress_num_cpus, "num_gpus": 0},
+        autoscaling_config=a.autoscaling.model_dump(),
+        max_ongoing_requests=a.max_ongoing_requests or 64,  # it only awaits the model deployments
+    )
+    return ingress.bind(retriever, generator, reranker=reranker, limits=vars(limits),
+                        api_token_env=a.api_token_env, rerank_candidates=a.rerank_candidates)
+
+
+def build_app_from_config(**kwargs: Any) -> Application:
+    """``build_app`` with keyword arguments (the serve section's fields as plain values)."""
+    return build_app(kwargs)
+
+
+def app_args_from_config(cfg: Any) -> dict[str, Any]:
+    """A raggen config (``serve`` + ``model`` sections) as ``build_app`` args.
+
+    ``serve.model_dir`` (a trained checkpoint folder) supplies ``query_encoder/``, ``generator/``
+    and ``reranker/`` where those sub-folders exist; the ``model`` section supplies the rest.
+    """
+    from pathlib import Path
+
+    s, m = cfg.serve, cfg.model
+    encoder = m.query_encoder.model_dump()
+    generator, reranker = m.generator, m.reranker
+    if s.model_dir:
+        root = Path(s.model_dir)
+        if (root / "query_encoder").is_dir():
+            encoder["name_or_path"] = str(root / "query_encoder")
+        if (root / "generator").is_dir():
+            generator = str(root / "generator")
+        if (root / "reranker").is_dir():
+            reranker = str(root / "reranker")
+    return dict(
+        index=s.index, watch_latest=s.watch_latest, watch_interval_s=s.watch_interval_s,
+        s3=_s3_options(s.s3.as_kwargs()), query_encoder=encoder, generator=generator, reranker=reranker,
+        max_source_length=m.max_source_length, max_target_length=max(m.max_target_length, s.max_new_tokens + 1),
+        num_beams=s.num_beams, default_top_k=s.default_top_k, max_top_k=s.max_top_k,
+        max_question_chars=s.max_question_chars, max_new_tokens=s.max_new_tokens,
+        replica_num_cpus=s.replica_num_cpus, replica_num_gpus=s.replica_num_gpus,
+        max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
+        autoscaling=s.autoscaling.model_dump(), api_token_env=s.api_token_env,
+    )
+
+
+def _s3_options(config_s3: dict[str, Any]) -> dict[str, Any] | None:
+    """The config's S3 section in raggen.storage.S3Options' names; None when nothing is set."""
+    renamed = {"region": "region_name"}
+    out = {renamed.get(k, k): v for k, v in config_s3.items() if v is not None and k != "max_attempts"}
+    if config_s3.get("max_attempts") is not None and out:
+        out["max_attempts"] = config_s3["max_attempts"]
+    return out or None
+
+
+def serve_deploy_config(args: dict[str, Any], *, name: str = APP_NAME, route_prefix: str = "/",
+                        host: str = "127.0.0.1", port: int = 8000,
+                        runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Serve config (the YAML ``serve deploy`` takes) of one raggen app built from ``args``.
+
+    The Retriever's ``user_config`` is listed under ``deployments`` so that a later deploy which
+    changes only it hot-swaps the index instead of restarting replicas.
+    """
+    a = parse_app_args(args)
+    app: dict[str, Any] = {
+        "name": name, "route_prefix": route_prefix, "import_path": IMPORT_PATH, "args": args,
+        "deployments": [{"name": "Retriever", "user_config": a.index_user_config()}],
+    }
+    if runtime_env:
+        app["runtime_env"] = runtime_env
+    return {"http_options": {"host": host, "port": port}, "applications": [app]}
+
+
+def with_index(config: dict[str, Any], index: str, version: str | None = None, *, watch_latest: bool = False,
+               watch_interval_s: float = 10.0, app_name: str = APP_NAME) -> dict[str, Any]:
+    """A copy of a Serve config whose app ``app_name`` serves ``index``@``version`` (a hot-swap)."""
+    new = copy.deepcopy(config)
+    user_config = IndexUserConfig(index=index, version=version, watch_latest=watch_latest,
+                                  watch_interval_s=watch_interval_s).model_dump()
+    for app in new["applications"]:
+        if app["name"] != app_name:
+            continue
+        deployments = app.setdefault("deployments", [])
+        entry = next((d for d in deployments if d.get("name") == "Retriever"), None)
+        if entry is None:
+            deployments.append({"name": "Retriever", "user_config": user_config})
+        else:
+            entry["user_config"] = user_config
+        return new
+    raise ValueError(f"the Serve config has no application named {app_name!r}")
+
+
+def deploy_config(config: dict[str, Any]) -> None:
+    """Deploy a Serve config on the connected Ray cluster, as ``serve run CONFIG.yaml`` does.
+
+    Declarative, so a redeploy that changes only a ``user_config`` is applied in place.
+    (Ray 2.60 exposes this from Python only through the client ``serve run`` itself uses.)
+    """
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema)
+
+
+def wait_until_running(name: str = APP_NAME, timeout_s: float = 300.0, poll_s: float = 0.5) -> None:
+    """Block until the app is RUNNING; a failed deploy raises RaggenError with Serve's reason."""
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(name)
+        status = app.status if app is not None else None
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED":
+            raise RaggenError(f"serve app {name!r} failed to deploy: {app.message}")
+        time.sleep(poll_s)
+    raise RaggenError(f"serve app {name!r} not running after {timeout_s:.0f}s (status {status})")
+
+
+def _deploy_config_of(cfg: Any) -> dict[str, Any]:
+    s = cfg.serve
+    return serve_deploy_config(app_args_from_config(cfg), route_prefix=s.route_prefix, host=s.host, port=s.port)
+
+
+def swap_index_from_config(cfg: Any, version: str | None = None, index: str | None = None,
+                           watch_latest: bool | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Hot-swap the index of the app :func:`serve_from_config` deployed from ``cfg`` (same Ray cluster).
+
+    Redeploys the same Serve config with only the Retriever's ``user_config`` changed (Serve calls
+    ``reconfigure``; no replica restarts), then waits until ``GET /v1/index`` reports ``version``
+    or a refusal of it. Returns that index info (``last_error`` set if the version was refused).
+    """
+    import httpx
+
+    s = cfg.serve
+    watch = s.watch_latest if watch_latest is None else watch_latest
+    config = with_index(_deploy_config_of(cfg), index or s.index, version, watch_latest=watch and version is None,
+                        watch_interval_s=s.watch_interval_s)
+    deploy_config(config)
+    url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}/v1/index"
+    from raggen.serve.auth import token_from_env
+
+    token = token_from_env(s.api_token_env)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    deadline = time.monotonic() + timeout_s
+    info: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            info = httpx.get(url, headers=headers, timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            info = {}
+        if version is None or info.get("version") == version or version in (info.get("last_error") or ""):
+            return info
+        time.sleep(0.5)
+    raise RaggenError(f"index swap to {version!r} not visible at {url} after {timeout_s:.0f}s (last: {info})")
+
+
+def serve_from_config(cfg: Any, blocking: bool = True) -> str:
+    """``raggen serve CONFIG``: start Ray locally if no cluster, deploy, print the URL, block until ^C."""
+    from raggen.ray_utils import ensure_ray
+
+    s = cfg.serve
+    ensure_ray()
+    deploy_config(_deploy_config_of(cfg))
+    wait_until_running(APP_NAME)
+    url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+    print(f"raggen: serving on {url}  (POST {url}/v1/answer, GET {url}/v1/index, GET {url}/healthz)", flush=True)
+    if not blocking:
+        print("raggen: deployed; the service lives as long as the Ray cluster it runs on", flush=True)
+        return url
+    _stop_on_sigterm()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("raggen: shutting down Serve", flush=True)
+        serve.shutdown()
+    return url
+
+
+def _stop_on_sigterm() -> None:
+    """``kill``/``docker stop`` send SIGTERM: shut Serve down as Ctrl-C does instead of dying mid-request."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)

@@ -1,0 +1,79 @@
+"""A small HTTP client for a running raggen service (used by ``raggen ask``, tests and benchmarks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from raggen.errors import RaggenError
+from raggen.serve.auth import DEFAULT_TOKEN_ENV, token_from_env
+
+
+class ServiceError(RaggenError):
+    """The service answered with an error status; the message is its one-line reason."""
+
+    def __init__(self, status_code: int, message: str):
+        super().__init__(f"HTTP {status_code}: {message}")
+        self.status_code = status_code
+
+
+def _headers(token: str | None, token_env: str) -> dict[str, str]:
+    token = token if token is not None else token_from_env(token_env)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _reason(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:300] or response.reason_phrase
+    if isinstance(body, dict):
+        return str(body.get("error") or body.get("detail") or body)
+    return str(body)
+
+
+def _request(method: str, url: str, *, json: Any = None, token: str | None = None,
+             token_env: str = DEFAULT_TOKEN_ENV, timeout: float = 60.0,
+             client: httpx.Client | None = None) -> Any:
+    try:
+        if client is not None:
+            response = client.request(method, url, json=json, headers=_headers(token, token_env), timeout=timeout)
+        else:
+            response = httpx.request(method, url, json=json, headers=_headers(token, token_env), timeout=timeout)
+    except httpx.HTTPError as e:
+        raise RaggenError(f"cannot reach {url}: {e}") from None
+    if response.status_code >= 400:
+        raise ServiceError(response.status_code, _reason(response))
+    return response.json()
+
+
+def ask(url: str, question: str, *, top_k: int | None = None, decoding: str = "rag-token",
+        max_new_tokens: int | None = None, token: str | None = None, token_env: str = DEFAULT_TOKEN_ENV,
+        timeout: float = 60.0, client: httpx.Client | None = None) -> dict[str, Any]:
+    """``POST {url}/v1/answer``; returns ``{"answer", "passages", "index_version", "timings_ms"}``.
+
+    ``token`` defaults to the ``token_env`` environment variable; omitted numbers take the
+    service's defaults. Raises ServiceError (status + the service's reason) on 4xx/5xx.
+    """
+    body: dict[str, Any] = {"question": question, "decoding": decoding}
+    if top_k is not None:
+        body["top_k"] = top_k
+    if max_new_tokens is not None:
+        body["max_new_tokens"] = max_new_tokens
+    return _request("POST", f"{url.rstrip('/')}/v1/answer", json=body, token=token, token_env=token_env,
+                    timeout=timeout, client=client)
+
+
+def index_info(url: str, *, token: str | None = None, token_env: str = DEFAULT_TOKEN_ENV,
+               timeout: float = 10.0) -> dict[str, Any]:
+    """``GET {url}/v1/index``: the live index version (and the last refused swap, if any)."""
+    return _request("GET", f"{url.rstrip('/')}/v1/index", token=token, token_env=token_env, timeout=timeout)
+
+
+def healthy(url: str, timeout: float = 5.0) -> bool:
+    """True when ``GET {url}/healthz`` answers 200."""
+    try:
+        return httpx.get(f"{url.rstrip('/')}/healthz", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,305 @@
+"""The serve graph on a real Ray Serve, over real HTTP: evidence, validation, auth, index hot-swap.
+
+Two small MiniLM indexes are built with ``build_index`` from the generated world's passages v1 and
+v2; the reader is a tiny random BART (its answers are gibberish), so the tests assert on the
+evidence: passage ids/scores against exact search, the passage texts of v1 vs v2, index versions.
+
+The tests share one deployed app (module scope) and each first puts it in the state it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from raggen.corpus.world import WorldConfig, read_changed_facts, write_world  # noqa: E402
+from raggen.index import build_index, embeddings_of, load_version, set_latest  # noqa: E402
+from raggen.models import TextEncoder, make_tiny_generator  # noqa: E402
+from raggen.serve.app import deploy_config, serve_deploy_config, wait_until_running, with_index  # noqa: E402
+from raggen.serve.client import ServiceError, ask  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+QUERY_MAX_LENGTH = 64
+TOP_K = 5
+TOKEN = "s3cret-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except httpx.HTTPError as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    serve.shutdown()
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_session):
+    out = tmp_path_factory.mktemp("serve")
+    files = write_world(out / "world", WorldConfig(num_entities=30, seed=0, changed_fraction=0.5))
+    root = str(out / "index")
+    for version, passages in (("v1", files.passages_v1), ("v2", files.passages_v2)):
+        build_index(str(passages), root, encoder_name_or_path=MINILM, max_length=128, num_shards=2,
+                    version=version, actor_num_cpus=0.5, work_dir=out / f"work-{version}")
+    texts = {v: pd.read_csv(p, sep="\t", dtype=str).set_index("id")["text"].to_dict()
+             for v, p in (("v1", files.passages_v1), ("v2", files.passages_v2))}
+    return SimpleNamespace(out=out, root=root, texts=texts, changed=read_changed_facts(files.changed),
+                           generator=make_tiny_generator(str(out / "generator")))
+
+
+@pytest.fixture(scope="module")
+def exact(world):
+    """Exact top-k by brute-force inner product over each version's stored passage embeddings."""
+    encoder = TextEncoder.from_pretrained(MINILM, pooling="mean", max_length=QUERY_MAX_LENGTH)
+    tables = {}
+    for version in ("v1", "v2"):
+        loaded = load_version(world.root, version)
+        xb = np.concatenate([embeddings_of(s.passages) for s in loaded.shards])  # (n, d)
+        ids = [pid for s in loaded.shards for pid in s.passages.column("id").to_pylist()]
+        tables[version] = (xb, ids)
+
+    def search(question: str, version: str, k: int = TOP_K) -> tuple[list[str], np.ndarray]:
+        xq = encoder.encode([question]).numpy()[0]  # (d,)
+        xb, ids = tables[version]
+        scores = xb @ xq  # (n,)
+        order = np.argsort(-scores)[:k]
+        return [ids[i] for i in order], scores[order]
+
+    return search
+
+
+@pytest.fixture(scope="module")
+def service(world, moto_s3):
+    port = _free_port()
+    args = {
+        "index": world.root, "index_version": "v1",
+        "query_encoder": {"name_or_path": MINILM, "pooling": "mean", "max_length": QUERY_MAX_LENGTH},
+        "generator": world.generator, "max_source_length": 96, "max_target_length": 8, "num_beams": 2,
+        "default_top_k": TOP_K, "max_top_k": 8, "max_question_chars": 200, "max_new_tokens": 4,
+        "replica_num_cpus": 0.1, "ingress_num_cpus": 0.05, "max_batch_size": 4, "batch_wait_timeout_s": 0.005,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2},
+        "s3": moto_s3,  # how the Retriever reaches S3 when a user_config names an s3:// index
+    }
+    config = serve_deploy_config(args, host="127.0.0.1", port=port)
+    deploy_config(config)
+    wait_until_running(timeout_s=300)
+    url = f"http://127.0.0.1:{port}"
+    _wait_for(lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, 60, "/healthz")
+    return SimpleNamespace(url=url, config=config, http=httpx.Client(base_url=url, timeout=60))
+
+
+def _use(service, config: dict, root: str, version: str, timeout_s: float = 90) -> None:
+    """Deploy ``config`` and wait until the live index is ``root``@``version``."""
+    deploy_config(config)
+
+    def live() -> bool:
+        info = service.http.get("/v1/index").json()
+        return (info.get("index"), info.get("version")) == (root, version)
+
+    _wait_for(live, timeout_s, f"index {root} version {version}")
+
+
+def _probe(world, exact) -> SimpleNamespace:
+    """A changed fact whose gold passage exact search ranks in the top k under both versions."""
+    for fact in world.changed:
+        gold = fact.gold_passage_ids[0]
+        if all(gold in exact(fact.question, v)[0] for v in ("v1", "v2")):
+            assert world.texts["v1"][gold] != world.texts["v2"][gold]
+            return SimpleNamespace(question=fact.question, gold=gold)
+    pytest.fail("no changed fact is retrievable in both versions: the world or the encoder changed")
+
+
+def _answer(service, question: str, **extra) -> httpx.Response:
+    return service.http.post("/v1/answer", json={"question": question, "top_k": TOP_K, "decoding": "rag-token",
+                                                 "max_new_tokens": 4, **extra})
+
+
+def test_answers_with_evidence_from_exact_search(service, world, exact):
+    _use(service, with_index(service.config, world.root, "v1"), world.root, "v1")
+    for fact in world.changed[:3]:
+        r = _answer(service, fact.question)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert isinstance(body["answer"], str) and body["index_version"] == "v1"
+        assert {"retrieve", "generate", "total"} <= set(body["timings_ms"])
+        ids, scores = exact(fact.question, "v1")
+        assert [p["id"] for p in body["passages"]] == ids
+        np.testing.assert_allclose([p["score"] for p in body["passages"]], scores, rtol=1e-4, atol=1e-4)
+        for p in body["passages"]:
+            assert p["text"] == world.texts["v1"][p["id"]] and p["title"]
+    for decoding in ("rag-sequence-fast", "rag-sequence-thorough"):
+        r = _answer(service, world.changed[0].question, decoding=decoding, top_k=2)
+        assert r.status_code == 200 and len(r.json()["passages"]) == 2, r.text
+    info = service.http.get("/v1/index").json()
+    assert info["version"] == "v1" and info["num_passages"] == len(world.texts["v1"]) and info["last_error"] is None
+    assert ask(service.url, world.changed[0].question, top_k=1)["index_version"] == "v1"
+
+
+@pytest.mark.parametrize("content, content_type, field, status", [
+    (json.dumps({"top_k": 3}), "application/json", "question", 422),
+    (json.dumps({"question": ""}), "application/json", "question", 422),
+    (json.dumps({"question": "x" * 201}), "application/json", "question", 422),
+    (json.dumps({"question": "q", "top_k": 0}), "application/json", "top_k", 422),
+    (json.dumps({"question": "q", "top_k": 9}), "application/json", "top_k", 422),
+    (json.dumps({"question": "q", "top_k": "5"}), "application/json", "top_k", 422),
+    (json.dumps({"question": "q", "decoding": "greedy"}), "application/json", "decoding", 422),
+    (json.dumps({"question": "q", "max_new_tokens": 5}), "application/json", "max_new_tokens", 422),
+    ('{"question": "q",', "application/json", "body", 422),
+    (json.dumps({"question": "q"}), "text/plain", "content-type", 415),
+])
+def test_invalid_requests_get_4xx_naming_the_field(service, content, content_type, field, status):
+    r = service.http.post("/v1/answer", content=content, headers={"content-type": content_type})
+    assert r.status_code == status, r.text
+    assert field in r.json()["error"].split(":")[0], r.json()
+    assert _answer(service, "Who founded the mill?").status_code == 200  # the service still answers
+
+
+def test_hot_swap_v1_to_v2_under_load_fails_no_request(service, world, exact):
+    _use(service, with_index(service.config, world.root, "v1"), world.root, "v1")
+    probe = _probe(world, exact)
+    seen: list[tuple[int, str | None, str | None]] = []  # (status, index version, gold passage text)
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=service.url, timeout=60) as http:
+            deadline = time.monotonic() + 120
+            while not stop.is_set() and len(seen) < 400 and time.monotonic() < deadline:
+                try:
+                    r = http.post("/v1/answer", json={"question": probe.question, "top_k": TOP_K, "max_new_tokens": 2})
+                except httpx.HTTPError as exc:
+                    seen.append((0, None, repr(exc)))
+                    continue
+                body = r.json() if r.status_code == 200 else {}
+                gold = next((p["text"] for p in body.get("passages", []) if p["id"] == probe.gold), None)
+                seen.append((r.status_code, body.get("index_version"), gold))
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    _wait_for(lambda: len(seen) >= 10, 90, "the first answers")
+    deploy_config(with_index(service.config, world.root, "v2"))
+    _wait_for(lambda: any(v == "v2" for _, v, _ in seen), 90, "answers from v2")
+    n = len(seen)
+    _wait_for(lambda: len(seen) >= n + 10, 90, "more answers after the swap")
+    stop.set()
+    thread.join(timeout=60)
+
+    assert [s for s, _, _ in seen] == [200] * len(seen), [x for x in seen if x[0] != 200][:3]
+    versions = [v for _, v, _ in seen]
+    first_v2 = versions.index("v2")
+    assert first_v2 > 0 and versions == ["v1"] * first_v2 + ["v2"] * (len(versions) - first_v2)
+    for _, version, gold_text in seen:  # the evidence is the version's own passage text
+        assert gold_text == world.texts[version][probe.gold]
+
+
+def test_hot_swap_to_an_index_on_s3(service, world, exact, s3_bucket):
+    from raggen.storage import upload_dir, write_bytes
+
+    bucket, options = s3_bucket
+    uri = f"s3://{bucket}/index"
+    upload_dir(Path(world.root, "v2"), f"{uri}/v2", options)
+    write_bytes(f"{uri}/LATEST", b"v2\n", options)
+    _use(service, with_index(service.config, world.root, "v1"), world.root, "v1")
+    _use(service, with_index(service.config, uri, None), uri, "v2")  # None: the version LATEST names
+    probe = _probe(world, exact)
+    body = _answer(service, probe.question).json()
+    assert body["index_version"] == "v2"
+    assert next(p["text"] for p in body["passages"] if p["id"] == probe.gold) == world.texts["v2"][probe.gold]
+
+
+def _copy_version(root: str, src: str, dst: str, tamper: bool) -> None:
+    """``dst``: a copy of ``src`` renamed in its manifest; ``tamper`` flips one byte of a shard."""
+    shutil.copytree(Path(root, src), Path(root, dst))
+    manifest_path = Path(root, dst, "manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["version"] = dst
+    manifest_path.write_text(json.dumps(manifest))
+    if tamper:
+        shard = Path(root, dst, manifest["shards"][0]["index"])
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+
+
+def test_corrupt_version_is_refused_and_the_old_keeps_serving(service, world, exact):
+    _use(service, with_index(service.config, world.root, "v2"), world.root, "v2")
+    probe = _probe(world, exact)
+    _copy_version(world.root, "v2", "v3", tamper=True)
+
+    # 1. pinned through user_config: refused, visible, v2 keeps answering
+    deploy_config(with_index(service.config, world.root, "v3"))
+    info = _wait_for(lambda: (i := service.http.get("/v1/index").json()).get("last_error") and i, 60, "the refusal")
+    assert info["version"] == "v2" and "v3" in info["last_error"] and "sha256" in info["last_error"]
+    assert serve.status().applications["raggen"].status == "RUNNING"
+    r = _answer(service, probe.question)
+    assert r.status_code == 200 and r.json()["index_version"] == "v2"
+
+    # 2. followed through LATEST by the watcher: v3 refused, then a good v4 is picked up by itself
+    set_latest(world.root, "v3", verify=False)
+    deploy_config(with_index(service.config, world.root, None, watch_latest=True, watch_interval_s=0.5))
+    time.sleep(2.0)  # several watcher ticks
+    info = service.http.get("/v1/index").json()
+    assert info["version"] == "v2" and "v3" in (info["last_error"] or "")
+    _copy_version(world.root, "v1", "v4", tamper=False)
+    set_latest(world.root, "v4")
+    _wait_for(lambda: service.http.get("/v1/index").json()["version"] == "v4", 60, "the watcher to load v4")
+    body = _answer(service, probe.question).json()
+    assert body["index_version"] == "v4"
+    assert next(p["text"] for p in body["passages"] if p["id"] == probe.gold) == world.texts["v1"][probe.gold]
+
+
+def test_bearer_token_guards_every_route_but_healthz(service, world):
+    config = with_index(service.config, world.root, "v2")
+    config["applications"][0]["deployments"].append({
+        "name": "Ingress",
+        "ray_actor_options": {"num_cpus": 0.05, "runtime_env": {"env_vars": {"RAGGEN_API_TOKEN": TOKEN}}},
+    })
+    deploy_config(config)
+    _wait_for(lambda: service.http.get("/v1/index").status_code == 401, 120, "the token to be enforced")
+    assert service.http.get("/healthz").status_code == 200
+    r = _answer(service, "Who founded the mill?")
+    assert r.status_code == 401 and r.json()["error"].startswith("authorization")
+    r = service.http.post("/v1/answer", json={"question": "q"}, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401
+    r = service.http.get("/v1/index", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and r.json()["version"] == "v2"
+    assert ask(service.url, "Who founded the mill?", token=TOKEN)["index_version"] == "v2"
+    with pytest.raises(ServiceError, match="401"):
+        ask(service.url, "Who founded the mill?", token="wrong")
