@@ -46,7 +46,7 @@ def index_build_kwargs(cfg: RaggenConfig) -> dict:
         actor_num_cpus=ix.actor_num_cpus,
         actor_num_gpus=ix.actor_num_gpus,
         version=ix.version,
-        s3=ix.s3.as_kwargs(),
+        s3_options=ix.s3.storage_options(),
     )
 
 
@@ -66,7 +66,7 @@ def cmd_index_search(args: argparse.Namespace) -> None:
     cfg = _config(args)
     enc = cfg.index.encoder
     results = search_index(args.uri, [args.question], k=args.k, encoder_name_or_path=enc.name_or_path,
-                           pooling=enc.pooling, max_length=enc.max_length, s3=cfg.index.s3.as_kwargs())
+                           pooling=enc.pooling, max_length=enc.max_length, s3_options=cfg.index.s3.storage_options())
     for rank, hit in enumerate(results[0], 1):
         print(f"{rank:>2}. [{hit['score']:.3f}] {hit['id']} {hit['title']}: {hit['text'][:120]}")
 
@@ -74,14 +74,14 @@ def cmd_index_search(args: argparse.Namespace) -> None:
 def cmd_index_verify(args: argparse.Namespace) -> None:
     from raggen.index import verify_index
 
-    manifest = verify_index(args.uri, version=args.version, s3=_config(args).index.s3.as_kwargs())
+    manifest = verify_index(args.uri, version=args.version, s3_options=_config(args).index.s3.storage_options())
     print(f"ok: {args.uri} version {manifest.version}, {manifest.num_passages} passages, {len(manifest.shards)} shards, all checksums match")
 
 
 def cmd_index_publish(args: argparse.Namespace) -> None:
     from raggen.index import publish_index
 
-    manifest = publish_index(args.src, args.dst, s3=_config(args).index.s3.as_kwargs())
+    manifest = publish_index(args.src, args.dst, s3_options=_config(args).index.s3.storage_options())
     print(f"published {args.dst} version {manifest.version}")
 
 
@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ask", cmd_ask, "ask a running raggen service", config=None)
     p.add_argument("question")
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--decoding", default="rag-token")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--top-k", type=int, default=None, help="default: the service's")
+    p.add_argument("--decoding", default="rag-token", choices=["rag-token", "rag-sequence-fast", "rag-sequence-thorough"])
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the service's")
     p = add("pretrain-reader", cmd_pretrain_reader, "pre-train the small reader on fresh world facts", config=None)
     p.add_argument("--out", default="raggen/assets/reader")
     p.add_argument("--steps", type=int, default=3000)

@@ -33,8 +33,11 @@ class S3Config(_Strict):
     region: str | None = None
     max_attempts: int = Field(5, ge=1, le=50)
 
-    def as_kwargs(self) -> dict[str, Any]:
-        return self.model_dump()
+    def storage_options(self) -> dict[str, Any] | None:
+        """As ``raggen.storage.S3Options`` fields; None when nothing is set (the AWS environment rules)."""
+        out = {"endpoint_url": self.endpoint_url, "region_name": self.region}
+        out = {k: v for k, v in out.items() if v is not None}
+        return {**out, "max_attempts": self.max_attempts} if out else None
 
 
 class WorldSection(_Strict):

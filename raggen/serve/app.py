@@ -166,7 +166,7 @@ def app_args_from_config(cfg: Any) -> dict[str, Any]:
             reranker = str(root / "reranker")
     return dict(
         index=s.index, watch_latest=s.watch_latest, watch_interval_s=s.watch_interval_s,
-        s3=_s3_options(s.s3.as_kwargs()), query_encoder=encoder, generator=generator, reranker=reranker,
+        s3=s.s3.storage_options(), query_encoder=encoder, generator=generator, reranker=reranker,
         max_source_length=m.max_source_length, max_target_length=max(m.max_target_length, s.max_new_tokens + 1),
         num_beams=s.num_beams, default_top_k=s.default_top_k, max_top_k=s.max_top_k,
         max_question_chars=s.max_question_chars, max_new_tokens=s.max_new_tokens,
@@ -174,15 +174,6 @@ def app_args_from_config(cfg: Any) -> dict[str, Any]:
         max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
         autoscaling=s.autoscaling.model_dump(), api_token_env=s.api_token_env,
     )
-
-
-def _s3_options(config_s3: dict[str, Any]) -> dict[str, Any] | None:
-    """The config's S3 section in raggen.storage.S3Options' names; None when nothing is set."""
-    renamed = {"region": "region_name"}
-    out = {renamed.get(k, k): v for k, v in config_s3.items() if v is not None and k != "max_attempts"}
-    if config_s3.get("max_attempts") is not None and out:
-        out["max_attempts"] = config_s3["max_attempts"]
-    return out or None
 
 
 def serve_deploy_config(args: dict[str, Any], *, name: str = APP_NAME, route_prefix: str = "/",
