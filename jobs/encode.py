@@ -1,0 +1,73 @@
+"""Encode a passage corpus into a sharded FAISS index and publish it (a ``ray job submit`` entry point).
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/encode.py --passages s3://my-bucket/psgs_w100.tsv --output s3://my-bucket/index \\
+            --encoder facebook/dpr-ctx_encoder-single-nq-base --pooling cls --num-shards 16 \\
+            --faiss-factory IVF65536,PQ64 --num-actors 8 --batch-size 512
+
+Under ``ray job submit`` RAY_ADDRESS names the cluster and ``ray.init()`` connects to it; run
+directly, a local Ray is started. Rerunning the same command resumes an interrupted encode (the
+work dir keeps finished shards). Prints the published manifest as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--passages", required=True, help="corpus file or folder: DPR .tsv, .jsonl or .parquet; path or s3://")
+    p.add_argument("--output", required=True, help="index root (folder or s3://bucket/prefix); LATEST is written there")
+    p.add_argument("--passages-format", default="auto", choices=["auto", "dpr", "tsv", "jsonl", "parquet"])
+    p.add_argument("--encoder", default="sentence-transformers/all-MiniLM-L6-v2", help="passage encoder id or path")
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--faiss-factory", default="Flat", help="any faiss.index_factory string, e.g. HNSW32 or IVF4096,PQ64")
+    p.add_argument("--metric", default="ip", choices=["ip", "l2"])
+    p.add_argument("--train-sample", type=int, default=100_000)
+    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--actor-num-cpus", type=float, default=1.0)
+    p.add_argument("--actor-num-gpus", type=float, default=None, help="default: 1 per actor when the cluster has GPUs")
+    p.add_argument("--no-embeddings", action="store_true", help="do not store passage embeddings in the parquet")
+    p.add_argument("--version", default=None, help="version name (default: v<UTC time>-<random>)")
+    p.add_argument("--work-dir", default=None, help="resumable work dir (default: derived from the arguments)")
+    p.add_argument("--split-uri", default=None, help="where Ray Data writes the per-shard split; shared storage "
+                   "(e.g. s3://bucket/tmp/split) on multi-node clusters (default: inside the work dir)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL / AWS config)")
+    p.add_argument("--s3-region", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    from raggen.errors import RaggenError
+    from raggen.index import build_index
+    from raggen.ray_utils import ensure_ray
+
+    ensure_ray(address=args.address)
+    s3 = {k: v for k, v in {"endpoint_url": args.s3_endpoint_url, "region_name": args.s3_region}.items() if v}
+    try:
+        manifest = build_index(
+            args.passages, args.output, encoder_name_or_path=args.encoder, pooling=args.pooling,
+            max_length=args.max_length, batch_size=args.batch_size, num_shards=args.num_shards,
+            faiss_factory=args.faiss_factory, metric=args.metric, train_sample=args.train_sample,
+            num_actors=args.num_actors, actor_num_cpus=args.actor_num_cpus, actor_num_gpus=args.actor_num_gpus,
+            passages_format=args.passages_format, store_embeddings=not args.no_embeddings, version=args.version,
+            work_dir=args.work_dir, split_uri=args.split_uri, s3_options=s3 or None,
+        )  # fmt: skip
+    except RaggenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(manifest.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Sharded FAISS indexes: build (shard.py), publish/verify (manifest.py), search (sharded.py),
+encode with Ray Data (encode.py) and the end-to-end build (build.py).
+
+Importing this package does not import Ray or start anything; encode/build/actors import Ray lazily.
+"""
+
+from raggen.index.build import build_index, build_shard_files, open_index, publish_index, search_index, verify_index
+from raggen.index.encode import EncodedCorpus, EncodedShard, PassageEncoderActor, encode_passages, read_passages_dataset
+from raggen.index.manifest import (
+    EncoderInfo,
+    LoadedShard,
+    LoadedVersion,
+    Manifest,
+    ShardEntry,
+    embeddings_of,
+    list_versions,
+    load_version,
+    make_manifest,
+    new_version_name,
+    passages_table,
+    publish_version,
+    read_latest,
+    read_manifest,
+    resolve_version_uri,
+    set_latest,
+    shard_file_names,
+    verify_version,
+    write_parquet_atomic,
+)
+from raggen.index.shard import (
+    build_shard_index,
+    train_index,
+    deserialize_index,
+    new_index,
+    normalize_metric,
+    reconstruct,
+    search,
+    serialize_index,
+    set_search_params,
+)
+from raggen.index.sharded import SearchResult, ShardActor, ShardedIndex, ShardSearcher, merge_topk
+
+__all__ = [
+    "EncodedCorpus", "EncodedShard", "EncoderInfo", "LoadedShard", "LoadedVersion", "Manifest",
+    "PassageEncoderActor", "SearchResult", "ShardActor", "ShardEntry", "ShardSearcher", "ShardedIndex",
+    "build_index", "build_shard_files", "build_shard_index", "deserialize_index", "embeddings_of",
+    "encode_passages", "list_versions", "load_version", "make_manifest", "merge_topk", "new_index",
+    "new_version_name", "normalize_metric", "open_index", "passages_table", "publish_index", "publish_version",
+    "read_latest", "read_manifest", "resolve_version_uri", "read_passages_dataset", "reconstruct", "search", "search_index",
+    "serialize_index", "set_latest", "set_search_params", "shard_file_names", "train_index", "verify_index",
+    "verify_version", "write_parquet_atomic",
+]  # fmt: skip

@@ -1,0 +1,483 @@
+"""Encode a passage corpus into per-shard parquet files with Ray Data, resumably.
+
+Pipeline (one work dir per run)::
+
+    read (DPR TSV / JSONL / parquet; folder or s3://)  -- Ray Data readers, pyarrow S3 filesystem
+      -> normalise columns, shard = crc32(passage id) % N  -- stable across runs and machines
+      -> split/shard=K/*.parquet, split.json (counts)  [stage 1, redone if unfinished; split_uri
+                                                        must be shared storage on multi-node clusters]
+      -> map_batches(PassageEncoderActor, ActorPoolStrategy(size=num_actors), explicit batch_size,
+                     num_gpus=1 per actor on GPU clusters, else num_cpus=actor_num_cpus)
+      -> the driver streams rows into encoded/shard-K.parquet (row_id, id, title, text, embedding)
+         and marks each finished shard with encoded/shard-K.done.json (count + sha256)   [stage 2]
+
+A run that dies restarts with only the unfinished shards (done markers are checked against the
+file's sha256); ``preserve_order`` makes shards finish one after another, so little is lost.
+Row ids are ``shard << 40 | position``: unique over the whole index, and the shard is readable
+from the id. S3 input is read in place through ``pyarrow.fs.S3FileSystem`` built from the same
+endpoint/credentials as the boto3 client (``raggen.storage.pyarrow_s3_filesystem``), so large
+corpora are never copied to the driver; for a small corpus on an unusual store, download it first
+(``raggen.storage.download``) and pass the local path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raggen.errors import ConfigError, DataError, RaggenError
+from raggen.index.manifest import passages_table, shard_file_names
+from raggen.storage import (
+    atomic_write_bytes,
+    is_s3_uri,
+    open_store,
+    pyarrow_s3_filesystem,
+    sha256_file,
+    split_s3_uri,
+)
+
+logger = logging.getLogger(__name__)
+
+ROW_ID_SHIFT = 40  # row_id = shard << 40 | position: up to ~1.1e12 passages per shard
+FORMATS = ("dpr", "jsonl", "parquet")
+_FORMAT_ALIASES = {"tsv": "dpr", "dpr-tsv": "dpr", "csv": "dpr", "json": "jsonl"}  # raggen.corpus / config names
+_SUFFIXES = {
+    ".tsv": "dpr", ".tsv.gz": "dpr", ".csv": "dpr",
+    ".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl",
+    ".parquet": "parquet",
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def detect_format(uri: str, s3_options=None) -> str:
+    """'dpr' | 'jsonl' | 'parquet' from the file suffix (for a folder: from its first file)."""
+    uri = str(uri)
+    for suffix, fmt in sorted(_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
+        if uri.lower().endswith(suffix):
+            return fmt
+    try:
+        names = open_store(uri, s3_options).list()
+    except Exception:  # noqa: BLE001 - a path that is neither a known file type nor a listable folder
+        names = []
+    for name in names:
+        for suffix, fmt in _SUFFIXES.items():
+            if name.lower().endswith(suffix):
+                return fmt
+    raise ConfigError(f"format: cannot tell the format of {uri!r}; pass one of {FORMATS}")
+
+
+def _paths_and_filesystem(uri: str, s3_options) -> tuple[str, Any]:
+    if is_s3_uri(uri):
+        bucket, key = split_s3_uri(uri)
+        return f"{bucket}/{key}", pyarrow_s3_filesystem(s3_options)
+    path = Path(os.path.expanduser(uri))
+    if not path.exists():
+        raise DataError(f"{uri}: no such file or folder")
+    return str(path), None
+
+
+def read_passages_dataset(uri: str, *, format: str = "auto", s3_options=None, num_shards: int = 1):
+    """A Ray Dataset with string columns id, title, text and int64 ``shard`` (crc32(id) % N)."""
+    import pyarrow.csv as pacsv
+    import ray.data
+
+    fmt = detect_format(uri, s3_options) if format == "auto" else _FORMAT_ALIASES.get(format, format)
+    if fmt not in FORMATS:
+        raise ConfigError(f"format: must be 'auto' or one of {FORMATS}, got {format!r}")
+    paths, fs = _paths_and_filesystem(uri, s3_options)
+    if fmt == "dpr":
+        ds = ray.data.read_csv(
+            paths,
+            filesystem=fs,
+            include_paths=True,
+            parse_options=pacsv.ParseOptions(delimiter="\t"),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in ("id", "title", "text")}),
+        )
+    elif fmt == "jsonl":
+        ds = ray.data.read_json(paths, filesystem=fs, include_paths=True, lines=True)
+    else:
+        ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, partitioning=None)
+    return ds.map_batches(
+        normalize_passages, fn_kwargs={"num_shards": num_shards}, batch_format="pyarrow", batch_size=None
+    )
+
+
+def stable_shard(ids: list[str], num_shards: int) -> np.ndarray:
+    """crc32 of the UTF-8 passage id, mod N: the same shard for the same id everywhere, forever."""
+    return np.fromiter((zlib.crc32(i.encode("utf-8")) % num_shards for i in ids), dtype=np.int64, count=len(ids))
+
+
+def normalize_passages(table: pa.Table, num_shards: int = 1) -> pa.Table:
+    """Check and normalise one block: id/title/text as strings, a missing title -> '', + shard."""
+    path = table.column("path")[0].as_py() if "path" in table.column_names and table.num_rows else "passages"
+    missing = {"id", "text"} - set(table.column_names)
+    if missing:
+        raise DataError(f"{path}: missing column(s) {sorted(missing)}; passages need id, text and optionally title")
+    ids = table.column("id").cast(pa.string())
+    if ids.null_count:
+        raise DataError(f"{path}: column id has {ids.null_count} empty value(s)")
+    text = table.column("text").cast(pa.string())
+    if text.null_count:
+        bad = ids.filter(text.is_null())[0].as_py()
+        raise DataError(f"{path}: passage {bad!r} has no text")
+    title = table.column("title").cast(pa.string()).fill_null("") if "title" in table.column_names else pa.array([""] * table.num_rows, pa.string())
+    id_list = ids.to_pylist()
+    return pa.table({"id": ids, "title": title, "text": text, "shard": stable_shard(id_list, num_shards)})
+
+
+# ------------------------------------------------------------------------------------------ the encoder actor
+
+
+class PassageEncoderActor:
+    """Ray Data callable class: the model is loaded once per actor; tokenisation happens here.
+
+    CUDA + bf16 when the actor has a GPU, CPU + fp32 otherwise (raggen.devices). Output: the input
+    columns plus ``embedding`` (b, dim) float32.
+    """
+
+    def __init__(self, name_or_path: str, pooling: str = "mean", max_length: int = 256, torch_threads: int | None = None):
+        import torch
+
+        from raggen.devices import pick_device, pick_dtype
+        from raggen.models.retriever import TextEncoder
+
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        device = pick_device()
+        self.encoder = TextEncoder.from_pretrained(
+            name_or_path, pooling=pooling, max_length=max_length, device=device, dtype=pick_dtype(device)
+        ).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from raggen.models.retriever import passage_text
+
+        texts = [passage_text(t, x) for t, x in zip(batch["title"].tolist(), batch["text"].tolist())]
+        emb = self.encoder.encode(texts, batch_size=max(1, len(texts))).numpy()  # (b, dim) float32
+        return {**batch, "embedding": emb.astype(np.float32, copy=False)}
+
+
+# ------------------------------------------------------------------------------------------ work dir
+
+
+@dataclass
+class EncodedShard:
+    shard: int
+    path: Path  # encoded/shard-K.parquet (row_id, id, title, text, embedding)
+    count: int
+
+
+@dataclass
+class EncodedCorpus:
+    shards: list[EncodedShard]
+    dim: int
+
+    @property
+    def num_passages(self) -> int:
+        return sum(s.count for s in self.shards)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def check_run_signature(work_dir: Path, signature: dict) -> None:
+    """A work dir belongs to one run: reusing it with different settings is a ConfigError."""
+    path = work_dir / "run.json"
+    old = _read_json(path)
+    if old is None:
+        _write_json(path, signature)
+        return
+    for key, value in signature.items():
+        if old.get(key) != value:
+            raise ConfigError(
+                f"work_dir: {work_dir} was used for a run with {key}={old.get(key)!r}, this run has {value!r}; "
+                "use a fresh work_dir"
+            )
+
+
+def encoded_shard_done(work_dir: Path, shard: int) -> EncodedShard | None:
+    """The finished shard, if its done marker exists and the file's sha256 matches it."""
+    name = shard_file_names(shard)[1]
+    path, marker = work_dir / "encoded" / name, _read_json(work_dir / "encoded" / f"{name}.done.json")
+    if marker is None or not path.is_file():
+        return None
+    if sha256_file(path) != marker.get("sha256"):
+        logger.warning("encoded shard %s does not match its done marker; re-encoding it", path)
+        return None
+    return EncodedShard(shard=shard, path=path, count=int(marker["count"]))
+
+
+def encoder_dim(name_or_path: str) -> int:
+    from transformers import AutoConfig
+
+    from raggen.models.loading import resolve_model_path
+
+    return int(AutoConfig.from_pretrained(resolve_model_path(name_or_path)).hidden_size)
+
+
+# ------------------------------------------------------------------------------------------ stage 1: split
+
+
+def split_location(work_dir: Path, split_uri: str | None, s3_options) -> tuple[str, Any]:
+    """(path for Ray Data, pyarrow filesystem or None) of the split folder.
+
+    Ray Data's write tasks run on every node: on a multi-node cluster the split must live on
+    storage they all reach (``split_uri="s3://bucket/tmp/split"`` or a shared file system).
+    """
+    if split_uri is None:
+        return str(work_dir / "split"), None
+    if is_s3_uri(split_uri):
+        bucket, key = split_s3_uri(split_uri)
+        return f"{bucket}/{key}", pyarrow_s3_filesystem(s3_options)
+    return str(Path(split_uri)), None
+
+
+def _fs(fs):
+    from pyarrow import fs as pafs
+
+    return fs or pafs.LocalFileSystem()
+
+
+def split_by_shard(
+    passages_uri: str, work_dir: Path, *, format: str, num_shards: int, s3_options, split_uri: str | None = None
+) -> list[int]:
+    """Write <split>/shard=K/*.parquet with Ray Data; returns the count per shard.
+
+    The counts are cached in work_dir/split.json; an unfinished split is redone from scratch.
+    """
+    from pyarrow import fs as pafs
+
+    path, fs = split_location(work_dir, split_uri, s3_options)
+    done = _read_json(work_dir / "split.json")
+    if done is not None and len(done.get("counts", [])) == num_shards and done.get("split") == path:
+        return [int(c) for c in done["counts"]]
+    filesystem = _fs(fs)
+    if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
+        filesystem.delete_dir(path)
+    ds = read_passages_dataset(passages_uri, format=format, s3_options=s3_options, num_shards=num_shards)
+    with _user_errors():
+        ds.write_parquet(path, filesystem=fs, partition_cols=["shard"])
+    counts = [0] * num_shards
+    for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.is_file and info.path.endswith(".parquet"):
+            shard = int(info.path.rsplit("shard=", 1)[1].split("/", 1)[0])
+            with filesystem.open_input_file(info.path) as f:
+                counts[shard] += pq.ParquetFile(f).metadata.num_rows
+    if sum(counts) == 0:
+        raise DataError(f"{passages_uri}: no passages found")
+    _write_json(work_dir / "split.json", {"counts": counts, "source": passages_uri, "split": path})
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ stage 2: encode
+
+
+class _ShardWriter:
+    """Streams one shard's rows to a temporary parquet file; finish() renames it and marks it done."""
+
+    def __init__(self, work_dir: Path, shard: int, expected: int, source: str):
+        self.shard, self.expected, self.source = shard, expected, source
+        name = shard_file_names(shard)[1]
+        self.path = work_dir / "encoded" / name
+        self.marker = work_dir / "encoded" / f"{name}.done.json"
+        self.tmp = self.path.with_name(f".{name}.partial")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer: pq.ParquetWriter | None = None
+        self.count = 0
+        self.seen: set[str] = set()
+
+    def append(self, ids, titles, texts, emb: np.ndarray) -> None:
+        for pid in ids:
+            if pid in self.seen:
+                raise DataError(f"{self.source}: duplicate passage id {pid!r}")
+            self.seen.add(pid)
+        row_ids = (np.int64(self.shard) << ROW_ID_SHIFT) + np.arange(self.count, self.count + len(ids), dtype=np.int64)
+        table = passages_table(row_ids, ids, titles, texts, emb)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, table.schema)
+        self.writer.write_table(table)
+        self.count += len(ids)
+
+    def finish(self, dim: int) -> EncodedShard:
+        if self.writer is None:  # an empty shard still gets a (typed, empty) file
+            self.writer = pq.ParquetWriter(self.tmp, passages_table(np.zeros(0), [], [], [], np.zeros((0, dim))).schema)
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+        _write_json(self.marker, {"count": self.count, "sha256": sha256_file(self.path), "dim": dim})
+        self.seen.clear()
+        return EncodedShard(shard=self.shard, path=self.path, count=self.count)
+
+
+def encode_passages(
+    passages_uri: str,
+    work_dir: str | os.PathLike,
+    *,
+    encoder_name_or_path: str,
+    pooling: str = "mean",
+    max_length: int = 256,
+    batch_size: int = 64,
+    num_shards: int = 1,
+    num_actors: int = 1,
+    actor_num_cpus: float = 1.0,
+    actor_num_gpus: float | None = None,
+    torch_threads: int | None = None,
+    passages_format: str = "auto",
+    s3_options: Mapping[str, Any] | None = None,
+    split_uri: str | None = None,
+) -> EncodedCorpus:
+    """Encode every passage once into ``work_dir/encoded/shard-K.parquet``; resumes unfinished runs.
+
+    ``actor_num_gpus=None`` gives each actor one GPU when the cluster has GPUs, none otherwise.
+    ``split_uri``: where stage 1 writes (default ``work_dir/split``; on a multi-node cluster a
+    folder every node reaches, e.g. ``s3://bucket/tmp/split``). Encoded shards are written by
+    this (the driver's) process into ``work_dir``.
+    Needs a running Ray (``ray.init()`` in the entry point).
+    """
+    if num_shards < 1 or num_actors < 1 or batch_size < 1:
+        raise ConfigError("num_shards, num_actors and batch_size: must all be >= 1")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    signature = dict(passages_uri=str(passages_uri), format=passages_format, num_shards=num_shards,
+                     encoder=encoder_name_or_path, pooling=pooling, max_length=max_length)  # fmt: skip
+    check_run_signature(work_dir, signature)
+    dim = encoder_dim(encoder_name_or_path)
+    finished = {s: e for s in range(num_shards) if (e := encoded_shard_done(work_dir, s)) is not None}
+    pending = [s for s in range(num_shards) if s not in finished]
+    if pending:
+        logger.info("encoding shards %s (%d already done)", pending, len(finished))
+        counts = split_by_shard(str(passages_uri), work_dir, format=passages_format, num_shards=num_shards,
+                                s3_options=s3_options, split_uri=split_uri)
+        split_path, split_fs = split_location(work_dir, split_uri, s3_options)
+        finished.update(
+            _encode_pending(
+                str(passages_uri), work_dir, pending, counts, dim,
+                actor_kwargs=dict(name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length,
+                                  torch_threads=torch_threads or max(1, int(round(actor_num_cpus)))),
+                batch_size=batch_size, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
+                actor_num_gpus=actor_num_gpus, split=(split_path, split_fs),
+            )
+        )  # fmt: skip
+    return EncodedCorpus(shards=[finished[s] for s in range(num_shards)], dim=dim)
+
+
+def _encode_pending(
+    source: str,
+    work_dir: Path,
+    pending: list[int],
+    counts: list[int],
+    dim: int,
+    *,
+    actor_kwargs: dict,
+    batch_size: int,
+    num_actors: int,
+    actor_num_cpus: float,
+    actor_num_gpus: float | None,
+    split: tuple[str, Any],
+) -> dict[int, EncodedShard]:
+    import ray
+    import ray.data
+
+    writers = {s: _ShardWriter(work_dir, s, counts[s], source) for s in pending}
+    done = {s: w.finish(dim) for s, w in writers.items() if counts[s] == 0}
+    todo = [s for s in pending if counts[s] > 0]
+    if not todo:
+        return done
+    if actor_num_gpus is None:
+        actor_num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    split_path, split_fs = split
+    split_dirs = [f"{split_path}/shard={s}" for s in todo]  # in shard order: with preserve_order, shards finish in turn
+    ds = ray.data.read_parquet(split_dirs, filesystem=split_fs,
+                               partitioning=ray.data.datasource.Partitioning("hive", field_types={"shard": int}))  # fmt: skip
+    # blocks of a few batches: enough inputs to keep every actor busy even for a small corpus
+    ds = ds.repartition(target_num_rows_per_block=batch_size * 2)
+    ds = ds.map_batches(
+        PassageEncoderActor,
+        fn_constructor_kwargs=actor_kwargs,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=actor_num_cpus,
+        num_gpus=actor_num_gpus or None,
+    )
+    ctx = ray.data.DataContext.get_current()
+    keep_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # shards finish one after another -> cheap resumes
+    try:
+        with _user_errors():
+            for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+                _route_batch(batch, writers, done, dim)
+    finally:
+        ctx.execution_options.preserve_order = keep_order
+    unfinished = [s for s in todo if s not in done]
+    if unfinished:
+        raise DataError(f"{source}: shards {unfinished} got fewer rows than the split counted; rerun to resume")
+    return done
+
+
+def _route_batch(batch: dict[str, np.ndarray], writers: dict[int, _ShardWriter], done: dict, dim: int) -> None:
+    shard_col = np.asarray(batch["shard"]).astype(np.int64)
+    emb = np.asarray(batch["embedding"], dtype=np.float32)  # (b, dim)
+    if emb.ndim != 2 or emb.shape[1] != dim:
+        raise ConfigError(f"encoder: produced embeddings of shape {emb.shape}, expected (b, {dim})")
+    for s in np.unique(shard_col).tolist():
+        rows = np.nonzero(shard_col == s)[0]
+        w = writers[s]
+        w.append(batch["id"][rows].tolist(), batch["title"][rows].tolist(), batch["text"][rows].tolist(), emb[rows])
+        if w.count == w.expected:
+            done[s] = w.finish(dim)
+            logger.info("shard %d encoded: %d passages -> %s", s, w.count, w.path)
+
+
+class _user_errors:
+    """Re-raise a RaggenError raised inside a Ray task/actor as itself (one line, no Ray wrapper)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or (isinstance(exc, RaggenError) and type(exc).__module__ == "raggen.errors"):
+            return False
+        cause = find_user_error(exc)
+        if cause is not None:
+            raise type(cause)(str(cause.args[0]) if cause.args else str(cause)) from None
+        return False
+
+
+def find_user_error(exc: BaseException) -> RaggenError | None:
+    """The first plain raggen error in ``exc``'s cause chain (Ray wraps task errors)."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RaggenError) and type(e).__module__ == "raggen.errors":
+            return e
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    # Ray may ship only the remote traceback's text: recover "raggen.errors.DataError: <message>"
+    import raggen.errors as errors
+
+    for line in reversed(str(exc).splitlines()):
+        match = re.match(r"^\s*raggen\.errors\.(\w+): (.*)$", line)
+        if match and isinstance(getattr(errors, match.group(1), None), type):
+            return getattr(errors, match.group(1))(match.group(2))
+    return None

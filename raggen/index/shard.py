@@ -1,0 +1,297 @@
+"""Build, serialize and search ONE FAISS index (a shard). numpy in, numpy out; no Ray here.
+
+Any ``faiss.index_factory`` string works ("Flat", "HNSW32", "IVF1024,PQ64", "OPQ64,IVF1024,PQ64",
+...). Passages are added with int64 ids (the ``row_id`` column of the shard's parquet): IVF
+indexes take ids natively (with a hash-table direct map so ``reconstruct`` still works); every
+other type is wrapped in ``IndexIDMap2``. GPU: when ``faiss.get_num_gpus() > 0`` training/adding
+and searching run on GPU 0 through ``StandardGpuResources`` for the types faiss can clone to the GPU
+(Flat, IVF*), CPU otherwise; the serialized index is always the CPU form.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import faiss
+import numpy as np
+
+from raggen.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Metric = Literal["ip", "l2"]
+_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+_METRIC_ALIASES = {"ip": "ip", "inner_product": "ip", "dot": "ip", "l2": "l2", "euclidean": "l2"}
+
+
+def normalize_metric(metric: str) -> Metric:
+    """'ip' | 'l2' (also accepts 'inner_product', 'dot', 'euclidean', any case)."""
+    key = str(metric).lower()
+    if key not in _METRIC_ALIASES:
+        raise ConfigError(f"metric: must be 'ip' or 'l2', got {metric!r}")
+    return _METRIC_ALIASES[key]  # type: ignore[return-value]
+
+
+def faiss_metric(metric: str) -> int:
+    return _METRICS[normalize_metric(metric)]
+
+
+def as_float32_matrix(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
+    """Shape/dtype check first (faiss/contrib style): a C-contiguous (n, d) float32 array."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (n, d), got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name}: expected dimension {dim}, got {x.shape[1]}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------ create
+
+
+def new_index(dim: int, factory: str, metric: str = "ip") -> faiss.Index:
+    """An empty index from a factory string; a bad string raises ConfigError naming it."""
+    if dim <= 0:
+        raise ConfigError(f"dim: must be positive, got {dim}")
+    try:
+        return faiss.index_factory(int(dim), str(factory), faiss_metric(metric))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"faiss_factory: cannot build {factory!r} for dim {dim}: {reason}") from None
+
+
+def ivf_of(index: faiss.Index):
+    """The IndexIVF inside ``index`` (through IndexPreTransform / IDMap), or None."""
+    return faiss.try_extract_index_ivf(index)
+
+
+def min_training_vectors(index: faiss.Index) -> int:
+    """The fewest training vectors the index's k-means steps accept (0 if it needs no training).
+
+    IVF{n} clusters into n lists; PQ/OPQ quantizers learn 2**nbits centroids per sub-space.
+    """
+    if index.is_trained:
+        return 0
+    need = 1
+    ivf = ivf_of(index)
+    if ivf is not None:
+        need = max(need, int(ivf.nlist))
+    for obj in _walk(index):
+        pq = getattr(obj, "pq", None)
+        if pq is not None and hasattr(pq, "ksub"):
+            need = max(need, int(pq.ksub))
+        if isinstance(obj, faiss.OPQMatrix):
+            need = max(need, 256)
+    return need
+
+
+def _walk(index: faiss.Index):
+    """The index and the indexes/transforms it wraps (PreTransform chain, IVF, IDMap)."""
+    index = faiss.downcast_index(index)
+    yield index
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            yield faiss.downcast_VectorTransform(index.chain.at(i))
+        yield from _walk(index.index)
+    elif isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        yield from _walk(index.index)
+    ivf = ivf_of(index)
+    if ivf is not None and ivf is not index:
+        yield faiss.downcast_index(ivf)
+
+
+def _supports_ids(index: faiss.Index) -> bool:
+    """IVF indexes (also behind OPQ/PCA transforms) store ids themselves; others need IDMap2."""
+    return ivf_of(index) is not None
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+_GPU_RESOURCES = None
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    """Clone to GPU 0 when a GPU exists and faiss can clone this type; the CPU index otherwise."""
+    global _GPU_RESOURCES
+    if not gpu_available():
+        return index
+    try:
+        if _GPU_RESOURCES is None:
+            _GPU_RESOURCES = faiss.StandardGpuResources()
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = True  # PQ tables / flat storage in fp16: 2x memory, same recall in practice
+        return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index, options)
+    except RuntimeError as exc:  # e.g. HNSW has no GPU implementation
+        logger.info("faiss GPU clone not possible for %s (%s); using CPU", type(index).__name__, exc)
+        return index
+
+
+def to_cpu(index: faiss.Index) -> faiss.Index:
+    if gpu_available() and hasattr(faiss, "index_gpu_to_cpu"):
+        try:
+            return faiss.index_gpu_to_cpu(index)
+        except RuntimeError:
+            return index
+    return index
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+def build_shard_index(
+    xb: np.ndarray,
+    ids: np.ndarray,
+    *,
+    factory: str = "Flat",
+    metric: str = "ip",
+    train_sample: int = 100_000,
+    seed: int = 0,
+    use_gpu: bool | None = None,
+    add_batch_size: int = 65_536,
+    trained_index: faiss.Index | None = None,
+) -> faiss.Index:
+    """A trained, filled CPU index over ``xb`` (n, d) with int64 ``ids`` (n,).
+
+    Training uses a seeded random sample of ``min(train_sample, n)`` rows; fewer rows than the
+    factory's k-means steps need raises ConfigError naming ``train_sample`` and the factory.
+    ``trained_index`` (an empty, trained index, e.g. from ``train_index``) skips training, so all
+    shards can share one coarse quantizer / codebook.
+    """
+    xb = as_float32_matrix(xb, "xb")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    n, d = xb.shape
+    assert ids.shape == (n,), f"ids: expected shape ({n},), got {ids.shape}"
+    if len(np.unique(ids)) != n:
+        raise ValueError("ids: must be unique within a shard")
+    use_gpu = gpu_available() if use_gpu is None else use_gpu
+    if trained_index is not None:
+        assert trained_index.is_trained and trained_index.ntotal == 0 and trained_index.d == d, "trained_index: empty, trained, dim d"
+        index = faiss.clone_index(trained_index)
+    else:
+        index = train_index(xb, factory=factory, metric=metric, train_sample=train_sample, seed=seed, use_gpu=use_gpu)
+    if not _supports_ids(index):
+        index = faiss.IndexIDMap2(index)
+    target = to_gpu(index) if use_gpu and _supports_ids(index) else index
+    for start in range(0, n, add_batch_size):
+        target.add_with_ids(xb[start : start + add_batch_size], ids[start : start + add_batch_size])
+    index = to_cpu(target) if target is not index else index
+    ivf = ivf_of(index)
+    if ivf is not None:  # reconstruct(id) on IVF needs a direct map; ids are arbitrary -> hashtable
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
+
+
+def train_index(
+    xb: np.ndarray, *, factory: str, metric: str = "ip", train_sample: int = 100_000, seed: int = 0, use_gpu: bool | None = None
+) -> faiss.Index:
+    """An empty index of ``factory``, trained on a sample of ``xb`` (n, d)."""
+    xb = as_float32_matrix(xb, "xb")
+    index = new_index(xb.shape[1], factory, metric)
+    use_gpu = gpu_available() if use_gpu is None else use_gpu
+    _train(index, xb, factory=factory, train_sample=train_sample, seed=seed, use_gpu=use_gpu)
+    return index
+
+
+def _train(index: faiss.Index, xb: np.ndarray, *, factory: str, train_sample: int, seed: int, use_gpu: bool) -> None:
+    need = min_training_vectors(index)
+    if need == 0:
+        return
+    n = xb.shape[0]
+    m = min(int(train_sample), n)
+    if m < need:
+        raise ConfigError(
+            f"faiss_factory: {factory!r} needs at least {need} training vectors, got {m} "
+            f"(shard has {n} vectors, train_sample={train_sample}); use fewer IVF lists / PQ bits, "
+            "fewer shards, or 'Flat'"
+        )
+    if m < 39 * need:
+        logger.warning("training %r on %d vectors (< 39 x %d centroids): clustering may be poor", factory, m, need)
+    for obj in _walk(index):
+        if getattr(obj, "do_polysemous_training", False):
+            # the factory turns on polysemous training for PQ: minutes of permutation search that
+            # only Hamming-filtered search ("PQ8np" off) uses; plain PQ search does not
+            obj.do_polysemous_training = False
+    rows = np.random.default_rng(seed).choice(n, size=m, replace=False) if m < n else np.arange(n)
+    sample = xb[np.sort(rows)]
+    ivf = ivf_of(index)
+    if use_gpu and ivf is not None and gpu_available():
+        # k-means assignment is the costly part of IVF training: run it on the GPU
+        ivf.clustering_index = to_gpu(faiss.IndexFlatL2(ivf.d))
+    index.train(sample)
+
+
+# ------------------------------------------------------------------------------------------ serialize
+
+
+def serialize_index(index: faiss.Index) -> np.ndarray:
+    """The index as a uint8 numpy array (CPU form), ready to write to a file or ``ray.put``."""
+    return faiss.serialize_index(to_cpu(index))
+
+
+def deserialize_index(data: bytes | bytearray | memoryview | np.ndarray) -> faiss.Index:
+    """Inverse of serialize_index; accepts bytes or a (read-only) uint8 array."""
+    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    if buf.dtype != np.uint8 or buf.ndim != 1:
+        raise ValueError(f"serialized index: expected a 1-D uint8 buffer, got {buf.dtype} {buf.shape}")
+    return faiss.deserialize_index(np.ascontiguousarray(buf))
+
+
+def write_index_file(index: faiss.Index, path) -> None:
+    """Serialize atomically to ``path`` (temporary name + os.replace)."""
+    from raggen.storage import atomic_write_bytes
+
+    atomic_write_bytes(path, serialize_index(index).tobytes())
+
+
+def read_index_file(path) -> faiss.Index:
+    return deserialize_index(np.fromfile(path, dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------------------ search
+
+
+def set_search_params(index: faiss.Index, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    """IVF ``nprobe`` and HNSW ``efSearch``; settings that do not apply to the type are ignored."""
+    space = faiss.ParameterSpace()
+    if nprobe is not None and ivf_of(index) is not None:
+        space.set_index_parameter(index, "nprobe", int(nprobe))
+    if ef_search is not None:
+        for obj in _walk(index):
+            hnsw = getattr(obj, "hnsw", None)
+            if hnsw is not None:
+                hnsw.efSearch = int(ef_search)
+
+
+def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(xq[nq, d], k) -> D[nq, k] float32 scores/distances, I[nq, k] int64 ids (-1 = no hit)."""
+    xq = as_float32_matrix(xq, "xq", index.d)
+    if k <= 0:
+        raise ValueError(f"k: must be positive, got {k}")
+    D, I = index.search(xq, int(k))
+    return D, I
+
+
+def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """Stored vectors for ``ids`` (n,) -> (n, d) float32. Exact for Flat/HNSW-Flat, lossy for PQ/SQ."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64).ravel()
+    try:
+        return index.reconstruct_batch(ids)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"faiss_factory: index type {type(faiss.downcast_index(index)).__name__} cannot reconstruct "
+            f"vectors ({str(exc).strip().splitlines()[-1]}); publish with store_embeddings=True"
+        ) from None
+
+
+def index_ids(index: faiss.Index) -> np.ndarray | None:
+    """The ids stored in an IDMap/IDMap2 index (None for IVF, whose ids live in the lists)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    return None
