@@ -1,0 +1,149 @@
+"""A training checkpoint as one folder: HF ``save_pretrained`` model folders + optimizer + JSA cache.
+
+Layout (the folder handed to ``ray.train.Checkpoint.from_directory``, also what ``raggen eval``
+and Serve load)::
+
+    query_encoder/  posterior_encoder/  generator/  reranker/   HF folders (the ones trained)
+    optimizer.pt        torch optimizer state_dict (param groups in the loop's fixed order)
+    jsa_cache.pt        JSAChainCache.state_dict() merged over all workers (JSA only)
+    train_state.json    {"step", "epoch", "estimator", "models": [...], ...}; written last
+
+``train_state.json`` is written last, so a folder without it is incomplete and refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from raggen.errors import DataError
+
+STATE_FILE = "train_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+JSA_CACHE_FILE = "jsa_cache.pt"
+MODEL_NAMES = ("query_encoder", "posterior_encoder", "generator", "reranker")
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint restores: the step to continue after and where each model folder lies."""
+
+    step: int
+    epoch: int = 0
+    model_dirs: dict[str, str] = field(default_factory=dict)
+    optimizer_state: dict[str, Any] | None = None
+    jsa_cache_state: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    models: Mapping[str, Any],
+    step: int,
+    epoch: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    jsa_cache_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint into ``directory`` (created; must be empty or absent).
+
+    ``models`` maps names from MODEL_NAMES to objects with ``save_pretrained(dir)``; unwrap DDP
+    before passing them. The state file goes last, so readers can trust a folder that has it.
+    """
+    unknown = sorted(set(models) - set(MODEL_NAMES))
+    if unknown:
+        raise ValueError(f"models: unknown names {unknown}; expected some of {MODEL_NAMES}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / STATE_FILE).exists():
+        raise ValueError(f"{out}: already holds a checkpoint; write each one to a fresh folder")
+    for name, model in models.items():
+        model.save_pretrained(str(out / name))
+    if optimizer is not None:
+        _torch_save_atomic(optimizer.state_dict(), out / OPTIMIZER_FILE)
+    if jsa_cache_state is not None:
+        _torch_save_atomic(jsa_cache_state, out / JSA_CACHE_FILE)
+    state = {"step": int(step), "epoch": int(epoch), "models": sorted(models), **(extra or {})}
+    _write_text_atomic(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True, default=str))
+    return out
+
+
+def read_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> TrainingState:
+    """Read what ``write_checkpoint`` wrote; a folder without the state file is refused."""
+    src = Path(directory)
+    state_path = src / STATE_FILE
+    if not state_path.exists():
+        raise DataError(f"{src}: not a complete raggen checkpoint (no {STATE_FILE})")
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{state_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise DataError(f"{state_path}: missing field 'step'")
+    names = list(state.pop("models", []))
+    model_dirs = {}
+    for name in names:
+        if not (src / name).is_dir():
+            raise DataError(f"{src}: checkpoint lists model {name!r} but has no {name}/ folder")
+        model_dirs[name] = str(src / name)
+    optimizer_state = _torch_load(src / OPTIMIZER_FILE, map_location)
+    jsa_cache_state = _torch_load(src / JSA_CACHE_FILE, map_location)
+    step = int(state.pop("step"))
+    epoch = int(state.pop("epoch", 0))
+    return TrainingState(step, epoch, model_dirs, optimizer_state, jsa_cache_state, extra=state)
+
+
+def _torch_load(path: Path, map_location) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: name it instead of a pickle traceback
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _torch_save_atomic(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a complete checkpoint folder to ``dst`` through a temp folder (the export as ``final/``)."""
+    read_checkpoint(src)  # refuse to publish an incomplete folder
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / "x")
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

@@ -1,0 +1,304 @@
+"""Open-domain QA evaluation: EM/F1 of generated answers and retrieval recall of the index.
+
+EM and F1 use the SQuAD normalisation (lower case, drop punctuation and the articles a/an/the,
+collapse whitespace) and take the best score over the reference answers. Retrieval recall@k is
+DPR's "top-k accuracy": an example counts when some answer's token sequence occurs in one of its
+top-k passages (DPR tokenises into words and punctuation, uncased, after NFD normalisation).
+Where a QA file names gold passage ids, gold recall@k is reported too.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import string
+import unicodedata
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DECODINGS = ("rag-token", "rag-sequence-fast", "rag-sequence-thorough")
+
+# ---------------------------------------------------------------------------------------------
+# Answer metrics (SQuAD v1.1 evaluation script semantics)
+# ---------------------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals some normalised answer, else 0.0."""
+    _check_answers(answers)
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in answers))
+
+
+def _f1_one(prediction: str, answer: str) -> float:
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(answer).split()
+    if not pred_tokens or not gold_tokens:
+        # SQuAD 2.0 convention: both empty is a match, one empty is not.
+        return float(pred_tokens == gold_tokens)
+    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / len(pred_tokens)
+    recall = overlap / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, answers: Sequence[str]) -> float:
+    """Token-overlap F1 after normalisation, best over the reference answers."""
+    _check_answers(answers)
+    return max(_f1_one(prediction, a) for a in answers)
+
+
+def _check_answers(answers: Sequence[str]) -> None:
+    if isinstance(answers, str) or not answers:
+        raise ValueError(f"answers: expected a non-empty list of strings, got {answers!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval metrics (DPR's has_answer, string mode)
+# ---------------------------------------------------------------------------------------------
+
+_DPR_TOKEN = re.compile(r"[\w]+|[^\w\s]", re.UNICODE)
+
+
+def dpr_tokens(text: str) -> list[str]:
+    """DPR's SimpleTokenizer, uncased: runs of word characters and single non-space symbols."""
+    text = unicodedata.normalize("NFD", text)
+    return [t.lower() for t in _DPR_TOKEN.findall(text)]
+
+
+def has_answer(passage: str, answers: Sequence[str]) -> bool:
+    """True when some answer's token sequence occurs contiguously in the passage's tokens."""
+    tokens = dpr_tokens(passage)
+    for answer in answers:
+        ans = dpr_tokens(answer)
+        if not ans:
+            continue
+        n = len(ans)
+        if any(tokens[i : i + n] == ans for i in range(len(tokens) - n + 1)):
+            return True
+    return False
+
+
+def recall_at_k(hits: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[int, float]:
+    """Fraction of examples with a hit among their first k ranks. hits: (n, depth) booleans.
+
+    A k larger than an example's list counts the whole list (as DPR does for short lists).
+    """
+    if not hits:
+        raise ValueError("hits: no examples to score")
+    out = {}
+    for k in ks:
+        if k < 1:
+            raise ValueError(f"ks: recall@k needs k >= 1, got {k}")
+        out[k] = sum(any(row[:k]) for row in hits) / len(hits)
+    return out
+
+
+def answer_hits(passages: Sequence[Sequence[str]], answers: Sequence[Sequence[str]]) -> list[list[bool]]:
+    """hits[i][r]: does the r-th retrieved passage of example i contain one of its answers."""
+    if len(passages) != len(answers):
+        raise ValueError(f"passages has {len(passages)} rows but answers has {len(answers)}")
+    return [[has_answer(p, ans) for p in row] for row, ans in zip(passages, answers)]
+
+
+def gold_hits(ids: Sequence[Sequence[str]], gold_ids: Sequence[Sequence[str]]) -> list[list[bool]]:
+    """hits[i][r]: is the r-th retrieved id of example i one of its gold passage ids."""
+    if len(ids) != len(gold_ids):
+        raise ValueError(f"ids has {len(ids)} rows but gold_ids has {len(gold_ids)}")
+    return [[str(p) in {str(g) for g in gold} for p in row] for row, gold in zip(ids, gold_ids)]
+
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end evaluation: retrieve -> (rerank) -> generate -> score
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_answers(
+    generator,
+    questions: list[str],
+    passages: list[list[str]],
+    doc_logprobs: torch.Tensor,
+    *,
+    decoding: str = "rag-token",
+    max_new_tokens: int | None = None,
+    num_beams: int = 1,
+    fid: bool = False,
+) -> list[str]:
+    """Answers through ``raggen.decoding``: RAG-Token beam search, RAG-Sequence fast or thorough
+    decoding over the K passages (``doc_logprobs`` (b, k) = log p(z|x)), or with ``fid=True`` one
+    Fusion-in-Decoder row per question reading all its passages at once."""
+    from raggen import decoding as dec
+
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding: expected one of {DECODINGS}, got {decoding!r}")
+    kwargs = dict(bos_id=generator.bos_id, eos_id=generator.eos_id, pad_id=generator.pad_id,
+                  max_new_tokens=max_new_tokens or generator.max_target_length, num_beams=num_beams)
+    if fid:
+        encoded = generator.fid_encode(questions, passages)
+        out = dec.rag_token_generate(generator.step_fn(encoded), torch.zeros(len(questions), 1, device=generator.device), **kwargs)
+        return [generator.decode(tokens) for tokens in out.best_tokens]
+    encoded = generator.encode(questions, passages)
+    step = generator.step_fn(encoded)
+    doc_logprobs = doc_logprobs.to(generator.device)
+    if decoding == "rag-token":
+        out = dec.rag_token_generate(step, doc_logprobs, **kwargs)
+    elif decoding == "rag-sequence-fast":
+        out = dec.rag_sequence_fast_generate(step, doc_logprobs, **kwargs)
+    else:
+        def score(rows: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return generator.sequence_logprob(encoded, rows, targets.masked_fill(~mask, generator.pad_id))
+
+        out = dec.rag_sequence_thorough_generate(step, doc_logprobs, sequence_logprob=score, **kwargs)
+    return [generator.decode(tokens) for tokens in out.best_tokens]
+
+
+@dataclass
+class RetrievalBatch:
+    ids: list[list[str]]
+    texts: list[list[str]]  # passage text alone (DPR's has_answer reads the text, not the title)
+    passages: list[list[str]]  # title + text, what readers see
+    scores: torch.Tensor  # (b, depth) retriever (or reranker) scores, best first
+
+
+def retrieve_for_eval(query_encoder, index, questions: list[str], depth: int, reranker=None) -> RetrievalBatch:
+    """Top-``depth`` passages per question; with a reranker, those candidates re-sorted by it."""
+    from raggen.models.retriever import passage_text
+
+    xq = query_encoder.encode(list(questions)).numpy()  # (b, d) float32
+    res = index.search(xq, depth)
+    ids, texts, titles = [list(r) for r in res.ids], [list(r) for r in res.texts], [list(r) for r in res.titles]
+    passages = [[passage_text(t, x) for t, x in zip(tr, xr)] for tr, xr in zip(titles, texts)]
+    scores = torch.as_tensor(res.scores, dtype=torch.float32)  # (b, depth)
+    if reranker is not None:
+        scores = reranker.score(list(questions), passages).float()  # (b, depth)
+        order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+        scores = scores.gather(1, order)
+        pick = order.tolist()
+        ids = [[row[j] for j in o] for row, o in zip(ids, pick)]
+        texts = [[row[j] for j in o] for row, o in zip(texts, pick)]
+        passages = [[row[j] for j in o] for row, o in zip(passages, pick)]
+    return RetrievalBatch(ids, texts, passages, scores)
+
+
+def evaluate_rag(
+    examples: Sequence,
+    *,
+    query_encoder,
+    generator,
+    index,
+    top_k: int = 5,
+    decoding: str = "rag-token",
+    ks: Sequence[int] = (1, 5, 20),
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    num_beams: int = 1,
+    reranker=None,
+    rerank_candidates: int | None = None,
+    generate: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """EM/F1 of generated answers and answer (and gold-passage) recall@k over ``examples``
+    (objects with question, answers, gold_passage_ids).
+
+    The reader sees the top ``top_k`` passages; recall is measured to depth max(ks). With a
+    reranker (G-Rerank), ``rerank_candidates`` passages are retrieved, re-sorted by the reranker,
+    and its top ``top_k`` are read Fusion-in-Decoder style (the hard top-k mask).
+    """
+    if not examples:
+        raise ValueError("examples: nothing to evaluate")
+    depth = max(max(ks), top_k, rerank_candidates or 0)
+    em, f1, hits, golds = [], [], [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        questions = [ex.question for ex in chunk]
+        got = retrieve_for_eval(query_encoder, index, questions, rerank_candidates or depth, reranker)
+        hits += answer_hits(got.texts, [ex.answers for ex in chunk])
+        golds += [(ids, ex.gold_passage_ids) for ids, ex in zip(got.ids, chunk) if ex.gold_passage_ids]
+        if generate:
+            answers = generate_answers(
+                generator, questions, [p[:top_k] for p in got.passages],
+                torch.log_softmax(got.scores[:, :top_k], dim=-1), decoding=decoding,
+                max_new_tokens=max_new_tokens, num_beams=num_beams, fid=reranker is not None,
+            )
+            em += [exact_match(a, ex.answers) for a, ex in zip(answers, chunk)]
+            f1 += [f1_score(a, ex.answers) for a, ex in zip(answers, chunk)]
+        if progress:
+            progress(len(chunk))
+    out: dict[str, float] = {"num_examples": float(len(examples))}
+    if generate:
+        out.update(em=sum(em) / len(em), f1=sum(f1) / len(f1))
+    out.update({f"recall@{k}": v for k, v in recall_at_k(hits, ks).items()})
+    if golds:
+        gh = gold_hits([g[0] for g in golds], [g[1] for g in golds])
+        out.update({f"gold_recall@{k}": v for k, v in recall_at_k(gh, ks).items()})
+    return out
+
+
+def split_examples(split: str, *, dev_file: str, world_dir: str, limit: int | None = None) -> list:
+    """QA examples of a split: ``dev`` is train.dev_file, ``test`` the world's test.jsonl, and
+    ``changed`` the world's v2-changed facts with their *new* answers (to score after a swap)."""
+    import os
+
+    from raggen.corpus.qa import QAExample, read_qa
+    from raggen.errors import ConfigError
+
+    if split == "dev":
+        path = dev_file
+    elif split in ("test", "changed"):
+        path = os.path.join(world_dir, "test.jsonl" if split == "test" else "changed_v2.jsonl")
+    else:
+        raise ConfigError(f"split: expected dev, test or changed, got {split!r}")
+    if not os.path.exists(path):
+        raise ConfigError(f"split {split}: {path}: no such file (run `raggen world` first)")
+    if split == "changed":
+        from raggen.corpus.world import read_changed_facts
+
+        examples = [QAExample(c.id, c.question, list(c.answers_v2), list(c.gold_passage_ids))
+                    for c in read_changed_facts(path)]
+    else:
+        examples = read_qa(path)
+    return examples[:limit] if limit else examples
+
+
+def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test") -> dict[str, float]:
+    """``raggen eval``: models from a checkpoint folder (e.g. ``runs/NAME/final``) or the config,
+    the config's index, ``train.eval_examples`` examples of the split."""
+    from raggen.index import open_index
+    from raggen.train.checkpointing import read_checkpoint
+    from raggen.train.loop import build_models
+    from raggen.train.trainer import model_spec, s3_options
+
+    t = cfg.train
+    restored = read_checkpoint(checkpoint).model_dirs if checkpoint else None
+    models = build_models(model_spec(cfg.model), t.estimator, restored)
+    for m in models.values():
+        m.eval()
+    index = open_index(t.index, s3_options=s3_options(t.s3))
+    examples = split_examples(split, dev_file=t.dev_file, world_dir=cfg.world.out_dir, limit=t.eval_examples)
+    gumbel = t.estimator == "gumbel-rerank"
+    scores = evaluate_rag(
+        examples, query_encoder=models["query_encoder"], generator=models["generator"], index=index,
+        top_k=t.gumbel.k if gumbel else t.top_k, decoding="rag-token" if t.estimator == "rag-token" else "rag-sequence-fast",
+        reranker=models.get("reranker"), rerank_candidates=t.gumbel.candidates if gumbel else None,
+    )
+    return {"split": split, "checkpoint": checkpoint, "index_version": index.version, **scores}

@@ -1,0 +1,474 @@
+"""The per-worker training function that Ray Train runs: ``train_func(config)``.
+
+One readable loop (nanoGPT style): build models -> restore the latest checkpoint if Ray hands one
+back -> wrap the trained models in DDP -> for each step: a batch from this worker's dataset
+shard, the estimator's step (``raggen.train.step``), backward, clip, optimizer step -> metrics
+(averaged over workers, JSONL on rank 0) -> every ``checkpoint_every`` steps a checkpoint
+(models, optimizer, the JSA chain cache of *all* workers, the step) via ``ray.train.report``.
+
+``config`` is a plain dict (``raggen.train.trainer.train_loop_config`` builds it from the YAML
+config); this module never imports ``raggen.config``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from raggen.errors import ConfigError
+from raggen.objectives import JSAChainCache
+from raggen.train.checkpointing import TrainingState, read_checkpoint, write_checkpoint
+from raggen.train.metrics import METRICS_FILE, MetricsWriter
+from raggen.train.step import Batch, StepModels, StepSettings, run_step, trainable_roles
+
+log = logging.getLogger(__name__)
+
+RETRIEVER_ROLES = ("query_encoder", "posterior_encoder")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopSettings:
+    """The loop's own settings (the estimator's are ``StepSettings`` under ``config["step"]``)."""
+
+    steps: int = 100
+    batch_size: int = 8  # per worker
+    lr: float = 3e-5
+    retriever_lr: float | None = None
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    # ray.train.report runs a cross-worker barrier (Train V2), and V2 keeps only metrics that
+    # come with a checkpoint: by default report with checkpoints only (0); the JSONL has every step.
+    report_every: int = 0
+    eval_every: int = 0
+    eval_examples: int = 200
+    eval_decoding: str = "rag-token"
+    dev_file: str | None = None
+    metrics_path: str | None = None
+    use_gpu: bool = False
+    num_threads: int | None = None  # torch intra-op threads per worker (Ray sets OMP_NUM_THREADS)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "LoopSettings":
+        names = {f.name for f in fields(cls)}
+        settings = cls(**{k: v for k, v in config.items() if k in names})
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(settings, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(settings, name)}")
+        if settings.report_every < 0:
+            raise ConfigError(f"train.report_every: must be >= 0, got {settings.report_every}")
+        return settings
+
+
+def step_settings(config: dict[str, Any]) -> StepSettings:
+    try:
+        return StepSettings(**config.get("step", {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, optimizer, index
+# ---------------------------------------------------------------------------------------------
+
+
+def _encoder_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "pooling": spec.get("pooling", "mean"),
+        "max_length": int(spec.get("max_length", 128)),
+        "normalize": bool(spec.get("normalize", False)),
+    }
+
+
+def build_models(model_cfg: dict[str, Any], estimator: str, restored: dict[str, str] | None = None) -> dict[str, nn.Module]:
+    """The models an estimator needs, each from its checkpoint folder when restored, else from the
+    configured id/path. Built on CPU in float32 (autocast handles bf16 on GPU)."""
+    from raggen.models import Generator, PosteriorRetriever, Reranker, TextEncoder
+
+    restored = restored or {}
+    qspec = model_cfg["query_encoder"]
+    models: dict[str, nn.Module] = {}
+    models["query_encoder"] = TextEncoder.from_pretrained(
+        restored.get("query_encoder", qspec["name_or_path"]), **_encoder_kwargs(qspec)
+    )
+    models["generator"] = Generator.from_pretrained(
+        restored.get("generator", model_cfg["generator"]),
+        max_source_length=int(model_cfg.get("max_source_length", 192)),
+        max_target_length=int(model_cfg.get("max_target_length", 24)),
+    )
+    if estimator in ("vrag", "jsa"):
+        pspec = model_cfg.get("posterior_encoder")
+        if "posterior_encoder" in restored:
+            models["posterior_encoder"] = PosteriorRetriever.from_pretrained(
+                restored["posterior_encoder"], **_encoder_kwargs(pspec or qspec)
+            )
+        elif pspec:
+            models["posterior_encoder"] = PosteriorRetriever.from_pretrained(pspec["name_or_path"], **_encoder_kwargs(pspec))
+        else:  # DESIGN: the posterior starts as a copy of the prior query encoder
+            models["posterior_encoder"] = PosteriorRetriever.from_query_encoder(models["query_encoder"])
+    if estimator == "gumbel-rerank":
+        path = restored.get("reranker", model_cfg.get("reranker"))
+        if not path:
+            raise ConfigError("model.reranker: gumbel-rerank needs a reranker (an HF id or folder)")
+        models["reranker"] = Reranker.from_pretrained(path, max_length=int(model_cfg.get("reranker_max_length", 256)))
+    return models
+
+
+def make_optimizer(models: dict[str, nn.Module], roles: tuple[str, ...], settings: LoopSettings) -> torch.optim.Optimizer:
+    """AdamW with one param group per trained model, in ``roles`` order (stable across restarts,
+    so a saved optimizer state lines up); retrievers use ``retriever_lr`` when set."""
+    groups = []
+    for role in roles:
+        lr = settings.retriever_lr if role in RETRIEVER_ROLES and settings.retriever_lr else settings.lr
+        groups.append({"params": [p for p in models[role].parameters() if p.requires_grad], "lr": lr, "name": role})
+    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def load_index(index_cfg: dict[str, Any]):
+    """The published index the loop searches (every checksum verified on load), in-process or as
+    shard actors."""
+    from raggen.index import open_index
+
+    return open_index(index_cfg["uri"], index_cfg.get("version"), use_actors=bool(index_cfg.get("use_actors", False)),
+                      s3_options=index_cfg.get("s3"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def example_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows from Ray Data (answers/gold ids JSON-encoded, so ragged lists stay one column) sorted by
+    id: the order the batch schedule permutes does not depend on how Ray Data split the data."""
+    out = []
+    for r in rows:
+        answers = json.loads(r["answers"]) if isinstance(r["answers"], str) else list(r["answers"])
+        out.append({"id": str(r["id"]), "question": str(r["question"]), "answers": answers})
+    if not out:
+        raise ConfigError("train.train_file: this worker's dataset shard is empty (fewer examples than workers?)")
+    return sorted(out, key=lambda r: r["id"])
+
+
+class BatchSchedule:
+    """Batch ``step`` is a pure function of (examples, seed, step): epochs are seeded permutations,
+    so a restored run sees exactly the batches the lost one would have seen."""
+
+    def __init__(self, examples: list[dict[str, Any]], batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # a batch spans <= 2 epochs
+            self._perms[epoch] = order
+        return self._perms[epoch]
+
+    def epoch_of(self, step: int) -> int:
+        return step * self.batch_size // len(self.examples)
+
+    def batch(self, step: int) -> Batch:
+        n = len(self.examples)
+        rows = []
+        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+            rows.append(self.examples[self._perm(pos // n)[pos % n]])
+        return Batch.from_rows(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def average_metrics(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean of each scalar over workers (one all-reduce); keys must agree across workers."""
+    if not _dist() or torch.distributed.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    t /= torch.distributed.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def gather_cache_state(cache: JSAChainCache) -> dict[str, Any]:
+    """Every worker's chain states merged (the shards hold disjoint example ids)."""
+    state = cache.state_dict()
+    if not _dist() or torch.distributed.get_world_size() == 1:
+        return state
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, state["states"])
+    merged: dict[Any, Any] = {}
+    for part in parts:
+        merged.update(part)
+    return {**state, "states": merged}
+
+
+def cache_digest(state: dict[str, Any] | None) -> str:
+    """A fingerprint of a JSA cache state (tests compare a restored cache with the saved one)."""
+    items = sorted((str(k), str(v)) for k, v in ((state or {}).get("states") or {}).items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def _autocast(device: torch.device):
+    from raggen.devices import pick_dtype
+
+    if device.type == "cuda" and pick_dtype(device) == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    """Everything one worker trains with (kept together so the loop body stays short)."""
+
+    settings: LoopSettings
+    step_cfg: StepSettings
+    models: dict[str, nn.Module]  # bare modules
+    wrapped: dict[str, nn.Module]  # DDP-wrapped where trained with world_size > 1
+    roles: tuple[str, ...]
+    optimizer: torch.optim.Optimizer
+    cache: JSAChainCache
+    index: Any
+    device: torch.device
+    rank: int
+    world_size: int
+
+    def step_models(self) -> StepModels:
+        w, m = self.wrapped, self.models
+        return StepModels(
+            query_encoder=w["query_encoder"], query_encoder_raw=m["query_encoder"],
+            generator=w["generator"], generator_raw=m["generator"],
+            posterior=w.get("posterior_encoder"), reranker=w.get("reranker"),
+        )
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def train_mode(self, on: bool) -> None:
+        for role, model in self.models.items():
+            model.train(on and role in self.roles)
+
+
+def setup_worker(config: dict[str, Any], rank: int, world_size: int, device: torch.device,
+                 state: TrainingState | None) -> Worker:
+    settings, step_cfg = LoopSettings.from_dict(config), step_settings(config)
+    torch.manual_seed(settings.seed + rank)
+    roles = trainable_roles(step_cfg.estimator, step_cfg.train_generator)
+    models = build_models(config["models"], step_cfg.estimator, state.model_dirs if state else None)
+    for role, model in models.items():
+        model.requires_grad_(role in roles)
+        model.to(device)
+    wrapped = dict(models)
+    if world_size > 1:
+        from ray.train.torch import prepare_model
+
+        ddp_kwargs = {"find_unused_parameters": True, "broadcast_buffers": False}
+        for role in roles:
+            wrapped[role] = prepare_model(models[role], move_to_device=device, parallel_strategy_kwargs=ddp_kwargs)
+    optimizer = make_optimizer(models, roles, settings)
+    if state is not None and state.optimizer_state is not None:
+        optimizer.load_state_dict(state.optimizer_state)
+    cache = JSAChainCache(restart_chains=bool(config.get("jsa_restart_chains", False)))
+    if state is not None and state.jsa_cache_state is not None:
+        cache.load_state_dict(state.jsa_cache_state)
+    index = load_index(config["index"])
+    return Worker(settings, step_cfg, models, wrapped, roles, optimizer, cache, index, device, rank, world_size)
+
+
+def train_step(worker: Worker, batch: Batch, step: int) -> dict[str, float]:
+    """One optimisation step; returns this worker's scalar metrics (not yet averaged)."""
+    rng = torch.Generator(device=worker.device)
+    rng.manual_seed(_step_seed(worker.settings.seed, worker.rank, step))
+    worker.train_mode(True)
+    with _autocast(worker.device):
+        out = run_step(worker.step_models(), worker.index, batch, worker.step_cfg, cache=worker.cache, rng=rng)
+    worker.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(worker.params(), worker.settings.grad_clip)
+    worker.optimizer.step()
+    metrics = {"loss": float(out.loss.detach()), "grad_norm": float(grad_norm)}
+    metrics.update({k: float(v) for k, v in out.diagnostics.items()})
+    return metrics
+
+
+def save_checkpoint(worker: Worker, directory: str, step: int, epoch: int, cache_state: dict | None,
+                    metrics_path: str | None) -> None:
+    """Rank 0 writes the checkpoint folder: trained models, optimizer, merged JSA cache, step."""
+    models = {role: unwrap(worker.models[role]) for role in worker.roles}
+    write_checkpoint(
+        directory, models=models, step=step, epoch=epoch, optimizer=worker.optimizer,
+        jsa_cache_state=cache_state,
+        extra={"estimator": worker.step_cfg.estimator, "world_size": worker.world_size},
+    )
+    if metrics_path and os.path.exists(metrics_path):
+        shutil.copyfile(metrics_path, os.path.join(directory, METRICS_FILE))
+
+
+def maybe_inject_failure(config: dict[str, Any], rank: int, step: int) -> None:
+    """Test hook: ``inject_failure = {"rank", "step", "marker"}`` kills that worker process once
+    (the marker file records that it happened, so the restarted worker carries on)."""
+    spec = config.get("inject_failure")
+    if not spec or rank != int(spec["rank"]) or step != int(spec["step"]):
+        return
+    marker = Path(spec["marker"])
+    if marker.exists():
+        return
+    import ray.train
+
+    # Die only once the controller has committed the reports so far: a crash right after a report
+    # could otherwise beat the checkpoint's registration, and the test would restart from scratch.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"rank {rank} killed at step {step}\n")
+    log.warning("inject_failure: rank %d exits at step %d", rank, step)
+    os._exit(1)
+
+
+def restore_state() -> tuple[TrainingState | None, contextlib.ExitStack]:
+    """The latest checkpoint Ray hands back (resume after a failure or a rerun of the same name).
+
+    The checkpoint folder stays available until the returned stack closes (after models load).
+    """
+    import ray.train
+
+    stack = contextlib.ExitStack()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, stack
+    directory = stack.enter_context(checkpoint.as_directory())
+    return read_checkpoint(directory), stack
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point (see the module docstring)."""
+    t_enter = time.time()
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    settings = LoopSettings.from_dict(config)
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    device = ray.train.torch.get_device() if settings.use_gpu else torch.device("cpu")
+    state, stack = restore_state()
+    with stack:
+        worker = setup_worker(config, rank, world_size, device, state)
+    start = state.step if state else 0
+    writer = MetricsWriter(settings.metrics_path, enabled=rank == 0, fresh=state is None)
+    if state is not None:
+        writer.write({"event": "restored", "step": start, "jsa_cache_entries": len(worker.cache),
+                      "jsa_cache_digest": cache_digest(worker.cache.state_dict()), "time": time.time()})
+    t_setup = time.time()
+    shard = ray.train.get_dataset_shard("train")
+    schedule = BatchSchedule(example_rows(list(shard.iter_rows())), settings.batch_size, settings.seed * 31 + rank)
+    dev = _dev_examples(settings) if rank == 0 and settings.eval_every else None
+    writer.write({"event": "started", "step": start, "world_size": world_size, "examples": len(schedule.examples),
+                  "setup_s": t_setup - t_enter, "data_s": time.time() - t_setup, "time": time.time()})
+    t_last = time.perf_counter()
+    try:
+        for step in range(start, settings.steps):
+            maybe_inject_failure(config, rank, step + 1)
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            local = train_step(worker, schedule.batch(step), step)
+            elapsed = time.perf_counter() - t0
+            local["step_cpu_s"] = time.process_time() - cpu0  # this process's CPU time (all its threads)
+            metrics = average_metrics(local, device)
+            done, wall, t_last = step + 1, time.perf_counter() - t_last, time.perf_counter()
+            # step_time_s: the step's compute; examples_per_s: over the wall time since the last step
+            # ended (reports, checkpoints and evaluation included)
+            metrics.update(step=done, epoch=schedule.epoch_of(step), lr=worker.optimizer.param_groups[0]["lr"],
+                           step_time_s=elapsed, examples_per_s=settings.batch_size * world_size / max(wall, 1e-9))
+            if dev is not None and done % settings.eval_every == 0:
+                metrics.update(_evaluate(worker, dev, done, writer))
+            writer.write({**metrics, "time": time.time()})
+            _report(worker, metrics, done, schedule.epoch_of(step), settings, final=done == settings.steps)
+    finally:
+        writer.close()
+
+
+def _report(worker: Worker, metrics: dict[str, float], step: int, epoch: int, settings: LoopSettings,
+            final: bool) -> None:
+    """``ray.train.report`` with a checkpoint every ``checkpoint_every`` steps and at the end, and
+    without one every ``report_every`` steps (0: never). Every worker calls it (it is collective)."""
+    import ray.train
+
+    want_checkpoint = final or step % settings.checkpoint_every == 0
+    if not want_checkpoint and (not settings.report_every or step % settings.report_every):
+        return
+    if not want_checkpoint:
+        ray.train.report(metrics)
+        return
+    cache_state = gather_cache_state(worker.cache) if worker.step_cfg.estimator == "jsa" else None
+    if worker.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="raggen-ckpt-") as tmp:
+        save_checkpoint(worker, tmp, step, epoch, cache_state, settings.metrics_path)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _dev_examples(settings: LoopSettings) -> list[Any] | None:
+    if not settings.dev_file:
+        return None
+    from raggen.corpus.qa import read_qa
+
+    return read_qa(settings.dev_file)[: settings.eval_examples]
+
+
+def _evaluate(worker: Worker, dev: list[Any], step: int, writer: MetricsWriter) -> dict[str, float]:
+    """Rank 0 scores the dev subset with the current models (the other workers wait at the next
+    all-reduce); the numbers go to the JSONL as an ``eval`` event and into the report."""
+    from raggen.train.evaluate import evaluate_rag
+
+    worker.train_mode(False)
+    cfg = worker.step_cfg
+    gumbel = cfg.estimator == "gumbel-rerank"
+    with torch.no_grad(), _autocast(worker.device):
+        scores = evaluate_rag(
+            dev, query_encoder=worker.models["query_encoder"], generator=worker.models["generator"],
+            index=worker.index, top_k=cfg.gumbel_k if gumbel else cfg.top_k, decoding=worker.settings.eval_decoding,
+            reranker=worker.models.get("reranker"), rerank_candidates=cfg.gumbel_candidates if gumbel else None,
+        )
+    out = {f"eval_{k}": float(v) for k, v in scores.items()}
+    writer.write({"event": "eval", "step": step, **out, "time": time.time()})
+    return out

@@ -1,0 +1,245 @@
+"""Ray Train wiring: the config -> a plain ``train_loop_config`` dict -> ``TorchTrainer.fit()``.
+
+Runs are named: ``RunConfig(name, storage_path)`` puts checkpoints under
+``storage_path/name/``; starting a run again with the same name and storage path resumes from
+its latest checkpoint (Ray Train V2 restores its checkpoint manager from the run folder and
+``ray.train.get_checkpoint()`` returns the latest one). Worker failures restart the worker group
+from the latest checkpoint up to ``max_failures`` times. S3 storage goes through a pyarrow
+filesystem (``RunConfig(storage_filesystem=...)``) so a custom endpoint works.
+
+After ``fit`` the latest checkpoint is exported to ``storage_path/name/final`` (what Serve's
+``model_dir`` and ``raggen eval --checkpoint`` read).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raggen.errors import ConfigError
+from raggen.train.checkpointing import STATE_FILE, copy_checkpoint
+from raggen.train.metrics import METRICS_FILE
+
+if TYPE_CHECKING:  # the config only types the builder's input; no module below imports it at run time
+    from raggen.config import ModelSection, RaggenConfig, S3Config, TrainSection
+
+log = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config -> plain dict
+# ---------------------------------------------------------------------------------------------
+
+
+def s3_options(s3: "S3Config | None") -> dict[str, Any] | None:
+    """The config's S3 section as ``raggen.storage.S3Options`` fields (None when all unset)."""
+    if s3 is None:
+        return None
+    opts = {"endpoint_url": s3.endpoint_url, "region_name": s3.region, "max_attempts": s3.max_attempts}
+    return opts if (s3.endpoint_url or s3.region) else None
+
+
+def _encoder_spec(section) -> dict[str, Any] | None:
+    if section is None:
+        return None
+    spec = {"name_or_path": section.name_or_path, "pooling": section.pooling, "max_length": section.max_length}
+    if getattr(section, "normalize", None) is not None:
+        spec["normalize"] = bool(section.normalize)
+    return spec
+
+
+def model_spec(model: "ModelSection") -> dict[str, Any]:
+    return {
+        "query_encoder": _encoder_spec(model.query_encoder),
+        "posterior_encoder": _encoder_spec(model.posterior_encoder),
+        "generator": model.generator,
+        "reranker": model.reranker,
+        "max_source_length": model.max_source_length,
+        "max_target_length": model.max_target_length,
+    }
+
+
+def step_spec(train: "TrainSection") -> dict[str, Any]:
+    """``raggen.train.step.StepSettings`` fields. The JSA temperature also scales VRAG's p and q,
+    so the two posterior-retriever estimators are compared at the same temperature."""
+    gumbel = train.estimator == "gumbel-rerank"
+    return {
+        "estimator": train.estimator,
+        "top_k": train.top_k,
+        "retriever_temperature": train.jsa.retriever_temperature,
+        "num_proposals": train.jsa.num_proposals,
+        "length_normalize": train.jsa.length_normalize,
+        "train_generator": train.gumbel.train_reader if gumbel else train.train_generator,
+        "vrag_beta": train.vrag_beta,
+        "pdist_temperature": train.pdist_temperature,
+        "gumbel_k": train.gumbel.k,
+        "gumbel_tau": train.gumbel.tau,
+        "gumbel_method": train.gumbel.method,
+        "gumbel_candidates": train.gumbel.candidates,
+    }
+
+
+def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_gpu: bool = False) -> dict[str, Any]:
+    """Everything ``raggen.train.loop.train_func`` reads, as plain JSON-able values."""
+    t = cfg.train
+    if t.train_passage_encoder or t.refresh_index_every:
+        raise ConfigError(
+            "train.refresh_index_every / train.train_passage_encoder: training the passage encoder with a "
+            "scheduled index refresh is not implemented yet; keep the passage encoder frozen (the RAG recipe)"
+        )
+    return {
+        "steps": t.steps,
+        "batch_size": t.batch_size,
+        "lr": t.lr,
+        "retriever_lr": t.retriever_lr,
+        "weight_decay": t.weight_decay,
+        "grad_clip": t.grad_clip,
+        "seed": t.seed,
+        "checkpoint_every": t.checkpoint_every,
+        "eval_every": t.eval_every,
+        "eval_examples": t.eval_examples,
+        "dev_file": t.dev_file if t.eval_every else None,
+        "metrics_path": metrics_path,
+        "use_gpu": use_gpu,
+        "num_threads": max(1, int(t.cpus_per_worker)),
+        "jsa_restart_chains": t.jsa.restart_chains,
+        "step": step_spec(t),
+        "models": model_spec(cfg.model),
+        "index": {"uri": t.index, "version": None, "use_actors": False, "s3": s3_options(t.s3)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, storage, trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def qa_items(path: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """QA examples as Ray Data rows; answer lists are JSON strings so ragged lists stay one column."""
+    from raggen.corpus.qa import read_qa
+
+    if not os.path.exists(path):
+        raise ConfigError(f"train.train_file: {path}: no such file (run `raggen world` or point it at a QA file)")
+    examples = read_qa(path)[:limit] if limit else read_qa(path)
+    return [
+        {"id": ex.id, "question": ex.question, "answers": json.dumps(ex.answers), "gold": json.dumps(ex.gold_passage_ids)}
+        for ex in examples
+    ]
+
+
+def storage_target(storage_path: str, s3: dict[str, Any] | None = None):
+    """(path, filesystem) for RunConfig: a local folder made absolute, or ``bucket/prefix`` plus a
+    pyarrow S3 filesystem carrying the endpoint/region/credentials."""
+    if storage_path.startswith("s3://"):
+        from raggen.storage import pyarrow_s3_filesystem
+
+        return storage_path[len("s3://"):].rstrip("/"), pyarrow_s3_filesystem(s3)
+    return os.path.abspath(os.path.expanduser(storage_path)), None
+
+
+def local_metrics_path(storage_path: str, name: str) -> str:
+    """Rank 0's JSONL: inside the run folder for local storage, else a local scratch folder (the
+    file is also copied into every checkpoint, so it reaches S3 with them)."""
+    if storage_path.startswith("s3://"):
+        where = storage_path[len("s3://"):].strip("/")
+        return os.path.join(tempfile.gettempdir(), "raggen-runs", where, name, METRICS_FILE)
+    return os.path.join(os.path.abspath(os.path.expanduser(storage_path)), name, METRICS_FILE)
+
+
+def make_trainer(
+    loop_config: dict[str, Any],
+    items: list[dict[str, Any]],
+    *,
+    name: str,
+    storage_path: str,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    max_failures: int = 0,
+    num_to_keep: int | None = 2,
+    s3: dict[str, Any] | None = None,
+):
+    """A TorchTrainer running ``train_func`` on ``num_workers`` workers over ``items``."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raggen.train.loop import train_func
+
+    if not items:
+        raise ConfigError("train.train_file: no training examples")
+    if len(items) < num_workers:
+        raise ConfigError(f"train.num_workers: {num_workers} workers but only {len(items)} training examples")
+    path, filesystem = storage_target(storage_path, s3)
+    run_config = RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=filesystem,
+        failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+    )
+    return TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=run_config,
+        datasets={"train": ray.data.from_items(items)},
+    )
+
+
+def export_final(checkpoint, storage_path: str, name: str, s3: dict[str, Any] | None = None) -> str:
+    """Copy the run's latest checkpoint to ``storage_path/name/final``; the state file goes last,
+    so a reader never sees a partial export as complete."""
+    dst = f"{storage_path.rstrip('/')}/{name}/{FINAL_DIR}"
+    with checkpoint.as_directory() as src:
+        if not dst.startswith("s3://"):
+            copy_checkpoint(src, os.path.abspath(os.path.expanduser(dst)))
+            return os.path.abspath(os.path.expanduser(dst))
+        from raggen.storage import open_store
+
+        store = open_store(dst, s3)
+        names = sorted(p.relative_to(src).as_posix() for p in Path(src).rglob("*") if p.is_file())
+        for rel in [n for n in names if n != STATE_FILE] + [STATE_FILE]:
+            store.upload_file(Path(src, rel), rel)
+    return dst
+
+
+def _resolve_use_gpu(use_gpu: bool | None) -> bool:
+    if use_gpu is not None:
+        return use_gpu
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def run_training(cfg: "RaggenConfig", extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train as the config says (starting Ray if needed); returns a JSON-able summary."""
+    from raggen.ray_utils import ensure_ray
+
+    t = cfg.train
+    s3 = s3_options(t.s3)
+    metrics_path = local_metrics_path(t.storage_path, t.name)
+    loop_config = {**train_loop_config(cfg, metrics_path=metrics_path), **(extra_loop_config or {})}
+    items = qa_items(t.train_file)  # config and data errors surface before Ray starts
+    ensure_ray()
+    use_gpu = loop_config["use_gpu"] = _resolve_use_gpu(t.use_gpu)
+    trainer = make_trainer(
+        loop_config, items, name=t.name, storage_path=t.storage_path,
+        num_workers=t.num_workers, use_gpu=use_gpu, cpus_per_worker=t.cpus_per_worker,
+        max_failures=t.max_failures, s3=s3,
+    )
+    result = trainer.fit()
+    final = export_final(result.checkpoint, t.storage_path, t.name, s3) if result.checkpoint else None
+    return {
+        "name": t.name,
+        "run_dir": f"{t.storage_path.rstrip('/')}/{t.name}",
+        "final": final,
+        "metrics_jsonl": metrics_path,
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
+    }

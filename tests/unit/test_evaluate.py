@@ -1,0 +1,332 @@
+"""Evaluation metrics (EM/F1/recall), the metrics JSONL + plot, checkpoint folders, and the pure
+helpers of the training step (candidate union, visited columns, batch schedule)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from raggen.errors import DataError
+from raggen.train.checkpointing import read_checkpoint, write_checkpoint
+from raggen.train.evaluate import (
+    answer_hits,
+    dpr_tokens,
+    exact_match,
+    f1_score,
+    gold_hits,
+    has_answer,
+    normalize_answer,
+    recall_at_k,
+)
+from raggen.train.metrics import MetricsWriter, plot_metrics, read_metrics
+
+# ----------------------------------------------------------------------------------- EM / F1
+
+
+def test_normalize_answer_drops_case_punctuation_articles_and_spaces():
+    assert normalize_answer("  The  Eiffel-Tower!! ") == "eiffeltower"
+    assert normalize_answer("An apple, a day") == "apple day"
+    # articles only as whole words: "theory" keeps its "the"
+    assert normalize_answer("theory of the anthem") == "theory of anthem"
+
+
+def test_exact_match_takes_the_best_reference():
+    assert exact_match("the Beatles", ["Rolling Stones", "Beatles"]) == 1.0
+    assert exact_match("Beatles band", ["Beatles"]) == 0.0
+
+
+def _reference_f1(pred: str, gold: str) -> float:
+    """F1 from the definition: multiset overlap of normalised tokens."""
+    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    overlap = sum(min(p.count(t), g.count(t)) for t in set(p))
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(p), overlap / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+@pytest.mark.parametrize(
+    "pred,answers",
+    [
+        ("the cat sat", ["cat sat on the mat"]),
+        ("cat cat dog", ["cat dog dog", "bird"]),
+        ("Paris, France", ["paris", "France"]),
+        ("nothing shared", ["entirely different"]),
+    ],
+)
+def test_f1_matches_the_definition(pred, answers):
+    assert f1_score(pred, answers) == pytest.approx(max(_reference_f1(pred, a) for a in answers))
+
+
+def test_f1_and_em_of_empty_prediction():
+    assert f1_score("", ["x"]) == 0.0
+    assert f1_score("the", ["a"]) == 1.0  # both normalise to empty: SQuAD 2.0 counts a match
+    assert exact_match("", ["a"]) == 1.0
+
+
+def test_answers_must_be_a_nonempty_list():
+    with pytest.raises(ValueError, match="answers"):
+        exact_match("x", [])
+    with pytest.raises(ValueError, match="answers"):
+        f1_score("x", "x")
+
+
+# ----------------------------------------------------------------------------------- recall
+
+
+def test_has_answer_matches_whole_tokens_only():
+    passage = "The category of cats includes the lion (Panthera leo)."
+    assert has_answer(passage, ["lion"])
+    assert has_answer(passage, ["panthera LEO"])
+    assert not has_answer(passage, ["cat"])  # only "cats" and "category" are there
+    assert has_answer("born in 1879 .", ["1879"])
+    assert not has_answer("born in 18790", ["1879"])
+
+
+def test_has_answer_is_unicode_normalised():
+    composed, decomposed = "caf\u00e9 society", "cafe\u0301"
+    assert has_answer(composed, [decomposed])
+    assert dpr_tokens("Hello, World") == ["hello", ",", "world"]
+
+
+def test_recall_at_k_against_enumeration():
+    rng = random.Random(0)
+    hits = [[rng.random() < 0.2 for _ in range(6)] for _ in range(40)]
+    got = recall_at_k(hits, [1, 3, 6, 10])
+    for k in (1, 3, 6, 10):
+        expected = sum(1 for row in hits if True in row[:k]) / len(hits)
+        assert got[k] == pytest.approx(expected)
+    assert got[1] <= got[3] <= got[6] == got[10]
+
+
+def test_answer_and_gold_hits():
+    passages = [["a red fox", "blue sky"], ["green grass", "yellow sun"]]
+    assert answer_hits(passages, [["sky"], ["moon"]]) == [[False, True], [False, False]]
+    assert gold_hits([["1", "7"], [3, 4]], [["7"], ["4", "9"]]) == [[False, True], [False, True]]
+    with pytest.raises(ValueError, match="rows"):
+        answer_hits(passages, [["x"]])
+    with pytest.raises(ValueError, match="k >= 1"):
+        recall_at_k([[True]], [0])
+
+
+# ----------------------------------------------------------------------------------- metrics JSONL
+
+
+def test_metrics_jsonl_keeps_the_last_line_per_step_and_plots(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsWriter(path) as w:
+        for step in (1, 2, 3):
+            w.write({"step": step, "loss": 3.0 - step, "grad_norm": torch.tensor(0.5), "lr": 1e-3})
+        w.write({"event": "restored", "step": 2})
+        w.write({"step": 3, "loss": 9.0, "acceptance_rate": float("nan")})  # a replayed step
+    path.write_text(path.read_text() + '{"step": 4, "lo')  # a torn last line
+    steps, events = read_metrics(path)
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert steps[-1]["loss"] == 9.0 and steps[-1]["acceptance_rate"] is None
+    assert steps[0]["grad_norm"] == 0.5
+    assert events == [{"event": "restored", "step": 2}]
+    png = plot_metrics(tmp_path)
+    with open(png, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_writer_disabled_writes_nothing(tmp_path):
+    MetricsWriter(tmp_path / "m.jsonl", enabled=False).write({"step": 1})
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_bad_metrics_file_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(DataError, match="row 2"):
+        read_metrics(path)
+    with pytest.raises(DataError, match="no metrics file"):
+        plot_metrics(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+class _Saved:
+    """Anything with save_pretrained: writes one file so the folder can be checked."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def save_pretrained(self, path: str) -> None:
+        import os
+
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "tag.txt"), "w") as fh:
+            fh.write(self.tag)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    cache = {"version": 1, "restart_chains": False, "states": {"q1": "p7", "q2": 3}}
+    write_checkpoint(tmp_path / "c", models={"generator": _Saved("g"), "query_encoder": _Saved("q")},
+                     step=12, epoch=1, optimizer=opt, jsa_cache_state=cache, extra={"estimator": "jsa"})
+    state = read_checkpoint(tmp_path / "c")
+    assert state.step == 12 and state.epoch == 1 and state.extra["estimator"] == "jsa"
+    assert sorted(state.model_dirs) == ["generator", "query_encoder"]
+    assert (tmp_path / "c" / "generator" / "tag.txt").read_text() == "g"
+    assert state.jsa_cache_state == cache
+    opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    opt2.load_state_dict(state.optimizer_state)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path):
+    (tmp_path / "c").mkdir()
+    with pytest.raises(DataError, match="not a complete"):
+        read_checkpoint(tmp_path / "c")
+    write_checkpoint(tmp_path / "d", models={}, step=1)
+    with pytest.raises(ValueError, match="already holds"):
+        write_checkpoint(tmp_path / "d", models={}, step=2)
+    with pytest.raises(ValueError, match="unknown names"):
+        write_checkpoint(tmp_path / "e", models={"decoder": _Saved("x")}, step=1)
+
+
+# ----------------------------------------------------------------------------------- step helpers
+
+
+def _retrieved(ids, dim=3):
+    from raggen.train.step import Retrieved
+
+    emb = torch.tensor([[[float(hash((i, p)) % 97)] * dim for p in row] for i, row in enumerate(ids)])
+    return Retrieved([list(r) for r in ids], [[f"text {p}" for p in row] for row in ids], emb)
+
+
+def test_candidate_union_dedupes_keeps_order_and_pads():
+    from raggen.train.step import candidate_union
+
+    prior = _retrieved([[1, 2, 3], [4, 5, 6]])
+    post = _retrieved([[3, 9, 1], [4, 5, 6]])
+    u = candidate_union(prior, post)
+    assert u.ids == [[1, 2, 3, 9], [4, 5, 6, None]]
+    assert u.valid.tolist() == [[True, True, True, True], [True, True, True, False]]
+    assert u.passages[0] == ["text 1", "text 2", "text 3", "text 9"]
+    assert u.passages[1][3] == "text 4"  # padding repeats a real passage
+    assert torch.equal(u.embeddings[0, 3], post.embeddings[0, 1])  # 9's vector came from the posterior
+    assert torch.equal(u.embeddings[0, 2], prior.embeddings[0, 2])
+
+
+def test_visited_columns_are_distinct_and_cover_the_visits():
+    from raggen.train.step import _visited_columns
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        c = int(torch.randint(2, 8, (1,), generator=gen))
+        states = torch.randint(0, c, (4, 5), generator=gen)
+        cols = _visited_columns(states, c)
+        m = max(len(set(row)) for row in states.tolist())
+        assert cols.shape == (4, m)
+        for row_states, row_cols in zip(states.tolist(), cols.tolist()):
+            assert len(set(row_cols)) == len(row_cols)  # no repeats: a scatter routes each grad once
+            assert set(row_states) <= set(row_cols)
+
+
+def test_batch_schedule_is_a_pure_function_of_the_step():
+    from raggen.train.loop import BatchSchedule
+
+    rows = [{"id": str(i), "question": f"q{i}", "answers": [f"a{i}"]} for i in range(7)]
+    a, b = BatchSchedule(rows, 3, seed=5), BatchSchedule(rows, 3, seed=5)
+    seq_a = [a.batch(s).ids for s in range(6)]
+    seq_b = [b.batch(s).ids for s in reversed(range(6))][::-1]  # another order of calls
+    assert seq_a == seq_b
+    flat = list(itertools.chain.from_iterable(seq_a))
+    assert sorted(flat[:7]) == sorted(r["id"] for r in rows)  # each epoch is a permutation
+    assert sorted(flat[7:14]) == sorted(r["id"] for r in rows)
+    assert a.batch(0).targets == [f"a{i}" for i in map(int, a.batch(0).ids)]
+
+
+def test_example_rows_decode_json_answers_and_sort():
+    from raggen.train.loop import example_rows
+
+    rows = example_rows([{"id": "b", "question": "q", "answers": json.dumps(["x", "y"])},
+                         {"id": "a", "question": "p", "answers": ["z"]}])
+    assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["answers"] == ["x", "y"]
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_rag(tmp_path_factory):
+    """A tiny encoder + reader and a published 2-shard index over a 30-entity world."""
+    import numpy as np
+
+    from raggen.corpus.world import WorldConfig, build_world
+    from raggen.index import build_shard_index, make_manifest, open_index, passages_table, publish_version, write_parquet_atomic
+    from raggen.index.shard import write_index_file
+    from raggen.models import Generator, TextEncoder, make_tiny_encoder, make_tiny_generator, passage_text
+
+    root = tmp_path_factory.mktemp("eval")
+    world = build_world(WorldConfig(num_entities=30, seed=0))
+    enc = TextEncoder.from_pretrained(make_tiny_encoder(str(root / "enc")), max_length=64)
+    gen = Generator.from_pretrained(make_tiny_generator(str(root / "gen")), max_source_length=96, max_target_length=6)
+    psg = world.passages_v1
+    xb = enc.encode([passage_text(t, x) for t, x in zip(psg["title"], psg["text"])]).numpy()
+    files = []
+    for shard in range(2):
+        rows = np.arange(shard, len(psg), 2)
+        ipath, ppath = root / f"s{shard}.faiss", root / f"s{shard}.parquet"
+        write_index_file(build_shard_index(xb[rows], rows.astype(np.int64)), ipath)
+        sub = psg.iloc[rows]
+        write_parquet_atomic(passages_table(rows, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows]), ppath)
+        files.append((ipath, ppath, len(rows)))
+    manifest = make_manifest("v1", encoder_name_or_path=str(root / "enc"), pooling="mean", dim=xb.shape[1],
+                             metric="ip", faiss_factory="Flat", shard_files=files)
+    publish_version(str(root / "index"), manifest, root)
+    enc.eval()
+    gen.eval()
+    return {"enc": enc, "gen": gen, "index": open_index(str(root / "index")), "xb": xb, "passages": psg, "world": world}
+
+
+def test_decodings_agree_when_there_is_one_passage(tiny_rag):
+    from raggen.train.evaluate import generate_answers
+
+    questions = [ex.question for ex in tiny_rag["world"].test[:3]]
+    passages = [[t] for t in tiny_rag["passages"]["text"][:3]]
+    doc_lp = torch.zeros(3, 1)
+    outs = {d: generate_answers(tiny_rag["gen"], questions, passages, doc_lp, decoding=d)
+            for d in ("rag-token", "rag-sequence-fast", "rag-sequence-thorough")}
+    outs["fid"] = generate_answers(tiny_rag["gen"], questions, passages, doc_lp, fid=True)
+    assert len({tuple(v) for v in outs.values()}) == 1, outs
+    with pytest.raises(ValueError, match="decoding"):
+        generate_answers(tiny_rag["gen"], questions, passages, doc_lp, decoding="beam")
+
+
+def test_evaluate_rag_recall_matches_exact_search_and_em_scores_the_answers(tiny_rag):
+    import numpy as np
+
+    from raggen.corpus.qa import QAExample
+    from raggen.train.evaluate import evaluate_rag, generate_answers, retrieve_for_eval
+
+    examples = tiny_rag["world"].test[:6]
+    enc, gen, index, psg = tiny_rag["enc"], tiny_rag["gen"], tiny_rag["index"], tiny_rag["passages"]
+    got = evaluate_rag(examples, query_encoder=enc, generator=gen, index=index, top_k=3, ks=(1, 5), batch_size=4)
+
+    xq = enc.encode([ex.question for ex in examples]).numpy()
+    order = np.argsort(-(xq @ tiny_rag["xb"].T), axis=1, kind="stable")  # exact search over every passage
+    for k in (1, 5):
+        answer = np.mean([any(has_answer(psg["text"].iloc[j], ex.answers) for j in row[:k]) for row, ex in zip(order, examples)])
+        gold = np.mean([any(psg["id"].iloc[j] in ex.gold_passage_ids for j in row[:k]) for row, ex in zip(order, examples)])
+        assert got[f"recall@{k}"] == pytest.approx(answer)
+        assert got[f"gold_recall@{k}"] == pytest.approx(gold)
+
+    # answers set to the reader's own outputs on the same top-3 must score EM = F1 = 1
+    top = retrieve_for_eval(enc, index, [ex.question for ex in examples], 5)
+    preds = generate_answers(gen, [ex.question for ex in examples], [p[:3] for p in top.passages],
+                             torch.log_softmax(top.scores[:, :3], -1))
+    own = [QAExample(ex.id, ex.question, [p, "something else"], ex.gold_passage_ids) for ex, p in zip(examples, preds)]
+    scored = evaluate_rag(own, query_encoder=enc, generator=gen, index=index, top_k=3, ks=(1, 5), batch_size=4)
+    assert scored["em"] == 1.0 and scored["f1"] == 1.0
+    assert scored["num_examples"] == len(examples)
