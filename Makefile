@@ -34,7 +34,7 @@ test-integration: venv
 
 bench: venv
 	$(BIN)/python benchmarks/estimators.py
-	$(BIN)/python benchmarks/index.py --small
+	$(BIN)/python benchmarks/index.py --n 100000 --queries 200
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/serve.py
 
