@@ -65,10 +65,12 @@ def cmd_index_search(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     enc = cfg.index.encoder
-    results = search_index(args.uri, [args.question], k=args.k, encoder_name_or_path=enc.name_or_path,
-                           pooling=enc.pooling, max_length=enc.max_length, s3_options=cfg.index.s3.storage_options())
-    for rank, hit in enumerate(results[0], 1):
-        print(f"{rank:>2}. [{hit['score']:.3f}] {hit['id']} {hit['title']}: {hit['text'][:120]}")
+    result = search_index(args.uri, [args.question], k=args.k, encoder_name_or_path=enc.name_or_path,
+                          pooling=enc.pooling, max_length=enc.max_length, s3_options=cfg.index.s3.storage_options())
+    for rank, (pid, score, title, text) in enumerate(
+        zip(result.ids[0], result.scores[0], result.titles[0], result.texts[0]), 1
+    ):
+        print(f"{rank:>2}. [{score:.3f}] {pid} {title}: {text[:120]}")
 
 
 def cmd_index_verify(args: argparse.Namespace) -> None:
