@@ -9,14 +9,14 @@ import logging
 import sys
 from typing import Callable
 
-from raggen.config import RaggenConfig, load_config
+from raggen.config import RaggenConfig, load_config, with_absolute_paths
 from raggen.errors import RaggenError
 
 log = logging.getLogger("raggen")
 
 
 def _config(args: argparse.Namespace) -> RaggenConfig:
-    return load_config(getattr(args, "config", None), getattr(args, "set", None) or [])
+    return with_absolute_paths(load_config(getattr(args, "config", None), getattr(args, "set", None) or []))
 
 
 def cmd_world(args: argparse.Namespace) -> None:

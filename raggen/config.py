@@ -7,6 +7,7 @@ Builders turn these fields into plain keyword arguments; library modules never i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -242,3 +243,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return RaggenConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(source, e)) from None
+
+
+def _absolute(path: str | None, must_exist: bool) -> str | None:
+    if not path or "://" in path or os.path.isabs(path):
+        return path
+    if must_exist and not os.path.exists(path):
+        return path  # a hub id such as facebook/bart-large
+    return os.path.abspath(path)
+
+
+def with_absolute_paths(cfg: RaggenConfig) -> RaggenConfig:
+    """Relative local paths made absolute against the caller's cwd.
+
+    Ray Train workers and Serve replicas run in other working directories, so a path such as
+    ``raggen/assets/reader`` must be resolved where the user typed it. Model fields stay as they
+    are unless a local folder of that name exists (otherwise they are hub ids).
+    """
+    c = cfg.model_copy(deep=True)
+    c.world.out_dir = _absolute(c.world.out_dir, False)
+    c.index.passages, c.index.output = _absolute(c.index.passages, False), _absolute(c.index.output, False)
+    for enc in (c.index.encoder, c.model.query_encoder, c.model.posterior_encoder):
+        if enc is not None:
+            enc.name_or_path = _absolute(enc.name_or_path, True)
+    c.model.generator = _absolute(c.model.generator, True)
+    c.model.reranker = _absolute(c.model.reranker, True)
+    t = c.train
+    t.storage_path, t.index = _absolute(t.storage_path, False), _absolute(t.index, False)
+    t.train_file, t.dev_file = _absolute(t.train_file, False), _absolute(t.dev_file, False)
+    c.serve.index, c.serve.model_dir = _absolute(c.serve.index, False), _absolute(c.serve.model_dir, True)
+    return c

@@ -73,3 +73,17 @@ def test_cli_prints_one_line_and_exits_2():
     assert proc.stderr.strip().splitlines() == [
         "raggen: error: <defaults>: world.num_entities: Input should be greater than or equal to 10 (got 3)"
     ]
+
+
+def test_relative_paths_become_absolute_but_hub_ids_stay(tmp_path, monkeypatch):
+    from raggen.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reader").mkdir()
+    cfg = with_absolute_paths(load_config(overrides=["model.generator=reader", "model.reranker=org/some-reranker",
+                                                     "train.index=s3://bucket/index"]))
+    assert cfg.model.generator == str(tmp_path / "reader")
+    assert cfg.model.reranker == "org/some-reranker"
+    assert cfg.train.index == "s3://bucket/index"
+    assert cfg.train.storage_path == str(tmp_path / "runs")
+    assert cfg.model.query_encoder.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
