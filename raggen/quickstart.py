@@ -46,7 +46,7 @@ def comparison_table(before: dict, after: dict) -> str:
     return "\n".join(rows)
 
 
-def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float]) -> dict:
+def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2: str) -> dict:
     """Serve v1, ask about a fact that v2 changes, publish v2, swap, ask again."""
     from raggen.cli import index_build_kwargs
     from raggen.corpus.world import read_changed_facts
@@ -62,10 +62,10 @@ def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float]) -> 
     print(f"Q: {fact.question}\n  v1 fact: {fact.answers_v1}  answer: {before['answer']!r}  "
           f"top passage: {before['passages'][0]['text'][:120]}...  (index {before['index_version']})")
     with stage("index v2 (changed facts) built and published", timings):
-        kwargs = {**index_build_kwargs(cfg), "passages_uri": str(world_files.passages_v2), "version": "v2"}
+        kwargs = {**index_build_kwargs(cfg), "passages_uri": str(world_files.passages_v2), "version": v2}
         build_index(**kwargs)
     with stage("hot-swap to v2 (reconfigure, no restart)", timings):
-        info = swap_index_from_config(cfg, version="v2")
+        info = swap_index_from_config(cfg, version=v2)
         after = ask(url, fact.question, top_k=3)
     print(f"  v2 fact: {fact.answers_v2}  answer: {after['answer']!r}  "
           f"top passage: {after['passages'][0]['text'][:120]}...  (index {after['index_version']})")
@@ -92,8 +92,10 @@ def run_quickstart(cfg: RaggenConfig) -> dict:
     with stage("world", timings):
         files = write_world(w.out_dir, WorldConfig(num_entities=w.num_entities, seed=w.seed, changed_fraction=w.changed_fraction))
     ensure_ray()
+    run_id = time.strftime("%Y%m%d-%H%M%S")  # published versions are immutable: a rerun adds new ones
+    v1, v2 = f"v1-{run_id}", f"v2-{run_id}"
     with stage("index v1 (Ray Data -> FAISS shards -> publish)", timings):
-        manifest = build_index(**{**index_build_kwargs(cfg), "passages_uri": str(files.passages_v1), "version": "v1"})
+        manifest = build_index(**{**index_build_kwargs(cfg), "passages_uri": str(files.passages_v1), "version": v1})
     print(f"index {manifest.version}: {manifest.num_passages} passages, {len(manifest.shards)} shards")
     with stage("eval before training", timings):
         before = evaluate_from_config(cfg, split="test")
@@ -105,7 +107,7 @@ def run_quickstart(cfg: RaggenConfig) -> dict:
     plot = plot_metrics(run_dir, os.path.join(run_dir, "metrics.png"))
     print(f"\nplot: {plot}\n\n{comparison_table(before, after)}")
     cfg.serve.model_dir = result["final"]
-    swap = hot_swap_demo(cfg, files, timings)
+    swap = hot_swap_demo(cfg, files, timings, v2)
     summary = {"before": before, "after": after, "plot": plot, "hot_swap": swap, "timings_s": timings,
                "total_minutes": (time.time() - start) / 60}
     Path(run_dir, "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
