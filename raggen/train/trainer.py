@@ -39,10 +39,7 @@ FINAL_DIR = "final"
 
 def s3_options(s3: "S3Config | None") -> dict[str, Any] | None:
     """The config's S3 section as ``raggen.storage.S3Options`` fields (None when all unset)."""
-    if s3 is None:
-        return None
-    opts = {"endpoint_url": s3.endpoint_url, "region_name": s3.region, "max_attempts": s3.max_attempts}
-    return opts if (s3.endpoint_url or s3.region) else None
+    return s3.storage_options() if s3 is not None else None
 
 
 def _encoder_spec(section) -> dict[str, Any] | None:
