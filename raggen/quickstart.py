@@ -46,11 +46,24 @@ def comparison_table(before: dict, after: dict) -> str:
     return "\n".join(rows)
 
 
-def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2: str) -> dict:
-    """Serve v1, ask about a fact that v2 changes, publish v2, swap, ask again."""
+def build_v2_unpublished(cfg: RaggenConfig, world_files, v1: str, v2: str) -> None:
+    """Upload index v2 (the changed facts) but keep LATEST on v1: a staged release.
+
+    Built before Serve starts because on 2 cores Ray Data's read tasks (1 CPU each) cannot get a
+    CPU beside the encoder actor and the Serve replicas.
+    """
     from raggen.cli import index_build_kwargs
+    from raggen.index import build_index, set_latest
+
+    kwargs = index_build_kwargs(cfg)
+    build_index(**{**kwargs, "passages_uri": str(world_files.passages_v2), "version": v2})
+    set_latest(cfg.index.output, v1, s3_options=kwargs["s3_options"])
+
+
+def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2: str) -> dict:
+    """Serve v1, ask about a fact that v2 changes, move LATEST to v2, swap, ask again."""
     from raggen.corpus.world import read_changed_facts
-    from raggen.index import build_index
+    from raggen.index import set_latest
     from raggen.serve.app import serve_from_config, swap_index_from_config
     from raggen.serve.client import ask
 
@@ -61,15 +74,14 @@ def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2:
         before = ask(url, fact.question, top_k=3)
     print(f"Q: {fact.question}\n  v1 fact: {fact.answers_v1}  answer: {before['answer']!r}  "
           f"top passage: {before['passages'][0]['text'][:120]}...  (index {before['index_version']})")
-    with stage("index v2 (changed facts) built and published", timings):
-        kwargs = {**index_build_kwargs(cfg), "passages_uri": str(world_files.passages_v2), "version": v2}
-        build_index(**kwargs)
-    with stage("hot-swap to v2 (reconfigure, no restart)", timings):
+    with stage("publish v2 (LATEST -> v2) and hot-swap (reconfigure, no restart)", timings):
+        set_latest(cfg.index.output, v2, s3_options=cfg.index.s3.storage_options())
         info = swap_index_from_config(cfg, version=v2)
         after = ask(url, fact.question, top_k=3)
     print(f"  v2 fact: {fact.answers_v2}  answer: {after['answer']!r}  "
           f"top passage: {after['passages'][0]['text'][:120]}...  (index {after['index_version']})")
     evidence_v2 = any(fact.answers_v2[0].lower() in p["text"].lower() for p in after["passages"])
+    print(f"  v2 fact in the retrieved evidence: {evidence_v2}")
     return {"url": url, "question": fact.question, "answers_v1": fact.answers_v1, "answers_v2": fact.answers_v2,
             "answer_v1_index": before["answer"], "answer_v2_index": after["answer"],
             "index_versions": [before["index_version"], after["index_version"]], "live": info.get("version"),
@@ -97,6 +109,8 @@ def run_quickstart(cfg: RaggenConfig) -> dict:
     with stage("index v1 (Ray Data -> FAISS shards -> publish)", timings):
         manifest = build_index(**{**index_build_kwargs(cfg), "passages_uri": str(files.passages_v1), "version": v1})
     print(f"index {manifest.version}: {manifest.num_passages} passages, {len(manifest.shards)} shards")
+    with stage("index v2 (changed facts) uploaded, LATEST kept on v1", timings):
+        build_v2_unpublished(cfg, files, v1, v2)
     with stage("eval before training", timings):
         before = evaluate_from_config(cfg, split="test")
     with stage(f"train {cfg.train.estimator} on Ray Train ({cfg.train.steps} steps)", timings):
