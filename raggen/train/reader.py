@@ -22,17 +22,12 @@ from raggen.corpus.world import reader_examples
 from raggen.devices import pick_device
 from raggen.models.generator import Generator
 from raggen.models.tiny import make_tiny_generator
+from raggen.train.evaluate import normalize_answer
 
 log = logging.getLogger(__name__)
 
 # A ~8M-parameter BART (two thirds of it the 30522 x 192 embedding); sized so 2 CPU cores pre-train it.
 READER_DIMS = {"d_model": 192, "layers": 2, "heads": 4, "ffn": 768}
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, no punctuation, single spaces (the SQuAD normalisation minus articles)."""
-    kept = "".join(c for c in text.lower() if c.isalnum() or c.isspace())
-    return " ".join(kept.split())
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
