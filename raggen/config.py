@@ -45,7 +45,7 @@ class WorldSection(_Strict):
     """The embedded generated knowledge base (raggen/corpus/world.py)."""
 
     out_dir: str = "artifacts/world"
-    num_entities: int = Field(2000, ge=10)
+    num_entities: int = Field(2000, ge=50)  # fewer leaves the name pools too small to draw distinct towns
     seed: int = 0
     changed_fraction: float = Field(0.1, ge=0.0, le=1.0)
 

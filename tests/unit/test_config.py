@@ -71,7 +71,7 @@ def test_cli_prints_one_line_and_exits_2():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "raggen: error: <defaults>: world.num_entities: Input should be greater than or equal to 10 (got 3)"
+        "raggen: error: <defaults>: world.num_entities: Input should be greater than or equal to 50 (got 3)"
     ]
 
 
