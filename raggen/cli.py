@@ -29,25 +29,7 @@ def cmd_world(args: argparse.Namespace) -> None:
 
 def index_build_kwargs(cfg: RaggenConfig) -> dict:
     """The config's index section as the plain keyword arguments of ``raggen.index.build_index``."""
-    ix = cfg.index
-    return dict(
-        passages_uri=ix.passages,
-        output_uri=ix.output,
-        passages_format=ix.format,
-        encoder_name_or_path=ix.encoder.name_or_path,
-        pooling=ix.encoder.pooling,
-        max_length=ix.encoder.max_length,
-        batch_size=ix.batch_size,
-        num_shards=ix.num_shards,
-        faiss_factory=ix.faiss_factory,
-        metric=ix.metric,
-        train_sample=ix.train_sample,
-        num_actors=ix.num_actors,
-        actor_num_cpus=ix.actor_num_cpus,
-        actor_num_gpus=ix.actor_num_gpus,
-        version=ix.version,
-        s3_options=ix.s3.storage_options(),
-    )
+    return cfg.index.build_kwargs()
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:

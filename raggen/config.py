@@ -75,6 +75,17 @@ class IndexSection(_Strict):
     actor_num_gpus: float = Field(0.0, ge=0)
     s3: S3Config = S3Config()
 
+    def build_kwargs(self) -> dict:
+        """This section as the keyword arguments of ``raggen.index.build_index``."""
+        return dict(
+            passages_uri=self.passages, output_uri=self.output, passages_format=self.format,
+            encoder_name_or_path=self.encoder.name_or_path, pooling=self.encoder.pooling,
+            max_length=self.encoder.max_length, batch_size=self.batch_size, num_shards=self.num_shards,
+            faiss_factory=self.faiss_factory, metric=self.metric, train_sample=self.train_sample,
+            num_actors=self.num_actors, actor_num_cpus=self.actor_num_cpus, actor_num_gpus=self.actor_num_gpus,
+            version=self.version, s3_options=self.s3.storage_options(),
+        )
+
 
 class ModelSection(_Strict):
     """The models a RAG system is made of; every path is an HF id or a local folder."""
@@ -145,9 +156,14 @@ class TrainSection(_Strict):
 
 
 class AutoscalingSection(_Strict):
+    """Ray Serve's ``autoscaling_config`` (the same names; Ray's defaults for the delays)."""
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingSection":

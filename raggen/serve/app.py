@@ -48,9 +48,14 @@ class EncoderArgs(_Args):
 
 
 class AutoscalingArgs(_Args):
+    """Ray Serve's ``autoscaling_config`` (the same names; Ray's defaults for the delays)."""
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingArgs":

@@ -3,10 +3,12 @@
 Layout (the folder handed to ``ray.train.Checkpoint.from_directory``, also what ``raggen eval``
 and Serve load)::
 
-    query_encoder/  posterior_encoder/  generator/  reranker/   HF folders (the ones trained)
+    query_encoder/  posterior_encoder/  passage_encoder/  generator/  reranker/
+                        HF folders (the ones trained)
     optimizer.pt        torch optimizer state_dict (param groups in the loop's fixed order)
     jsa_cache.pt        JSAChainCache.state_dict() merged over all workers (JSA only)
-    train_state.json    {"step", "epoch", "estimator", "models": [...], ...}; written last
+    train_state.json    {"step", "epoch", "estimator", "models": [...], "index": {...}, ...}; written
+                        last ("index": the refreshed index version the run searches, if any)
 
 ``train_state.json`` is written last, so a folder without it is incomplete and refused.
 """
@@ -28,7 +30,7 @@ from raggen.errors import DataError
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 JSA_CACHE_FILE = "jsa_cache.pt"
-MODEL_NAMES = ("query_encoder", "posterior_encoder", "generator", "reranker")
+MODEL_NAMES = ("query_encoder", "posterior_encoder", "passage_encoder", "generator", "reranker")
 
 
 @dataclass

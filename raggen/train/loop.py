@@ -4,7 +4,8 @@ One readable loop (nanoGPT style): build models -> restore the latest checkpoint
 back -> wrap the trained models in DDP -> for each step: a batch from this worker's dataset
 shard, the estimator's step (``raggen.train.step``), backward, clip, optimizer step -> metrics
 (averaged over workers, JSONL on rank 0) -> every ``checkpoint_every`` steps a checkpoint
-(models, optimizer, the JSA chain cache of *all* workers, the step) via ``ray.train.report``.
+(models, optimizer, the JSA chain cache of *all* workers, the step) via ``ray.train.report``;
+with a trained passage encoder, every ``refresh.every`` steps a re-encoded index (``refresh.py``).
 
 ``config`` is a plain dict (``raggen.train.trainer.train_loop_config`` builds it from the YAML
 config); this module never imports ``raggen.config``.
@@ -32,11 +33,12 @@ from raggen.errors import ConfigError
 from raggen.objectives import JSAChainCache
 from raggen.train.checkpointing import TrainingState, read_checkpoint, write_checkpoint
 from raggen.train.metrics import METRICS_FILE, MetricsWriter
+from raggen.train.refresh import RefreshSpec, agree_on_version, build_refreshed_index, refresh_due
 from raggen.train.step import Batch, StepModels, StepSettings, run_step, trainable_roles
 
 log = logging.getLogger(__name__)
 
-RETRIEVER_ROLES = ("query_encoder", "posterior_encoder")
+RETRIEVER_ROLES = ("query_encoder", "posterior_encoder", "passage_encoder")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +101,8 @@ def _encoder_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_models(model_cfg: dict[str, Any], estimator: str, restored: dict[str, str] | None = None) -> dict[str, nn.Module]:
+def build_models(model_cfg: dict[str, Any], estimator: str, restored: dict[str, str] | None = None,
+                 train_passage_encoder: bool = False) -> dict[str, nn.Module]:
     """The models an estimator needs, each from its checkpoint folder when restored, else from the
     configured id/path. Built on CPU in float32 (autocast handles bf16 on GPU)."""
     from raggen.models import Generator, PosteriorRetriever, Reranker, TextEncoder
@@ -125,6 +128,13 @@ def build_models(model_cfg: dict[str, Any], estimator: str, restored: dict[str, 
             models["posterior_encoder"] = PosteriorRetriever.from_pretrained(pspec["name_or_path"], **_encoder_kwargs(pspec))
         else:  # DESIGN: the posterior starts as a copy of the prior query encoder
             models["posterior_encoder"] = PosteriorRetriever.from_query_encoder(models["query_encoder"])
+    if train_passage_encoder:
+        dspec = model_cfg.get("passage_encoder")
+        if not dspec:
+            raise ConfigError("train.train_passage_encoder: needs the index's passage encoder (index.encoder)")
+        models["passage_encoder"] = TextEncoder.from_pretrained(
+            restored.get("passage_encoder", dspec["name_or_path"]), **_encoder_kwargs(dspec)
+        )
     if estimator == "gumbel-rerank":
         path = restored.get("reranker", model_cfg.get("reranker"))
         if not path:
@@ -150,6 +160,12 @@ def load_index(index_cfg: dict[str, Any]):
 
     return open_index(index_cfg["uri"], index_cfg.get("version"), use_actors=bool(index_cfg.get("use_actors", False)),
                       s3_options=index_cfg.get("s3"))
+
+
+def searched_index(config: dict[str, Any], state: TrainingState | None) -> dict[str, Any]:
+    """The index config to open: the refreshed version a checkpoint recorded, else the configured one."""
+    recorded = (state.extra.get("index") if state is not None else None) or {}
+    return {**config["index"], **recorded}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +284,7 @@ class Worker:
     optimizer: torch.optim.Optimizer
     cache: JSAChainCache
     index: Any
+    index_cfg: dict[str, Any]  # what ``index`` was opened from (a checkpoint records it)
     device: torch.device
     rank: int
     world_size: int
@@ -278,6 +295,7 @@ class Worker:
             query_encoder=w["query_encoder"], query_encoder_raw=m["query_encoder"],
             generator=w["generator"], generator_raw=m["generator"],
             posterior=w.get("posterior_encoder"), reranker=w.get("reranker"),
+            passage_encoder=w.get("passage_encoder"),
         )
 
     def params(self) -> list[nn.Parameter]:
@@ -292,8 +310,12 @@ def setup_worker(config: dict[str, Any], rank: int, world_size: int, device: tor
                  state: TrainingState | None) -> Worker:
     settings, step_cfg = LoopSettings.from_dict(config), step_settings(config)
     torch.manual_seed(settings.seed + rank)
-    roles = trainable_roles(step_cfg.estimator, step_cfg.train_generator)
-    models = build_models(config["models"], step_cfg.estimator, state.model_dirs if state else None)
+    train_d = bool(config.get("train_passage_encoder", False))
+    try:
+        roles = trainable_roles(step_cfg.estimator, step_cfg.train_generator, train_d)
+    except ValueError as e:
+        raise ConfigError(f"train.train_passage_encoder: {e}") from None
+    models = build_models(config["models"], step_cfg.estimator, state.model_dirs if state else None, train_d)
     for role, model in models.items():
         model.requires_grad_(role in roles)
         model.to(device)
@@ -310,8 +332,9 @@ def setup_worker(config: dict[str, Any], rank: int, world_size: int, device: tor
     cache = JSAChainCache(restart_chains=bool(config.get("jsa_restart_chains", False)))
     if state is not None and state.jsa_cache_state is not None:
         cache.load_state_dict(state.jsa_cache_state)
-    index = load_index(config["index"])
-    return Worker(settings, step_cfg, models, wrapped, roles, optimizer, cache, index, device, rank, world_size)
+    index_cfg = searched_index(config, state)
+    index = load_index(index_cfg)
+    return Worker(settings, step_cfg, models, wrapped, roles, optimizer, cache, index, index_cfg, device, rank, world_size)
 
 
 def train_step(worker: Worker, batch: Batch, step: int) -> dict[str, float]:
@@ -337,7 +360,8 @@ def save_checkpoint(worker: Worker, directory: str, step: int, epoch: int, cache
     write_checkpoint(
         directory, models=models, step=step, epoch=epoch, optimizer=worker.optimizer,
         jsa_cache_state=cache_state,
-        extra={"estimator": worker.step_cfg.estimator, "world_size": worker.world_size},
+        extra={"estimator": worker.step_cfg.estimator, "world_size": worker.world_size,
+               "index": {"uri": worker.index_cfg["uri"], "version": worker.index.version}},
     )
     if metrics_path and os.path.exists(metrics_path):
         shutil.copyfile(metrics_path, os.path.join(directory, METRICS_FILE))
@@ -402,7 +426,9 @@ def train_func(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     schedule = BatchSchedule(example_rows(list(shard.iter_rows())), settings.batch_size, settings.seed * 31 + rank)
     dev = _dev_examples(settings) if rank == 0 and settings.eval_every else None
+    refresh = RefreshSpec.from_config(config) if "passage_encoder" in worker.roles else None
     writer.write({"event": "started", "step": start, "world_size": world_size, "examples": len(schedule.examples),
+                  "index_uri": worker.index_cfg["uri"], "index_version": worker.index.version,
                   "setup_s": t_setup - t_enter, "data_s": time.time() - t_setup, "time": time.time()})
     t_last = time.perf_counter()
     try:
@@ -418,6 +444,8 @@ def train_func(config: dict[str, Any]) -> None:
             # ended (reports, checkpoints and evaluation included)
             metrics.update(step=done, epoch=schedule.epoch_of(step), lr=worker.optimizer.param_groups[0]["lr"],
                            step_time_s=elapsed, examples_per_s=settings.batch_size * world_size / max(wall, 1e-9))
+            if refresh is not None and refresh_due(done, refresh.every, settings.steps):
+                metrics.update(_refresh(worker, refresh, done, writer))
             if dev is not None and done % settings.eval_every == 0:
                 metrics.update(_evaluate(worker, dev, done, writer))
             writer.write({**metrics, "time": time.time()})
@@ -472,3 +500,20 @@ def _evaluate(worker: Worker, dev: list[Any], step: int, writer: MetricsWriter) 
     out = {f"eval_{k}": float(v) for k, v in scores.items()}
     writer.write({"event": "eval", "step": step, **out, "time": time.time()})
     return out
+
+
+def _refresh(worker: Worker, spec: RefreshSpec, step: int, writer: MetricsWriter) -> dict[str, float]:
+    """Re-encode the corpus with the current passage encoder and search the new index from the next
+    step on (all workers; rank 0 builds). The old index is closed only once the new one is open."""
+    t0 = time.perf_counter()
+    encoder = unwrap(worker.models["passage_encoder"])
+    version = agree_on_version(lambda: build_refreshed_index(encoder, spec, step), worker.rank)
+    index_cfg = {**worker.index_cfg, "uri": spec.output_uri, "version": version, "s3": spec.s3}
+    new_index = load_index(index_cfg)
+    old, worker.index, worker.index_cfg = worker.index, new_index, index_cfg
+    old.close()
+    seconds = time.perf_counter() - t0
+    writer.write({"event": "index_refresh", "step": step, "version": version, "uri": spec.output_uri,
+                  "seconds": seconds, "time": time.time()})
+    log.info("index refresh at step %d: %s/%s in %.1f s", step, spec.output_uri, version, seconds)
+    return {"index_refresh_s": seconds}

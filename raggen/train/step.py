@@ -3,7 +3,9 @@
 Shared pattern (DESIGN, "JSA-RAG training step"): the query vector q(x) is computed with grad,
 the index is searched with the *detached* vector, and the scores of the returned passages are
 recomputed as q(x) . d(z) from the index's stored passage vectors, so gradients reach the query
-encoder while the passage encoder (and the index) stay frozen.
+encoder while the passage encoder (and the index) stay frozen. With a trained passage encoder
+(``StepModels.passage_encoder``) d(z) is re-encoded from the candidates' text with grad instead;
+the index vectors then only choose the candidates (REALM's stale-index search, refreshed by the loop).
 
 Nothing here knows about Ray or configs: a step takes the models (possibly DDP-wrapped), an index
 with ``search(xq, k)``, a batch and plain settings, and returns the loss (with graph) and detached
@@ -83,6 +85,7 @@ class StepModels:
     query_encoder_raw: nn.Module | None = None
     posterior: nn.Module | None = None
     reranker: nn.Module | None = None
+    passage_encoder: nn.Module | None = None  # trained d(z): candidates are re-encoded with grad
 
     def __post_init__(self) -> None:
         if self.query_encoder_raw is None:
@@ -148,6 +151,17 @@ def retrieve(index: Index, queries: torch.Tensor, k: int) -> Retrieved:
     passages = [[passage_text(t, x) for t, x in zip(tr, xr)] for tr, xr in zip(titles, texts)]
     emb = torch.as_tensor(np.asarray(res.embeddings), dtype=torch.float32, device=queries.device)  # (b, k, d)
     return Retrieved(ids, passages, emb)
+
+
+def with_passage_grad(models: StepModels, cands: Retrieved) -> Retrieved:
+    """Candidates whose vectors d(z) come from the trained passage encoder (with grad), not the
+    index; unchanged when the passage encoder is frozen."""
+    if models.passage_encoder is None:
+        return cands
+    b, c = len(cands.passages), len(cands.passages[0])
+    flat = [p for row in cands.passages for p in row]
+    emb = models.passage_encoder(flat).float().view(b, c, -1)
+    return Retrieved(cands.ids, cands.passages, emb, cands.valid)
 
 
 def _as_lists(values) -> list[list[Any]]:
@@ -216,7 +230,7 @@ def _merge(diag: dict[str, torch.Tensor], **extra: torch.Tensor | float) -> dict
 def rag_marginal_step(models: StepModels, index: Index, batch: Batch, settings: StepSettings, **_) -> StepOutput:
     """RAG-Sequence / RAG-Token: the exact marginal over the prior's top-K."""
     q = models.query_encoder(batch.questions)  # (b, d)
-    cands = retrieve(index, q, settings.top_k)
+    cands = with_passage_grad(models, retrieve(index, q, settings.top_k))
     doc_scores = _scores(q, cands)  # (b, k)
     tok, mask = models.generator(batch.questions, cands.passages, batch.targets)  # (b, k, t)
     loss_fn = rag_sequence_loss if settings.estimator == "rag-sequence" else rag_token_loss
@@ -237,7 +251,7 @@ def _reader_nll(models: StepModels, batch: Batch, cands: Retrieved, log_prior: t
 def distill_step(models: StepModels, index: Index, batch: Batch, settings: StepSettings, **_) -> StepOutput:
     """EMDR2 and PDist: the retriever learns from the reader's per-passage likelihoods."""
     q = models.query_encoder(batch.questions)
-    cands = retrieve(index, q, settings.top_k)
+    cands = with_passage_grad(models, retrieve(index, q, settings.top_k))
     doc_scores = _scores(q, cands)  # (b, k)
     seq = _seq_logprob(models.generator, batch, cands.passages, False)  # (b, k)
     if settings.estimator == "emdr2":
@@ -258,7 +272,7 @@ def _prior_posterior_candidates(models: StepModels, index: Index, batch: Batch, 
     q = models.query_encoder(batch.questions)  # (b, d)
     qp = models.posterior(batch.questions, batch.targets)  # (b, d)
     cands = candidate_union(retrieve(index, q, k), retrieve(index, qp, k))
-    return q, qp, cands
+    return q, qp, with_passage_grad(models, cands)
 
 
 def vrag_step(models: StepModels, index: Index, batch: Batch, settings: StepSettings, **_) -> StepOutput:
@@ -374,12 +388,14 @@ def run_step(
     return STEP_FUNCTIONS[settings.estimator](models, index, batch, settings, cache=cache, rng=rng)
 
 
-def trainable_roles(estimator: str, train_generator: bool) -> tuple[str, ...]:
+def trainable_roles(estimator: str, train_generator: bool, train_passage_encoder: bool = False) -> tuple[str, ...]:
     """Which models an estimator updates: the single source of truth for the loop's optimizer,
     DDP wrapping and checkpoint contents."""
     if estimator == "gumbel-rerank":
+        if train_passage_encoder:
+            raise ValueError("gumbel-rerank keeps the retriever fixed; train_passage_encoder does not apply")
         return ("reranker", "generator") if train_generator else ("reranker",)
-    roles = ["query_encoder"]
+    roles = ["query_encoder"] + (["passage_encoder"] if train_passage_encoder else [])
     if estimator in ("vrag", "jsa"):
         roles.append("posterior_encoder")
     if train_generator:

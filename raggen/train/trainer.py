@@ -85,11 +85,8 @@ def step_spec(train: "TrainSection") -> dict[str, Any]:
 def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_gpu: bool = False) -> dict[str, Any]:
     """Everything ``raggen.train.loop.train_func`` reads, as plain JSON-able values."""
     t = cfg.train
-    if t.train_passage_encoder or t.refresh_index_every:
-        raise ConfigError(
-            "train.refresh_index_every / train.train_passage_encoder: training the passage encoder with a "
-            "scheduled index refresh is not implemented yet; keep the passage encoder frozen (the RAG recipe)"
-        )
+    if t.train_passage_encoder and t.estimator == "gumbel-rerank":
+        raise ConfigError("train.train_passage_encoder: gumbel-rerank keeps the retriever fixed; set it to false")
     return {
         "steps": t.steps,
         "batch_size": t.batch_size,
@@ -107,9 +104,37 @@ def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_
         "num_threads": max(1, int(t.cpus_per_worker)),
         "jsa_restart_chains": t.jsa.restart_chains,
         "step": step_spec(t),
-        "models": model_spec(cfg.model),
+        "models": {**model_spec(cfg.model), "passage_encoder": passage_encoder_spec(cfg) if t.train_passage_encoder else None},
         "index": {"uri": t.index, "version": None, "use_actors": False, "s3": s3_options(t.s3)},
+        "train_passage_encoder": t.train_passage_encoder,
+        "refresh": refresh_spec(cfg) if t.refresh_index_every else None,
     }
+
+
+def passage_encoder_spec(cfg: "RaggenConfig") -> dict[str, Any]:
+    """d(z) as the index pipeline computes it (its encoder actors do not L2-normalise)."""
+    return {**_encoder_spec(cfg.index.encoder), "normalize": False}
+
+
+def run_index_uri(storage_path: str, name: str) -> str:
+    """Where a run publishes its refreshed indexes (the starting index is never written to)."""
+    return f"{storage_path.rstrip('/')}/{name}/index"
+
+
+def refresh_spec(cfg: "RaggenConfig") -> dict[str, Any]:
+    """``raggen.train.refresh.RefreshSpec`` fields: the index section's build settings, publishing
+    into the run's own index root."""
+    t = cfg.train
+    build = cfg.index.build_kwargs()
+    for key in ("passages_uri", "output_uri", "encoder_name_or_path", "version", "s3_options"):
+        build.pop(key)
+    if t.storage_path.startswith("s3://"):  # encoder snapshots must be readable as a local folder
+        staging = os.path.join(tempfile.gettempdir(), "raggen-runs", t.storage_path[len("s3://"):].strip("/"), t.name, "refresh")
+    else:
+        staging = os.path.join(os.path.abspath(os.path.expanduser(t.storage_path)), t.name, "refresh")
+    return {"every": t.refresh_index_every, "passages_uri": cfg.index.passages,
+            "output_uri": run_index_uri(t.storage_path, t.name), "staging_dir": staging,
+            "build": build, "s3": s3_options(t.s3)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +262,7 @@ def run_training(cfg: "RaggenConfig", extra_loop_config: dict[str, Any] | None =
         "name": t.name,
         "run_dir": f"{t.storage_path.rstrip('/')}/{t.name}",
         "final": final,
+        "index": run_index_uri(t.storage_path, t.name) if t.refresh_index_every else t.index,
         "metrics_jsonl": metrics_path,
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
     }

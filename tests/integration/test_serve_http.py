@@ -303,3 +303,56 @@ def test_bearer_token_guards_every_route_but_healthz(service, world):
     assert ask(service.url, "Who founded the mill?", token=TOKEN)["index_version"] == "v2"
     with pytest.raises(ServiceError, match="401"):
         ask(service.url, "Who founded the mill?", token="wrong")
+
+
+def _replicas(name: str) -> int:
+    """Running replicas of deployment ``name`` in the raggen app."""
+    from raggen.serve.app import APP_NAME
+
+    app = serve.status().applications[APP_NAME]
+    return int(app.deployments[name].replica_states.get("RUNNING", 0))
+
+
+def test_autoscaling_adds_replicas_under_load_and_removes_them_after(service, world):
+    """min 1 / max 2 replicas, target 1 ongoing request: 6 concurrent clients push each model
+    deployment to 2 replicas with no failed request; when the load stops they go back to 1."""
+    fast = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+            "downscale_delay_s": 2, "look_back_period_s": 2}
+    config = with_index(service.config, world.root, "v1")
+    app = config["applications"][0]
+    app["args"] = {**app["args"], "autoscaling": fast}
+    _use(service, config, world.root, "v1")
+    wait_until_running(timeout_s=120)
+    statuses: list[int] = []
+    peak = {name: 1 for name in ("Retriever", "Generator")}
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=service.url, timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    r = http.post("/v1/answer", json={"question": "Who founded the mill?", "top_k": TOP_K, "max_new_tokens": 4})
+                    statuses.append(r.status_code)
+                except httpx.HTTPError:
+                    statuses.append(0)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+
+    def scaled_up() -> bool:
+        for name in peak:
+            peak[name] = max(peak[name], _replicas(name))
+        return all(n == 2 for n in peak.values())
+
+    try:
+        _wait_for(scaled_up, 120, f"2 replicas of each model deployment under load (peak {peak})")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert statuses and set(statuses) == {200}, f"{statuses.count(200)}/{len(statuses)} succeeded"
+    _wait_for(lambda: all(_replicas(name) == 1 for name in peak), 120, "back to 1 replica once idle")
+    assert service.http.get("/healthz").status_code == 200
+    deploy_config(service.config)  # the fixture's fixed single replicas again
+    wait_until_running(timeout_s=120)

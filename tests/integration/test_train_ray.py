@@ -73,7 +73,7 @@ def setup(tmp_path_factory):
     # serves, and a run without it can have its placement group removed while still training.
     ray.init(num_cpus=2, log_to_driver=False)
     yield {"root": root, "train_file": str(train_file), "dev_file": str(files.dev_jsonl), "index": str(root / "index"),
-           "models": models, "eval": world.train[:EVAL_EXAMPLES]}
+           "models": models, "eval": world.train[:EVAL_EXAMPLES], "passages": str(files.passages_v1)}
     ray.shutdown()
 
 
@@ -272,8 +272,61 @@ def test_config_errors_name_the_field(setup):
     from raggen.errors import ConfigError
     from raggen.train.trainer import run_training, train_loop_config
 
-    cfg = _config(setup, "bad", "jsa", "train.train_passage_encoder=true")
-    with pytest.raises(ConfigError, match="refresh_index_every"):
+    cfg = _config(setup, "bad", "gumbel-rerank", "train.train_passage_encoder=true")
+    with pytest.raises(ConfigError, match="train.train_passage_encoder"):
         train_loop_config(cfg)
     with pytest.raises(ConfigError, match="train.train_file"):
         run_training(_config(setup, "bad", "jsa", f"train.train_file={setup['root'] / 'missing.jsonl'}"))
+
+
+def test_trained_passage_encoder_refreshes_the_index_on_schedule_and_resumes_on_it(setup, tmp_path):
+    """train_passage_encoder + refresh_index_every=2 over 5 steps: the Ray Data index pipeline runs
+    inside the run after steps 2 and 4 and publishes into the run's own index root; the refreshed
+    vectors are the step-4 encoder's; the starting index is untouched; a rerun resumes on the
+    refreshed index the checkpoint recorded."""
+    from raggen.index import load_version, verify_index
+    from raggen.index.manifest import read_latest
+    from raggen.models import TextEncoder, passage_text
+    from raggen.train.checkpointing import read_checkpoint
+    from raggen.train.metrics import read_metrics
+    from raggen.train.trainer import local_metrics_path, run_training
+
+    enc = setup["models"]["encoder"]
+    refresh = [
+        "train.train_passage_encoder=true", "train.refresh_index_every=2", "train.steps=5", "train.cpus_per_worker=0.25",
+        f"index.passages={setup['passages']}", f"index.encoder.name_or_path={enc}",
+        "index.encoder.max_length=64", "index.num_shards=2", "index.actor_num_cpus=0.25", "index.batch_size=32",
+    ]
+    before_start = verify_index(setup["index"])
+    cfg = _config(setup, "refresh", "rag-sequence", *refresh)
+    out = run_training(cfg)
+    run_index = out["index"]
+    assert run_index == str(setup["root"] / "runs" / "refresh" / "index")
+    steps, events = read_metrics(local_metrics_path(cfg.train.storage_path, "refresh"))
+    refreshes = [e for e in events if e["event"] == "index_refresh"]
+    assert [e["step"] for e in refreshes] == [2, 4]
+    assert read_latest(run_index) == refreshes[-1]["version"]
+    assert verify_index(run_index, refreshes[0]["version"]).num_passages == before_start.num_passages
+    assert verify_index(setup["index"]).version == before_start.version  # the starting index is untouched
+    assert all(np.isfinite(s["loss"]) for s in steps) and [s["step"] for s in steps] == [1, 2, 3, 4, 5]
+
+    # the step-4 index holds what the step-4 encoder snapshot computes, and not the start's vectors
+    snapshot = setup["root"] / "runs" / "refresh" / "refresh" / "passage-encoder-step-0000004"
+    refreshed, start = load_version(run_index, refreshes[-1]["version"]), load_version(setup["index"])
+    table = refreshed.shards[0].passages
+    texts = [passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist())]
+    want = TextEncoder.from_pretrained(str(snapshot), max_length=64).encode(texts).numpy()
+    got = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    old = {i: v for sh in start.shards for i, v in zip(sh.passages["id"].to_pylist(),
+                                                      np.stack(sh.passages["embedding"].to_numpy(zero_copy_only=False)))}
+    drift = np.abs(got - np.stack([old[i] for i in table["id"].to_pylist()])).max()
+    assert drift > 1e-3, "the passage encoder did not move"
+
+    final = read_checkpoint(out["final"])
+    assert "passage_encoder" in final.model_dirs and final.extra["index"]["version"] == refreshes[-1]["version"]
+    again = run_training(_config(setup, "refresh", "rag-sequence", *refresh[:2], "train.steps=6", *refresh[3:]))
+    _, events = read_metrics(local_metrics_path(cfg.train.storage_path, "refresh"))
+    started = [e for e in events if e["event"] == "started"][-1]
+    assert started["step"] == 5 and started["index_version"] == refreshes[-1]["version"]
+    assert again["metrics"]["step"] == 6

@@ -1,0 +1,87 @@
+"""Scheduled index refresh: re-encode the corpus with the passage encoder being trained.
+
+With ``train.train_passage_encoder`` the step scores candidates with a freshly computed d(z), but
+the index that *chooses* the candidates still holds the vectors of the encoder the run started
+with. Every ``refresh_index_every`` steps rank 0 saves the current passage encoder, runs the
+ordinary index pipeline (``raggen.index.build_index``: Ray Data encoding, FAISS shards, manifest,
+checksums) into the run's own index root, and every worker opens the new version before the next
+step (a synchronous version of REALM's asynchronous refresh). The index the run started from is
+never touched; each checkpoint records which refreshed version the run was searching, so a
+resumed run searches the same one.
+
+The encoder snapshot is written to ``staging_dir``, which the Ray Data encoder actors must be
+able to read: the run folder for local storage (shared storage on a multi-node cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefreshSpec:
+    """Where the refreshed index goes and how to build it (``raggen.index.build_index`` kwargs)."""
+
+    every: int
+    passages_uri: str
+    output_uri: str  # the run's own index root, e.g. runs/<name>/index
+    staging_dir: str  # passage-encoder snapshots, readable by the encoder actors
+    build: dict[str, Any] = field(default_factory=dict)
+    s3: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "RefreshSpec | None":
+        spec = config.get("refresh")
+        return cls(**spec) if spec and int(spec.get("every", 0)) > 0 else None
+
+
+def refresh_due(step: int, every: int, total_steps: int) -> bool:
+    """After step ``step`` (1-based): every ``every`` steps, but not after the last one (nothing
+    would search that index)."""
+    return every > 0 and step % every == 0 and step < total_steps
+
+
+def version_for_step(step: int) -> str:
+    """Unique per attempt: a run restarted after a failure may refresh at the same step again,
+    and published versions are immutable."""
+    return f"step-{step:07d}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+
+
+def build_refreshed_index(passage_encoder: torch.nn.Module, spec: RefreshSpec, step: int) -> str:
+    """Rank 0's part: snapshot the encoder, run the index pipeline, return the published version."""
+    from raggen.index import build_index
+
+    snapshot = os.path.join(spec.staging_dir, f"passage-encoder-step-{step:07d}")
+    passage_encoder.save_pretrained(snapshot)
+    manifest = build_index(
+        spec.passages_uri, spec.output_uri, encoder_name_or_path=snapshot, version=version_for_step(step),
+        s3_options=spec.s3, **spec.build,
+    )
+    return manifest.version
+
+
+def agree_on_version(build, rank: int) -> str:
+    """Rank 0 runs ``build()``; every worker gets its version, or every worker raises its error
+    (a failed build must not leave the other ranks waiting in the broadcast)."""
+    outcome: tuple[str, str] | None = None
+    if rank == 0:
+        try:
+            outcome = ("ok", build())
+        except Exception as exc:  # re-raised on every rank below
+            outcome = ("error", f"{type(exc).__name__}: {exc}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [outcome]
+        torch.distributed.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    status, value = outcome
+    if status != "ok":
+        raise RuntimeError(f"index refresh failed on rank 0: {value}")
+    return value
