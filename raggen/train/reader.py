@@ -52,6 +52,26 @@ def reader_exact_match(generator: Generator, examples: list[tuple[str, str, str]
     return hits / max(1, len(examples))
 
 
+@torch.no_grad()
+def passage_reliance(generator: Generator, examples: list[tuple[str, str, str]], batch_size: int = 16) -> float:
+    """Mean log p(answer | question, gold passage) - log p(answer | question, the next example's
+    passage), in nats. Near 0: the reader ignores the passage (a language model of answers), and
+    end-to-end training gets no signal about which passage is right."""
+    from raggen.objectives import sequence_logprob
+
+    generator.eval()
+    gaps = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        others = [examples[(i + j + 1) % len(examples)][1] for j in range(len(chunk))]
+        tok, mask = generator.token_logprobs([q for q, _, _ in chunk], [[p, o] for (_, p, _), o in zip(chunk, others)],
+                                             [a for _, _, a in chunk])
+        seq = sequence_logprob(tok, mask)  # (b, 2)
+        gaps.extend((seq[:, 0] - seq[:, 1]).tolist())
+    generator.train()
+    return sum(gaps) / max(1, len(gaps))
+
+
 def pretrain_reader(
     out_dir: str,
     steps: int = 3000,
@@ -95,6 +115,7 @@ def pretrain_reader(
             record = {"step": step + 1, "loss": float(loss), "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.time() - start}
             if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
                 record["heldout_em"] = reader_exact_match(generator, held_out)
+                record["passage_gap_nats"] = passage_reliance(generator, held_out)
                 generator.save_pretrained(out_dir)  # keep the latest good state if interrupted
             sink.write(json.dumps(record) + "\n")
             sink.flush()
@@ -103,6 +124,7 @@ def pretrain_reader(
             bar.update()
     generator.save_pretrained(out_dir)
     final = {"out_dir": out_dir, "steps": steps, "final_loss": history[-1]["loss"],
-             "heldout_em": history[-1].get("heldout_em"), "minutes": (time.time() - start) / 60}
+             "heldout_em": history[-1].get("heldout_em"), "passage_gap_nats": history[-1].get("passage_gap_nats"),
+             "minutes": (time.time() - start) / 60}
     log.info("reader: %s", final)
     return final

@@ -25,6 +25,7 @@ def test_short_pretraining_lowers_the_loss_and_saves_a_loadable_reader(tmp_path)
                              max_source_length=96, dims={"d_model": 32, "layers": 1, "heads": 2, "ffn": 64})
     rows = [json.loads(line) for line in open(out + ".metrics.jsonl")]
     assert len(rows) == 25 and "heldout_em" in rows[-1]
+    assert abs(rows[-1]["passage_gap_nats"]) < 50  # a finite mean log-likelihood difference
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 0.5, (first, last)
     from raggen.models.generator import Generator
@@ -32,3 +33,27 @@ def test_short_pretraining_lowers_the_loss_and_saves_a_loadable_reader(tmp_path)
     reloaded = Generator.from_pretrained(out)
     assert reloaded.model.config.d_model == 32
     assert result["steps"] == 25
+
+
+def test_passage_reliance_is_zero_for_identical_passages_and_sees_a_copying_reader(tmp_path):
+    """The probe is exact: with the same passage on both sides the gap is 0; with a passage that
+    holds the answer against one that does not, a reader whose answer logits follow the passage
+    (here: a tiny BART trained a few steps on a single example) shows a positive gap."""
+    from raggen.models.generator import Generator
+    from raggen.models.tiny import make_tiny_generator
+    from raggen.train.reader import passage_reliance
+
+    gen = Generator.from_pretrained(make_tiny_generator(str(tmp_path / "g"), d_model=32, layers=1, heads=2, ffn=64))
+    same = [("q?", "the answer is zorvik", "zorvik")] * 2
+    assert passage_reliance(gen, same) == pytest.approx(0.0, abs=1e-5)
+    import torch
+
+    pair = [("which word?", "the word is zorvik", "zorvik"), ("which word?", "the word is palnet", "palnet")]
+    opt = torch.optim.AdamW(gen.parameters(), lr=3e-3)
+    for _ in range(60):
+        tok, mask = gen.token_logprobs([q for q, _, _ in pair], [[p] for _, p, _ in pair], [a for _, _, a in pair])
+        loss = -(tok[:, 0] * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert passage_reliance(gen, pair) > 1.0
