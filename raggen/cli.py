@@ -10,7 +10,7 @@ import sys
 from typing import Callable
 
 from raggen.config import RaggenConfig, load_config, with_absolute_paths
-from raggen.errors import RaggenError
+from raggen.errors import ConfigError, RaggenError
 
 log = logging.getLogger("raggen")
 
@@ -104,7 +104,17 @@ def cmd_ask(args: argparse.Namespace) -> None:
 def cmd_pretrain_reader(args: argparse.Namespace) -> None:
     from raggen.train.reader import pretrain_reader
 
-    print(pretrain_reader(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed))
+    init_from = None
+    if args.warm_start_encoder:
+        from raggen.models.warm_start import bart_from_bert_encoder
+
+        try:
+            init_from = bart_from_bert_encoder(args.warm_start_encoder, args.out + ".init",
+                                               encoder_layers=args.encoder_layers, seed=args.seed)
+        except ValueError as e:
+            raise ConfigError(f"--warm-start-encoder / --encoder-layers: {e}") from None
+    print(pretrain_reader(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                          init_from=init_from))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -167,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warm-start-encoder", default=None, metavar="ENCODER",
+                   help="start from a BART whose encoder is this pretrained BERT-style encoder (e.g. "
+                        "sentence-transformers/all-MiniLM-L6-v2) instead of a random small BART")
+    p.add_argument("--encoder-layers", type=int, default=None, help="with --warm-start-encoder: keep the first N layers")
     add("quickstart", cmd_quickstart, "world -> index -> eval -> JSA train -> eval -> plot -> serve -> hot-swap", config=False)
     return parser
 
