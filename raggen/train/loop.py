@@ -357,11 +357,12 @@ def save_checkpoint(worker: Worker, directory: str, step: int, epoch: int, cache
                     metrics_path: str | None) -> None:
     """Rank 0 writes the checkpoint folder: trained models, optimizer, merged JSA cache, step."""
     models = {role: unwrap(worker.models[role]) for role in worker.roles}
+    extra: dict[str, Any] = {"estimator": worker.step_cfg.estimator, "world_size": worker.world_size}
+    if worker.index_cfg.get("refreshed"):  # else a resume opens the configured index (its LATEST)
+        extra["index"] = {"uri": worker.index_cfg["uri"], "version": worker.index.version, "refreshed": True}
     write_checkpoint(
         directory, models=models, step=step, epoch=epoch, optimizer=worker.optimizer,
-        jsa_cache_state=cache_state,
-        extra={"estimator": worker.step_cfg.estimator, "world_size": worker.world_size,
-               "index": {"uri": worker.index_cfg["uri"], "version": worker.index.version}},
+        jsa_cache_state=cache_state, extra=extra,
     )
     if metrics_path and os.path.exists(metrics_path):
         shutil.copyfile(metrics_path, os.path.join(directory, METRICS_FILE))
@@ -508,7 +509,7 @@ def _refresh(worker: Worker, spec: RefreshSpec, step: int, writer: MetricsWriter
     t0 = time.perf_counter()
     encoder = unwrap(worker.models["passage_encoder"])
     version = agree_on_version(lambda: build_refreshed_index(encoder, spec, step), worker.rank)
-    index_cfg = {**worker.index_cfg, "uri": spec.output_uri, "version": version, "s3": spec.s3}
+    index_cfg = {**worker.index_cfg, "uri": spec.output_uri, "version": version, "s3": spec.s3, "refreshed": True}
     new_index = load_index(index_cfg)
     old, worker.index, worker.index_cfg = worker.index, new_index, index_cfg
     old.close()
