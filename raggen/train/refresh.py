@@ -61,9 +61,12 @@ def build_refreshed_index(passage_encoder: torch.nn.Module, spec: RefreshSpec, s
 
     snapshot = os.path.join(spec.staging_dir, f"passage-encoder-step-{step:07d}")
     passage_encoder.save_pretrained(snapshot)
+    version = version_for_step(step)
+    # a work folder of its own: build_index resumes encoding from a matching one, and a retried
+    # attempt's encoder need not equal the failed attempt's
     manifest = build_index(
-        spec.passages_uri, spec.output_uri, encoder_name_or_path=snapshot, version=version_for_step(step),
-        s3_options=spec.s3, **spec.build,
+        spec.passages_uri, spec.output_uri, encoder_name_or_path=snapshot, version=version,
+        work_dir=os.path.join(spec.staging_dir, f"work-{version}"), s3_options=spec.s3, **spec.build,
     )
     return manifest.version
 
