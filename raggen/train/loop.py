@@ -399,8 +399,26 @@ def restore_state() -> tuple[TrainingState | None, contextlib.ExitStack]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None, stack
-    directory = stack.enter_context(checkpoint.as_directory())
+    directory = stack.enter_context(_checkpoint_directory(checkpoint))
     return read_checkpoint(directory), stack
+
+
+@contextlib.contextmanager
+def _checkpoint_directory(checkpoint) -> Iterator[str]:
+    """A local folder holding the checkpoint. A remote (S3) one is downloaded into this worker's own
+    temporary folder: ``Checkpoint.as_directory()`` shares one folder among a node's workers, and a
+    worker that takes the download lock after another finished downloads again over the files the
+    first is reading (seen as a corrupt optimizer.pt on resume)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    tmp = tempfile.mkdtemp(prefix="raggen-restore-")
+    try:
+        yield checkpoint.to_directory(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_func(config: dict[str, Any]) -> None:
