@@ -27,18 +27,13 @@ def cmd_world(args: argparse.Namespace) -> None:
     print(json.dumps({k: str(v) for k, v in vars(files).items()}, indent=2))
 
 
-def index_build_kwargs(cfg: RaggenConfig) -> dict:
-    """The config's index section as the plain keyword arguments of ``raggen.index.build_index``."""
-    return cfg.index.build_kwargs()
-
-
 def cmd_index_build(args: argparse.Namespace) -> None:
     from raggen.index import build_index
     from raggen.ray_utils import ensure_ray
 
     cfg = _config(args)
     ensure_ray()
-    manifest = build_index(**index_build_kwargs(cfg))
+    manifest = build_index(**cfg.index.build_kwargs())
     print(f"published {cfg.index.output} version {manifest.version}: {manifest.num_passages} passages in {len(manifest.shards)} shards")
 
 

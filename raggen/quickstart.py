@@ -52,10 +52,9 @@ def build_v2_unpublished(cfg: RaggenConfig, world_files, v1: str, v2: str) -> No
     Built before Serve starts because on 2 cores Ray Data's read tasks (1 CPU each) cannot get a
     CPU beside the encoder actor and the Serve replicas.
     """
-    from raggen.cli import index_build_kwargs
     from raggen.index import build_index, set_latest
 
-    kwargs = index_build_kwargs(cfg)
+    kwargs = cfg.index.build_kwargs()
     build_index(**{**kwargs, "passages_uri": str(world_files.passages_v2), "version": v2})
     set_latest(cfg.index.output, v1, s3_options=kwargs["s3_options"])
 
@@ -89,7 +88,6 @@ def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2:
 
 
 def run_quickstart(cfg: RaggenConfig) -> dict:
-    from raggen.cli import index_build_kwargs
     from raggen.corpus.world import WorldConfig, write_world
     from raggen.index import build_index
     from raggen.ray_utils import ensure_ray
@@ -107,7 +105,7 @@ def run_quickstart(cfg: RaggenConfig) -> dict:
     run_id = time.strftime("%Y%m%d-%H%M%S")  # published versions are immutable: a rerun adds new ones
     v1, v2 = f"v1-{run_id}", f"v2-{run_id}"
     with stage("index v1 (Ray Data -> FAISS shards -> publish)", timings):
-        manifest = build_index(**{**index_build_kwargs(cfg), "passages_uri": str(files.passages_v1), "version": v1})
+        manifest = build_index(**{**cfg.index.build_kwargs(), "passages_uri": str(files.passages_v1), "version": v1})
     print(f"index {manifest.version}: {manifest.num_passages} passages, {len(manifest.shards)} shards")
     with stage("index v2 (changed facts) uploaded, LATEST kept on v1", timings):
         build_v2_unpublished(cfg, files, v1, v2)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import serve
 from ray.serve import Application
 
+from raggen.config import AutoscalingSection  # one definition for the raggen config and Serve args
 from raggen.errors import ConfigError, RaggenError
 from raggen.serve.deployments import Generator, Ingress, IndexUserConfig, Reranker, Retriever
 from raggen.serve.schemas import RequestLimits
@@ -45,23 +46,6 @@ class EncoderArgs(_Args):
     pooling: str = "mean"
     max_length: int = Field(64, ge=8)
     normalize: bool = False  # must match how the index's passages were encoded
-
-
-class AutoscalingArgs(_Args):
-    """Ray Serve's ``autoscaling_config`` (the same names; Ray's defaults for the delays)."""
-
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = Field(30.0, ge=0)
-    downscale_delay_s: float = Field(600.0, ge=0)
-    look_back_period_s: float = Field(30.0, gt=0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "AutoscalingArgs":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas must be <= max_replicas")
-        return self
 
 
 class AppArgs(_Args):
@@ -89,7 +73,7 @@ class AppArgs(_Args):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_ongoing_requests: int | None = Field(None, ge=1)
-    autoscaling: AutoscalingArgs = AutoscalingArgs()
+    autoscaling: AutoscalingSection = AutoscalingSection()
     api_token_env: str = "RAGGEN_API_TOKEN"
 
     @model_validator(mode="after")

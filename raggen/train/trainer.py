@@ -128,10 +128,7 @@ def refresh_spec(cfg: "RaggenConfig") -> dict[str, Any]:
     build = cfg.index.build_kwargs()
     for key in ("passages_uri", "output_uri", "encoder_name_or_path", "version", "s3_options"):
         build.pop(key)
-    if t.storage_path.startswith("s3://"):  # encoder snapshots must be readable as a local folder
-        staging = os.path.join(tempfile.gettempdir(), "raggen-runs", t.storage_path[len("s3://"):].strip("/"), t.name, "refresh")
-    else:
-        staging = os.path.join(os.path.abspath(os.path.expanduser(t.storage_path)), t.name, "refresh")
+    staging = os.path.join(local_run_dir(t.storage_path, t.name), "refresh")  # encoder snapshots: local folders
     return {"every": t.refresh_index_every, "passages_uri": cfg.index.passages,
             "output_uri": run_index_uri(t.storage_path, t.name), "staging_dir": staging,
             "build": build, "s3": s3_options(t.s3)}
@@ -165,13 +162,19 @@ def storage_target(storage_path: str, s3: dict[str, Any] | None = None):
     return os.path.abspath(os.path.expanduser(storage_path)), None
 
 
-def local_metrics_path(storage_path: str, name: str) -> str:
-    """Rank 0's JSONL: inside the run folder for local storage, else a local scratch folder (the
-    file is also copied into every checkpoint, so it reaches S3 with them)."""
+def local_run_dir(storage_path: str, name: str) -> str:
+    """The run's folder on this machine: the run folder itself for local storage, else a local
+    scratch folder mirroring the S3 prefix (for files that must exist as local files)."""
     if storage_path.startswith("s3://"):
         where = storage_path[len("s3://"):].strip("/")
-        return os.path.join(tempfile.gettempdir(), "raggen-runs", where, name, METRICS_FILE)
-    return os.path.join(os.path.abspath(os.path.expanduser(storage_path)), name, METRICS_FILE)
+        return os.path.join(tempfile.gettempdir(), "raggen-runs", where, name)
+    return os.path.join(os.path.abspath(os.path.expanduser(storage_path)), name)
+
+
+def local_metrics_path(storage_path: str, name: str) -> str:
+    """Rank 0's JSONL, in ``local_run_dir`` (the file is also copied into every checkpoint, so it
+    reaches S3 with them)."""
+    return os.path.join(local_run_dir(storage_path, name), METRICS_FILE)
 
 
 def make_trainer(
