@@ -97,8 +97,12 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain_reader(args: argparse.Namespace) -> None:
+    import torch
+
     from raggen.train.reader import pretrain_reader
 
+    if args.warm_start_encoder and args.init_from:
+        raise ConfigError("--warm-start-encoder and --init-from: give one starting point, not both")
     init_from = None
     if args.warm_start_encoder:
         from raggen.models.warm_start import bart_from_bert_encoder
@@ -108,8 +112,11 @@ def cmd_pretrain_reader(args: argparse.Namespace) -> None:
                                                encoder_layers=args.encoder_layers, seed=args.seed)
         except ValueError as e:
             raise ConfigError(f"--warm-start-encoder / --encoder-layers: {e}") from None
+    elif args.init_from:
+        init_from = args.init_from
     print(pretrain_reader(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                          init_from=init_from))
+                          lr=args.lr, warmup=args.warmup, eval_examples=args.eval_examples, init_from=init_from,
+                          save_dtype=torch.float16 if args.half else None))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -176,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a BART whose encoder is this pretrained BERT-style encoder (e.g. "
                         "sentence-transformers/all-MiniLM-L6-v2) instead of a random small BART")
     p.add_argument("--encoder-layers", type=int, default=None, help="with --warm-start-encoder: keep the first N layers")
+    p.add_argument("--init-from", default=None, metavar="READER", help="continue from this reader folder")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warm-up, cosine decay)")
+    p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    p.add_argument("--eval-examples", type=int, default=200, help="held-out fresh facts for EM and the passage gap")
+    p.add_argument("--half", action="store_true", help="save the final weights in float16 (how the reader is shipped)")
     add("quickstart", cmd_quickstart, "world -> index -> eval -> JSA train -> eval -> plot -> serve -> hot-swap", config=False)
     return parser
 

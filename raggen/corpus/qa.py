@@ -10,12 +10,14 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raggen.corpus.readers import atomic_writer, iter_jsonl_objects, iter_tsv_rows, local_path
 from raggen.errors import DataError
+from raggen.storage import is_s3_uri, read_bytes
 
 
 @dataclass
@@ -105,12 +107,26 @@ def _read_qa_jsonl(path: Path) -> list[QAExample]:
     return examples
 
 
-def read_qa(path: str | Path, format: str = "auto") -> list[QAExample]:
-    """Read DPR ``.qa.csv`` or QA JSONL; a bad row is a one-line DataError naming file and line."""
+def read_qa(path: str | Path, format: str = "auto", s3_options=None) -> list[QAExample]:
+    """Read DPR ``.qa.csv`` or QA JSONL, a local file or an ``s3://`` object (fetched to a temp
+    file first); a bad row is a one-line DataError naming file and line."""
+    if isinstance(path, str) and is_s3_uri(path):
+        return _read_remote_qa(path, format, s3_options)
     path = local_path(path)
     if detect_qa_format(path, format) == "csv":
         return _read_qa_csv(path)
     return _read_qa_jsonl(path)
+
+
+def _read_remote_qa(uri: str, format: str, s3_options) -> list[QAExample]:
+    with tempfile.TemporaryDirectory(prefix="raggen-qa-") as tmp:
+        local = Path(tmp, uri.rstrip("/").rsplit("/", 1)[-1])  # keeps the suffix that names the format
+        try:
+            local.write_bytes(read_bytes(uri, s3_options))
+        except FileNotFoundError:
+            raise DataError(f"{uri}: no such object") from None
+        examples = read_qa(local, format)
+    return examples
 
 
 def write_qa_csv(path: str | Path, examples: Iterable[QAExample]) -> Path:

@@ -17,6 +17,8 @@ teacher forcing and step-wise decoding agree token for token.
 
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import inspect
 from dataclasses import dataclass, field
@@ -188,6 +190,9 @@ class Generator(nn.Module):
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         model = auto.from_pretrained(path, **kwargs)
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        if dtype is None and on_cpu and model.dtype in (torch.float16, torch.bfloat16):
+            model = model.float()  # weights shipped in 16 bits (the quickstart reader) compute in fp32 on CPU
         generator = cls(model, tokenizer, max_source_length=max_source_length, max_target_length=max_target_length)
         return generator.to(device) if device is not None else generator
 
@@ -454,5 +459,7 @@ class Generator(nn.Module):
         reuse = self.is_encoder_decoder and not torch.is_grad_enabled()
         return (self._target_logprobs(encoded, rows, target_ids, reuse_cross=reuse) * mask).sum(-1)
 
-    def save_pretrained(self, path: str) -> None:
-        save_pretrained_atomic(path, self.model, self.tokenizer)
+    def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Atomic HF folder; ``dtype=torch.float16`` halves the file (for shipping) and leaves this model as it is."""
+        model = self.model if dtype is None else copy.deepcopy(self.model).to(dtype)
+        save_pretrained_atomic(path, model, self.tokenizer)

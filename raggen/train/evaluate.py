@@ -254,7 +254,7 @@ def evaluate_rag(
     return out
 
 
-def split_examples(split: str, *, dev_file: str, world_dir: str, limit: int | None = None) -> list:
+def split_examples(split: str, *, dev_file: str, world_dir: str, limit: int | None = None, s3_options=None) -> list:
     """QA examples of a split: ``dev`` is train.dev_file, ``test`` the world's test.jsonl, and
     ``changed`` the world's v2-changed facts with their *new* answers (to score after a swap)."""
     import os
@@ -268,7 +268,9 @@ def split_examples(split: str, *, dev_file: str, world_dir: str, limit: int | No
         path = os.path.join(world_dir, "test.jsonl" if split == "test" else "changed_v2.jsonl")
     else:
         raise ConfigError(f"split: expected dev, test or changed, got {split!r}")
-    if not os.path.exists(path):
+    from raggen.storage import is_s3_uri
+
+    if not is_s3_uri(path) and not os.path.exists(path):
         raise ConfigError(f"split {split}: {path}: no such file (run `raggen world` first)")
     if split == "changed":
         from raggen.corpus.world import read_changed_facts
@@ -276,7 +278,7 @@ def split_examples(split: str, *, dev_file: str, world_dir: str, limit: int | No
         examples = [QAExample(c.id, c.question, list(c.answers_v2), list(c.gold_passage_ids))
                     for c in read_changed_facts(path)]
     else:
-        examples = read_qa(path)
+        examples = read_qa(path, s3_options=s3_options)
     return examples[:limit] if limit else examples
 
 
@@ -294,7 +296,8 @@ def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test"
     for m in models.values():
         m.eval()
     index = open_index(t.index, s3_options=s3_options(t.s3))
-    examples = split_examples(split, dev_file=t.dev_file, world_dir=cfg.world.out_dir, limit=t.eval_examples)
+    examples = split_examples(split, dev_file=t.dev_file, world_dir=cfg.world.out_dir, limit=t.eval_examples,
+                              s3_options=s3_options(t.s3))
     gumbel = t.estimator == "gumbel-rerank"
     scores = evaluate_rag(
         examples, query_encoder=models["query_encoder"], generator=models["generator"], index=index,

@@ -444,7 +444,7 @@ def train_func(config: dict[str, Any]) -> None:
     t_setup = time.time()
     shard = ray.train.get_dataset_shard("train")
     schedule = BatchSchedule(example_rows(list(shard.iter_rows())), settings.batch_size, settings.seed * 31 + rank)
-    dev = _dev_examples(settings) if rank == 0 and settings.eval_every else None
+    dev = _dev_examples(settings, config["index"].get("s3")) if rank == 0 and settings.eval_every else None
     refresh = RefreshSpec.from_config(config) if "passage_encoder" in worker.roles else None
     writer.write({"event": "started", "step": start, "world_size": world_size, "examples": len(schedule.examples),
                   "index_uri": worker.index_cfg["uri"], "index_version": worker.index.version,
@@ -494,12 +494,13 @@ def _report(worker: Worker, metrics: dict[str, float], step: int, epoch: int, se
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _dev_examples(settings: LoopSettings) -> list[Any] | None:
+def _dev_examples(settings: LoopSettings, s3: dict[str, Any] | None) -> list[Any] | None:
+    """The dev file (local or ``s3://``, with the run's S3 settings), cut to ``eval_examples``."""
     if not settings.dev_file:
         return None
     from raggen.corpus.qa import read_qa
 
-    return read_qa(settings.dev_file)[: settings.eval_examples]
+    return read_qa(settings.dev_file, s3_options=s3)[: settings.eval_examples]
 
 
 def _evaluate(worker: Worker, dev: list[Any], step: int, writer: MetricsWriter) -> dict[str, float]:

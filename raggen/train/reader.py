@@ -84,10 +84,13 @@ def pretrain_reader(
     max_source_length: int = 192,
     init_from: str | None = None,
     dims: dict[str, int] | None = None,
+    save_dtype: torch.dtype | None = None,
 ) -> dict:
     """Train, evaluate on held-out fresh entities, save (safetensors + tokenizer) atomically to ``out_dir``.
 
-    Writes ``metrics.jsonl`` beside the model. ``init_from`` continues from an existing reader.
+    Writes ``metrics.jsonl`` beside the model. ``init_from`` continues from an existing reader (or
+    starts from a warm-started one); ``save_dtype=torch.float16`` writes the final weights in 16 bits,
+    as the shipped reader is stored (``Generator.from_pretrained`` computes in fp32 on CPU).
     """
     torch.manual_seed(seed)
     device = pick_device()
@@ -122,7 +125,7 @@ def pretrain_reader(
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", em=record.get("heldout_em", history[-1].get("heldout_em", "-")))
             bar.update()
-    generator.save_pretrained(out_dir)
+    generator.save_pretrained(out_dir, dtype=save_dtype)
     final = {"out_dir": out_dir, "steps": steps, "final_loss": history[-1]["loss"],
              "heldout_em": history[-1].get("heldout_em"), "passage_gap_nats": history[-1].get("passage_gap_nats"),
              "minutes": (time.time() - start) / 60}

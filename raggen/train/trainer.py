@@ -139,13 +139,16 @@ def refresh_spec(cfg: "RaggenConfig") -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def qa_items(path: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """QA examples as Ray Data rows; answer lists are JSON strings so ragged lists stay one column."""
+def qa_items(path: str, limit: int | None = None, s3: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """QA examples (a local file or ``s3://`` object) as Ray Data rows; answer lists are JSON strings
+    so ragged lists stay one column."""
     from raggen.corpus.qa import read_qa
+    from raggen.storage import is_s3_uri
 
-    if not os.path.exists(path):
+    if not is_s3_uri(path) and not os.path.exists(path):
         raise ConfigError(f"train.train_file: {path}: no such file (run `raggen world` or point it at a QA file)")
-    examples = read_qa(path)[:limit] if limit else read_qa(path)
+    examples = read_qa(path, s3_options=s3)
+    examples = examples[:limit] if limit else examples
     return [
         {"id": ex.id, "question": ex.question, "answers": json.dumps(ex.answers), "gold": json.dumps(ex.gold_passage_ids)}
         for ex in examples
@@ -251,7 +254,7 @@ def run_training(cfg: "RaggenConfig", extra_loop_config: dict[str, Any] | None =
     s3 = s3_options(t.s3)
     metrics_path = local_metrics_path(t.storage_path, t.name)
     loop_config = {**train_loop_config(cfg, metrics_path=metrics_path), **(extra_loop_config or {})}
-    items = qa_items(t.train_file)  # config and data errors surface before Ray starts
+    items = qa_items(t.train_file, s3=s3)  # config and data errors surface before Ray starts
     ensure_ray()
     use_gpu = loop_config["use_gpu"] = _resolve_use_gpu(t.use_gpu)
     trainer = make_trainer(

@@ -189,3 +189,25 @@ def test_passages_without_text_column_is_a_data_error(ray_cluster, tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl: missing column\(s\) \['text'\]"):
         encode_passages(str(bad), tmp_path / "work", encoder_name_or_path=MINILM, max_length=MAX_LENGTH,
                         num_shards=2, actor_num_cpus=0.5)  # fmt: skip
+
+
+def test_qa_files_read_from_s3_equal_the_local_ones(s3_bucket, tmp_path):
+    """``train.train_file``/``dev_file`` may be ``s3://`` objects (the wiki recipe's QA files are):
+    JSONL and DPR's .qa.csv read back from the moto server as they read locally; a missing key is a
+    DataError naming it."""
+    from raggen.corpus.qa import QAExample, read_qa, write_qa_csv, write_qa_jsonl
+    from raggen.storage import upload_dir
+
+    bucket, options = s3_bucket
+    examples = [QAExample("a", "Where was he born?", ["Fofobid", "fofobid town"], ["p1"]),
+                QAExample("b", "Who, then?", ["Radusk Mills"], [])]
+    write_qa_jsonl(tmp_path / "qa" / "dev.jsonl", examples)
+    write_qa_csv(tmp_path / "qa" / "nq-test.qa.csv", examples)
+    upload_dir(tmp_path / "qa", f"s3://{bucket}/qa", options)
+    for name in ("dev.jsonl", "nq-test.qa.csv"):
+        remote = read_qa(f"s3://{bucket}/qa/{name}", s3_options=options)
+        local = read_qa(tmp_path / "qa" / name)
+        assert [(e.question, e.answers) for e in remote] == [(e.question, e.answers) for e in local]
+    assert read_qa(f"s3://{bucket}/qa/dev.jsonl", s3_options=options)[0].gold_passage_ids == ["p1"]
+    with pytest.raises(DataError, match="missing.jsonl"):
+        read_qa(f"s3://{bucket}/qa/missing.jsonl", s3_options=options)

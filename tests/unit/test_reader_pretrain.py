@@ -57,3 +57,29 @@ def test_passage_reliance_is_zero_for_identical_passages_and_sees_a_copying_read
         loss.backward()
         opt.step()
     assert passage_reliance(gen, pair) > 1.0
+
+
+def test_half_precision_save_halves_the_file_and_reloads_in_fp32_on_cpu(tmp_path):
+    """The shipped reader is stored in float16; on CPU it must come back as float32 and score answers
+    as the float32 model does (to float16 rounding), and saving must not change the live model."""
+    import os
+
+    import torch
+
+    from raggen.models.generator import Generator
+    from raggen.models.tiny import make_tiny_generator
+
+    gen = Generator.from_pretrained(make_tiny_generator(str(tmp_path / "g"), d_model=32, layers=1, heads=2, ffn=64))
+    gen.save_pretrained(str(tmp_path / "full"))
+    gen.save_pretrained(str(tmp_path / "half"), dtype=torch.float16)
+    assert gen.model.dtype == torch.float32
+    size = lambda d: os.path.getsize(tmp_path / d / "model.safetensors")  # noqa: E731
+    assert size("half") < 0.6 * size("full")
+    half = Generator.from_pretrained(str(tmp_path / "half"))
+    assert half.model.dtype == torch.float32
+    args = (["q?"], [["the answer is zorvik", "no answer here"]], ["zorvik"])
+    with torch.no_grad():
+        ref, mask = gen.token_logprobs(*args)
+        got, _ = half.token_logprobs(*args)
+    assert torch.allclose(ref * mask[:, None], got * mask[:, None], atol=2e-2)
+    assert not torch.equal(ref, got)  # it really went through 16 bits
