@@ -80,7 +80,7 @@ class IndexSection(_Strict):
         return dict(
             passages_uri=self.passages, output_uri=self.output, passages_format=self.format,
             encoder_name_or_path=self.encoder.name_or_path, pooling=self.encoder.pooling,
-            max_length=self.encoder.max_length, batch_size=self.batch_size, num_shards=self.num_shards,
+            max_length=self.encoder.max_length, normalize=self.encoder.normalize, batch_size=self.batch_size, num_shards=self.num_shards,
             faiss_factory=self.faiss_factory, metric=self.metric, train_sample=self.train_sample,
             num_actors=self.num_actors, actor_num_cpus=self.actor_num_cpus, actor_num_gpus=self.actor_num_gpus,
             version=self.version, s3_options=self.s3.storage_options(),

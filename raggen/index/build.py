@@ -114,6 +114,7 @@ def build_index(
     encoder_name_or_path: str,
     pooling: str = "mean",
     max_length: int = 256,
+    normalize: bool = False,
     batch_size: int = 64,
     num_shards: int = 1,
     faiss_factory: str = "Flat",
@@ -146,11 +147,11 @@ def build_index(
     metric = normalize_metric(metric)
     work = Path(work_dir) if work_dir else default_work_dir(
         passages_uri=passages_uri, output_uri=output_uri, encoder=encoder_name_or_path, pooling=pooling,
-        max_length=max_length, num_shards=num_shards, format=passages_format,
+        max_length=max_length, normalize=normalize, num_shards=num_shards, format=passages_format,
     )  # fmt: skip
     encoded = encode_passages(
         passages_uri, work, encoder_name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length,
-        batch_size=batch_size, num_shards=num_shards, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
+        normalize=normalize, batch_size=batch_size, num_shards=num_shards, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
         actor_num_gpus=actor_num_gpus, torch_threads=torch_threads, passages_format=passages_format, s3_options=s3_options, split_uri=split_uri,
     )  # fmt: skip
     out_dir = work / "index" / f"{faiss_factory.replace(',', '_')}-{metric}-{'emb' if store_embeddings else 'noemb'}"
@@ -164,7 +165,7 @@ def build_index(
     ]  # fmt: skip
     manifest = make_manifest(
         version or new_version_name(), encoder_name_or_path=encoder_name_or_path, pooling=pooling, dim=encoded.dim,
-        metric=metric, faiss_factory=faiss_factory, shard_files=files,
+        normalize=normalize, metric=metric, faiss_factory=faiss_factory, shard_files=files,
     )  # fmt: skip
     publish_version(output_uri, manifest, out_dir, s3_options=s3_options)
     if not keep_work_dir:

@@ -147,7 +147,8 @@ class PassageEncoderActor:
     columns plus ``embedding`` (b, dim) float32.
     """
 
-    def __init__(self, name_or_path: str, pooling: str = "mean", max_length: int = 256, torch_threads: int | None = None):
+    def __init__(self, name_or_path: str, pooling: str = "mean", max_length: int = 256, normalize: bool = False,
+                 torch_threads: int | None = None):
         import torch
 
         from raggen.devices import pick_device, pick_dtype
@@ -157,7 +158,7 @@ class PassageEncoderActor:
             torch.set_num_threads(int(torch_threads))
         device = pick_device()
         self.encoder = TextEncoder.from_pretrained(
-            name_or_path, pooling=pooling, max_length=max_length, device=device, dtype=pick_dtype(device)
+            name_or_path, pooling=pooling, max_length=max_length, normalize=normalize, device=device, dtype=pick_dtype(device)
         ).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -334,6 +335,7 @@ def encode_passages(
     encoder_name_or_path: str,
     pooling: str = "mean",
     max_length: int = 256,
+    normalize: bool = False,
     batch_size: int = 64,
     num_shards: int = 1,
     num_actors: int = 1,
@@ -357,7 +359,7 @@ def encode_passages(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     signature = dict(passages_uri=str(passages_uri), format=passages_format, num_shards=num_shards,
-                     encoder=encoder_name_or_path, pooling=pooling, max_length=max_length)  # fmt: skip
+                     encoder=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize)  # fmt: skip
     check_run_signature(work_dir, signature)
     dim = encoder_dim(encoder_name_or_path)
     finished = {s: e for s in range(num_shards) if (e := encoded_shard_done(work_dir, s)) is not None}
@@ -370,7 +372,7 @@ def encode_passages(
         finished.update(
             _encode_pending(
                 str(passages_uri), work_dir, pending, counts, dim,
-                actor_kwargs=dict(name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length,
+                actor_kwargs=dict(name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize,
                                   torch_threads=torch_threads or max(1, int(round(actor_num_cpus)))),
                 batch_size=batch_size, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
                 actor_num_gpus=actor_num_gpus, split=(split_path, split_fs),

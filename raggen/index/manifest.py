@@ -87,6 +87,7 @@ class EncoderInfo(BaseModel):
     name_or_path: str
     pooling: str
     dim: int = Field(gt=0)
+    normalize: bool = False  # L2-normalised vectors; the query encoder must match (absent in older manifests)
 
 
 class ShardEntry(BaseModel):
@@ -181,6 +182,7 @@ def make_manifest(
     pooling: str,
     dim: int,
     metric: str,
+    normalize: bool = False,
     faiss_factory: str,
     shard_files: list[tuple[Path, Path, int]],
 ) -> Manifest:
@@ -198,7 +200,7 @@ def make_manifest(
     return Manifest(
         version=check_version_name(version),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        encoder=EncoderInfo(name_or_path=encoder_name_or_path, pooling=pooling, dim=dim),
+        encoder=EncoderInfo(name_or_path=encoder_name_or_path, pooling=pooling, dim=dim, normalize=normalize),
         metric=metric,
         faiss_factory=faiss_factory,
         num_passages=sum(s.count for s in shards),

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raggen.errors import ConfigError
+from raggen.errors import ConfigError, RaggenError
 from raggen.train.checkpointing import STATE_FILE, copy_checkpoint
 from raggen.train.metrics import METRICS_FILE
 
@@ -112,8 +112,20 @@ def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_
 
 
 def passage_encoder_spec(cfg: "RaggenConfig") -> dict[str, Any]:
-    """d(z) as the index pipeline computes it (its encoder actors do not L2-normalise)."""
-    return {**_encoder_spec(cfg.index.encoder), "normalize": False}
+    """d(z) as the searched index was computed: encoder, pooling and normalisation from the manifest of
+    ``train.index`` (so trained d(z) starts equal to the stored vectors even if ``index.encoder`` names
+    another model), ``max_length`` from ``index.encoder`` (refreshes encode with that section)."""
+    from raggen.index import read_manifest
+
+    spec = _encoder_spec(cfg.index.encoder)
+    try:
+        encoder = read_manifest(cfg.train.index, s3_options=s3_options(cfg.train.s3)).encoder
+    except (RaggenError, FileNotFoundError) as exc:
+        raise ConfigError(f"train.index: {cfg.train.index}: cannot read its manifest ({exc})") from None
+    if encoder.name_or_path != spec["name_or_path"]:
+        log.warning("train.index was encoded with %s, index.encoder names %s: the trained passage encoder "
+                    "starts from the index's", encoder.name_or_path, spec["name_or_path"])
+    return {**spec, "name_or_path": encoder.name_or_path, "pooling": encoder.pooling, "normalize": encoder.normalize}
 
 
 def run_index_uri(storage_path: str, name: str) -> str:

@@ -211,3 +211,25 @@ def test_qa_files_read_from_s3_equal_the_local_ones(s3_bucket, tmp_path):
     assert read_qa(f"s3://{bucket}/qa/dev.jsonl", s3_options=options)[0].gold_passage_ids == ["p1"]
     with pytest.raises(DataError, match="missing.jsonl"):
         read_qa(f"s3://{bucket}/qa/missing.jsonl", s3_options=options)
+
+
+def test_normalize_reaches_the_encoder_actors_and_the_manifest(ray_cluster, tmp_path):
+    """``index.encoder.normalize`` (cosine, as MiniLM was trained): the Ray Data actors L2-normalise
+    the stored vectors, the manifest says so, and the unnormalised build differs only by norms."""
+    passages = tmp_path / "p.tsv"
+    passages.write_text("id\ttext\ttitle\n" + "".join(f"{i}\tpassage number {i} is about {w}\tT{i}\n"
+                                                      for i, w in enumerate(["oats", "rivers", "lutes", "amber"])))
+    built = {}
+    for normalize in (False, True):
+        manifest = build_index(str(passages), str(tmp_path / f"ix-{normalize}"), encoder_name_or_path=MINILM,
+                               max_length=MAX_LENGTH, normalize=normalize, num_shards=1, actor_num_cpus=0.5,
+                               work_dir=tmp_path / f"work-{normalize}")  # fmt: skip
+        assert manifest.encoder.normalize is normalize
+        assert Manifest.model_validate_json(manifest.model_dump_json()).encoder.normalize is normalize
+        table = load_version(str(tmp_path / f"ix-{normalize}")).shards[0].passages
+        built[normalize] = embeddings_of(table)[np.argsort(table.column("id").to_pylist())]
+    norms = np.linalg.norm(built[True], axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-4)
+    assert not np.allclose(np.linalg.norm(built[False], axis=1), 1.0, atol=1e-2)
+    unit = built[False] / np.linalg.norm(built[False], axis=1, keepdims=True)
+    assert np.allclose(unit, built[True], atol=1e-4)

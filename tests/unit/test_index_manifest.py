@@ -303,3 +303,10 @@ def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
     other_table = M.passages_table(np.arange(200), [f"q{r}" for r in range(200)], [""] * 200, [""] * 200)
     mixed = _LocalBackend(searchers[:1] + [ShardSearcher(S.serialize_index(other), other_table, metric="ip", nprobe=3)], max_workers=1)
     assert mixed.coarse is None  # differently trained quantizers: each shard assigns its own lists
+
+
+def test_manifests_written_before_normalize_was_recorded_read_as_unnormalised():
+    from raggen.index.manifest import EncoderInfo
+
+    assert EncoderInfo.model_validate({"name_or_path": "m", "pooling": "mean", "dim": 4}).normalize is False
+    assert EncoderInfo.model_validate({"name_or_path": "m", "pooling": "mean", "dim": 4, "normalize": True}).normalize
