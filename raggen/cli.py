@@ -115,7 +115,7 @@ def cmd_pretrain_reader(args: argparse.Namespace) -> None:
     elif args.init_from:
         init_from = args.init_from
     print(pretrain_reader(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                          lr=args.lr, warmup=args.warmup, eval_examples=args.eval_examples, init_from=init_from,
+                          lr=args.lr, encoder_lr=args.encoder_lr, span_weight=args.span_weight, warmup=args.warmup, eval_examples=args.eval_examples, init_from=init_from,
                           save_dtype=torch.float16 if args.half else None))
 
 
@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, metavar="READER", help="continue from this reader folder")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warm-up, cosine decay)")
     p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    p.add_argument("--span-weight", type=float, default=0.0,
+                   help="weight of an extractive start/end loss on the encoder states (teaches where the answer is)")
+    p.add_argument("--encoder-lr", type=float, default=None,
+                   help="peak rate of the encoder and token embeddings (default: --lr); lower for a warm start")
     p.add_argument("--eval-examples", type=int, default=200, help="held-out fresh facts for EM and the passage gap")
     p.add_argument("--half", action="store_true", help="save the final weights in float16 (how the reader is shipped)")
     add("quickstart", cmd_quickstart, "world -> index -> eval -> JSA train -> eval -> plot -> serve -> hot-swap", config=False)

@@ -38,6 +38,45 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def answer_spans(input_ids: torch.Tensor, answer_ids: list[list[int]]) -> torch.Tensor:
+    """(b, 2) first and last position of each answer's token ids inside its row of ``input_ids``
+    (the last occurrence: the passage follows the question), -100 where it does not occur whole."""
+    spans = torch.full((len(answer_ids), 2), -100, dtype=torch.long)
+    for i, (row, ans) in enumerate(zip(input_ids.tolist(), answer_ids)):
+        n = len(ans)
+        for start in range(len(row) - n, -1, -1) if n else ():
+            if row[start : start + n] == ans:
+                spans[i] = torch.tensor([start, start + n - 1])
+                break
+    return spans
+
+
+def span_loss(span_logits: torch.Tensor, attention_mask: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+    """Extractive-QA cross-entropy of the answer's start and end over the encoder positions.
+
+    span_logits (b, s, 2), attention_mask (b, s), spans (b, 2) with -100 for rows without a span.
+    """
+    logits = span_logits.float().masked_fill(~attention_mask.bool().unsqueeze(-1), torch.finfo(torch.float32).min)
+    spans = spans.to(logits.device)
+    if bool((spans[:, 0] < 0).all()):
+        return span_logits.float().sum() * 0.0  # keeps the graph; the masked logits would give -inf * 0
+    start = torch.nn.functional.cross_entropy(logits[..., 0], spans[:, 0], ignore_index=-100)
+    end = torch.nn.functional.cross_entropy(logits[..., 1], spans[:, 1], ignore_index=-100)
+    return (start + end) / 2
+
+
+def reader_param_groups(model: torch.nn.Module, lr: float, encoder_lr: float | None) -> list[dict]:
+    """AdamW groups with a ``peak_lr`` each: the encoder side (encoder + shared embeddings, which a
+    tied LM head shares) at ``encoder_lr``, the rest at ``lr``; one group when ``encoder_lr`` is None."""
+    named = list(model.named_parameters())  # tied weights are listed once, under their first name
+    if encoder_lr is None:
+        return [{"params": [p for _, p in named], "lr": lr, "peak_lr": lr}]
+    encoder_side = [p for n, p in named if ".encoder." in f".{n}" or n.endswith("shared.weight")]
+    ids = {id(p) for p in encoder_side}
+    rest = [p for _, p in named if id(p) not in ids]
+    return [{"params": encoder_side, "lr": encoder_lr, "peak_lr": encoder_lr}, {"params": rest, "lr": lr, "peak_lr": lr}]
+
+
 @torch.no_grad()
 def reader_exact_match(generator: Generator, examples: list[tuple[str, str, str]], batch_size: int = 32) -> float:
     """Greedy-decoded exact match of the reader given the gold passage (what pre-training teaches)."""
@@ -72,6 +111,26 @@ def passage_reliance(generator: Generator, examples: list[tuple[str, str, str]],
     return sum(gaps) / max(1, len(gaps))
 
 
+def reader_loss(generator: Generator, batch: list[tuple[str, str, str]], span_head: torch.nn.Module | None,
+                span_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean token NLL of the answers given the gold passages (+ ``span_weight`` x the span loss).
+
+    ``loss`` in the returned record stays the token NLL alone, comparable across recipes."""
+    questions, passages, answers = [q for q, _, _ in batch], [[p] for _, p, _ in batch], [a for _, _, a in batch]
+    encoded = generator.encode(questions, passages)
+    target_ids, mask = generator.tokenize_targets(answers)  # (b, t)
+    rows = torch.arange(len(batch), device=generator.device)
+    logprobs = generator._target_logprobs(encoded, rows, target_ids) * mask  # (b, t)
+    nll = -logprobs.sum() / mask.sum()
+    if span_head is None:
+        return nll, {"loss": nll.item()}
+    input_ids = generator.tokenize_sources(questions, passages)["input_ids"]
+    answer_ids = generator.tokenizer(answers, add_special_tokens=False)["input_ids"]
+    spans = answer_spans(input_ids.cpu(), answer_ids)
+    aux = span_loss(span_head(encoded.hidden), encoded.attention_mask, spans)
+    return nll + span_weight * aux, {"loss": nll.item(), "span_loss": aux.item()}
+
+
 def pretrain_reader(
     out_dir: str,
     steps: int = 3000,
@@ -85,19 +144,30 @@ def pretrain_reader(
     init_from: str | None = None,
     dims: dict[str, int] | None = None,
     save_dtype: torch.dtype | None = None,
+    encoder_lr: float | None = None,
+    span_weight: float = 0.0,
 ) -> dict:
     """Train, evaluate on held-out fresh entities, save (safetensors + tokenizer) atomically to ``out_dir``.
 
     Writes ``metrics.jsonl`` beside the model. ``init_from`` continues from an existing reader (or
     starts from a warm-started one); ``save_dtype=torch.float16`` writes the final weights in 16 bits,
     as the shipped reader is stored (``Generator.from_pretrained`` computes in fp32 on CPU).
+    ``encoder_lr`` gives the encoder and the shared token embeddings their own peak rate: a
+    warm-started encoder wants a fine-tuning rate, the freshly initialised decoder a larger one.
+    ``span_weight`` > 0 adds an extractive-QA loss on the encoder states (a linear start/end head
+    that is not saved): it tells the encoder where the answer is, which the answer's likelihood
+    alone teaches slowly (a small reader first settles into a language model of answers).
     """
     torch.manual_seed(seed)
     device = pick_device()
     if init_from is None:
         init_from = make_tiny_generator(os.path.join(out_dir + ".init"), kind="bart", seed=seed, **(dims or READER_DIMS))
     generator = Generator.from_pretrained(init_from, max_source_length=max_source_length, max_target_length=16, device=device)
-    optimizer = torch.optim.AdamW(generator.parameters(), lr=lr, weight_decay=0.01)
+    span_head = torch.nn.Linear(generator.model.config.d_model, 2).to(device) if span_weight > 0 else None
+    groups = reader_param_groups(generator.model, lr, encoder_lr)
+    if span_head is not None:
+        groups.append({"params": list(span_head.parameters()), "lr": lr, "peak_lr": lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     stream = reader_examples(seed)
     held_out = list(itertools.islice(reader_examples(seed + 10_000), eval_examples))
     metrics_path = Path(out_dir + ".metrics.jsonl")
@@ -107,15 +177,14 @@ def pretrain_reader(
     with metrics_path.open("w") as sink, tqdm(total=steps, desc="reader", unit="step") as bar:
         for step in range(steps):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, lr, warmup, steps)
+                group["lr"] = lr_at(step, group["peak_lr"], warmup, steps)
             batch = list(itertools.islice(stream, batch_size))
-            logprobs, mask = generator.token_logprobs([q for q, _, _ in batch], [[p] for _, p, _ in batch], [a for _, _, a in batch])
-            loss = -(logprobs[:, 0] * mask).sum() / mask.sum()  # mean token NLL
+            loss, parts = reader_loss(generator, batch, span_head, span_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             optimizer.step()
-            record = {"step": step + 1, "loss": float(loss), "lr": optimizer.param_groups[0]["lr"], "elapsed_s": time.time() - start}
+            record = {"step": step + 1, **parts, "lr": optimizer.param_groups[-1]["lr"], "elapsed_s": time.time() - start}
             if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
                 record["heldout_em"] = reader_exact_match(generator, held_out)
                 record["passage_gap_nats"] = passage_reliance(generator, held_out)

@@ -22,9 +22,11 @@ def test_normalize_answer():
 def test_short_pretraining_lowers_the_loss_and_saves_a_loadable_reader(tmp_path):
     out = str(tmp_path / "reader")
     result = pretrain_reader(out, steps=25, batch_size=8, lr=3e-3, warmup=2, eval_every=25, eval_examples=8,
-                             max_source_length=96, dims={"d_model": 32, "layers": 1, "heads": 2, "ffn": 64})
+                             max_source_length=96, dims={"d_model": 32, "layers": 1, "heads": 2, "ffn": 64},
+                             span_weight=0.5)
     rows = [json.loads(line) for line in open(out + ".metrics.jsonl")]
     assert len(rows) == 25 and "heldout_em" in rows[-1]
+    assert rows[-1]["span_loss"] < rows[0]["span_loss"]  # the extractive head learns too
     assert abs(rows[-1]["passage_gap_nats"]) < 50  # a finite mean log-likelihood difference
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 0.5, (first, last)
@@ -83,3 +85,32 @@ def test_half_precision_save_halves_the_file_and_reloads_in_fp32_on_cpu(tmp_path
         got, _ = half.token_logprobs(*args)
     assert torch.allclose(ref * mask[:, None], got * mask[:, None], atol=2e-2)
     assert not torch.equal(ref, got)  # it really went through 16 bits
+
+
+def test_answer_spans_find_the_last_whole_occurrence_or_mark_none():
+    import torch
+
+    from raggen.train.reader import answer_spans
+
+    ids = torch.tensor([[101, 7, 8, 9, 102, 5, 7, 8, 102, 0], [101, 4, 4, 102, 0, 0, 0, 0, 0, 0]])
+    spans = answer_spans(ids, [[7, 8], [4, 5]])
+    assert spans.tolist() == [[6, 7], [-100, -100]]  # the passage's mention, not the question's
+
+
+def test_span_loss_is_the_mean_start_end_cross_entropy_over_real_positions():
+    import torch
+
+    from raggen.train.reader import span_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 2)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    spans = torch.tensor([[1, 2], [4, 4], [-100, -100]])
+    expected = []
+    for i in range(2):  # brute force: log-softmax over the row's real positions only
+        real = int(mask[i].sum())
+        for j in range(2):
+            expected.append(-torch.log_softmax(logits[i, :real, j], dim=0)[spans[i, j]])
+    want = (torch.stack(expected[0::2]).mean() + torch.stack(expected[1::2]).mean()) / 2
+    assert torch.allclose(span_loss(logits, mask, spans), want, atol=1e-6)
+    assert float(span_loss(logits, mask, torch.full((3, 2), -100))) == 0.0
