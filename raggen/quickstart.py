@@ -59,32 +59,45 @@ def build_v2_unpublished(cfg: RaggenConfig, world_files, v1: str, v2: str) -> No
     set_latest(cfg.index.output, v1, s3_options=kwargs["s3_options"])
 
 
-def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2: str) -> dict:
-    """Serve v1, ask about a fact that v2 changes, move LATEST to v2, swap, ask again."""
+def _matches(answer: str, answers: list[str]) -> bool:
+    from raggen.train.evaluate import exact_match
+
+    return bool(exact_match(answer, answers))
+
+
+def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2: str, num_questions: int = 5) -> dict:
+    """Serve v1, ask about facts that v2 changes, move LATEST to v2, swap (no restart), ask again.
+
+    Counts how many answers match the v1 facts before the swap and the v2 facts after it."""
     from raggen.corpus.world import read_changed_facts
     from raggen.index import set_latest
     from raggen.serve.app import serve_from_config, swap_index_from_config
     from raggen.serve.client import ask
 
     changed = [c for c in read_changed_facts(world_files.changed) if c.split == "test"] or read_changed_facts(world_files.changed)
-    fact = changed[0]
+    facts = changed[:num_questions]
     with stage("serve (Ray Serve, index v1)", timings):
         url = serve_from_config(cfg, blocking=False)
-        before = ask(url, fact.question, top_k=3)
-    print(f"Q: {fact.question}\n  v1 fact: {fact.answers_v1}  answer: {before['answer']!r}  "
-          f"top passage: {before['passages'][0]['text'][:120]}...  (index {before['index_version']})")
+        before = [ask(url, f.question, top_k=3) for f in facts]
     with stage("publish v2 (LATEST -> v2) and hot-swap (reconfigure, no restart)", timings):
         set_latest(cfg.index.output, v2, s3_options=cfg.index.s3.storage_options())
         info = swap_index_from_config(cfg, version=v2)
-        after = ask(url, fact.question, top_k=3)
-    print(f"  v2 fact: {fact.answers_v2}  answer: {after['answer']!r}  "
-          f"top passage: {after['passages'][0]['text'][:120]}...  (index {after['index_version']})")
-    evidence_v2 = any(fact.answers_v2[0].lower() in p["text"].lower() for p in after["passages"])
-    print(f"  v2 fact in the retrieved evidence: {evidence_v2}")
-    return {"url": url, "question": fact.question, "answers_v1": fact.answers_v1, "answers_v2": fact.answers_v2,
-            "answer_v1_index": before["answer"], "answer_v2_index": after["answer"],
-            "index_versions": [before["index_version"], after["index_version"]], "live": info.get("version"),
-            "v2_evidence_retrieved": evidence_v2}
+    after = [ask(url, f.question, top_k=3) for f in facts]
+    rows = []
+    for fact, b, a in zip(facts, before, after):
+        row = {"question": fact.question, "answers_v1": fact.answers_v1, "answers_v2": fact.answers_v2,
+               "answer_before": b["answer"], "answer_after": a["answer"],
+               "index_versions": [b["index_version"], a["index_version"]],
+               "v1_fact_before": _matches(b["answer"], fact.answers_v1), "v2_fact_after": _matches(a["answer"], fact.answers_v2),
+               "v2_evidence_retrieved": any(fact.answers_v2[0].lower() in p["text"].lower() for p in a["passages"])}
+        rows.append(row)
+        print(f"Q: {fact.question}\n  v1 fact {fact.answers_v1[0]!r} -> answer {b['answer']!r} (index {b['index_version']})"
+              f"\n  v2 fact {fact.answers_v2[0]!r} -> answer {a['answer']!r} (index {a['index_version']})")
+    counts = {k: sum(r[k] for r in rows) for k in ("v1_fact_before", "v2_fact_after", "v2_evidence_retrieved")}
+    print(f"answers matching the v1 fact before the swap: {counts['v1_fact_before']}/{len(rows)}; "
+          f"matching the v2 fact after it: {counts['v2_fact_after']}/{len(rows)}; "
+          f"v2 passage in the evidence: {counts['v2_evidence_retrieved']}/{len(rows)}")
+    return {"url": url, "questions": rows, "live": info.get("version"), **counts, "asked": len(rows)}
 
 
 def run_quickstart(cfg: RaggenConfig) -> dict:
@@ -119,8 +132,15 @@ def run_quickstart(cfg: RaggenConfig) -> dict:
     plot = plot_metrics(run_dir, os.path.join(run_dir, "metrics.png"))
     print(f"\nplot: {plot}\n\n{comparison_table(before, after)}")
     cfg.serve.model_dir = result["final"]
+    with stage("eval the changed facts' v2 answers on index v1", timings):
+        changed_v1 = evaluate_from_config(cfg, checkpoint=result["final"], split="changed")
     swap = hot_swap_demo(cfg, files, timings, v2)
-    summary = {"before": before, "after": after, "plot": plot, "hot_swap": swap, "timings_s": timings,
+    with stage("eval the changed facts' v2 answers on index v2", timings):
+        changed_v2 = evaluate_from_config(cfg, checkpoint=result["final"], split="changed")
+    print(f"\nchanged facts, scored against their v2 answers: EM {changed_v1.get('em', float('nan')):.2f} on index v1 -> "
+          f"{changed_v2.get('em', float('nan')):.2f} on index v2 (no retraining)")
+    summary = {"before": before, "after": after, "plot": plot, "hot_swap": swap,
+               "changed_facts_v2_answers": {"index_v1": changed_v1, "index_v2": changed_v2}, "timings_s": timings,
                "total_minutes": (time.time() - start) / 60}
     Path(run_dir, "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\nquickstart done in {summary['total_minutes']:.1f} min; summary: {run_dir}/quickstart.json")

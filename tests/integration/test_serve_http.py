@@ -1,8 +1,9 @@
 """The serve graph on a real Ray Serve, over real HTTP: evidence, validation, auth, index hot-swap.
 
 Two small MiniLM indexes are built with ``build_index`` from the generated world's passages v1 and
-v2; the reader is a tiny random BART (its answers are gibberish), so the tests assert on the
-evidence: passage ids/scores against exact search, the passage texts of v1 vs v2, index versions.
+v2; the reader is the shipped one (``raggen/assets/reader``, pre-trained to read answers out of
+passages). The tests assert on the evidence (passage ids/scores against exact search, the passage
+texts of v1 vs v2, index versions) and, across the hot-swap, on the answers themselves.
 
 The tests share one deployed app (module scope) and each first puts it in the state it needs.
 """
@@ -27,9 +28,10 @@ from ray import serve  # noqa: E402
 
 from raggen.corpus.world import WorldConfig, read_changed_facts, write_world  # noqa: E402
 from raggen.index import build_index, embeddings_of, load_version, set_latest  # noqa: E402
-from raggen.models import TextEncoder, make_tiny_generator  # noqa: E402
+from raggen.models import TextEncoder  # noqa: E402
 from raggen.serve.app import deploy_config, serve_deploy_config, wait_until_running, with_index  # noqa: E402
 from raggen.serve.client import ServiceError, ask  # noqa: E402
+from raggen.train.evaluate import exact_match  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +39,8 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 QUERY_MAX_LENGTH = 64
 TOP_K = 5
 TOKEN = "s3cret-token"
+MAX_NEW_TOKENS = 12
+SHIPPED_READER = str(Path(__file__).resolve().parents[2] / "raggen" / "assets" / "reader")
 
 
 def _free_port() -> int:
@@ -82,7 +86,7 @@ def world(tmp_path_factory, ray_session):
     texts = {v: pd.read_csv(p, sep="\t", dtype=str).set_index("id")["text"].to_dict()
              for v, p in (("v1", files.passages_v1), ("v2", files.passages_v2))}
     return SimpleNamespace(out=out, root=root, texts=texts, changed=read_changed_facts(files.changed),
-                           generator=make_tiny_generator(str(out / "generator")))
+                           generator=SHIPPED_READER)
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +116,8 @@ def service(world, moto_s3):
     args = {
         "index": world.root, "index_version": "v1",
         "query_encoder": {"name_or_path": MINILM, "pooling": "mean", "max_length": QUERY_MAX_LENGTH},
-        "generator": world.generator, "max_source_length": 96, "max_target_length": 8, "num_beams": 2,
-        "default_top_k": TOP_K, "max_top_k": 8, "max_question_chars": 200, "max_new_tokens": 4,
+        "generator": world.generator, "max_source_length": 192, "max_target_length": 16, "num_beams": 2,
+        "default_top_k": TOP_K, "max_top_k": 8, "max_question_chars": 200, "max_new_tokens": MAX_NEW_TOKENS,
         "replica_num_cpus": 0.1, "ingress_num_cpus": 0.05, "max_batch_size": 4, "batch_wait_timeout_s": 0.005,
         "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2},
         "s3": moto_s3,  # how the Retriever reaches S3 when a user_config names an s3:// index
@@ -137,19 +141,22 @@ def _use(service, config: dict, root: str, version: str, timeout_s: float = 90) 
     _wait_for(live, timeout_s, f"index {root} version {version}")
 
 
-def _probe(world, exact) -> SimpleNamespace:
-    """A changed fact whose gold passage exact search ranks in the top k under both versions."""
+def _probe(world, exact, service=None) -> SimpleNamespace:
+    """A changed fact whose gold passage exact search ranks in the top k under both versions and,
+    given ``service`` (serving v1), that the reader answers with its v1 value."""
     for fact in world.changed:
         gold = fact.gold_passage_ids[0]
         if all(gold in exact(fact.question, v)[0] for v in ("v1", "v2")):
             assert world.texts["v1"][gold] != world.texts["v2"][gold]
-            return SimpleNamespace(question=fact.question, gold=gold)
-    pytest.fail("no changed fact is retrievable in both versions: the world or the encoder changed")
+            if service is not None and not exact_match(_answer(service, fact.question).json()["answer"], fact.answers_v1):
+                continue
+            return SimpleNamespace(question=fact.question, gold=gold, v1=fact.answers_v1, v2=fact.answers_v2)
+    pytest.fail("no changed fact is both retrievable in both versions and read right from v1 by the reader")
 
 
 def _answer(service, question: str, **extra) -> httpx.Response:
     return service.http.post("/v1/answer", json={"question": question, "top_k": TOP_K, "decoding": "rag-token",
-                                                 "max_new_tokens": 4, **extra})
+                                                 "max_new_tokens": MAX_NEW_TOKENS, **extra})
 
 
 def test_answers_with_evidence_from_exact_search(service, world, exact):
@@ -181,7 +188,7 @@ def test_answers_with_evidence_from_exact_search(service, world, exact):
     (json.dumps({"question": "q", "top_k": 9}), "application/json", "top_k", 422),
     (json.dumps({"question": "q", "top_k": "5"}), "application/json", "top_k", 422),
     (json.dumps({"question": "q", "decoding": "greedy"}), "application/json", "decoding", 422),
-    (json.dumps({"question": "q", "max_new_tokens": 5}), "application/json", "max_new_tokens", 422),
+    (json.dumps({"question": "q", "max_new_tokens": MAX_NEW_TOKENS + 1}), "application/json", "max_new_tokens", 422),
     ('{"question": "q",', "application/json", "body", 422),
     (json.dumps({"question": "q"}), "text/plain", "content-type", 415),
 ])
@@ -193,9 +200,12 @@ def test_invalid_requests_get_4xx_naming_the_field(service, content, content_typ
 
 
 def test_hot_swap_v1_to_v2_under_load_fails_no_request(service, world, exact):
+    """A steady stream of one changed fact's question while the index swaps v1 -> v2: every request
+    is answered, the versions switch once, the evidence is each version's own passage, and the
+    answer switches from the v1 value to the v2 value of the fact (no retraining)."""
     _use(service, with_index(service.config, world.root, "v1"), world.root, "v1")
-    probe = _probe(world, exact)
-    seen: list[tuple[int, str | None, str | None]] = []  # (status, index version, gold passage text)
+    probe = _probe(world, exact, service)
+    seen: list[tuple[int, str | None, str | None, str | None]] = []  # (status, index version, gold passage text, answer)
     stop = threading.Event()
 
     def client() -> None:
@@ -203,30 +213,34 @@ def test_hot_swap_v1_to_v2_under_load_fails_no_request(service, world, exact):
             deadline = time.monotonic() + 120
             while not stop.is_set() and len(seen) < 400 and time.monotonic() < deadline:
                 try:
-                    r = http.post("/v1/answer", json={"question": probe.question, "top_k": TOP_K, "max_new_tokens": 2})
+                    r = http.post("/v1/answer", json={"question": probe.question, "top_k": TOP_K,
+                                                      "max_new_tokens": MAX_NEW_TOKENS})
                 except httpx.HTTPError as exc:
-                    seen.append((0, None, repr(exc)))
+                    seen.append((0, None, repr(exc), None))
                     continue
                 body = r.json() if r.status_code == 200 else {}
                 gold = next((p["text"] for p in body.get("passages", []) if p["id"] == probe.gold), None)
-                seen.append((r.status_code, body.get("index_version"), gold))
+                seen.append((r.status_code, body.get("index_version"), gold, body.get("answer")))
 
     thread = threading.Thread(target=client, daemon=True)
     thread.start()
-    _wait_for(lambda: len(seen) >= 10, 90, "the first answers")
+    _wait_for(lambda: len(seen) >= 5, 90, "the first answers")
     deploy_config(with_index(service.config, world.root, "v2"))
-    _wait_for(lambda: any(v == "v2" for _, v, _ in seen), 90, "answers from v2")
+    _wait_for(lambda: any(x[1] == "v2" for x in seen), 90, "answers from v2")
     n = len(seen)
-    _wait_for(lambda: len(seen) >= n + 10, 90, "more answers after the swap")
+    _wait_for(lambda: len(seen) >= n + 5, 90, "more answers after the swap")
     stop.set()
     thread.join(timeout=60)
 
-    assert [s for s, _, _ in seen] == [200] * len(seen), [x for x in seen if x[0] != 200][:3]
-    versions = [v for _, v, _ in seen]
+    assert [x[0] for x in seen] == [200] * len(seen), [x for x in seen if x[0] != 200][:3]
+    versions = [x[1] for x in seen]
     first_v2 = versions.index("v2")
     assert first_v2 > 0 and versions == ["v1"] * first_v2 + ["v2"] * (len(versions) - first_v2)
-    for _, version, gold_text in seen:  # the evidence is the version's own passage text
+    for _, version, gold_text, _ in seen:  # the evidence is the version's own passage text
         assert gold_text == world.texts[version][probe.gold]
+    answers = {version: {a for _, v, _, a in seen if v == version} for version in ("v1", "v2")}
+    assert all(exact_match(a, probe.v1) for a in answers["v1"]), (probe.v1, answers["v1"])
+    assert all(exact_match(a, probe.v2) for a in answers["v2"]), (probe.v2, answers["v2"])
 
 
 def test_hot_swap_to_an_index_on_s3(service, world, exact, s3_bucket):
