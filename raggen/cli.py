@@ -97,25 +97,25 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain_reader(args: argparse.Namespace) -> None:
+    """The defaults are the shipped reader's recipe (``make reader`` adds ``--seed 3 --half``)."""
     import torch
 
     from raggen.train.reader import pretrain_reader
 
-    if args.warm_start_encoder and args.init_from:
-        raise ConfigError("--warm-start-encoder and --init-from: give one starting point, not both")
-    init_from = None
-    if args.warm_start_encoder:
+    init_from = None  # --from-scratch: a random reader-size BART
+    if args.init_from:
+        init_from = args.init_from
+    elif not args.from_scratch:
         from raggen.models.warm_start import bart_from_bert_encoder
 
         try:
             init_from = bart_from_bert_encoder(args.warm_start_encoder, args.out + ".init",
                                                encoder_layers=args.encoder_layers, seed=args.seed)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise ConfigError(f"--warm-start-encoder / --encoder-layers: {e}") from None
-    elif args.init_from:
-        init_from = args.init_from
     print(pretrain_reader(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                          lr=args.lr, encoder_lr=args.encoder_lr, span_weight=args.span_weight, warmup=args.warmup, eval_examples=args.eval_examples, init_from=init_from,
+                          lr=args.lr, encoder_lr=args.encoder_lr, span_weight=args.span_weight, warmup=args.warmup,
+                          eval_examples=args.eval_examples, init_from=init_from,
                           save_dtype=torch.float16 if args.half else None))
 
 
@@ -177,20 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pretrain-reader", cmd_pretrain_reader, "pre-train the small reader on fresh world facts", config=None)
     p.add_argument("--out", default="raggen/assets/reader")
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warm-start-encoder", default=None, metavar="ENCODER",
-                   help="start from a BART whose encoder is this pretrained BERT-style encoder (e.g. "
-                        "sentence-transformers/all-MiniLM-L6-v2) instead of a random small BART")
-    p.add_argument("--encoder-layers", type=int, default=None, help="with --warm-start-encoder: keep the first N layers")
-    p.add_argument("--init-from", default=None, metavar="READER", help="continue from this reader folder")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warm-up, cosine decay)")
-    p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
-    p.add_argument("--span-weight", type=float, default=0.0,
-                   help="weight of an extractive start/end loss on the encoder states (teaches where the answer is)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--warm-start-encoder", default="sentence-transformers/all-MiniLM-L6-v2", metavar="ENCODER",
+                       help="a BART whose encoder is this pretrained BERT-style encoder (default: the bundled MiniLM-L6)")
+    start.add_argument("--init-from", default=None, metavar="READER", help="continue from this reader folder")
+    start.add_argument("--from-scratch", action="store_true", help="a random ~8M-parameter BART instead (it does not learn to read)")
+    p.add_argument("--encoder-layers", type=int, default=3, help="with --warm-start-encoder: keep the first N layers")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (linear warm-up, cosine decay)")
     p.add_argument("--encoder-lr", type=float, default=None,
-                   help="peak rate of the encoder and token embeddings (default: --lr); lower for a warm start")
-    p.add_argument("--eval-examples", type=int, default=200, help="held-out fresh facts for EM and the passage gap")
+                   help="peak rate of the encoder and token embeddings (default: --lr)")
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    p.add_argument("--span-weight", type=float, default=1.0,
+                   help="weight of an extractive start/end loss on the encoder states (teaches where the answer is; 0 = off)")
+    p.add_argument("--eval-examples", type=int, default=64, help="held-out fresh facts for EM and the passage gap")
     p.add_argument("--half", action="store_true", help="save the final weights in float16 (how the reader is shipped)")
     add("quickstart", cmd_quickstart, "world -> index -> eval -> JSA train -> eval -> plot -> serve -> hot-swap", config=False)
     return parser

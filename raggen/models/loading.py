@@ -32,3 +32,34 @@ def resolve_model_path(name_or_path: str) -> str:
         if bundled is not None:
             return str(bundled)
     return name_or_path
+
+
+def fetch_model_dir(name_or_path: str, s3_options=None) -> str:
+    """An ``s3://`` model folder (a checkpoint's ``generator/``, ``query_encoder/`` ...) downloaded
+    into a fresh local folder; anything else resolved as :func:`resolve_model_path` does.
+
+    Serve replicas and the CLI call this before ``from_pretrained``, which reads local folders and
+    hub ids only. Every file is fetched into a temporary name first and the folder is renamed into
+    place once complete, so a failed download never leaves a folder that looks like a model.
+    """
+    import shutil
+    import tempfile
+
+    from raggen.errors import ConfigError
+    from raggen.storage import download, is_s3_uri
+
+    if not is_s3_uri(name_or_path):
+        return resolve_model_path(name_or_path)
+    parent = Path(tempfile.gettempdir()) / "raggen-models"
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=parent))
+    try:
+        files = download(name_or_path, staging, s3_options)
+        if not (staging / "config.json").is_file():
+            raise ConfigError(f"{name_or_path}: not a model folder (no config.json among {len(files)} objects)")
+        final = Path(tempfile.mkdtemp(prefix="model-", dir=parent))
+        os.replace(staging, final / "model")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return str(final / "model")

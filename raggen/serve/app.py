@@ -116,8 +116,8 @@ def build_app(args: dict[str, Any]) -> Application:
         encoder=a.query_encoder.model_dump(), s3=a.s3, **batching)
     generator = Generator.options(**_model_options(a)).bind(
         path=a.generator, max_source_length=a.max_source_length, max_target_length=a.max_target_length,
-        num_beams=a.num_beams, **batching)
-    reranker = Reranker.options(**_model_options(a)).bind(path=a.reranker, **batching) if a.reranker else None
+        num_beams=a.num_beams, s3=a.s3, **batching)
+    reranker = Reranker.options(**_model_options(a)).bind(path=a.reranker, s3=a.s3, **batching) if a.reranker else None
     limits = RequestLimits(max_question_chars=a.max_question_chars, default_top_k=a.default_top_k,
                            max_top_k=a.max_top_k, max_new_tokens=a.max_new_tokens)
     ingress = Ingress.options(
@@ -137,22 +137,24 @@ def build_app_from_config(**kwargs: Any) -> Application:
 def app_args_from_config(cfg: Any) -> dict[str, Any]:
     """A raggen config (``serve`` + ``model`` sections) as ``build_app`` args.
 
-    ``serve.model_dir`` (a trained checkpoint folder) supplies ``query_encoder/``, ``generator/``
-    and ``reranker/`` where those sub-folders exist; the ``model`` section supplies the rest.
+    ``serve.model_dir`` (a trained checkpoint: a folder or an ``s3://`` prefix, which the replicas
+    download) supplies ``query_encoder/``, ``generator/`` and ``reranker/`` where those hold a
+    model; the ``model`` section supplies the rest. A ``model_dir`` that holds none of them is an
+    error (serving the untrained models by mistake would be silent).
     """
-    from pathlib import Path
+    from raggen.errors import ConfigError
+    from raggen.storage import exists, join_uri
 
     s, m = cfg.serve, cfg.model
     encoder = m.query_encoder.model_dump()
     generator, reranker = m.generator, m.reranker
     if s.model_dir:
-        root = Path(s.model_dir)
-        if (root / "query_encoder").is_dir():
-            encoder["name_or_path"] = str(root / "query_encoder")
-        if (root / "generator").is_dir():
-            generator = str(root / "generator")
-        if (root / "reranker").is_dir():
-            reranker = str(root / "reranker")
+        found = {name: join_uri(s.model_dir, name) for name in ("query_encoder", "generator", "reranker")
+                 if exists(join_uri(s.model_dir, name, "config.json"), s.s3.storage_options())}
+        if not found:
+            raise ConfigError(f"serve.model_dir: {s.model_dir}: holds no query_encoder/, generator/ or reranker/ model")
+        encoder["name_or_path"] = found.get("query_encoder", encoder["name_or_path"])
+        generator, reranker = found.get("generator", generator), found.get("reranker", reranker)
     return dict(
         index=s.index, watch_latest=s.watch_latest, watch_interval_s=s.watch_interval_s,
         s3=s.s3.storage_options(), query_encoder=encoder, generator=generator, reranker=reranker,

@@ -36,6 +36,7 @@ from raggen.index import ShardedIndex, load_version, read_latest
 from raggen.models import Generator as GeneratorModel
 from raggen.models import Reranker as RerankerModel
 from raggen.models import TextEncoder, passage_text
+from raggen.models.loading import fetch_model_dir
 from raggen.serve.auth import DEFAULT_TOKEN_ENV, install_bearer_auth, token_from_env
 from raggen.serve.schemas import (
     AnswerRequest,
@@ -406,6 +407,7 @@ class Retriever:
     def __init__(self, encoder: dict, s3: dict | None = None, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, device: str | None = None):
         dev = pick_device(device)
+        encoder = {**encoder, "name_or_path": fetch_model_dir(encoder["name_or_path"], s3)}
         self.encoder = TextEncoder.from_pretrained(**encoder, device=dev).eval()
         self.holder = IndexHolder(
             loader=functools.partial(_load_for_swap, s3=s3, expect_dim=self.encoder.dim),
@@ -448,9 +450,9 @@ class Reranker:
     """Cross-encoder over the retrieved candidates; keeps the top_k by its score."""
 
     def __init__(self, path: str, max_length: int = 256, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, device: str | None = None):
+                 batch_wait_timeout_s: float = 0.01, device: str | None = None, s3: dict | None = None):
         dev = pick_device(device)
-        self.model = RerankerModel.from_pretrained(path, max_length=max_length, device=dev).eval()
+        self.model = RerankerModel.from_pretrained(fetch_model_dir(path, s3), max_length=max_length, device=dev).eval()
         _set_batching(self.rerank, max_batch_size, batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
@@ -466,9 +468,10 @@ class Generator:
     """The reader; decodes with RAG-Token beam search or RAG-Sequence fast/thorough (raggen.decoding)."""
 
     def __init__(self, path: str, max_source_length: int = 192, max_target_length: int = 32, num_beams: int = 4,
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, device: str | None = None):
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, device: str | None = None,
+                 s3: dict | None = None):
         dev = pick_device(device)
-        self.model = GeneratorModel.from_pretrained(path, max_source_length=max_source_length,
+        self.model = GeneratorModel.from_pretrained(fetch_model_dir(path, s3), max_source_length=max_source_length,
                                                     max_target_length=max_target_length, device=dev,
                                                     dtype=pick_dtype(dev)).eval()
         self.num_beams = num_beams

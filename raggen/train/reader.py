@@ -1,8 +1,12 @@
-"""Pre-train the quickstart's small reader to copy answer spans, on an endless stream of fresh facts.
+"""Pre-train the quickstart's small reader to read answer spans, on an endless stream of fresh facts.
 
 A reader trained from scratch on a fixed QA set memorises it; trained on entities invented anew for
-every batch (``world.reader_examples``) it has to learn to read. End-to-end RAG training then has
-retrieval left to learn. ``make reader`` rebuilds the shipped ``raggen/assets/reader`` this way.
+every batch (``world.reader_examples``) it cannot, but a small one trained on the answer's
+likelihood alone still settles into a language model of answers that ignores the passage
+(``passage_reliance`` ~ 0). What reads: an encoder warm-started from MiniLM
+(``raggen.models.warm_start``) plus an extractive start/end loss on the encoder states
+(``span_weight``). End-to-end RAG training then has retrieval left to learn. ``make reader``
+rebuilds the shipped ``raggen/assets/reader`` this way.
 """
 
 from __future__ import annotations
