@@ -148,17 +148,18 @@ class PassageEncoderActor:
     """
 
     def __init__(self, name_or_path: str, pooling: str = "mean", max_length: int = 256, normalize: bool = False,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, s3_options: Mapping[str, Any] | None = None):
         import torch
 
         from raggen.devices import pick_device, pick_dtype
+        from raggen.models.loading import fetch_model_dir
         from raggen.models.retriever import TextEncoder
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         device = pick_device()
         self.encoder = TextEncoder.from_pretrained(
-            name_or_path, pooling=pooling, max_length=max_length, normalize=normalize, device=device, dtype=pick_dtype(device)
+            fetch_model_dir(name_or_path, s3_options), pooling=pooling, max_length=max_length, normalize=normalize, device=device, dtype=pick_dtype(device)
         ).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -227,11 +228,17 @@ def encoded_shard_done(work_dir: Path, shard: int) -> EncodedShard | None:
     return EncodedShard(shard=shard, path=path, count=int(marker["count"]))
 
 
-def encoder_dim(name_or_path: str) -> int:
+def encoder_dim(name_or_path: str, s3_options=None) -> int:
+    """The encoder's hidden size, from its config (an ``s3://`` folder's config.json is read there)."""
+    import json as _json
+
     from transformers import AutoConfig
 
     from raggen.models.loading import resolve_model_path
+    from raggen.storage import is_s3_uri, join_uri, read_bytes
 
+    if is_s3_uri(name_or_path):
+        return int(_json.loads(read_bytes(join_uri(name_or_path, "config.json"), s3_options))["hidden_size"])
     return int(AutoConfig.from_pretrained(resolve_model_path(name_or_path)).hidden_size)
 
 
@@ -361,7 +368,7 @@ def encode_passages(
     signature = dict(passages_uri=str(passages_uri), format=passages_format, num_shards=num_shards,
                      encoder=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize)  # fmt: skip
     check_run_signature(work_dir, signature)
-    dim = encoder_dim(encoder_name_or_path)
+    dim = encoder_dim(encoder_name_or_path, s3_options)
     finished = {s: e for s in range(num_shards) if (e := encoded_shard_done(work_dir, s)) is not None}
     pending = [s for s in range(num_shards) if s not in finished]
     if pending:
@@ -373,6 +380,7 @@ def encode_passages(
             _encode_pending(
                 str(passages_uri), work_dir, pending, counts, dim,
                 actor_kwargs=dict(name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize,
+                                  s3_options=s3_options,
                                   torch_threads=torch_threads or max(1, int(round(actor_num_cpus)))),
                 batch_size=batch_size, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
                 actor_num_gpus=actor_num_gpus, split=(split_path, split_fs),

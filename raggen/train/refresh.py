@@ -9,8 +9,9 @@ step (a synchronous version of REALM's asynchronous refresh). The index the run 
 never touched; each checkpoint records which refreshed version the run was searching, so a
 resumed run searches the same one.
 
-The encoder snapshot is written to ``staging_dir``, which the Ray Data encoder actors must be
-able to read: the run folder for local storage (shared storage on a multi-node cluster).
+The encoder snapshot is written to ``staging_dir`` and, when the run stores to S3, uploaded under
+``snapshot_uri`` so that encoder actors on any node download it (with local storage the run folder
+must be shared storage on a multi-node cluster); the refreshed manifest names that snapshot.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class RefreshSpec:
     staging_dir: str  # passage-encoder snapshots, readable by the encoder actors
     build: dict[str, Any] = field(default_factory=dict)
     s3: dict[str, Any] | None = None
+    snapshot_uri: str | None = None  # s3:// prefix for the encoder snapshots (None: use staging_dir)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "RefreshSpec | None":
@@ -59,8 +61,14 @@ def build_refreshed_index(passage_encoder: torch.nn.Module, spec: RefreshSpec, s
     """Rank 0's part: snapshot the encoder, run the index pipeline, return the published version."""
     from raggen.index import build_index
 
-    snapshot = os.path.join(spec.staging_dir, f"passage-encoder-step-{step:07d}")
+    name = f"passage-encoder-step-{step:07d}"
+    snapshot = os.path.join(spec.staging_dir, name)
     passage_encoder.save_pretrained(snapshot)
+    if spec.snapshot_uri:
+        from raggen.storage import join_uri, upload_dir
+
+        snapshot = join_uri(spec.snapshot_uri, name)
+        upload_dir(os.path.join(spec.staging_dir, name), snapshot, spec.s3)
     version = version_for_step(step)
     # a work folder of its own: build_index resumes encoding from a matching one, and a retried
     # attempt's encoder need not equal the failed attempt's

@@ -141,9 +141,10 @@ def refresh_spec(cfg: "RaggenConfig") -> dict[str, Any]:
     for key in ("passages_uri", "output_uri", "encoder_name_or_path", "version", "s3_options"):
         build.pop(key)
     staging = os.path.join(local_run_dir(t.storage_path, t.name), "refresh")  # encoder snapshots: local folders
+    snapshots = f"{t.storage_path.rstrip('/')}/{t.name}/refresh" if t.storage_path.startswith("s3://") else None
     return {"every": t.refresh_index_every, "passages_uri": cfg.index.passages,
             "output_uri": run_index_uri(t.storage_path, t.name), "staging_dir": staging,
-            "build": build, "s3": s3_options(t.s3)}
+            "build": build, "s3": s3_options(t.s3), "snapshot_uri": snapshots}
 
 
 # ---------------------------------------------------------------------------------------------

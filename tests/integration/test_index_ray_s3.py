@@ -233,3 +233,32 @@ def test_normalize_reaches_the_encoder_actors_and_the_manifest(ray_cluster, tmp_
     assert not np.allclose(np.linalg.norm(built[False], axis=1), 1.0, atol=1e-2)
     unit = built[False] / np.linalg.norm(built[False], axis=1, keepdims=True)
     assert np.allclose(unit, built[True], atol=1e-4)
+
+
+def test_refresh_with_s3_storage_publishes_the_encoder_snapshot_where_every_node_reads_it(
+        ray_cluster, tmp_path, s3_bucket):
+    """A run that stores to S3 uploads each passage-encoder snapshot there; the Ray Data actors
+    download it, the refreshed manifest names it, and the vectors are that encoder's."""
+    from raggen.models import TextEncoder, make_tiny_encoder
+    from raggen.storage import list_uri
+    from raggen.train.refresh import RefreshSpec, build_refreshed_index
+
+    bucket, options = s3_bucket
+    passages = tmp_path / "p.tsv"
+    passages.write_text("id\ttext\ttitle\n" + "".join(f"{i}\tpassage {i} is about {w}\tT{i}\n"
+                                                      for i, w in enumerate(["oats", "rivers", "lutes"])))
+    encoder = TextEncoder.from_pretrained(make_tiny_encoder(str(tmp_path / "enc"), d_model=32, heads=2))
+    spec = RefreshSpec(every=1, passages_uri=str(passages), output_uri=f"s3://{bucket}/runs/r/index",
+                       staging_dir=str(tmp_path / "staging"), s3=options, snapshot_uri=f"s3://{bucket}/runs/r/refresh",
+                       build={"num_shards": 1, "actor_num_cpus": 0.5, "max_length": 32, "pooling": "mean"})
+    version = build_refreshed_index(encoder, spec, step=7)
+    snapshot = f"s3://{bucket}/runs/r/refresh/passage-encoder-step-0000007"
+    assert "config.json" in list_uri(snapshot, options)
+    loaded = load_version(spec.output_uri, version, s3_options=options)
+    assert loaded.manifest.encoder.name_or_path == snapshot and loaded.manifest.encoder.dim == 32
+    table = loaded.shards[0].passages
+    from raggen.models.retriever import passage_text
+
+    texts = [passage_text(t, x) for t, x in zip(table.column("title").to_pylist(), table.column("text").to_pylist())]
+    local = TextEncoder.from_pretrained(str(tmp_path / "staging" / "passage-encoder-step-0000007"), max_length=32)
+    np.testing.assert_allclose(embeddings_of(table), local.encode(texts).numpy(), atol=1e-5)
