@@ -1,5 +1,10 @@
 """Encode a passage corpus into a sharded FAISS index and publish it (a ``ray job submit`` entry point).
 
+    ray job submit --address $RAY_ADDRESS --working-dir . -- \\
+        python jobs/encode.py configs/wiki-dpr-21m.yaml [--set index.num_actors=16]
+
+takes the config's ``index`` section; without a config the same settings come from flags:
+
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/encode.py --passages s3://my-bucket/psgs_w100.tsv --output s3://my-bucket/index \\
             --encoder facebook/dpr-ctx_encoder-single-nq-base --pooling cls --num-shards 16 \\
@@ -17,14 +22,23 @@ import logging
 import sys
 
 
+# flags that the config's index section replaces (the rest: where to work, which cluster)
+INDEX_FLAGS = {"passages", "output", "passages_format", "encoder", "pooling", "max_length", "normalize", "batch_size",
+               "num_shards", "faiss_factory", "metric", "train_sample", "num_actors", "actor_num_cpus",
+               "actor_num_gpus", "version", "s3_endpoint_url", "s3_region"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--passages", required=True, help="corpus file or folder: DPR .tsv, .jsonl or .parquet; path or s3://")
-    p.add_argument("--output", required=True, help="index root (folder or s3://bucket/prefix); LATEST is written there")
+    p.add_argument("config", nargs="?", default=None, help="raggen YAML config: its index section (then no index flags)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with CONFIG: override, e.g. index.num_shards=8")
+    p.add_argument("--passages", help="corpus file or folder: DPR .tsv, .jsonl or .parquet; path or s3://")
+    p.add_argument("--output", help="index root (folder or s3://bucket/prefix); LATEST is written there")
     p.add_argument("--passages-format", default="auto", choices=["auto", "dpr", "tsv", "jsonl", "parquet"])
     p.add_argument("--encoder", default="sentence-transformers/all-MiniLM-L6-v2", help="passage encoder id or path")
     p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the vectors (cosine; MiniLM was trained so)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--faiss-factory", default="Flat", help="any faiss.index_factory string, e.g. HNSW32 or IVF4096,PQ64")
@@ -41,7 +55,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL / AWS config)")
     p.add_argument("--s3-region", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    given = sorted(d for d in INDEX_FLAGS if getattr(args, d) != p.get_default(d))
+    if args.config and given:
+        p.error(f"with CONFIG the index section sets {', '.join('--' + g.replace('_', '-') for g in given)}: "
+                "use --set index.FIELD=VALUE")
+    if not args.config and not (args.passages and args.output):
+        p.error("--passages and --output are required without a CONFIG")
+    if args.set and not args.config:
+        p.error("--set needs a CONFIG")
+    return args
+
+
+def build_kwargs(args: argparse.Namespace) -> dict:
+    """``raggen.index.build_index`` keyword arguments from the config or from the flags."""
+    common = dict(store_embeddings=not args.no_embeddings, work_dir=args.work_dir, split_uri=args.split_uri)
+    if args.config:
+        from raggen.config import load_config
+
+        return {**load_config(args.config, args.set).index.build_kwargs(), **common}
+    s3 = {k: v for k, v in {"endpoint_url": args.s3_endpoint_url, "region_name": args.s3_region}.items() if v}
+    return dict(
+        passages_uri=args.passages, output_uri=args.output, encoder_name_or_path=args.encoder, pooling=args.pooling,
+        max_length=args.max_length, normalize=args.normalize, batch_size=args.batch_size, num_shards=args.num_shards,
+        faiss_factory=args.faiss_factory, metric=args.metric, train_sample=args.train_sample,
+        num_actors=args.num_actors, actor_num_cpus=args.actor_num_cpus, actor_num_gpus=args.actor_num_gpus,
+        passages_format=args.passages_format, version=args.version, s3_options=s3 or None, **common,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,17 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     from raggen.index import build_index
     from raggen.ray_utils import ensure_ray
 
-    ensure_ray(address=args.address)
-    s3 = {k: v for k, v in {"endpoint_url": args.s3_endpoint_url, "region_name": args.s3_region}.items() if v}
     try:
-        manifest = build_index(
-            args.passages, args.output, encoder_name_or_path=args.encoder, pooling=args.pooling,
-            max_length=args.max_length, batch_size=args.batch_size, num_shards=args.num_shards,
-            faiss_factory=args.faiss_factory, metric=args.metric, train_sample=args.train_sample,
-            num_actors=args.num_actors, actor_num_cpus=args.actor_num_cpus, actor_num_gpus=args.actor_num_gpus,
-            passages_format=args.passages_format, store_embeddings=not args.no_embeddings, version=args.version,
-            work_dir=args.work_dir, split_uri=args.split_uri, s3_options=s3 or None,
-        )  # fmt: skip
+        kwargs = build_kwargs(args)  # a config error is reported before Ray starts
+        ensure_ray(address=args.address)
+        manifest = build_index(**kwargs)
     except RaggenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from typing import Any
 
@@ -137,22 +138,29 @@ def build_app_from_config(**kwargs: Any) -> Application:
 def app_args_from_config(cfg: Any) -> dict[str, Any]:
     """A raggen config (``serve`` + ``model`` sections) as ``build_app`` args.
 
-    ``serve.model_dir`` (a trained checkpoint: a folder or an ``s3://`` prefix, which the replicas
-    download) supplies ``query_encoder/``, ``generator/`` and ``reranker/`` where those hold a
-    model; the ``model`` section supplies the rest. A ``model_dir`` that holds none of them is an
-    error (serving the untrained models by mistake would be silent).
+    ``serve.model_dir`` (a trained checkpoint) supplies ``query_encoder/``, ``generator/`` and
+    ``reranker/`` where it holds them; the ``model`` section supplies the rest. A local folder is
+    looked into; an ``s3://`` checkpoint is not read here (a Serve config is often made offline):
+    it holds what ``train.estimator`` trains, and the replicas download those folders and fail
+    loudly if one is missing. A local ``model_dir`` holding none of them is an error: serving the
+    untrained models by mistake would be silent.
     """
     from raggen.errors import ConfigError
-    from raggen.storage import exists, join_uri
+    from raggen.storage import is_s3_uri, join_uri
+    from raggen.train.step import trainable_roles
 
-    s, m = cfg.serve, cfg.model
+    s, m, t = cfg.serve, cfg.model, cfg.train
     encoder = m.query_encoder.model_dump()
     generator, reranker = m.generator, m.reranker
     if s.model_dir:
-        found = {name: join_uri(s.model_dir, name) for name in ("query_encoder", "generator", "reranker")
-                 if exists(join_uri(s.model_dir, name, "config.json"), s.s3.storage_options())}
-        if not found:
+        served = ("query_encoder", "generator", "reranker")
+        if is_s3_uri(s.model_dir):
+            held = [r for r in trainable_roles(t.estimator, t.train_generator, t.train_passage_encoder) if r in served]
+        else:
+            held = [name for name in served if os.path.isfile(os.path.join(s.model_dir, name, "config.json"))]
+        if not held:
             raise ConfigError(f"serve.model_dir: {s.model_dir}: holds no query_encoder/, generator/ or reranker/ model")
+        found = {name: join_uri(s.model_dir, name) for name in held}
         encoder["name_or_path"] = found.get("query_encoder", encoder["name_or_path"])
         generator, reranker = found.get("generator", generator), found.get("reranker", reranker)
     return dict(

@@ -55,10 +55,17 @@ def test_s3_model_dir_names_the_models_and_the_replicas_load_them(checkpoint_on_
     assert TextEncoder.from_pretrained(fetched).dim == 32
 
 
-def test_s3_model_dir_without_models_and_a_non_model_prefix_are_refused(checkpoint_on_s3):
+def test_missing_models_fail_loudly_at_config_or_replica_start(checkpoint_on_s3, tmp_path):
+    """A local model_dir with no model is a config error; an s3:// one is not read at config time
+    (Serve configs are made offline), so the replica that cannot find its folder refuses to start."""
     uri, _, options, overrides = checkpoint_on_s3
-    empty = [o if not o.startswith("serve.model_dir=") else f"serve.model_dir={uri}/nothing-here" for o in overrides]
-    with pytest.raises(ConfigError, match="serve.model_dir: .*nothing-here: holds no"):
-        app_args_from_config(load_config(None, empty))
+    (tmp_path / "empty-run").mkdir()
+    local_empty = [o if not o.startswith("serve.model_dir=") else f"serve.model_dir={tmp_path / 'empty-run'}" for o in overrides]
+    with pytest.raises(ConfigError, match="serve.model_dir: .*empty-run: holds no"):
+        app_args_from_config(load_config(None, local_empty))
+    s3_empty = [o if not o.startswith("serve.model_dir=") else f"serve.model_dir={uri}/nothing-here" for o in overrides]
+    args = app_args_from_config(load_config(None, s3_empty))
+    with pytest.raises(ConfigError, match="nothing-here/generator: not a model folder"):
+        deployments.Generator.func_or_class(path=args["generator"], s3=args["s3"])
     with pytest.raises(ConfigError, match="not a model folder"):
         fetch_model_dir(uri, options)  # the checkpoint root: sub-folders, no config.json
