@@ -378,14 +378,15 @@ class Generator(nn.Module):
         return gather_logprobs(logits, target_ids)
 
     def token_logprobs(
-        self, questions: list[str], passages: list[list[str]], targets: list[str]
+        self, questions: list[str], passages: list[list[str]], targets: list[str], encoded: EncodedRows | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(y_t | x_b, z_bk, y_<t) as (b, k, t), 0 on padding, and the target mask (b, t).
 
         One batched forward over the b*k rows, with grad; float32 (float64 for a float64 model).
+        ``encoded``: ``self.encode(questions, passages)`` when the caller also uses the encoder states.
         """
         b, k = check_batch(questions, passages, targets)
-        encoded = self.encode(questions, passages)
+        encoded = self.encode(questions, passages) if encoded is None else encoded
         target_ids, mask = self.tokenize_targets(targets)  # (b, t)
         rows = torch.arange(b * k, device=self.device)
         logprobs = self._target_logprobs(encoded, rows, target_ids.repeat_interleave(k, dim=0))  # (b*k, t)

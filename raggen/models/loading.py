@@ -38,9 +38,10 @@ def fetch_model_dir(name_or_path: str, s3_options=None) -> str:
     """An ``s3://`` model folder (a checkpoint's ``generator/``, ``query_encoder/`` ...) downloaded
     into a fresh local folder; anything else resolved as :func:`resolve_model_path` does.
 
-    Serve replicas and the CLI call this before ``from_pretrained``, which reads local folders and
-    hub ids only. Every file is fetched into a temporary name first and the folder is renamed into
-    place once complete, so a failed download never leaves a folder that looks like a model.
+    Serve replicas, the index encoder actors and the training loop call this before
+    ``from_pretrained``, which reads local folders and hub ids only. The folder is fetched under a
+    temporary name and renamed into place once complete, so a failed download never leaves a folder
+    that looks like a model. Each call downloads anew (one copy per process; no shared cache).
     """
     import shutil
     import tempfile

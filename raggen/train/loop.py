@@ -132,9 +132,11 @@ def build_models(model_cfg: dict[str, Any], estimator: str, restored: dict[str, 
         dspec = model_cfg.get("passage_encoder")
         if not dspec:
             raise ConfigError("train.train_passage_encoder: needs the index's passage encoder (index.encoder)")
-        models["passage_encoder"] = TextEncoder.from_pretrained(
-            restored.get("passage_encoder", dspec["name_or_path"]), **_encoder_kwargs(dspec)
-        )
+        from raggen.models.loading import fetch_model_dir
+
+        # the searched index's encoder: a hub id, a folder, or a refreshed run's s3:// snapshot
+        source = restored.get("passage_encoder") or fetch_model_dir(dspec["name_or_path"], dspec.get("s3"))
+        models["passage_encoder"] = TextEncoder.from_pretrained(source, **_encoder_kwargs(dspec))
     if estimator == "gumbel-rerank":
         path = restored.get("reranker", model_cfg.get("reranker"))
         if not path:

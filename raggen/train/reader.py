@@ -122,9 +122,7 @@ def reader_loss(generator: Generator, batch: list[tuple[str, str, str]], span_he
     ``loss`` in the returned record stays the token NLL alone, comparable across recipes."""
     questions, passages, answers = [q for q, _, _ in batch], [[p] for _, p, _ in batch], [a for _, _, a in batch]
     encoded = generator.encode(questions, passages)
-    target_ids, mask = generator.tokenize_targets(answers)  # (b, t)
-    rows = torch.arange(len(batch), device=generator.device)
-    logprobs = generator._target_logprobs(encoded, rows, target_ids) * mask  # (b, t)
+    logprobs, mask = generator.token_logprobs(questions, passages, answers, encoded=encoded)  # (b, 1, t), (b, t)
     nll = -logprobs.sum() / mask.sum()
     if span_head is None:
         return nll, {"loss": nll.item()}

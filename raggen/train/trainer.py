@@ -125,7 +125,8 @@ def passage_encoder_spec(cfg: "RaggenConfig") -> dict[str, Any]:
     if encoder.name_or_path != spec["name_or_path"]:
         log.warning("train.index was encoded with %s, index.encoder names %s: the trained passage encoder "
                     "starts from the index's", encoder.name_or_path, spec["name_or_path"])
-    return {**spec, "name_or_path": encoder.name_or_path, "pooling": encoder.pooling, "normalize": encoder.normalize}
+    return {**spec, "name_or_path": encoder.name_or_path, "pooling": encoder.pooling, "normalize": encoder.normalize,
+            "s3": s3_options(cfg.train.s3)}
 
 
 def run_index_uri(storage_path: str, name: str) -> str:
@@ -140,6 +141,8 @@ def refresh_spec(cfg: "RaggenConfig") -> dict[str, Any]:
     build = cfg.index.build_kwargs()
     for key in ("passages_uri", "output_uri", "encoder_name_or_path", "version", "s3_options"):
         build.pop(key)
+    encoder = passage_encoder_spec(cfg)  # the refreshed vectors are d(z) as the trained encoder computes it
+    build.update(pooling=encoder["pooling"], normalize=encoder["normalize"])
     staging = os.path.join(local_run_dir(t.storage_path, t.name), "refresh")  # encoder snapshots: local folders
     snapshots = f"{t.storage_path.rstrip('/')}/{t.name}/refresh" if t.storage_path.startswith("s3://") else None
     return {"every": t.refresh_index_every, "passages_uri": cfg.index.passages,
