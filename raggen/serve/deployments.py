@@ -106,8 +106,10 @@ class IndexHolder:
 
     A swap loads the new version while the old one keeps serving (readers take ``holder.live``
     once per batch), then replaces the reference. A refused version (IndexIntegrityError, or any
-    load error) is logged and recorded in ``last_error``; the old version keeps serving. With no
-    old version there is nothing to fall back to and the error propagates (the replica fails).
+    load error) is logged and recorded in ``last_error``; the old version keeps serving. A replica
+    that has no old version yet (one started later by the autoscaler, while the user_config still
+    names the refused version) falls back to the version ``LATEST`` names, so the deployment can
+    still scale; with no verifiable ``LATEST`` either the error propagates (the replica fails).
     """
 
     def __init__(self, loader: Callable[[str, str | None], LiveIndex], latest_reader: Callable[[str], str | None]):
@@ -164,12 +166,32 @@ class IndexHolder:
         except Exception as exc:  # noqa: BLE001 - an unreachable store is a refusal, not a crash
             self.refuse(f"refused {index} LATEST: cannot read it: {type(exc).__name__}: {exc}")
         else:
-            ok = self.swap_to(index, version)
+            try:
+                ok = self.swap_to(index, version)
+            except Exception:  # noqa: BLE001 - nothing live yet: try LATEST before failing the replica
+                if version is None or not self._fall_back_to_latest(index, version):
+                    raise
+                ok = False
             if not ok and version is not None:
                 self._refused.add((index, version))  # the watcher must not retry it every tick
         if watch_latest:
             self._start_watching(index, watch_interval_s)
         return ok
+
+    def _fall_back_to_latest(self, index: str, refused: str) -> bool:
+        """After ``refused`` failed with nothing live: serve LATEST if it is another, verifiable version."""
+        reason = self.last_error
+        try:
+            latest = self._latest_reader(index)
+            if latest is None or latest == refused or not self.swap_to(index, latest):
+                return False
+        except Exception as exc:  # noqa: BLE001 - the caller re-raises the original refusal
+            log.error("index fallback to LATEST failed: %s", exc)
+            self.last_error = reason
+            return False
+        self.last_error = f"{reason}; serving LATEST ({latest}) instead"
+        log.error("index %s", self.last_error)
+        return True
 
     def poll_latest(self, root: str, cancel: threading.Event | None = None) -> bool:
         """One watcher tick: swap to the version LATEST names if it is new and not refused before."""

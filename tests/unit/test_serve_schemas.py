@@ -179,8 +179,15 @@ def test_holder_swaps_refuses_and_follows_latest():
     with pytest.raises(NoIndexError):
         holder.live
     store.corrupt.add("v0")
+    store.latest = "v0"
     with pytest.raises(IndexIntegrityError):  # nothing to fall back to: the replica must fail
         holder.configure("/idx", "v0")
+    store.latest = "v1"
+    # a replica started while the user_config pins a refused version serves LATEST instead
+    assert not IndexHolder(store.load, lambda root: store.latest).configure("/idx", "v0")
+    late = IndexHolder(store.load, lambda root: store.latest)
+    late.configure("/idx", "v0")
+    assert late.live.version == "v1" and "refused /idx version v0" in late.last_error and "serving LATEST (v1)" in late.last_error
     assert holder.configure("/idx") and holder.live.version == "v1"
     assert holder.swap_to("/idx", "v2") and holder.live.version == "v2"
     store.corrupt.add("v3")
