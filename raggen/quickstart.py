@@ -59,12 +59,6 @@ def build_v2_unpublished(cfg: RaggenConfig, world_files, v1: str, v2: str) -> No
     set_latest(cfg.index.output, v1, s3_options=kwargs["s3_options"])
 
 
-def _matches(answer: str, answers: list[str]) -> bool:
-    from raggen.train.evaluate import exact_match
-
-    return bool(exact_match(answer, answers))
-
-
 def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2: str, num_questions: int = 5) -> dict:
     """Serve v1, ask about facts that v2 changes, move LATEST to v2, swap (no restart), ask again.
 
@@ -73,6 +67,7 @@ def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2:
     from raggen.index import set_latest
     from raggen.serve.app import serve_from_config, swap_index_from_config
     from raggen.serve.client import ask
+    from raggen.train.evaluate import exact_match
 
     changed = [c for c in read_changed_facts(world_files.changed) if c.split == "test"] or read_changed_facts(world_files.changed)
     facts = changed[:num_questions]
@@ -88,7 +83,8 @@ def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2:
         row = {"question": fact.question, "answers_v1": fact.answers_v1, "answers_v2": fact.answers_v2,
                "answer_before": b["answer"], "answer_after": a["answer"],
                "index_versions": [b["index_version"], a["index_version"]],
-               "v1_fact_before": _matches(b["answer"], fact.answers_v1), "v2_fact_after": _matches(a["answer"], fact.answers_v2),
+               "v1_fact_before": bool(exact_match(b["answer"], fact.answers_v1)),
+               "v2_fact_after": bool(exact_match(a["answer"], fact.answers_v2)),
                "v2_evidence_retrieved": any(fact.answers_v2[0].lower() in p["text"].lower() for p in a["passages"])}
         rows.append(row)
         print(f"Q: {fact.question}\n  v1 fact {fact.answers_v1[0]!r} -> answer {b['answer']!r} (index {b['index_version']})"

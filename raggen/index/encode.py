@@ -230,15 +230,13 @@ def encoded_shard_done(work_dir: Path, shard: int) -> EncodedShard | None:
 
 def encoder_dim(name_or_path: str, s3_options=None) -> int:
     """The encoder's hidden size, from its config (an ``s3://`` folder's config.json is read there)."""
-    import json as _json
-
     from transformers import AutoConfig
 
     from raggen.models.loading import resolve_model_path
     from raggen.storage import is_s3_uri, join_uri, read_bytes
 
     if is_s3_uri(name_or_path):
-        return int(_json.loads(read_bytes(join_uri(name_or_path, "config.json"), s3_options))["hidden_size"])
+        return int(json.loads(read_bytes(join_uri(name_or_path, "config.json"), s3_options))["hidden_size"])
     return int(AutoConfig.from_pretrained(resolve_model_path(name_or_path)).hidden_size)
 
 

@@ -17,9 +17,8 @@ teacher forcing and step-wise decoding agree token for token.
 
 from __future__ import annotations
 
-import copy
-
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -104,6 +103,7 @@ class EncodedRows:
     rows_per_question: int
     attention_mask: torch.Tensor  # (n, s) 0/1, or (n, 1, 1, s) additive float (FiD with a passage mask)
     hidden: torch.Tensor | None = None  # (n, s, h) encoder outputs (encoder-decoder models)
+    input_ids: torch.Tensor | None = None  # (n, s) the token ids ``hidden`` was computed from
     prompt_ids: torch.Tensor | None = None  # (n, p) left-padded prompts (decoder-only models)
     # per decoder layer (n, heads, s, head_dim) cross-attention keys and values, filled by the
     # first decoding step so later steps skip re-projecting the encoder states of every beam
@@ -261,7 +261,7 @@ class Generator(nn.Module):
         if not self.is_encoder_decoder:
             return EncodedRows(b, k, attention_mask=batch["attention_mask"], prompt_ids=batch["input_ids"])
         hidden = self.model.get_encoder()(**batch).last_hidden_state  # (b*k, s, h)
-        return EncodedRows(b, k, attention_mask=batch["attention_mask"], hidden=hidden)
+        return EncodedRows(b, k, attention_mask=batch["attention_mask"], hidden=hidden, input_ids=batch["input_ids"])
 
     def fid_encode(
         self, questions: list[str], passages: list[list[str]], passage_log_mask: torch.Tensor | None = None

@@ -145,7 +145,6 @@ def app_args_from_config(cfg: Any) -> dict[str, Any]:
     loudly if one is missing. A local ``model_dir`` holding none of them is an error: serving the
     untrained models by mistake would be silent.
     """
-    from raggen.errors import ConfigError
     from raggen.storage import is_s3_uri, join_uri
     from raggen.train.step import trainable_roles
 

@@ -126,9 +126,8 @@ def reader_loss(generator: Generator, batch: list[tuple[str, str, str]], span_he
     nll = -logprobs.sum() / mask.sum()
     if span_head is None:
         return nll, {"loss": nll.item()}
-    input_ids = generator.tokenize_sources(questions, passages)["input_ids"]
     answer_ids = generator.tokenizer(answers, add_special_tokens=False)["input_ids"]
-    spans = answer_spans(input_ids.cpu(), answer_ids)
+    spans = answer_spans(encoded.input_ids.cpu(), answer_ids)
     aux = span_loss(span_head(encoded.hidden), encoded.attention_mask, spans)
     return nll + span_weight * aux, {"loss": nll.item(), "span_loss": aux.item()}
 

@@ -87,6 +87,7 @@ def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_
     t = cfg.train
     if t.train_passage_encoder and t.estimator == "gumbel-rerank":
         raise ConfigError("train.train_passage_encoder: gumbel-rerank keeps the retriever fixed; set it to false")
+    passage_encoder = passage_encoder_spec(cfg) if t.train_passage_encoder else None  # reads the manifest once
     return {
         "steps": t.steps,
         "batch_size": t.batch_size,
@@ -104,10 +105,10 @@ def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_
         "num_threads": max(1, int(t.cpus_per_worker)),
         "jsa_restart_chains": t.jsa.restart_chains,
         "step": step_spec(t),
-        "models": {**model_spec(cfg.model), "passage_encoder": passage_encoder_spec(cfg) if t.train_passage_encoder else None},
+        "models": {**model_spec(cfg.model), "passage_encoder": passage_encoder},
         "index": {"uri": t.index, "version": None, "use_actors": False, "s3": s3_options(t.s3)},
         "train_passage_encoder": t.train_passage_encoder,
-        "refresh": refresh_spec(cfg) if t.refresh_index_every else None,
+        "refresh": refresh_spec(cfg, passage_encoder) if t.refresh_index_every else None,
     }
 
 
@@ -134,15 +135,15 @@ def run_index_uri(storage_path: str, name: str) -> str:
     return f"{storage_path.rstrip('/')}/{name}/index"
 
 
-def refresh_spec(cfg: "RaggenConfig") -> dict[str, Any]:
+def refresh_spec(cfg: "RaggenConfig", passage_encoder: dict[str, Any]) -> dict[str, Any]:
     """``raggen.train.refresh.RefreshSpec`` fields: the index section's build settings, publishing
-    into the run's own index root."""
+    into the run's own index root; ``passage_encoder`` is ``passage_encoder_spec(cfg)``."""
     t = cfg.train
     build = cfg.index.build_kwargs()
     for key in ("passages_uri", "output_uri", "encoder_name_or_path", "version", "s3_options"):
         build.pop(key)
-    encoder = passage_encoder_spec(cfg)  # the refreshed vectors are d(z) as the trained encoder computes it
-    build.update(pooling=encoder["pooling"], normalize=encoder["normalize"])
+    # the refreshed vectors are d(z) as the trained encoder computes it
+    build.update(pooling=passage_encoder["pooling"], normalize=passage_encoder["normalize"])
     staging = os.path.join(local_run_dir(t.storage_path, t.name), "refresh")  # encoder snapshots: local folders
     snapshots = f"{t.storage_path.rstrip('/')}/{t.name}/refresh" if t.storage_path.startswith("s3://") else None
     return {"every": t.refresh_index_every, "passages_uri": cfg.index.passages,
