@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -64,3 +65,47 @@ def fetch_model_dir(name_or_path: str, s3_options=None) -> str:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return str(final / "model")
+
+
+def _shown(names, limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_pretrained_strict(role: str, model_class: Any, path: str, name_or_path: str | None = None, **kwargs: Any):
+    """``model_class.from_pretrained(path, **kwargs)`` that refuses to invent weights.
+
+    transformers initialises at random any weight the checkpoint lacks (a DPR context encoder read
+    as a question encoder, a plain encoder read as a classifier) and only logs it; raggen would then
+    train or serve a random model. Here every missing or shape-mismatched weight is a ConfigError
+    naming ``role`` and the weights. Unexpected extra weights (a pre-training head) are fine.
+    """
+    from raggen.errors import ConfigError
+
+    shown_name = name_or_path or path
+    try:
+        model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"{role} {shown_name!r}: cannot load ({str(exc).splitlines()[0]})") from exc
+    missing = set(info.get("missing_keys") or ())
+    mismatched = {str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or ()}
+    if missing or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weight(s) missing from the checkpoint: {_shown(missing)}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} weight(s) of the wrong shape: {_shown(mismatched)}")
+        raise ConfigError(
+            f"{role} {shown_name!r} as {getattr(model_class, '__name__', model_class)}: {'; '.join(parts)}; "
+            "they would be initialised at random (is this the right checkpoint for this role?)"
+        )
+    return model
+
+
+def declared_architecture(path: str) -> str | None:
+    """The first class name in the checkpoint's ``config.architectures`` (None when it names none)."""
+    from transformers import AutoConfig
+
+    archs = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
+    return str(archs[0]) if archs else None
