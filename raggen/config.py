@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raggen.errors import ConfigError
+from raggen.models.retriever import EncoderSpec
 
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 Estimator = Literal["rag-sequence", "rag-token", "vrag", "jsa", "emdr2", "pdist", "gumbel-rerank"]
 Decoding = Literal["rag-token", "rag-sequence-fast", "rag-sequence-thorough"]
 
@@ -50,11 +50,7 @@ class WorldSection(_Strict):
     changed_fraction: float = Field(0.1, ge=0.0, le=1.0)
 
 
-class EncoderSection(_Strict):
-    name_or_path: str = MINILM
-    pooling: Literal["cls", "mean"] = "mean"
-    max_length: int = Field(128, ge=8, le=8192)
-    normalize: bool = False  # L2-normalise vectors (cosine); MiniLM was trained that way, DPR was not
+EncoderSection = EncoderSpec  # the library's own settings object is the config section
 
 
 class IndexSection(_Strict):
@@ -80,7 +76,8 @@ class IndexSection(_Strict):
         return dict(
             passages_uri=self.passages, output_uri=self.output, passages_format=self.format,
             encoder_name_or_path=self.encoder.name_or_path, pooling=self.encoder.pooling,
-            max_length=self.encoder.max_length, normalize=self.encoder.normalize, batch_size=self.batch_size, num_shards=self.num_shards,
+            max_length=self.encoder.max_length, normalize=self.encoder.normalize,
+            passage_format=self.encoder.passage_format, batch_size=self.batch_size, num_shards=self.num_shards,
             faiss_factory=self.faiss_factory, metric=self.metric, train_sample=self.train_sample,
             num_actors=self.num_actors, actor_num_cpus=self.actor_num_cpus, actor_num_gpus=self.actor_num_gpus,
             version=self.version, s3_options=self.s3.storage_options(),
@@ -279,9 +276,11 @@ def with_absolute_paths(cfg: RaggenConfig) -> RaggenConfig:
     c = cfg.model_copy(deep=True)
     c.world.out_dir = _absolute(c.world.out_dir, False)
     c.index.passages, c.index.output = _absolute(c.index.passages, False), _absolute(c.index.output, False)
-    for enc in (c.index.encoder, c.model.query_encoder, c.model.posterior_encoder):
+    c.index.encoder = c.index.encoder.model_copy(update={"name_or_path": _absolute(c.index.encoder.name_or_path, True)})
+    for section in ("query_encoder", "posterior_encoder"):
+        enc = getattr(c.model, section)
         if enc is not None:
-            enc.name_or_path = _absolute(enc.name_or_path, True)
+            setattr(c.model, section, enc.model_copy(update={"name_or_path": _absolute(enc.name_or_path, True)}))
     c.model.generator = _absolute(c.model.generator, True)
     c.model.reranker = _absolute(c.model.reranker, True)
     t = c.train

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow.parquet as pq
 
-from raggen.index.encode import EncodedShard, encode_passages
+from raggen.index.encode import EncodedShard, encode_passages, resolved_passage_format
 from raggen.index.manifest import (
     Manifest,
     embeddings_of,
@@ -115,6 +115,7 @@ def build_index(
     pooling: str = "mean",
     max_length: int = 256,
     normalize: bool = False,
+    passage_format: str | None = None,
     batch_size: int = 64,
     num_shards: int = 1,
     faiss_factory: str = "Flat",
@@ -148,10 +149,11 @@ def build_index(
     work = Path(work_dir) if work_dir else default_work_dir(
         passages_uri=passages_uri, output_uri=output_uri, encoder=encoder_name_or_path, pooling=pooling,
         max_length=max_length, normalize=normalize, num_shards=num_shards, format=passages_format,
+        passage_format=passage_format,
     )  # fmt: skip
     encoded = encode_passages(
         passages_uri, work, encoder_name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length,
-        normalize=normalize, batch_size=batch_size, num_shards=num_shards, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
+        normalize=normalize, passage_format=passage_format, batch_size=batch_size, num_shards=num_shards, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
         actor_num_gpus=actor_num_gpus, torch_threads=torch_threads, passages_format=passages_format, s3_options=s3_options, split_uri=split_uri,
     )  # fmt: skip
     out_dir = work / "index" / f"{faiss_factory.replace(',', '_')}-{metric}-{'emb' if store_embeddings else 'noemb'}"
@@ -166,6 +168,7 @@ def build_index(
     manifest = make_manifest(
         version or new_version_name(), encoder_name_or_path=encoder_name_or_path, pooling=pooling, dim=encoded.dim,
         normalize=normalize, metric=metric, faiss_factory=faiss_factory, shard_files=files,
+        passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options),
     )  # fmt: skip
     publish_version(output_uri, manifest, out_dir, s3_options=s3_options)
     if not keep_work_dir:
@@ -207,7 +210,8 @@ def search_index(
 
     index = open_index(uri, version, nprobe=nprobe, ef_search=ef_search, s3_options=s3_options)
     enc = index.manifest.encoder
-    encoder = TextEncoder.from_pretrained(encoder_name_or_path or enc.name_or_path, pooling=pooling or enc.pooling, max_length=max_length)
+    encoder = TextEncoder.from_pretrained(encoder_name_or_path or enc.name_or_path, pooling=pooling or enc.pooling,
+                                          max_length=max_length, normalize=enc.normalize)
     xq = encoder.encode(list(questions)).numpy()  # (b, d)
     return index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
 

@@ -148,7 +148,8 @@ class PassageEncoderActor:
     """
 
     def __init__(self, name_or_path: str, pooling: str = "mean", max_length: int = 256, normalize: bool = False,
-                 torch_threads: int | None = None, s3_options: Mapping[str, Any] | None = None):
+                 torch_threads: int | None = None, s3_options: Mapping[str, Any] | None = None,
+                 passage_format: str | None = None):
         import torch
 
         from raggen.devices import pick_device, pick_dtype
@@ -159,14 +160,13 @@ class PassageEncoderActor:
             torch.set_num_threads(int(torch_threads))
         device = pick_device()
         self.encoder = TextEncoder.from_pretrained(
-            fetch_model_dir(name_or_path, s3_options), pooling=pooling, max_length=max_length, normalize=normalize, device=device, dtype=pick_dtype(device)
+            fetch_model_dir(name_or_path, s3_options), pooling=pooling, max_length=max_length, normalize=normalize,
+            device=device, dtype=pick_dtype(device), passage_format=passage_format,
         ).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raggen.models.retriever import passage_text
-
-        texts = [passage_text(t, x) for t, x in zip(batch["title"].tolist(), batch["text"].tolist())]
-        emb = self.encoder.encode(texts, batch_size=max(1, len(texts))).numpy()  # (b, dim) float32
+        titles, texts = batch["title"].tolist(), batch["text"].tolist()
+        emb = self.encoder.encode_passages(titles, texts, batch_size=max(1, len(texts))).numpy()  # (b, dim) float32
         return {**batch, "embedding": emb.astype(np.float32, copy=False)}
 
 
@@ -228,16 +228,30 @@ def encoded_shard_done(work_dir: Path, shard: int) -> EncodedShard | None:
     return EncodedShard(shard=shard, path=path, count=int(marker["count"]))
 
 
-def encoder_dim(name_or_path: str, s3_options=None) -> int:
-    """The encoder's hidden size, from its config (an ``s3://`` folder's config.json is read there)."""
+def _encoder_config(name_or_path: str, s3_options=None) -> dict:
+    """The encoder's config.json as a dict (an ``s3://`` folder's is read there)."""
     from transformers import AutoConfig
 
     from raggen.models.loading import resolve_model_path
     from raggen.storage import is_s3_uri, join_uri, read_bytes
 
     if is_s3_uri(name_or_path):
-        return int(json.loads(read_bytes(join_uri(name_or_path, "config.json"), s3_options))["hidden_size"])
-    return int(AutoConfig.from_pretrained(resolve_model_path(name_or_path)).hidden_size)
+        return json.loads(read_bytes(join_uri(name_or_path, "config.json"), s3_options))
+    return AutoConfig.from_pretrained(resolve_model_path(name_or_path)).to_dict()
+
+
+def encoder_dim(name_or_path: str, s3_options=None) -> int:
+    """The width of the encoder's vectors: a DPR encoder's projection when it has one, else its hidden size."""
+    config = _encoder_config(name_or_path, s3_options)
+    projection = int(config.get("projection_dim") or 0) if config.get("model_type") == "dpr" else 0
+    return projection or int(config["hidden_size"])
+
+
+def resolved_passage_format(name_or_path: str, passage_format: str | None, s3_options=None) -> str:
+    """``passage_format`` as given, or the model's own (``pair`` for DPR, else ``joined``), for the manifest."""
+    if passage_format is not None:
+        return passage_format
+    return "pair" if _encoder_config(name_or_path, s3_options).get("model_type") == "dpr" else "joined"
 
 
 # ------------------------------------------------------------------------------------------ stage 1: split
@@ -341,6 +355,7 @@ def encode_passages(
     pooling: str = "mean",
     max_length: int = 256,
     normalize: bool = False,
+    passage_format: str | None = None,
     batch_size: int = 64,
     num_shards: int = 1,
     num_actors: int = 1,
@@ -364,7 +379,8 @@ def encode_passages(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     signature = dict(passages_uri=str(passages_uri), format=passages_format, num_shards=num_shards,
-                     encoder=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize)  # fmt: skip
+                     encoder=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize,
+                     passage_format=passage_format)  # fmt: skip
     check_run_signature(work_dir, signature)
     dim = encoder_dim(encoder_name_or_path, s3_options)
     finished = {s: e for s in range(num_shards) if (e := encoded_shard_done(work_dir, s)) is not None}
@@ -378,7 +394,7 @@ def encode_passages(
             _encode_pending(
                 str(passages_uri), work_dir, pending, counts, dim,
                 actor_kwargs=dict(name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize,
-                                  s3_options=s3_options,
+                                  passage_format=passage_format, s3_options=s3_options,
                                   torch_threads=torch_threads or max(1, int(round(actor_num_cpus)))),
                 batch_size=batch_size, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
                 actor_num_gpus=actor_num_gpus, split=(split_path, split_fs),

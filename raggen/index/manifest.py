@@ -88,6 +88,8 @@ class EncoderInfo(BaseModel):
     pooling: str
     dim: int = Field(gt=0)
     normalize: bool = False  # L2-normalised vectors; the query encoder must match (absent in older manifests)
+    # how passages were tokenised: "pair" (title, text) as DPR, or "joined" "title . text" (older manifests: joined)
+    passage_format: str = "joined"
 
 
 class ShardEntry(BaseModel):
@@ -185,6 +187,7 @@ def make_manifest(
     normalize: bool = False,
     faiss_factory: str,
     shard_files: list[tuple[Path, Path, int]],
+    passage_format: str = "joined",
 ) -> Manifest:
     """A manifest for local shard files [(index path, parquet path, count)]; hashes them here."""
     shards = [
@@ -200,7 +203,8 @@ def make_manifest(
     return Manifest(
         version=check_version_name(version),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        encoder=EncoderInfo(name_or_path=encoder_name_or_path, pooling=pooling, dim=dim, normalize=normalize),
+        encoder=EncoderInfo(name_or_path=encoder_name_or_path, pooling=pooling, dim=dim, normalize=normalize,
+                            passage_format=passage_format),
         metric=metric,
         faiss_factory=faiss_factory,
         num_passages=sum(s.count for s in shards),

@@ -9,12 +9,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-from raggen.models.loading import resolve_model_path
+from raggen.errors import ConfigError
+from raggen.models.loading import MINILM_ID, declared_architecture, load_pretrained_strict, resolve_model_path
 
-Pooling = Literal["cls", "mean"]
+Pooling = Literal["cls", "mean", "pooler"]
+POOLINGS: tuple[str, ...] = ("cls", "mean", "pooler")
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
@@ -24,7 +27,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -
     if pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (n, t, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+    raise ValueError(f"pool() takes 'cls' or 'mean', got {pooling!r}")
 
 
 def save_pretrained_atomic(path: str, *parts) -> None:
@@ -51,11 +54,66 @@ def save_pretrained_atomic(path: str, *parts) -> None:
         raise
 
 
+#: How a passage's title and text reach the passage encoder. ``pair``: the tokenizer's sentence
+#: pair ``[CLS] title [SEP] text [SEP]``, as DPR's context encoder was trained (and HF's RAG
+#: indexes); ``joined``: one string ``title . text`` (sentence-transformers models).
+PassageFormat = Literal["pair", "joined"]
+PASSAGE_FORMATS: tuple[str, ...] = ("pair", "joined")
+DPR_ARCHITECTURES = ("DPRContextEncoder", "DPRQuestionEncoder", "DPRReader")
+
+
+def default_passage_format(model: nn.Module) -> PassageFormat:
+    """``pair`` for DPR checkpoints (their training format), ``joined`` for everything else."""
+    return "pair" if getattr(model.config, "model_type", None) == "dpr" else "joined"
+
+
+def _encoder_class(path: str):
+    """The class to load an encoder checkpoint as: a DPR encoder as the DPR class its config declares
+    (``AutoModel`` maps every ``dpr`` checkpoint to ``DPRQuestionEncoder``, which would read a context
+    encoder's weights as missing), anything else as its base model through ``AutoModel``."""
+    import transformers
+
+    arch = declared_architecture(path)
+    if arch in DPR_ARCHITECTURES and arch != "DPRReader":
+        return getattr(transformers, arch)
+    if arch == "DPRReader":
+        raise ValueError(f"{path}: a DPRReader is a span reader, not a bi-encoder; use a DPR context or question encoder")
+    return AutoModel
+
+
+class EncoderSpec(BaseModel):
+    """Which bi-encoder and how it turns text into one vector: the one definition that the config's
+    ``index.encoder`` / ``model.query_encoder`` sections, Serve's app args and the training loop share."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name_or_path: str = Field(MINILM_ID, description="HF id, local folder or s3:// folder of the encoder")
+    pooling: Pooling = Field("mean", description="cls | mean | pooler (DPR checkpoints: cls = their pooler_output)")
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per text; longer texts are truncated")
+    normalize: bool = Field(False, description="L2-normalise vectors (cosine); MiniLM was trained so, DPR was not")
+    passage_format: PassageFormat | None = Field(
+        None, description="pair: (title, text) as a sentence pair (DPR); joined: 'title . text'; null: the model's own"
+    )
+
+    def load(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+             name_or_path: str | None = None) -> "TextEncoder":
+        """The encoder this spec names (or ``name_or_path``, e.g. a downloaded copy of it)."""
+        return TextEncoder.from_pretrained(
+            name_or_path or self.name_or_path, pooling=self.pooling, max_length=self.max_length, device=device,
+            dtype=dtype, normalize=self.normalize, passage_format=self.passage_format,
+        )
+
+
 class TextEncoder(nn.Module):
     """An HF encoder with its tokenizer; ``forward(texts) -> (n, dim)`` keeps the graph for training.
 
-    ``normalize=True`` L2-normalises the pooled vectors, as sentence-transformers' MiniLM was trained
-    (inner product = cosine); DPR encoders are used unnormalised.
+    Pooling: ``cls`` (the first token's state), ``mean`` (masked mean, sentence-transformers) or
+    ``pooler`` (the model's own ``pooler_output``). DPR encoders define their vector as the
+    ``pooler_output`` (the CLS state, or its projection when ``projection_dim > 0``), so for them
+    ``cls`` and ``pooler`` both give it; ``mean`` is refused. ``normalize=True`` L2-normalises the
+    pooled vectors, as sentence-transformers' MiniLM was trained (inner product = cosine); DPR
+    encoders are used unnormalised. ``passage_format`` says how passages are tokenised (see
+    :data:`PassageFormat`; None = the model's own, :func:`default_passage_format`).
     """
 
     def __init__(
@@ -65,15 +123,23 @@ class TextEncoder(nn.Module):
         pooling: Pooling = "mean",
         max_length: int = 256,
         normalize: bool = False,
+        passage_format: PassageFormat | None = None,
     ):
         super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.is_dpr = getattr(model.config, "model_type", None) == "dpr"
+        if self.is_dpr and pooling == "mean":
+            raise ValueError("pooling 'mean' does not apply to a DPR encoder: its vector is the pooler_output (use 'cls')")
+        passage_format = passage_format or default_passage_format(model)
+        if passage_format not in PASSAGE_FORMATS:
+            raise ValueError(f"passage_format must be one of {PASSAGE_FORMATS}, got {passage_format!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.pooling: Pooling = pooling
         self.max_length = max_length
         self.normalize = normalize
+        self.passage_format: PassageFormat = passage_format
 
     @classmethod
     def from_pretrained(
@@ -84,41 +150,104 @@ class TextEncoder(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         normalize: bool = False,
+        passage_format: PassageFormat | None = None,
     ) -> "TextEncoder":
+        """Loads the class the checkpoint declares; a weight the checkpoint lacks is a ConfigError."""
         path = resolve_model_path(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=dtype) if dtype else AutoModel.from_pretrained(path)
-        encoder = cls(model, tokenizer, pooling=pooling, max_length=max_length, normalize=normalize)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model_class = _encoder_class(path)
+        except OSError as exc:
+            raise ConfigError(f"encoder {name_or_path!r}: cannot load ({str(exc).splitlines()[0]})") from exc
+        kwargs = {"dtype": dtype} if dtype else {}
+        model = load_pretrained_strict("encoder", model_class, path, name_or_path, **kwargs)
+        encoder = cls(model, tokenizer, pooling=pooling, max_length=max_length, normalize=normalize, passage_format=passage_format)
         return encoder.to(device) if device is not None else encoder
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        projection = int(getattr(self.model.config, "projection_dim", 0) or 0) if self.is_dpr else 0
+        return projection or int(self.model.config.hidden_size)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def _to_device(self, batch) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def tokenize(self, texts: list[str], device: bool = True) -> dict[str, torch.Tensor]:
+        """Queries (or any single texts) -> padded tensors; ``device=False`` keeps them on the CPU
+        (tokenising in another process than the one that runs the model)."""
         batch = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return self._to_device(batch) if device else dict(batch)
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenize(texts)
-        hidden = self.model(**batch).last_hidden_state  # (n, t, h)
-        vectors = pool(hidden, batch["attention_mask"], self.pooling)  # (n, h)
+    def tokenize_passages(self, titles: list[str], texts: list[str], device: bool = True) -> dict[str, torch.Tensor]:
+        """Passages in this encoder's :attr:`passage_format`; a passage without a title is its text alone."""
+        if len(titles) != len(texts):
+            raise ValueError(f"{len(titles)} titles but {len(texts)} texts")
+        if self.passage_format == "joined":
+            return self.tokenize([passage_text(t, x) for t, x in zip(titles, texts)], device=device)
+        limit = dict(truncation=True, max_length=self.max_length)
+        titled = [i for i, t in enumerate(titles) if t]
+        untitled = [i for i, t in enumerate(titles) if not t]
+        rows: list = [None] * len(texts)
+        if titled:
+            pairs = self.tokenizer([titles[i] for i in titled], [texts[i] for i in titled], **limit)
+            for j, i in enumerate(titled):
+                rows[i] = {k: v[j] for k, v in pairs.items()}
+        if untitled:
+            singles = self.tokenizer([texts[i] for i in untitled], **limit)
+            for j, i in enumerate(untitled):
+                rows[i] = {k: v[j] for k, v in singles.items()}
+        batch = self.tokenizer.pad(rows, padding=True, return_tensors="pt") if rows else self.tokenize([], device=False)
+        return self._to_device(batch) if device else dict(batch)
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokenised inputs (n, t) -> pooled (and maybe normalised) vectors (n, dim), with grad."""
+        batch = self._to_device(batch)
+        if self.is_dpr:
+            vectors = self.model(**batch).pooler_output  # (n, dim): CLS, or its projection
+        else:
+            out = self.model(**batch)
+            if self.pooling == "pooler":
+                if getattr(out, "pooler_output", None) is None:
+                    raise ValueError(f"pooling 'pooler': {type(self.model).__name__} has no pooler_output")
+                vectors = out.pooler_output
+            else:
+                vectors = pool(out.last_hidden_state, batch["attention_mask"], self.pooling)  # (n, h)
         return F.normalize(vectors, dim=-1) if self.normalize else vectors
 
+    def forward(self, texts: list[str], titles: list[str] | None = None) -> torch.Tensor:
+        """Queries (``titles=None``) or passages (their titles given) -> (n, dim) with grad.
+
+        One entry point for both, so a DDP-wrapped passage encoder still goes through ``forward``.
+        """
+        if titles is None:
+            return self.embed(self.tokenize(texts))
+        return self.embed(self.tokenize_passages(titles, texts))
+
+    def forward_passages(self, titles: list[str], texts: list[str]) -> torch.Tensor:
+        """Passages -> (n, dim) with grad (a trained passage encoder)."""
+        return self(texts, titles=titles)
+
     @torch.no_grad()
-    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Inference helper: (n, dim) float32 on CPU, in batches, no graph."""
+    def _inference(self, embed_rows, n: int, batch_size: int) -> torch.Tensor:
         was_training = self.training
         self.eval()
-        out = [self(texts[i : i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)]
+        out = [embed_rows(i, min(n, i + batch_size)).float().cpu() for i in range(0, n, batch_size)]
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.dim)
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Inference helper for queries: (n, dim) float32 on CPU, in batches, no graph."""
+        return self._inference(lambda i, j: self(texts[i:j]), len(texts), batch_size)
+
+    def encode_passages(self, titles: list[str], texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Inference helper for passages: (n, dim) float32 on CPU, in this encoder's passage format."""
+        return self._inference(lambda i, j: self.forward_passages(titles[i:j], texts[i:j]), len(texts), batch_size)
 
     def save_pretrained(self, path: str) -> None:
         save_pretrained_atomic(path, self.model, self.tokenizer)

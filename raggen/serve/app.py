@@ -28,6 +28,7 @@ from ray.serve import Application
 
 from raggen.config import AutoscalingSection  # one definition for the raggen config and Serve args
 from raggen.errors import ConfigError, RaggenError
+from raggen.models.retriever import EncoderSpec
 from raggen.serve.deployments import Generator, Ingress, IndexUserConfig, Reranker, Retriever
 from raggen.serve.schemas import RequestLimits
 
@@ -35,18 +36,10 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "raggen"
 IMPORT_PATH = "raggen.serve.app:build_app"
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class _Args(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class EncoderArgs(_Args):
-    name_or_path: str = MINILM
-    pooling: str = "mean"
-    max_length: int = Field(64, ge=8)
-    normalize: bool = False  # must match how the index's passages were encoded
 
 
 class AppArgs(_Args):
@@ -57,7 +50,7 @@ class AppArgs(_Args):
     watch_latest: bool = False
     watch_interval_s: float = Field(10.0, gt=0)
     s3: dict[str, Any] | None = None
-    query_encoder: EncoderArgs = EncoderArgs()
+    query_encoder: EncoderSpec = EncoderSpec()  # normalize must match how the index was encoded
     generator: str = Field(min_length=1, description="reader checkpoint: HF id or local folder")
     reranker: str | None = None
     rerank_candidates: int = Field(20, ge=1)

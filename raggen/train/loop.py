@@ -98,6 +98,7 @@ def _encoder_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
         "pooling": spec.get("pooling", "mean"),
         "max_length": int(spec.get("max_length", 128)),
         "normalize": bool(spec.get("normalize", False)),
+        "passage_format": spec.get("passage_format"),
     }
 
 

@@ -133,6 +133,8 @@ class Retrieved:
     passages: list[list[str]]
     embeddings: torch.Tensor  # (b, k, d) float32
     valid: torch.Tensor | None = None  # (b, k) bool; None = all real
+    # (title, text) of each candidate, for re-encoding with a trained passage encoder in its own format
+    sources: list[list[tuple[str, str]]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,8 +151,9 @@ def retrieve(index: Index, queries: torch.Tensor, k: int) -> Retrieved:
     if any(len(row) < k or "" in row or None in row for row in ids):
         raise ValueError(f"the index returned fewer than k={k} passages for some query (index too small for top_k?)")
     passages = [[passage_text(t, x) for t, x in zip(tr, xr)] for tr, xr in zip(titles, texts)]
+    sources = [list(zip(tr, xr)) for tr, xr in zip(titles, texts)]
     emb = torch.as_tensor(np.asarray(res.embeddings), dtype=torch.float32, device=queries.device)  # (b, k, d)
-    return Retrieved(ids, passages, emb)
+    return Retrieved(ids, passages, emb, sources=sources)
 
 
 def with_passage_grad(models: StepModels, cands: Retrieved) -> Retrieved:
@@ -158,10 +161,13 @@ def with_passage_grad(models: StepModels, cands: Retrieved) -> Retrieved:
     index; unchanged when the passage encoder is frozen."""
     if models.passage_encoder is None:
         return cands
+    if cands.sources is None:
+        raise ValueError("a trained passage encoder needs each candidate's (title, text): Retrieved.sources is None")
     b, c = len(cands.passages), len(cands.passages[0])
-    flat = [p for row in cands.passages for p in row]
-    emb = models.passage_encoder(flat).float().view(b, c, -1)
-    return Retrieved(cands.ids, cands.passages, emb, cands.valid)
+    titles = [t for row in cands.sources for t, _ in row]
+    texts = [x for row in cands.sources for _, x in row]
+    emb = models.passage_encoder(texts, titles=titles).float().view(b, c, -1)  # (b, c, d)
+    return Retrieved(cands.ids, cands.passages, emb, cands.valid, cands.sources)
 
 
 def _as_lists(values) -> list[list[Any]]:
@@ -177,11 +183,12 @@ def candidate_union(first: Retrieved, second: Retrieved) -> Retrieved:
     b = len(first.ids)
     rows = []
     for i in range(b):
-        seen: dict[Any, tuple[str, torch.Tensor]] = {}
+        seen: dict[Any, tuple[str, torch.Tensor, tuple[str, str] | None]] = {}
         for src in (first, second):
             for j, pid in enumerate(src.ids[i]):
                 if pid not in seen:
-                    seen[pid] = (src.passages[i][j], src.embeddings[i, j])
+                    source = src.sources[i][j] if src.sources is not None else None
+                    seen[pid] = (src.passages[i][j], src.embeddings[i, j], source)
         rows.append(seen)
     c = max(len(r) for r in rows)
     d = first.embeddings.shape[-1]
@@ -189,15 +196,19 @@ def candidate_union(first: Retrieved, second: Retrieved) -> Retrieved:
     valid = torch.zeros(b, c, dtype=torch.bool, device=first.embeddings.device)
     ids: list[list[Any]] = []
     passages: list[list[str]] = []
+    sources: list[list[tuple[str, str] | None]] = []
     for i, row in enumerate(rows):
         keys = list(row)
         texts = [row[key][0] for key in keys]
+        raw = [row[key][2] for key in keys]
+        sources.append(raw + [raw[0]] * (c - len(keys)))
         emb[i, : len(keys)] = torch.stack([row[key][1] for key in keys])
         emb[i, len(keys) :] = row[keys[0]][1]
         valid[i, : len(keys)] = True
         ids.append(keys + [None] * (c - len(keys)))
         passages.append(texts + [texts[0]] * (c - len(keys)))
-    return Retrieved(ids, passages, emb, valid)
+    has_sources = first.sources is not None and second.sources is not None
+    return Retrieved(ids, passages, emb, valid, sources if has_sources else None)
 
 
 def _scores(queries: torch.Tensor, cands: Retrieved) -> torch.Tensor:

@@ -45,10 +45,7 @@ def s3_options(s3: "S3Config | None") -> dict[str, Any] | None:
 def _encoder_spec(section) -> dict[str, Any] | None:
     if section is None:
         return None
-    spec = {"name_or_path": section.name_or_path, "pooling": section.pooling, "max_length": section.max_length}
-    if getattr(section, "normalize", None) is not None:
-        spec["normalize"] = bool(section.normalize)
-    return spec
+    return section.model_dump()
 
 
 def model_spec(model: "ModelSection") -> dict[str, Any]:
@@ -127,7 +124,7 @@ def passage_encoder_spec(cfg: "RaggenConfig") -> dict[str, Any]:
         log.warning("train.index was encoded with %s, index.encoder names %s: the trained passage encoder "
                     "starts from the index's", encoder.name_or_path, spec["name_or_path"])
     return {**spec, "name_or_path": encoder.name_or_path, "pooling": encoder.pooling, "normalize": encoder.normalize,
-            "s3": s3_options(cfg.train.s3)}
+            "passage_format": encoder.passage_format, "s3": s3_options(cfg.train.s3)}
 
 
 def run_index_uri(storage_path: str, name: str) -> str:
@@ -143,7 +140,8 @@ def refresh_spec(cfg: "RaggenConfig", passage_encoder: dict[str, Any]) -> dict[s
     for key in ("passages_uri", "output_uri", "encoder_name_or_path", "version", "s3_options"):
         build.pop(key)
     # the refreshed vectors are d(z) as the trained encoder computes it
-    build.update(pooling=passage_encoder["pooling"], normalize=passage_encoder["normalize"])
+    build.update(pooling=passage_encoder["pooling"], normalize=passage_encoder["normalize"],
+                 passage_format=passage_encoder["passage_format"])
     staging = os.path.join(local_run_dir(t.storage_path, t.name), "refresh")  # encoder snapshots: local folders
     snapshots = f"{t.storage_path.rstrip('/')}/{t.name}/refresh" if t.storage_path.startswith("s3://") else None
     return {"every": t.refresh_index_every, "passages_uri": cfg.index.passages,

@@ -67,7 +67,7 @@ def test_publish_then_load_latest_by_version_and_by_folder(tmp_path):
     ]  # fmt: skip
     on_disk = json.loads((root / "v1" / "manifest.json").read_text())
     assert set(on_disk) == {"version", "created", "encoder", "metric", "faiss_factory", "num_passages", "shards"}
-    assert set(on_disk["encoder"]) == {"name_or_path", "pooling", "dim", "normalize"}  # DESIGN.md + normalize
+    assert set(on_disk["encoder"]) == {"name_or_path", "pooling", "dim", "normalize", "passage_format"}  # DESIGN.md + optional fields
     assert set(on_disk["shards"][0]) == {"index", "index_sha256", "passages", "passages_sha256", "count"}
     assert [s["count"] for s in on_disk["shards"]] == [104, 103, 103] and on_disk["num_passages"] == 310
     for uri, version in ((str(root), None), (str(root), "v1"), (str(root / "v1"), None)):
