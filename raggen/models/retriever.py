@@ -81,6 +81,37 @@ def _encoder_class(path: str):
     return AutoModel
 
 
+def tokenize_passages(
+    tokenizer, titles: list[str], texts: list[str], *, passage_format: PassageFormat, max_length: int
+) -> dict[str, torch.Tensor]:
+    """Padded CPU tensors of passages: ``pair`` rows are the tokenizer's (title, text) sentence pair,
+    as DPR encoded them; a passage without a title is its text alone (DPR did the same); ``joined``
+    rows are ``title . text``. A pure function of the tokenizer, so a CPU stage can tokenise for a
+    GPU stage that only runs the model."""
+    if len(titles) != len(texts):
+        raise ValueError(f"{len(titles)} titles but {len(texts)} texts")
+    limit = dict(truncation=True, max_length=max_length)
+    if passage_format == "joined":
+        joined = [passage_text(t, x) for t, x in zip(titles, texts)]
+        return dict(tokenizer(joined, padding=True, return_tensors="pt", **limit))
+    if passage_format != "pair":
+        raise ValueError(f"passage_format must be one of {PASSAGE_FORMATS}, got {passage_format!r}")
+    rows: list = [None] * len(texts)
+    titled = [i for i, t in enumerate(titles) if t]
+    untitled = [i for i, t in enumerate(titles) if not t]
+    if titled:
+        pairs = tokenizer([titles[i] for i in titled], [texts[i] for i in titled], **limit)
+        for j, i in enumerate(titled):
+            rows[i] = {k: v[j] for k, v in pairs.items()}
+    if untitled:
+        singles = tokenizer([texts[i] for i in untitled], **limit)
+        for j, i in enumerate(untitled):
+            rows[i] = {k: v[j] for k, v in singles.items()}
+    if not rows:
+        return dict(tokenizer([], padding=True, return_tensors="pt", **limit))
+    return dict(tokenizer.pad(rows, padding=True, return_tensors="pt"))
+
+
 class EncoderSpec(BaseModel):
     """Which bi-encoder and how it turns text into one vector: the one definition that the config's
     ``index.encoder`` / ``model.query_encoder`` sections, Serve's app args and the training loop share."""
@@ -185,25 +216,9 @@ class TextEncoder(nn.Module):
         return self._to_device(batch) if device else dict(batch)
 
     def tokenize_passages(self, titles: list[str], texts: list[str], device: bool = True) -> dict[str, torch.Tensor]:
-        """Passages in this encoder's :attr:`passage_format`; a passage without a title is its text alone."""
-        if len(titles) != len(texts):
-            raise ValueError(f"{len(titles)} titles but {len(texts)} texts")
-        if self.passage_format == "joined":
-            return self.tokenize([passage_text(t, x) for t, x in zip(titles, texts)], device=device)
-        limit = dict(truncation=True, max_length=self.max_length)
-        titled = [i for i, t in enumerate(titles) if t]
-        untitled = [i for i, t in enumerate(titles) if not t]
-        rows: list = [None] * len(texts)
-        if titled:
-            pairs = self.tokenizer([titles[i] for i in titled], [texts[i] for i in titled], **limit)
-            for j, i in enumerate(titled):
-                rows[i] = {k: v[j] for k, v in pairs.items()}
-        if untitled:
-            singles = self.tokenizer([texts[i] for i in untitled], **limit)
-            for j, i in enumerate(untitled):
-                rows[i] = {k: v[j] for k, v in singles.items()}
-        batch = self.tokenizer.pad(rows, padding=True, return_tensors="pt") if rows else self.tokenize([], device=False)
-        return self._to_device(batch) if device else dict(batch)
+        """Passages in this encoder's :attr:`passage_format` (see :func:`tokenize_passages`)."""
+        batch = tokenize_passages(self.tokenizer, titles, texts, passage_format=self.passage_format, max_length=self.max_length)
+        return self._to_device(batch) if device else batch
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokenised inputs (n, t) -> pooled (and maybe normalised) vectors (n, dim), with grad."""
