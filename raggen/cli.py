@@ -41,9 +41,9 @@ def cmd_index_search(args: argparse.Namespace) -> None:
     from raggen.index import search_index
 
     cfg = _config(args)
-    enc = cfg.index.encoder
-    result = search_index(args.uri, [args.question], k=args.k, encoder_name_or_path=enc.name_or_path,
-                          pooling=enc.pooling, max_length=enc.max_length, s3_options=cfg.index.s3.storage_options())
+    # the manifest's encoder, pooling and normalisation unless --encoder names another
+    result = search_index(args.uri, [args.question], k=args.k, encoder_name_or_path=args.encoder,
+                          max_length=cfg.index.encoder.max_length, s3_options=cfg.index.s3.storage_options())
     for rank, (pid, score, title, text) in enumerate(
         zip(result.ids[0], result.scores[0], result.titles[0], result.texts[0]), 1
     ):
@@ -119,6 +119,19 @@ def cmd_pretrain_reader(args: argparse.Namespace) -> None:
                           save_dtype=torch.float16 if args.half else None))
 
 
+def cmd_dry_run(args: argparse.Namespace) -> None:
+    """Print the --set lines of the rehearsal, or run it (index -> train -> eval -> serve one question)."""
+    from raggen.dry_run import dry_run_overrides, run_dry_run
+
+    overrides = getattr(args, "set", None) or []
+    if args.print_overrides:
+        for line in dry_run_overrides(args.config, args.out, s3_endpoint=args.s3_endpoint, overrides=overrides):
+            print(f"--set {line}")
+        return
+    report = run_dry_run(args.config, args.out, s3_endpoint=args.s3_endpoint, overrides=overrides)
+    print(json.dumps(report, indent=2, default=str))
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from raggen.quickstart import run_quickstart
 
@@ -153,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri")
     p.add_argument("question")
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--encoder", default=None, help="query encoder (default: the one the index's manifest records)")
     p = add("verify", cmd_index_verify, "check every checksum of a published version", parent=isub, config=False)
     p.add_argument("uri")
     p.add_argument("--version", default=None)
@@ -193,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of an extractive start/end loss on the encoder states (teaches where the answer is; 0 = off)")
     p.add_argument("--eval-examples", type=int, default=64, help="held-out fresh facts for EM and the passage gap")
     p.add_argument("--half", action="store_true", help="save the final weights in float16 (how the reader is shipped)")
+    p = add("dry-run", cmd_dry_run, "rehearse a config on CPU: tiny models of the same classes, a small world, 2 steps")
+    p.add_argument("--out", required=True, help="folder for the stand-in models, data and outputs")
+    p.add_argument("--s3-endpoint", default=None,
+                   help="keep the config's s3:// URIs on this S3-compatible endpoint (default: map them to --out)")
+    p.add_argument("--print-overrides", action="store_true", help="only print the --set lines (and build the stand-ins)")
     add("quickstart", cmd_quickstart, "world -> index -> eval -> JSA train -> eval -> plot -> serve -> hot-swap", config=False)
     return parser
 

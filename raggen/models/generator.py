@@ -1,18 +1,33 @@
-"""The reader: an HF seq2seq (BART, T5) or decoder-only (GPT-2 style) LM scoring answers given passages.
+"""The reader: an HF seq2seq (BART, T5) or decoder-only (GPT-2, Llama, Qwen2 ...) LM scoring answers given passages.
 
-Input format (one row per (question, passage) pair):
+Input format (one row per (question, passage) pair; ``x`` = ``"question: {q} context: {passage}"``):
 
-* encoder-decoder: the encoder reads ``"question: {q} context: {passage}"`` (with the tokenizer's
-  own special tokens); the decoder reads ``[start] y_1 .. y_n`` and predicts ``y_1 .. y_n [eos]``.
-* decoder-only: the model reads ``"question: {q} context: {passage}"`` (no special tokens,
-  left-padded) followed by ``[start] y_1 .. y_n`` and predicts ``y_1 .. y_n [eos]``; the prompt
-  positions are never scored.
+* encoder-decoder: the encoder reads ``x`` (with the tokenizer's own special tokens); the decoder
+  reads ``[start] y_1 .. y_n`` and predicts ``y_1 .. y_n [eos]``.
+* decoder-only, tokenizer without a chat template (the documented default): the model reads ``x``
+  (no special tokens) followed by ``[start] y_1 .. y_n`` and predicts ``y_1 .. y_n [eos]``.
+* decoder-only, tokenizer with a ``chat_template``: the prompt is
+  ``tokenizer.apply_chat_template([{"role": "user", "content": x}], tokenize=False,
+  add_generation_prompt=True)`` tokenised without adding special tokens (the template writes its
+  own), so it ends with the assistant header. No BOS is put before the answer, as chat models are
+  trained: the prompt's last token takes the place of ``[start]`` (the ``[start]`` column of a
+  prefix is a placeholder for it), and ``[eos]`` is the special token the template closes an
+  assistant turn with (Qwen's ``<|im_end|>``, Llama 3's ``<|eot_id|>``), else the model's EOS.
+
+Decoder-only prompts are left-padded and never scored; one longer than ``max_source_length``
+loses the end of its passage (a chat prompt keeps its closing assistant header). Positions count
+real tokens only, so padding changes nothing.
 
 ``[start]`` is :attr:`Generator.bos_id` (the decoder start token, or the LM's BOS). A *target* is
 ``y_1 .. y_n [eos]`` right-padded with :attr:`pad_id`; for BART checkpoints whose generation config
 forces a BOS (``facebook/bart-large``), ``y_1`` is that forced token, as HF fine-tunes them.
 A *prefix* in decoding is ``[start] y_1 .. y_t``: ``next_logprobs`` on it scores ``y_{t+1}``, so
 teacher forcing and step-wise decoding agree token for token.
+
+Decoding (no grad) computes the passages' keys/values once per :class:`EncodedRows`: the
+cross-attention of an encoder-decoder, the prompt of a decoder-only LM (full-attention models;
+sliding-window ones recompute the prompt). Each step then runs the model over the prefix only,
+from a fresh cache of the chosen rows, so beams may be reordered or duplicated freely.
 """
 
 from __future__ import annotations
@@ -26,14 +41,16 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from raggen.errors import ConfigError
-from raggen.models.loading import resolve_model_path
+from raggen.models.loading import load_pretrained_strict, resolve_model_path
 from raggen.models.retriever import save_pretrained_atomic
 
 SOURCE_TEMPLATE = "question: {question} context: {passage}"
+# stands in for the user text when a chat template is rendered to find what it writes after it
+_CONTENT_MARK = "RAGGENCONTENTMARK"
 
 NextLogprobs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -91,6 +108,60 @@ def _first_int(value) -> int | None:
     return None if value is None else int(value)
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+    """``text`` as the user turn of the tokenizer's chat template, ending with the assistant header."""
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _chat_prompt_tail(tokenizer) -> list[int]:
+    """Ids the chat template writes after the user text (kept when a long prompt is cut)."""
+    rendered = chat_prompt(tokenizer, _CONTENT_MARK)
+    if _CONTENT_MARK not in rendered:
+        return []
+    return list(tokenizer(rendered.split(_CONTENT_MARK, 1)[1], add_special_tokens=False)["input_ids"])
+
+
+def _chat_turn_end_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with, or None.
+
+    Llama 3 generation configs list ``<|end_of_text|>`` first, but its answers end with ``<|eot_id|>``.
+    """
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _CONTENT_MARK}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # templates may refuse this conversation; fall back to the model's EOS
+        return None
+    if _CONTENT_MARK not in rendered:
+        return None
+    after = tokenizer(rendered.split(_CONTENT_MARK, 1)[1].lstrip(), add_special_tokens=False)["input_ids"]
+    if not after:
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(after[0])
+    special = after[0] in tokenizer.all_special_ids or bool(added is not None and added.special)
+    return int(after[0]) if special else None
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged id lists -> ids (n, p) left-padded with ``pad_id``, mask (n, p) 1 on real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _full_attention_only(config) -> bool:
+    """Every layer caches all past keys (no sliding window), so a cached prompt can be reused as is."""
+    try:
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+    except Exception:  # a config this transformers cannot size a cache for: recompute the prompt
+        return False
+
+
 @dataclass
 class EncodedRows:
     """Reader inputs encoded once and reused by every decoding step.
@@ -105,9 +176,15 @@ class EncodedRows:
     hidden: torch.Tensor | None = None  # (n, s, h) encoder outputs (encoder-decoder models)
     input_ids: torch.Tensor | None = None  # (n, s) the token ids ``hidden`` was computed from
     prompt_ids: torch.Tensor | None = None  # (n, p) left-padded prompts (decoder-only models)
+    # (n, 1) chat prompts only: each prompt's last token, read in place of [start] (prompt_ids
+    # and attention_mask then hold the tokens before it)
+    prompt_start: torch.Tensor | None = None
     # per decoder layer (n, heads, s, head_dim) cross-attention keys and values, filled by the
     # first decoding step so later steps skip re-projecting the encoder states of every beam
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    # per layer (n, kv_heads, p, head_dim) keys and values of prompt_ids (decoder-only models),
+    # filled by the first decoding step so later steps run over the answer prefix only
+    prompt_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def num_rows(self) -> int:
@@ -130,7 +207,18 @@ class Generator(nn.Module):
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        #: decoder-only with a tokenizer chat template: prompts are chat turns (module docstring)
+        self.uses_chat_template = not self.is_encoder_decoder and bool(getattr(tokenizer, "chat_template", None))
+        params = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in params
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self._reuses_prompt = not self.is_encoder_decoder and _full_attention_only(model.config)
+        self._chat_tail = _chat_prompt_tail(tokenizer) if self.uses_chat_template else []
+        if len(self._chat_tail) >= max_source_length:
+            raise ValueError(
+                f"max_source_length ({max_source_length}) leaves no room for the question: the chat template "
+                f"writes {len(self._chat_tail)} tokens after it"
+            )
         self._init_special_ids()
 
     def _init_special_ids(self) -> None:
@@ -147,7 +235,8 @@ class Generator(nn.Module):
             return next((int(v) for v in values if v is not None), None)
 
         tok = self.tokenizer
-        eos = first_set(pick("eos_token_id"), tok.eos_token_id, tok.sep_token_id)
+        turn_end = _chat_turn_end_id(tok) if self.uses_chat_template else None
+        eos = first_set(turn_end, pick("eos_token_id"), tok.eos_token_id, tok.sep_token_id)
         if eos is None:
             raise ConfigError("generator: neither the model config nor the tokenizer defines an EOS token")
         pad = first_set(pick("pad_token_id"), tok.pad_token_id, eos)
@@ -176,7 +265,10 @@ class Generator(nn.Module):
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
     ) -> "Generator":
-        """Seq2seq or causal LM, decided by the config's ``is_encoder_decoder``."""
+        """Seq2seq or causal LM, decided by the config's ``is_encoder_decoder``.
+
+        A checkpoint that leaves any weight newly initialised is a ConfigError naming the weights.
+        """
         path = resolve_model_path(name_or_path)
         try:
             config = AutoConfig.from_pretrained(path)
@@ -189,7 +281,9 @@ class Generator(nn.Module):
             kwargs["dtype"] = dtype
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = auto.from_pretrained(path, **kwargs)
+        model = load_pretrained_strict(
+            role="generator", model_class=auto, path=path, name_or_path=name_or_path, **kwargs
+        )
         on_cpu = device is None or torch.device(device).type == "cpu"
         if dtype is None and on_cpu and model.dtype in (torch.float16, torch.bfloat16):
             model = model.float()  # weights shipped in 16 bits (the quickstart reader) compute in fp32 on CPU
@@ -208,23 +302,24 @@ class Generator(nn.Module):
     # ---- tokenisation -------------------------------------------------------------------------
 
     def tokenize_sources(self, questions: list[str], passages: list[list[str]]) -> dict[str, torch.Tensor]:
-        """input_ids / attention_mask (b*k, s) of every (question, passage) row, row = b*k + j."""
+        """input_ids / attention_mask (b*k, s) of every (question, passage) row, row = b*k + j.
+
+        Decoder-only prompts are left-padded (whole chat prompts, assistant header included).
+        """
         texts = [source_text(q, p) for q, group in zip(questions, passages) for p in group]
         if self.is_encoder_decoder:
             batch = self.tokenizer(
                 texts, padding=True, truncation=True, max_length=self.max_source_length, return_tensors="pt"
             )
-        else:
-            batch = self.tokenizer(
-                texts,
-                add_special_tokens=False,
-                padding=True,
-                padding_side="left",
-                truncation=True,
-                max_length=self.max_source_length,
-                return_tensors="pt",
-            )
-        return {name: batch[name].to(self.device) for name in ("input_ids", "attention_mask")}
+            return {name: batch[name].to(self.device) for name in ("input_ids", "attention_mask")}
+        if self.uses_chat_template:
+            texts = [chat_prompt(self.tokenizer, text) for text in texts]
+        rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        tail = self._chat_tail
+        head = max(self.max_source_length - len(tail), 1)
+        rows = [list(r) if len(r) <= self.max_source_length else list(r[:head]) + tail for r in rows]
+        ids, mask = _left_pad(rows, self.tokenizer.pad_token_id)  # (b*k, p)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def tokenize_targets(self, targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Targets -> ids (b, t) = [forced bos] y_1..y_n eos, pad; mask (b, t) float, 1 on real tokens."""
@@ -259,7 +354,11 @@ class Generator(nn.Module):
         b, k = check_batch(questions, passages)
         batch = self.tokenize_sources(questions, passages)
         if not self.is_encoder_decoder:
-            return EncodedRows(b, k, attention_mask=batch["attention_mask"], prompt_ids=batch["input_ids"])
+            ids, mask = batch["input_ids"], batch["attention_mask"]  # (b*k, p), left-padded
+            if not self.uses_chat_template:
+                return EncodedRows(b, k, attention_mask=mask, prompt_ids=ids)
+            # left padding: the last column is every row's last real token (the assistant header's end)
+            return EncodedRows(b, k, attention_mask=mask[:, :-1], prompt_ids=ids[:, :-1], prompt_start=ids[:, -1:])
         hidden = self.model.get_encoder()(**batch).last_hidden_state  # (b*k, s, h)
         return EncodedRows(b, k, attention_mask=batch["attention_mask"], hidden=hidden, input_ids=batch["input_ids"])
 
@@ -328,53 +427,90 @@ class Generator(nn.Module):
                     decoder_input_ids=start,
                     use_cache=True,
                 )
-            layers = out.past_key_values.cross_attention_cache.layers
+            layers = out[self._cache_arg].cross_attention_cache.layers
             encoded.cross_kv = [(layer.keys.contiguous(), layer.values.contiguous()) for layer in layers]
         cross = [(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in encoded.cross_kv]
         return EncoderDecoderCache(DynamicCache(), DynamicCache(cross))
 
+    def _prompt_cache(self, encoded: EncodedRows, rows: torch.Tensor) -> DynamicCache:
+        """A fresh cache of the prompt keys/values of ``rows``, the prompts run once per ``encoded``.
+
+        Fresh per call because a DynamicCache grows in place. No gradient flows through it: decoding only.
+        """
+        if encoded.prompt_kv is None:
+            mask = encoded.attention_mask  # (n, p)
+            with torch.no_grad(), self._lm_head_on_last(1) as extra:
+                out = self.model(
+                    input_ids=encoded.prompt_ids,
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # left padding: real tokens from 0
+                    use_cache=True,
+                    **extra,
+                )
+            layers = out[self._cache_arg].layers
+            encoded.prompt_kv = [(layer.keys.contiguous(), layer.values.contiguous()) for layer in layers]
+        chosen = [(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in encoded.prompt_kv]
+        return DynamicCache(chosen)
+
+    def _causal_inputs(self, encoded: EncodedRows, rows: torch.Tensor, decoder_ids: torch.Tensor, reuse: bool) -> dict:
+        """Forward arguments of a decoder-only LM: prompt + decoder ids, or the decoder ids over the cached prompt."""
+        if encoded.prompt_start is not None:  # chat prompts: their last token stands for [start]
+            decoder_ids = torch.cat([encoded.prompt_start.index_select(0, rows), decoder_ids[:, 1:]], dim=1)
+        mask = encoded.attention_mask.index_select(0, rows)  # (n, p)
+        full_mask = torch.cat([mask, torch.ones_like(decoder_ids)], dim=1)  # (n, p + t)
+        if reuse and self._reuses_prompt and mask.shape[1] > 0:
+            t = decoder_ids.shape[1]
+            steps = torch.arange(t, device=self.device)
+            return {
+                "input_ids": decoder_ids,
+                "attention_mask": full_mask,
+                "position_ids": mask.sum(-1, keepdim=True) + steps,  # (n, t): after each row's real prompt tokens
+                self._cache_arg: self._prompt_cache(encoded, rows),
+                "use_cache": True,
+            }
+        return {
+            "input_ids": torch.cat([encoded.prompt_ids.index_select(0, rows), decoder_ids], dim=1),
+            "attention_mask": full_mask,
+            "position_ids": (full_mask.cumsum(-1) - 1).clamp(min=0),  # left padding: real tokens from 0
+            "use_cache": False,
+        }
+
     def _decoder_logits(
-        self, encoded: EncodedRows, rows: torch.Tensor, decoder_ids: torch.Tensor, keep: int, reuse_cross: bool = False
+        self, encoded: EncodedRows, rows: torch.Tensor, decoder_ids: torch.Tensor, keep: int, reuse_cache: bool = False
     ) -> torch.Tensor:
         """Logits (n, keep, v) at the last ``keep`` positions of ``decoder_ids`` (n, t) = [start] ....
 
-        ``reuse_cross`` takes cross-attention keys/values from :meth:`_cross_attention_cache`.
+        ``reuse_cache`` (decoding, no grad) takes the passages' keys/values from
+        :meth:`_cross_attention_cache` or :meth:`_prompt_cache` instead of recomputing them.
         """
         rows = rows.to(device=self.device, dtype=torch.long)
         if rows.dim() != 1 or rows.shape[0] != decoder_ids.shape[0]:
             shapes = f"{tuple(rows.shape)}, {tuple(decoder_ids.shape)}"
             raise ValueError(f"rows must be (n,) matching prefixes (n, t); got {shapes}")
-        mask = encoded.attention_mask.index_select(0, rows)
-        cache = {}
         if self.is_encoder_decoder:
             hidden = encoded.hidden.index_select(0, rows)  # (n, s, h)
             inputs = {
                 "encoder_outputs": BaseModelOutput(last_hidden_state=hidden),
-                "attention_mask": mask,
+                "attention_mask": encoded.attention_mask.index_select(0, rows),
                 "decoder_input_ids": decoder_ids,
+                "use_cache": False,
             }
-            if reuse_cross:
-                cache = {"past_key_values": self._cross_attention_cache(encoded, rows), "use_cache": True}
+            if reuse_cache:
+                inputs.update({self._cache_arg: self._cross_attention_cache(encoded, rows), "use_cache": True})
         else:
-            prompt = encoded.prompt_ids.index_select(0, rows)  # (n, p)
-            full_mask = torch.cat([mask, torch.ones_like(decoder_ids)], dim=1)  # (n, p + t)
-            inputs = {
-                "input_ids": torch.cat([prompt, decoder_ids], dim=1),
-                "attention_mask": full_mask,
-                "position_ids": (full_mask.cumsum(-1) - 1).clamp(min=0),  # left padding: real tokens from 0
-            }
+            inputs = self._causal_inputs(encoded, rows, decoder_ids, reuse_cache)
         with self._lm_head_on_last(keep) as extra:
-            out = self.model(**inputs, **(cache or {"use_cache": False}), **extra)
+            out = self.model(**inputs, **extra)
         return out.logits[:, -keep:]
 
     def _target_logprobs(
-        self, encoded: EncodedRows, rows: torch.Tensor, target_ids: torch.Tensor, reuse_cross: bool = False
+        self, encoded: EncodedRows, rows: torch.Tensor, target_ids: torch.Tensor, reuse_cache: bool = False
     ) -> torch.Tensor:
         """Teacher forcing: (n, t) log p(target_t | x, z, target_<t), unmasked."""
         target_ids = target_ids.to(device=self.device, dtype=torch.long)
         start = torch.full_like(target_ids[:, :1], self.bos_id)
         decoder_ids = torch.cat([start, target_ids[:, :-1]], dim=1)  # (n, t)
-        logits = self._decoder_logits(encoded, rows, decoder_ids, keep=target_ids.shape[1], reuse_cross=reuse_cross)
+        logits = self._decoder_logits(encoded, rows, decoder_ids, keep=target_ids.shape[1], reuse_cache=reuse_cache)
         return gather_logprobs(logits, target_ids)
 
     def token_logprobs(
@@ -429,14 +565,15 @@ class Generator(nn.Module):
     def next_logprobs(self, encoded: EncodedRows, rows: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
         """(n, v) log p(next | x, z_row, prefix) for prefixes (n, t) = [start] y_1..y_{t-1}.
 
-        Recomputes the decoder over the prefix (no self-attention cache), so beams may be reordered
-        freely; without grad, cross-attention keys/values are computed once per ``encoded``.
+        Recomputes the decoder over the prefix (no self-attention cache of the answer), so beams may
+        be reordered freely; without grad, the passages' keys/values (cross-attention, or the prompt
+        of a decoder-only LM) are computed once per ``encoded``.
         """
         prefixes = prefixes.to(device=self.device, dtype=torch.long)
         if prefixes.dim() != 2 or prefixes.shape[1] < 1:
             raise ValueError(f"prefixes must be (n, t >= 1) starting with bos_id, got {tuple(prefixes.shape)}")
-        reuse = self.is_encoder_decoder and not torch.is_grad_enabled()
-        logits = self._decoder_logits(encoded, rows, prefixes, keep=1, reuse_cross=reuse)[:, -1]  # (n, v)
+        reuse = not torch.is_grad_enabled()
+        logits = self._decoder_logits(encoded, rows, prefixes, keep=1, reuse_cache=reuse)[:, -1]  # (n, v)
         return torch.log_softmax(_at_least_fp32(logits), dim=-1)
 
     def step_fn(self, encoded: EncodedRows) -> NextLogprobs:
@@ -453,12 +590,12 @@ class Generator(nn.Module):
 
         Tokens after the first EOS are ignored, so finished beam hypotheses can be passed as is
         (after dropping their start column). Keeps the graph; under no_grad (decoding) it reuses
-        the cross-attention keys/values as :meth:`next_logprobs` does.
+        the passages' keys/values as :meth:`next_logprobs` does.
         """
         target_ids = target_ids.to(device=self.device, dtype=torch.long)
         mask = target_mask(target_ids, self.eos_id, self.pad_id)  # (n, t)
-        reuse = self.is_encoder_decoder and not torch.is_grad_enabled()
-        return (self._target_logprobs(encoded, rows, target_ids, reuse_cross=reuse) * mask).sum(-1)
+        reuse = not torch.is_grad_enabled()
+        return (self._target_logprobs(encoded, rows, target_ids, reuse_cache=reuse) * mask).sum(-1)
 
     def save_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
         """Atomic HF folder; ``dtype=torch.float16`` halves the file (for shipping) and leaves this model as it is."""

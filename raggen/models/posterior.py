@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from raggen.models.retriever import Pooling, TextEncoder
+from raggen.models.retriever import PassageFormat, Pooling, TextEncoder
 
 
 def posterior_query_text(question: str, answer: str, sep: str) -> str:
@@ -40,9 +40,11 @@ class PosteriorRetriever(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         normalize: bool = False,
+        passage_format: PassageFormat | None = None,
     ) -> "PosteriorRetriever":
         encoder = TextEncoder.from_pretrained(
-            name_or_path, pooling=pooling, max_length=max_length, device=device, dtype=dtype, normalize=normalize
+            name_or_path, pooling=pooling, max_length=max_length, device=device, dtype=dtype, normalize=normalize,
+            passage_format=passage_format,
         )
         return cls(encoder)
 

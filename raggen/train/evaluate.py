@@ -10,9 +10,11 @@ Where a QA file names gold passage ids, gold recall@k is reported too.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import re
 import string
+import tempfile
 import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -282,6 +284,19 @@ def split_examples(split: str, *, dev_file: str, world_dir: str, limit: int | No
     return examples[:limit] if limit else examples
 
 
+@contextlib.contextmanager
+def local_checkpoint(checkpoint: str | None, s3: dict | None):
+    """A checkpoint folder to read: a local one as it is, an ``s3://`` one downloaded for the duration."""
+    from raggen.storage import download, is_s3_uri
+
+    if checkpoint is None or not is_s3_uri(checkpoint):
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory(prefix="raggen-checkpoint-") as tmp:
+        download(checkpoint, tmp, s3)
+        yield tmp
+
+
 def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test") -> dict[str, float]:
     """``raggen eval``: models from a checkpoint folder (e.g. ``runs/NAME/final``) or the config,
     the config's index, ``train.eval_examples`` examples of the split."""
@@ -291,8 +306,9 @@ def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test"
     from raggen.train.trainer import model_spec, s3_options
 
     t = cfg.train
-    restored = read_checkpoint(checkpoint).model_dirs if checkpoint else None
-    models = build_models(model_spec(cfg.model), t.estimator, restored)
+    with local_checkpoint(checkpoint, s3_options(t.s3)) as folder:
+        restored = read_checkpoint(folder).model_dirs if folder else None
+        models = build_models(model_spec(cfg.model), t.estimator, restored)
     for m in models.values():
         m.eval()
     index = open_index(t.index, s3_options=s3_options(t.s3))

@@ -1,4 +1,8 @@
-"""Generator: teacher-forced log-likelihoods, step-wise decoding and FiD reading, checked against HF directly."""
+"""Generator: teacher-forced log-likelihoods, step-wise decoding and FiD reading, checked against HF directly.
+
+Every tiny kind (BART, T5, GPT-2, Llama, Qwen2); chat prompts, the decoder-only prompt cache and
+decoding per family are in test_models_generator_families.py.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import pytest
 import torch
 
 from raggen.models.generator import Generator, source_text, target_mask
-from raggen.models.tiny import BOS_ID, EOS_ID, PAD_ID, make_tiny_generator
+from raggen.models.tiny import BOS_ID, EOS_ID, GENERATOR_KINDS, PAD_ID, make_tiny_generator
 
 QUESTIONS = ["who wrote hamlet?", "what is the capital of france"]
 PASSAGES = [
@@ -14,7 +18,16 @@ PASSAGES = [
     ["paris is the capital and largest city of france by far", "bread"],
 ]
 TARGETS = ["william shakespeare", "paris"]
-KINDS = ["bart", "t5", "gpt2"]
+KINDS = list(GENERATOR_KINDS)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +126,14 @@ def test_next_logprobs_agree_with_teacher_forcing(generators, kind):
             torch.testing.assert_close(got[live], want[live], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["bart", "gpt2"])
+@pytest.mark.parametrize("kind", ["bart", "gpt2", "llama"])
 def test_step_fn_matches_next_logprobs_without_graph(generators, kind):
     gen = generators[kind]
     encoded = gen.encode(QUESTIONS, PASSAGES)
     rows, prefixes = torch.tensor([1, 2]), torch.full((2, 1), gen.bos_id)
-    stepped = gen.step_fn(encoded)(rows, prefixes)
+    stepped = gen.step_fn(encoded)(rows, prefixes)  # cached passages' keys/values
     assert not stepped.requires_grad
-    torch.testing.assert_close(stepped, gen.next_logprobs(encoded, rows, prefixes).detach())
+    torch.testing.assert_close(stepped, gen.next_logprobs(encoded, rows, prefixes).detach(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["bart", "t5"])
@@ -273,6 +286,28 @@ def test_missing_model_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="generator"):
         Generator.from_pretrained(str(tmp_path / "nope" / "missing"))
+
+
+@pytest.mark.parametrize(
+    "kind, weight", [("bart", "model.encoder.layers.0.fc1.weight"), ("llama", "model.layers.1.self_attn.k_proj.weight")]
+)
+def test_checkpoint_missing_a_weight_is_refused_with_its_name(model_dirs, tmp_path, kind, weight):
+    """A weight transformers would initialise at random is a ConfigError, not a silently random reader."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from raggen.errors import ConfigError
+
+    path = tmp_path / kind
+    shutil.copytree(model_dirs[kind], path)
+    weights = load_file(str(path / "model.safetensors"))
+    assert weight in weights
+    del weights[weight]
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="generator") as refused:
+        Generator.from_pretrained(str(path))
+    assert weight in str(refused.value) and "missing" in str(refused.value)
 
 
 def test_causal_lm_without_a_pad_token_pads_with_eos(model_dirs):

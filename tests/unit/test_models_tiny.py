@@ -13,7 +13,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from raggen.models import Generator, Reranker, TextEncoder
-from raggen.models.tiny import BOS_ID, EOS_ID, PAD_ID, make_tiny_encoder, make_tiny_generator, make_tiny_reranker
+from raggen.models.tiny import (
+    BOS_ID,
+    EOS_ID,
+    GENERATOR_KINDS,
+    PAD_ID,
+    TINY_CHAT_TEMPLATE,
+    make_tiny_encoder,
+    make_tiny_generator,
+    make_tiny_reranker,
+)
 
 
 def test_special_ids_are_the_bert_tokenizers():
@@ -24,17 +33,46 @@ def test_special_ids_are_the_bert_tokenizers():
     assert len(tok) == 30522
 
 
-@pytest.mark.parametrize("kind", ["bart", "t5", "gpt2"])
+@pytest.mark.parametrize("kind", GENERATOR_KINDS)
 def test_generator_checkpoint_layout_and_config(tmp_path, kind):
     path = make_tiny_generator(str(tmp_path / kind), kind=kind)
     files = set(os.listdir(path))
     assert {"config.json", "model.safetensors", "tokenizer_config.json", "generation_config.json"} <= files
     assert not any(name.startswith(".") for name in os.listdir(tmp_path))  # no temp folders left
     gen = Generator.from_pretrained(path)
-    assert gen.is_encoder_decoder == (kind != "gpt2")
+    assert gen.is_encoder_decoder == (kind in ("bart", "t5")) and not gen.uses_chat_template
     assert (gen.bos_id, gen.eos_id, gen.pad_id, gen.target_prefix) == (BOS_ID, EOS_ID, PAD_ID, [])
     assert gen.tokenizer.pad_token_id == PAD_ID and gen.tokenizer.sep_token_id == EOS_ID
     assert "token_type_ids" not in gen.tokenizer("a question")
+    assert gen.decode(gen.tokenize_targets(["Paris, France"])[0][0]).lower() == "paris, france"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_llama_and_qwen2_have_rotary_positions_and_grouped_query_attention(tmp_path, kind):
+    gen = Generator.from_pretrained(make_tiny_generator(str(tmp_path / kind), kind=kind))
+    config = gen.model.config
+    assert type(gen.model).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[kind]
+    assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
+    assert config.hidden_size % config.num_attention_heads == 0 and (config.hidden_size // 4) % 2 == 0
+    assert config.rope_parameters["rope_type"] == "default"  # rotary: no learned position table
+    assert not any("position" in name for name, _ in gen.model.named_parameters())
+    assert config.tie_word_embeddings == (kind == "qwen2")
+    # transformers 5 reads a qwen2 checkpoint's tokenizer as Qwen2Tokenizer whatever it declares
+    assert type(gen.tokenizer).__name__ == {"llama": "BertTokenizer", "qwen2": "Qwen2Tokenizer"}[kind]
+    wider = Generator.from_pretrained(make_tiny_generator(str(tmp_path / "w"), kind=kind, heads=8, kv_heads=4))
+    assert (wider.model.config.num_attention_heads, wider.model.config.num_key_value_heads) == (8, 4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_a_chat_template_is_saved_with_the_tokenizer(tmp_path, kind):
+    path = make_tiny_generator(str(tmp_path / kind), kind=kind, chat_template=TINY_CHAT_TEMPLATE)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.chat_template == TINY_CHAT_TEMPLATE
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "[CLS] user : hi [SEP] [CLS] assistant :"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == BOS_ID and ids.count(EOS_ID) == 1
+    assert Generator.from_pretrained(path).uses_chat_template
 
 
 def test_hf_generate_starts_at_cls_and_stops_at_sep(tmp_path):
@@ -77,7 +115,15 @@ def test_dims_override_and_validation(tmp_path):
     config = Reranker.from_pretrained(path).model.config
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 1, 4)
     with pytest.raises(ValueError, match="kind"):
-        make_tiny_generator(str(tmp_path / "x"), kind="llama")
+        make_tiny_generator(str(tmp_path / "x"), kind="mamba")
+    with pytest.raises(ValueError, match="kv_heads"):
+        make_tiny_generator(str(tmp_path / "x"), kind="llama", kv_heads=3)
+    with pytest.raises(ValueError, match="kv_heads"):
+        make_tiny_generator(str(tmp_path / "x"), kind="gpt2", kv_heads=1)
+    with pytest.raises(ValueError, match="even head dim"):
+        make_tiny_generator(str(tmp_path / "x"), kind="qwen2", d_model=36, heads=4)
+    with pytest.raises(ValueError, match="chat template"):
+        make_tiny_generator(str(tmp_path / "x"), kind="t5", chat_template=TINY_CHAT_TEMPLATE)
     with pytest.raises(ValueError, match="size"):
         make_tiny_generator(str(tmp_path / "x"), size="huge")
     with pytest.raises(ValueError, match="divisible"):
@@ -108,6 +154,8 @@ def test_all_tiny_models_load_with_the_hub_offline(tmp_path):
         "bart": make_tiny_generator(str(tmp_path / "bart"), kind="bart"),
         "t5": make_tiny_generator(str(tmp_path / "t5"), kind="t5"),
         "gpt2": make_tiny_generator(str(tmp_path / "gpt2"), kind="gpt2"),
+        "llama": make_tiny_generator(str(tmp_path / "llama"), kind="llama"),
+        "qwen2": make_tiny_generator(str(tmp_path / "qwen2"), kind="qwen2"),
         "reranker": make_tiny_reranker(str(tmp_path / "reranker")),
         "encoder": make_tiny_encoder(str(tmp_path / "encoder")),
     }
@@ -116,9 +164,10 @@ def test_all_tiny_models_load_with_the_hub_offline(tmp_path):
         import torch
         from raggen.models import Generator, Reranker, TextEncoder
         paths = {paths!r}
-        for kind in ("bart", "t5", "gpt2"):
+        for kind in ("bart", "t5", "gpt2", "llama", "qwen2"):
             lp, mask = Generator.from_pretrained(paths[kind]).token_logprobs(["q"], [["p"]], ["a b"])
-            assert lp.shape == (1, 1, 3) and torch.isfinite(lp).all(), kind
+            n = 4 if kind == "qwen2" else 3  # bytes "a", " b" or word pieces "a", "b"; then EOS
+            assert lp.shape == (1, 1, n) and torch.isfinite(lp).all(), kind
         assert Reranker.from_pretrained(paths["reranker"])(["q"], [["p", "r"]]).shape == (1, 2)
         assert TextEncoder.from_pretrained(paths["encoder"]).encode(["x"]).shape == (1, 64)
         print("ok")
