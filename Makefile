@@ -9,7 +9,7 @@ export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-unit test-integration bench reader clean gpu
+.PHONY: venv demo test test-unit test-integration bench reader clean gpu image
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,18 @@ reader: venv
 gpu: venv
 	$(BIN)/python -m pip uninstall -y faiss-cpu
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall "faiss-gpu>=1.8"
+
+# The container image (docker/Dockerfile), the one k8s/ and cluster/aws-gpu.yaml name:
+# `make image` -> $(IMAGE):$(VERSION)-cpu, `make image VARIANT=cuda` -> $(IMAGE):$(VERSION)-cuda.
+IMAGE   ?= ghcr.io/raggen-ai/raggen
+VARIANT ?= cpu
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+
+image:
+	@case "$(VARIANT)" in cpu|cuda) ;; *) echo "make image: VARIANT must be cpu or cuda, not '$(VARIANT)'" >&2; exit 2 ;; esac
+	@command -v docker >/dev/null 2>&1 || { echo "make image: docker is not installed here. Install Docker (with buildx) and run it again, or build docker/Dockerfile from the repository root with another OCI builder." >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make image: docker is installed but its daemon does not answer (docker info failed). Start it, or point DOCKER_HOST at one." >&2; exit 1; }
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile --build-arg VARIANT=$(VARIANT) -t $(IMAGE):$(VERSION)-$(VARIANT) .
 
 clean:
 	rm -rf $(VENV) artifacts runs

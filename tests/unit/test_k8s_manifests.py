@@ -464,7 +464,9 @@ def test_aws_cluster_launcher_yaml_passes_rays_own_validation():
 
     raw = yaml.safe_load((REPO / "cluster" / "aws-gpu.yaml").read_text())
     validate_config(prepare_config(copy.deepcopy(raw)))
-    assert raw["docker"]["image"].startswith(f"rayproject/ray:{ray_version()}-")
+    # raggen's CUDA image (docker/Dockerfile: FROM rayproject/ray:<pinned Ray>-py311-cu...);
+    # tests/unit/test_image.py checks its name and its base.
+    assert re.fullmatch(r"[\w.\-/]+/raggen:[\w.\-]+-cuda", raw["docker"]["image"]), raw["docker"]["image"]
     mounts = raw["file_mounts"]
     repo_mount = next(remote for remote, local in mounts.items() if local == ".")
     for local in mounts.values():
