@@ -18,7 +18,8 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow.parquet as pq
 
-from raggen.index.encode import EncodedShard, encode_passages, resolved_passage_format
+from raggen.errors import ConfigError
+from raggen.index.encode import EncodedShard, encode_passages, encoder_dim, resolved_passage_format
 from raggen.index.manifest import (
     Manifest,
     embeddings_of,
@@ -107,6 +108,20 @@ def build_shard_files(
     return index_path, passages_path, encoded.count
 
 
+def preflight_build(output_uri: str, version: str | None, *, faiss_factory: str, metric: str, dim: int,
+                    s3_options: Mapping[str, Any] | None = None) -> None:
+    """What would fail only after hours of encoding, checked first: the factory builds for this
+    dimension, the version name is valid and not yet published, and the output store answers."""
+    from raggen.index.manifest import MANIFEST_NAME, check_version_name
+    from raggen.storage import open_store
+
+    new_index(dim, faiss_factory, metric)  # ConfigError naming faiss_factory
+    if version is not None:
+        check_version_name(version)
+        if open_store(output_uri, s3_options).exists(f"{version}/{MANIFEST_NAME}"):
+            raise ConfigError(f"version: {version!r} is already published under {output_uri}")
+
+
 def build_index(
     passages_uri: str,
     output_uri: str,
@@ -146,6 +161,8 @@ def build_index(
     multi-node clusters, see ``raggen.index.encode``).
     """
     metric = normalize_metric(metric)
+    preflight_build(output_uri, version, faiss_factory=faiss_factory, metric=metric,
+                    dim=encoder_dim(encoder_name_or_path, s3_options), s3_options=s3_options)
     work = Path(work_dir) if work_dir else default_work_dir(
         passages_uri=passages_uri, output_uri=output_uri, encoder=encoder_name_or_path, pooling=pooling,
         max_length=max_length, normalize=normalize, num_shards=num_shards, format=passages_format,

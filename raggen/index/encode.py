@@ -6,8 +6,10 @@ Pipeline (one work dir per run)::
       -> normalise columns, shard = crc32(passage id) % N  -- stable across runs and machines
       -> split/shard=K/*.parquet, split.json (counts)  [stage 1, redone if unfinished; split_uri
                                                         must be shared storage on multi-node clusters]
+      -> map_batches(tokenize_batch)  -- plain CPU tasks: fixed-width int32 token columns + num_tokens
       -> map_batches(PassageEncoderActor, ActorPoolStrategy(size=num_actors), explicit batch_size,
                      num_gpus=1 per actor on GPU clusters, else num_cpus=actor_num_cpus)
+                     -- only the model: length buckets, padding trimmed, bf16 on CUDA; token columns dropped
       -> the driver streams rows into encoded/shard-K.parquet (row_id, id, title, text, embedding)
          and marks each finished shard with encoded/shard-K.done.json (count + sha256)   [stage 2]
 
@@ -29,7 +31,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -137,19 +139,143 @@ def normalize_passages(table: pa.Table, num_shards: int = 1) -> pa.Table:
     return pa.table({"id": ids, "title": title, "text": text, "shard": stable_shard(id_list, num_shards)})
 
 
-# ------------------------------------------------------------------------------------------ the encoder actor
+# ------------------------------------------------------------------------------------------ stage 2a: tokenise (CPU tasks)
+
+#: the token columns the tokenise stage emits (those the tokenizer makes), each (b, max_length) int32
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+NUM_TOKENS = "num_tokens"  # (b,) int32: real tokens per row, what the actor buckets by
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx", ".gguf")
+
+
+def load_passage_tokenizer(name_or_path: str, s3_options: Mapping[str, Any] | None = None):
+    """The encoder's tokenizer alone, loaded once on the driver and shipped to the tokenise tasks
+    (so no task downloads a model); of an ``s3://`` folder only the small non-weight files are fetched."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from raggen.models.loading import resolve_model_path
+
+    if not is_s3_uri(name_or_path):
+        return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    store = open_store(name_or_path, s3_options)
+    tmp = tempfile.mkdtemp(prefix="raggen-tokenizer-")
+    try:
+        for name in store.list():
+            if not name.lower().endswith(_WEIGHT_SUFFIXES):
+                store.download_file(name, Path(tmp, name))
+        return AutoTokenizer.from_pretrained(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pad_to_width(x: np.ndarray, width: int, value: int, side: str) -> np.ndarray:
+    """(b, t) -> (b, width) int32, padded on the tokenizer's padding side."""
+    out = np.full((x.shape[0], width), value, dtype=np.int32)
+    if side == "left":
+        out[:, width - x.shape[1]:] = x
+    else:
+        out[:, : x.shape[1]] = x
+    return out
+
+
+def tokenize_batch(
+    batch: dict[str, np.ndarray], *, tokenizer, passage_format: str, max_length: int
+) -> dict[str, np.ndarray]:
+    """Stage 2a: title/text -> fixed-width token columns (b, max_length) int32 + ``num_tokens`` (b,).
+
+    A pure function of the tokenizer, run as plain CPU tasks, so the encoder actor (the GPU) only
+    runs the model. Fixed width keeps every block's columns one shape; the actor trims the padding.
+    """
+    from raggen.models.retriever import tokenize_passages
+
+    titles, texts = [str(t) for t in batch["title"]], [str(t) for t in batch["text"]]
+    out = dict(batch)
+    if not texts:
+        names = [c for c in TOKEN_COLUMNS if c != "token_type_ids" or c in tokenizer.model_input_names]
+        out.update({c: np.zeros((0, max_length), np.int32) for c in names})
+        out[NUM_TOKENS] = np.zeros(0, np.int32)
+        return out
+    enc = tokenize_passages(tokenizer, titles, texts, passage_format=passage_format, max_length=max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for name in TOKEN_COLUMNS:
+        if name in enc:
+            value = pad_id if name == "input_ids" else 0
+            out[name] = _pad_to_width(enc[name].numpy(), max_length, value, tokenizer.padding_side)
+    out[NUM_TOKENS] = out["attention_mask"].sum(axis=1, dtype=np.int32)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ stage 2b: the encoder actor
+
+
+def length_buckets(num_tokens: np.ndarray, *, max_rows: int, max_tokens: int) -> list[np.ndarray]:
+    """Row indices grouped into sub-batches of similar length, shortest first.
+
+    Rows sorted by length are cut greedily so that rows x longest row (the padded size the model
+    sees) stays within ``max_tokens`` and rows within ``max_rows``; a row longer than the budget
+    runs alone. Short rows thus share a sub-batch without paying for the long rows' padding.
+    """
+    order = np.argsort(num_tokens, kind="stable")
+    buckets, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order):
+            buckets.append(order[start:])
+            break
+        rows, longest = i - start + 1, int(num_tokens[order[i]])  # if row i joined the current bucket
+        if rows > max_rows or rows * longest > max_tokens:
+            buckets.append(order[start:i])
+            start = i
+    return buckets
+
+
+def trim_padding(tokens: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(r, width) -> (r, t): drop the columns that are padding in every row (either padding side)."""
+    used = np.flatnonzero(tokens["attention_mask"].any(axis=0))
+    lo, hi = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 1)
+    return {name: col[:, lo:hi] for name, col in tokens.items()}
+
+
+def embed_bucketed(encoder, tokens: dict[str, np.ndarray], num_tokens: np.ndarray, *, max_rows: int,
+                   max_tokens: int) -> np.ndarray:
+    """Token columns (b, width) -> vectors (b, dim) float32, row i for input row i.
+
+    The model runs on length buckets (:func:`length_buckets`), each trimmed to its longest row;
+    the sub-batches' vectors stay on the device until the end (one host sync per call, so the
+    next sub-batch is queued while the GPU works), then go back to the input order.
+    ``encoder`` is a ``TextEncoder`` in eval mode.
+    """
+    import torch
+
+    parts, rows_of = [], []
+    with torch.inference_mode():
+        for rows in length_buckets(num_tokens, max_rows=max_rows, max_tokens=max_tokens):
+            sub = trim_padding({name: col[rows] for name, col in tokens.items()})  # (r, t) each
+            batch = {name: torch.from_numpy(col).to(encoder.device).long() for name, col in sub.items()}
+            parts.append(encoder.embed(batch))  # (r, dim), on the device
+            rows_of.append(rows)
+        if not parts:
+            return np.zeros((0, encoder.dim), np.float32)
+        vectors = torch.cat(parts).float().cpu().numpy()  # (b, dim) in bucket order
+    out = np.empty_like(vectors)
+    out[np.concatenate(rows_of)] = vectors
+    return out
 
 
 class PassageEncoderActor:
-    """Ray Data callable class: the model is loaded once per actor; tokenisation happens here.
+    """Ray Data callable class: the model is loaded once per actor and only runs the model.
 
-    CUDA + bf16 when the actor has a GPU, CPU + fp32 otherwise (raggen.devices). Output: the input
-    columns plus ``embedding`` (b, dim) float32.
+    Input rows carry the token columns of :func:`tokenize_batch` (a batch without them, from a
+    caller using the actor alone, is tokenised here). Each batch is encoded in length buckets of
+    at most ``sub_batch_tokens`` padded tokens (:func:`embed_bucketed`). CUDA + bf16 when the
+    actor has a GPU, CPU + fp32 otherwise (raggen.devices). Output: the input columns minus the
+    token columns, plus ``embedding`` (b, dim) float32, rows in input order.
     """
 
     def __init__(self, name_or_path: str, pooling: str = "mean", max_length: int = 256, normalize: bool = False,
                  torch_threads: int | None = None, s3_options: Mapping[str, Any] | None = None,
-                 passage_format: str | None = None):
+                 passage_format: str | None = None, sub_batch_tokens: int = 16384):
         import torch
 
         from raggen.devices import pick_device, pick_dtype
@@ -163,11 +289,18 @@ class PassageEncoderActor:
             fetch_model_dir(name_or_path, s3_options), pooling=pooling, max_length=max_length, normalize=normalize,
             device=device, dtype=pick_dtype(device), passage_format=passage_format,
         ).eval()
+        self.max_length, self.sub_batch_tokens = max_length, sub_batch_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        titles, texts = batch["title"].tolist(), batch["text"].tolist()
-        emb = self.encoder.encode_passages(titles, texts, batch_size=max(1, len(texts))).numpy()  # (b, dim) float32
-        return {**batch, "embedding": emb.astype(np.float32, copy=False)}
+        if "input_ids" not in batch:
+            batch = tokenize_batch(batch, tokenizer=self.encoder.tokenizer, passage_format=self.encoder.passage_format,
+                                   max_length=self.max_length)
+        tokens = {name: np.asarray(batch[name]) for name in TOKEN_COLUMNS if name in batch}
+        num_tokens = np.asarray(batch[NUM_TOKENS])
+        emb = embed_bucketed(self.encoder, tokens, num_tokens, max_rows=max(1, len(num_tokens)),
+                             max_tokens=self.sub_batch_tokens)  # (b, dim) float32
+        rest = {name: col for name, col in batch.items() if name not in TOKEN_COLUMNS and name != NUM_TOKENS}
+        return {**rest, "embedding": emb}
 
 
 # ------------------------------------------------------------------------------------------ work dir
@@ -308,7 +441,7 @@ def split_by_shard(
     return counts
 
 
-# ------------------------------------------------------------------------------------------ stage 2: encode
+# ------------------------------------------------------------------------------------------ stage 2: the pipeline
 
 
 class _ShardWriter:
@@ -365,17 +498,25 @@ def encode_passages(
     passages_format: str = "auto",
     s3_options: Mapping[str, Any] | None = None,
     split_uri: str | None = None,
+    tokenize_num_cpus: float = 0.25,
+    sub_batch_tokens: int = 16384,
+    progress: Callable[[int], None] | None = None,
 ) -> EncodedCorpus:
     """Encode every passage once into ``work_dir/encoded/shard-K.parquet``; resumes unfinished runs.
 
     ``actor_num_gpus=None`` gives each actor one GPU when the cluster has GPUs, none otherwise.
     ``split_uri``: where stage 1 writes (default ``work_dir/split``; on a multi-node cluster a
     folder every node reaches, e.g. ``s3://bucket/tmp/split``). Encoded shards are written by
-    this (the driver's) process into ``work_dir``.
+    this (the driver's) process into ``work_dir``. ``tokenize_num_cpus``: the CPU share of each
+    tokenise task; ``sub_batch_tokens``: the padded-token budget of one model call in an actor
+    (see :func:`length_buckets`); neither changes the vectors, so neither is in the run signature.
+    ``progress(rows)`` is called on the driver after each batch of encoded rows is written.
     Needs a running Ray (``ray.init()`` in the entry point).
     """
     if num_shards < 1 or num_actors < 1 or batch_size < 1:
         raise ConfigError("num_shards, num_actors and batch_size: must all be >= 1")
+    if tokenize_num_cpus <= 0 or sub_batch_tokens < 1:
+        raise ConfigError("tokenize_num_cpus and sub_batch_tokens: must be > 0")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     signature = dict(passages_uri=str(passages_uri), format=passages_format, num_shards=num_shards,
@@ -390,14 +531,17 @@ def encode_passages(
         counts = split_by_shard(str(passages_uri), work_dir, format=passages_format, num_shards=num_shards,
                                 s3_options=s3_options, split_uri=split_uri)
         split_path, split_fs = split_location(work_dir, split_uri, s3_options)
+        tokenize_kwargs = dict(tokenizer=load_passage_tokenizer(encoder_name_or_path, s3_options), max_length=max_length,
+                               passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options))
         finished.update(
             _encode_pending(
                 str(passages_uri), work_dir, pending, counts, dim,
                 actor_kwargs=dict(name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize,
-                                  passage_format=passage_format, s3_options=s3_options,
+                                  passage_format=passage_format, s3_options=s3_options, sub_batch_tokens=sub_batch_tokens,
                                   torch_threads=torch_threads or max(1, int(round(actor_num_cpus)))),
-                batch_size=batch_size, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
-                actor_num_gpus=actor_num_gpus, split=(split_path, split_fs),
+                tokenize_kwargs=tokenize_kwargs, batch_size=batch_size, num_actors=num_actors,
+                actor_num_cpus=actor_num_cpus, actor_num_gpus=actor_num_gpus, tokenize_num_cpus=tokenize_num_cpus,
+                split=(split_path, split_fs), progress=progress,
             )
         )  # fmt: skip
     return EncodedCorpus(shards=[finished[s] for s in range(num_shards)], dim=dim)
@@ -411,11 +555,14 @@ def _encode_pending(
     dim: int,
     *,
     actor_kwargs: dict,
+    tokenize_kwargs: dict,
     batch_size: int,
     num_actors: int,
     actor_num_cpus: float,
+    tokenize_num_cpus: float,
     actor_num_gpus: float | None,
     split: tuple[str, Any],
+    progress: Callable[[int], None] | None = None,
 ) -> dict[int, EncodedShard]:
     import ray
     import ray.data
@@ -433,6 +580,9 @@ def _encode_pending(
                                partitioning=ray.data.datasource.Partitioning("hive", field_types={"shard": int}))  # fmt: skip
     # blocks of a few batches: enough inputs to keep every actor busy even for a small corpus
     ds = ds.repartition(target_num_rows_per_block=batch_size * 2)
+    # tokenising in plain CPU tasks keeps it off the encoder actor's (the GPU's) critical path
+    ds = ds.map_batches(tokenize_batch, fn_kwargs=tokenize_kwargs, batch_size=batch_size, batch_format="numpy",
+                        num_cpus=tokenize_num_cpus)
     ds = ds.map_batches(
         PassageEncoderActor,
         fn_constructor_kwargs=actor_kwargs,
@@ -449,6 +599,8 @@ def _encode_pending(
         with _user_errors():
             for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
                 _route_batch(batch, writers, done, dim)
+                if progress is not None:
+                    progress(len(batch["id"]))
     finally:
         ctx.execution_options.preserve_order = keep_order
     unfinished = [s for s in todo if s not in done]
