@@ -71,9 +71,9 @@ def build_kwargs(args: argparse.Namespace) -> dict:
     """``raggen.index.build_index`` keyword arguments from the config or from the flags."""
     common = dict(store_embeddings=not args.no_embeddings, work_dir=args.work_dir, split_uri=args.split_uri)
     if args.config:
-        from raggen.config import load_config
+        from raggen.config import load_config, with_absolute_paths
 
-        return {**load_config(args.config, args.set).index.build_kwargs(), **common}
+        return {**with_absolute_paths(load_config(args.config, args.set)).index.build_kwargs(), **common}
     s3 = {k: v for k, v in {"endpoint_url": args.s3_endpoint_url, "region_name": args.s3_region}.items() if v}
     return dict(
         passages_uri=args.passages, output_uri=args.output, encoder_name_or_path=args.encoder, pooling=args.pooling,
@@ -87,7 +87,7 @@ def build_kwargs(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    from raggen.errors import RaggenError
+    from raggen.cli import failure_message
     from raggen.index import build_index
     from raggen.ray_utils import ensure_ray
 
@@ -95,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = build_kwargs(args)  # a config error is reported before Ray starts
         ensure_ray(address=args.address)
         manifest = build_index(**kwargs)
-    except RaggenError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - one line for what a user can fix, a traceback for a bug
+        message = failure_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(manifest.to_json())
     return 0

@@ -14,8 +14,8 @@ import json
 import logging
 import sys
 
-from raggen.config import load_config
-from raggen.errors import RaggenError
+from raggen.cli import failure_message
+from raggen.config import load_config, with_absolute_paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from raggen.train.trainer import run_training
 
-        summary = run_training(load_config(args.config, args.set))
-    except RaggenError as e:
-        print(f"train: error: {e}", file=sys.stderr)
+        # relative paths (model.generator: raggen/assets/reader) resolve against the job's working
+        # dir here, on the driver, as `raggen train` does: Train workers start elsewhere
+        summary = run_training(with_absolute_paths(load_config(args.config, args.set)))
+    except Exception as e:  # noqa: BLE001 - one line for what a user can fix, a traceback for a bug
+        message = failure_message(e)
+        if message is None:
+            raise
+        print(f"train: error: {message}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -29,11 +29,18 @@ def cmd_world(args: argparse.Namespace) -> None:
 
 def cmd_index_build(args: argparse.Namespace) -> None:
     from raggen.index import build_index
+    from raggen.index.build import preflight_build
+    from raggen.index.encode import encoder_dim
     from raggen.ray_utils import ensure_ray
 
     cfg = _config(args)
+    kwargs = cfg.index.build_kwargs()
+    # a bad factory or an existing version fails here, not after hours of encoding
+    preflight_build(kwargs["output_uri"], kwargs["version"], faiss_factory=kwargs["faiss_factory"],
+                    metric=kwargs["metric"], dim=encoder_dim(kwargs["encoder_name_or_path"], kwargs["s3_options"]),
+                    s3_options=kwargs["s3_options"])
     ensure_ray()
-    manifest = build_index(**cfg.index.build_kwargs())
+    manifest = build_index(**kwargs)
     print(f"published {cfg.index.output} version {manifest.version}: {manifest.num_passages} passages in {len(manifest.shards)} shards")
 
 
@@ -53,15 +60,19 @@ def cmd_index_search(args: argparse.Namespace) -> None:
 def cmd_index_verify(args: argparse.Namespace) -> None:
     from raggen.index import verify_index
 
+    # every file is hashed as it streams from the store named (a local cache is never trusted)
     manifest = verify_index(args.uri, version=args.version, s3_options=_config(args).index.s3.storage_options())
     print(f"ok: {args.uri} version {manifest.version}, {manifest.num_passages} passages, {len(manifest.shards)} shards, all checksums match")
 
 
 def cmd_index_publish(args: argparse.Namespace) -> None:
-    from raggen.index import publish_index
+    from raggen.index import publish_index, read_latest
 
-    manifest = publish_index(args.src, args.dst, s3_options=_config(args).index.s3.storage_options())
-    print(f"published {args.dst} version {manifest.version}")
+    s3 = _config(args).index.s3.storage_options()
+    manifest = publish_index(args.src, args.dst, s3_options=s3, rollback=args.rollback)
+    latest = read_latest(args.dst, s3)
+    moved = "LATEST now names it" if latest == manifest.version else f"LATEST stays at the newer {latest} (--rollback moves it back)"
+    print(f"published {args.dst} version {manifest.version}; {moved}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -78,9 +89,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from raggen.train.metrics import plot_metrics
+    """One run: the PNG goes next to its metrics.jsonl; several (or s3://): ./report.png unless --out."""
+    from raggen.train.report import metrics_file, plot_runs
 
-    print(plot_metrics(args.run, args.out))
+    if not 0.0 <= args.smooth < 1.0:
+        raise ConfigError(f"--smooth: expected a value in [0, 1), got {args.smooth}")
+    out = args.out
+    if out is None:
+        local = len(args.runs) == 1 and not args.runs[0].startswith("s3://")
+        out = metrics_file(args.runs[0]).parent / "metrics.png" if local else "report.png"
+    print(plot_runs(args.runs, out, smooth=args.smooth))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -138,6 +156,16 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     run_quickstart(_config(args))
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     if required:
         p.add_argument("config", help="YAML config file (see configs/)")
@@ -165,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("search", cmd_index_search, "search a published index", parent=isub, config=False)
     p.add_argument("uri")
     p.add_argument("question")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=_positive_int, default=5)
     p.add_argument("--encoder", default=None, help="query encoder (default: the one the index's manifest records)")
     p = add("verify", cmd_index_verify, "check every checksum of a published version", parent=isub, config=False)
     p.add_argument("uri")
@@ -173,13 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("publish", cmd_index_publish, "copy a verified version to another store and move LATEST", parent=isub, config=False)
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--rollback", action="store_true",
+                   help="move LATEST even when it names a newer version (by the manifests' created time)")
     add("train", cmd_train, "train end to end with Ray Train")
     p = add("eval", cmd_eval, "EM/F1 and retrieval recall of a checkpoint")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--split", default="test", choices=["dev", "test", "changed"])
-    p = add("report", cmd_report, "plot a run's metrics to PNG", config=None)
-    p.add_argument("run", help="run folder holding metrics.jsonl")
-    p.add_argument("--out", default=None)
+    p = add("report", cmd_report, "plot one run's metrics, or compare several, to PNG", config=None)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folder or s3:// prefix holding metrics.jsonl (or the file itself)")
+    p.add_argument("--out", default=None, help="PNG path (default: next to a single run's metrics, else ./report.png)")
+    p.add_argument("--smooth", type=float, default=0.9, help="EMA weight in [0, 1) of the smoothed curves (0: raw)")
     p = add("serve", cmd_serve, "deploy the Serve graph (starts Ray locally if no cluster)")
     p.add_argument("--detach", action="store_true", help="return after deploying instead of blocking")
     p = add("ask", cmd_ask, "ask a running raggen service", config=None)
@@ -221,12 +253,44 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except RaggenError as e:
-        print(f"raggen: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - every failure a user can act on becomes one line
+        message = failure_message(e)
+        if message is None:
+            raise
+        print(f"raggen: error: {message}", file=sys.stderr)
+        log.debug("details", exc_info=True)
+        return 2
     return 0
+
+
+def failure_message(exc: BaseException) -> str | None:
+    """One line naming the cause, or None for a bug (which keeps its traceback).
+
+    Ray wraps what failed inside a task, an actor or a Train worker: the user's own error is dug
+    out of the chain (or of the remote traceback's text) first.
+    """
+    from raggen.errors import find_user_error
+
+    if isinstance(exc, RaggenError):
+        return str(exc)
+    inner = find_user_error(exc)
+    if inner is not None:
+        return str(inner)
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        BotoCoreError = ClientError = ()  # type: ignore[assignment]
+    if isinstance(exc, (BotoCoreError, ClientError)):
+        return f"S3: {exc}"
+    if isinstance(exc, IsADirectoryError):
+        return f"{exc.filename}: is a folder, expected a file"
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        return f"{exc.filename or exc}: {exc.strerror or exc}"
+    if isinstance(exc, (ValueError, OSError)):
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
 
 
 if __name__ == "__main__":

@@ -124,6 +124,10 @@ class TrainSection(_Strict):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-5, gt=0)
     retriever_lr: float | None = Field(None, gt=0)
+    # lr schedule per parameter group: linear warm-up over warmup_steps, then constant (today's
+    # behaviour, the default), linear or cosine decay; a function of the global step (resume-safe)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     vrag_beta: float = Field(1.0, ge=0)
@@ -139,6 +143,10 @@ class TrainSection(_Strict):
     checkpoint_every: int = Field(50, ge=1)
     eval_every: int = Field(0, ge=0)
     eval_examples: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=0)  # rank 0 logs a progress line every N steps (0: never)
+    tensorboard: bool = False  # scalars to <run>/tensorboard (torch.utils.tensorboard or tensorboardX)
+    mlflow_tracking_uri: str | None = None  # set: log to MLflow (pip install mlflow) through Ray's setup_mlflow
+    mlflow_experiment: str = "raggen"
     refresh_index_every: int = Field(0, ge=0)
     seed: int = 0
     s3: S3Config = S3Config()
@@ -149,6 +157,8 @@ class TrainSection(_Strict):
             raise ValueError("gumbel.k must not exceed gumbel.candidates")
         if self.refresh_index_every and not self.train_passage_encoder:
             raise ValueError("refresh_index_every needs train_passage_encoder: true (a frozen encoder never changes the index)")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
         return self
 
 
@@ -169,6 +179,50 @@ class AutoscalingSection(_Strict):
         return self
 
 
+class AutoscalingOverride(_Strict):
+    """Some fields of :class:`AutoscalingSection` for one deployment; unset ones keep the shared value."""
+
+    min_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float | None = Field(None, gt=0)
+    upscale_delay_s: float | None = Field(None, ge=0)
+    downscale_delay_s: float | None = Field(None, ge=0)
+    look_back_period_s: float | None = Field(None, gt=0)
+
+
+class DeploymentSection(_Strict):
+    """One Serve deployment's resources and autoscaling; every unset field keeps the shared default
+    (``replica_num_cpus``, ``replica_num_gpus``, ``replica_memory_gb``, ``autoscaling``; the Ingress:
+    ``ingress_num_cpus``, no GPU, no memory reservation)."""
+
+    num_cpus: float | None = Field(None, gt=0)
+    num_gpus: float | None = Field(None, ge=0)
+    memory_gb: float | None = Field(None, gt=0)  # Ray's ``memory`` resource: a reservation for scheduling
+    autoscaling: AutoscalingOverride | None = None
+
+    def resolve_autoscaling(self, shared: AutoscalingSection) -> AutoscalingSection:
+        """``shared`` with this deployment's fields on top (validated: min_replicas <= max_replicas)."""
+        own = self.autoscaling.model_dump(exclude_none=True) if self.autoscaling is not None else {}
+        return AutoscalingSection(**{**shared.model_dump(), **own})
+
+
+class ServeDeploymentsSection(_Strict):
+    """Per-deployment overrides of the shared serve resources: ``serve.deployments.generator.num_gpus``."""
+
+    retriever: DeploymentSection = DeploymentSection()
+    reranker: DeploymentSection = DeploymentSection()
+    generator: DeploymentSection = DeploymentSection()
+    ingress: DeploymentSection = DeploymentSection()
+
+    def check_against(self, shared: AutoscalingSection) -> None:
+        """Raise ValueError naming the deployment whose merged autoscaling is inconsistent."""
+        for name in type(self).model_fields:
+            try:
+                getattr(self, name).resolve_autoscaling(shared)
+            except ValidationError as exc:
+                raise ValueError(f"deployments.{name}.autoscaling: {exc.errors()[0]['msg']}") from None
+
+
 class ServeSection(_Strict):
     index: str = "artifacts/index"
     watch_latest: bool = False
@@ -182,13 +236,23 @@ class ServeSection(_Strict):
     max_question_chars: int = Field(1000, ge=1)
     max_new_tokens: int = Field(32, ge=1)
     num_beams: int = Field(4, ge=1)
+    # shared defaults of the model deployments (Retriever, Reranker, Generator); `deployments`
+    # overrides them per deployment, field by field
     replica_num_cpus: float = Field(0.25, gt=0)
     replica_num_gpus: float = Field(0.0, ge=0)
+    replica_memory_gb: float | None = Field(None, gt=0)
+    ingress_num_cpus: float = Field(0.1, gt=0)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     autoscaling: AutoscalingSection = AutoscalingSection()
+    deployments: ServeDeploymentsSection = ServeDeploymentsSection()
     api_token_env: str = "RAGGEN_API_TOKEN"
     s3: S3Config = S3Config()
+
+    @model_validator(mode="after")
+    def _deployments_consistent(self) -> "ServeSection":
+        self.deployments.check_against(self.autoscaling)
+        return self
 
 
 class RaggenConfig(_Strict):
@@ -238,6 +302,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"{source}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{source}: is a folder, expected a YAML config file") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         try:

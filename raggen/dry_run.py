@@ -101,6 +101,7 @@ def size_overrides(cfg: RaggenConfig, num_passages: int) -> list[str]:
         "serve.host=127.0.0.1", f"serve.port={_free_port()}", "serve.replica_num_cpus=0.1", "serve.replica_num_gpus=0",
         "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1", "serve.num_beams=2",
         "serve.max_new_tokens=8", "serve.watch_latest=false",
+        "serve.deployments={}",  # per-deployment GPUs/RAM of a real recipe: the shared small defaults instead
     ]  # fmt: skip
 
 

@@ -1,7 +1,9 @@
 """Serving: HTTP ingress -> Retriever -> [Reranker] -> Generator on Ray Serve, with index hot-swap.
 
-The schemas, auth and client import without Ray; the deployments and app builders (which import
-``ray.serve``) load on first use, so ``raggen ask`` stays quick.
+The schemas, auth and client import without Ray; the rest loads on first use, so ``raggen ask``
+stays quick: ``live_index`` (the hot-swappable index), ``pipeline`` (the stages as functions),
+``http_api`` + ``openai_api`` (the FastAPI app), ``metrics`` (Prometheus, through Ray), and the
+Serve side: ``deployments`` (Ingress, Retriever, Reranker, Generator) and ``app`` (builders).
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ _LAZY = {
     "Retriever": "raggen.serve.deployments",
     "Reranker": "raggen.serve.deployments",
     "Generator": "raggen.serve.deployments",
-    "IndexHolder": "raggen.serve.deployments",
-    "IndexUserConfig": "raggen.serve.deployments",
-    "NoIndexError": "raggen.serve.deployments",
-    "build_http_api": "raggen.serve.deployments",
-    "retrieve_batch": "raggen.serve.deployments",
-    "rerank_batch": "raggen.serve.deployments",
-    "generate_batch": "raggen.serve.deployments",
+    "IndexHolder": "raggen.serve.live_index",
+    "IndexUserConfig": "raggen.serve.live_index",
+    "LiveIndex": "raggen.serve.live_index",
+    "NoIndexError": "raggen.serve.live_index",
+    "build_http_api": "raggen.serve.http_api",
+    "retrieve_batch": "raggen.serve.pipeline",
+    "rerank_batch": "raggen.serve.pipeline",
+    "generate_batch": "raggen.serve.pipeline",
+    "generate_outputs": "raggen.serve.pipeline",
+    "ChatCompletionRequest": "raggen.serve.openai_api",
 }
 
 

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import serve
 from ray.serve import Application
 
-from raggen.config import AutoscalingSection  # one definition for the raggen config and Serve args
+# one definition for the raggen config and Serve args
+from raggen.config import AutoscalingSection, DeploymentSection, ServeDeploymentsSection
 from raggen.errors import ConfigError, RaggenError
 from raggen.models.retriever import EncoderSpec
 from raggen.serve.deployments import Generator, Ingress, IndexUserConfig, Reranker, Retriever
@@ -61,13 +62,16 @@ class AppArgs(_Args):
     max_top_k: int = Field(20, ge=1)
     max_question_chars: int = Field(1000, ge=1)
     max_new_tokens: int = Field(32, ge=1)
+    # shared defaults of the model deployments; `deployments` overrides them per deployment
     replica_num_cpus: float = Field(0.25, gt=0)
     replica_num_gpus: float = Field(0.0, ge=0)
+    replica_memory_gb: float | None = Field(None, gt=0)
     ingress_num_cpus: float = Field(0.1, gt=0)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_ongoing_requests: int | None = Field(None, ge=1)
     autoscaling: AutoscalingSection = AutoscalingSection()
+    deployments: ServeDeploymentsSection = ServeDeploymentsSection()
     api_token_env: str = "RAGGEN_API_TOKEN"
 
     @model_validator(mode="after")
@@ -76,6 +80,7 @@ class AppArgs(_Args):
             raise ValueError(f"default_top_k ({self.default_top_k}) must be <= max_top_k ({self.max_top_k})")
         if self.watch_latest and self.index_version is not None:
             raise ValueError("index_version pins a version while watch_latest follows LATEST: set only one")
+        self.deployments.check_against(self.autoscaling)
         return self
 
     def index_user_config(self) -> dict[str, Any]:
@@ -92,11 +97,32 @@ def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
         raise ConfigError(f"raggen serve app: {problems}") from None
 
 
-def _model_options(a: AppArgs) -> dict[str, Any]:
+GIB = 1024**3
+DEPLOYMENT_NAMES = {"retriever": "Retriever", "reranker": "Reranker", "generator": "Generator", "ingress": "Ingress"}
+
+
+def deployment_resources(a: AppArgs, role: str) -> dict[str, Any]:
+    """``ray_actor_options`` and ``autoscaling_config`` of deployment ``role`` (``retriever``, ...):
+    its own ``deployments.<role>`` fields over the shared defaults, field by field."""
+    own: DeploymentSection = getattr(a.deployments, role)
+    if role == "ingress":  # it only awaits the model deployments: its own small default, never a GPU
+        cpus, gpus, memory_gb = a.ingress_num_cpus, 0.0, None
+    else:
+        cpus, gpus, memory_gb = a.replica_num_cpus, a.replica_num_gpus, a.replica_memory_gb
+    actor: dict[str, Any] = {
+        "num_cpus": own.num_cpus if own.num_cpus is not None else cpus,
+        "num_gpus": own.num_gpus if own.num_gpus is not None else gpus,
+    }
+    memory_gb = own.memory_gb if own.memory_gb is not None else memory_gb
+    if memory_gb is not None:
+        actor["memory"] = int(memory_gb * GIB)  # Ray's memory resource is in bytes
+    return {"ray_actor_options": actor, "autoscaling_config": own.resolve_autoscaling(a.autoscaling).model_dump()}
+
+
+def _model_options(a: AppArgs, role: str) -> dict[str, Any]:
     """Resources, autoscaling and queue depth of a model deployment (Retriever, Reranker, Generator)."""
     return dict(
-        ray_actor_options={"num_cpus": a.replica_num_cpus, "num_gpus": a.replica_num_gpus},
-        autoscaling_config=a.autoscaling.model_dump(),
+        **deployment_resources(a, role),
         # a replica must accept a full batch's worth of requests for @serve.batch to fill it
         max_ongoing_requests=a.max_ongoing_requests or max(5, 2 * a.max_batch_size),
     )
@@ -106,17 +132,17 @@ def build_app(args: dict[str, Any]) -> Application:
     """The Serve application a Serve config names in ``import_path`` (``raggen.serve.app:build_app``)."""
     a = parse_app_args(args)
     batching = dict(max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_timeout_s)
-    retriever = Retriever.options(user_config=a.index_user_config(), **_model_options(a)).bind(
+    retriever = Retriever.options(user_config=a.index_user_config(), **_model_options(a, "retriever")).bind(
         encoder=a.query_encoder.model_dump(), s3=a.s3, **batching)
-    generator = Generator.options(**_model_options(a)).bind(
+    generator = Generator.options(**_model_options(a, "generator")).bind(
         path=a.generator, max_source_length=a.max_source_length, max_target_length=a.max_target_length,
         num_beams=a.num_beams, s3=a.s3, **batching)
-    reranker = Reranker.options(**_model_options(a)).bind(path=a.reranker, s3=a.s3, **batching) if a.reranker else None
+    reranker = (Reranker.options(**_model_options(a, "reranker")).bind(path=a.reranker, s3=a.s3, **batching)
+                if a.reranker else None)
     limits = RequestLimits(max_question_chars=a.max_question_chars, default_top_k=a.default_top_k,
-                           max_top_k=a.max_top_k, max_new_tokens=a.max_new_tokens)
+                           max_top_k=a.max_top_k, max_new_tokens=a.max_new_tokens, max_num_beams=a.num_beams)
     ingress = Ingress.options(
-        ray_actor_options={"num_cpus": a.ingress_num_cpus, "num_gpus": 0},
-        autoscaling_config=a.autoscaling.model_dump(),
+        **deployment_resources(a, "ingress"),
         max_ongoing_requests=a.max_ongoing_requests or 64,  # it only awaits the model deployments
     )
     return ingress.bind(retriever, generator, reranker=reranker, limits=vars(limits),
@@ -162,8 +188,10 @@ def app_args_from_config(cfg: Any) -> dict[str, Any]:
         num_beams=s.num_beams, default_top_k=s.default_top_k, max_top_k=s.max_top_k,
         max_question_chars=s.max_question_chars, max_new_tokens=s.max_new_tokens,
         replica_num_cpus=s.replica_num_cpus, replica_num_gpus=s.replica_num_gpus,
+        replica_memory_gb=s.replica_memory_gb, ingress_num_cpus=s.ingress_num_cpus,
         max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
-        autoscaling=s.autoscaling.model_dump(), api_token_env=s.api_token_env,
+        autoscaling=s.autoscaling.model_dump(), deployments=s.deployments.model_dump(exclude_none=True),
+        api_token_env=s.api_token_env,
     )
 
 
@@ -280,7 +308,8 @@ def serve_from_config(cfg: Any, blocking: bool = True) -> str:
     deploy_config(_deploy_config_of(cfg))
     wait_until_running(APP_NAME)
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
-    print(f"raggen: serving on {url}  (POST {url}/v1/answer, GET {url}/v1/index, GET {url}/healthz)", flush=True)
+    print(f"raggen: serving on {url}  (POST {url}/v1/answer, POST {url}/v1/chat/completions, "
+          f"GET {url}/v1/index, GET {url}/healthz)", flush=True)
     if not blocking:
         print("raggen: deployed; the service lives as long as the Ray cluster it runs on", flush=True)
         return url

@@ -24,9 +24,10 @@ class RequestLimits:
     default_top_k: int = 5
     max_top_k: int = 20
     max_new_tokens: int = 32
+    max_num_beams: int = 4  # the Generator's configured beam width: the default and the cap
 
     def __post_init__(self) -> None:
-        for name in ("max_question_chars", "default_top_k", "max_top_k", "max_new_tokens"):
+        for name in ("max_question_chars", "default_top_k", "max_top_k", "max_new_tokens", "max_num_beams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_top_k > self.max_top_k:
@@ -42,6 +43,7 @@ class AnswerRequest(BaseModel):
     top_k: StrictInt | None = Field(None, ge=1, description="passages to retrieve and read; 1..max_top_k")
     decoding: Decoding = "rag-token"
     max_new_tokens: StrictInt | None = Field(None, ge=1, description="answer length cap; 1..max_new_tokens")
+    num_beams: StrictInt | None = Field(None, ge=1, description="beam width; 1 is greedy; 1..the service's num_beams")
 
     @field_validator("question")
     @classmethod
@@ -100,14 +102,19 @@ def check_limits(req: AnswerRequest, limits: RequestLimits) -> list[dict[str, An
     if req.max_new_tokens is not None and req.max_new_tokens > limits.max_new_tokens:
         issues.append(validation_issue(
             "max_new_tokens", f"must be <= {limits.max_new_tokens}", req.max_new_tokens, "less_than_equal"))
+    if req.num_beams is not None and req.num_beams > limits.max_num_beams:
+        issues.append(validation_issue(
+            "num_beams", f"must be <= {limits.max_num_beams}", req.num_beams, "less_than_equal"))
     return issues
 
 
 def resolve_defaults(req: AnswerRequest, limits: RequestLimits) -> AnswerRequest:
-    """Fill the omitted fields with the service's defaults (top_k: default_top_k; max_new_tokens: the cap)."""
+    """Fill the omitted fields with the service's defaults (top_k: default_top_k; max_new_tokens and
+    num_beams: the caps)."""
     return req.model_copy(update={
         "top_k": req.top_k if req.top_k is not None else limits.default_top_k,
         "max_new_tokens": req.max_new_tokens if req.max_new_tokens is not None else limits.max_new_tokens,
+        "num_beams": req.num_beams if req.num_beams is not None else limits.max_num_beams,
     })
 
 

@@ -7,6 +7,7 @@ and Serve load)::
                         HF folders (the ones trained)
     optimizer.pt        torch optimizer state_dict (param groups in the loop's fixed order)
     jsa_cache.pt        JSAChainCache.state_dict() merged over all workers (JSA only)
+    config.yaml         the resolved RaggenConfig of the run that wrote it (what produced these weights)
     train_state.json    {"step", "epoch", "estimator", "models": [...], "index": {...}, ...}; written
                         last ("index": the refreshed index version the run searches, if any)
 
@@ -30,6 +31,7 @@ from raggen.errors import DataError
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 JSA_CACHE_FILE = "jsa_cache.pt"
+CONFIG_FILE = "config.yaml"
 MODEL_NAMES = ("query_encoder", "posterior_encoder", "passage_encoder", "generator", "reranker")
 
 
@@ -54,11 +56,13 @@ def write_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     jsa_cache_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    config_yaml: str | None = None,
 ) -> Path:
     """Write a checkpoint into ``directory`` (created; must be empty or absent).
 
     ``models`` maps names from MODEL_NAMES to objects with ``save_pretrained(dir)``; unwrap DDP
-    before passing them. The state file goes last, so readers can trust a folder that has it.
+    before passing them; ``config_yaml`` (the run's resolved config) is saved as ``config.yaml``.
+    The state file goes last, so readers can trust a folder that has it.
     """
     unknown = sorted(set(models) - set(MODEL_NAMES))
     if unknown:
@@ -73,6 +77,8 @@ def write_checkpoint(
         _torch_save_atomic(optimizer.state_dict(), out / OPTIMIZER_FILE)
     if jsa_cache_state is not None:
         _torch_save_atomic(jsa_cache_state, out / JSA_CACHE_FILE)
+    if config_yaml is not None:
+        _write_text_atomic(out / CONFIG_FILE, config_yaml)
     state = {"step": int(step), "epoch": int(epoch), "models": sorted(models), **(extra or {})}
     _write_text_atomic(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True, default=str))
     return out

@@ -297,6 +297,18 @@ def local_checkpoint(checkpoint: str | None, s3: dict | None):
         yield tmp
 
 
+def progress_bar(total: int, desc: str):
+    """A tqdm bar over questions on stderr: live on a terminal; in a log file (``ray job logs``, CI)
+    it still appears, refreshed at most every 30 s so the log stays short."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, mininterval=0.5 if tty else 30.0,
+                dynamic_ncols=tty, ascii=not tty)
+
+
 def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test") -> dict[str, float]:
     """``raggen eval``: models from a checkpoint folder (e.g. ``runs/NAME/final``) or the config,
     the config's index, ``train.eval_examples`` examples of the split."""
@@ -315,9 +327,12 @@ def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test"
     examples = split_examples(split, dev_file=t.dev_file, world_dir=cfg.world.out_dir, limit=t.eval_examples,
                               s3_options=s3_options(t.s3))
     gumbel = t.estimator == "gumbel-rerank"
-    scores = evaluate_rag(
-        examples, query_encoder=models["query_encoder"], generator=models["generator"], index=index,
-        top_k=t.gumbel.k if gumbel else t.top_k, decoding="rag-token" if t.estimator == "rag-token" else "rag-sequence-fast",
-        reranker=models.get("reranker"), rerank_candidates=t.gumbel.candidates if gumbel else None,
-    )
+    decoding = "rag-token" if t.estimator == "rag-token" else "rag-sequence-fast"
+    with progress_bar(len(examples), f"eval {split}") as bar:
+        scores = evaluate_rag(
+            examples, query_encoder=models["query_encoder"], generator=models["generator"], index=index,
+            top_k=t.gumbel.k if gumbel else t.top_k, decoding=decoding,
+            reranker=models.get("reranker"), rerank_candidates=t.gumbel.candidates if gumbel else None,
+            progress=bar.update,
+        )
     return {"split": split, "checkpoint": checkpoint, "index_version": index.version, **scores}

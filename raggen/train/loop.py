@@ -3,9 +3,12 @@
 One readable loop (nanoGPT style): build models -> restore the latest checkpoint if Ray hands one
 back -> wrap the trained models in DDP -> for each step: a batch from this worker's dataset
 shard, the estimator's step (``raggen.train.step``), backward, clip, optimizer step -> metrics
-(averaged over workers, JSONL on rank 0) -> every ``checkpoint_every`` steps a checkpoint
-(models, optimizer, the JSA chain cache of *all* workers, the step) via ``ray.train.report``;
-with a trained passage encoder, every ``refresh.every`` steps a re-encoded index (``refresh.py``).
+(averaged over workers; on rank 0: JSONL + optional TensorBoard/MLflow sinks, a progress line every
+``log_every`` steps) -> every ``checkpoint_every`` steps a checkpoint (models, optimizer, the JSA
+chain cache of *all* workers, the step, the resolved config) via ``ray.train.report``, after which
+rank 0 uploads its local run files (``sinks.RunUpload``); with a trained passage encoder, every
+``refresh.every`` steps a re-encoded index (``refresh.py``). Each step's learning rates follow
+``schedule.lr_multiplier`` of the global step, so a resumed run continues the same schedule.
 
 ``config`` is a plain dict (``raggen.train.trainer.train_loop_config`` builds it from the YAML
 config); this module never imports ``raggen.config``.
@@ -33,7 +36,10 @@ from raggen.errors import ConfigError
 from raggen.objectives import JSAChainCache
 from raggen.train.checkpointing import TrainingState, read_checkpoint, write_checkpoint
 from raggen.train.metrics import METRICS_FILE, MetricsWriter
+from raggen.train.progress import ProgressLog, ensure_log_handler
 from raggen.train.refresh import RefreshSpec, agree_on_version, build_refreshed_index, refresh_due
+from raggen.train.schedule import LR_SCHEDULES, lr_multiplier
+from raggen.train.sinks import RunUpload, open_sinks
 from raggen.train.step import Batch, StepModels, StepSettings, run_step, trainable_roles
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,8 @@ class LoopSettings:
     batch_size: int = 8  # per worker
     lr: float = 3e-5
     retriever_lr: float | None = None
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # one of schedule.LR_SCHEDULES
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
@@ -68,6 +76,8 @@ class LoopSettings:
     metrics_path: str | None = None
     use_gpu: bool = False
     num_threads: int | None = None  # torch intra-op threads per worker (Ray sets OMP_NUM_THREADS)
+    log_every: int = 10  # rank 0's progress line (0: none)
+    config_yaml: str | None = None  # the resolved RaggenConfig, saved in every checkpoint
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "LoopSettings":
@@ -76,8 +86,11 @@ class LoopSettings:
         for name in ("steps", "batch_size", "checkpoint_every"):
             if getattr(settings, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(settings, name)}")
-        if settings.report_every < 0:
-            raise ConfigError(f"train.report_every: must be >= 0, got {settings.report_every}")
+        for name in ("report_every", "warmup_steps", "log_every"):
+            if getattr(settings, name) < 0:
+                raise ConfigError(f"train.{name}: must be >= 0, got {getattr(settings, name)}")
+        if settings.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule: expected one of {LR_SCHEDULES}, got {settings.lr_schedule!r}")
         return settings
 
 
@@ -146,14 +159,28 @@ def build_models(model_cfg: dict[str, Any], estimator: str, restored: dict[str, 
     return models
 
 
+def role_lr(role: str, settings: LoopSettings) -> float:
+    """The configured (peak) rate of a model: retrievers use ``retriever_lr`` when set."""
+    return settings.retriever_lr if role in RETRIEVER_ROLES and settings.retriever_lr else settings.lr
+
+
 def make_optimizer(models: dict[str, nn.Module], roles: tuple[str, ...], settings: LoopSettings) -> torch.optim.Optimizer:
     """AdamW with one param group per trained model, in ``roles`` order (stable across restarts,
-    so a saved optimizer state lines up); retrievers use ``retriever_lr`` when set."""
+    so a saved optimizer state lines up), each at ``role_lr``."""
     groups = []
     for role in roles:
-        lr = settings.retriever_lr if role in RETRIEVER_ROLES and settings.retriever_lr else settings.lr
-        groups.append({"params": [p for p in models[role].parameters() if p.requires_grad], "lr": lr, "name": role})
+        params = [p for p in models[role].parameters() if p.requires_grad]
+        groups.append({"params": params, "lr": role_lr(role, settings), "name": role})
     return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def apply_lr_schedule(optimizer: torch.optim.Optimizer, settings: LoopSettings, step: int) -> float:
+    """Set every group's rate for ``step`` (0-based global step) from the settings, never from the
+    restored optimizer state (a resume may change ``train.lr``); returns the multiplier."""
+    scale = lr_multiplier(step, settings.steps, settings.warmup_steps, settings.lr_schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = role_lr(group["name"], settings) * scale
+    return scale
 
 
 def load_index(index_cfg: dict[str, Any]):
@@ -350,8 +377,11 @@ def train_step(worker: Worker, batch: Batch, step: int) -> dict[str, float]:
     worker.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(worker.params(), worker.settings.grad_clip)
+    scale = apply_lr_schedule(worker.optimizer, worker.settings, step)
     worker.optimizer.step()
-    metrics = {"loss": float(out.loss.detach()), "grad_norm": float(grad_norm)}
+    # lr: train.lr under the schedule (the reader's rate; retrievers' is retriever_lr times lr_scale)
+    metrics = {"loss": float(out.loss.detach()), "grad_norm": float(grad_norm), "lr": worker.settings.lr * scale,
+               "lr_scale": scale}
     metrics.update({k: float(v) for k, v in out.diagnostics.items()})
     return metrics
 
@@ -365,7 +395,7 @@ def save_checkpoint(worker: Worker, directory: str, step: int, epoch: int, cache
         extra["index"] = {"uri": worker.index_cfg["uri"], "version": worker.index.version, "refreshed": True}
     write_checkpoint(
         directory, models=models, step=step, epoch=epoch, optimizer=worker.optimizer,
-        jsa_cache_state=cache_state, extra=extra,
+        jsa_cache_state=cache_state, extra=extra, config_yaml=worker.settings.config_yaml,
     )
     if metrics_path and os.path.exists(metrics_path):
         shutil.copyfile(metrics_path, os.path.join(directory, METRICS_FILE))
@@ -440,7 +470,13 @@ def train_func(config: dict[str, Any]) -> None:
     with stack:
         worker = setup_worker(config, rank, world_size, device, state)
     start = state.step if state else 0
-    writer = MetricsWriter(settings.metrics_path, enabled=rank == 0, fresh=state is None)
+    sinks, upload, progress = [], None, None
+    if rank == 0:  # rank 0 alone logs progress, feeds the sinks and uploads the run files
+        ensure_log_handler()
+        sinks = open_sinks(config.get("sinks"), start, settings.config_yaml)
+        upload = RunUpload.from_loop_config(config)
+        progress = ProgressLog(settings.steps, settings.log_every, settings.batch_size * world_size, start)
+    writer = MetricsWriter(settings.metrics_path, enabled=rank == 0, fresh=state is None, sinks=sinks)
     if state is not None:
         writer.write({"event": "restored", "step": start, "jsa_cache_entries": len(worker.cache),
                       "jsa_cache_digest": cache_digest(worker.cache.state_dict()), "time": time.time()})
@@ -464,37 +500,50 @@ def train_func(config: dict[str, Any]) -> None:
             done, wall, t_last = step + 1, time.perf_counter() - t_last, time.perf_counter()
             # step_time_s: the step's compute; examples_per_s: over the wall time since the last step
             # ended (reports, checkpoints and evaluation included)
-            metrics.update(step=done, epoch=schedule.epoch_of(step), lr=worker.optimizer.param_groups[0]["lr"],
-                           step_time_s=elapsed, examples_per_s=settings.batch_size * world_size / max(wall, 1e-9))
+            metrics.update(step=done, epoch=schedule.epoch_of(step), step_time_s=elapsed,
+                           examples_per_s=settings.batch_size * world_size / max(wall, 1e-9))
             if refresh is not None and refresh_due(done, refresh.every, settings.steps):
                 metrics.update(_refresh(worker, refresh, done, writer))
             if dev is not None and done % settings.eval_every == 0:
                 metrics.update(_evaluate(worker, dev, done, writer))
             writer.write({**metrics, "time": time.time()})
-            _report(worker, metrics, done, schedule.epoch_of(step), settings, final=done == settings.steps)
+            if progress is not None:
+                progress.update(done, metrics)
+            if _report(worker, metrics, done, schedule.epoch_of(step), settings, final=done == settings.steps):
+                _sync_run_files(writer, upload)
     finally:
         writer.close()
+        _sync_run_files(writer, upload)  # also after a failure: what was logged so far
+
+
+def _sync_run_files(writer: MetricsWriter, upload: RunUpload | None) -> None:
+    """Flush the sinks, then copy rank 0's run files to storage (a failure is only a warning)."""
+    if upload is not None:
+        writer.flush()
+        upload.try_upload()
 
 
 def _report(worker: Worker, metrics: dict[str, float], step: int, epoch: int, settings: LoopSettings,
-            final: bool) -> None:
+            final: bool) -> bool:
     """``ray.train.report`` with a checkpoint every ``checkpoint_every`` steps and at the end, and
-    without one every ``report_every`` steps (0: never). Every worker calls it (it is collective)."""
+    without one every ``report_every`` steps (0: never). Every worker calls it (it is collective).
+    True on the worker that wrote a checkpoint (rank 0)."""
     import ray.train
 
     want_checkpoint = final or step % settings.checkpoint_every == 0
     if not want_checkpoint and (not settings.report_every or step % settings.report_every):
-        return
+        return False
     if not want_checkpoint:
         ray.train.report(metrics)
-        return
+        return False
     cache_state = gather_cache_state(worker.cache) if worker.step_cfg.estimator == "jsa" else None
     if worker.rank != 0:
         ray.train.report(metrics, checkpoint=None)
-        return
+        return False
     with tempfile.TemporaryDirectory(prefix="raggen-ckpt-") as tmp:
         save_checkpoint(worker, tmp, step, epoch, cache_state, settings.metrics_path)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    return True
 
 
 def _dev_examples(settings: LoopSettings, s3: dict[str, Any] | None) -> list[Any] | None:

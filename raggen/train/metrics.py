@@ -1,4 +1,4 @@
-"""Per-step training metrics as JSONL (written by rank 0) and a PNG plot of a run.
+"""Per-step training metrics as JSONL (written by rank 0) and a PNG plot of a run (``report.py`` draws it).
 
 One JSON object per line: ``{"step": 12, "loss": ..., "acceptance_rate": ..., "grad_norm": ...,
 "examples_per_s": ..., "lr": ..., "time": ...}``; events that are not steps (a restore, an eval)
@@ -9,10 +9,13 @@ checkpoint, so a step may occur twice: readers keep the last line of each step.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 STEP_KEYS = ("loss", "acceptance_rate", "grad_norm", "examples_per_s", "lr")
@@ -31,30 +34,50 @@ class MetricsWriter:
     """Appends one JSON line per call and flushes, so a crash loses at most the line in flight.
 
     Only rank 0 should hold one (``enabled=False`` elsewhere makes ``write`` a no-op), so every
-    worker can run the same code.
+    worker can run the same code. ``sinks`` (``raggen.train.sinks``: TensorBoard, MLflow) receive
+    each record as written, so every destination sees the same numbers.
     """
 
-    def __init__(self, path: str | os.PathLike | None, enabled: bool = True, fresh: bool = False):
+    def __init__(self, path: str | os.PathLike | None, enabled: bool = True, fresh: bool = False,
+                 sinks: Sequence[Any] = ()):
         """``fresh=True`` truncates: a run with no checkpoint to resume has no history to keep
         (a stale file from an older run of the same name, or steps a restart will redo)."""
         self.path = Path(path) if path else None
         self.enabled = enabled and self.path is not None
+        self.sinks = list(sinks) if enabled else []
         self._fh = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "w" if fresh else "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps({k: _plain(v) for k, v in record.items()}, sort_keys=True)
-        self._fh.write(line + "\n")
-        self._fh.flush()
+        plain = {k: _plain(v) for k, v in record.items()}
+        if self.enabled:
+            self._fh.write(json.dumps(plain, sort_keys=True) + "\n")
+            self._fh.flush()
+        self._each_sink("write", plain)
+
+    def flush(self) -> None:
+        """Push the sinks' buffers to disk (before the run folder is uploaded)."""
+        self._each_sink("flush")
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        self._each_sink("close")
+        self.sinks = []
+
+    def _each_sink(self, method: str, *args: Any) -> None:
+        """A failing sink is dropped with a warning: a tracking-server outage must not end a training
+        run, and metrics.jsonl keeps every record anyway."""
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - whatever the sink's library raises
+                log.warning("metrics sink %s failed in %s (%s: %s); it gets no more records",
+                            type(sink).__name__, method, type(exc).__name__, exc)
+                self.sinks.remove(sink)
 
     def __enter__(self) -> "MetricsWriter":
         return self
@@ -94,57 +117,22 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[di
     return [by_step[s] for s in sorted(by_step)], events
 
 
-def _series(steps: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def series(steps: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, skipping steps where it is missing or not finite."""
     xs, ys = [], []
     for record in steps:
         value = record.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             xs.append(record["step"])
             ys.append(float(value))
     return xs, ys
 
 
-def plot_metrics(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None) -> str:
-    """Plot loss, acceptance rate, grad norm, throughput and lr against step; returns the PNG path.
+def plot_metrics(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None, smooth: float = 0.9) -> str:
+    """One run's report (``raggen.train.report.plot_runs``); the PNG goes next to its
+    ``metrics.jsonl`` unless ``out_png`` says otherwise. Returns the PNG path."""
+    from raggen.train.report import metrics_file, plot_runs
 
-    ``run_dir`` is a run folder holding ``metrics.jsonl`` (or the file itself); the PNG goes next
-    to it unless ``out_png`` says otherwise. Written to a temp name then moved into place.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run_dir = Path(run_dir)
-    metrics_path = run_dir if run_dir.is_file() else run_dir / METRICS_FILE
-    steps, events = read_metrics(metrics_path)
-    keys = [k for k in STEP_KEYS if _series(steps, k)[0]]
-    evals = sorted({k for e in events if e.get("event") == "eval" for k in e if k.startswith("eval_")})
-    panels = keys + (["eval"] if evals else [])
-    if not panels:
-        from raggen.errors import DataError
-
-        raise DataError(f"{metrics_path}: no step metrics to plot")
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
-    for ax, key in zip(axes[:, 0], panels):
-        if key == "eval":
-            for name in evals:
-                pts = [(e["step"], e[name]) for e in events if e.get("event") == "eval" and e.get(name) is not None]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-            ax.legend(fontsize=7)
-            ax.set_ylabel("eval")
-        else:
-            xs, ys = _series(steps, key)
-            ax.plot(xs, ys, linewidth=1)
-            ax.set_ylabel(key.replace("_", " "), fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("step")
-    fig.suptitle(str(metrics_path.parent.name))
-    fig.tight_layout()
-    out = Path(out_png) if out_png else metrics_path.parent / "metrics.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return str(out)
+    if out_png is None:
+        out_png = metrics_file(run_dir).parent / "metrics.png"
+    return plot_runs([run_dir], out_png, smooth=smooth)

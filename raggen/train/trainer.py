@@ -8,7 +8,9 @@ from the latest checkpoint up to ``max_failures`` times. S3 storage goes through
 filesystem (``RunConfig(storage_filesystem=...)``) so a custom endpoint works.
 
 After ``fit`` the latest checkpoint is exported to ``storage_path/name/final`` (what Serve's
-``model_dir`` and ``raggen eval --checkpoint`` read).
+``model_dir`` and ``raggen eval --checkpoint`` read). The resolved config goes to
+``storage_path/name/config.yaml`` before the run starts (and into every checkpoint); rank 0 uploads
+``metrics.jsonl`` (and ``tensorboard/``) beside them at each checkpoint.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raggen.errors import ConfigError, RaggenError
-from raggen.train.checkpointing import STATE_FILE, copy_checkpoint
+from raggen.train.checkpointing import CONFIG_FILE, STATE_FILE, copy_checkpoint
 from raggen.train.metrics import METRICS_FILE
+from raggen.train.sinks import TENSORBOARD_DIR, require_mlflow, summary_writer_class
 
 if TYPE_CHECKING:  # the config only types the builder's input; no module below imports it at run time
     from raggen.config import ModelSection, RaggenConfig, S3Config, TrainSection
@@ -79,6 +82,26 @@ def step_spec(train: "TrainSection") -> dict[str, Any]:
     }
 
 
+def config_yaml(cfg: "RaggenConfig") -> str:
+    """The full validated config as YAML (``load_config`` of it gives ``cfg`` back): saved with the run."""
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def sinks_spec(t: "TrainSection") -> dict[str, Any]:
+    """``raggen.train.sinks.open_sinks`` input; a missing optional package fails here, on the driver."""
+    spec: dict[str, Any] = {"tensorboard_dir": None, "mlflow": None}
+    if t.tensorboard:
+        summary_writer_class()
+        spec["tensorboard_dir"] = os.path.join(local_run_dir(t.storage_path, t.name), TENSORBOARD_DIR)
+    if t.mlflow_tracking_uri:
+        require_mlflow()
+        spec["mlflow"] = {"tracking_uri": t.mlflow_tracking_uri, "experiment": t.mlflow_experiment, "run_name": t.name,
+                          "params": t.model_dump(mode="json", exclude={"s3"})}
+    return spec
+
+
 def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_gpu: bool = False) -> dict[str, Any]:
     """Everything ``raggen.train.loop.train_func`` reads, as plain JSON-able values."""
     t = cfg.train
@@ -90,6 +113,9 @@ def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_
         "batch_size": t.batch_size,
         "lr": t.lr,
         "retriever_lr": t.retriever_lr,
+        "warmup_steps": t.warmup_steps,
+        "lr_schedule": t.lr_schedule,
+        "log_every": t.log_every,
         "weight_decay": t.weight_decay,
         "grad_clip": t.grad_clip,
         "seed": t.seed,
@@ -98,6 +124,10 @@ def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_
         "eval_examples": t.eval_examples,
         "dev_file": t.dev_file if t.eval_every else None,
         "metrics_path": metrics_path,
+        "run_uri": run_uri(t.storage_path, t.name),
+        "run_s3": s3_options(t.s3),
+        "config_yaml": config_yaml(cfg),
+        "sinks": sinks_spec(t),
         "use_gpu": use_gpu,
         "num_threads": max(1, int(t.cpus_per_worker)),
         "jsa_restart_chains": t.jsa.restart_chains,
@@ -127,9 +157,14 @@ def passage_encoder_spec(cfg: "RaggenConfig") -> dict[str, Any]:
             "passage_format": encoder.passage_format, "s3": s3_options(cfg.train.s3)}
 
 
+def run_uri(storage_path: str, name: str) -> str:
+    """The run's folder or prefix in storage: checkpoints, ``final/``, ``config.yaml``, ``metrics.jsonl``."""
+    return f"{storage_path.rstrip('/')}/{name}"
+
+
 def run_index_uri(storage_path: str, name: str) -> str:
     """Where a run publishes its refreshed indexes (the starting index is never written to)."""
-    return f"{storage_path.rstrip('/')}/{name}/index"
+    return f"{run_uri(storage_path, name)}/index"
 
 
 def refresh_spec(cfg: "RaggenConfig", passage_encoder: dict[str, Any]) -> dict[str, Any]:
@@ -253,6 +288,16 @@ def export_final(checkpoint, storage_path: str, name: str, s3: dict[str, Any] | 
     return dst
 
 
+def save_run_config(text: str, storage_path: str, name: str, s3: dict[str, Any] | None = None) -> str:
+    """Write the resolved config to ``<storage_path>/<name>/config.yaml`` (a rerun of the same name
+    overwrites it: each checkpoint keeps the config that produced it); returns the URI."""
+    from raggen.storage import write_bytes
+
+    uri = f"{run_uri(storage_path, name)}/{CONFIG_FILE}"
+    write_bytes(uri if uri.startswith("s3://") else os.path.abspath(os.path.expanduser(uri)), text.encode("utf-8"), s3)
+    return uri
+
+
 def _resolve_use_gpu(use_gpu: bool | None) -> bool:
     if use_gpu is not None:
         return use_gpu
@@ -270,6 +315,7 @@ def run_training(cfg: "RaggenConfig", extra_loop_config: dict[str, Any] | None =
     metrics_path = local_metrics_path(t.storage_path, t.name)
     loop_config = {**train_loop_config(cfg, metrics_path=metrics_path), **(extra_loop_config or {})}
     items = qa_items(t.train_file, s3=s3)  # config and data errors surface before Ray starts
+    config_uri = save_run_config(loop_config["config_yaml"], t.storage_path, t.name, s3)
     ensure_ray()
     use_gpu = loop_config["use_gpu"] = _resolve_use_gpu(t.use_gpu)
     trainer = make_trainer(
@@ -281,7 +327,8 @@ def run_training(cfg: "RaggenConfig", extra_loop_config: dict[str, Any] | None =
     final = export_final(result.checkpoint, t.storage_path, t.name, s3) if result.checkpoint else None
     return {
         "name": t.name,
-        "run_dir": f"{t.storage_path.rstrip('/')}/{t.name}",
+        "run_dir": run_uri(t.storage_path, t.name),
+        "config": config_uri,
         "final": final,
         "index": run_index_uri(t.storage_path, t.name) if t.refresh_index_every else t.index,
         "metrics_jsonl": metrics_path,

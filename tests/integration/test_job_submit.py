@@ -216,3 +216,31 @@ def test_client_without_auth_mode_is_refused(cluster):
     proc = cluster.ray("job", "list", "--address", cluster.address, env=env)
     assert proc.returncode != 0
     assert "Missing authentication token" in proc.stdout + proc.stderr
+
+
+def test_train_job_with_the_quickstart_config_and_its_relative_reader_path(cluster):
+    """`jobs/encode.py` and `jobs/train.py configs/quickstart.yaml` as submitted jobs, with size and
+    data-path overrides only: the config's relative `model.generator: raggen/assets/reader` must
+    resolve in the job's working dir on the driver (Train workers start elsewhere)."""
+    world, index, runs = cluster.root / "qs-world", cluster.root / "qs-index", cluster.root / "qs-runs"
+    made = subprocess.run([str(BIN / "raggen"), "world", "--config", "configs/quickstart.yaml",
+                           "--set", f"world.out_dir={world}", "--set", "world.num_entities=50"],
+                          cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    data = [f"world.out_dir={world}", f"index.passages={world / 'passages.tsv'}", f"index.output={index}",
+            f"train.index={index}", f"train.train_file={world / 'train.jsonl'}", f"train.dev_file={world / 'dev.jsonl'}",
+            f"train.storage_path={runs}"]
+    sizes = ["index.num_shards=1", "index.actor_num_cpus=0.5", "train.steps=2", "train.num_workers=1",
+             "train.cpus_per_worker=0.5", "train.batch_size=2", "train.checkpoint_every=2", "train.eval_every=0"]
+    overrides = [arg for item in data + sizes for arg in ("--set", item)]
+
+    sub_id, proc = _submit(cluster, "jobs/encode.py", "configs/quickstart.yaml", *overrides)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert (index / "LATEST").is_file()
+
+    sub_id, proc = _submit(cluster, "jobs/train.py", "configs/quickstart.yaml", *overrides)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert _status(cluster, sub_id) == "SUCCEEDED"
+    final = runs / "quickstart" / "final"
+    assert (final / "query_encoder" / "config.json").is_file(), "the trained retriever was exported"
+    assert "Repo id must be in the form" not in proc.stdout + proc.stderr

@@ -15,6 +15,7 @@ import shutil
 import socket
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -264,6 +265,8 @@ def _copy_version(root: str, src: str, dst: str, tamper: bool) -> None:
     manifest_path = Path(root, dst, "manifest.json")
     manifest = json.loads(manifest_path.read_text())
     manifest["version"] = dst
+    # a new version is published later than the one it copies: LATEST only moves forward (by created)
+    manifest["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     manifest_path.write_text(json.dumps(manifest))
     if tamper:
         shard = Path(root, dst, manifest["shards"][0]["index"])

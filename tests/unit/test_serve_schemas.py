@@ -39,6 +39,8 @@ def test_request_types_are_strict_and_fields_known():
         ({}, "question"),
         ({"question": "who?", "decoding": "greedy"}, "decoding"),
         ({"question": "who?", "topk": 3}, "topk"),
+        ({"question": "who?", "num_beams": 0}, "num_beams"),
+        ({"question": "who?", "num_beams": "1"}, "num_beams"),
     ]:
         with pytest.raises(ValidationError) as info:
             AnswerRequest.model_validate(body)
@@ -53,7 +55,9 @@ def test_limits_name_each_broken_field_and_defaults_fill_in():
     edge = AnswerRequest(question="x" * 50, top_k=5, max_new_tokens=8)
     assert check_limits(edge, LIMITS) == []
     filled = resolve_defaults(AnswerRequest(question="q"), LIMITS)
-    assert (filled.top_k, filled.max_new_tokens) == (3, 8)
+    assert (filled.top_k, filled.max_new_tokens, filled.num_beams) == (3, 8, LIMITS.max_num_beams)
+    too_wide = check_limits(AnswerRequest(question="q", num_beams=LIMITS.max_num_beams + 1), LIMITS)
+    assert [i["loc"] for i in too_wide] == [["body", "num_beams"]]
     with pytest.raises(ValueError, match="default_top_k"):
         RequestLimits(default_top_k=6, max_top_k=5)
 

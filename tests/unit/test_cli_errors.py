@@ -1,0 +1,81 @@
+"""Every CLI failure a user can act on is one line on stderr naming the cause, exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raggen.cli import failure_message, main
+from raggen.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_a_bad_k_names_the_flag(capsys):
+    code, line = _run(capsys, "index", "search", "/nowhere", "q", "-k", "0")
+    assert code == 2 and "argument -k: must be >= 1, got 0" in line
+
+
+def test_a_config_path_that_is_a_folder(capsys):
+    code, line = _run(capsys, "train", str(REPO / "configs"))
+    assert code == 2 and line == f"raggen: error: {REPO / 'configs'}: is a folder, expected a YAML config file"
+
+
+def test_a_missing_index(capsys, tmp_path):
+    code, line = _run(capsys, "index", "verify", str(tmp_path / "none"))
+    assert code == 2 and line.startswith("raggen: error: ") and "LATEST" in line
+
+
+def test_a_bad_faiss_factory_fails_before_any_encoding(capsys, tmp_path):
+    passages = tmp_path / "p.tsv"
+    passages.write_text("id\ttext\ttitle\n1\tsome text\tT\n")
+    code, line = _run(capsys, "index", "build", str(REPO / "configs" / "quickstart.yaml"),
+                      "--set", f"index.passages={passages}", "--set", f"index.output={tmp_path / 'out'}",
+                      "--set", "index.faiss_factory=IVFbogus")
+    assert code == 2 and "faiss_factory" in line and "IVFbogus" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_version_fails_before_any_encoding(capsys, tmp_path):
+    (tmp_path / "out" / "v1").mkdir(parents=True)
+    (tmp_path / "out" / "v1" / "manifest.json").write_text("{}")
+    code, line = _run(capsys, "index", "build", str(REPO / "configs" / "quickstart.yaml"),
+                      "--set", f"index.output={tmp_path / 'out'}", "--set", "index.version=v1")
+    assert code == 2 and "'v1' is already published" in line
+
+
+def test_s3_credential_and_endpoint_errors_are_one_line():
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    assert failure_message(NoCredentialsError()) == "S3: Unable to locate credentials"
+    assert failure_message(EndpointConnectionError(endpoint_url="http://127.0.0.1:9")).startswith("S3: Could not connect")
+
+
+def test_an_error_raised_inside_a_ray_worker_is_unwrapped_from_its_traceback_text():
+    wrapped = RuntimeError("Training failed due to worker errors:\nTraceback...\n"
+                           "raggen.errors.ConfigError: train.index: s3://b/x: cannot read its manifest\n")
+    assert failure_message(wrapped) == "train.index: s3://b/x: cannot read its manifest"
+    assert failure_message(ConfigError("x: y")) == "x: y"
+
+
+def test_a_bug_keeps_its_traceback():
+    assert failure_message(KeyError("oops")) is None
+
+
+def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "raggen.cli", "index", "verify", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("raggen: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
