@@ -69,7 +69,7 @@ def bench_encoding(num_passages: int, batch_size: int, max_length: int, work: Pa
     import torch
 
     from raggen.corpus.world import WorldConfig, write_world
-    from raggen.index.encode import check_run_signature, encode_passages, split_by_shard
+    from raggen.index.encode import check_run_signature, encode_passages, lock_work_dir, run_signature, split_by_shard
     from raggen.models.retriever import TextEncoder, passage_text
 
     files = write_world(work / "world", WorldConfig(num_entities=max(10, num_passages // 2), seed=0))
@@ -93,12 +93,13 @@ def bench_encoding(num_passages: int, batch_size: int, max_length: int, work: Pa
     try:
         split_s = 0.0
         for size in (half, n):
-            (work / f"enc{size}").mkdir()
             df.head(size).to_csv(work / f"passages{size}.tsv", sep="\t", index=False)
-            check_run_signature(work / f"enc{size}", dict(passages_uri=str(work / f"passages{size}.tsv"), format="auto",
-                                num_shards=1, encoder=MINILM, pooling="mean", max_length=max_length))  # fmt: skip
+            info, _lock = lock_work_dir(work / f"enc{size}")  # held for the run (released at exit)
+            check_run_signature(work / f"enc{size}", run_signature(str(work / f"passages{size}.tsv"),
+                                encoder_name_or_path=MINILM, max_length=max_length))  # fmt: skip
             ts = time.perf_counter()
-            split_by_shard(str(work / f"passages{size}.tsv"), work / f"enc{size}", format="auto", num_shards=1, s3_options=None)
+            split_by_shard(str(work / f"passages{size}.tsv"), work / f"enc{size}", format="auto", num_shards=1,
+                           s3_options=None, work_id=info["id"])
             split_s = time.perf_counter() - ts
         for _ in range(rounds):
             plain_runs.append(plain())

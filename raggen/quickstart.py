@@ -52,11 +52,10 @@ def build_v2_unpublished(cfg: RaggenConfig, world_files, v1: str, v2: str) -> No
     Built before Serve starts because on 2 cores Ray Data's read tasks (1 CPU each) cannot get a
     CPU beside the encoder actor and the Serve replicas.
     """
-    from raggen.index import build_index, set_latest
+    from raggen.index import build_index
 
     kwargs = cfg.index.build_kwargs()
-    build_index(**{**kwargs, "passages_uri": str(world_files.passages_v2), "version": v2})
-    set_latest(cfg.index.output, v1, s3_options=kwargs["s3_options"])
+    build_index(**{**kwargs, "passages_uri": str(world_files.passages_v2), "version": v2, "move_latest": False})
 
 
 def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2: str, num_questions: int = 5) -> dict:

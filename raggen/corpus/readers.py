@@ -3,45 +3,72 @@
 Every reader yields DataFrames with the columns ``id``, ``text``, ``title`` (all ``str``). Bad
 input raises :class:`raggen.errors.DataError` with one line naming the file and the 1-based line
 (TSV, JSONL), row (parquet) or column, so that a 21M-passage build fails early and says where.
+
+One stack for every reader: :func:`iter_passage_records` parses a stream and :func:`check_passage`
+checks each passage, here and in the Ray Data pipeline (``raggen.index.encode``), so a bad row gets
+the same message either way. One format vocabulary (the config's): ``dpr-tsv``, ``jsonl``,
+``parquet`` (+ ``auto``), with the aliases ``tsv``/``dpr`` and ``json`` mapped in
+:func:`canonical_format`. Writes go through ``raggen.storage``'s atomic writer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import gzip
+import io
 import json
-import os
-import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pandas as pd
 
-from raggen.errors import DataError
+from raggen.errors import ConfigError, DataError
+from raggen.storage import atomic_writer  # noqa: F401  (re-exported: the one atomic-write helper)
 
 COLUMNS = ("id", "text", "title")
-FORMATS = ("tsv", "jsonl", "parquet")
+
+# --------------------------------------------------------------------------- the format vocabulary
+#: the one vocabulary of passage formats (the config's names); every reader and the Ray Data
+#: pipeline (raggen.index.encode) map names through :func:`canonical_format`
+FORMATS = ("dpr-tsv", "jsonl", "parquet")
+FORMAT_ALIASES = {"tsv": "dpr-tsv", "dpr": "dpr-tsv", "json": "jsonl"}
+FORMAT_SUFFIXES = (
+    (".tsv.gz", "dpr-tsv"), (".tsv", "dpr-tsv"), (".jsonl.gz", "jsonl"), (".jsonl", "jsonl"),
+    (".json.gz", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"),
+)  # fmt: skip
 _FIELD_SIZE_LIMIT = 1 << 28  # passages of custom corpora can exceed csv's 128 KiB default
+
+
+def canonical_format(format: str) -> str:
+    """``auto`` or one of :data:`FORMATS`, aliases mapped (tsv, dpr -> dpr-tsv; json -> jsonl)."""
+    name = FORMAT_ALIASES.get(str(format).lower(), str(format).lower())
+    if name != "auto" and name not in FORMATS:
+        aliases = ", ".join(f"{a} -> {c}" for a, c in FORMAT_ALIASES.items())
+        raise ConfigError(f"format: must be auto, {', '.join(FORMATS)} (aliases: {aliases}); got {format!r}")
+    return name
+
+
+def format_from_name(name: str) -> str | None:
+    """The format a file name implies (``.tsv[.gz]``, ``.jsonl[.gz]``, ``.json[.gz]``, ``.parquet``), or None."""
+    lower = str(name).lower()
+    return next((fmt for suffix, fmt in FORMAT_SUFFIXES if lower.endswith(suffix)), None)
 
 
 # --------------------------------------------------------------------------- file helpers
 
 
 def detect_format(path: str | Path, format: str = "auto") -> str:
-    """``tsv``, ``jsonl`` or ``parquet``: the given format, or the one the file name implies."""
-    if format != "auto":
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of auto, {', '.join(FORMATS)}; got {format!r}")
-        return format
-    name = Path(path).name.lower()
-    for suffix, fmt in ((".tsv", "tsv"), (".tsv.gz", "tsv"), (".jsonl", "jsonl"),
-                        (".jsonl.gz", "jsonl"), (".parquet", "parquet")):
-        if name.endswith(suffix):
-            return fmt
-    raise DataError(f"{path}: cannot tell the format from the file name "
-                    "(expected .tsv, .tsv.gz, .jsonl, .jsonl.gz or .parquet)")
+    """``dpr-tsv``, ``jsonl`` or ``parquet``: the given format, or the one the file name implies."""
+    fmt = canonical_format(format)
+    if fmt != "auto":
+        return fmt
+    fmt = format_from_name(Path(path).name)
+    if fmt is None:
+        raise DataError(f"{path}: cannot tell the format from the file name "
+                        "(expected .tsv, .tsv.gz, .jsonl, .jsonl.gz, .json or .parquet)")
+    return fmt
 
 
 def local_path(path: str | Path) -> Path:
@@ -60,6 +87,44 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+class _RawReader(io.RawIOBase):
+    """Any object with ``read(n)`` (a pyarrow stream, a gzip file) as a raw stream for BufferedReader."""
+
+    def __init__(self, f: Any):
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.f.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def iter_lines(f: Any, source: str | Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, decoded line) of an (uncompressed) binary stream; bad UTF-8 and read
+    errors are DataErrors naming ``source`` and the line."""
+    stream = io.BufferedReader(_RawReader(f), buffer_size=1 << 20)
+    lineno = 0
+    while True:
+        try:
+            raw = stream.readline()
+        except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+            raise DataError(f"{source}: line {lineno + 1}: cannot read ({e})") from None
+        if not raw:
+            return
+        lineno += 1
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source}: line {lineno}: not valid UTF-8 "
+                            f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+        if lineno == 1 and line.startswith("\ufeff"):
+            line = line[1:]
+        yield lineno, line
+
+
 def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, decoded line) of a text file, plain or gzip; bad UTF-8 is a DataError.
 
@@ -69,35 +134,36 @@ def iter_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     path = local_path(path)
     _check_exists(path)
     with _open_binary(path) as f:
-        lineno = 0
-        while True:
-            try:
-                raw = f.readline()
-            except (OSError, EOFError) as e:  # a truncated or corrupt .gz
-                raise DataError(f"{path}: line {lineno + 1}: cannot read ({e})") from None
-            if not raw:
-                return
-            lineno += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: not valid UTF-8 "
-                                f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-            if lineno == 1 and line.startswith("\ufeff"):
-                line = line[1:]
-            yield lineno, line
+        yield from iter_lines(f, path)
 
 
 class _LineTracker:
     """Feeds decoded lines to ``csv.reader`` and remembers the number of the last line fed."""
 
-    def __init__(self, path: str | Path):
-        self.lines = iter_text_lines(path)
+    def __init__(self, lines: Iterator[tuple[int, str]]):
+        self.lines = lines
         self.lineno = 0
 
     def __iter__(self) -> Iterator[str]:
         for self.lineno, line in self.lines:
             yield line
+
+
+def _tsv_rows(lines: Iterator[tuple[int, str]], source: str | Path, strict: bool) -> Iterator[tuple[int, list[str]]]:
+    csv.field_size_limit(max(csv.field_size_limit(), _FIELD_SIZE_LIMIT))
+    tracker = _LineTracker(lines)
+    reader = csv.reader(tracker, delimiter="\t", quotechar='"', doublequote=True, strict=strict)
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{source}: line {start}: malformed TSV row ({e})") from None
+        if row and any(field.strip() for field in row):
+            yield start, row
+        start = tracker.lineno + 1
 
 
 def iter_tsv_rows(path: str | Path, strict: bool = True) -> Iterator[tuple[int, list[str]]]:
@@ -107,48 +173,7 @@ def iter_tsv_rows(path: str | Path, strict: bool = True) -> Iterator[tuple[int, 
     are skipped. ``strict`` rejects stray quotes and an unterminated quoted field (which would
     otherwise swallow the rest of the file); ``strict=False`` reads exactly as DPR's code does.
     """
-    csv.field_size_limit(max(csv.field_size_limit(), _FIELD_SIZE_LIMIT))
-    lines = _LineTracker(path)
-    reader = csv.reader(lines, delimiter="\t", quotechar='"', doublequote=True, strict=strict)
-    start = 1
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            raise DataError(f"{path}: line {start}: malformed TSV row ({e})") from None
-        if row and any(field.strip() for field in row):
-            yield start, row
-        start = lines.lineno + 1
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success it replaces ``path`` in one step.
-
-    Readers never see a half-written file, and a failed write leaves the old file in place.
-    ``.gz`` paths are gzip-compressed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    binary = "b" in mode
-    try:
-        if path.name.endswith(".gz"):
-            f = gzip.open(tmp, "wb" if binary else "wt", encoding=None if binary else "utf-8",
-                          newline=None if binary else "")
-        else:
-            f = open(tmp, "wb" if binary else "w", encoding=None if binary else "utf-8",
-                     newline=None if binary else "")
-        with f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    yield from _tsv_rows(iter_text_lines(path), path, strict)
 
 
 # --------------------------------------------------------------------------- validation
@@ -184,13 +209,49 @@ class _SeenIds:
         return False
 
 
-def _check_passage(path: Path, where: str, pid: str, text: str, seen: _SeenIds) -> None:
+def check_passage(source: str | Path, where: str, pid: str | None, text: str | None, seen: _SeenIds | None = None) -> None:
+    """The one passage check (readers here and the Ray Data pipeline): an id and a text that are
+    present and not blank, and (with ``seen``) an id not seen before. ``where`` is "line N" or
+    "row N". Raises a DataError naming the file and the place."""
+    if pid is None:
+        raise DataError(f"{source}: {where}: column 'id' is null")
+    if text is None:
+        raise DataError(f"{source}: {where}: column 'text' is null")
     if not pid.strip():
-        raise DataError(f"{path}: {where}: empty passage id")
+        raise DataError(f"{source}: {where}: empty passage id")
     if not text.strip():
-        raise DataError(f"{path}: {where}: empty passage text (id {pid!r})")
-    if seen.add(pid):
-        raise DataError(f"{path}: {where}: duplicate passage id {pid!r}")
+        raise DataError(f"{source}: {where}: empty passage text (id {pid!r})")
+    if seen is not None and seen.add(pid):
+        raise DataError(f"{source}: {where}: duplicate passage id {pid!r}")
+
+
+def missing_column(source: str | Path, column: str, columns: list[str], where: str | None = None) -> DataError:
+    """The one "missing column" error: names the file, the place (if any), the column and what is there."""
+    place = f"{where}: " if where else ""
+    return DataError(f"{source}: {place}missing column {column!r} (columns: {list(columns)})")
+
+
+@dataclass
+class PassageRecords:
+    """One batch of checked passages; ``where[i]`` is the 1-based line (TSV, JSONL) or row (parquet)."""
+
+    unit: str  # "line" | "row"
+    ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    titles: list[str] = field(default_factory=list)
+    where: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, pid: str, text: str, title: str, where: int) -> None:
+        self.ids.append(pid)
+        self.texts.append(text)
+        self.titles.append(title)
+        self.where.append(where)
+
+    def frame(self) -> pd.DataFrame:
+        return _frame(self.ids, self.texts, self.titles)
 
 
 def _frame(ids: list[str], texts: list[str], titles: list[str]) -> pd.DataFrame:
@@ -200,112 +261,122 @@ def _frame(ids: list[str], texts: list[str], titles: list[str]) -> pd.DataFrame:
 # --------------------------------------------------------------------------- per-format readers
 
 
-def _tsv_batches(path: Path, batch_size: int) -> Iterator[pd.DataFrame]:
-    rows = iter_tsv_rows(path)
+def _tsv_records(f: Any, source: str | Path, batch_size: int) -> Iterator[PassageRecords]:
+    rows = _tsv_rows(iter_lines(f, source), source, strict=True)
     first = next(rows, None)
     if first is None:
-        raise DataError(f"{path}: line 1: empty file, expected a header line 'id<TAB>text<TAB>title'")
+        raise DataError(f"{source}: line 1: empty file, expected a header line 'id<TAB>text<TAB>title'")
     header = [h.strip() for h in first[1]]
     for col in ("id", "text"):
         if col not in header:
-            raise DataError(f"{path}: line {first[0]}: missing column {col!r} in header {header}")
+            raise missing_column(source, col, header, f"line {first[0]}")
     i_id, i_text = header.index("id"), header.index("text")
     i_title = header.index("title") if "title" in header else None
     seen = _SeenIds()
-    ids: list[str] = []
-    texts: list[str] = []
-    titles: list[str] = []
+    batch = PassageRecords("line")
     for lineno, row in rows:
         if len(row) != len(header):
-            raise DataError(f"{path}: line {lineno}: expected {len(header)} tab-separated fields "
+            raise DataError(f"{source}: line {lineno}: expected {len(header)} tab-separated fields "
                             f"({', '.join(header)}), found {len(row)}")
         pid, text = row[i_id].strip(), row[i_text]
-        _check_passage(path, f"line {lineno}", pid, text, seen)
-        ids.append(pid)
-        texts.append(text)
-        titles.append(row[i_title] if i_title is not None else "")
-        if len(ids) >= batch_size:
-            yield _frame(ids, texts, titles)
-            ids, texts, titles = [], [], []
-    if ids:
-        yield _frame(ids, texts, titles)
+        check_passage(source, f"line {lineno}", pid, text, seen)
+        batch.add(pid, text, row[i_title] if i_title is not None else "", lineno)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = PassageRecords("line")
+    if len(batch):
+        yield batch
 
 
-def _jsonl_field(path: Path, lineno: int, obj: dict, key: str, required: bool) -> str:
+def _jsonl_field(source: str | Path, lineno: int, obj: dict, key: str, required: bool) -> str:
     value = obj.get(key)
     if value is None:
         if required:
-            raise DataError(f"{path}: line {lineno}: missing column {key!r}")
+            raise missing_column(source, key, list(obj), f"line {lineno}")
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise DataError(f"{path}: line {lineno}: column {key!r} must be a string, "
+        raise DataError(f"{source}: line {lineno}: column {key!r} must be a string, "
                         f"got {type(value).__name__}")
     return str(value)
 
 
-def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a line that is not a JSON object is a DataError."""
-    for lineno, line in iter_text_lines(path):
+def _jsonl_objects(lines: Iterator[tuple[int, str]], source: str | Path) -> Iterator[tuple[int, dict]]:
+    for lineno, line in lines:
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{source}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            raise DataError(f"{source}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj
 
 
-def _jsonl_batches(path: Path, batch_size: int) -> Iterator[pd.DataFrame]:
+def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is a DataError."""
+    yield from _jsonl_objects(iter_text_lines(path), path)
+
+
+def _jsonl_records(f: Any, source: str | Path, batch_size: int) -> Iterator[PassageRecords]:
     seen = _SeenIds()
-    ids: list[str] = []
-    texts: list[str] = []
-    titles: list[str] = []
-    for lineno, obj in iter_jsonl_objects(path):
-        pid = _jsonl_field(path, lineno, obj, "id", required=True).strip()
-        text = _jsonl_field(path, lineno, obj, "text", required=True)
-        _check_passage(path, f"line {lineno}", pid, text, seen)
-        ids.append(pid)
-        texts.append(text)
-        titles.append(_jsonl_field(path, lineno, obj, "title", required=False))
-        if len(ids) >= batch_size:
-            yield _frame(ids, texts, titles)
-            ids, texts, titles = [], [], []
-    if ids:
-        yield _frame(ids, texts, titles)
+    batch = PassageRecords("line")
+    for lineno, obj in _jsonl_objects(iter_lines(f, source), source):
+        pid = _jsonl_field(source, lineno, obj, "id", required=True).strip()
+        text = _jsonl_field(source, lineno, obj, "text", required=True)
+        check_passage(source, f"line {lineno}", pid, text, seen)
+        batch.add(pid, text, _jsonl_field(source, lineno, obj, "title", required=False), lineno)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = PassageRecords("line")
+    if len(batch):
+        yield batch
 
 
-def _parquet_batches(path: Path, batch_size: int) -> Iterator[pd.DataFrame]:
+def _parquet_records(f: Any, source: str | Path, batch_size: int) -> Iterator[PassageRecords]:
+    """``f``: a path or a random-access file (parquet keeps its footer at the end)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    _check_exists(path)
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(f)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        raise DataError(f"{source}: not a readable parquet file ({e})") from None
     names = pf.schema_arrow.names
     for col in ("id", "text"):
         if col not in names:
-            raise DataError(f"{path}: missing column {col!r} (columns: {names})")
+            raise missing_column(source, col, names)
     columns = [c for c in COLUMNS if c in names]
     seen = _SeenIds()
     row0 = 0
-    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-        df = batch.to_pandas()
-        for col in ("id", "text"):
-            nulls = df[col].isna().to_numpy().nonzero()[0]
-            if len(nulls):
-                raise DataError(f"{path}: row {row0 + nulls[0] + 1}: column {col!r} is null")
-        ids = [str(x).strip() for x in df["id"].tolist()]
-        texts = [str(x) for x in df["text"].tolist()]
-        titles = ([("" if x is None else str(x)) for x in df["title"].tolist()]
-                  if "title" in df else [""] * len(df))
-        for i, (pid, text) in enumerate(zip(ids, texts)):
-            _check_passage(path, f"row {row0 + i + 1}", pid, text, seen)
-        row0 += len(df)
-        yield _frame(ids, texts, titles)
+    for record_batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+        cols = {c: record_batch.column(c).to_pylist() for c in columns}
+        batch = PassageRecords("row")
+        titles = cols.get("title") or [None] * record_batch.num_rows
+        for i, (pid, text, title) in enumerate(zip(cols["id"], cols["text"], titles)):
+            pid = None if pid is None else str(pid).strip()
+            text = None if text is None else str(text)
+            check_passage(source, f"row {row0 + i + 1}", pid, text, seen)
+            batch.add(pid, text, "" if title is None else str(title), row0 + i + 1)
+        row0 += record_batch.num_rows
+        yield batch
+
+
+def iter_passage_records(f: Any, source: str | Path, format: str, batch_size: int = 10000) -> Iterator[PassageRecords]:
+    """Checked passages of one file, streamed: the parser behind every reader (here and in the Ray
+    Data pipeline). ``f``: an uncompressed binary stream for dpr-tsv / jsonl, a path or a
+    random-access file for parquet; ``source`` names the file in errors; ``format`` is not auto."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    fmt = canonical_format(format)
+    if fmt == "dpr-tsv":
+        yield from _tsv_records(f, source, batch_size)
+    elif fmt == "jsonl":
+        yield from _jsonl_records(f, source, batch_size)
+    elif fmt == "parquet":
+        yield from _parquet_records(f, source, batch_size)
+    else:
+        raise ConfigError("format: iter_passage_records needs a concrete format, not auto")
 
 
 # --------------------------------------------------------------------------- public API
@@ -322,12 +393,14 @@ def iter_passage_batches(path: str | Path, format: str = "auto",
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     path = local_path(path)
     fmt = detect_format(path, format)
-    if fmt == "tsv":
-        yield from _tsv_batches(path, batch_size)
-    elif fmt == "jsonl":
-        yield from _jsonl_batches(path, batch_size)
-    else:
-        yield from _parquet_batches(path, batch_size)
+    _check_exists(path)
+    if fmt == "parquet":
+        for batch in iter_passage_records(path, path, fmt, batch_size):
+            yield batch.frame()
+        return
+    with _open_binary(path) as f:
+        for batch in iter_passage_records(f, path, fmt, batch_size):
+            yield batch.frame()
 
 
 def read_passages(path: str | Path, format: str = "auto") -> pd.DataFrame:
@@ -349,7 +422,7 @@ def write_passages(path: str | Path, passages: pd.DataFrame, format: str = "auto
     titles = (passages["title"].fillna("").astype(str).tolist() if "title" in passages.columns
               else [""] * len(ids))
     fmt = detect_format(path, format)
-    if fmt == "tsv":
+    if fmt == "dpr-tsv":
         with atomic_writer(path) as f:
             writer = csv.writer(f, delimiter="\t", quotechar='"', lineterminator="\n")
             writer.writerow(COLUMNS)

@@ -12,6 +12,7 @@ from raggen.index.manifest import (
     LoadedVersion,
     Manifest,
     ShardEntry,
+    advance_latest,
     embeddings_of,
     list_versions,
     load_version,
@@ -43,7 +44,7 @@ from raggen.index.sharded import SearchResult, ShardActor, ShardedIndex, ShardSe
 __all__ = [
     "EncodedCorpus", "EncodedShard", "EncoderInfo", "LoadedShard", "LoadedVersion", "Manifest",
     "PassageEncoderActor", "SearchResult", "ShardActor", "ShardEntry", "ShardSearcher", "ShardedIndex",
-    "build_index", "build_shard_files", "build_shard_index", "deserialize_index", "embeddings_of",
+    "advance_latest", "build_index", "build_shard_files", "build_shard_index", "deserialize_index", "embeddings_of",
     "encode_passages", "list_versions", "load_version", "make_manifest", "merge_topk", "new_index",
     "new_version_name", "normalize_metric", "open_index", "passages_table", "publish_index", "publish_version",
     "read_latest", "read_manifest", "resolve_version_uri", "read_passages_dataset", "reconstruct", "search", "search_index",

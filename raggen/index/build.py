@@ -1,7 +1,13 @@
 """Orchestration: corpus URI -> encode (Ray Data) -> one FAISS index per shard -> publish.
 
 Plain keyword arguments only (the CLI / configs turn their fields into these). Every stage leaves
-its result in the work dir with a done marker, so a rerun with the same arguments resumes.
+its result in the work dir with a done marker, so a rerun with the same arguments (and the same
+corpus content) resumes.
+
+Work dirs: raggen uses and deletes only folders it created (a ``.raggen-work`` marker inside); a
+``work_dir`` given that is not empty and has no marker is refused with a ConfigError, never
+deleted. A work dir is locked while a build uses it: a second build with the same arguments gets a
+fresh work dir of its own (the default) or a ConfigError (a ``work_dir`` given).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,7 +25,18 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raggen.errors import ConfigError
-from raggen.index.encode import EncodedShard, encode_passages, encoder_dim, resolved_passage_format
+from raggen.index.encode import (
+    SPLIT_MARKER,
+    WORK_MARKER,
+    EncodedShard,
+    encode_passages,
+    encoder_dim,
+    lock_work_dir,
+    remove_work_dir,
+    resolved_passage_format,
+    run_signature,
+    split_folder_uri,
+)
 from raggen.index.manifest import (
     Manifest,
     embeddings_of,
@@ -33,15 +50,40 @@ from raggen.index.manifest import (
 )
 from raggen.index.shard import build_shard_index, new_index, normalize_metric, read_index_file, train_index, write_index_file
 from raggen.index.sharded import SearchResult, ShardedIndex
-from raggen.storage import atomic_write_bytes, sha256_file
+from raggen.storage import (
+    StoreBusy,
+    atomic_copy_file,
+    atomic_write_bytes,
+    check_claimable,
+    owns_folder,
+    release_folder,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def default_work_dir(**signature: Any) -> Path:
-    """A stable work dir per (inputs, settings), so rerunning the same build resumes it."""
+    """A stable work dir per (inputs and their content, settings), so rerunning the same build
+    resumes it, and a changed corpus gets a new one."""
     key = hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / "raggen-index-work" / key
+
+
+def open_work_dir(work_dir: str | os.PathLike | None, signature: dict):
+    """(work dir, its marker, its lock) for one build: ``work_dir`` as given (claimed: refused if
+    not empty and not raggen's; locked: refused if another run uses it), or the default derived
+    from ``signature``; when another build holds that one, a fresh one of this run's own."""
+    if work_dir is not None:
+        path = Path(os.path.expanduser(str(work_dir)))
+        return (path, *lock_work_dir(path))
+    path = default_work_dir(**signature)
+    try:
+        return (path, *lock_work_dir(path))
+    except StoreBusy:
+        fresh = path.with_name(f"{path.name}-{os.getpid()}-{secrets.token_hex(3)}")
+        logger.info("work dir %s is in use by another build; this one works in %s", path, fresh)
+        return (fresh, *lock_work_dir(fresh))
 
 
 def train_shared_index(
@@ -100,7 +142,7 @@ def build_shard_files(
                               seed=seed + encoded.shard, trained_index=trained_index)  # fmt: skip
     write_index_file(index, index_path)
     if store_embeddings:
-        shutil.copyfile(encoded.path, passages_path)
+        atomic_copy_file(encoded.path, passages_path)
     else:
         write_parquet_atomic(table.drop_columns(["embedding"]), passages_path)
     atomic_write_bytes(marker, json.dumps({"source_sha256": source_sha}).encode())
@@ -109,9 +151,10 @@ def build_shard_files(
 
 
 def preflight_build(output_uri: str, version: str | None, *, faiss_factory: str, metric: str, dim: int,
-                    s3_options: Mapping[str, Any] | None = None) -> None:
+                    s3_options: Mapping[str, Any] | None = None, work_dir: str | os.PathLike | None = None) -> None:
     """What would fail only after hours of encoding, checked first: the factory builds for this
-    dimension, the version name is valid and not yet published, and the output store answers."""
+    dimension, the version name is valid and not yet published, the output store answers, and a
+    ``work_dir`` given is new, empty or raggen's own."""
     from raggen.index.manifest import MANIFEST_NAME, check_version_name
     from raggen.storage import open_store
 
@@ -120,6 +163,8 @@ def preflight_build(output_uri: str, version: str | None, *, faiss_factory: str,
         check_version_name(version)
         if open_store(output_uri, s3_options).exists(f"{version}/{MANIFEST_NAME}"):
             raise ConfigError(f"version: {version!r} is already published under {output_uri}")
+    if work_dir is not None:
+        check_claimable(Path(os.path.expanduser(str(work_dir))), WORK_MARKER, what="work_dir")
 
 
 def build_index(
@@ -147,6 +192,8 @@ def build_index(
     keep_work_dir: bool = False,
     split_uri: str | None = None,
     s3_options: Mapping[str, Any] | None = None,
+    move_latest: bool = True,
+    rollback: bool = False,
 ) -> Manifest:
     """Encode ``passages_uri``, build ``num_shards`` FAISS shards and publish them under ``output_uri``.
 
@@ -155,42 +202,57 @@ def build_index(
     so searching every shard with the same ``nprobe`` scans exactly the lists one unsharded index
     with the same ``faiss_factory`` would, and their approximate scores are comparable.
 
-    Returns the published manifest (LATEST now points at it). Needs a running Ray. ``work_dir``
-    (default: derived from the arguments, so a rerun resumes) is on this (the driver's) machine;
-    ``split_uri`` is where Ray Data's tasks write the per-shard split (shared storage on
-    multi-node clusters, see ``raggen.index.encode``).
+    Returns the published manifest. LATEST moves to it unless it names a newer version
+    (``rollback=True`` moves it anyway; ``move_latest=False`` leaves LATEST alone, e.g. to stage a
+    release). Needs a running Ray. ``work_dir`` (default: derived from the arguments and the corpus
+    content, so a rerun resumes) is on this (the driver's) machine: new, empty or made by raggen;
+    it is deleted at the end (unless ``keep_work_dir``) only if raggen made it. ``split_uri`` is
+    where Ray Data's tasks write the per-shard split (shared storage on multi-node clusters): a
+    folder of this build's own is made under it and removed with the work dir.
     """
     metric = normalize_metric(metric)
     preflight_build(output_uri, version, faiss_factory=faiss_factory, metric=metric,
-                    dim=encoder_dim(encoder_name_or_path, s3_options), s3_options=s3_options)
-    work = Path(work_dir) if work_dir else default_work_dir(
-        passages_uri=passages_uri, output_uri=output_uri, encoder=encoder_name_or_path, pooling=pooling,
-        max_length=max_length, normalize=normalize, num_shards=num_shards, format=passages_format,
-        passage_format=passage_format,
-    )  # fmt: skip
-    encoded = encode_passages(
-        passages_uri, work, encoder_name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length,
-        normalize=normalize, passage_format=passage_format, batch_size=batch_size, num_shards=num_shards, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
-        actor_num_gpus=actor_num_gpus, torch_threads=torch_threads, passages_format=passages_format, s3_options=s3_options, split_uri=split_uri,
-    )  # fmt: skip
-    out_dir = work / "index" / f"{faiss_factory.replace(',', '_')}-{metric}-{'emb' if store_embeddings else 'noemb'}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trained = train_shared_index(encoded.shards, out_dir, faiss_factory=faiss_factory, metric=metric,
-                                 dim=encoded.dim, train_sample=train_sample)  # fmt: skip
-    files = [
-        build_shard_files(e, out_dir, faiss_factory=faiss_factory, metric=metric, train_sample=train_sample,
-                          store_embeddings=store_embeddings, trained_index=trained)
-        for e in encoded.shards
-    ]  # fmt: skip
-    manifest = make_manifest(
-        version or new_version_name(), encoder_name_or_path=encoder_name_or_path, pooling=pooling, dim=encoded.dim,
-        normalize=normalize, metric=metric, faiss_factory=faiss_factory, shard_files=files,
-        passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options),
-    )  # fmt: skip
-    publish_version(output_uri, manifest, out_dir, s3_options=s3_options)
-    if not keep_work_dir:
-        shutil.rmtree(work, ignore_errors=True)
+                    dim=encoder_dim(encoder_name_or_path, s3_options), s3_options=s3_options, work_dir=work_dir)
+    signature = run_signature(passages_uri, encoder_name_or_path=encoder_name_or_path, passages_format=passages_format,
+                              num_shards=num_shards, pooling=pooling, max_length=max_length, normalize=normalize,
+                              passage_format=passage_format, s3_options=s3_options)  # fmt: skip
+    work, marker, lock = open_work_dir(work_dir, {**signature, "output_uri": output_uri})
+    try:
+        encoded = encode_passages(
+            passages_uri, work, encoder_name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length,
+            normalize=normalize, passage_format=passage_format, batch_size=batch_size, num_shards=num_shards, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
+            actor_num_gpus=actor_num_gpus, torch_threads=torch_threads, passages_format=passages_format, s3_options=s3_options, split_uri=split_uri,
+        )  # fmt: skip
+        out_dir = work / "index" / f"{faiss_factory.replace(',', '_')}-{metric}-{'emb' if store_embeddings else 'noemb'}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        trained = train_shared_index(encoded.shards, out_dir, faiss_factory=faiss_factory, metric=metric,
+                                     dim=encoded.dim, train_sample=train_sample)  # fmt: skip
+        files = [
+            build_shard_files(e, out_dir, faiss_factory=faiss_factory, metric=metric, train_sample=train_sample,
+                              store_embeddings=store_embeddings, trained_index=trained)
+            for e in encoded.shards
+        ]  # fmt: skip
+        manifest = make_manifest(
+            version or new_version_name(), encoder_name_or_path=encoder_name_or_path, pooling=pooling, dim=encoded.dim,
+            normalize=normalize, metric=metric, faiss_factory=faiss_factory, shard_files=files,
+            passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options),
+        )  # fmt: skip
+        publish_version(output_uri, manifest, out_dir, s3_options=s3_options, move_latest=move_latest, rollback=rollback)
+        if not keep_work_dir:
+            _remove_build_folders(work, split_uri, marker["id"], s3_options)
+    finally:
+        lock.release()
     return manifest
+
+
+def _remove_build_folders(work: Path, split_uri: str | None, work_id: str, s3_options) -> None:
+    """The split under ``split_uri`` and the work dir, each only if raggen made it (its marker)."""
+    if split_uri is not None:
+        split = split_folder_uri(work, split_uri, work_id)
+        if owns_folder(split, SPLIT_MARKER, s3_options):
+            release_folder(split, SPLIT_MARKER, s3_options=s3_options)
+    if not remove_work_dir(work):
+        logger.warning("work dir %s has no %s marker: left in place", work, WORK_MARKER)
 
 
 def open_index(
@@ -241,23 +303,32 @@ def publish_index(
     src_version: str | None = None,
     s3_options: Mapping[str, Any] | None = None,
     src_s3_options: Mapping[str, Any] | None = None,
+    rollback: bool = False,
+    move_latest: bool = True,
 ) -> Manifest:
     """Copy a published version (``src_uri``: a root with LATEST, or a version folder) to another
-    root, e.g. a locally built index to S3. The source is verified first, the copy on upload;
-    ``version`` renames it at the destination."""
-    from raggen.index.manifest import resolve_version_uri
-    from raggen.storage import download
+    root, e.g. a locally built index to S3. The manifest's files are streamed into a temporary
+    folder, verified there, uploaded and verified again in the destination; ``version`` renames
+    it there. LATEST at the destination moves forward only, unless ``rollback``."""
+    from raggen.index.manifest import read_manifest, resolve_version_uri
+    from raggen.storage import open_store
 
     src_opts = src_s3_options if src_s3_options is not None else s3_options
     version_uri = resolve_version_uri(src_uri, src_version, s3_options=src_opts)
+    source = read_manifest(version_uri, s3_options=src_opts)
+    src = open_store(version_uri, src_opts)
     with tempfile.TemporaryDirectory(prefix="raggen-publish-") as tmp:
-        download(version_uri, tmp, s3_options=src_opts)
+        for name, _ in source.files():
+            src.download_file(name, Path(tmp, name))
+        atomic_write_bytes(Path(tmp, "manifest.json"), source.to_json().encode())
         manifest = verify_version(tmp)  # the local copy, every checksum and count
         if version is not None:
             manifest = manifest.model_copy(update={"version": version})
-        return publish_version(dst_uri, manifest, tmp, s3_options=s3_options)
+        return publish_version(dst_uri, manifest, tmp, s3_options=s3_options, rollback=rollback, move_latest=move_latest)
 
 
-def verify_index(uri: str, version: str | None = None, *, s3_options: Mapping[str, Any] | None = None) -> Manifest:
-    """Check every checksum and count of a published version; returns its manifest."""
-    return verify_version(uri, version, s3_options=s3_options)
+def verify_index(uri: str, version: str | None = None, *, s3_options: Mapping[str, Any] | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> Manifest:
+    """Check every checksum and count of a published version, on the bytes in the store ``uri``
+    names (streamed from it; a local cache is never trusted); returns its manifest."""
+    return verify_version(uri, version, s3_options=s3_options, cache_dir=cache_dir)

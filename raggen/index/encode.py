@@ -2,10 +2,13 @@
 
 Pipeline (one work dir per run)::
 
-    read (DPR TSV / JSONL / parquet; folder or s3://)  -- Ray Data readers, pyarrow S3 filesystem
+    read (DPR TSV / JSONL / parquet; folder or s3://)  -- a Ray Data datasource whose read tasks
+         parse each file with raggen.corpus.readers (one validation stack: a bad row is a DataError
+         naming the file and line or row), pyarrow S3 filesystem
       -> normalise columns, shard = crc32(passage id) % N  -- stable across runs and machines
-      -> split/shard=K/*.parquet, split.json (counts)  [stage 1, redone if unfinished; split_uri
-                                                        must be shared storage on multi-node clusters]
+      -> split/shard=K/*.parquet, split.json (counts)  [stage 1, redone if unfinished; with
+         split_uri (shared storage on multi-node clusters) the split goes to a folder of its own,
+         <split_uri>/raggen-split-<work dir id>, marked and removed only by raggen]
       -> map_batches(tokenize_batch)  -- plain CPU tasks: fixed-width int32 token columns + num_tokens
       -> map_batches(PassageEncoderActor, ActorPoolStrategy(size=num_actors), explicit batch_size,
                      num_gpus=1 per actor on GPU clusters, else num_cpus=actor_num_cpus)
@@ -14,7 +17,11 @@ Pipeline (one work dir per run)::
          and marks each finished shard with encoded/shard-K.done.json (count + sha256)   [stage 2]
 
 A run that dies restarts with only the unfinished shards (done markers are checked against the
-file's sha256); ``preserve_order`` makes shards finish one after another, so little is lost.
+file's sha256); ``preserve_order`` makes shards finish one after another, so little is lost. A
+work dir belongs to one run signature: the corpus content (size + mtime of local files, ETag + size
+of S3 objects), the encoder (and its files when it is a folder) and every setting that changes the
+vectors; a work dir made for another signature is refused. Work dirs carry a ``.raggen-work``
+marker (raggen deletes only folders with it) and are locked while a run uses them.
 Row ids are ``shard << 40 | position``: unique over the whole index, and the shard is readable
 from the id. S3 input is read in place through ``pyarrow.fs.S3FileSystem`` built from the same
 endpoint/credentials as the boto3 client (``raggen.storage.pyarrow_s3_filesystem``), so large
@@ -24,10 +31,10 @@ corpora are never copied to the driver; for a small corpus on an unusual store, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +44,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raggen.errors import ConfigError, DataError, RaggenError
+from raggen.corpus.readers import FORMAT_SUFFIXES, canonical_format, check_passage, format_from_name, missing_column
+from raggen.errors import ConfigError, DataError, RaggenError, find_user_error
 from raggen.index.manifest import passages_table, shard_file_names
 from raggen.storage import (
+    AtomicFile,
+    FileLock,
     atomic_write_bytes,
+    claim_folder,
+    content_fingerprint,
     is_s3_uri,
+    join_uri,
     open_store,
+    owns_folder,
     pyarrow_s3_filesystem,
+    release_folder,
     sha256_file,
     split_s3_uri,
 )
@@ -51,33 +66,28 @@ from raggen.storage import (
 logger = logging.getLogger(__name__)
 
 ROW_ID_SHIFT = 40  # row_id = shard << 40 | position: up to ~1.1e12 passages per shard
-FORMATS = ("dpr", "jsonl", "parquet")
-_FORMAT_ALIASES = {"tsv": "dpr", "dpr-tsv": "dpr", "csv": "dpr", "json": "jsonl"}  # raggen.corpus / config names
-_SUFFIXES = {
-    ".tsv": "dpr", ".tsv.gz": "dpr", ".csv": "dpr",
-    ".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl",
-    ".parquet": "parquet",
-}  # fmt: skip
+WORK_MARKER = ".raggen-work"  # in every work dir raggen made (or adopted empty): it may delete those
+WORK_LOCK = ".raggen-work.lock"  # held while a run uses the work dir
+SPLIT_MARKER = ".raggen-split"  # in every split folder raggen made
 
 
 # ------------------------------------------------------------------------------------------ reading
 
 
 def detect_format(uri: str, s3_options=None) -> str:
-    """'dpr' | 'jsonl' | 'parquet' from the file suffix (for a folder: from its first file)."""
+    """'dpr-tsv' | 'jsonl' | 'parquet' from the file suffix (for a folder: from its first data file)."""
     uri = str(uri)
-    for suffix, fmt in sorted(_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
-        if uri.lower().endswith(suffix):
-            return fmt
+    fmt = format_from_name(uri)
+    if fmt is not None:
+        return fmt
     try:
         names = open_store(uri, s3_options).list()
     except Exception:  # noqa: BLE001 - a path that is neither a known file type nor a listable folder
         names = []
     for name in names:
-        for suffix, fmt in _SUFFIXES.items():
-            if name.lower().endswith(suffix):
-                return fmt
-    raise ConfigError(f"format: cannot tell the format of {uri!r}; pass one of {FORMATS}")
+        if (fmt := format_from_name(name)) is not None:
+            return fmt
+    raise ConfigError(f"format: cannot tell the format of {uri!r}; pass one of auto, dpr-tsv, jsonl, parquet")
 
 
 def _paths_and_filesystem(uri: str, s3_options) -> tuple[str, Any]:
@@ -90,27 +100,67 @@ def _paths_and_filesystem(uri: str, s3_options) -> tuple[str, Any]:
     return str(path), None
 
 
+def _is_single_file(uri: str, s3_options) -> bool:
+    if is_s3_uri(uri):
+        from raggen.storage import exists
+
+        return bool(split_s3_uri(uri)[1]) and exists(uri, s3_options)
+    return Path(os.path.expanduser(uri)).is_file()
+
+
+_DATASOURCE = None
+
+
+def _passage_datasource():
+    """The Ray Data datasource class (built on first use: importing this module does not import Ray)."""
+    global _DATASOURCE
+    if _DATASOURCE is not None:
+        return _DATASOURCE
+    from ray.data.datasource import FileBasedDatasource
+
+    from raggen.corpus.readers import iter_passage_records
+
+    class PassageFiles(FileBasedDatasource):
+        """Each read task parses its files with raggen.corpus.readers: the checks and messages of
+        every other reader (file and line or row), streamed; ``.gz`` is decompressed by Ray."""
+
+        def __init__(self, paths, *, fmt: str, display_prefix: str = "", batch_size: int = 4096, **kwargs):
+            super().__init__(paths, **kwargs)
+            self._fmt, self._prefix, self._batch = fmt, display_prefix, batch_size
+
+        def _open_input_source(self, filesystem, path, **open_args):
+            if self._fmt == "parquet":  # parquet needs random access (its footer is at the end)
+                return filesystem.open_input_file(path)
+            return super()._open_input_source(filesystem, path, **open_args)
+
+        def _read_stream(self, f, path):
+            source = self._prefix + path
+            for rec in iter_passage_records(f, source, self._fmt, self._batch):
+                n = len(rec)
+                yield pa.table({
+                    "id": pa.array(rec.ids, pa.string()), "title": pa.array(rec.titles, pa.string()),
+                    "text": pa.array(rec.texts, pa.string()), rec.unit: pa.array(rec.where, pa.int64()),
+                    "path": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([source])),
+                })  # fmt: skip
+
+    _DATASOURCE = PassageFiles
+    return _DATASOURCE
+
+
 def read_passages_dataset(uri: str, *, format: str = "auto", s3_options=None, num_shards: int = 1):
-    """A Ray Dataset with string columns id, title, text and int64 ``shard`` (crc32(id) % N)."""
-    import pyarrow.csv as pacsv
+    """A Ray Dataset with string columns id, title, text and int64 ``shard`` (crc32(id) % N).
+
+    Read tasks parse files with :mod:`raggen.corpus.readers` (``format``: auto or one of its
+    vocabulary, aliases included); a folder contributes the files with that format's suffixes."""
     import ray.data
 
-    fmt = detect_format(uri, s3_options) if format == "auto" else _FORMAT_ALIASES.get(format, format)
-    if fmt not in FORMATS:
-        raise ConfigError(f"format: must be 'auto' or one of {FORMATS}, got {format!r}")
+    fmt = canonical_format(format)
+    fmt = detect_format(uri, s3_options) if fmt == "auto" else fmt
     paths, fs = _paths_and_filesystem(uri, s3_options)
-    if fmt == "dpr":
-        ds = ray.data.read_csv(
-            paths,
-            filesystem=fs,
-            include_paths=True,
-            parse_options=pacsv.ParseOptions(delimiter="\t"),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in ("id", "title", "text")}),
-        )
-    elif fmt == "jsonl":
-        ds = ray.data.read_json(paths, filesystem=fs, include_paths=True, lines=True)
-    else:
-        ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, partitioning=None)
+    exts = None if _is_single_file(uri, s3_options) else [sfx for sfx, f in FORMAT_SUFFIXES if f == fmt]
+    source = _passage_datasource()(paths, fmt=fmt, display_prefix="s3://" if is_s3_uri(uri) else "",
+                                   filesystem=fs, file_extensions=exts)  # fmt: skip
+    ds = ray.data.read_datasource(source)
     return ds.map_batches(
         normalize_passages, fn_kwargs={"num_shards": num_shards}, batch_format="pyarrow", batch_size=None
     )
@@ -122,21 +172,28 @@ def stable_shard(ids: list[str], num_shards: int) -> np.ndarray:
 
 
 def normalize_passages(table: pa.Table, num_shards: int = 1) -> pa.Table:
-    """Check and normalise one block: id/title/text as strings, a missing title -> '', + shard."""
-    path = table.column("path")[0].as_py() if "path" in table.column_names and table.num_rows else "passages"
-    missing = {"id", "text"} - set(table.column_names)
-    if missing:
-        raise DataError(f"{path}: missing column(s) {sorted(missing)}; passages need id, text and optionally title")
-    ids = table.column("id").cast(pa.string())
-    if ids.null_count:
-        raise DataError(f"{path}: column id has {ids.null_count} empty value(s)")
+    """Check and normalise one block: id/title/text as strings, a missing title -> '', + shard.
+
+    Rows are checked with :func:`raggen.corpus.readers.check_passage` (the readers' own check and
+    messages): a null or blank id or text is a DataError naming the file (``path`` column) and the
+    line (``line`` column), row (``row`` column) or, failing both, the row within the block."""
+    import pyarrow.compute as pc
+
+    source = table.column("path")[0].as_py() if "path" in table.column_names and table.num_rows else "passages"
+    for col in ("id", "text"):
+        if col not in table.column_names:
+            raise missing_column(source, col, [c for c in table.column_names if c not in ("path", "line", "row")])
+    ids = pc.utf8_trim_whitespace(table.column("id").cast(pa.string()))
     text = table.column("text").cast(pa.string())
-    if text.null_count:
-        bad = ids.filter(text.is_null())[0].as_py()
-        raise DataError(f"{path}: passage {bad!r} has no text")
+    bad = pc.or_kleene(pc.or_kleene(ids.is_null(), pc.equal(ids, "")),
+                       pc.or_kleene(text.is_null(), pc.equal(pc.utf8_trim_whitespace(text), "")))  # fmt: skip
+    if pc.any(pc.fill_null(bad, True)).as_py():
+        i = int(pc.index(pc.fill_null(bad, True), True).as_py())
+        unit = next((u for u in ("line", "row") if u in table.column_names), None)
+        where = f"{unit} {table.column(unit)[i].as_py()}" if unit else f"row {i + 1}"
+        check_passage(source, where, ids[i].as_py(), text[i].as_py())
     title = table.column("title").cast(pa.string()).fill_null("") if "title" in table.column_names else pa.array([""] * table.num_rows, pa.string())
-    id_list = ids.to_pylist()
-    return pa.table({"id": ids, "title": title, "text": text, "shard": stable_shard(id_list, num_shards)})
+    return pa.table({"id": ids, "title": title, "text": text, "shard": stable_shard(ids.to_pylist(), num_shards)})
 
 
 # ------------------------------------------------------------------------------------------ stage 2a: tokenise (CPU tasks)
@@ -334,19 +391,76 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def _model_fingerprint(name_or_path: str, s3_options) -> list:
+    """The encoder's files (a local or s3:// folder, the bundled copy of a hub id), else [] (a hub id)."""
+    from raggen.models.loading import resolve_model_path
+
+    if is_s3_uri(name_or_path):
+        return content_fingerprint(name_or_path, s3_options)
+    local = resolve_model_path(name_or_path)
+    return content_fingerprint(local) if os.path.isdir(local) else []
+
+
+def run_signature(
+    passages_uri: str,
+    *,
+    encoder_name_or_path: str,
+    passages_format: str = "auto",
+    num_shards: int = 1,
+    pooling: str = "mean",
+    max_length: int = 256,
+    normalize: bool = False,
+    passage_format: str | None = None,
+    s3_options: Mapping[str, Any] | None = None,
+) -> dict:
+    """What an encoding run's output depends on: the corpus content (every input file: size +
+    mtime locally, ETag + size on S3), the encoder (and its files) and every setting that changes
+    the vectors or the split. A work dir is reused only for an equal signature."""
+    return dict(
+        passages_uri=str(passages_uri), corpus=content_fingerprint(str(passages_uri), s3_options),
+        format=canonical_format(passages_format), num_shards=int(num_shards), encoder=encoder_name_or_path,
+        encoder_files=_model_fingerprint(encoder_name_or_path, s3_options), pooling=pooling,
+        max_length=int(max_length), normalize=bool(normalize), passage_format=passage_format,
+    )  # fmt: skip
+
+
 def check_run_signature(work_dir: Path, signature: dict) -> None:
-    """A work dir belongs to one run: reusing it with different settings is a ConfigError."""
+    """A work dir belongs to one run: reusing it with different settings or a changed corpus is a
+    ConfigError (its encodings would be stale)."""
     path = work_dir / "run.json"
     old = _read_json(path)
     if old is None:
         _write_json(path, signature)
         return
     for key, value in signature.items():
-        if old.get(key) != value:
+        if old.get(key) == value:
+            continue
+        if key in ("corpus", "encoder_files"):
+            what = "corpus" if key == "corpus" else f"encoder {signature['encoder']!r}"
             raise ConfigError(
-                f"work_dir: {work_dir} was used for a run with {key}={old.get(key)!r}, this run has {value!r}; "
-                "use a fresh work_dir"
+                f"work_dir: {work_dir} holds work for another version of the {what} (files, sizes or "
+                "modification times differ); use a fresh work_dir, or delete this one"
             )
+        raise ConfigError(
+            f"work_dir: {work_dir} was used for a run with {key}={old.get(key)!r}, this run has {value!r}; "
+            "use a fresh work_dir"
+        )
+
+
+def lock_work_dir(work_dir: str | os.PathLike, *, what: str = "work_dir") -> tuple[dict, FileLock]:
+    """Claim ``work_dir`` for raggen (marker ``.raggen-work``; a non-empty folder without it is a
+    ConfigError and is never touched) and lock it for this run (StoreBusy when another run holds
+    it). Reentrant within a thread. Returns (marker, lock); release the lock when done."""
+    work_dir = Path(work_dir)
+    info = claim_folder(work_dir, WORK_MARKER, what=what)
+    lock = FileLock(work_dir / WORK_LOCK, timeout=0, what=f"{what} {work_dir} (in use by another run)")
+    lock.acquire()
+    return info, lock
+
+
+def remove_work_dir(work_dir: str | os.PathLike) -> bool:
+    """Delete a work dir raggen made (its marker inside); anything else is left alone."""
+    return release_folder(work_dir, WORK_MARKER)
 
 
 def encoded_shard_done(work_dir: Path, shard: int) -> EncodedShard | None:
@@ -390,18 +504,25 @@ def resolved_passage_format(name_or_path: str, passage_format: str | None, s3_op
 # ------------------------------------------------------------------------------------------ stage 1: split
 
 
-def split_location(work_dir: Path, split_uri: str | None, s3_options) -> tuple[str, Any]:
-    """(path for Ray Data, pyarrow filesystem or None) of the split folder.
+def split_folder_uri(work_dir: Path, split_uri: str | None, work_id: str) -> str:
+    """Where stage 1 writes: ``work_dir/split``, or a folder of this work dir's own under
+    ``split_uri`` (``<split_uri>/raggen-split-<work id>``): runs that share a ``split_uri`` never
+    share (or delete) each other's split, and nothing else in ``split_uri`` is touched."""
+    if split_uri is None:
+        return str(work_dir / "split")
+    return join_uri(str(split_uri), f"raggen-split-{work_id}")
+
+
+def split_location(uri: str, s3_options) -> tuple[str, Any]:
+    """(path for Ray Data, pyarrow filesystem or None) of a split folder URI.
 
     Ray Data's write tasks run on every node: on a multi-node cluster the split must live on
     storage they all reach (``split_uri="s3://bucket/tmp/split"`` or a shared file system).
     """
-    if split_uri is None:
-        return str(work_dir / "split"), None
-    if is_s3_uri(split_uri):
-        bucket, key = split_s3_uri(split_uri)
+    if is_s3_uri(uri):
+        bucket, key = split_s3_uri(uri)
         return f"{bucket}/{key}", pyarrow_s3_filesystem(s3_options)
-    return str(Path(split_uri)), None
+    return str(Path(uri)), None
 
 
 def _fs(fs):
@@ -411,24 +532,27 @@ def _fs(fs):
 
 
 def split_by_shard(
-    passages_uri: str, work_dir: Path, *, format: str, num_shards: int, s3_options, split_uri: str | None = None
+    passages_uri: str, work_dir: Path, *, format: str, num_shards: int, s3_options, split_uri: str | None = None,
+    work_id: str = "0",
 ) -> list[int]:
     """Write <split>/shard=K/*.parquet with Ray Data; returns the count per shard.
 
-    The counts are cached in work_dir/split.json; an unfinished split is redone from scratch.
-    """
+    The counts are cached in work_dir/split.json; an unfinished split is redone from scratch in a
+    split folder raggen owns (``.raggen-split`` marker); a folder without the marker is refused."""
     from pyarrow import fs as pafs
 
-    path, fs = split_location(work_dir, split_uri, s3_options)
+    uri = split_folder_uri(work_dir, split_uri, work_id)
+    path, fs = split_location(uri, s3_options)
     done = _read_json(work_dir / "split.json")
     if done is not None and len(done.get("counts", [])) == num_shards and done.get("split") == path:
         return [int(c) for c in done["counts"]]
-    filesystem = _fs(fs)
-    if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
-        filesystem.delete_dir(path)
+    if owns_folder(uri, SPLIT_MARKER, s3_options):
+        release_folder(uri, SPLIT_MARKER, s3_options=s3_options)  # an unfinished split of ours
+    claim_folder(uri, SPLIT_MARKER, what="split_uri", s3_options=s3_options)
     ds = read_passages_dataset(passages_uri, format=format, s3_options=s3_options, num_shards=num_shards)
     with _user_errors():
         ds.write_parquet(path, filesystem=fs, partition_cols=["shard"])
+    filesystem = _fs(fs)
     counts = [0] * num_shards
     for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True)):
         if info.is_file and info.path.endswith(".parquet"):
@@ -437,7 +561,7 @@ def split_by_shard(
                 counts[shard] += pq.ParquetFile(f).metadata.num_rows
     if sum(counts) == 0:
         raise DataError(f"{passages_uri}: no passages found")
-    _write_json(work_dir / "split.json", {"counts": counts, "source": passages_uri, "split": path})
+    _write_json(work_dir / "split.json", {"counts": counts, "source": passages_uri, "split": path, "uri": uri})
     return counts
 
 
@@ -452,11 +576,22 @@ class _ShardWriter:
         name = shard_file_names(shard)[1]
         self.path = work_dir / "encoded" / name
         self.marker = work_dir / "encoded" / f"{name}.done.json"
-        self.tmp = self.path.with_name(f".{name}.partial")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file: AtomicFile | None = None  # a temporary name unique to this process and writer
         self.writer: pq.ParquetWriter | None = None
         self.count = 0
         self.seen: set[str] = set()
+
+    def _open(self, schema: pa.Schema) -> None:
+        self.file = AtomicFile(self.path, "wb", compress=False)
+        self.writer = pq.ParquetWriter(self.file.file, schema)
+
+    def abort(self) -> None:
+        """Drop the unfinished file (its temporary name); the finished shard files are untouched."""
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+        if self.file is not None:
+            self.file.abort()
 
     def append(self, ids, titles, texts, emb: np.ndarray) -> None:
         for pid in ids:
@@ -466,15 +601,15 @@ class _ShardWriter:
         row_ids = (np.int64(self.shard) << ROW_ID_SHIFT) + np.arange(self.count, self.count + len(ids), dtype=np.int64)
         table = passages_table(row_ids, ids, titles, texts, emb)
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, table.schema)
+            self._open(table.schema)
         self.writer.write_table(table)
         self.count += len(ids)
 
     def finish(self, dim: int) -> EncodedShard:
         if self.writer is None:  # an empty shard still gets a (typed, empty) file
-            self.writer = pq.ParquetWriter(self.tmp, passages_table(np.zeros(0), [], [], [], np.zeros((0, dim))).schema)
+            self._open(passages_table(np.zeros(0), [], [], [], np.zeros((0, dim))).schema)
         self.writer.close()
-        os.replace(self.tmp, self.path)
+        self.file.commit()
         _write_json(self.marker, {"count": self.count, "sha256": sha256_file(self.path), "dim": dim})
         self.seen.clear()
         return EncodedShard(shard=self.shard, path=self.path, count=self.count)
@@ -505,9 +640,11 @@ def encode_passages(
     """Encode every passage once into ``work_dir/encoded/shard-K.parquet``; resumes unfinished runs.
 
     ``actor_num_gpus=None`` gives each actor one GPU when the cluster has GPUs, none otherwise.
+    ``work_dir``: new, empty or made by raggen (``.raggen-work`` marker); locked while this runs;
+    refused when it holds work of another run signature (:func:`run_signature`).
     ``split_uri``: where stage 1 writes (default ``work_dir/split``; on a multi-node cluster a
-    folder every node reaches, e.g. ``s3://bucket/tmp/split``). Encoded shards are written by
-    this (the driver's) process into ``work_dir``. ``tokenize_num_cpus``: the CPU share of each
+    folder every node reaches, e.g. ``s3://bucket/tmp/split``, under which this work dir gets a
+    folder of its own). Encoded shards are written by this (the driver's) process into ``work_dir``. ``tokenize_num_cpus``: the CPU share of each
     tokenise task; ``sub_batch_tokens``: the padded-token budget of one model call in an actor
     (see :func:`length_buckets`); neither changes the vectors, so neither is in the run signature.
     ``progress(rows)`` is called on the driver after each batch of encoded rows is written.
@@ -518,32 +655,35 @@ def encode_passages(
     if tokenize_num_cpus <= 0 or sub_batch_tokens < 1:
         raise ConfigError("tokenize_num_cpus and sub_batch_tokens: must be > 0")
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    signature = dict(passages_uri=str(passages_uri), format=passages_format, num_shards=num_shards,
-                     encoder=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize,
-                     passage_format=passage_format)  # fmt: skip
-    check_run_signature(work_dir, signature)
-    dim = encoder_dim(encoder_name_or_path, s3_options)
-    finished = {s: e for s in range(num_shards) if (e := encoded_shard_done(work_dir, s)) is not None}
-    pending = [s for s in range(num_shards) if s not in finished]
-    if pending:
-        logger.info("encoding shards %s (%d already done)", pending, len(finished))
-        counts = split_by_shard(str(passages_uri), work_dir, format=passages_format, num_shards=num_shards,
-                                s3_options=s3_options, split_uri=split_uri)
-        split_path, split_fs = split_location(work_dir, split_uri, s3_options)
-        tokenize_kwargs = dict(tokenizer=load_passage_tokenizer(encoder_name_or_path, s3_options), max_length=max_length,
-                               passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options))
-        finished.update(
-            _encode_pending(
-                str(passages_uri), work_dir, pending, counts, dim,
-                actor_kwargs=dict(name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize,
-                                  passage_format=passage_format, s3_options=s3_options, sub_batch_tokens=sub_batch_tokens,
-                                  torch_threads=torch_threads or max(1, int(round(actor_num_cpus)))),
-                tokenize_kwargs=tokenize_kwargs, batch_size=batch_size, num_actors=num_actors,
-                actor_num_cpus=actor_num_cpus, actor_num_gpus=actor_num_gpus, tokenize_num_cpus=tokenize_num_cpus,
-                split=(split_path, split_fs), progress=progress,
-            )
-        )  # fmt: skip
+    signature = run_signature(passages_uri, encoder_name_or_path=encoder_name_or_path, passages_format=passages_format,
+                              num_shards=num_shards, pooling=pooling, max_length=max_length, normalize=normalize,
+                              passage_format=passage_format, s3_options=s3_options)  # fmt: skip
+    info, lock = lock_work_dir(work_dir)
+    try:
+        check_run_signature(work_dir, signature)
+        dim = encoder_dim(encoder_name_or_path, s3_options)
+        finished = {s: e for s in range(num_shards) if (e := encoded_shard_done(work_dir, s)) is not None}
+        pending = [s for s in range(num_shards) if s not in finished]
+        if pending:
+            logger.info("encoding shards %s (%d already done)", pending, len(finished))
+            counts = split_by_shard(str(passages_uri), work_dir, format=passages_format, num_shards=num_shards,
+                                    s3_options=s3_options, split_uri=split_uri, work_id=info["id"])
+            split = split_location(split_folder_uri(work_dir, split_uri, info["id"]), s3_options)
+            tokenize_kwargs = dict(tokenizer=load_passage_tokenizer(encoder_name_or_path, s3_options), max_length=max_length,
+                                   passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options))
+            finished.update(
+                _encode_pending(
+                    str(passages_uri), work_dir, pending, counts, dim,
+                    actor_kwargs=dict(name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize,
+                                      passage_format=passage_format, s3_options=s3_options, sub_batch_tokens=sub_batch_tokens,
+                                      torch_threads=torch_threads or max(1, int(round(actor_num_cpus)))),
+                    tokenize_kwargs=tokenize_kwargs, batch_size=batch_size, num_actors=num_actors,
+                    actor_num_cpus=actor_num_cpus, actor_num_gpus=actor_num_gpus, tokenize_num_cpus=tokenize_num_cpus,
+                    split=split, progress=progress,
+                )
+            )  # fmt: skip
+    finally:
+        lock.release()
     return EncodedCorpus(shards=[finished[s] for s in range(num_shards)], dim=dim)
 
 
@@ -601,6 +741,11 @@ def _encode_pending(
                 _route_batch(batch, writers, done, dim)
                 if progress is not None:
                     progress(len(batch["id"]))
+    except BaseException:
+        for s, w in writers.items():
+            if s not in done:
+                w.abort()  # no temporary file is left behind
+        raise
     finally:
         ctx.execution_options.preserve_order = keep_order
     unfinished = [s for s in todo if s not in done]
@@ -634,26 +779,6 @@ class _user_errors:
             return False
         cause = find_user_error(exc)
         if cause is not None:
-            raise type(cause)(str(cause.args[0]) if cause.args else str(cause)) from None
+            raise cause from None
         return False
 
-
-def find_user_error(exc: BaseException) -> RaggenError | None:
-    """The first plain raggen error in ``exc``'s cause chain (Ray wraps task errors)."""
-    seen, stack = set(), [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, RaggenError) and type(e).__module__ == "raggen.errors":
-            return e
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-    # Ray may ship only the remote traceback's text: recover "raggen.errors.DataError: <message>"
-    import raggen.errors as errors
-
-    for line in reversed(str(exc).splitlines()):
-        match = re.match(r"^\s*raggen\.errors\.(\w+): (.*)$", line)
-        if match and isinstance(getattr(errors, match.group(1), None), type):
-            return getattr(errors, match.group(1))(match.group(2))
-    return None

@@ -6,12 +6,23 @@ Layout (DESIGN.md, **contract**)::
     <root>/<version>/manifest.json
     <root>/<version>/shard-00000.faiss  shard-00000.parquet  ...
 
-Publishing uploads the shard files, reads their checksums back, writes manifest.json, reads it
-back, and moves LATEST last: the pointer update is the publish. A version folder without
-manifest.json is an unfinished upload and is never loaded. Loading verifies every sha256 and every
-count before anything is served and raises IndexIntegrityError (one line naming the file)
-otherwise; since LATEST only ever points at verified versions, the previous version stays
-loadable when a newer upload is partial or corrupt.
+Publishing (:func:`publish_version`) claims the version (``<version>/.raggen-publish``, created
+with a conditional write), uploads the shard files, reads their checksums back from the store and
+creates manifest.json with a conditional write (``IfNoneMatch="*"`` on S3, the root's lock on a
+folder): the manifest is the version's commit point, so of two writers of one version name exactly
+one wins, and a version folder without manifest.json is an unfinished upload that is never listed
+or loaded. LATEST moves last, with ``IfMatch=<etag>``, and only forward: to a version whose
+manifest was ``created`` later (then: a larger version name) than the one it names, unless a
+rollback is asked for. ``overwrite`` never touches the version LATEST names.
+
+A publisher killed mid-upload leaves its claim behind; the claim names its pid and host, so a rerun
+on the same host takes it over at once when that pid is gone (elsewhere after ``CLAIM_TTL_S``
+without a heartbeat; the publisher refreshes its claim after every file).
+
+Loading verifies every sha256 and every count before anything is served and raises
+IndexIntegrityError (one line naming the file) otherwise; since LATEST only ever points at
+verified versions, the previous version stays loadable when a newer upload is partial or corrupt.
+:func:`verify_version` hashes the bytes in the store it names (streamed), never a cache.
 
 Passage parquet (one per shard): ``row_id`` int64 (the FAISS id), ``id`` string (passage id),
 ``title``, ``text``, and optionally ``embedding`` fixed_size_list<float32>[dim]. Embeddings are
@@ -24,14 +35,15 @@ for PQ/SQ codes).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import re
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,13 +55,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raggen.errors import ConfigError, IndexIntegrityError
 from raggen.index.shard import deserialize_index, index_ids, normalize_metric
 from raggen.storage import (
+    AtomicFile,
+    ChecksumMismatch,
     LocalStore,
+    PreconditionFailed,
     S3Options,
+    Store,
+    copy_to_local,
     default_cache_dir,
     is_s3_uri,
+    iter_file_chunks,
     join_uri,
     open_store,
     sha256_bytes,
+    sha256_chunks,
     sha256_file,
     store_sha256,
 )
@@ -58,6 +77,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "LATEST"
+CLAIM_NAME = ".raggen-publish"  # <version>/.raggen-publish: who is publishing that version
+CLAIM_TTL_S = 3600.0  # a claim from another host without a heartbeat for this long is stale
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -167,6 +188,11 @@ class Manifest(BaseModel):
     @classmethod
     def from_json(cls, data: bytes | str, source: str) -> "Manifest":
         """Parse; any problem -> IndexIntegrityError naming ``source`` and the first bad field."""
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            try:
+                data = bytes(data).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise IndexIntegrityError(f"{source}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
         try:
             return cls.model_validate(json.loads(data))
         except json.JSONDecodeError as exc:
@@ -202,7 +228,7 @@ def make_manifest(
     ]
     return Manifest(
         version=check_version_name(version),
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         encoder=EncoderInfo(name_or_path=encoder_name_or_path, pooling=pooling, dim=dim, normalize=normalize,
                             passage_format=passage_format),
         metric=metric,
@@ -237,15 +263,9 @@ def passages_table(
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write to a temporary sibling, then os.replace (readers never see a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write through :class:`raggen.storage.AtomicFile` (readers never see a half-written file)."""
+    with AtomicFile(path, "wb", compress=False) as f:
+        pq.write_table(table, f)
 
 
 def embeddings_of(table: pa.Table) -> np.ndarray | None:
@@ -259,6 +279,85 @@ def embeddings_of(table: pa.Table) -> np.ndarray | None:
     return col.values.to_numpy(zero_copy_only=False).reshape(len(col), dim).astype(np.float32, copy=False)
 
 
+# ------------------------------------------------------------------------------------------ claims
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Claim:
+    """``<version>/.raggen-publish``: this writer is publishing that version (created conditionally)."""
+
+    def __init__(self, root: Store, version: str):
+        self.root, self.version, self.rel = root, version, f"{version}/{CLAIM_NAME}"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+        self.etag: str | None = None
+
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps({"owner": self.owner, "pid": os.getpid(), "host": socket.gethostname(),
+                           "started": getattr(self, "started", now), "updated": now}).encode()  # fmt: skip
+
+    @staticmethod
+    def _stale(info: dict) -> bool:
+        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+            return not _pid_alive(info["pid"])
+        return time.time() - float(info.get("updated", 0)) > CLAIM_TTL_S
+
+    def acquire(self) -> None:
+        self.started = time.time()
+        where = join_uri(self.root.uri, self.rel)
+        for _ in range(20):
+            try:
+                self.etag = self.root.write_bytes(self.rel, self._body(), if_none_match=True)
+                return
+            except PreconditionFailed:
+                pass
+            try:
+                data, etag = self.root.read_with_etag(self.rel)
+                info = json.loads(data)
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            except ValueError:
+                info, etag = {}, None
+            if etag is not None and not self._stale(info):
+                raise ConfigError(f"version: {self.version!r} is being published under {self.root.uri} by pid "
+                                  f"{info.get('pid')} on {info.get('host')} ({where})")
+            logger.warning("%s: taking over a stale claim of pid %s on %s", where, info.get("pid"), info.get("host"))
+            try:
+                self.etag = self.root.write_bytes(self.rel, self._body(), if_match=etag) if etag else \
+                    self.root.write_bytes(self.rel, self._body())
+                return
+            except PreconditionFailed:
+                continue
+        raise ConfigError(f"version: could not claim {where} (too many concurrent writers)")
+
+    def heartbeat(self) -> None:
+        """Refresh the claim; fails if another writer took it over (then this one must stop)."""
+        try:
+            self.etag = self.root.write_bytes(self.rel, self._body(), if_match=self.etag)
+        except PreconditionFailed:
+            raise ConfigError(f"version: lost the claim on {self.version!r} under {self.root.uri} to another "
+                              "writer; stopped before writing its manifest") from None
+
+    def release(self) -> None:
+        try:
+            data, _ = self.root.read_with_etag(self.rel)
+            if json.loads(data).get("owner") == self.owner:
+                self.root.delete_file(self.rel)
+        except (FileNotFoundError, ValueError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - a leftover claim is harmless: reruns take stale ones over
+            logger.warning("%s: could not remove the publishing claim (%s)", join_uri(self.root.uri, self.rel), exc)
+
+
 # ------------------------------------------------------------------------------------------ publish
 
 
@@ -270,56 +369,177 @@ def publish_version(
     s3_options: S3Options | Mapping[str, Any] | None = None,
     verify: bool = True,
     overwrite: bool = False,
+    move_latest: bool = True,
+    rollback: bool = False,
 ) -> Manifest:
-    """Upload ``local_dir``'s shard files as ``<root>/<version>/``, verify, then move LATEST.
+    """Upload ``local_dir``'s shard files as ``<root>/<version>/``, verify, commit the manifest,
+    then move LATEST forward (see the module docstring).
 
-    Raises IndexIntegrityError (LATEST untouched) if a read-back checksum differs from the manifest.
+    Raises ConfigError when the version exists (unless ``overwrite``; never for the version LATEST
+    names) or another writer is publishing it, and IndexIntegrityError (nothing committed, LATEST
+    untouched) if a read-back checksum differs from the manifest. ``move_latest=False`` publishes
+    without touching LATEST; ``rollback=True`` lets LATEST move to an older version.
     """
     root = open_store(root_uri, s3_options)
     version = check_version_name(manifest.version)
-    if root.exists(f"{version}/{MANIFEST_NAME}") and not overwrite:
-        raise ConfigError(f"version: {version!r} is already published under {root_uri}")
+    mrel = f"{version}/{MANIFEST_NAME}"
     for name, _ in manifest.files():
-        local = Path(local_dir, name)
-        if not local.is_file():
-            raise IndexIntegrityError(f"{local}: missing; cannot publish version {version}")
-        root.upload_file(local, f"{version}/{name}")
-    if verify:
-        for name, expected in manifest.files():
-            got = store_sha256(root, f"{version}/{name}")
-            if got != expected:
-                raise IndexIntegrityError(
-                    f"{join_uri(root.uri, version, name)}: sha256 {got[:16]}... after upload differs from "
-                    f"the manifest's {expected[:16]}...; LATEST not moved"
-                )
-    body = manifest.to_json().encode()
-    root.write_bytes(f"{version}/{MANIFEST_NAME}", body)
-    if verify and sha256_bytes(root.read_bytes(f"{version}/{MANIFEST_NAME}")) != sha256_bytes(body):
-        raise IndexIntegrityError(f"{join_uri(root.uri, version, MANIFEST_NAME)}: read-back differs; LATEST not moved")
-    root.write_bytes(LATEST_NAME, (version + "\n").encode())
+        if not Path(local_dir, name).is_file():
+            raise IndexIntegrityError(f"{Path(local_dir, name)}: missing; cannot publish version {version}")
+    _check_not_published(root, version, overwrite)
+    claim = _Claim(root, version)
+    claim.acquire()
+    try:
+        old = _check_not_published(root, version, overwrite)  # again, now that the version is ours
+        if old is not None:
+            root.delete_file(mrel)  # un-commit the old version (never LATEST's) before replacing its files
+        for name, _ in manifest.files():
+            root.upload_file(Path(local_dir, name), f"{version}/{name}")
+            claim.heartbeat()
+        if verify:
+            for name, expected in manifest.files():
+                got = store_sha256(root, f"{version}/{name}")
+                if got != expected:
+                    raise IndexIntegrityError(
+                        f"{join_uri(root.uri, version, name)}: sha256 {got[:16]}... after upload differs from "
+                        f"the manifest's {expected[:16]}...; LATEST not moved"
+                    )
+        claim.heartbeat()
+        body = manifest.to_json().encode()
+        try:
+            root.write_bytes(mrel, body, if_none_match=True)  # the commit point
+        except PreconditionFailed:
+            raise ConfigError(f"version: {version!r} was published under {root_uri} by another writer meanwhile") from None
+        if verify and sha256_bytes(root.read_bytes(mrel)) != sha256_bytes(body):
+            raise IndexIntegrityError(f"{join_uri(root.uri, version, MANIFEST_NAME)}: read-back differs; LATEST not moved")
+        if old is not None:
+            kept = {n for n, _ in manifest.files()}
+            for name in (n for n, _ in old.files() if n not in kept):  # files only the replaced manifest named
+                root.delete_file(f"{version}/{name}")
+    finally:
+        claim.release()
     logger.info("published index version %s to %s (%d passages)", version, root_uri, manifest.num_passages)
+    if move_latest:
+        advance_latest(root, manifest, rollback=rollback)
     return manifest
+
+
+def _check_not_published(root: Store, version: str, overwrite: bool) -> Manifest | None:
+    """None when ``version`` has no manifest; its manifest when ``overwrite`` may replace it."""
+    if not root.exists(f"{version}/{MANIFEST_NAME}"):
+        return None
+    if not overwrite:
+        raise ConfigError(f"version: {version!r} is already published under {root.uri}")
+    if _read_latest(root) == version:
+        raise ConfigError(f"version: {version!r} is the version LATEST names under {root.uri}; overwrite never "
+                          "replaces the live version: publish under a new name")
+    try:
+        return _read_manifest_at(root, root.uri, None, rel=f"{version}/{MANIFEST_NAME}")
+    except IndexIntegrityError:
+        return Manifest.model_construct(shards=[])  # unreadable: replace it, delete nothing else
+
+
+def _age_key(manifest: Manifest) -> tuple[datetime, str]:
+    """What "newer" means for LATEST: the manifest's ``created`` time, then the version name."""
+    try:
+        created = datetime.fromisoformat(manifest.created.replace("Z", "+00:00"))
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=timezone.utc)
+    except ValueError:
+        created = datetime.min.replace(tzinfo=timezone.utc)
+    return created, manifest.version
+
+
+def advance_latest(root: Store | str, manifest: Manifest, *, rollback: bool = False, s3_options=None) -> bool:
+    """Point LATEST at ``manifest.version`` unless it names a newer version (or ``rollback``).
+
+    A compare-and-swap loop: LATEST is read with its etag and replaced with ``if_match`` (created
+    with ``if_none_match`` when absent), so of concurrent movers none is lost and LATEST never
+    moves back. Returns True when LATEST names the version afterwards, False when it was left on
+    a newer one. A LATEST whose manifest cannot be read is replaced (it serves nothing).
+    """
+    root = open_store(root, s3_options) if isinstance(root, str) else root
+    body = (manifest.version + "\n").encode()
+    for _ in range(100):
+        try:
+            data, etag = root.read_with_etag(LATEST_NAME)
+        except FileNotFoundError:
+            data, etag = None, None
+        if data is not None:
+            current = _decode_latest(root, data, strict=False)
+            if current == manifest.version:
+                return True
+            if current is not None and not rollback:
+                try:
+                    newer = _read_manifest_at(root, root.uri, current, rel=f"{current}/{MANIFEST_NAME}")
+                except IndexIntegrityError as exc:
+                    logger.warning("LATEST names %s, which does not load (%s): replacing it", current, exc)
+                else:
+                    if _age_key(newer) > _age_key(manifest):
+                        logger.warning("LATEST stays at %s under %s: it is newer than %s (created %s vs %s); "
+                                       "pass rollback=True to move it back", current, root.uri, manifest.version,
+                                       newer.created, manifest.created)  # fmt: skip
+                        return False
+        try:
+            if etag is None:
+                root.write_bytes(LATEST_NAME, body, if_none_match=True)
+            else:
+                root.write_bytes(LATEST_NAME, body, if_match=etag)
+            return True
+        except PreconditionFailed:
+            time.sleep(0.01)  # another writer moved it: read again
+    raise ConfigError(f"{join_uri(root.uri, LATEST_NAME)}: too many concurrent writers; LATEST not moved")
+
+
+def _decode_latest(root: Store, data: bytes, *, strict: bool = True) -> str | None:
+    source = join_uri(root.uri, LATEST_NAME)
+    try:
+        name = data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        if not strict:
+            return None
+        raise IndexIntegrityError(f"{source}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+    if not name:
+        return None
+    if not _SAFE_NAME.match(name) or name == LATEST_NAME:
+        if not strict:
+            return None
+        raise IndexIntegrityError(f"{source}: names an invalid version {name[:80]!r}")
+    return name
+
+
+def _read_latest(root: Store) -> str | None:
+    try:
+        return _decode_latest(root, root.read_bytes(LATEST_NAME))
+    except FileNotFoundError:
+        return None
 
 
 def read_latest(root_uri: str, s3_options=None) -> str | None:
     """The version LATEST points at, or None when nothing was published yet."""
-    root = open_store(root_uri, s3_options)
-    if not root.exists(LATEST_NAME):
-        return None
-    return root.read_bytes(LATEST_NAME).decode("utf-8").strip() or None
+    return _read_latest(open_store(root_uri, s3_options))
 
 
 def list_versions(root_uri: str, s3_options=None) -> list[str]:
     """Versions under ``root_uri`` that have a manifest.json (i.e. finished uploads), sorted."""
     names = open_store(root_uri, s3_options).list()
-    return sorted({n.split("/")[0] for n in names if n.count("/") == 1 and n.endswith("/" + MANIFEST_NAME)})
+    return sorted({n.split("/")[0] for n in names
+                   if n.count("/") == 1 and n.endswith("/" + MANIFEST_NAME) and _SAFE_NAME.match(n.split("/")[0])})  # fmt: skip
 
 
-def set_latest(root_uri: str, version: str, *, s3_options=None, verify: bool = True) -> Manifest:
-    """Point LATEST at ``version`` (e.g. a rollback) after verifying it loads."""
-    manifest = verify_version(root_uri, version, s3_options=s3_options) if verify else None
-    open_store(root_uri, s3_options).write_bytes(LATEST_NAME, (check_version_name(version) + "\n").encode())
-    return manifest or read_manifest(root_uri, version, s3_options=s3_options)
+def set_latest(root_uri: str, version: str, *, s3_options=None, verify: bool = True, rollback: bool = False) -> Manifest:
+    """Point LATEST at ``version`` after verifying it (every checksum, read from the store).
+
+    Moving LATEST to a version older than the one it names (by ``created``, then name) is a
+    rollback and needs ``rollback=True``; otherwise it is a ConfigError and LATEST stays."""
+    check_version_name(version)
+    manifest = verify_version(root_uri, version, s3_options=s3_options) if verify else \
+        read_manifest(root_uri, version, s3_options=s3_options)
+    if not advance_latest(open_store(root_uri, s3_options), manifest, rollback=rollback):
+        current = read_latest(root_uri, s3_options)
+        raise ConfigError(f"LATEST: {version!r} is older than {current!r}, which LATEST names under {root_uri}; "
+                          "moving back is a rollback: pass rollback=True (--rollback)")
+    return manifest
 
 
 # ------------------------------------------------------------------------------------------ load + verify
@@ -360,7 +580,7 @@ def _version_store(uri: str, version: str | None, s3_options):
     if version is None:
         if root.exists(MANIFEST_NAME):
             return root, root.uri, None
-        latest = read_latest(uri, s3_options)
+        latest = _read_latest(root)
         if latest is None:
             raise IndexIntegrityError(f"{join_uri(root.uri, LATEST_NAME)}: missing (nothing published, and no manifest.json)")
         version = latest
@@ -374,11 +594,13 @@ def resolve_version_uri(uri: str, version: str | None = None, *, s3_options=None
     return _version_store(uri, version, s3_options)[1]
 
 
-def _read_manifest_at(store, vuri: str, expected_version: str | None) -> Manifest:
-    source = join_uri(vuri, MANIFEST_NAME)
-    if not store.exists(MANIFEST_NAME):
-        raise IndexIntegrityError(f"{source}: missing (unfinished or absent version)")
-    manifest = Manifest.from_json(store.read_bytes(MANIFEST_NAME), source)
+def _read_manifest_at(store, vuri: str, expected_version: str | None, *, rel: str = MANIFEST_NAME) -> Manifest:
+    source = join_uri(store.uri, rel)
+    try:
+        data = store.read_bytes(rel)
+    except FileNotFoundError:
+        raise IndexIntegrityError(f"{source}: missing (unfinished or absent version)") from None
+    manifest = Manifest.from_json(data, source)
     if expected_version is not None and manifest.version != expected_version:
         raise IndexIntegrityError(f"{source}: field version is {manifest.version!r}, expected {expected_version!r}")
     return manifest
@@ -390,22 +612,49 @@ def read_manifest(uri: str, version: str | None = None, *, s3_options=None) -> M
     return _read_manifest_at(store, vuri, expected)
 
 
-def _fetch_verified(store, vuri: str, name: str, expected: str, cache: Path | None) -> bytes:
-    """The file's bytes after checking sha256; local stores are read in place, S3 via the cache."""
+def _mapped(path: Path) -> np.ndarray:
+    """The file as a read-only uint8 array, memory-mapped (never read whole into memory)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def _mismatch(source: str, expected: str, got: str, size: int) -> IndexIntegrityError:
+    return IndexIntegrityError(f"{source}: sha256 mismatch (expected {expected[:16]}..., got {got[:16]}..., {size} bytes)")
+
+
+def _fetch_verified(store, vuri: str, name: str, expected: str, cache: Path | None, *, from_store: bool) -> np.ndarray:
+    """The file's bytes (a memory-mapped uint8 array) after checking its sha256.
+
+    A local store is hashed and mapped in place (one open file, so both see the same bytes). An
+    S3 object is streamed into the cache while it is hashed: the hash is the store's bytes. With
+    ``from_store=False`` (loading for serving) a cached copy whose sha256 matches is used instead;
+    ``verify`` always reads the store.
+    """
     source = join_uri(vuri, name)
-    if not store.exists(name):
-        raise IndexIntegrityError(f"{source}: missing")
     if isinstance(store, LocalStore):
-        data = store.read_bytes(name)
-    else:
-        local = cache / name
-        if not (local.is_file() and sha256_file(local) == expected):
-            store.download_file(name, local)
-        data = local.read_bytes()
-    got = sha256_bytes(data)
-    if got != expected:
-        raise IndexIntegrityError(f"{source}: sha256 mismatch (expected {expected[:16]}..., got {got[:16]}..., {len(data)} bytes)")
-    return data
+        path = store.local_path(name)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise IndexIntegrityError(f"{source}: missing") from None
+        with f:
+            got = sha256_chunks(iter_file_chunks(f))
+            size = os.fstat(f.fileno()).st_size
+            data = np.memmap(f, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        if got != expected:
+            raise _mismatch(source, expected, got, size)
+        return data
+    local = cache / name
+    if not from_store and local.is_file() and sha256_file(local) == expected:
+        return _mapped(local)
+    try:
+        copy_to_local(store, name, local, expected_sha256=expected)
+    except FileNotFoundError:
+        raise IndexIntegrityError(f"{source}: missing") from None
+    except ChecksumMismatch as exc:
+        raise _mismatch(source, expected, exc.got, exc.size) from None
+    return _mapped(local)
 
 
 def _check_shard(vuri: str, manifest: Manifest, entry: ShardEntry, index_bytes: np.ndarray, table: pa.Table) -> None:
@@ -435,15 +684,7 @@ def _check_shard(vuri: str, manifest: Manifest, entry: ShardEntry, index_bytes: 
         raise IndexIntegrityError(f"{ipath}: ids differ from {entry.passages} column row_id")
 
 
-def load_version(
-    uri: str,
-    version: str | None = None,
-    *,
-    s3_options: S3Options | Mapping[str, Any] | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> LoadedVersion:
-    """Load and verify a version: ``uri`` is a root (LATEST is read when ``version`` is None) or a
-    version folder. Every sha256, row count, vector count and dimension is checked first."""
+def _load(uri: str, version: str | None, s3_options, cache_dir, *, from_store: bool) -> LoadedVersion:
     store, vuri, expected = _version_store(uri, version, s3_options)
     manifest = _read_manifest_at(store, vuri, expected)
     cache = None
@@ -452,18 +693,35 @@ def load_version(
         cache.mkdir(parents=True, exist_ok=True)
     loaded = LoadedVersion(uri=vuri, manifest=manifest)
     for entry in manifest.shards:
-        index_bytes = np.frombuffer(_fetch_verified(store, vuri, entry.index, entry.index_sha256, cache), dtype=np.uint8)
-        pbytes = _fetch_verified(store, vuri, entry.passages, entry.passages_sha256, cache)
+        index_bytes = _fetch_verified(store, vuri, entry.index, entry.index_sha256, cache, from_store=from_store)
+        pbytes = _fetch_verified(store, vuri, entry.passages, entry.passages_sha256, cache, from_store=from_store)
         try:
-            table = pq.read_table(io.BytesIO(pbytes))
+            table = pq.read_table(pa.BufferReader(pa.py_buffer(pbytes)))
         except (pa.ArrowInvalid, OSError) as exc:
             raise IndexIntegrityError(f"{join_uri(vuri, entry.passages)}: not a readable parquet file ({exc})") from None
         _check_shard(vuri, manifest, entry, index_bytes, table)
         loaded.shards.append(LoadedShard(entry=entry, index_bytes=index_bytes, passages=table))
-    logger.info("loaded index %s from %s: %d shards, %d passages", manifest.version, vuri, len(manifest.shards), manifest.num_passages)
+    return loaded
+
+
+def load_version(
+    uri: str,
+    version: str | None = None,
+    *,
+    s3_options: S3Options | Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> LoadedVersion:
+    """Load and verify a version: ``uri`` is a root (LATEST is read when ``version`` is None) or a
+    version folder. Every sha256, row count, vector count and dimension is checked first; an S3
+    version is served from the local cache (``cache_dir``) when the cached file's sha256 matches."""
+    loaded = _load(uri, version, s3_options, cache_dir, from_store=False)
+    m = loaded.manifest
+    logger.info("loaded index %s from %s: %d shards, %d passages", m.version, loaded.uri, len(m.shards), m.num_passages)
     return loaded
 
 
 def verify_version(uri: str, version: str | None = None, *, s3_options=None, cache_dir=None) -> Manifest:
-    """Everything load_version checks; returns the manifest (raises IndexIntegrityError otherwise)."""
-    return load_version(uri, version, s3_options=s3_options, cache_dir=cache_dir).manifest
+    """Everything load_version checks, on the bytes in the store ``uri`` names: every file is
+    streamed from the store and hashed (an S3 object on its way into the cache, which it then
+    refreshes); a cached copy is never trusted. Returns the manifest; raises IndexIntegrityError."""
+    return _load(uri, version, s3_options, cache_dir, from_store=True).manifest

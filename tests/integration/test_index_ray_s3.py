@@ -186,7 +186,7 @@ def test_interrupted_encode_redoes_only_unfinished_shards(built):
 def test_passages_without_text_column_is_a_data_error(ray_cluster, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "title": "A"}\n{"id": "b", "title": "B"}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl: missing column\(s\) \['text'\]"):
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 1: missing column 'text' \(columns: \['id', 'title'\]\)"):
         encode_passages(str(bad), tmp_path / "work", encoder_name_or_path=MINILM, max_length=MAX_LENGTH,
                         num_shards=2, actor_num_cpus=0.5)  # fmt: skip
 

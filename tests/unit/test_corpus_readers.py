@@ -16,7 +16,7 @@ from raggen.corpus import (
     read_passages,
     write_passages,
 )
-from raggen.errors import DataError
+from raggen.errors import ConfigError, DataError
 
 PASSAGES = pd.DataFrame({
     "id": ["1", "2", "3", "wiki:7"],
@@ -79,7 +79,7 @@ def test_explicit_format_overrides_extension(tmp_path):
     assert read_passages(path, format="tsv").text.tolist() == ["hello"]
     with pytest.raises(DataError, match="passages.txt"):
         read_passages(path)
-    with pytest.raises(ValueError, match="format"):
+    with pytest.raises(ConfigError, match=r"format: must be auto, dpr-tsv, jsonl, parquet .* got 'csv'"):
         read_passages(path, format="csv")
 
 

@@ -116,7 +116,10 @@ def test_truncated_shard_is_refused_previous_version_still_loads(tmp_path):
         M.load_version(str(root))
     assert "\n" not in str(err.value)
     assert M.load_version(str(root), "v1").version == "v1"
-    M.set_latest(str(root), "v1")  # rollback verifies first
+    with pytest.raises(ConfigError, match=r"LATEST: 'v1' is older than 'v2'.*rollback=True"):
+        M.set_latest(str(root), "v1")  # LATEST only moves forward unless a rollback is asked for
+    assert M.read_latest(str(root)) == "v2"
+    M.set_latest(str(root), "v1", rollback=True)  # a rollback verifies first
     assert M.load_version(str(root)).version == "v1"
     with pytest.raises(IndexIntegrityError, match="shard-00001.faiss"):
         M.set_latest(str(root), "v2")
