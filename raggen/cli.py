@@ -28,20 +28,32 @@ def cmd_world(args: argparse.Namespace) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
-    from raggen.index import build_index
-    from raggen.index.build import preflight_build
-    from raggen.index.encode import encoder_dim
-    from raggen.ray_utils import ensure_ray
+    from raggen.indexing import build_index_from_config
 
     cfg = _config(args)
-    kwargs = cfg.index.build_kwargs()
-    # a bad factory or an existing version fails here, not after hours of encoding
-    preflight_build(kwargs["output_uri"], kwargs["version"], faiss_factory=kwargs["faiss_factory"],
-                    metric=kwargs["metric"], dim=encoder_dim(kwargs["encoder_name_or_path"], kwargs["s3_options"]),
-                    s3_options=kwargs["s3_options"])
-    ensure_ray()
-    manifest = build_index(**kwargs)
+    # a bad factory or an existing version fails before documents are chunked or anything is encoded
+    manifest = build_index_from_config(cfg)
     print(f"published {cfg.index.output} version {manifest.version}: {manifest.num_passages} passages in {len(manifest.shards)} shards")
+
+
+def cmd_index_refresh(args: argparse.Namespace) -> None:
+    """Re-encode index.passages with a trained (or any) passage encoder; a new version, LATEST moved."""
+    from raggen.indexing import refresh_index_from_config
+
+    cfg = _config(args)
+    manifest, encoder = refresh_index_from_config(cfg, args.encoder, role=args.encoder_role, version=args.version,
+                                                  work_dir=args.work_dir)
+    print(f"published {cfg.index.output} version {manifest.version} (LATEST) encoded with {encoder.name_or_path}: "
+          f"{manifest.num_passages} passages in {len(manifest.shards)} shards")
+
+
+def cmd_retrieve(args: argparse.Namespace) -> None:
+    from raggen.train.retrieve import format_accuracy, retrieve_from_config
+
+    result = retrieve_from_config(_config(args), args.qa, args.out, k=args.k, limit=args.limit,
+                                  checkpoint=args.checkpoint, index_uri=args.index)
+    print(format_accuracy({k: v for k, v in result.items() if k.startswith("top")}, result["questions"]))
+    print(f"wrote {result['out']} (index version {result['index_version']})")
 
 
 def cmd_index_search(args: argparse.Namespace) -> None:
@@ -50,7 +62,8 @@ def cmd_index_search(args: argparse.Namespace) -> None:
     cfg = _config(args)
     # the manifest's encoder, pooling and normalisation unless --encoder names another
     result = search_index(args.uri, [args.question], k=args.k, encoder_name_or_path=args.encoder,
-                          max_length=cfg.index.encoder.max_length, s3_options=cfg.index.s3.storage_options())
+                          max_length=cfg.index.encoder.max_length, s3_options=cfg.index.s3.storage_options(),
+                          nprobe=args.nprobe, ef_search=args.ef_search, settings=cfg.index.search, start_ray=True)
     for rank, (pid, score, title, text) in enumerate(
         zip(result.ids[0], result.scores[0], result.titles[0], result.texts[0]), 1
     ):
@@ -85,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from raggen.train.evaluate import evaluate_from_config
 
-    print(json.dumps(evaluate_from_config(_config(args), checkpoint=args.checkpoint, split=args.split), indent=2))
+    print(json.dumps(evaluate_from_config(_config(args), checkpoint=args.checkpoint, split=args.split,
+                                          limit=args.limit, out=args.out), indent=2))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -195,9 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("-k", type=_positive_int, default=5)
     p.add_argument("--encoder", default=None, help="query encoder (default: the one the index's manifest records)")
+    p.add_argument("--nprobe", type=_positive_int, default=None,
+                   help="IVF lists to probe (default: index.search.nprobe, else the version's tuned default)")
+    p.add_argument("--ef-search", type=_positive_int, default=None,
+                   help="HNSW efSearch (default: index.search.ef_search, else the version's tuned default)")
     p = add("verify", cmd_index_verify, "check every checksum of a published version", parent=isub, config=False)
     p.add_argument("uri")
     p.add_argument("--version", default=None)
+    p = add("refresh", cmd_index_refresh, "re-encode the corpus with a trained passage encoder; publish, move LATEST",
+            parent=isub)
+    p.add_argument("--encoder", required=True, metavar="CHECKPOINT_OR_ID",
+                   help="a training checkpoint (folder or s3://.../final: its passage_encoder/, or query_encoder/ "
+                        "for a shared-encoder run), or any encoder id or folder")
+    p.add_argument("--encoder-role", default="auto", choices=["auto", "passage", "query"],
+                   help="which encoder of a checkpoint (auto: passage_encoder/, else a shared run's query_encoder/)")
+    p.add_argument("--version", default=None, help="name of the new version (default: a fresh one)")
+    p.add_argument("--work-dir", default=None, help="resumable work dir (default: derived from the arguments)")
     p = add("publish", cmd_index_publish, "copy a verified version to another store and move LATEST", parent=isub, config=False)
     p.add_argument("src")
     p.add_argument("dst")
@@ -207,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "EM/F1 and retrieval recall of a checkpoint")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--split", default="test", choices=["dev", "test", "changed"])
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N questions (default: train.eval_examples)")
+    p.add_argument("--out", default=None, metavar="PREDICTIONS_JSONL",
+                   help="one line per question: question, answers, prediction, em, f1, retrieved_ids (path or s3://)")
+    p = add("retrieve", cmd_retrieve, "DPR retrieval results JSON (ctxs with has_answer) + top-k accuracy")
+    p.add_argument("--qa", required=True, help="questions: DPR .qa.csv or QA JSONL (path or s3://)")
+    p.add_argument("--out", required=True, help="results JSON (path or s3://)")
+    p.add_argument("-k", type=_positive_int, default=100, help="passages per question (accuracy at 1, 5, 20, 100 up to k)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N questions only")
+    p.add_argument("--checkpoint", default=None, help="use this checkpoint's query_encoder/ (folder or s3://)")
+    p.add_argument("--index", default=None, help="index root or version (default: train.index, as raggen eval)")
     p = add("report", cmd_report, "plot one run's metrics, or compare several, to PNG", config=None)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folder or s3:// prefix holding metrics.jsonl (or the file itself)")

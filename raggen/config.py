@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raggen.errors import ConfigError
+from raggen.index.settings import SearchSettings
 from raggen.models.retriever import EncoderSpec
 
 Estimator = Literal["rag-sequence", "rag-token", "vrag", "jsa", "emdr2", "pdist", "gumbel-rerank"]
@@ -58,6 +59,14 @@ class IndexSection(_Strict):
 
     passages: str = "artifacts/world/passages.tsv"
     format: Literal["auto", "dpr-tsv", "jsonl", "parquet"] = "auto"
+    # passages: `passages` is a passage file/folder, encoded as it is (DPR's psgs_w100.tsv), unless
+    # it is a .md/.txt file or a folder of them (documents then); documents: `passages` names
+    # documents (JSONL/parquet with id, title, text, or .md/.txt files) cut into passages of
+    # chunk_words words (consecutive windows share chunk_overlap words), ids "<doc_id>#<word offset>"
+    input: Literal["passages", "documents"] = "passages"
+    chunk_words: int = Field(100, ge=1)
+    chunk_overlap: int = Field(0, ge=0)
+    chunk_dir: str | None = None  # where chunked documents go (folder or s3://; default: a local temp folder)
     output: str = "artifacts/index"
     version: str | None = None
     encoder: EncoderSection = EncoderSection()
@@ -66,9 +75,15 @@ class IndexSection(_Strict):
     faiss_factory: str = "Flat"
     metric: Literal["ip", "l2"] = "ip"
     train_sample: int = Field(100_000, ge=1)
-    num_actors: int = Field(1, ge=1)
+    # encoder actors: num_actors null = sized from the cluster's free resources (GPU actors: one per
+    # GPU; CPU actors: CPUs // actor_num_cpus - 1); actor_num_gpus null = 1 per actor when the
+    # cluster has GPUs (0: encode on CPUs)
+    num_actors: int | None = Field(None, ge=1)
     actor_num_cpus: float = Field(1.0, gt=0)
-    actor_num_gpus: float = Field(0.0, ge=0)
+    actor_num_gpus: float | None = Field(0.0, ge=0)
+    build_num_cpus: float = Field(1.0, gt=0)  # each FAISS training / shard-building Ray task
+    work_dir_shared: bool = False  # the build's work dir is on a filesystem all nodes mount: its tasks may run anywhere
+    search: SearchSettings = SearchSettings()  # how train / eval / serve search this index (raggen.index.settings)
     s3: S3Config = S3Config()
 
     def build_kwargs(self) -> dict:
@@ -80,8 +95,26 @@ class IndexSection(_Strict):
             passage_format=self.encoder.passage_format, batch_size=self.batch_size, num_shards=self.num_shards,
             faiss_factory=self.faiss_factory, metric=self.metric, train_sample=self.train_sample,
             num_actors=self.num_actors, actor_num_cpus=self.actor_num_cpus, actor_num_gpus=self.actor_num_gpus,
-            version=self.version, s3_options=self.s3.storage_options(),
+            version=self.version, s3_options=self.s3.storage_options(), build_num_cpus=self.build_num_cpus,
+            work_dir_shared=self.work_dir_shared, target_recall=self.search.target_recall,
+            tune_queries=self.search.tune_queries, tune_k=self.search.tune_k,
         )
+
+    @model_validator(mode="after")
+    def _chunking(self) -> "IndexSection":
+        if self.chunk_overlap >= self.chunk_words:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_words ({self.chunk_words})")
+        if self.input == "documents" and self.format == "dpr-tsv":
+            raise ValueError("format: dpr-tsv holds passages; documents are JSONL, parquet or .md/.txt files (format auto)")
+        return self
+
+    def document_settings(self):
+        """How documents become passages (``raggen.corpus.documents.DocumentSettings``)."""
+        from raggen.corpus.documents import DocumentSettings
+
+        fmt = "auto" if self.format == "dpr-tsv" else self.format
+        return DocumentSettings(chunk_words=self.chunk_words, chunk_overlap=self.chunk_overlap, format=fmt,
+                                chunk_dir=self.chunk_dir)
 
 
 class ModelSection(_Strict):
@@ -247,6 +280,18 @@ class ServeSection(_Strict):
     autoscaling: AutoscalingSection = AutoscalingSection()
     deployments: ServeDeploymentsSection = ServeDeploymentsSection()
     api_token_env: str = "RAGGEN_API_TOKEN"
+    # a non-loopback host without the token in api_token_env is refused at start unless this is true
+    allow_unauthenticated: bool = False
+    # faults (raggen.serve.resilience): a model call whose replica died is tried again, up to
+    # retry_attempts in all, waiting retry_backoff_s (doubling); past max_queued_requests waiting
+    # requests per deployment a caller gets 503 + Retry-After: retry_after_s; request_timeout_s
+    # (Serve's http_options) bounds a request end to end (408); bodies over max_body_bytes get 413
+    retry_attempts: int = Field(3, ge=1, le=10)
+    retry_backoff_s: float = Field(0.1, ge=0, le=10)
+    max_queued_requests: int = Field(64, ge=1)
+    retry_after_s: float = Field(1.0, ge=0, le=3600)
+    request_timeout_s: float | None = Field(120.0, gt=0)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
     s3: S3Config = S3Config()
 
     @model_validator(mode="after")
@@ -342,6 +387,7 @@ def with_absolute_paths(cfg: RaggenConfig) -> RaggenConfig:
     c = cfg.model_copy(deep=True)
     c.world.out_dir = _absolute(c.world.out_dir, False)
     c.index.passages, c.index.output = _absolute(c.index.passages, False), _absolute(c.index.output, False)
+    c.index.chunk_dir = _absolute(c.index.chunk_dir, False)
     c.index.encoder = c.index.encoder.model_copy(update={"name_or_path": _absolute(c.index.encoder.name_or_path, True)})
     for section in ("query_encoder", "posterior_encoder"):
         enc = getattr(c.model, section)

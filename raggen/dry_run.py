@@ -143,11 +143,17 @@ def write_inputs(cfg: RaggenConfig, num_passages: int) -> dict[str, str]:
     from raggen.storage import is_s3_uri, write_bytes
 
     files = write_world(cfg.world.out_dir, WorldConfig(num_entities=max(50, num_passages // 2), seed=cfg.world.seed))
-    fmt = {"dpr-tsv": "tsv", "auto": "tsv"}.get(cfg.index.format, cfg.index.format)  # tsv | jsonl | parquet
-    local_passages = Path(cfg.world.out_dir) / f"dry-run-passages.{fmt}"
-    write_passages(local_passages, read_passages(files.passages_v1), format=fmt)
-    targets = {cfg.index.passages: local_passages, cfg.train.train_file: files.qa_jsonl("train"),
-               cfg.train.dev_file: files.qa_jsonl("dev")}
+    targets = {cfg.train.train_file: files.qa_jsonl("train"), cfg.train.dev_file: files.qa_jsonl("dev")}
+    if _reads_documents(cfg):  # one Markdown document per world passage, in the config's folder
+        from raggen.corpus.documents import write_markdown_documents
+
+        local_docs = write_markdown_documents(read_passages(files.passages_v1), Path(cfg.world.out_dir) / "dry-run-docs")
+        targets.update({f"{cfg.index.passages.rstrip('/')}/{p.name}": p for p in sorted(local_docs.iterdir())})
+    else:
+        fmt = {"dpr-tsv": "tsv", "auto": "tsv"}.get(cfg.index.format, cfg.index.format)  # tsv | jsonl | parquet
+        local_passages = Path(cfg.world.out_dir) / f"dry-run-passages.{fmt}"
+        write_passages(local_passages, read_passages(files.passages_v1), format=fmt)
+        targets[cfg.index.passages] = local_passages
     for uri, local in targets.items():
         if is_s3_uri(uri):
             write_bytes(uri, Path(local).read_bytes(), _s3_options(cfg))
@@ -155,6 +161,11 @@ def write_inputs(cfg: RaggenConfig, num_passages: int) -> dict[str, str]:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
             Path(uri).write_bytes(Path(local).read_bytes())
     return {k: str(v) for k, v in targets.items()}
+
+
+def _reads_documents(cfg: RaggenConfig) -> bool:
+    """A documents config (``index.input: documents``): its corpus is a folder of documents."""
+    return cfg.index.input == "documents"
 
 
 def ask_once(cfg: RaggenConfig, question: str) -> dict[str, Any]:
@@ -177,6 +188,7 @@ def run_dry_run(config: str | None, out_dir: str | os.PathLike, *, s3_endpoint: 
     """The whole rehearsal; returns what each stage produced and how long it took."""
     from raggen.corpus.qa import read_qa
     from raggen.index import build_index
+    from raggen.indexing import index_build_kwargs
     from raggen.ray_utils import ensure_ray
     from raggen.train.evaluate import evaluate_from_config
     from raggen.train.trainer import run_training
@@ -194,7 +206,7 @@ def run_dry_run(config: str | None, out_dir: str | os.PathLike, *, s3_endpoint: 
 
     stage("inputs", write_inputs, cfg, num_passages)
     ensure_ray()
-    manifest = stage("index", build_index, **cfg.index.build_kwargs())
+    manifest = stage("index", lambda: build_index(**index_build_kwargs(cfg.index)))  # documents chunked first
     report["index"] = {"version": manifest.version, "passages": manifest.num_passages,
                        "encoder": manifest.encoder.model_dump(), "faiss_factory": manifest.faiss_factory}
     trained = stage("train", run_training, cfg)

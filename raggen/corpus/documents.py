@@ -27,10 +27,10 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 from raggen.corpus.chunking import iter_chunked
 from raggen.errors import ConfigError, DataError
@@ -261,14 +261,27 @@ def is_document_corpus(uri: str, s3_options: Mapping[str, Any] | None = None) ->
     return kinds == {"text"} and not passage_files
 
 
+def write_markdown_documents(docs, folder: str | os.PathLike) -> Path:
+    """One ``<id>.md`` per row of ``docs`` (id, title, text), ``# title`` then the text: a document
+    folder made from any passage table (the dry run's generated world, tests)."""
+    from raggen.storage import atomic_write_bytes
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for doc_id, title, text in zip(docs["id"], docs["title"], docs["text"]):
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(doc_id)).strip("-.") or "doc"
+        atomic_write_bytes(out / f"{name}.md", f"# {title}\n\n{text}\n".encode())
+    return out
+
+
 # --------------------------------------------------------------------------- chunk + write
 
 
 def _prepared_key(uri: str, settings: DocumentSettings, s3_options) -> str:
     from raggen.storage import content_fingerprint
 
-    signature = dict(uri=str(uri), content=content_fingerprint(str(uri), s3_options), words=settings.chunk_words,
-                     overlap=settings.chunk_overlap, format=settings.format, version=_PREPARE_VERSION)
+    signature = {"uri": str(uri), "content": content_fingerprint(str(uri), s3_options), "words": settings.chunk_words,
+                     "overlap": settings.chunk_overlap, "format": settings.format, "version": _PREPARE_VERSION}
     return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -4,13 +4,28 @@ encode with Ray Data (encode.py) and the end-to-end build (build.py).
 Importing this package does not import Ray or start anything; encode/build/actors import Ray lazily.
 """
 
-from raggen.index.build import build_index, build_shard_files, open_index, publish_index, search_index, verify_index
-from raggen.index.encode import EncodedCorpus, EncodedShard, PassageEncoderActor, encode_passages, read_passages_dataset
+from raggen.index.actors import ShardActor, ShardActorGroup, ShardServer, SwappableIndex
+from raggen.index.build import (
+    build_index,
+    build_shard_files,
+    open_index,
+    publish_index,
+    search_index,
+    verify_index,
+)
+from raggen.index.encode import (
+    EncodedCorpus,
+    EncodedShard,
+    PassageEncoderActor,
+    encode_passages,
+    read_passages_dataset,
+)
 from raggen.index.manifest import (
     EncoderInfo,
     LoadedShard,
     LoadedVersion,
     Manifest,
+    SearchDefaults,
     ShardEntry,
     advance_latest,
     embeddings_of,
@@ -28,9 +43,9 @@ from raggen.index.manifest import (
     verify_version,
     write_parquet_atomic,
 )
+from raggen.index.settings import SearchSettings
 from raggen.index.shard import (
     build_shard_index,
-    train_index,
     deserialize_index,
     new_index,
     normalize_metric,
@@ -38,12 +53,14 @@ from raggen.index.shard import (
     search,
     serialize_index,
     set_search_params,
+    train_index,
 )
-from raggen.index.sharded import SearchResult, ShardActor, ShardedIndex, ShardSearcher, merge_topk
+from raggen.index.sharded import SearchResult, ShardedIndex, ShardSearcher, merge_topk
 
 __all__ = [
     "EncodedCorpus", "EncodedShard", "EncoderInfo", "LoadedShard", "LoadedVersion", "Manifest",
-    "PassageEncoderActor", "SearchResult", "ShardActor", "ShardEntry", "ShardSearcher", "ShardedIndex",
+    "PassageEncoderActor", "SearchDefaults", "SearchResult", "SearchSettings", "ShardActor", "ShardActorGroup",
+    "ShardEntry", "ShardSearcher", "ShardServer", "ShardedIndex", "SwappableIndex",
     "advance_latest", "build_index", "build_shard_files", "build_shard_index", "deserialize_index", "embeddings_of",
     "encode_passages", "list_versions", "load_version", "make_manifest", "merge_topk", "new_index",
     "new_version_name", "normalize_metric", "open_index", "passages_table", "publish_index", "publish_version",

@@ -18,8 +18,9 @@ import logging
 import os
 import secrets
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,7 +49,16 @@ from raggen.index.manifest import (
     verify_version,
     write_parquet_atomic,
 )
-from raggen.index.shard import build_shard_index, new_index, normalize_metric, read_index_file, train_index, write_index_file
+from raggen.index.settings import SearchSettings, wants_actors
+from raggen.index.shard import (
+    build_shard_index,
+    new_index,
+    normalize_metric,
+    open_index_file,
+    read_index_file,
+    train_index,
+    write_index_file,
+)
 from raggen.index.sharded import SearchResult, ShardedIndex
 from raggen.storage import (
     StoreBusy,
@@ -150,6 +160,125 @@ def build_shard_files(
     return index_path, passages_path, encoded.count
 
 
+# ------------------------------------------------------------------------------------------ off the driver
+
+
+def encoder_pool(num_actors: int | None, actor_num_cpus: float, actor_num_gpus: float | None,
+                 torch_threads: int | None, resources: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The encoder actor pool, sized from the cluster's resources where not given: one actor per
+    GPU on a GPU cluster (``actor_num_gpus`` None: 1 when there are GPUs), else
+    ``max(1, CPUs // actor_num_cpus - 1)`` (a CPU left for tokenising and the driver); each actor
+    runs ``actor_num_cpus`` torch threads. ``resources`` default: what the cluster has free now
+    (a refresh inside a training run must not wait for the CPUs its own workers hold)."""
+    if resources is None:
+        import ray
+
+        total, free = ray.cluster_resources(), ray.available_resources()
+        resources = {"CPU": free.get("CPU", 0) or total.get("CPU", 1), "GPU": free.get("GPU", 0)}
+        if total.get("GPU", 0) >= 1 and actor_num_gpus is None:
+            actor_num_gpus = 1.0  # a GPU cluster encodes on GPUs, even if they are busy right now
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    if actor_num_gpus is None:
+        actor_num_gpus = 1.0 if gpus >= 1 else 0.0
+    if num_actors is None:
+        num_actors = max(1, int(gpus // actor_num_gpus)) if actor_num_gpus > 0 else max(1, int(cpus // actor_num_cpus) - 1)
+        logger.info("encoder pool: %d actors of %s CPU, %s GPU (index.num_actors: null = from the cluster)", num_actors,
+                    actor_num_cpus, actor_num_gpus)
+    return {"num_actors": int(num_actors), "actor_num_gpus": float(actor_num_gpus),
+            "torch_threads": int(torch_threads or max(1, int(actor_num_cpus)))}
+
+
+def build_task_options(num_cpus: float, *, pin_to_driver_node: bool) -> dict[str, Any]:
+    """Ray options of the FAISS tasks: ``num_cpus``; one GPU when the node(s) they may run on have
+    GPUs and faiss has GPU support; pinned to the driver's node while their files live there."""
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    node_id = ray.get_runtime_context().get_node_id()
+    if pin_to_driver_node:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+        gpus = next((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["NodeID"] == node_id and n["Alive"]), 0)
+    else:
+        gpus = ray.cluster_resources().get("GPU", 0)
+    import faiss
+
+    if gpus >= 1 and hasattr(faiss, "StandardGpuResources"):
+        options["num_gpus"] = 1
+    return options
+
+
+def prepare_build(shards: list[EncodedShard], out_dir: Path, *, faiss_factory: str, metric: str, dim: int,
+                  train_sample: int, tune_queries: int, num_threads: int = 1, seed: int = 0) -> np.ndarray | None:
+    """(A Ray task.) Train the shared index into ``out_dir/trained.faiss`` (when the factory needs
+    training) and sample the tuning queries (None when the type has no search knob)."""
+    import faiss
+
+    from raggen.index.tuning import ladder, sample_queries
+
+    faiss.omp_set_num_threads(max(1, int(num_threads)))
+    train_shared_index(shards, out_dir, faiss_factory=faiss_factory, metric=metric, dim=dim, train_sample=train_sample,
+                       seed=seed)  # fmt: skip
+    if not tune_queries or ladder(new_index(dim, faiss_factory, metric)) is None:
+        return None
+    # shards split the corpus by a hash of the passage id: one shard's vectors are a uniform sample
+    first = max(shards, key=lambda e: e.count)
+    xb = embeddings_of(pq.read_table(first.path, columns=["embedding"], memory_map=True))  # (count, d)
+    return sample_queries(xb, tune_queries, seed=seed) if len(xb) else None
+
+
+def build_and_measure_shard(encoded: EncodedShard, out_dir: Path, *, faiss_factory: str, metric: str, train_sample: int,
+                            store_embeddings: bool, xq: np.ndarray | None, tune_k: int, num_threads: int = 1):
+    """(A Ray task.) One shard's files (``build_shard_files``, from the shared trained index) and,
+    with tuning queries, its ``tuning.ShardStats`` -> ((index path, passages path, count), stats)."""
+    import faiss
+
+    from raggen.index.tuning import shard_stats
+
+    faiss.omp_set_num_threads(max(1, int(num_threads)))
+    trained_path = out_dir / "trained.faiss"
+    trained = read_index_file(trained_path) if trained_path.is_file() else None
+    files = build_shard_files(encoded, out_dir, faiss_factory=faiss_factory, metric=metric, train_sample=train_sample,
+                              store_embeddings=store_embeddings, trained_index=trained)  # fmt: skip
+    if xq is None:
+        return files, None
+    index = open_index_file(files[0], ivf="IVF" in faiss_factory.upper())
+    table = pq.read_table(encoded.path, columns=["row_id", "embedding"], memory_map=True)
+    stats = shard_stats(index, embeddings_of(table), table.column("row_id").to_numpy(), xq, k=tune_k, metric=metric)
+    return files, stats
+
+
+def build_shards_in_tasks(shards: list[EncodedShard], out_dir: Path, *, faiss_factory: str, metric: str, dim: int,
+                          train_sample: int, store_embeddings: bool, target_recall: float | None, tune_queries: int,
+                          tune_k: int, num_cpus: float, work_dir_shared: bool):
+    """Quantizer training, then every shard in parallel, in Ray tasks (the driver only waits) ->
+    (shard files, search defaults or None). The tasks read the encoded parquet files and write the
+    shard files in ``out_dir``: on the driver's node unless ``work_dir_shared`` (a filesystem every
+    node mounts at the same path)."""
+    import ray
+
+    from raggen.index.tuning import combine
+
+    opts = build_task_options(num_cpus, pin_to_driver_node=not work_dir_shared)
+    threads = max(1, int(num_cpus))
+    xq = ray.get(ray.remote(prepare_build).options(**opts).remote(
+        shards, out_dir, faiss_factory=faiss_factory, metric=metric, dim=dim, train_sample=train_sample,
+        tune_queries=tune_queries if target_recall else 0, num_threads=threads))  # fmt: skip
+    xq_ref = ray.put(xq)
+    task = ray.remote(build_and_measure_shard).options(**opts)
+    results = ray.get([task.remote(e, out_dir, faiss_factory=faiss_factory, metric=metric, train_sample=train_sample,
+                                   store_embeddings=store_embeddings, xq=xq_ref, tune_k=tune_k, num_threads=threads)
+                       for e in shards])  # fmt: skip
+    files = [f for f, _ in results]
+    stats = [st for _, st in results]
+    defaults = None
+    if xq is not None and all(st is not None for st in stats):
+        defaults = combine(stats, k=min(tune_k, sum(e.count for e in shards)), target_recall=float(target_recall))
+        logger.info("search defaults for %s: %s", faiss_factory, defaults.model_dump(exclude_none=True) if defaults else None)
+    return files, defaults
+
+
 def preflight_build(output_uri: str, version: str | None, *, faiss_factory: str, metric: str, dim: int,
                     s3_options: Mapping[str, Any] | None = None, work_dir: str | os.PathLike | None = None) -> None:
     """What would fail only after hours of encoding, checked first: the factory builds for this
@@ -181,7 +310,7 @@ def build_index(
     faiss_factory: str = "Flat",
     metric: str = "ip",
     train_sample: int = 100_000,
-    num_actors: int = 1,
+    num_actors: int | None = None,
     actor_num_cpus: float = 1.0,
     actor_num_gpus: float | None = None,
     torch_threads: int | None = None,
@@ -194,8 +323,23 @@ def build_index(
     s3_options: Mapping[str, Any] | None = None,
     move_latest: bool = True,
     rollback: bool = False,
+    build_num_cpus: float = 1.0,
+    target_recall: float | None = 0.99,
+    tune_queries: int = 200,
+    tune_k: int = 100,
+    work_dir_shared: bool = False,
 ) -> Manifest:
     """Encode ``passages_uri``, build ``num_shards`` FAISS shards and publish them under ``output_uri``.
+
+    Off the driver: encoding runs in Ray Data's actor pool (``num_actors`` None: sized from the
+    cluster, see ``encoder_pool``); quantizer training and the shards run in Ray tasks of
+    ``build_num_cpus`` CPUs (and a GPU when there is one and faiss has GPU support), the shards in
+    parallel; the driver plans and publishes. The work dir is this machine's, so those tasks run on
+    the driver's node; ``work_dir_shared=True`` (the work dir on a filesystem every node mounts at
+    the same path) lets them run anywhere. Search defaults: for IVF / HNSW factories, the smallest
+    nprobe / efSearch within ``1 - target_recall`` of exhaustive recall@``tune_k`` on
+    ``tune_queries`` held-out queries (``raggen.index.tuning``) go into the manifest
+    (``target_recall=None``: none).
 
     An index that needs training is trained once, on ``train_sample`` vectors drawn from all
     shards, and every shard starts from it: IVF shards then split each inverted list between them,
@@ -218,24 +362,24 @@ def build_index(
                               passage_format=passage_format, s3_options=s3_options)  # fmt: skip
     work, marker, lock = open_work_dir(work_dir, {**signature, "output_uri": output_uri})
     try:
+        pool = encoder_pool(num_actors, actor_num_cpus, actor_num_gpus, torch_threads)
         encoded = encode_passages(
             passages_uri, work, encoder_name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length,
-            normalize=normalize, passage_format=passage_format, batch_size=batch_size, num_shards=num_shards, num_actors=num_actors, actor_num_cpus=actor_num_cpus,
-            actor_num_gpus=actor_num_gpus, torch_threads=torch_threads, passages_format=passages_format, s3_options=s3_options, split_uri=split_uri,
+            normalize=normalize, passage_format=passage_format, batch_size=batch_size, num_shards=num_shards,
+            actor_num_cpus=actor_num_cpus, passages_format=passages_format, s3_options=s3_options, split_uri=split_uri, **pool,
         )  # fmt: skip
         out_dir = work / "index" / f"{faiss_factory.replace(',', '_')}-{metric}-{'emb' if store_embeddings else 'noemb'}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        trained = train_shared_index(encoded.shards, out_dir, faiss_factory=faiss_factory, metric=metric,
-                                     dim=encoded.dim, train_sample=train_sample)  # fmt: skip
-        files = [
-            build_shard_files(e, out_dir, faiss_factory=faiss_factory, metric=metric, train_sample=train_sample,
-                              store_embeddings=store_embeddings, trained_index=trained)
-            for e in encoded.shards
-        ]  # fmt: skip
+        files, defaults = build_shards_in_tasks(
+            encoded.shards, out_dir, faiss_factory=faiss_factory, metric=metric, dim=encoded.dim, train_sample=train_sample,
+            store_embeddings=store_embeddings, target_recall=target_recall, tune_queries=tune_queries, tune_k=tune_k,
+            num_cpus=build_num_cpus, work_dir_shared=work_dir_shared,
+        )  # fmt: skip
         manifest = make_manifest(
             version or new_version_name(), encoder_name_or_path=encoder_name_or_path, pooling=pooling, dim=encoded.dim,
             normalize=normalize, metric=metric, faiss_factory=faiss_factory, shard_files=files,
             passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options),
+            search_defaults=defaults,
         )  # fmt: skip
         publish_version(output_uri, manifest, out_dir, s3_options=s3_options, move_latest=move_latest, rollback=rollback)
         if not keep_work_dir:
@@ -255,20 +399,70 @@ def _remove_build_folders(work: Path, split_uri: str | None, work_id: str, s3_op
         logger.warning("work dir %s has no %s marker: left in place", work, WORK_MARKER)
 
 
+def search_plan(uri: str, version: str | None, settings: SearchSettings, s3_options=None):
+    """(version folder / prefix, its manifest, whether to serve it through shard actors) for
+    ``uri`` (a root: LATEST is read once, here, so every actor loads the same version)."""
+    from raggen.index.manifest import read_manifest, resolve_version_uri
+
+    vuri = resolve_version_uri(uri, version, s3_options=s3_options)
+    manifest = read_manifest(vuri, s3_options=s3_options)
+    nbytes = None
+    if settings.mode == "auto" and manifest.num_passages < settings.auto_actors_passages:
+        from raggen.index.actors import shard_bytes
+
+        nbytes = shard_bytes(vuri, manifest, s3_options)
+    return vuri, manifest, wants_actors(settings, num_passages=manifest.num_passages, shard_bytes=nbytes)
+
+
 def open_index(
     uri: str,
     version: str | None = None,
     *,
-    use_actors: bool = False,
-    actor_num_cpus: float = 1.0,
+    settings: SearchSettings | None = None,
+    use_actors: bool | None = None,
+    actor_num_cpus: float | None = None,
     nprobe: int | None = None,
     ef_search: int | None = None,
     s3_options: Mapping[str, Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    load_embeddings: bool | str = "auto",
+    group=None,
+    start_ray: bool = False,
 ) -> ShardedIndex:
-    """Load + verify a published version (LATEST by default) and wrap it for search."""
-    loaded = load_version(uri, version, s3_options=s3_options, cache_dir=cache_dir)
-    return ShardedIndex.from_version(loaded, use_actors=use_actors, actor_num_cpus=actor_num_cpus, nprobe=nprobe, ef_search=ef_search)
+    """A published version (LATEST by default), verified, ready to ``search``.
+
+    Where the shards live follows ``settings.mode`` (default settings: "auto", i.e. shard actors
+    for large versions, see ``SearchSettings``): in this process, or through a new
+    ``ShardActorGroup`` that ``close()`` ends. ``group``: search through this (already started)
+    group instead, e.g. one the driver passed to Train workers (``close()`` leaves it running).
+    ``use_actors`` / ``actor_num_cpus`` / ``nprobe`` / ``ef_search`` override the settings.
+    ``load_embeddings``: "auto" (training: the stored vectors, read from the index when it holds
+    them exactly), False (serving never reads them), True. ``start_ray``: an entry point's wish
+    to start (or join) Ray when the version is to be served by actors and Ray is not running.
+    """
+    settings = settings or SearchSettings()
+    update = {k: v for k, v in {"nprobe": nprobe, "ef_search": ef_search, "actor_num_cpus": actor_num_cpus}.items()
+              if v is not None}  # fmt: skip
+    if use_actors is not None:
+        update["mode"] = "actors" if use_actors else "local"
+    settings = settings.model_copy(update=update) if update else settings
+    if group is not None:
+        return group.sharded_index()
+    vuri, manifest, actors = search_plan(uri, version, settings, s3_options)
+    if actors:
+        from raggen.index.actors import ShardActorGroup
+
+        if start_ray:
+            from raggen.ray_utils import ensure_ray
+
+            ensure_ray()
+
+        group = ShardActorGroup.start(vuri, settings=settings, s3_options=s3_options, cache_dir=cache_dir,
+                                      manifest=manifest, load_embeddings=load_embeddings)  # fmt: skip
+        return group.sharded_index(owned=True)
+    loaded = load_version(vuri, s3_options=s3_options, cache_dir=cache_dir, load_embeddings=load_embeddings,
+                          keep_cached_versions=settings.cache_versions)  # fmt: skip
+    return ShardedIndex.from_version(loaded, nprobe=settings.nprobe, ef_search=settings.ef_search)
 
 
 def search_index(
@@ -282,17 +476,24 @@ def search_index(
     version: str | None = None,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    settings: SearchSettings | None = None,
     s3_options: Mapping[str, Any] | None = None,
+    start_ray: bool = False,
 ) -> SearchResult:
-    """Encode ``questions`` (default: the manifest's encoder and pooling) and search the index."""
+    """Encode ``questions`` (default: the manifest's encoder and pooling) and search the index;
+    ``nprobe`` / ``ef_search`` override the settings' and the version's defaults."""
     from raggen.models.retriever import TextEncoder
 
-    index = open_index(uri, version, nprobe=nprobe, ef_search=ef_search, s3_options=s3_options)
-    enc = index.manifest.encoder
-    encoder = TextEncoder.from_pretrained(encoder_name_or_path or enc.name_or_path, pooling=pooling or enc.pooling,
-                                          max_length=max_length, normalize=enc.normalize)
-    xq = encoder.encode(list(questions)).numpy()  # (b, d)
-    return index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
+    index = open_index(uri, version, settings=settings, s3_options=s3_options, load_embeddings=False, start_ray=start_ray)
+    try:
+        enc = index.manifest.encoder
+        encoder = TextEncoder.from_pretrained(encoder_name_or_path or enc.name_or_path, pooling=pooling or enc.pooling,
+                                              max_length=max_length, normalize=enc.normalize)
+        xq = encoder.encode(list(questions)).numpy()  # (b, d)
+        return index.search(np.ascontiguousarray(xq, dtype=np.float32), k, nprobe=nprobe, ef_search=ef_search,
+                            embeddings=False)
+    finally:
+        index.close()
 
 
 def publish_index(

@@ -42,18 +42,26 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from raggen.errors import ConfigError, IndexIntegrityError
-from raggen.index.shard import deserialize_index, index_ids, normalize_metric
+from raggen.index.shard import index_ids, normalize_metric
 from raggen.storage import (
     AtomicFile,
     ChecksumMismatch,
@@ -138,6 +146,23 @@ class ShardEntry(BaseModel):
         return digest
 
 
+class SearchDefaults(BaseModel):
+    """The version's search parameters, chosen at build time (``raggen.index.tuning``) from a
+    recall target on held-out queries; a reader uses them unless told otherwise (older manifests
+    have none: FAISS's defaults, nprobe 1 / efSearch 16)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nprobe: int | None = Field(None, ge=1)  # IVF lists probed
+    ef_search: int | None = Field(None, ge=1)  # HNSW efSearch
+    # how they were chosen: recall@k at that setting and at the exhaustive one, the target
+    recall: float | None = None
+    max_recall: float | None = None
+    target_recall: float | None = None
+    k: int | None = None
+    num_queries: int | None = None
+
+
 class Manifest(BaseModel):
     """manifest.json, exactly the contract's fields (unknown fields are rejected)."""
 
@@ -150,6 +175,7 @@ class Manifest(BaseModel):
     faiss_factory: str
     num_passages: int = Field(ge=0)
     shards: list[ShardEntry]
+    search_defaults: SearchDefaults | None = None  # optional: absent in older manifests
 
     @field_validator("version")
     @classmethod
@@ -167,7 +193,7 @@ class Manifest(BaseModel):
             raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Manifest":
+    def _consistent(self) -> Manifest:
         if not self.shards:
             raise ValueError("shards: at least one shard is required")
         total = sum(s.count for s in self.shards)
@@ -183,10 +209,15 @@ class Manifest(BaseModel):
         return [pair for s in self.shards for pair in ((s.index, s.index_sha256), (s.passages, s.passages_sha256))]
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+        data = self.model_dump(mode="json")
+        if data.get("search_defaults") is None:
+            data.pop("search_defaults", None)  # a version without them reads exactly as before
+        else:
+            data["search_defaults"] = {k: v for k, v in data["search_defaults"].items() if v is not None}
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, data: bytes | str, source: str) -> "Manifest":
+    def from_json(cls, data: bytes | str, source: str) -> Manifest:
         """Parse; any problem -> IndexIntegrityError naming ``source`` and the first bad field."""
         if isinstance(data, (bytes, bytearray, memoryview)):
             try:
@@ -214,6 +245,7 @@ def make_manifest(
     faiss_factory: str,
     shard_files: list[tuple[Path, Path, int]],
     passage_format: str = "joined",
+    search_defaults: SearchDefaults | Mapping[str, Any] | None = None,
 ) -> Manifest:
     """A manifest for local shard files [(index path, parquet path, count)]; hashes them here."""
     shards = [
@@ -235,6 +267,7 @@ def make_manifest(
         faiss_factory=faiss_factory,
         num_passages=sum(s.count for s in shards),
         shards=shards,
+        search_defaults=SearchDefaults.model_validate(search_defaults) if search_defaults is not None else None,
     )
 
 
@@ -547,14 +580,23 @@ def set_latest(root_uri: str, version: str, *, s3_options=None, verify: bool = T
 
 @dataclass
 class LoadedShard:
-    """One verified shard: its serialized index (uint8, as stored) and its passage table."""
+    """One verified shard: its FAISS index, opened once (memory-mapped from the store's folder or
+    the local cache where the type allows, see ``shard.open_index_file``), and its passage table
+    (read with a memory map; without the ``embedding`` column unless it was asked for)."""
 
     entry: ShardEntry
-    index_bytes: np.ndarray
     passages: pa.Table
+    index_path: Path
+    faiss_index: Any = field(default=None, repr=False)
 
     def index(self):
-        return deserialize_index(self.index_bytes)
+        """The opened FAISS index (the same object every call: never deserialized twice)."""
+        return self.faiss_index
+
+    @property
+    def index_bytes(self) -> np.ndarray:
+        """The serialized index as stored: a read-only memory map of the file."""
+        return _mapped(self.index_path)
 
     @property
     def has_embeddings(self) -> bool:
@@ -566,6 +608,9 @@ class LoadedVersion:
     uri: str  # the version's folder / prefix
     manifest: Manifest
     shards: list[LoadedShard] = field(default_factory=list)
+    shard_numbers: list[int] = field(default_factory=list)  # positions in manifest.shards of ``shards``
+    s3_options: Any = field(default=None, repr=False)  # how it was read (shard actors read it the same way)
+    cache_dir: str | None = None
 
     @property
     def version(self) -> str:
@@ -623,13 +668,31 @@ def _mismatch(source: str, expected: str, got: str, size: int) -> IndexIntegrity
     return IndexIntegrityError(f"{source}: sha256 mismatch (expected {expected[:16]}..., got {got[:16]}..., {size} bytes)")
 
 
-def _fetch_verified(store, vuri: str, name: str, expected: str, cache: Path | None, *, from_store: bool) -> np.ndarray:
-    """The file's bytes (a memory-mapped uint8 array) after checking its sha256.
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
-    A local store is hashed and mapped in place (one open file, so both see the same bytes). An
-    S3 object is streamed into the cache while it is hashed: the hash is the store's bytes. With
-    ``from_store=False`` (loading for serving) a cached copy whose sha256 matches is used instead;
-    ``verify`` always reads the store.
+
+@dataclass
+class _Verified:
+    """A file whose bytes matched the manifest: its local path (the store's own file, or the
+    cache's copy) and, for a store's own file, its identity when hashed."""
+
+    path: Path
+    source: str
+    identity: tuple[int, int, int, int] | None = None
+
+    def check_unchanged(self) -> None:
+        """The file opened by path is the one hashed (a rename over it in between is refused)."""
+        if self.identity is not None and _identity(os.stat(self.path)) != self.identity:
+            raise IndexIntegrityError(f"{self.source}: replaced while it was being loaded")
+
+
+def _fetch_verified(store, vuri: str, name: str, expected: str, cache: Path | None, *, from_store: bool) -> _Verified:
+    """The file's local path after checking its sha256 (streamed; nothing is read whole).
+
+    A local store's file is hashed in place. An S3 object is streamed into the cache while it is
+    hashed: the hash is the store's bytes. With ``from_store=False`` (loading for serving) a
+    cached copy whose sha256 matches is used instead; ``verify`` always reads the store.
     """
     source = join_uri(vuri, name)
     if isinstance(store, LocalStore):
@@ -639,39 +702,58 @@ def _fetch_verified(store, vuri: str, name: str, expected: str, cache: Path | No
         except FileNotFoundError:
             raise IndexIntegrityError(f"{source}: missing") from None
         with f:
+            st = os.fstat(f.fileno())
             got = sha256_chunks(iter_file_chunks(f))
-            size = os.fstat(f.fileno()).st_size
-            data = np.memmap(f, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
         if got != expected:
-            raise _mismatch(source, expected, got, size)
-        return data
+            raise _mismatch(source, expected, got, st.st_size)
+        return _Verified(Path(path), source, _identity(st))
     local = cache / name
     if not from_store and local.is_file() and sha256_file(local) == expected:
-        return _mapped(local)
+        return _Verified(local, source)
     try:
         copy_to_local(store, name, local, expected_sha256=expected)
     except FileNotFoundError:
         raise IndexIntegrityError(f"{source}: missing") from None
     except ChecksumMismatch as exc:
         raise _mismatch(source, expected, exc.got, exc.size) from None
-    return _mapped(local)
+    return _Verified(local, source)
 
 
-def _check_shard(vuri: str, manifest: Manifest, entry: ShardEntry, index_bytes: np.ndarray, table: pa.Table) -> None:
+def _open_index(vuri: str, manifest: Manifest, entry: ShardEntry, file: _Verified):
+    """The shard's FAISS index, opened once from its verified file (memory-mapped)."""
+    from raggen.index.shard import open_index_file
+
+    try:
+        index = open_index_file(file.path, ivf="IVF" in manifest.faiss_factory.upper())
+    except RuntimeError as exc:
+        raise IndexIntegrityError(f"{join_uri(vuri, entry.index)}: not a readable FAISS index ({str(exc).strip().splitlines()[-1]})") from None
+    file.check_unchanged()
+    return index
+
+
+def _read_passages(vuri: str, entry: ShardEntry, file: _Verified, columns: list[str] | None) -> tuple[pa.Table, pa.Schema]:
+    """The verified parquet file read with a memory map, only ``columns`` (None: all)."""
+    try:
+        schema = pq.read_schema(file.path, memory_map=True)
+        cols = None if columns is None else [c for c in columns if c in schema.names]
+        table = pq.read_table(file.path, columns=cols, memory_map=True)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise IndexIntegrityError(f"{join_uri(vuri, entry.passages)}: not a readable parquet file ({exc})") from None
+    file.check_unchanged()
+    return table, schema
+
+
+def _check_shard(vuri: str, manifest: Manifest, entry: ShardEntry, index, table: pa.Table, schema: pa.Schema) -> None:
     """Counts, dimensions and ids agree between manifest, parquet and index."""
     ppath, ipath = join_uri(vuri, entry.passages), join_uri(vuri, entry.index)
-    missing = {"row_id", "id", "title", "text"} - set(table.column_names)
+    missing = {"row_id", "id", "title", "text"} - set(schema.names)
     if missing:
         raise IndexIntegrityError(f"{ppath}: missing column(s) {sorted(missing)}")
     if table.num_rows != entry.count:
         raise IndexIntegrityError(f"{ppath}: {table.num_rows} rows, manifest count is {entry.count}")
-    emb_type = table.schema.field("embedding").type if "embedding" in table.column_names else None
+    emb_type = schema.field("embedding").type if "embedding" in schema.names else None
     if emb_type is not None and getattr(emb_type, "list_size", None) != manifest.encoder.dim:
         raise IndexIntegrityError(f"{ppath}: column embedding has type {emb_type}, expected dim {manifest.encoder.dim}")
-    try:
-        index = deserialize_index(index_bytes)
-    except RuntimeError as exc:
-        raise IndexIntegrityError(f"{ipath}: not a readable FAISS index ({str(exc).strip().splitlines()[-1]})") from None
     if index.ntotal != entry.count or index.d != manifest.encoder.dim:
         raise IndexIntegrityError(
             f"{ipath}: index holds {index.ntotal} vectors of dim {index.d}, manifest says {entry.count} of dim {manifest.encoder.dim}"
@@ -684,23 +766,46 @@ def _check_shard(vuri: str, manifest: Manifest, entry: ShardEntry, index_bytes: 
         raise IndexIntegrityError(f"{ipath}: ids differ from {entry.passages} column row_id")
 
 
-def _load(uri: str, version: str | None, s3_options, cache_dir, *, from_store: bool) -> LoadedVersion:
+PASSAGE_COLUMNS = ["row_id", "id", "title", "text"]
+
+
+def _columns(load_embeddings: bool | str, index) -> list[str] | None:
+    """Which parquet columns to read: all with embeddings; without them when not asked for, or
+    ("auto") when the index gives the same vectors back (Flat codes)."""
+    from raggen.index.shard import exact_reconstruct
+
+    if load_embeddings == "auto":
+        load_embeddings = not exact_reconstruct(index)
+    return None if load_embeddings else PASSAGE_COLUMNS
+
+
+def _load(uri: str, version: str | None, s3_options, cache_dir, *, from_store: bool, load_embeddings: bool | str = True,
+          shards: list[int] | None = None, keep_cached_versions: int | None = None) -> LoadedVersion:
+    if load_embeddings not in (True, False, "auto"):
+        raise ValueError(f"load_embeddings: True, False or 'auto', got {load_embeddings!r}")
     store, vuri, expected = _version_store(uri, version, s3_options)
     manifest = _read_manifest_at(store, vuri, expected)
+    numbers = list(range(len(manifest.shards))) if shards is None else [int(n) for n in shards]
+    if any(n < 0 or n >= len(manifest.shards) for n in numbers):
+        raise IndexIntegrityError(f"{vuri}: has {len(manifest.shards)} shards, asked for {numbers}")
     cache = None
     if is_s3_uri(vuri):
         cache = Path(cache_dir or default_cache_dir()) / vuri[len("s3://") :]
         cache.mkdir(parents=True, exist_ok=True)
-    loaded = LoadedVersion(uri=vuri, manifest=manifest)
-    for entry in manifest.shards:
-        index_bytes = _fetch_verified(store, vuri, entry.index, entry.index_sha256, cache, from_store=from_store)
-        pbytes = _fetch_verified(store, vuri, entry.passages, entry.passages_sha256, cache, from_store=from_store)
-        try:
-            table = pq.read_table(pa.BufferReader(pa.py_buffer(pbytes)))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise IndexIntegrityError(f"{join_uri(vuri, entry.passages)}: not a readable parquet file ({exc})") from None
-        _check_shard(vuri, manifest, entry, index_bytes, table)
-        loaded.shards.append(LoadedShard(entry=entry, index_bytes=index_bytes, passages=table))
+        cache_mark_used(cache)
+    loaded = LoadedVersion(uri=vuri, manifest=manifest, shard_numbers=numbers, s3_options=s3_options,
+                           cache_dir=None if cache_dir is None else str(cache_dir))
+    for n in numbers:
+        entry = manifest.shards[n]
+        ifile = _fetch_verified(store, vuri, entry.index, entry.index_sha256, cache, from_store=from_store)
+        pfile = _fetch_verified(store, vuri, entry.passages, entry.passages_sha256, cache, from_store=from_store)
+        index = _open_index(vuri, manifest, entry, ifile)
+        columns = ["row_id"] if from_store else _columns(load_embeddings, index)  # verify: the checks' column only
+        table, schema = _read_passages(vuri, entry, pfile, columns)
+        _check_shard(vuri, manifest, entry, index, table, schema)
+        loaded.shards.append(LoadedShard(entry=entry, passages=table, index_path=ifile.path, faiss_index=index))
+    if cache is not None and keep_cached_versions:
+        evict_cached_versions(cache.parent, keep=keep_cached_versions, keep_names={cache.name})
     return loaded
 
 
@@ -710,14 +815,74 @@ def load_version(
     *,
     s3_options: S3Options | Mapping[str, Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    load_embeddings: bool | str = True,
+    shards: list[int] | None = None,
+    keep_cached_versions: int | None = 2,
 ) -> LoadedVersion:
     """Load and verify a version: ``uri`` is a root (LATEST is read when ``version`` is None) or a
     version folder. Every sha256, row count, vector count and dimension is checked first; an S3
-    version is served from the local cache (``cache_dir``) when the cached file's sha256 matches."""
-    loaded = _load(uri, version, s3_options, cache_dir, from_store=False)
+    version is served from the local cache (``cache_dir``) when the cached file's sha256 matches.
+
+    Memory: each FAISS index is opened once, memory-mapped from its verified file (the store's
+    folder or the cache), and each parquet file is read with a memory map. ``load_embeddings``:
+    True reads the stored ``embedding`` column, False never does (serving), "auto" only when the
+    index cannot give the exact vectors back (PQ/SQ codes). ``shards``: only these shard numbers
+    (a shard actor's share). ``keep_cached_versions``: after an S3 load, cached versions of the
+    same root beyond the newest N (by last use) are deleted (None: keep all)."""
+    loaded = _load(uri, version, s3_options, cache_dir, from_store=False, load_embeddings=load_embeddings, shards=shards,
+                   keep_cached_versions=keep_cached_versions)
     m = loaded.manifest
-    logger.info("loaded index %s from %s: %d shards, %d passages", m.version, loaded.uri, len(m.shards), m.num_passages)
+    logger.info("loaded index %s from %s: %d of %d shards, %d passages", m.version, loaded.uri, len(loaded.shards),
+                len(m.shards), sum(s.entry.count for s in loaded.shards))
     return loaded
+
+
+# ------------------------------------------------------------------------------------------ the local cache
+
+CACHE_MARKER = ".raggen-cache"  # in a cached version's folder: raggen made it, and when it was last used
+CACHE_GRACE_S = 60.0  # a version used this recently is never evicted (another process may be loading it)
+
+
+def cache_mark_used(version_dir: Path) -> None:
+    """Record that this cached version is in use now (eviction keeps the most recently used)."""
+    from raggen.storage import atomic_write_bytes
+
+    atomic_write_bytes(version_dir / CACHE_MARKER, json.dumps({"last_used": time.time(), "pid": os.getpid(),
+                                                              "host": socket.gethostname()}).encode())
+
+
+def _last_used(version_dir: Path) -> float | None:
+    try:
+        return float(json.loads((version_dir / CACHE_MARKER).read_text())["last_used"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def evict_cached_versions(root_dir: Path, *, keep: int = 2, keep_names: set[str] = frozenset()) -> list[str]:
+    """Delete cached versions under ``root_dir`` (one root's cache folder) beyond the ``keep`` most
+    recently used; only folders raggen made (their marker), never ``keep_names`` nor one used in the
+    last ``CACHE_GRACE_S``. A process still serving an evicted version keeps its memory maps (the
+    files are unlinked, not truncated). Returns the evicted names."""
+    import shutil
+
+    from raggen.storage import FileLock
+
+    if not root_dir.is_dir():
+        return []
+    evicted = []
+    with FileLock(root_dir / f"{CACHE_MARKER}.lock", timeout=30.0, what=f"index cache {root_dir}"):
+        dated = sorted(((t, d) for d in root_dir.iterdir() if d.is_dir() and (t := _last_used(d)) is not None),
+                       reverse=True)
+        now = time.time()
+        for _, d in dated[max(keep, 0):]:
+            t = _last_used(d)  # again: another process may have just marked it
+            if d.name in keep_names or t is None or now - t < CACHE_GRACE_S:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            evicted.append(d.name)
+    if evicted:
+        logger.info("index cache %s: evicted %s (keeping the %d most recently used)", root_dir, evicted, keep)
+    return evicted
 
 
 def verify_version(uri: str, version: str | None = None, *, s3_options=None, cache_dir=None) -> Manifest:

@@ -253,6 +253,32 @@ def read_index_file(path) -> faiss.Index:
     return deserialize_index(np.fromfile(path, dtype=np.uint8))
 
 
+# below this size a file is read into memory: nothing to gain from a mapping, and faiss's
+# mapped reader does not bounds-check a file cut inside its header
+MMAP_MIN_BYTES = 4096
+
+
+def open_index_file(path, *, mmap: bool = True, ivf: bool | None = None) -> faiss.Index:
+    """Open a serialized index file ONCE, memory-mapped where the type allows it.
+
+    IVF indexes: ``IO_FLAG_MMAP`` maps the inverted lists (codes and ids stay in the page cache);
+    Flat / HNSW (any index over flat codes): ``IO_FLAG_MMAP_IFC`` maps the code storage (HNSW's
+    graph is read into memory). ``ivf`` says which (the manifest's factory string knows; None:
+    ``IO_FLAG_MMAP_IFC``, which maps IVF lists too). Anything else, or ``mmap=False``, is read into memory. The
+    mapped file must not be truncated in place while the index is used (raggen never does: files
+    are replaced by rename, and an unlinked file stays mapped). Errors are RuntimeError."""
+    import os
+
+    path = str(path)
+    if not mmap or os.path.getsize(path) < MMAP_MIN_BYTES:
+        return faiss.read_index(path)
+    flag = faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC  # IFC also maps IVF lists when ivf is unknown
+    try:
+        return faiss.read_index(path, flag)
+    except RuntimeError:
+        return faiss.read_index(path)  # a type the mapped reader does not know: read it whole (or raise)
+
+
 # ------------------------------------------------------------------------------------------ search
 
 
@@ -268,13 +294,65 @@ def set_search_params(index: faiss.Index, *, nprobe: int | None = None, ef_searc
                 hnsw.efSearch = int(ef_search)
 
 
-def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(xq[nq, d], k) -> D[nq, k] float32 scores/distances, I[nq, k] int64 ids (-1 = no hit)."""
+def search_parameters(index: faiss.Index, *, nprobe: int | None = None, ef_search: int | None = None):
+    """Per-call ``faiss.SearchParameters`` (None when nothing applies): IVF ``nprobe`` (clamped to
+    nlist), HNSW ``efSearch``. Unlike ``set_search_params`` nothing in the index changes, so
+    concurrent searches with different settings are safe."""
+    ivf = ivf_of(index)
+    if nprobe is not None and ivf is not None:
+        return faiss.SearchParametersIVF(nprobe=max(1, min(int(nprobe), int(ivf.nlist))))
+    if ef_search is not None and hnsw_of(index) is not None:
+        return faiss.SearchParametersHNSW(efSearch=max(1, int(ef_search)))
+    return None
+
+
+def hnsw_of(index: faiss.Index):
+    """The HNSW structure inside ``index`` (through IDMap / PreTransform), or None."""
+    for obj in _walk(index):
+        hnsw = getattr(obj, "hnsw", None)
+        if hnsw is not None:
+            return hnsw
+    return None
+
+
+def current_search_params(index: faiss.Index) -> dict[str, int]:
+    """The index's own defaults: {"nprobe": ...} for IVF, {"ef_search": ...} for HNSW."""
+    out = {}
+    ivf = ivf_of(index)
+    if ivf is not None:
+        out["nprobe"] = int(ivf.nprobe)
+    hnsw = hnsw_of(index)
+    if hnsw is not None:
+        out["ef_search"] = int(hnsw.efSearch)
+    return out
+
+
+def search(index: faiss.Index, xq: np.ndarray, k: int, *, nprobe: int | None = None,
+           ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(xq[nq, d], k) -> D[nq, k] float32 scores/distances, I[nq, k] int64 ids (-1 = no hit).
+    ``nprobe`` / ``ef_search`` override the index's settings for this call only."""
     xq = as_float32_matrix(xq, "xq", index.d)
     if k <= 0:
         raise ValueError(f"k: must be positive, got {k}")
-    D, I = index.search(xq, int(k))
-    return D, I
+    params = search_parameters(index, nprobe=nprobe, ef_search=ef_search)
+    if params is None:
+        return index.search(xq, int(k))
+    return index.search(xq, int(k), params=params)
+
+
+def exact_reconstruct(index: faiss.Index) -> bool:
+    """True when ``reconstruct`` returns the added float32 vectors bit for bit (Flat codes: IndexFlat,
+    IVF-Flat, HNSW-Flat, no transform in front), so stored embeddings are redundant."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return exact_reconstruct(index.index)
+    if isinstance(index, faiss.IndexFlat):
+        return True
+    if isinstance(index, faiss.IndexIVFFlat):
+        return True
+    if isinstance(index, faiss.IndexHNSW):
+        return isinstance(faiss.downcast_index(index.storage), faiss.IndexFlat)
+    return False
 
 
 def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:

@@ -6,10 +6,13 @@ exact indexes; approximate indexes merge their approximate lists). Passages for 
 fetched in a second step, so only k payloads per query cross process boundaries.
 
 Two backends behind the same ``search``:
-- in-process: the shards live in this process (small indexes, tests, one serving replica);
-- Ray actors (``use_actors=True``): one ``ShardActor`` per shard with declared ``num_cpus`` (and
-  ``num_gpus``), built from ObjectRefs: each shard's serialized bytes and passage table are
-  ``ray.put`` ONCE, so actors on a node map the same object-store pages.
+- in-process (``_LocalBackend``): the shards live in this process (small indexes, tests, one
+  serving replica), searched by a thread pool;
+- shard actors (``raggen.index.actors.ShardActorGroup``): a group of Ray actors, each serving
+  consecutive shards it loaded itself from the store (memory-mapped), placed over the nodes by a
+  SPREAD placement group; callers hold only actor handles, never vectors or texts.
+Search parameters: the version's ``search_defaults`` (chosen at build time), unless the opener
+gives ``nprobe`` / ``ef_search``; ``search(..., nprobe=, ef_search=)`` overrides them per call.
 ``ray.init`` is never called here; the caller (entry point, test fixture) owns the cluster.
 """
 
@@ -18,11 +21,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import pyarrow as pa
 
 from raggen.index.manifest import LoadedVersion, Manifest, embeddings_of
-from raggen.index.shard import as_float32_matrix, deserialize_index, reconstruct, search, set_search_params, to_gpu
+from raggen.index.shard import (
+    as_float32_matrix,
+    deserialize_index,
+    reconstruct,
+    search,
+    set_search_params,
+    to_gpu,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +42,7 @@ logger = logging.getLogger(__name__)
 class SearchResult:
     """Top-k per query, best first. ``scores`` are higher-is-better: inner products for metric
     'ip', negated squared L2 distances for 'l2'. Missing hits (fewer than k passages) have id ''
-    row_id -1, score -inf and a zero embedding."""
+    row_id -1, score -inf and a zero embedding (as have all hits when embeddings were not asked for)."""
 
     ids: list[list[str]]
     row_ids: np.ndarray  # (b, k) int64
@@ -42,11 +53,15 @@ class SearchResult:
 
 
 class ShardSearcher:
-    """One shard: a FAISS index plus its passage table; search -> (D, I), fetch(row_ids) -> payload."""
+    """One shard: a FAISS index plus its passage table; search -> (D, I), fetch(row_ids) -> payload.
+
+    ``index``: an opened FAISS index (``LoadedShard.index()``, used as it is: never copied) or its
+    serialized bytes. ``nprobe`` / ``ef_search`` become the index's defaults; ``search`` takes
+    per-call values that leave the index unchanged (safe under concurrent calls)."""
 
     def __init__(
         self,
-        index_bytes: np.ndarray,
+        index,
         passages: pa.Table,
         *,
         metric: str,
@@ -55,11 +70,10 @@ class ShardSearcher:
         use_gpu: bool = False,
         num_threads: int | None = None,
     ):
-        import faiss
-
         if num_threads:
             faiss.omp_set_num_threads(int(num_threads))
-        index = deserialize_index(index_bytes)
+        if not isinstance(index, faiss.Index):
+            index = deserialize_index(index)
         set_search_params(index, nprobe=nprobe, ef_search=ef_search)
         self.cpu_index = index
         self.index = to_gpu(index) if use_gpu else index
@@ -73,16 +87,16 @@ class ShardSearcher:
         self._text = passages.column("text").combine_chunks()
         self._emb = embeddings_of(passages)
 
-    def search(self, xq: np.ndarray, k: int, coarse: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, xq: np.ndarray, k: int, coarse: tuple[np.ndarray, np.ndarray] | None = None, *,
+               nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(b, d), k -> scores (b, k) higher-is-better, row ids (b, k), -1 where no hit.
 
         ``coarse`` = (Dq, Iq) (b, nprobe): the IVF list assignment computed once for all shards
         that share one coarse quantizer (see ``shared_quantizer``)."""
         if coarse is not None:
-            Dq, Iq = coarse
-            D, I = self.index.search_preassigned(as_float32_matrix(xq, "xq", self.dim), int(k), Iq, Dq)
+            D, I = _search_preassigned(self.index, as_float32_matrix(xq, "xq", self.dim), int(k), *coarse)
         else:
-            D, I = search(self.index, xq, k)
+            D, I = search(self.index, xq, k, nprobe=nprobe, ef_search=ef_search)
         scores = (self.sign * D).astype(np.float32)
         scores[I < 0] = -np.inf
         return scores, I
@@ -94,23 +108,38 @@ class ShardSearcher:
             raise KeyError("row id not in this shard's passage table")
         return self._order[pos]
 
-    def fetch(self, row_ids: np.ndarray) -> tuple[list[str], list[str], list[str], np.ndarray]:
-        """Passage id, title, text and embedding (n, d) for ``row_ids`` (n,)."""
+    def fetch(self, row_ids: np.ndarray, embeddings: bool = True) -> tuple[list[str], list[str], list[str], np.ndarray | None]:
+        """Passage id, title, text and (``embeddings``) the stored vector (n, d) for ``row_ids`` (n,):
+        the ``embedding`` column when loaded, else reconstructed from the index."""
         row_ids = np.asarray(row_ids, dtype=np.int64)
         if len(row_ids) == 0:
-            return [], [], [], np.zeros((0, self.dim), np.float32)
+            return [], [], [], np.zeros((0, self.dim), np.float32) if embeddings else None
         pos = self.positions(row_ids)
         take = pa.array(pos, type=pa.int64())
-        emb = self._emb[pos] if self._emb is not None else reconstruct(self.cpu_index, row_ids)
+        emb = None
+        if embeddings:
+            emb = np.asarray(self._emb[pos] if self._emb is not None else reconstruct(self.cpu_index, row_ids), dtype=np.float32)
         return (
             self._pid.take(take).to_pylist(),
             self._title.take(take).to_pylist(),
             self._text.take(take).to_pylist(),
-            np.asarray(emb, dtype=np.float32),
+            emb,
         )
 
     def ready(self) -> bool:
         return True
+
+
+def _search_preassigned(index, xq: np.ndarray, k: int, Dq: np.ndarray, Iq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """IVF search over the lists ``Iq`` (b, nprobe) given for each query; nprobe per call (the
+    Python wrapper takes neither per-call params nor an nprobe other than the index's)."""
+    n = xq.shape[0]
+    D, I = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    Iq, Dq = np.ascontiguousarray(Iq, dtype=np.int64), np.ascontiguousarray(Dq, dtype=np.float32)
+    params = faiss.SearchParametersIVF(nprobe=int(Iq.shape[1]))
+    index.search_preassigned_c(n, faiss.swig_ptr(xq), k, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq), faiss.swig_ptr(D),
+                               faiss.swig_ptr(I), False, params)  # fmt: skip
+    return D, I
 
 
 def shared_quantizer(searchers: list[ShardSearcher]):
@@ -137,14 +166,17 @@ def shared_quantizer(searchers: list[ShardSearcher]):
     return ivf0.quantizer, int(ivf0.nprobe)
 
 
-def merge_topk(per_shard: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[(scores (b, k_s), ids (b, k_s))] -> scores (b, k), ids (b, k), shard (b, k); higher is better.
+def merge_topk(per_shard: list[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[(scores (b, k_s), ids (b, k_s)[, shard (b, k_s)])] -> scores (b, k), ids (b, k), shard (b, k);
+    higher is better. Without a shard array, part n's hits come from shard n; with one (a shard
+    actor's own merge of its shards) its numbers are kept.
 
-    Ties keep shard order (stable sort), like a single index that holds the shards back to back.
+    Ties keep part order (stable sort), like a single index that holds the shards back to back.
     """
-    scores = np.concatenate([s for s, _ in per_shard], axis=1)  # (b, S*k)
-    ids = np.concatenate([i for _, i in per_shard], axis=1)  # (b, S*k)
-    shard = np.concatenate([np.full(i.shape, n, dtype=np.int64) for n, (_, i) in enumerate(per_shard)], axis=1)
+    scores = np.concatenate([p[0] for p in per_shard], axis=1)  # (b, S*k)
+    ids = np.concatenate([p[1] for p in per_shard], axis=1)  # (b, S*k)
+    shard = np.concatenate([p[2] if len(p) > 2 else np.full(p[1].shape, n, dtype=np.int64)
+                            for n, p in enumerate(per_shard)], axis=1)  # fmt: skip
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (b, k)
     top_ids = np.take_along_axis(ids, order, 1)
     top_shard = np.where(top_ids >= 0, np.take_along_axis(shard, order, 1), -1)  # a shard's "no hit" is no one's
@@ -165,18 +197,21 @@ class _LocalBackend:
 
     Each pool thread gets ``cpus // workers`` OpenMP threads, so shards x OpenMP never
     oversubscribe the cores: latency is about one shard's, not the sum over shards.
+    ``search`` returns one (scores, ids) per shard, in shard order (``merge_topk`` merges them).
     """
 
     # below this many queries per call, thread hand-off costs more than the shards' search itself
     PARALLEL_MIN_QUERIES = 16
 
-    def __init__(self, searchers: list[ShardSearcher], max_workers: int | None = None):
+    kind = "local"
+
+    def __init__(self, searchers: list[ShardSearcher], max_workers: int | None = None, cpus: int | None = None):
         import os
         from concurrent.futures import ThreadPoolExecutor
 
         self.searchers = searchers
         self.coarse = shared_quantizer(searchers)
-        cpus = os.cpu_count() or 1
+        cpus = cpus or os.cpu_count() or 1  # a shard actor passes its own CPU share, not the node's
         workers = min(len(searchers), max_workers or cpus)
         self.pool = None
         if workers > 1:
@@ -188,61 +223,50 @@ class _LocalBackend:
             return list(self.pool.map(fn, items))
         return [fn(item) for item in items]
 
-    def search(self, xq: np.ndarray, k: int):
+    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
         assignment = None
         if self.coarse is not None:
-            quantizer, nprobe = self.coarse
-            assignment = quantizer.search(xq, nprobe)  # (Dq, Iq): (b, nprobe) each
-        return self._map(lambda s: s.search(xq, k, assignment), self.searchers, len(xq) >= self.PARALLEL_MIN_QUERIES)
+            quantizer, default_nprobe = self.coarse
+            nlist = quantizer.ntotal
+            probe = max(1, min(int(nprobe or default_nprobe), nlist))
+            assignment = quantizer.search(xq, probe)  # (Dq, Iq): (b, nprobe) each
+        return self._map(lambda s: s.search(xq, k, assignment, nprobe=nprobe, ef_search=ef_search), self.searchers,
+                         len(xq) >= self.PARALLEL_MIN_QUERIES)
 
-    def fetch(self, requests: dict[int, np.ndarray]):
+    def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True):
         shards = list(requests)
         many = sum(len(r) for r in requests.values()) >= 10 * self.PARALLEL_MIN_QUERIES
-        return dict(zip(shards, self._map(lambda s: self.searchers[s].fetch(requests[s]), shards, many)))
+        return dict(zip(shards, self._map(lambda s: self.searchers[s].fetch(requests[s], embeddings), shards, many)))
 
-    def close(self) -> None:
+    def close(self, release_shared: bool = False) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False)
         self.searchers = []
 
 
 def _set_omp_threads(n: int) -> None:
-    import faiss
-
     faiss.omp_set_num_threads(n)  # per calling thread (OpenMP's nthreads-var is a per-thread setting)
 
 
-class _ActorBackend:
-    def __init__(self, actors: list):
-        import ray
-
-        self.ray = ray
-        self.actors = actors
-        ray.get([a.ready.remote() for a in actors])  # surface construction errors now
-
-    def search(self, xq: np.ndarray, k: int):
-        xq_ref = self.ray.put(xq)  # one copy for all shards
-        return self.ray.get([a.search.remote(xq_ref, k) for a in self.actors])
-
-    def fetch(self, requests: dict[int, np.ndarray]):
-        shards = list(requests)
-        results = self.ray.get([self.actors[s].fetch.remote(requests[s]) for s in shards])
-        return dict(zip(shards, results))
-
-    def close(self) -> None:
-        for actor in self.actors:
-            self.ray.kill(actor)
-        self.actors = []
+def resolve_search_params(manifest: Manifest, nprobe: int | None, ef_search: int | None) -> tuple[int | None, int | None]:
+    """What the opener gives, else the version's ``search_defaults``, else None (FAISS's own)."""
+    defaults = manifest.search_defaults
+    if defaults is not None:
+        nprobe = defaults.nprobe if nprobe is None else nprobe
+        ef_search = defaults.ef_search if ef_search is None else ef_search
+    return nprobe, ef_search
 
 
 class ShardedIndex:
     """``search(xq[b, d], k) -> SearchResult`` over all shards of a loaded version."""
 
-    def __init__(self, backend, *, manifest: Manifest, dim: int, query_batch_size: int = 256):
+    def __init__(self, backend, *, manifest: Manifest, dim: int, query_batch_size: int = 256,
+                 nprobe: int | None = None, ef_search: int | None = None):
         self._backend = backend
         self.manifest = manifest
         self.dim = dim
         self.query_batch_size = query_batch_size
+        self.nprobe, self.ef_search = nprobe, ef_search  # the defaults in force (None: FAISS's)
 
     @property
     def version(self) -> str:
@@ -251,6 +275,16 @@ class ShardedIndex:
     @property
     def num_passages(self) -> int:
         return self.manifest.num_passages
+
+    @property
+    def backend_kind(self) -> str:
+        """Where the shards live: "local" (this process) or "actors" (a ShardActorGroup)."""
+        return getattr(self._backend, "kind", "local")
+
+    @property
+    def actor_group(self):
+        """The ShardActorGroup searched through (None in-process)."""
+        return getattr(self._backend, "group", None)
 
     @classmethod
     def from_version(
@@ -264,23 +298,37 @@ class ShardedIndex:
         ef_search: int | None = None,
         query_batch_size: int = 256,
         max_threads: int | None = None,
-    ) -> "ShardedIndex":
-        """In-process (``max_threads`` shards searched at once, default: one per core) or one Ray
-        actor per shard (``use_actors``, each with ``actor_num_cpus`` / ``actor_num_gpus``)."""
-        metric = loaded.manifest.metric
-        kwargs = dict(metric=metric, nprobe=nprobe, ef_search=ef_search)
-        if not use_actors:
-            searchers = [ShardSearcher(s.index_bytes, s.passages, **kwargs) for s in loaded.shards]
-            backend = _LocalBackend(searchers, max_workers=max_threads)
-        else:
-            backend = _ActorBackend(_start_actors(loaded, actor_num_cpus, actor_num_gpus, kwargs))
-        return cls(backend, manifest=loaded.manifest, dim=loaded.manifest.encoder.dim, query_batch_size=query_batch_size)
+    ) -> ShardedIndex:
+        """In-process over the loaded shards (``max_threads`` shards searched at once, default: one
+        per core), or (``use_actors``) through a new group of shard actors, one per shard, that
+        load the version themselves from where ``loaded`` came from; ``close()`` ends the group.
+        ``nprobe`` / ``ef_search`` default to the manifest's ``search_defaults``."""
+        nprobe, ef_search = resolve_search_params(loaded.manifest, nprobe, ef_search)
+        if use_actors:
+            from raggen.index.actors import ShardActorGroup
+            from raggen.index.settings import SearchSettings
 
-    def search(self, xq: np.ndarray, k: int) -> SearchResult:
+            settings = SearchSettings(mode="actors", actor_num_cpus=actor_num_cpus, actor_num_gpus=actor_num_gpus,
+                                      nprobe=nprobe, ef_search=ef_search)
+            group = ShardActorGroup.start(loaded.uri, settings=settings, s3_options=loaded.s3_options,
+                                          cache_dir=loaded.cache_dir, manifest=loaded.manifest)
+            return group.sharded_index(query_batch_size=query_batch_size, owned=True)
+        metric = loaded.manifest.metric
+        searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search)
+                     for s in loaded.shards]  # fmt: skip
+        backend = _LocalBackend(searchers, max_workers=max_threads)
+        return cls(backend, manifest=loaded.manifest, dim=loaded.manifest.encoder.dim, query_batch_size=query_batch_size,
+                   nprobe=nprobe, ef_search=ef_search)
+
+    def search(self, xq: np.ndarray, k: int, *, nprobe: int | None = None, ef_search: int | None = None,
+               embeddings: bool = True) -> SearchResult:
+        """Top-k of every query over all shards. ``nprobe`` / ``ef_search`` override the defaults
+        for this call; ``embeddings=False`` skips the stored vectors (zeros; serving needs none)."""
         xq = as_float32_matrix(xq, "xq", self.dim)
         if k <= 0:
             raise ValueError(f"k: must be positive, got {k}")
-        parts = [self._search_batch(xq[i : i + self.query_batch_size], k) for i in range(0, len(xq), self.query_batch_size)]
+        kw = {"nprobe": nprobe, "ef_search": ef_search, "embeddings": embeddings}
+        parts = [self._search_batch(xq[i : i + self.query_batch_size], k, **kw) for i in range(0, len(xq), self.query_batch_size)]
         if not parts:
             return _empty_result(0, k, self.dim)
         return SearchResult(
@@ -292,23 +340,26 @@ class ShardedIndex:
             embeddings=np.concatenate([p.embeddings for p in parts]),
         )
 
-    def _search_batch(self, xq: np.ndarray, k: int) -> SearchResult:
-        scores, row_ids, shard = merge_topk(self._backend.search(xq, k), k)  # (b, k) each
+    def _search_batch(self, xq: np.ndarray, k: int, *, nprobe, ef_search, embeddings: bool) -> SearchResult:
+        scores, row_ids, shard = merge_topk(self._backend.search(xq, k, nprobe, ef_search), k)  # (b, k) each
         b = xq.shape[0]
         requests = {int(s): row_ids[shard == s] for s in np.unique(shard) if s >= 0}
-        fetched = self._backend.fetch(requests)
+        fetched = self._backend.fetch(requests, embeddings)
         result = _empty_result(b, k, self.dim)
         result.scores, result.row_ids = scores, row_ids
         for s, (pids, titles, texts, emb) in fetched.items():
             rows, cols = np.nonzero(shard == s)  # same row-major order as row_ids[shard == s]
-            result.embeddings[rows, cols] = emb
+            if emb is not None:
+                result.embeddings[rows, cols] = emb
             for j, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
                 result.ids[r][c], result.titles[r][c], result.texts[r][c] = pids[j], titles[j], texts[j]
         return result
 
-    def close(self) -> None:
-        """Kill the shard actors (no-op in-process)."""
-        self._backend.close()
+    def close(self, *, release_shared: bool = False) -> None:
+        """Release what this index holds: its thread pool; the shard actors of a group it owns
+        (one it only borrows, e.g. a Train worker's, stays up for its owner unless
+        ``release_shared``: the caller knows nobody searches it any more)."""
+        self._backend.close(release_shared)
 
 
 def _empty_result(b: int, k: int, dim: int) -> SearchResult:
@@ -320,25 +371,3 @@ def _empty_result(b: int, k: int, dim: int) -> SearchResult:
         texts=[[""] * k for _ in range(b)],
         embeddings=np.zeros((b, k, dim), np.float32),
     )
-
-
-def _start_actors(loaded: LoadedVersion, num_cpus: float, num_gpus: float, kwargs: dict) -> list:
-    """One ShardActor per shard; bytes and tables go through the object store once (ray.put)."""
-    import ray
-
-    if not ray.is_initialized():
-        raise RuntimeError("ShardedIndex(use_actors=True) needs a running Ray: call ray.init() in the entry point")
-    actor_cls = ray.remote(ShardSearcher)
-    threads = max(1, int(num_cpus))
-    actors = []
-    for shard in loaded.shards:
-        index_ref = ray.put(shard.index_bytes)
-        passages_ref = ray.put(shard.passages)
-        actor = actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus or 0).remote(
-            index_ref, passages_ref, use_gpu=bool(num_gpus), num_threads=threads, **kwargs
-        )
-        actors.append(actor)
-    return actors
-
-
-ShardActor = ShardSearcher  # the class each Ray actor runs (wrapped with ray.remote at start-up)

@@ -2,7 +2,8 @@
 
 The schemas, auth and client import without Ray; the rest loads on first use, so ``raggen ask``
 stays quick: ``live_index`` (the hot-swappable index), ``pipeline`` (the stages as functions),
-``http_api`` + ``openai_api`` (the FastAPI app), ``metrics`` (Prometheus, through Ray), and the
+``http_api`` + ``openai_api`` (the FastAPI app), ``metrics`` (Prometheus, through Ray),
+``resilience`` (retries of model calls whose replica died, 503 on overload, exposure rules), and the
 Serve side: ``deployments`` (Ingress, Retriever, Reranker, Generator) and ``app`` (builders).
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from raggen.serve.auth import install_bearer_auth, token_from_env
 from raggen.serve.client import ServiceError, ask, healthy, index_info
+from raggen.serve.resilience import RetryPolicy, ServiceUnavailable, check_exposure, is_loopback
 from raggen.serve.schemas import (
     AnswerRequest,
     AnswerResponse,
@@ -61,12 +63,16 @@ __all__ = [
     "IndexInfo",
     "Passage",
     "RequestLimits",
+    "RetryPolicy",
     "ServiceError",
+    "ServiceUnavailable",
     "ask",
+    "check_exposure",
     "check_limits",
     "healthy",
     "index_info",
     "install_bearer_auth",
+    "is_loopback",
     "token_from_env",
     *_LAZY,
 ]

@@ -22,7 +22,7 @@ import os
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "raggen"
 IMPORT_PATH = "raggen.serve.app:build_app"
+S3_CREDENTIAL_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 
 
 class _Args(BaseModel):
@@ -73,6 +74,23 @@ class AppArgs(_Args):
     autoscaling: AutoscalingSection = AutoscalingSection()
     deployments: ServeDeploymentsSection = ServeDeploymentsSection()
     api_token_env: str = "RAGGEN_API_TOKEN"
+    # faults: see raggen.serve.resilience
+    allow_unauthenticated: bool = Field(False, description="serve on a non-loopback host without a token")
+    retry_attempts: int = Field(3, ge=1, le=10, description="tries of a model call whose replica died")
+    retry_backoff_s: float = Field(0.1, ge=0, le=10, description="wait before the 2nd try; doubles after")
+    max_queued_requests: int = Field(64, ge=1, description="requests a deployment's callers may queue; more: 503")
+    retry_after_s: float = Field(1.0, ge=0, le=3600, description="the Retry-After of a 503")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies over this get 413")
+
+    @field_validator("s3")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        given = sorted(set(value or {}) & set(S3_CREDENTIAL_FIELDS))
+        if given:
+            raise ValueError(f"S3 credentials are not accepted in Serve args ({', '.join(given)}): a Serve config "
+                             "shows in the dashboard and in `serve status`; give the replicas AWS_ACCESS_KEY_ID / "
+                             "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (or an IAM role) in their environment")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppArgs":
@@ -98,6 +116,7 @@ def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
 
 
 GIB = 1024**3
+DEFAULT_REQUEST_TIMEOUT_S = 120.0
 DEPLOYMENT_NAMES = {"retriever": "Retriever", "reranker": "Reranker", "generator": "Generator", "ingress": "Ingress"}
 
 
@@ -119,12 +138,20 @@ def deployment_resources(a: AppArgs, role: str) -> dict[str, Any]:
     return {"ray_actor_options": actor, "autoscaling_config": own.resolve_autoscaling(a.autoscaling).model_dump()}
 
 
+def _queue_options(a: AppArgs) -> dict[str, Any]:
+    """A bounded queue in front of every deployment: past ``max_queued_requests`` waiting requests
+    a caller gets 503 + ``Retry-After`` at once (Serve's backpressure) instead of waiting forever."""
+    return dict(max_queued_requests=a.max_queued_requests,
+                backpressure_config={"status_code": 503, "retry_after_s": a.retry_after_s})
+
+
 def _model_options(a: AppArgs, role: str) -> dict[str, Any]:
     """Resources, autoscaling and queue depth of a model deployment (Retriever, Reranker, Generator)."""
     return dict(
         **deployment_resources(a, role),
         # a replica must accept a full batch's worth of requests for @serve.batch to fill it
         max_ongoing_requests=a.max_ongoing_requests or max(5, 2 * a.max_batch_size),
+        **_queue_options(a),
     )
 
 
@@ -133,7 +160,7 @@ def build_app(args: dict[str, Any]) -> Application:
     a = parse_app_args(args)
     batching = dict(max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_timeout_s)
     retriever = Retriever.options(user_config=a.index_user_config(), **_model_options(a, "retriever")).bind(
-        encoder=a.query_encoder.model_dump(), s3=a.s3, **batching)
+        encoder=a.query_encoder.model_dump(), s3=a.s3, retry_attempts=a.retry_attempts, **batching)
     generator = Generator.options(**_model_options(a, "generator")).bind(
         path=a.generator, max_source_length=a.max_source_length, max_target_length=a.max_target_length,
         num_beams=a.num_beams, s3=a.s3, **batching)
@@ -144,9 +171,12 @@ def build_app(args: dict[str, Any]) -> Application:
     ingress = Ingress.options(
         **deployment_resources(a, "ingress"),
         max_ongoing_requests=a.max_ongoing_requests or 64,  # it only awaits the model deployments
+        **_queue_options(a),
     )
+    retry = dict(attempts=a.retry_attempts, backoff_s=a.retry_backoff_s, retry_after_s=a.retry_after_s)
     return ingress.bind(retriever, generator, reranker=reranker, limits=vars(limits),
-                        api_token_env=a.api_token_env, rerank_candidates=a.rerank_candidates)
+                        api_token_env=a.api_token_env, rerank_candidates=a.rerank_candidates,
+                        allow_unauthenticated=a.allow_unauthenticated, retry=retry, max_body_bytes=a.max_body_bytes)
 
 
 def build_app_from_config(**kwargs: Any) -> Application:
@@ -191,17 +221,20 @@ def app_args_from_config(cfg: Any) -> dict[str, Any]:
         replica_memory_gb=s.replica_memory_gb, ingress_num_cpus=s.ingress_num_cpus,
         max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
         autoscaling=s.autoscaling.model_dump(), deployments=s.deployments.model_dump(exclude_none=True),
-        api_token_env=s.api_token_env,
+        api_token_env=s.api_token_env, allow_unauthenticated=s.allow_unauthenticated,
+        retry_attempts=s.retry_attempts, retry_backoff_s=s.retry_backoff_s,
+        max_queued_requests=s.max_queued_requests, retry_after_s=s.retry_after_s, max_body_bytes=s.max_body_bytes,
     )
 
 
 def serve_deploy_config(args: dict[str, Any], *, name: str = APP_NAME, route_prefix: str = "/",
-                        host: str = "127.0.0.1", port: int = 8000,
-                        runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+                        host: str = "127.0.0.1", port: int = 8000, runtime_env: dict[str, Any] | None = None,
+                        request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S) -> dict[str, Any]:
     """The Serve config (the YAML ``serve deploy`` takes) of one raggen app built from ``args``.
 
     The Retriever's ``user_config`` is listed under ``deployments`` so that a later deploy which
-    changes only it hot-swaps the index instead of restarting replicas.
+    changes only it hot-swaps the index instead of restarting replicas. ``request_timeout_s``
+    (Serve's ``http_options``) bounds a request end to end: past it the proxy answers 408.
     """
     a = parse_app_args(args)
     app: dict[str, Any] = {
@@ -210,7 +243,10 @@ def serve_deploy_config(args: dict[str, Any], *, name: str = APP_NAME, route_pre
     }
     if runtime_env:
         app["runtime_env"] = runtime_env
-    return {"http_options": {"host": host, "port": port}, "applications": [app]}
+    http: dict[str, Any] = {"host": host, "port": port}
+    if request_timeout_s is not None:
+        http["request_timeout_s"] = request_timeout_s
+    return {"http_options": http, "applications": [app]}
 
 
 def with_index(config: dict[str, Any], index: str, version: str | None = None, *, watch_latest: bool = False,
@@ -263,7 +299,19 @@ def wait_until_running(name: str = APP_NAME, timeout_s: float = 300.0, poll_s: f
 
 def _deploy_config_of(cfg: Any) -> dict[str, Any]:
     s = cfg.serve
-    return serve_deploy_config(app_args_from_config(cfg), route_prefix=s.route_prefix, host=s.host, port=s.port)
+    return serve_deploy_config(app_args_from_config(cfg), route_prefix=s.route_prefix, host=s.host, port=s.port,
+                               request_timeout_s=s.request_timeout_s)
+
+
+def check_serve_exposure(cfg: Any) -> None:
+    """``raggen serve``'s early check: a non-loopback ``serve.host`` needs the token in this
+    environment (what a local Ray's replicas inherit) or ``serve.allow_unauthenticated: true``.
+    The Ingress repeats it where the token is read, so a cluster's replicas check their own."""
+    from raggen.serve.auth import token_from_env
+    from raggen.serve.resilience import check_exposure
+
+    s = cfg.serve
+    check_exposure(s.host, token_from_env(s.api_token_env), s.allow_unauthenticated, token_env=s.api_token_env)
 
 
 def swap_index_from_config(cfg: Any, version: str | None = None, index: str | None = None,
@@ -293,7 +341,9 @@ def swap_index_from_config(cfg: Any, version: str | None = None, index: str | No
             info = httpx.get(url, headers=headers, timeout=10).json()
         except (httpx.HTTPError, ValueError):
             info = {}
-        if version is None or info.get("version") == version or version in (info.get("last_error") or ""):
+        refused = info.get("last_error") and (version in info["last_error"]  # redacted: only "requested" names it
+                                              or str(info.get("requested") or "").rpartition("@")[2] == version)
+        if version is None or info.get("version") == version or refused:
             return info
         time.sleep(0.5)
     raise RaggenError(f"index swap to {version!r} not visible at {url} after {timeout_s:.0f}s (last: {info})")
@@ -304,6 +354,7 @@ def serve_from_config(cfg: Any, blocking: bool = True) -> str:
     from raggen.ray_utils import ensure_ray
 
     s = cfg.serve
+    check_serve_exposure(cfg)  # before anything starts
     ensure_ray()
     deploy_config(_deploy_config_of(cfg))
     wait_until_running(APP_NAME)

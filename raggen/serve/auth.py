@@ -49,15 +49,43 @@ def _unauthorized(message: str) -> JSONResponse:
     )
 
 
+BEARER_SCHEME = "bearerAuth"
+
+
+def declare_bearer_scheme(app: FastAPI, open_paths: Iterable[str] = OPEN_PATHS) -> None:
+    """Make ``/openapi.json`` (and so ``/docs``) say that every operation but ``open_paths`` needs
+    ``Authorization: Bearer <token>`` (an HTTP bearer security scheme, required globally)."""
+    open_set = frozenset(open_paths)
+    build = app.openapi  # FastAPI's own generator, cached on the app
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER_SCHEME] = {
+            "type": "http", "scheme": "bearer",
+            "description": "the service's API token (RAGGEN_API_TOKEN on the replicas)"}
+        schema["security"] = [{BEARER_SCHEME: []}]
+        for path in open_set:
+            for operation in schema.get("paths", {}).get(path, {}).values():
+                operation["security"] = []  # open: no token needed
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_bearer_auth(app: FastAPI, token: str | None, open_paths: Iterable[str] = OPEN_PATHS) -> None:
     """Guard every route of ``app`` except ``open_paths`` with ``Authorization: Bearer <token>``.
 
     ``token=None`` installs nothing (auth off). Paths are matched after the route prefix Serve
-    strips (``root_path``), so ``/healthz`` stays open under any prefix.
+    strips (``root_path``), so ``/healthz`` stays open under any prefix; ``/docs`` and
+    ``/openapi.json`` are guarded like the API, and the schema declares the bearer scheme.
     """
     if token is None:
         return
     open_set = frozenset(open_paths)
+    declare_bearer_scheme(app, open_set)
 
     @app.middleware("http")
     async def _require_bearer(request: Request, call_next):

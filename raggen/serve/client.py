@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -33,19 +34,54 @@ def _reason(response: httpx.Response) -> str:
     return str(body)
 
 
+RETRY_STATUSES = (502, 503, 504)
+
+
+def _retryable(response: httpx.Response) -> bool:
+    """Worth sending again: overload / gateway statuses, and a 500 that is not raggen's own error
+    body (``request_id`` in JSON) but the proxy's: the Ingress replica died mid-request."""
+    if response.status_code in RETRY_STATUSES:
+        return True
+    if response.status_code != 500:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return True
+    return not (isinstance(body, dict) and "request_id" in body)
+
+
+def _wait_s(response: httpx.Response | None, retry: int, max_wait_s: float) -> float:
+    """``Retry-After`` (seconds) when the service sent one, else a short doubling backoff; capped."""
+    header = response.headers.get("retry-after") if response is not None else None
+    wait = float(header) if header and header.strip().isdigit() else 0.2 * 2**retry
+    return min(wait, max_wait_s)
+
+
 def _request(method: str, url: str, *, json: Any = None, token: str | None = None,
              token_env: str = DEFAULT_TOKEN_ENV, timeout: float = 60.0,
-             client: httpx.Client | None = None) -> Any:
-    try:
-        if client is not None:
-            response = client.request(method, url, json=json, headers=_headers(token, token_env), timeout=timeout)
-        else:
-            response = httpx.request(method, url, json=json, headers=_headers(token, token_env), timeout=timeout)
-    except httpx.HTTPError as e:
-        raise RaggenError(f"cannot reach {url}: {e}") from None
-    if response.status_code >= 400:
-        raise ServiceError(response.status_code, _reason(response))
-    return response.json()
+             client: httpx.Client | None = None, retries: int = 2, max_wait_s: float = 5.0) -> Any:
+    """One idempotent call (every raggen route is), sent again up to ``retries`` times after a
+    connection failure, a 502/503/504 (honouring ``Retry-After``, at most ``max_wait_s``) or a
+    proxy's 500; raggen's own 500 (an internal error, with a request id) is not retried."""
+    headers = _headers(token, token_env)
+    send = client.request if client is not None else httpx.request
+    for retry in range(retries + 1):
+        try:
+            response = send(method, url, json=json, headers=headers, timeout=timeout)
+        except httpx.TimeoutException as e:
+            raise RaggenError(f"no answer from {url} within {timeout:.0f}s: {e}") from None
+        except httpx.TransportError as e:
+            if retry >= retries:
+                raise RaggenError(f"cannot reach {url}: {e}") from None
+            time.sleep(_wait_s(None, retry, max_wait_s))
+            continue
+        if response.status_code < 400:
+            return response.json()
+        if retry >= retries or not _retryable(response):
+            raise ServiceError(response.status_code, _reason(response))
+        time.sleep(_wait_s(response, retry, max_wait_s))
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def ask(url: str, question: str, *, top_k: int | None = None, decoding: str = "rag-token",
@@ -54,7 +90,8 @@ def ask(url: str, question: str, *, top_k: int | None = None, decoding: str = "r
     """``POST {url}/v1/answer``; returns ``{"answer", "passages", "index_version", "timings_ms"}``.
 
     ``token`` defaults to the ``token_env`` environment variable; omitted numbers take the
-    service's defaults. Raises ServiceError (status + the service's reason) on 4xx/5xx.
+    service's defaults. An overloaded (503) or briefly unreachable service is asked again (twice,
+    honouring ``Retry-After``). Raises ServiceError (status + the service's reason) on 4xx/5xx.
     """
     body: dict[str, Any] = {"question": question, "decoding": decoding}
     if top_k is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -40,6 +41,7 @@ from raggen.serve.live_index import (
     load_for_swap,
     load_live_index,
     read_latest_version,
+    versions_newest_first,
 )
 from raggen.serve.metrics import BatchMetrics, HttpMetrics, IndexMetrics, StageMetrics
 from raggen.serve.pipeline import (
@@ -55,7 +57,10 @@ from raggen.serve.pipeline import (
     retrieve_batch,
     streams_while_decoding,
 )
+from raggen.serve.resilience import RetryPolicy, call_with_retry, check_exposure, is_loopback
 from raggen.serve.schemas import AnswerRequest, RequestLimits, summarize_issues
+
+log = logging.getLogger("ray.serve").getChild(__name__)
 
 __all__ = [
     "DECODERS", "Generator", "Hit", "IndexHolder", "IndexUserConfig", "Ingress", "LiveIndex", "NoIndexError",
@@ -76,7 +81,7 @@ class Retriever:
     index; a new one hot-swaps it (``reconfigure``), a watcher can follow ``LATEST``."""
 
     def __init__(self, encoder: dict, s3: dict | None = None, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, device: str | None = None):
+                 batch_wait_timeout_s: float = 0.01, device: str | None = None, retry_attempts: int = 3):
         dev = pick_device(device)
         encoder = {**encoder, "name_or_path": fetch_model_dir(encoder["name_or_path"], s3)}
         self.encoder = TextEncoder.from_pretrained(**encoder, device=dev).eval()
@@ -85,7 +90,9 @@ class Retriever:
         self.holder = IndexHolder(
             loader=functools.partial(load_for_swap, s3=s3, expect_dim=self.encoder.dim),
             latest_reader=functools.partial(read_latest_version, s3=s3),
+            versions_reader=functools.partial(versions_newest_first, s3=s3),
             on_swap=self.index_metrics.on_swap, on_refuse=self.index_metrics.on_refuse,
+            retry_attempts=retry_attempts, replica=_replica_name(),
         )
         _set_batching(self.retrieve, max_batch_size, batch_wait_timeout_s)
 
@@ -205,10 +212,18 @@ def _check_device(device: torch.device) -> None:
 @serve.ingress()
 class Ingress:
     """HTTP front (FastAPI, built per replica with the configured limits and token): validates,
-    then calls Retriever -> [Reranker] -> Generator through their handles."""
+    then calls Retriever -> [Reranker] -> Generator through their handles.
+
+    Each model call is idempotent, so one whose replica died is sent again (``retry`` attempts in
+    all, :func:`~raggen.serve.resilience.call_with_retry`); a full queue is a 503 with
+    ``Retry-After``. At start it refuses to serve on a non-loopback address without a token
+    unless ``allow_unauthenticated`` (:func:`~raggen.serve.resilience.check_exposure`).
+    """
 
     def __init__(self, retriever: Any, generator: Any, reranker: Any = None, limits: dict | None = None,
-                 api_token_env: str = DEFAULT_TOKEN_ENV, rerank_candidates: int = 20):
+                 api_token_env: str = DEFAULT_TOKEN_ENV, rerank_candidates: int = 20,
+                 allow_unauthenticated: bool = False, retry: dict | None = None,
+                 max_body_bytes: int = 64 * 1024):
         self.retriever = retriever
         self.generator = generator
         self.generator_stream = generator.options(stream=True)
@@ -216,6 +231,11 @@ class Ingress:
         self.limits = RequestLimits(**(limits or {}))
         self.api_token_env = api_token_env
         self.rerank_candidates = rerank_candidates
+        self.retry = RetryPolicy(**(retry or {}))
+        self.max_body_bytes = max_body_bytes
+        self.token = token_from_env(api_token_env)
+        self.host = serving_host()
+        check_exposure(self.host, self.token, allow_unauthenticated, token_env=api_token_env)
         self.http_metrics = HttpMetrics()
         self.stage_metrics = StageMetrics()
 
@@ -223,26 +243,33 @@ class Ingress:
         def record(entry: dict) -> None:
             self.http_metrics.request(entry["route"], entry["method"], entry["status"], entry["latency_ms"])
 
-        return build_http_api(self, self.limits, token_from_env(self.api_token_env), on_request=record)
+        return build_http_api(self, self.limits, self.token, on_request=record, max_body_bytes=self.max_body_bytes,
+                              retry_after_s=self.retry.retry_after_s,
+                              show_details=self.token is not None or is_loopback(self.host))
+
+    async def _call(self, what: str, method: Any, *args: Any) -> Any:
+        """``await method.remote(*args)``, sent again if the replica that took it died."""
+        return await call_with_retry(lambda: method.remote(*args), self.retry, what)
 
     async def _evidence(self, req: AnswerRequest) -> tuple[list[Hit], str, dict[str, float], float]:
         """Retrieve (and rerank): the passages, their index version, the timings so far, the start time."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
         fetch = max(req.top_k, self.rerank_candidates) if self.reranker is not None else req.top_k
-        retrieved = await self.retriever.retrieve.remote(req.question, fetch)
+        retrieved = await self._call("retrieve", self.retriever.retrieve, req.question, fetch)
         hits = retrieved["passages"]
         timings["retrieve"] = _ms_since(start)
         if self.reranker is not None:
             t = time.perf_counter()
-            hits = await self.reranker.rerank.remote(req.question, hits, req.top_k)
+            hits = await self._call("rerank", self.reranker.rerank, req.question, hits, req.top_k)
             timings["rerank"] = _ms_since(t)
         return hits, retrieved["index_version"], timings, start
 
     async def answer(self, req: AnswerRequest) -> dict:
         hits, version, timings, start = await self._evidence(req)
         t = time.perf_counter()
-        out = await self.generator.generate.remote(req.question, hits, req.decoding, req.max_new_tokens, req.num_beams)
+        out = await self._call("generate", self.generator.generate, req.question, hits, req.decoding,
+                               req.max_new_tokens, req.num_beams)
         timings["generate"] = _ms_since(t)
         timings["total"] = _ms_since(start)
         self.stage_metrics.observe(timings)
@@ -256,8 +283,7 @@ class Ingress:
         yield {"type": "evidence", "passages": hits, "index_version": version}
         t = time.perf_counter()
         summary: dict = {"finish_reason": "stop", "completion_tokens": 0}
-        async for item in self.generator_stream.generate_stream.remote(
-                req.question, hits, req.decoding, req.max_new_tokens, req.num_beams):
+        async for item in self._stream_generation(req, hits):
             if "delta" in item:
                 yield {"type": "delta", "text": item["delta"]}
             else:
@@ -269,11 +295,72 @@ class Ingress:
                "completion_tokens": summary["completion_tokens"], "passages": hits, "index_version": version,
                "timings_ms": timings}
 
+    async def _stream_generation(self, req: AnswerRequest, hits: list[Hit]) -> AsyncIterator[dict]:
+        """The Generator's stream, restarted on another replica if its replica dies mid-answer.
+
+        Decoding is deterministic, so a restarted stream repeats the text already sent: it is
+        skipped, and only what extends it is passed on.
+        """
+        sent = ""
+        # each attempt runs inside call_with_retry; its items flow out through this queue as they
+        # come, so the client still sees the answer as it is decoded
+        queue: asyncio.Queue[dict | None] = asyncio.Queue()
+
+        async def run_once() -> None:
+            nonlocal sent
+            text = ""
+            async for item in self.generator_stream.generate_stream.remote(
+                    req.question, hits, req.decoding, req.max_new_tokens, req.num_beams):
+                if "delta" not in item:
+                    await queue.put(item)
+                    continue
+                text += item["delta"]
+                if len(text) > len(sent) and text.startswith(sent):
+                    piece, sent = text[len(sent):], text
+                    await queue.put({"delta": piece})
+
+        async def produce() -> None:
+            try:
+                await call_with_retry(run_once, self.retry, "generate (stream)")
+            finally:
+                await queue.put(None)
+
+        task = asyncio.ensure_future(produce())
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+            await task  # re-raises what ended the stream
+        finally:
+            if not task.done():
+                task.cancel()
+
     async def index_info(self) -> dict:
-        return await self.retriever.index_info.remote()
+        return await self._call("index info", self.retriever.index_info)
 
     def check_health(self) -> None:
         return None  # stateless: it is healthy when it runs; the model deployments check themselves
+
+
+def serving_host() -> str | None:
+    """The address Serve's HTTP proxies listen on (``http_options.host``), asked of the controller;
+    None when it cannot be told (then it counts as exposed: the check fails closed)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return ray.get(controller.get_http_config.remote(), timeout=30).host
+    except Exception as exc:  # noqa: BLE001 - unknown counts as exposed
+        log.warning("cannot tell which address Serve listens on (%s): treating it as exposed", exc)
+        return None
+
+
+def _replica_name() -> str | None:
+    """This replica's id (``Retriever#abc123``) for ``/v1/index``; None outside a replica."""
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except Exception:  # noqa: BLE001 - outside Serve (tests construct the class directly)
+        return None
 
 
 def _ms_since(start: float) -> float:

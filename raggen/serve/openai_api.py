@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -35,14 +35,7 @@ from pydantic import (
     field_validator,
 )
 
-from raggen.serve.http_api import (
-    error_response,
-    internal_error,
-    jsonable_issues,
-    log,
-    request_id,
-)
-from raggen.serve.live_index import NoIndexError
+from raggen.serve.http_api import INTERNAL_ERROR, jsonable_issues, log, request_id
 from raggen.serve.schemas import (
     AnswerRequest,
     Decoding,
@@ -192,15 +185,17 @@ async def sse_stream(cid: str, model: str, first: dict[str, Any], events: AsyncI
                 yield _chunk(cid, created, model, {}, finish_reason=event["finish_reason"],
                              raggen=_evidence(event["passages"], event["index_version"], event["timings_ms"]))
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in-band, as OpenAI does
-        log.exception("chat completion stream failed (request %s)", rid)
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        error = {"message": f"{type(exc).__name__}: {first_line}", "type": "internal", "request_id": rid}
+        # the details go to the log under the request id, never to the client
+        log.error("chat completion stream failed (request %s)", rid, exc_info=exc)
+        error = {"message": INTERNAL_ERROR, "type": "internal", "request_id": rid}
         yield f"data: {json.dumps({'error': error}, separators=(',', ':'))}\n\n"
     yield "data: [DONE]\n\n"
 
 
-def install_chat_completions(app: FastAPI, service: Any, limits: RequestLimits) -> None:
-    """Add ``POST /v1/chat/completions`` to ``app`` (auth, content type and access log are the app's)."""
+def install_chat_completions(app: FastAPI, service: Any, limits: RequestLimits,
+                             failed: Callable[[Request, Exception, str], Response]) -> None:
+    """Add ``POST /v1/chat/completions`` to ``app`` (auth, content type, body size and access log
+    are the app's; ``failed(request, exc, what)`` turns an error into the app's 503 or 500)."""
 
     @app.post(ROUTE)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
@@ -210,16 +205,12 @@ def install_chat_completions(app: FastAPI, service: Any, limits: RequestLimits) 
         if not req.stream:
             try:
                 return completion_body(cid, req.model, await service.answer(answer_req))
-            except NoIndexError as exc:
-                return error_response(503, "index", str(exc), "no_index")
             except Exception as exc:  # noqa: BLE001 - one line to the client, the traceback to the log
-                return internal_error(request, exc, "chat completion")
+                return failed(request, exc, "chat completion")
         events = service.answer_stream(answer_req).__aiter__()
         try:  # retrieval runs before the status line: its failures are still HTTP errors
             first = await events.__anext__()
-        except NoIndexError as exc:
-            return error_response(503, "index", str(exc), "no_index")
         except Exception as exc:  # noqa: BLE001
-            return internal_error(request, exc, "chat completion")
+            return failed(request, exc, "chat completion")
         return StreamingResponse(sse_stream(cid, req.model, first, events, rid), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -156,6 +156,7 @@ def check_exposure(host: str | None, token: str | None, allow_unauthenticated: b
         raise ConfigError(
             f"{section}.host: serving on {where} (not loopback) without an API token is refused: set the "
             f"{token_env} environment variable on the replicas (e.g. from a Kubernetes Secret), serve on "
-            f"127.0.0.1, or set {section}.allow_unauthenticated: true to serve without authentication")
+            f"127.0.0.1, or set {section}.allow_unauthenticated: true to serve without authentication "
+            "(in a Serve config file: http_options.host, args.allow_unauthenticated)")
     log.warning("serving on %s without an API token (%s.allow_unauthenticated is true): every route is open "
                 "to anyone who can reach it", where, section)

@@ -70,14 +70,26 @@ class AnswerResponse(BaseModel):
 
 
 class IndexInfo(BaseModel):
-    """``GET /v1/index``: the live version, plus the last refused swap (if any) so a refusal is visible."""
+    """``GET /v1/index``: the live version of the replica that answered, plus the last refused swap
+    (if any) so a refusal is visible.
+
+    ``latest`` is the version the ``LATEST`` pointer named when the replica last read it (while it
+    follows LATEST); ``serving_fallback`` is true while the replica serves another version than the
+    one it was asked for (LATEST or a pinned version) because that one failed verification or could
+    not be loaded: it serves the newest version it could verify instead. ``index`` (the root URI),
+    ``requested`` and ``last_error`` are shown only to callers allowed to see internals (a token is
+    configured, or the service listens on loopback only); otherwise ``index`` is null.
+    """
 
     version: str
-    index: str
+    index: str | None
     num_passages: int
     loaded_at: float
     requested: str | None = None
     last_error: str | None = None
+    latest: str | None = None
+    serving_fallback: bool = False
+    replica: str | None = None
 
 
 class Health(BaseModel):

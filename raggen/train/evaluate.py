@@ -180,6 +180,7 @@ class RetrievalBatch:
     texts: list[list[str]]  # passage text alone (DPR's has_answer reads the text, not the title)
     passages: list[list[str]]  # title + text, what readers see
     scores: torch.Tensor  # (b, depth) retriever (or reranker) scores, best first
+    titles: list[list[str]] | None = None  # passage titles (DPR's retrieval results list them)
 
 
 def retrieve_for_eval(query_encoder, index, questions: list[str], depth: int, reranker=None) -> RetrievalBatch:
@@ -199,7 +200,8 @@ def retrieve_for_eval(query_encoder, index, questions: list[str], depth: int, re
         ids = [[row[j] for j in o] for row, o in zip(ids, pick)]
         texts = [[row[j] for j in o] for row, o in zip(texts, pick)]
         passages = [[row[j] for j in o] for row, o in zip(passages, pick)]
-    return RetrievalBatch(ids, texts, passages, scores)
+        titles = [[row[j] for j in o] for row, o in zip(titles, pick)]
+    return RetrievalBatch(ids, texts, passages, scores, titles)
 
 
 def evaluate_rag(
@@ -218,9 +220,12 @@ def evaluate_rag(
     rerank_candidates: int | None = None,
     generate: bool = True,
     progress: Callable[[int], None] | None = None,
+    records: list | None = None,
 ) -> dict[str, float]:
     """EM/F1 of generated answers and answer (and gold-passage) recall@k over ``examples``
-    (objects with question, answers, gold_passage_ids).
+    (objects with question, answers, gold_passage_ids); with ``records`` (a list), one dict per
+    example is appended to it: question, answers, prediction, em, f1 and the retrieved ids the
+    reader read.
 
     The reader sees the top ``top_k`` passages; recall is measured to depth max(ks). With a
     reranker (G-Rerank), ``rerank_candidates`` passages are retrieved, re-sorted by the reranker,
@@ -244,6 +249,10 @@ def evaluate_rag(
             )
             em += [exact_match(a, ex.answers) for a, ex in zip(answers, chunk)]
             f1 += [f1_score(a, ex.answers) for a, ex in zip(answers, chunk)]
+            if records is not None:
+                records += [{"id": ex.id, "question": ex.question, "answers": list(ex.answers), "prediction": a,
+                             "em": e, "f1": f, "retrieved_ids": ids[:top_k]}
+                            for ex, a, e, f, ids in zip(chunk, answers, em[-len(chunk):], f1[-len(chunk):], got.ids)]
         if progress:
             progress(len(chunk))
     out: dict[str, float] = {"num_examples": float(len(examples))}
@@ -309,9 +318,11 @@ def progress_bar(total: int, desc: str):
                 dynamic_ncols=tty, ascii=not tty)
 
 
-def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test") -> dict[str, float]:
+def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test", *, limit: int | None = None,
+                         out: str | None = None) -> dict[str, float]:
     """``raggen eval``: models from a checkpoint folder (e.g. ``runs/NAME/final``) or the config,
-    the config's index, ``train.eval_examples`` examples of the split."""
+    the config's index, ``limit`` (default ``train.eval_examples``) examples of the split; ``out``
+    (a path or s3:// URI) gets one JSON line per question (``raggen.train.retrieve.write_jsonl``)."""
     from raggen.index import open_index
     from raggen.train.checkpointing import read_checkpoint
     from raggen.train.loop import build_models
@@ -323,9 +334,11 @@ def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test"
         models = build_models(model_spec(cfg.model), t.estimator, restored)
     for m in models.values():
         m.eval()
-    index = open_index(t.index, s3_options=s3_options(t.s3))
-    examples = split_examples(split, dev_file=t.dev_file, world_dir=cfg.world.out_dir, limit=t.eval_examples,
+    index = open_index(t.index, settings=cfg.index.search, s3_options=s3_options(t.s3), load_embeddings=False,
+                       start_ray=True)  # shard actors for a large index (index.search.mode)
+    examples = split_examples(split, dev_file=t.dev_file, world_dir=cfg.world.out_dir, limit=limit or t.eval_examples,
                               s3_options=s3_options(t.s3))
+    records: list | None = [] if out else None
     gumbel = t.estimator == "gumbel-rerank"
     decoding = "rag-token" if t.estimator == "rag-token" else "rag-sequence-fast"
     with progress_bar(len(examples), f"eval {split}") as bar:
@@ -333,6 +346,11 @@ def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test"
             examples, query_encoder=models["query_encoder"], generator=models["generator"], index=index,
             top_k=t.gumbel.k if gumbel else t.top_k, decoding=decoding,
             reranker=models.get("reranker"), rerank_candidates=t.gumbel.candidates if gumbel else None,
-            progress=bar.update,
+            progress=bar.update, records=records,
         )
+    index.close()  # ends the shard actors it started, if any
+    if out:
+        from raggen.train.retrieve import write_jsonl
+
+        write_jsonl(out, records, s3_options(t.s3))
     return {"split": split, "checkpoint": checkpoint, "index_version": index.version, **scores}

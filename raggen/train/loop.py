@@ -183,13 +183,55 @@ def apply_lr_schedule(optimizer: torch.optim.Optimizer, settings: LoopSettings, 
     return scale
 
 
-def load_index(index_cfg: dict[str, Any]):
-    """The published index the loop searches (every checksum verified on load), in-process or as
-    shard actors."""
-    from raggen.index import open_index
+def load_index(index_cfg: dict[str, Any], rank: int = 0, world_size: int = 1):
+    """The published index the loop searches (every checksum verified on load), opened with the
+    ``index.search`` settings (``index_cfg["search"]``):
 
-    return open_index(index_cfg["uri"], index_cfg.get("version"), use_actors=bool(index_cfg.get("use_actors", False)),
-                      s3_options=index_cfg.get("s3"))
+    * through the shard-actor group the driver started for this index (``index_cfg["group"]``,
+      shared by every worker: one group, not one copy per worker);
+    * else, when the settings ask for actors (a refreshed version, a resumed run), rank 0 starts a
+      group and hands it to the other ranks (a collective: every rank calls this at the same point);
+    * else in this process (small indexes).
+    Stored vectors for the hits come back from wherever the shards live."""
+    from raggen.index import ShardActorGroup, SearchSettings, open_index
+    from raggen.index.build import search_plan
+
+    settings = SearchSettings(**(index_cfg.get("search") or {}))
+    if index_cfg.get("use_actors"):
+        settings = settings.model_copy(update={"mode": "actors"})
+    s3 = index_cfg.get("s3")
+    group = index_cfg.get("group")
+    if group is not None and group.source_uri == index_cfg["uri"] and index_cfg.get("version") in (None, group.version):
+        return open_index(index_cfg["uri"], group=group)
+
+    def plan():
+        vuri, manifest, actors = search_plan(index_cfg["uri"], index_cfg.get("version"), settings, s3)
+        return ShardActorGroup.start(vuri, settings=settings, s3_options=s3, manifest=manifest) if actors else vuri
+
+    where = _from_rank_zero(plan, rank, world_size)
+    if isinstance(where, ShardActorGroup):
+        return where.sharded_index(owned=rank == 0)
+    return open_index(where, settings=settings.model_copy(update={"mode": "local"}), s3_options=s3)
+
+
+def _from_rank_zero(fn, rank: int, world_size: int):
+    """``fn()`` on rank 0, its result (pickled) on every rank; an error there raises everywhere."""
+    import torch.distributed as dist
+
+    distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+    if not distributed:
+        return fn()
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            box[0] = ("error", f"{type(exc).__name__}: {exc}")
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status != "ok":
+        raise RuntimeError(f"opening the index failed on rank 0: {value}")
+    return value
 
 
 def searched_index(config: dict[str, Any], state: TrainingState | None) -> dict[str, Any]:
@@ -363,7 +405,7 @@ def setup_worker(config: dict[str, Any], rank: int, world_size: int, device: tor
     if state is not None and state.jsa_cache_state is not None:
         cache.load_state_dict(state.jsa_cache_state)
     index_cfg = searched_index(config, state)
-    index = load_index(index_cfg)
+    index = load_index(index_cfg, rank, world_size)
     return Worker(settings, step_cfg, models, wrapped, roles, optimizer, cache, index, index_cfg, device, rank, world_size)
 
 
@@ -581,9 +623,11 @@ def _refresh(worker: Worker, spec: RefreshSpec, step: int, writer: MetricsWriter
     encoder = unwrap(worker.models["passage_encoder"])
     version = agree_on_version(lambda: build_refreshed_index(encoder, spec, step), worker.rank)
     index_cfg = {**worker.index_cfg, "uri": spec.output_uri, "version": version, "s3": spec.s3, "refreshed": True}
-    new_index = load_index(index_cfg)
+    new_index = load_index(index_cfg, worker.rank, worker.world_size)
     old, worker.index, worker.index_cfg = worker.index, new_index, index_cfg
-    old.close()
+    # every rank has switched (load_index is a collective): rank 0 also ends an old actor group
+    # that the driver started, which nobody searches any more
+    old.close(release_shared=worker.rank == 0)
     seconds = time.perf_counter() - t0
     writer.write({"event": "index_refresh", "step": step, "version": version, "uri": spec.output_uri,
                   "seconds": seconds, "time": time.time()})

@@ -133,10 +133,46 @@ def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_
         "jsa_restart_chains": t.jsa.restart_chains,
         "step": step_spec(t),
         "models": {**model_spec(cfg.model), "passage_encoder": passage_encoder},
-        "index": {"uri": t.index, "version": None, "use_actors": False, "s3": s3_options(t.s3)},
+        "index": index_spec(cfg),
         "train_passage_encoder": t.train_passage_encoder,
         "refresh": refresh_spec(cfg, passage_encoder) if t.refresh_index_every else None,
     }
+
+
+def index_spec(cfg: "RaggenConfig") -> dict[str, Any]:
+    """How workers open ``train.index``: with the ``index.search`` settings (local, shard actors,
+    nprobe / efSearch); ``run_training`` adds ``group`` (the shard actors it started) when the
+    settings ask for actors."""
+    return {"uri": cfg.train.index, "version": None, "s3": s3_options(cfg.train.s3),
+            "search": cfg.index.search.model_dump(mode="json")}
+
+
+def start_index_group(loop_config: dict[str, Any]):
+    """On the driver: when ``train.index`` is to be searched through shard actors, start ONE group
+    for every worker (its handles go into the loop config) and return it; else None."""
+    from raggen.index import SearchSettings, ShardActorGroup
+    from raggen.index.build import search_plan
+
+    spec = loop_config["index"]
+    settings = SearchSettings(**spec["search"])
+    vuri, manifest, actors = search_plan(spec["uri"], spec.get("version"), settings, spec.get("s3"))
+    if not actors:
+        return None
+    group = ShardActorGroup.start(vuri, settings=settings, s3_options=spec.get("s3"), manifest=manifest,
+                                  name=f"raggen-train-{manifest.version}-{os.getpid()}", source_uri=spec["uri"])
+    loop_config["index"] = {**spec, "version": group.version, "group": group}
+    return group
+
+
+def _group_summary(group) -> dict[str, Any] | None:
+    if group is None:
+        return None
+    try:
+        infos = group.info()
+    except Exception:  # noqa: BLE001 - e.g. ended by an index refresh during the run
+        infos = []
+    return {"name": group.name, "version": group.version, "actors": len(group.handles),
+            "nodes": len({i["node_id"] for i in infos}), "queries": [i["queries"] for i in infos]}
 
 
 def passage_encoder_spec(cfg: "RaggenConfig") -> dict[str, Any]:
@@ -171,7 +207,10 @@ def refresh_spec(cfg: "RaggenConfig", passage_encoder: dict[str, Any]) -> dict[s
     """``raggen.train.refresh.RefreshSpec`` fields: the index section's build settings, publishing
     into the run's own index root; ``passage_encoder`` is ``passage_encoder_spec(cfg)``."""
     t = cfg.train
-    build = cfg.index.build_kwargs()
+    from raggen.indexing import index_build_kwargs
+
+    build = index_build_kwargs(cfg.index)  # documents are chunked once; the refresh reads the passages
+    passages_uri = build["passages_uri"]
     for key in ("passages_uri", "output_uri", "encoder_name_or_path", "version", "s3_options"):
         build.pop(key)
     # the refreshed vectors are d(z) as the trained encoder computes it
@@ -179,7 +218,7 @@ def refresh_spec(cfg: "RaggenConfig", passage_encoder: dict[str, Any]) -> dict[s
                  passage_format=passage_encoder["passage_format"])
     staging = os.path.join(local_run_dir(t.storage_path, t.name), "refresh")  # encoder snapshots: local folders
     snapshots = f"{t.storage_path.rstrip('/')}/{t.name}/refresh" if t.storage_path.startswith("s3://") else None
-    return {"every": t.refresh_index_every, "passages_uri": cfg.index.passages,
+    return {"every": t.refresh_index_every, "passages_uri": passages_uri,
             "output_uri": run_index_uri(t.storage_path, t.name), "staging_dir": staging,
             "build": build, "s3": s3_options(t.s3), "snapshot_uri": snapshots}
 
@@ -318,14 +357,21 @@ def run_training(cfg: "RaggenConfig", extra_loop_config: dict[str, Any] | None =
     config_uri = save_run_config(loop_config["config_yaml"], t.storage_path, t.name, s3)
     ensure_ray()
     use_gpu = loop_config["use_gpu"] = _resolve_use_gpu(t.use_gpu)
-    trainer = make_trainer(
-        loop_config, items, name=t.name, storage_path=t.storage_path,
-        num_workers=t.num_workers, use_gpu=use_gpu, cpus_per_worker=t.cpus_per_worker,
-        max_failures=t.max_failures, s3=s3,
-    )
-    result = trainer.fit()
+    group = start_index_group(loop_config)  # one group of shard actors for every worker (index.search)
+    try:
+        trainer = make_trainer(
+            loop_config, items, name=t.name, storage_path=t.storage_path,
+            num_workers=t.num_workers, use_gpu=use_gpu, cpus_per_worker=t.cpus_per_worker,
+            max_failures=t.max_failures, s3=s3,
+        )
+        result = trainer.fit()
+        index_group = _group_summary(group)
+    finally:
+        if group is not None:
+            group.close()
     final = export_final(result.checkpoint, t.storage_path, t.name, s3) if result.checkpoint else None
     return {
+        "index_group": index_group,
         "name": t.name,
         "run_dir": run_uri(t.storage_path, t.name),
         "config": config_uri,

@@ -82,7 +82,7 @@ def world(tmp_path_factory, ray_session):
     files = write_world(out / "world", WorldConfig(num_entities=30, seed=0, changed_fraction=0.5))
     root = str(out / "index")
     for version, passages in (("v1", files.passages_v1), ("v2", files.passages_v2)):
-        build_index(str(passages), root, encoder_name_or_path=MINILM, max_length=128, num_shards=2,
+        build_index(str(passages), root, encoder_name_or_path=MINILM, max_length=128, num_shards=2, num_actors=1,
                     version=version, actor_num_cpus=0.5, work_dir=out / f"work-{version}")
     texts = {v: pd.read_csv(p, sep="\t", dtype=str).set_index("id")["text"].to_dict()
              for v, p in (("v1", files.passages_v1), ("v2", files.passages_v2))}
@@ -121,9 +121,13 @@ def service(world, moto_s3):
         "default_top_k": TOP_K, "max_top_k": 8, "max_question_chars": 200, "max_new_tokens": MAX_NEW_TOKENS,
         "replica_num_cpus": 0.1, "ingress_num_cpus": 0.05, "max_batch_size": 4, "batch_wait_timeout_s": 0.005,
         "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2},
-        "s3": moto_s3,  # how the Retriever reaches S3 when a user_config names an s3:// index
+        # how the Retriever reaches S3 when a user_config names an s3:// index; the credentials are
+        # never Serve args: they come from the replicas' environment
+        "s3": {k: v for k, v in moto_s3.items() if not k.startswith("aws_")},
     }
-    config = serve_deploy_config(args, host="127.0.0.1", port=port)
+    credentials = {"AWS_ACCESS_KEY_ID": moto_s3["aws_access_key_id"],
+                   "AWS_SECRET_ACCESS_KEY": moto_s3["aws_secret_access_key"]}
+    config = serve_deploy_config(args, host="127.0.0.1", port=port, runtime_env={"env_vars": credentials})
     deploy_config(config)
     wait_until_running(timeout_s=300)
     url = f"http://127.0.0.1:{port}"

@@ -10,8 +10,6 @@ import pandas as pd
 import pytest
 
 from raggen.corpus import (
-    chunk_documents,
-    chunk_words,
     iter_passage_batches,
     read_passages,
     write_passages,
@@ -195,31 +193,3 @@ def test_jsonl_writer_output_is_plain_json(tmp_path):
     path = write_passages(tmp_path / "p.jsonl", PASSAGES)
     objs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert [o["id"] for o in objs] == PASSAGES.id.tolist()
-
-
-# --------------------------------------------------------------------------- chunking
-
-
-def test_chunk_words_disjoint_blocks_cover_the_text():
-    words = [f"w{i}" for i in range(257)]
-    blocks = chunk_words("  ".join(words) + "\n", words=100)
-    assert [len(b.split()) for b in blocks] == [100, 100, 57]
-    assert " ".join(blocks).split() == words  # disjoint and in order: concatenation is the text
-    assert chunk_words("   ") == []
-    assert chunk_words("a b", words=100) == ["a b"]
-    with pytest.raises(ValueError):
-        chunk_words("a", words=0)
-
-
-def test_chunk_documents_ids_and_titles():
-    docs = pd.DataFrame({"id": ["d1", "d2", "d3"],
-                         "text": [" ".join(["x"] * 230), "short doc", ""],
-                         "title": ["One", "Two", "Three"]})
-    out = chunk_documents(docs, words=100)
-    assert out.id.tolist() == ["d1-0", "d1-1", "d1-2", "d2-0"]
-    assert out.title.tolist() == ["One", "One", "One", "Two"]
-    assert [len(t.split()) for t in out.text] == [100, 100, 30, 2]
-    with pytest.raises(ValueError, match="duplicate document id"):
-        chunk_documents(pd.concat([docs, docs]))
-    with pytest.raises(ValueError, match="text"):
-        chunk_documents(docs.drop(columns="text"))

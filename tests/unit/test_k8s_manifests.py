@@ -457,6 +457,34 @@ def test_rayservice_serve_config_builds_from_its_raggen_config(obj):
     assert retriever["user_config"] == expected.index_user_config()
 
 
+@pytest.mark.parametrize("obj", [p for p in RENDERED if p.values[0]["kind"] == "RayService"])
+def test_rayservice_fails_closed_and_bounds_requests(obj):
+    """Serving on a non-loopback host needs the API token: every container gets it from a Secret
+    that is required (no ``optional: true``: a missing Secret stops the pod, it does not open the
+    API), unless the config explicitly sets serve.allow_unauthenticated; http_options carry the
+    config's request_timeout_s; no S3 credentials in the Serve args (they come from the env)."""
+    from raggen.serve.resilience import is_loopback
+
+    serve_config = yaml.safe_load(obj["spec"]["serveConfigV2"])
+    cfg = _load_config(obj["metadata"]["annotations"]["raggen.io/config"])
+    http = serve_config["http_options"]
+    # the base sets it; an overlay that replaces serveConfigV2 may leave it to Serve's default
+    assert http.get("request_timeout_s") in (cfg.serve.request_timeout_s, None)
+    (base,) = [d for d in load_docs(K8S / "base" / "rayservice.yaml") if d["kind"] == "RayService"]
+    base_http = yaml.safe_load(base["spec"]["serveConfigV2"])["http_options"]
+    assert base_http["request_timeout_s"] == _load_config(base["metadata"]["annotations"]["raggen.io/config"]).serve.request_timeout_s
+    (app,) = serve_config["applications"]
+    token_env = app["args"].get("api_token_env", "RAGGEN_API_TOKEN")
+    if is_loopback(http.get("host", "127.0.0.1")) or app["args"].get("allow_unauthenticated"):
+        return
+    for c in containers(obj, worker=False) + containers(obj, worker=True):
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert token_env in env, f"{c['name']}: no {token_env} while serving on {http['host']}"
+        ref = env[token_env].get("valueFrom", {}).get("secretKeyRef")
+        assert ref and ref.get("optional", False) is False, f"{c['name']}: {token_env} must come from a required Secret"
+    assert not {"aws_access_key_id", "aws_secret_access_key", "aws_session_token"} & set(app["args"].get("s3") or {})
+
+
 def test_aws_cluster_launcher_yaml_passes_rays_own_validation():
     """cluster/aws-gpu.yaml as `ray up` checks it (defaults filled in, then ray-schema.json),
     running the pinned Ray, with the repository synced to where the nodes start."""

@@ -1,0 +1,378 @@
+"""A published version served by a group of Ray shard actors, queried through actor handles.
+
+    ShardActorGroup.start(uri, version, settings=...)      # verified: every actor checked its shards
+      -> placement group, one bundle per actor, strategy SPREAD (over the nodes)
+      -> ShardServer actors, each serving ``settings.shards_per_actor`` consecutive shards, which it
+         loads ONCE from the store itself (sha256 verified, FAISS file and parquet memory-mapped,
+         the ``embedding`` column only when the index cannot give the vectors back)
+    group.sharded_index() -> ShardedIndex                    # search(xq, k) like a local index
+
+A caller (Train worker, eval, a Serve replica) keeps its query encoder and sends query vectors;
+each actor returns its shards' merged top-k (scores, row ids, shard numbers), the caller merges
+the actors' lists exactly (``merge_topk``) and fetches the k winners' payloads (id, title, text,
+stored vector for training) from their actors. Texts and vectors never enter the caller's process
+beyond those k hits per query.
+
+The group is picklable (handles + manifest): the driver starts one and passes it to N Train
+workers, which share it instead of loading N copies; a copy that was passed on never ends the
+group (``close`` does only in the process that started it). Hot swap: ``SwappableIndex`` holds
+the live index, ``swap`` installs a new (verified) one atomically and closes the old one once the
+last search that uses it has returned (reference counting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from raggen.errors import IndexIntegrityError
+from raggen.index.manifest import (
+    Manifest,
+    load_version,
+    read_manifest,
+    resolve_version_uri,
+)
+from raggen.index.settings import SearchSettings
+from raggen.index.sharded import (
+    ShardedIndex,
+    ShardSearcher,
+    _LocalBackend,
+    merge_topk,
+    resolve_search_params,
+)
+
+logger = logging.getLogger(__name__)
+
+ACTOR_NAME_PREFIX = "raggen-shards"  # actors are named <group name>/<actor number>
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (VmRSS), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class ShardServer:
+    """One shard actor: serves shards ``shards`` (numbers in the manifest) of one version.
+
+    Loads them from the store in ``__init__`` (every checksum verified; a version that does not
+    verify fails the actor, hence the group's start). ``search`` returns this actor's merged
+    top-k with global shard numbers; ``fetch`` the payloads of given row ids per shard."""
+
+    def __init__(self, version_uri: str, shards: list[int], *, s3_options=None, cache_dir=None,
+                 load_embeddings: bool | str = "auto", nprobe: int | None = None, ef_search: int | None = None,
+                 num_cpus: float = 1.0, use_gpu: bool = False, keep_cached_versions: int | None = 2,
+                 expect_version: str | None = None):
+        import faiss
+
+        threads = max(1, int(num_cpus))
+        faiss.omp_set_num_threads(threads)
+        loaded = load_version(version_uri, s3_options=s3_options, cache_dir=cache_dir, load_embeddings=load_embeddings,
+                              shards=shards, keep_cached_versions=keep_cached_versions)
+        if expect_version is not None and loaded.version != expect_version:
+            raise IndexIntegrityError(f"{version_uri}: holds version {loaded.version!r}, expected {expect_version!r}")
+        self.version, self.shards = loaded.version, [int(s) for s in shards]
+        self._local = {g: i for i, g in enumerate(self.shards)}
+        metric = loaded.manifest.metric
+        searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu,
+                                   num_threads=threads) for s in loaded.shards]  # fmt: skip
+        self.backend = _LocalBackend(searchers, max_workers=threads, cpus=threads)
+        self.counts = [int(s.entry.count) for s in loaded.shards]
+        self.embeddings_loaded = [s.has_embeddings for s in loaded.shards]
+        self.queries = 0
+
+    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
+        """(b, d), k -> scores (b, k), row ids (b, k), shard numbers (b, k) (-1: no hit)."""
+        scores, ids, local = merge_topk(self.backend.search(xq, k, nprobe, ef_search), k)
+        shards = np.asarray(self.shards, dtype=np.int64)
+        self.queries += len(xq)
+        return scores, ids, np.where(local >= 0, shards[np.maximum(local, 0)], -1)
+
+    def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True) -> dict[int, tuple]:
+        """{shard number: row ids (n,)} -> {shard number: (ids, titles, texts, vectors (n, d) or None)}."""
+        return {int(s): self.backend.searchers[self._local[int(s)]].fetch(rows, embeddings) for s, rows in requests.items()}
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        return {"version": self.version, "shards": self.shards, "counts": self.counts, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "rss_bytes": rss_bytes(),
+                "queries": self.queries, "embeddings_loaded": self.embeddings_loaded}  # fmt: skip
+
+    def ready(self) -> dict[str, Any]:
+        return self.info()
+
+
+ShardActor = ShardServer  # the class each Ray actor runs (wrapped with ray.remote at start-up)
+
+
+def assign_shards(num_shards: int, shards_per_actor: int) -> list[list[int]]:
+    """Consecutive shard numbers per actor: actor a serves [a*m, (a+1)*m) (merging the actors'
+    lists in order then ties break as over all shards in order)."""
+    m = max(1, int(shards_per_actor))
+    return [list(range(a, min(a + m, num_shards))) for a in range(0, num_shards, m)]
+
+
+class ShardActorGroup:
+    """Handles to the shard actors serving one version (see the module docstring)."""
+
+    def __init__(self, *, name: str, uri: str, source_uri: str, manifest: Manifest, handles: list, assignment: list[list[int]],
+                 settings: SearchSettings, placement_group=None, owner: bool = False):
+        self.name, self.uri, self.source_uri = name, uri, source_uri
+        self.manifest, self.handles, self.assignment = manifest, handles, assignment
+        self.settings, self.placement_group = settings, placement_group
+        self._owner = owner
+        self._closed = False
+        self.owner_of = {s: a for a, shards in enumerate(assignment) for s in shards}  # shard number -> actor
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_owner"] = False  # a copy passed on (to a Train worker) never ends the group
+        return state
+
+    @classmethod
+    def start(cls, uri: str, version: str | None = None, *, settings: SearchSettings | None = None,
+              s3_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+              name: str | None = None, manifest: Manifest | None = None, load_embeddings: bool | str = "auto",
+              timeout_s: float = 600.0, source_uri: str | None = None) -> ShardActorGroup:
+        """Start the actors of ``version`` (LATEST when None) and return once every actor has
+        loaded and verified its shards: a group that returns is verified. A version that does not
+        verify raises IndexIntegrityError; either way a failed start leaves nothing running.
+        ``name``: the group's (actors are ``<name>/<n>``); ``source_uri``: the root callers name
+        (default ``uri``)."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            raise RuntimeError("shard actors need a running Ray: call ray.init() in the entry point")
+        settings = settings or SearchSettings(mode="actors")
+        vuri = resolve_version_uri(uri, version, s3_options=s3_options)  # a version folder: LATEST read once, here
+        manifest = manifest if manifest is not None else read_manifest(vuri, s3_options=s3_options)
+        nprobe, ef_search = resolve_search_params(manifest, settings.nprobe, settings.ef_search)
+        name = name or f"{ACTOR_NAME_PREFIX}-{manifest.version}-{secrets.token_hex(3)}"
+        assignment = assign_shards(len(manifest.shards), settings.shards_per_actor)
+        bundle = {"CPU": float(settings.actor_num_cpus)}
+        if settings.actor_num_gpus:
+            bundle["GPU"] = float(settings.actor_num_gpus)
+        pg = placement_group([dict(bundle) for _ in assignment], strategy="SPREAD", name=name)
+        handles: list = []
+        try:
+            ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+            if not ready:
+                raise RuntimeError(f"shard actors: the cluster cannot place {len(assignment)} actors of {bundle} "
+                                   f"within {timeout_s:.0f} s (index.search.actor_num_cpus / shards_per_actor)")
+            remote = ray.remote(ShardServer)
+            for a, shards in enumerate(assignment):
+                handles.append(remote.options(
+                    name=f"{name}/{a}", num_cpus=settings.actor_num_cpus, num_gpus=settings.actor_num_gpus or 0,
+                    max_concurrency=settings.actor_max_concurrency,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a),
+                ).remote(vuri, shards, s3_options=dict(s3_options) if s3_options else None,
+                         cache_dir=None if cache_dir is None else str(cache_dir), load_embeddings=load_embeddings,
+                         nprobe=nprobe, ef_search=ef_search, num_cpus=settings.actor_num_cpus,
+                         use_gpu=bool(settings.actor_num_gpus), keep_cached_versions=settings.cache_versions,
+                         expect_version=manifest.version))  # fmt: skip
+            infos = _get(ray, [h.ready.remote() for h in handles], timeout_s, vuri)
+        except BaseException:
+            for h in handles:
+                ray.kill(h)
+            remove_placement_group(pg)
+            raise
+        group = cls(name=name, uri=vuri, source_uri=source_uri or str(uri), manifest=manifest, handles=handles, assignment=assignment,
+                    settings=settings, placement_group=pg, owner=True)
+        nodes = {i["node_id"] for i in infos}
+        logger.info("shard actors %s: version %s, %d actors over %d node(s), nprobe %s, efSearch %s", name,
+                    manifest.version, len(handles), len(nodes), nprobe, ef_search)
+        return group
+
+    def sharded_index(self, *, query_batch_size: int = 256, owned: bool = False) -> ShardedIndex:
+        """A ShardedIndex searching through this group; ``owned``: its ``close()`` ends the group."""
+        nprobe, ef_search = resolve_search_params(self.manifest, self.settings.nprobe, self.settings.ef_search)
+        return ShardedIndex(_ActorBackend(self, owned=owned), manifest=self.manifest, dim=self.manifest.encoder.dim,
+                            query_batch_size=query_batch_size, nprobe=nprobe, ef_search=ef_search)
+
+    def info(self) -> list[dict[str, Any]]:
+        """Each actor's ``ShardServer.info()`` (pid, node, RSS, shards, queries served)."""
+        import ray
+
+        return ray.get([h.info.remote() for h in self.handles])
+
+    def close(self, *, force: bool = False) -> None:
+        """End the actors and their placement group: in the process that started the group, or
+        anywhere with ``force`` (e.g. the last user of a group nobody else searches)."""
+        if self._closed or not (self._owner or force):
+            return
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        self._closed = True
+        for h in self.handles:
+            with contextlib.suppress(Exception):
+                ray.kill(h)
+        if self.placement_group is not None:
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.placement_group)
+        logger.info("shard actors %s (version %s) ended", self.name, self.version)
+
+
+def _get(ray, refs: list, timeout_s: float, vuri: str) -> list:
+    """ray.get; an actor that failed to load its shards because they do not verify raises
+    IndexIntegrityError (the actor's own message), anything else as Ray raised it."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(f"{vuri}: shard actors not ready after {timeout_s:.0f} s") from None
+    except ray.exceptions.RayError as exc:
+        text = str(exc)
+        if "IndexIntegrityError" in text:
+            lines = [ln.strip() for ln in text.splitlines() if "IndexIntegrityError" in ln]
+            detail = lines[-1].split("IndexIntegrityError:", 1)[-1].strip() if lines else text.splitlines()[-1]
+            raise IndexIntegrityError(detail) from None
+        raise
+
+
+class _ActorBackend:
+    """The ShardedIndex backend that searches through a ShardActorGroup."""
+
+    kind = "actors"
+
+    def __init__(self, group: ShardActorGroup, *, owned: bool = False):
+        import ray
+
+        self.ray = ray
+        self.group = group
+        self.owned = owned
+
+    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
+        xq_arg = self.ray.put(xq) if xq.nbytes > 100_000 and len(self.group.handles) > 1 else xq  # one copy for all
+        return self.ray.get([h.search.remote(xq_arg, k, nprobe, ef_search) for h in self.group.handles])
+
+    def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True):
+        per_actor: dict[int, dict[int, np.ndarray]] = {}
+        for s, rows in requests.items():
+            per_actor.setdefault(self.group.owner_of[s], {})[s] = rows
+        out: dict[int, tuple] = {}
+        for part in self.ray.get([self.group.handles[a].fetch.remote(req, embeddings) for a, req in per_actor.items()]):
+            out.update(part)
+        return out
+
+    def close(self, release_shared: bool = False) -> None:
+        if self.owned or release_shared:
+            self.group.close(force=True)
+
+
+# ------------------------------------------------------------------------------------------ hot swap
+
+
+class SwappableIndex:
+    """The live index of a long-running caller (a Serve replica, a trainer), replaceable in use.
+
+    ``search`` pins the index it starts on (reference count) and releases it after; ``swap(new)``
+    replaces it atomically: searches already running finish on the old index, new ones use the new
+    one, and the old one is closed (its actor group ended, when it owns one) as soon as the last
+    search using it returns (at once when none does). Start and verify the new index beside the
+    old one first (``open_index`` / ``ShardActorGroup.start``), then swap: a failed start never
+    touches the live index."""
+
+    def __init__(self, index: ShardedIndex | None = None):
+        self._lock = threading.Lock()
+        self._index = index
+        self._pins: dict[int, int] = {}  # id(index) -> searches in flight
+        self._retired: dict[int, ShardedIndex] = {}  # swapped out, closed when their pins reach 0
+
+    @property
+    def current(self) -> ShardedIndex | None:
+        return self._index
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[ShardedIndex]:
+        with self._lock:
+            index = self._index
+            if index is None:
+                raise RuntimeError("no index to search yet")
+            self._pins[id(index)] = self._pins.get(id(index), 0) + 1
+        try:
+            yield index
+        finally:
+            done = None
+            with self._lock:
+                key = id(index)
+                self._pins[key] -= 1
+                if self._pins[key] == 0:
+                    del self._pins[key]
+                    done = self._retired.pop(key, None)
+            if done is not None:
+                done.close()
+
+    def search(self, xq: np.ndarray, k: int, **kwargs):
+        with self.use() as index:
+            return index.search(xq, k, **kwargs)
+
+    def swap(self, new: ShardedIndex) -> ShardedIndex | None:
+        """Install ``new``; the old index is closed once no search uses it. Returns the old one."""
+        with self._lock:
+            old, self._index = self._index, new
+            close_now = old is not None and old is not new and id(old) not in self._pins
+            if old is not None and old is not new and not close_now:
+                self._retired[id(old)] = old
+        if close_now:
+            old.close()
+        return old
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(self._pins.values())
+
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every swapped-out index has been closed; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._retired:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def close(self) -> None:
+        with self._lock:
+            index, self._index = self._index, None
+        if index is not None and id(index) not in self._pins:
+            index.close()
+        elif index is not None:
+            with self._lock:
+                self._retired[id(index)] = index
+
+
+def shard_bytes(version_uri: str, manifest: Manifest, s3_options=None) -> int | None:
+    """Total size of a version's shard files in its store (None when it cannot be listed)."""
+    from raggen.storage import LocalStore, open_store
+
+    store = open_store(version_uri, s3_options)
+    names = {n for n, _ in manifest.files()}
+    try:
+        if isinstance(store, LocalStore):
+            return sum(store.local_path(n).stat().st_size for n in names)
+        return sum(size for name, size, _ in store.list_with_info() if name in names)
+    except (OSError, AttributeError):
+        return None

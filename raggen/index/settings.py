@@ -1,0 +1,56 @@
+"""How a published index is searched: where (in this process or through shard actors), with which
+FAISS search parameters, and how build-time tuning picks the version's defaults.
+
+``SearchSettings`` is the library's own settings object; ``raggen.config`` embeds it as
+``index.search`` (train and eval open ``train.index`` with it; Serve's Retriever can too).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# mode "auto" serves a version through shard actors from this size on (either threshold)
+AUTO_ACTORS_BYTES = 2 * 1024**3  # 2 GiB of shard files (.faiss + .parquet)
+AUTO_ACTORS_PASSAGES = 1_000_000
+
+
+class SearchSettings(BaseModel):
+    """``index.search``: every field has one default that runs on a CPU laptop."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # local: every caller loads the shards into its own process (small indexes, tests);
+    # actors: one group of shard actors (placement group, SPREAD over nodes) that callers query
+    # through handles; auto: actors from auto_actors_bytes of shard files or auto_actors_passages
+    # passages on, local below
+    mode: Literal["local", "actors", "auto"] = "auto"
+    auto_actors_bytes: int = Field(AUTO_ACTORS_BYTES, ge=0)
+    auto_actors_passages: int = Field(AUTO_ACTORS_PASSAGES, ge=0)
+    actor_num_cpus: float = Field(1.0, gt=0)  # each shard actor's CPU share (its FAISS threads: max(1, int(it)))
+    actor_num_gpus: float = Field(0.0, ge=0)
+    shards_per_actor: int = Field(1, ge=1)  # consecutive shards served by one actor
+    actor_max_concurrency: int = Field(4, ge=1)  # requests one actor serves at once (FAISS releases the GIL)
+    # IVF lists probed / HNSW efSearch: None = the version's search_defaults (tuned at build time),
+    # else FAISS's own (nprobe 1, efSearch 16); a per-call argument overrides both
+    nprobe: int | None = Field(None, ge=1)
+    ef_search: int | None = Field(None, ge=1)
+    # build time: the smallest nprobe / efSearch (powers of 2) whose recall@tune_k on tune_queries
+    # held-out queries is within (1 - target_recall) of the exhaustive setting's; None: no tuning
+    target_recall: float | None = Field(0.99, gt=0, le=1)
+    tune_queries: int = Field(200, ge=1)
+    tune_k: int = Field(100, ge=1)
+    # S3 versions are cached locally (memory-mapped from there); versions beyond the newest
+    # cache_versions per root are evicted
+    cache_versions: int = Field(2, ge=1)
+
+
+def wants_actors(settings: SearchSettings, *, num_passages: int, shard_bytes: int | None) -> bool:
+    """The mode a version is served in: "actors" or "local" as configured; "auto": actors when the
+    version holds at least ``auto_actors_passages`` passages or ``auto_actors_bytes`` of shard files."""
+    if settings.mode != "auto":
+        return settings.mode == "actors"
+    if num_passages >= settings.auto_actors_passages:
+        return True
+    return shard_bytes is not None and shard_bytes >= settings.auto_actors_bytes

@@ -1,0 +1,324 @@
+"""Shard actors on a 2-node local Ray cluster (``ray.cluster_utils.Cluster``, 1 CPU per node).
+
+- a version served by a group of shard actors (placement group SPREAD: one actor per node)
+  returns exactly the single local index's top-k (ids, scores, texts, vectors), and exactly one
+  IndexFlatIP's; IVF search defaults and per-call overrides hold through the actors;
+- a caller that opens the actor-backed index does not hold the passages: its RSS grows by much
+  less than the shard's text (about 40 MB), while opening the same version locally grows by it;
+- a Ray Train run with 2 workers searches through ONE actor group (counted by actor name);
+- a version that does not verify fails the group's start and leaves nothing running;
+  ``SwappableIndex`` moves callers to a newly started group and ends the old one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import faiss
+import numpy as np
+import pytest
+
+from raggen.errors import IndexIntegrityError
+from raggen.index import (
+    SearchSettings,
+    ShardActorGroup,
+    ShardedIndex,
+    SwappableIndex,
+    load_version,
+    make_manifest,
+    open_index,
+    passages_table,
+    publish_version,
+    write_parquet_atomic,
+)
+from raggen.index.actors import rss_bytes
+from raggen.index.shard import build_shard_index, train_index, write_index_file
+
+pytestmark = pytest.mark.integration
+
+D = 32
+N = 16_000  # passages
+TEXT_CHARS = 2_500  # incompressible hex: ~40 MB of text in all
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes of 1 CPU each in this process's machine; the driver joins the head."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 200 * 1024**2})
+    c.add_node(num_cpus=1, object_store_memory=200 * 1024**2)
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def write_version(root, version: str, xb: np.ndarray, texts: list[str], *, factory: str = "Flat", num_shards: int = 4,
+                  search_defaults=None) -> None:
+    work = root.parent / f"work-{version}"
+    work.mkdir(parents=True)
+    trained = train_index(xb, factory=factory, train_sample=len(xb)) if "IVF" in factory else None
+    files = []
+    for s, rows in enumerate(np.array_split(np.arange(len(xb)), num_shards)):
+        ids = (np.int64(s) << 40) + rows.astype(np.int64)
+        index = build_shard_index(xb[rows], ids, factory=factory, trained_index=trained)
+        ipath, ppath = work / f"shard-{s:05d}.faiss", work / f"shard-{s:05d}.parquet"
+        write_index_file(index, ipath)
+        write_parquet_atomic(passages_table(ids, [f"p{r}" for r in rows], [f"title {r}" for r in rows],
+                                            [texts[r] for r in rows], xb[rows]), ppath)  # fmt: skip
+        files.append((ipath, ppath, len(rows)))
+    manifest = make_manifest(version, encoder_name_or_path="x", pooling="mean", dim=D, metric="ip",
+                             faiss_factory=factory, shard_files=files, search_defaults=search_defaults)  # fmt: skip
+    publish_version(str(root), manifest, work)
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((N, D)).astype(np.float32)
+    texts = [os.urandom(TEXT_CHARS // 2).hex() for _ in range(N)]
+    root = tmp_path_factory.mktemp("actors") / "index"
+    write_version(root, "v1", xb, texts)
+    return {"root": str(root), "xb": xb, "text_bytes": sum(len(t) for t in texts)}
+
+
+def settings(**kw) -> SearchSettings:
+    return SearchSettings(mode="actors", actor_num_cpus=0.25, **kw)
+
+
+def test_actor_group_returns_exactly_the_local_index_top_k(cluster, version):
+    xb = version["xb"]
+    xq = np.random.default_rng(1).standard_normal((20, D)).astype(np.float32)
+    local = ShardedIndex.from_version(load_version(version["root"], load_embeddings="auto"))
+    group = ShardActorGroup.start(version["root"], settings=settings(shards_per_actor=2))
+    try:
+        infos = group.info()
+        assert [i["shards"] for i in infos] == [[0, 1], [2, 3]]
+        assert len({i["node_id"] for i in infos}) == 2, "SPREAD placement: one actor per node"
+        assert not any(any(i["embeddings_loaded"]) for i in infos)  # Flat: vectors come from the index
+        through = group.sharded_index()
+        assert through.backend_kind == "actors"
+        want, got = local.search(xq, 10), through.search(xq, 10)
+        assert got.ids == want.ids and got.titles == want.titles and got.texts == want.texts
+        np.testing.assert_array_equal(got.row_ids, want.row_ids)
+        np.testing.assert_array_equal(got.scores, want.scores)
+        np.testing.assert_array_equal(got.embeddings, want.embeddings)
+        flat = faiss.IndexFlatIP(D)
+        flat.add(xb)
+        ref_scores, ref_rows = flat.search(xq, 10)
+        assert got.ids == [[f"p{r}" for r in row] for row in ref_rows]
+        np.testing.assert_allclose(got.scores, ref_scores, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got.embeddings, xb[ref_rows])
+
+        def per_query_ms(index) -> float:
+            index.search(xq[:1], 10)
+            t0 = time.perf_counter()
+            for q in xq:
+                index.search(q[None], 10)
+            return 1000 * (time.perf_counter() - t0) / len(xq)
+
+        local_ms, actors_ms = per_query_ms(local), per_query_ms(through)
+        print(f"\nlatency per query (k=10, {N} passages, 4 shards): local {local_ms:.2f} ms, "
+              f"2 shard actors on 2 nodes {actors_ms:.2f} ms")
+        assert sum(i["queries"] for i in group.info()) >= 2 * (2 * len(xq) + 1)
+    finally:
+        group.close()
+
+
+def test_ivf_defaults_and_per_call_overrides_hold_through_actors(cluster, tmp_path):
+    rng = np.random.default_rng(2)
+    xb = rng.standard_normal((2000, D)).astype(np.float32)
+    root = tmp_path / "ivf"
+    write_version(root, "v1", xb, [f"t{i}" for i in range(2000)], factory="IVF16,Flat", num_shards=2,
+                  search_defaults={"nprobe": 2})
+    xq = rng.standard_normal((8, D)).astype(np.float32)
+    local = ShardedIndex.from_version(load_version(str(root)))
+    index = open_index(str(root), settings=settings())
+    try:
+        assert index.backend_kind == "actors" and index.nprobe == 2
+        for kw in ({}, {"nprobe": 1}, {"nprobe": 16}):
+            np.testing.assert_array_equal(index.search(xq, 5, **kw).row_ids, local.search(xq, 5, **kw).row_ids)
+        assert not np.array_equal(local.search(xq, 5, nprobe=1).row_ids, local.search(xq, 5, nprobe=16).row_ids)
+    finally:
+        index.close()
+
+
+def test_caller_does_not_hold_the_passages(cluster, version):
+    warm = open_index(version["root"], settings=settings(), load_embeddings=False)  # imports, first calls
+    warm.search(version["xb"][:4], 5)
+    warm.close()
+    before = rss_bytes()
+    index = open_index(version["root"], settings=settings(), load_embeddings=False)
+    result = index.search(version["xb"][:4], 5)
+    actors_growth = rss_bytes() - before
+    holders = index.actor_group.info()
+    index.close()
+    assert len(result.texts[0][0]) == TEXT_CHARS
+    before = rss_bytes()
+    local = open_index(version["root"], settings=SearchSettings(mode="local"), load_embeddings=False)
+    local.search(version["xb"][:4], 5)
+    local_growth = rss_bytes() - before
+    text = version["text_bytes"]
+    print(f"\ncaller RSS growth: actor-backed {actors_growth / 2**20:.1f} MiB, local {local_growth / 2**20:.1f} MiB; "
+          f"text {text / 2**20:.1f} MiB; shard actors' RSS {[round(h['rss_bytes'] / 2**20) for h in holders]} MiB")
+    assert actors_growth < 0.1 * text, "the caller must not hold the passages"
+    assert local_growth > 0.5 * text, "the local index holds them (the measurement can see them)"
+    local.close()
+
+
+def test_a_version_that_does_not_verify_starts_no_group(cluster, version, tmp_path):
+    import shutil
+
+    from ray.util.state import list_actors
+
+    bad = tmp_path / "bad"
+    shutil.copytree(version["root"], bad)
+    with open(bad / "v1" / "shard-00003.parquet", "r+b") as f:
+        f.seek(100)
+        f.write(b"corrupt")
+    with pytest.raises(IndexIntegrityError, match="shard-00003.parquet: sha256 mismatch"):
+        ShardActorGroup.start(str(bad), settings=settings(), name="raggen-bad-group")
+    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if (a.name or "").startswith("raggen-bad-group")]
+    assert alive == []
+
+
+def test_swap_moves_callers_to_a_new_group_and_ends_the_old_one(cluster, version):
+    from ray.util.state import list_actors
+
+    live = SwappableIndex(open_index(version["root"], settings=settings()))
+    old_group = live.current.actor_group
+    xq = version["xb"][:3]
+    first = live.search(xq, 5)
+    new = open_index(version["root"], settings=settings(shards_per_actor=4))  # started + verified beside the old
+    live.swap(new)
+    assert live.current.actor_group.name != old_group.name and live.drain(10)
+    assert live.search(xq, 5).ids == first.ids
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        states = {a.state for a in list_actors(limit=1000) if (a.name or "").startswith(old_group.name + "/")}
+        if states == {"DEAD"}:
+            break
+        time.sleep(0.5)
+    assert states == {"DEAD"}
+    live.close()
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def publish_tiny_index(passages, encoder_dir: str, root: str, work) -> None:
+    from raggen.models import TextEncoder, passage_text
+
+    enc = TextEncoder.from_pretrained(encoder_dir, max_length=64)
+    xb = enc.encode([passage_text(t, x) for t, x in zip(passages["title"], passages["text"])]).numpy()  # (n, d)
+    work.mkdir(parents=True)
+    files = []
+    for s in range(2):
+        rows = np.arange(s, len(passages), 2)
+        ipath, ppath = work / f"shard-{s:05d}.faiss", work / f"shard-{s:05d}.parquet"
+        write_index_file(build_shard_index(xb[rows], rows.astype(np.int64)), ipath)
+        sub = passages.iloc[rows]
+        write_parquet_atomic(passages_table(rows, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(),
+                                            xb[rows]), ppath)  # fmt: skip
+        files.append((ipath, ppath, len(rows)))
+    publish_version(root, make_manifest("v1", encoder_name_or_path=encoder_dir, pooling="mean", dim=xb.shape[1],
+                                        metric="ip", faiss_factory="Flat", shard_files=files), work)  # fmt: skip
+
+
+def test_two_train_workers_search_through_one_actor_group(cluster, tmp_path):
+    from ray.util.state import list_actors
+
+    from raggen.config import load_config
+    from raggen.corpus import read_passages, write_qa_jsonl
+    from raggen.corpus.world import WorldConfig, build_world, write_world
+    from raggen.models import make_tiny_encoder, make_tiny_generator
+    from raggen.train.trainer import run_training
+
+    files = write_world(tmp_path / "world", WorldConfig(num_entities=30, seed=0))
+    world = build_world(WorldConfig(num_entities=30, seed=0))
+    train_file = write_qa_jsonl(tmp_path / "train.jsonl", world.train[:16])
+    enc, gen = make_tiny_encoder(str(tmp_path / "enc")), make_tiny_generator(str(tmp_path / "gen"))
+    publish_tiny_index(read_passages(files.passages_v1), enc, str(tmp_path / "index"), tmp_path / "index-work")
+
+    def shard_actor_names() -> set[str]:
+        return {a.name for a in list_actors(filters=[("class_name", "=", "ShardServer")], limit=1000) if a.name}
+
+    before = shard_actor_names()
+    cfg = load_config(None, [
+        "train.name=actors", f"train.storage_path={tmp_path / 'runs'}", f"train.train_file={train_file}",
+        f"train.index={tmp_path / 'index'}", "train.estimator=rag-sequence", "train.steps=2", "train.batch_size=2",
+        "train.top_k=2", "train.num_workers=2", "train.cpus_per_worker=0.25", "train.checkpoint_every=2",
+        "train.use_gpu=false", f"model.query_encoder.name_or_path={enc}", "model.query_encoder.max_length=32",
+        f"model.generator={gen}", "model.max_source_length=64", "model.max_target_length=8",
+        "index.search.mode=actors", "index.search.actor_num_cpus=0.25",
+    ])  # fmt: skip
+    summary = run_training(cfg)
+    group = summary["index_group"]
+    assert group is not None and group["actors"] == 2 and group["nodes"] == 2
+    # 2 workers x 2 steps x 2 examples: every search went through the group's actors
+    assert all(q >= 2 * 2 * 2 for q in group["queries"]), group
+    new = shard_actor_names() - before
+    assert {n.rsplit("/", 1)[0] for n in new} == {group["name"]}, f"one group for both workers, got {sorted(new)}"
+    assert len(new) == 2
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def test_quantizer_training_and_shards_are_built_in_ray_tasks_with_tuned_defaults(cluster, tmp_path):
+    """build_index's FAISS stage: training and the 3 shards run as Ray tasks (pinned to the
+    driver's node, whose work dir holds the files); the search defaults they measure are what
+    tuning all shards in one process gives."""
+    import ray
+    from ray.util.state import list_tasks
+
+    from raggen.index import embeddings_of
+    from raggen.index import tuning as T
+    from raggen.index.build import build_shards_in_tasks
+    from raggen.index.encode import EncodedShard
+    from raggen.index.shard import read_index_file
+
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((30, D)).astype(np.float32) * 2
+    xb = (centers[rng.integers(0, 30, 3000)] + rng.standard_normal((3000, D))).astype(np.float32)
+    encoded = []
+    for s, rows in enumerate(np.array_split(np.arange(3000), 3)):
+        path = tmp_path / "encoded" / f"shard-{s:05d}.parquet"
+        ids = (np.int64(s) << 40) + rows.astype(np.int64)
+        write_parquet_atomic(passages_table(ids, [f"p{r}" for r in rows], [""] * len(rows), [""] * len(rows), xb[rows]), path)
+        encoded.append(EncodedShard(shard=s, path=path, count=len(rows)))
+    out = tmp_path / "out"
+    out.mkdir()
+    files, defaults = build_shards_in_tasks(encoded, out, faiss_factory="IVF32,Flat", metric="ip", dim=D, train_sample=3000,
+                                            store_embeddings=False, target_recall=0.99, tune_queries=100, tune_k=20,
+                                            num_cpus=0.25, work_dir_shared=False)  # fmt: skip
+    assert [f[2] for f in files] == [1000, 1000, 1000] and all(f[0].is_file() and f[1].is_file() for f in files)
+    indexes = [read_index_file(f[0]) for f in files]
+    xq = T.sample_queries(xb[:1000], 100, seed=0)  # what the task sampled: the largest shard (the first of equals)
+    here = T.tune(indexes, [xb[:1000], xb[1000:2000], xb[2000:]], [np.asarray(p.column("row_id")) for p in
+                  (load_passages(f[1]) for f in files)], xq, metric="ip", k=20, target_recall=0.99)  # fmt: skip
+    assert defaults is not None and defaults.nprobe == here.nprobe and defaults.recall == here.recall
+    assert 1 <= defaults.nprobe <= 32 and defaults.num_queries == 100
+    driver_node = ray.get_runtime_context().get_node_id()
+    deadline = time.time() + 30
+    while time.time() < deadline:  # task events reach the state API asynchronously
+        tasks = [t for t in list_tasks(filters=[("func_or_class_name", "=", "build_and_measure_shard")], limit=1000,
+                                       detail=True) if t.state == "FINISHED"]  # fmt: skip
+        if len(tasks) >= 3:
+            break
+        time.sleep(0.5)
+    assert len(tasks) == 3 and {t.node_id for t in tasks} == {driver_node}
+    assert embeddings_of(load_passages(files[0][1])) is None  # store_embeddings=False
+
+
+def load_passages(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)

@@ -1,0 +1,203 @@
+"""Bounded memory when a version is loaded (no Ray): each FAISS index opened once and memory-mapped
+from its file, the embedding column read only when asked for (never for serving; "auto": only
+when the index cannot give the vectors back), the local cache keeping the newest N versions; the
+merge of per-actor merges; SwappableIndex closing a swapped-out index only once no search uses it;
+the search mode and encoder-pool sizing rules."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import faiss
+import numpy as np
+import pytest
+
+from raggen.index import manifest as M
+from raggen.index import shard as S
+from raggen.index.actors import SwappableIndex, assign_shards
+from raggen.index.build import encoder_pool, open_index
+from raggen.index.settings import SearchSettings, wants_actors
+from raggen.index.sharded import ShardedIndex, merge_topk
+
+D = 16
+
+
+def publish(tmp_path, factory: str = "Flat", n: int = 600, num_shards: int = 2, store_embeddings: bool = True):
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((n, D)).astype(np.float32)
+    out = tmp_path / "files"
+    out.mkdir(exist_ok=True)
+    trained = S.train_index(xb, factory=factory, train_sample=n) if not S.new_index(D, factory).is_trained else None
+    files, ids_all = [], []
+    for s, rows in enumerate(np.array_split(np.arange(n), num_shards)):
+        ids = (np.int64(s) << 40) + rows.astype(np.int64)
+        index = S.build_shard_index(xb[rows], ids, factory=factory, trained_index=trained)
+        ipath, ppath = out / f"shard-{s:05d}.faiss", out / f"shard-{s:05d}.parquet"
+        S.write_index_file(index, ipath)
+        table = M.passages_table(ids, [f"p{r}" for r in rows], [f"t{r}" for r in rows], [f"x{r}" for r in rows],
+                                 xb[rows] if store_embeddings else None)  # fmt: skip
+        M.write_parquet_atomic(table, ppath)
+        files.append((ipath, ppath, len(rows)))
+        ids_all.append(ids)
+    manifest = M.make_manifest("v1", encoder_name_or_path="x", pooling="mean", dim=D, metric="ip",
+                               faiss_factory=factory, shard_files=files)  # fmt: skip
+    M.publish_version(str(tmp_path / "root"), manifest, out)
+    return str(tmp_path / "root"), xb
+
+
+def mapped_files() -> str:
+    with open("/proc/self/maps") as f:
+        return f.read()
+
+
+def test_each_index_is_opened_once_and_memory_mapped(tmp_path, monkeypatch):
+    root, xb = publish(tmp_path, "Flat", n=2000)
+    opened, deserialized = [], []
+    real_open = S.open_index_file
+    monkeypatch.setattr(S, "open_index_file", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    monkeypatch.setattr(S, "deserialize_index", lambda *a, **k: deserialized.append(1) or pytest.fail("deserialized"))
+    loaded = M.load_version(root)
+    index = ShardedIndex.from_version(loaded)
+    assert len(opened) == 2 and not deserialized  # one open per shard, load + wrap together
+    assert loaded.shards[0].index() is loaded.shards[0].index()
+    assert index._backend.searchers[0].cpu_index is loaded.shards[0].index()  # the same object, not a copy
+    maps = mapped_files()
+    for shard in loaded.shards:
+        assert str(shard.index_path) in maps  # the file's pages are mapped, not read into the heap
+    result = index.search(xb[:3], 1)
+    best = np.argmax(xb[:3] @ xb.T, axis=1)  # (3,) rows; shard s holds rows [1000 s, 1000 (s + 1))
+    assert result.ids == [[f"p{r}"] for r in best]
+
+
+@pytest.mark.parametrize("factory,auto_reads_column", [("Flat", False), ("IVF4,Flat", False), ("IVF4,PQ4", True)])
+def test_embedding_column_is_read_only_when_needed(tmp_path, factory, auto_reads_column):
+    root, xb = publish(tmp_path, factory)
+    serving = M.load_version(root, load_embeddings=False)
+    assert not any(s.has_embeddings for s in serving.shards)
+    auto = M.load_version(root, load_embeddings="auto")
+    assert all(s.has_embeddings == auto_reads_column for s in auto.shards)
+    assert all(s.has_embeddings for s in M.load_version(root).shards)  # the default keeps the old behaviour
+    index = ShardedIndex.from_version(auto, nprobe=4)
+    result = index.search(xb[:5], 3)
+    # training gets the exact stored vectors either way: from the column, or from Flat codes
+    rows = result.row_ids & ((1 << 40) - 1)  # the global row (ids carry the shard in the high bits)
+    np.testing.assert_array_equal(result.embeddings, xb[rows])  # (5, 3, d)
+    assert not index.search(xb[:5], 3, embeddings=False).embeddings.any()  # serving: none fetched
+
+
+def test_verify_reads_no_passage_text(tmp_path, monkeypatch):
+    root, _ = publish(tmp_path)
+    seen = []
+    real = M.pq.read_table
+    monkeypatch.setattr(M.pq, "read_table", lambda *a, **k: seen.append(k.get("columns")) or real(*a, **k))
+    M.verify_version(root)
+    assert seen == [["row_id"], ["row_id"]]
+
+
+def test_cache_keeps_the_newest_versions_it_made(tmp_path):
+    root = tmp_path / "cache" / "bucket" / "index"
+    now = time.time()
+    for name, age in [("v1", 4000), ("v2", 3000), ("v3", 2000), ("v4", 1000)]:
+        (root / name).mkdir(parents=True)
+        (root / name / M.CACHE_MARKER).write_text(json.dumps({"last_used": now - age}))
+    (root / "foreign").mkdir()  # no marker: not raggen's
+    (root / "recent").mkdir()
+    (root / "recent" / M.CACHE_MARKER).write_text(json.dumps({"last_used": now - 1}))  # being loaded elsewhere
+    evicted = M.evict_cached_versions(root, keep=2, keep_names={"v1"})
+    assert sorted(evicted) == ["v2", "v3"]  # the newest two are recent and v4; v1 is in use here
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["foreign", "recent", "v1", "v4"]
+
+
+def test_merging_per_actor_merges_equals_merging_all_shards():
+    rng = np.random.default_rng(1)
+    parts = []
+    for s in range(5):
+        scores = np.sort(rng.integers(0, 6, (4, 3)).astype(np.float32), axis=1)[:, ::-1].copy()  # many ties
+        parts.append((scores, rng.integers(0, 1000, (4, 3)) + 1000 * s))
+    flat = merge_topk(parts, 4)
+    per_actor = []
+    for shards in assign_shards(5, 2):  # [[0, 1], [2, 3], [4]]
+        sc, ids, local = merge_topk([parts[s] for s in shards], 4)
+        per_actor.append((sc, ids, np.where(local >= 0, np.asarray(shards)[np.maximum(local, 0)], -1)))
+    two_level = merge_topk(per_actor, 4)
+    for a, b in zip(flat, two_level):
+        np.testing.assert_array_equal(a, b)
+
+
+class FakeIndex:
+    def __init__(self, name):
+        self.name, self.closed = name, 0
+
+    def search(self, xq, k, **kw):
+        return self.name
+
+    def close(self, **kw):
+        self.closed += 1
+
+
+def test_swap_closes_the_old_index_only_after_its_last_search():
+    live = SwappableIndex(FakeIndex("old"))
+    old = live.current
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_search():
+        with live.use() as ix:
+            entered.set()
+            release.wait(5)
+            assert ix is old
+
+    t = threading.Thread(target=slow_search)
+    t.start()
+    entered.wait(5)
+    assert live.swap(FakeIndex("new")) is old
+    assert live.search(None, 1) == "new" and old.closed == 0 and live.in_flight() == 1  # still in use
+    release.set()
+    t.join(5)
+    assert old.closed == 1 and live.drain(1.0)
+    idle = live.current
+    live.swap(FakeIndex("newer"))
+    assert idle.closed == 1  # nobody used it: closed at once
+
+
+def test_search_mode_thresholds_and_auto_opens_small_versions_locally(tmp_path):
+    s = SearchSettings()
+    assert s.mode == "auto" and not wants_actors(s, num_passages=10, shard_bytes=10)
+    assert wants_actors(s, num_passages=1_000_000, shard_bytes=None)
+    assert wants_actors(s, num_passages=10, shard_bytes=2 * 1024**3)
+    assert not wants_actors(SearchSettings(mode="local"), num_passages=10**9, shard_bytes=10**12)
+    assert wants_actors(SearchSettings(mode="actors"), num_passages=1, shard_bytes=1)
+    root, _ = publish(tmp_path)
+    index = open_index(root)  # no Ray needed: a small version is searched in this process
+    assert index.backend_kind == "local" and index.actor_group is None
+    with pytest.raises(RuntimeError, match="running Ray"):
+        open_index(root, settings=SearchSettings(mode="auto", auto_actors_passages=100))
+
+
+def test_encoder_pool_is_sized_from_the_cluster():
+    assert encoder_pool(None, 1.0, None, None, {"CPU": 16}) == {"num_actors": 15, "actor_num_gpus": 0.0, "torch_threads": 1}
+    assert encoder_pool(None, 4.0, None, None, {"CPU": 16}) == {"num_actors": 3, "actor_num_gpus": 0.0, "torch_threads": 4}
+    assert encoder_pool(None, 0.5, None, None, {"CPU": 1}) == {"num_actors": 1, "actor_num_gpus": 0.0, "torch_threads": 1}
+    assert encoder_pool(None, 4.0, None, None, {"CPU": 64, "GPU": 8})["num_actors"] == 8
+    assert encoder_pool(None, 4.0, None, None, {"CPU": 64, "GPU": 8})["actor_num_gpus"] == 1.0
+    assert encoder_pool(3, 2.0, 0.0, 1, {"CPU": 64, "GPU": 8}) == {"num_actors": 3, "actor_num_gpus": 0.0, "torch_threads": 1}
+
+
+def test_open_index_file_maps_ivf_and_flat_and_reads_small_files(tmp_path):
+    xb = np.random.default_rng(2).standard_normal((3000, D)).astype(np.float32)
+    for factory in ("Flat", "IVF8,Flat", "HNSW8"):
+        index = S.build_shard_index(xb, np.arange(3000), factory=factory)
+        path = tmp_path / f"{factory.replace(',', '_')}.faiss"
+        S.write_index_file(index, path)
+        again = S.open_index_file(path, ivf="IVF" in factory)
+        assert str(path) in mapped_files()
+        np.testing.assert_array_equal(S.search(again, xb[:5], 4)[1], S.search(index, xb[:5], 4)[1])
+        del again
+    tiny = S.build_shard_index(xb[:3], np.arange(3), factory="Flat")
+    S.write_index_file(tiny, tmp_path / "tiny.faiss")
+    assert S.open_index_file(tmp_path / "tiny.faiss").ntotal == 3
+    (tmp_path / "junk.faiss").write_bytes(b"junk" * 2000)
+    with pytest.raises(RuntimeError):
+        S.open_index_file(tmp_path / "junk.faiss")
+    assert faiss.omp_get_max_threads() >= 1
