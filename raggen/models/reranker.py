@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from raggen.errors import ConfigError
 from raggen.models.generator import check_batch
-from raggen.models.loading import resolve_model_path
+from raggen.models.loading import load_pretrained_strict, resolve_model_path
 from raggen.models.retriever import save_pretrained_atomic
 
 
@@ -34,8 +34,11 @@ class Reranker(nn.Module):
         max_length: int = 256,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        new_head: bool = False,
     ) -> "Reranker":
-        """A checkpoint without a classification head (a plain encoder) gets a fresh one."""
+        """Loads a single-logit cross-encoder; any weight the checkpoint lacks is a ConfigError.
+        ``new_head=True`` starts a fresh classification head on a plain encoder (to train it, as
+        G-Rerank does), and only the head may be missing then."""
         path = resolve_model_path(name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -44,7 +47,8 @@ class Reranker(nn.Module):
         kwargs = {"num_labels": 1}
         if dtype is not None:
             kwargs["dtype"] = dtype
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        model = load_pretrained_strict("reranker", AutoModelForSequenceClassification, path, name_or_path,
+                                       allow_new=("classifier.", "score.") if new_head else (), **kwargs)
         reranker = cls(model, tokenizer, max_length=max_length)
         return reranker.to(device) if device is not None else reranker
 

@@ -69,8 +69,12 @@ def test_save_and_reload_give_the_same_scores(reranker, tmp_path):
         torch.testing.assert_close(again(QUESTIONS, PASSAGES), reranker(QUESTIONS, PASSAGES))
 
 
-def test_a_plain_encoder_gets_a_fresh_single_logit_head(tmp_path):
+def test_a_plain_encoder_is_refused_unless_a_fresh_head_is_asked_for(tmp_path):
+    from raggen.errors import ConfigError
+
     path = make_tiny_encoder(str(tmp_path / "enc"))
-    reranker = Reranker.from_pretrained(path)
+    with pytest.raises(ConfigError, match="reranker .*classifier"):
+        Reranker.from_pretrained(path)
+    reranker = Reranker.from_pretrained(path, new_head=True)
     assert reranker.model.config.num_labels == 1
     assert reranker(QUESTIONS, PASSAGES).shape == (2, 3)
