@@ -1,5 +1,6 @@
-"""Sharded FAISS indexes: build (shard.py), publish/verify (manifest.py), search (sharded.py),
-encode with Ray Data (encode.py) and the end-to-end build (build.py).
+"""Sharded FAISS indexes: build (shard.py), publish/verify/load (manifest.py), search (sharded.py),
+shard actors and hot swap (actors.py), search settings (settings.py), search defaults from a recall
+target (tuning.py), encode with Ray Data (encode.py) and the end-to-end build (build.py).
 
 Importing this package does not import Ray or start anything; encode/build/actors import Ray lazily.
 """
