@@ -167,8 +167,8 @@ def encoder_pool(num_actors: int | None, actor_num_cpus: float, actor_num_gpus: 
                  torch_threads: int | None, resources: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The encoder actor pool, sized from the cluster's resources where not given: one actor per
     GPU on a GPU cluster (``actor_num_gpus`` None: 1 when there are GPUs), else
-    ``max(1, (CPUs - max(1, actor_num_cpus)) // actor_num_cpus)`` (at least one CPU left for Ray
-    Data's read and tokenise tasks: with fewer the pipeline stalls); each actor
+    ``max(1, (CPUs - max(1, actor_num_cpus) - 0.5) // actor_num_cpus)`` (CPUs left for Ray Data's
+    read and tokenise tasks: with fewer the pipeline stalls); each actor
     runs ``actor_num_cpus`` torch threads. ``resources`` default: what the cluster has free now
     (a refresh inside a training run must not wait for the CPUs its own workers hold)."""
     if resources is None:
@@ -182,7 +182,9 @@ def encoder_pool(num_actors: int | None, actor_num_cpus: float, actor_num_gpus: 
     if actor_num_gpus is None:
         actor_num_gpus = 1.0 if gpus >= 1 else 0.0
     if num_actors is None:
-        spare = max(1.0, actor_num_cpus)  # Ray Data's read tasks (1 CPU) and tokenising must still run
+        # Ray Data's read/list tasks (1 CPU) and the tokenise tasks (0.25-0.5 CPU) must still run beside
+        # the pool, or the pipeline deadlocks (2 CPUs, 0.5-CPU actors: 1 actor)
+        spare = max(1.0, actor_num_cpus) + 0.5
         num_actors = max(1, int(gpus // actor_num_gpus)) if actor_num_gpus > 0 else max(1, int((cpus - spare) // actor_num_cpus))
         logger.info("encoder pool: %d actors of %s CPU, %s GPU (index.num_actors: null = from the cluster)", num_actors,
                     actor_num_cpus, actor_num_gpus)
