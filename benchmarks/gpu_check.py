@@ -154,11 +154,15 @@ def write_tsv(path: Path, ids: list[str], titles: list[str], texts: list[str]) -
 
 def pipeline_rate(tsv: Path, work: Path, encoder: str, s: Sizes, gpus: int) -> dict:
     """Stage 2 of ``encode_passages`` timed end to end and in steady state (stage 1 done first)."""
-    from raggen.index.encode import encode_passages, split_by_shard
+    from raggen.index.encode import encode_passages, lock_work_dir, split_by_shard
 
-    t0 = time.perf_counter()
-    split_by_shard(str(tsv), work, format="auto", num_shards=1, s3_options=None)
-    split_s = time.perf_counter() - t0
+    info, lock = lock_work_dir(work)  # the work dir encode_passages then finds split and resumes
+    try:
+        t0 = time.perf_counter()
+        split_by_shard(str(tsv), work, format="auto", num_shards=1, s3_options=None, work_id=info["id"])
+        split_s = time.perf_counter() - t0
+    finally:
+        lock.release()
     marks: list[tuple[float, int]] = []
     t0 = time.perf_counter()
     encoded = encode_passages(
