@@ -9,7 +9,7 @@ export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-unit test-integration bench reader clean gpu image
+.PHONY: venv demo lint format test test-unit test-integration bench reader clean gpu image
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,15 @@ venv: $(STAMP)
 
 demo: venv
 	$(BIN)/raggen quickstart --config configs/quickstart.yaml
+
+# ruff (configured in pyproject.toml): lint rules and the formatter's verdict; `make format` fixes both.
+lint: venv
+	$(BIN)/ruff check raggen jobs tests benchmarks
+	$(BIN)/ruff format --check raggen jobs tests benchmarks
+
+format: venv
+	$(BIN)/ruff check --fix raggen jobs tests benchmarks
+	$(BIN)/ruff format raggen jobs tests benchmarks
 
 test: venv
 	$(BIN)/python -m pytest -q --timeout=600

@@ -26,7 +26,6 @@ import argparse
 import json
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -36,7 +35,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, machine  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

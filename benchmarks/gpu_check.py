@@ -11,7 +11,7 @@ at most 5 minutes; a machine without CUDA runs the same code paths at tiny sizes
     and adds) and searched there (``to_gpu``: ``index_cpu_to_gpu``) and on the CPU (the same
     index): queries/s of both, the ratio, and recall@10 of both against exact search, on
     clustered synthetic unit vectors.
-(c) 5 Ray Train steps of JSA (``raggen.train.trainer.run_training``, one worker, one GPU) with a
+(c) 5 Ray Train steps of JSA (``raggen.app.training.run_training``, one worker, one GPU) with a
     BART-base-shaped reader and a BERT-base-shaped DPR query encoder over a small Flat index of
     the passages encoded in (a): s/step.
 
@@ -43,8 +43,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import format_table, machine  # noqa: E402
 
@@ -218,7 +216,7 @@ def plain_rates(encoder: str, titles: list[str], texts: list[str], s: Sizes) -> 
     for i in range(0, n, bs):
         embed(i)
     model_only = n / (time.perf_counter() - t0)
-    del enc
+    enc = None  # free the model before (b) (the closure above holds the name, not the object)
     torch.set_num_threads(threads)  # torch and faiss share OpenMP: give (b) every core back
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -349,7 +347,7 @@ def check_training(s: Sizes, work: Path, index: str, query_encoder: str, reader:
     from raggen.config import load_config
     from raggen.corpus.world import WorldConfig, write_world
     from raggen.train.metrics import read_metrics
-    from raggen.train.trainer import run_training
+    from raggen.app.training import run_training
 
     steps = 5
     world = write_world(work / "world", WorldConfig(num_entities=50, seed=0))

@@ -23,7 +23,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,6 @@ import faiss
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from raggen.index import shard as S  # noqa: E402
 from raggen.index.manifest import EncoderInfo, Manifest, ShardEntry, passages_table  # noqa: E402

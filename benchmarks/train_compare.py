@@ -31,8 +31,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train_overhead import machine  # noqa: E402
 
@@ -94,7 +92,7 @@ def evaluate(cfg, model_dirs: dict | None, decoding: str, examples) -> dict:
     from raggen.index import open_index
     from raggen.train.evaluate import evaluate_rag
     from raggen.train.loop import build_models
-    from raggen.train.trainer import model_spec
+    from raggen.app.training import model_spec
 
     models = build_models(model_spec(cfg.model), cfg.train.estimator, model_dirs)
     for m in models.values():
@@ -109,7 +107,8 @@ def grad_variance(cfg, state, batches: int, seed: int) -> dict:
     from raggen.objectives import JSAChainCache
     from raggen.train.loop import BatchSchedule, example_rows, setup_worker
     from raggen.train.step import run_step
-    from raggen.train.trainer import qa_items, train_loop_config
+    from raggen.train.trainer import qa_items
+    from raggen.app.training import train_loop_config
 
     worker = setup_worker(train_loop_config(cfg), 0, 1, torch.device("cpu"), state)
     worker.train_mode(False)
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from raggen.train.checkpointing import read_checkpoint
     from raggen.train.evaluate import split_examples
-    from raggen.train.trainer import run_training
+    from raggen.app.training import run_training
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

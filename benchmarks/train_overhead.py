@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def machine() -> str:
@@ -72,7 +71,7 @@ def prepare(work: Path, num_entities: int, generator: str | None) -> dict:
 
 def loop_config(paths: dict, estimator: str, args, metrics_path: str | None) -> dict:
     from raggen.config import load_config
-    from raggen.train.trainer import train_loop_config
+    from raggen.app.training import train_loop_config
 
     cfg = load_config(None, [
         f"train.estimator={estimator}", f"train.index={paths['index']}", f"model.generator={paths['generator']}",

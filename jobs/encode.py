@@ -72,7 +72,7 @@ def build_kwargs(args: argparse.Namespace) -> dict:
     common = dict(store_embeddings=not args.no_embeddings, work_dir=args.work_dir, split_uri=args.split_uri)
     if args.config:
         from raggen.config import load_config, with_absolute_paths
-        from raggen.indexing import index_build_kwargs
+        from raggen.app.indexing import index_build_kwargs
 
         return {**index_build_kwargs(with_absolute_paths(load_config(args.config, args.set)).index), **common}
     s3 = {k: v for k, v in {"endpoint_url": args.s3_endpoint_url, "region_name": args.s3_region}.items() if v}

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from raggen.cli import failure_message
     from raggen.config import load_config, with_absolute_paths
-    from raggen.indexing import refresh_index_from_config
+    from raggen.app.indexing import refresh_index_from_config
 
     try:
         # relative paths resolve here, on the driver, as `raggen index refresh` does

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from raggen.train.trainer import run_training
+        from raggen.app.training import run_training
 
         # relative paths (model.generator: raggen/assets/reader) resolve against the job's working
         # dir here, on the driver, as `raggen train` does: Train workers start elsewhere

@@ -7,7 +7,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from raggen.config import RaggenConfig, load_config, with_absolute_paths
 from raggen.errors import ConfigError, RaggenError
@@ -28,7 +28,7 @@ def cmd_world(args: argparse.Namespace) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
-    from raggen.indexing import build_index_from_config
+    from raggen.app.indexing import build_index_from_config
 
     cfg = _config(args)
     # a bad factory or an existing version fails before documents are chunked or anything is encoded
@@ -38,7 +38,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
 def cmd_index_refresh(args: argparse.Namespace) -> None:
     """Re-encode index.passages with a trained (or any) passage encoder; a new version, LATEST moved."""
-    from raggen.indexing import refresh_index_from_config
+    from raggen.app.indexing import refresh_index_from_config
 
     cfg = _config(args)
     manifest, encoder = refresh_index_from_config(cfg, args.encoder, role=args.encoder_role, version=args.version,
@@ -48,7 +48,8 @@ def cmd_index_refresh(args: argparse.Namespace) -> None:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> None:
-    from raggen.train.retrieve import format_accuracy, retrieve_from_config
+    from raggen.app.retrieval import retrieve_from_config
+    from raggen.train.retrieve import format_accuracy
 
     result = retrieve_from_config(_config(args), args.qa, args.out, k=args.k, limit=args.limit,
                                   checkpoint=args.checkpoint, index_uri=args.index)
@@ -62,7 +63,7 @@ def cmd_index_search(args: argparse.Namespace) -> None:
     cfg = _config(args)
     # the manifest's encoder, pooling and normalisation unless --encoder names another
     result = search_index(args.uri, [args.question], k=args.k, encoder_name_or_path=args.encoder,
-                          max_length=cfg.index.encoder.max_length, s3_options=cfg.index.s3.storage_options(),
+                          pooling=args.pooling, max_length=cfg.index.encoder.max_length, s3_options=cfg.index.s3.storage_options(),
                           nprobe=args.nprobe, ef_search=args.ef_search, settings=cfg.index.search, start_ray=True)
     for rank, (pid, score, title, text) in enumerate(
         zip(result.ids[0], result.scores[0], result.titles[0], result.texts[0]), 1
@@ -88,15 +89,49 @@ def cmd_index_publish(args: argparse.Namespace) -> None:
     print(f"published {args.dst} version {manifest.version}; {moved}")
 
 
+def cmd_index_list(args: argparse.Namespace) -> None:
+    from raggen.index.lifecycle import format_versions, list_index
+
+    s3 = _config(args).index.s3.storage_options()
+    print(format_versions(args.uri, list_index(args.uri, s3_options=s3), as_json=args.json))
+
+
+def cmd_index_set_latest(args: argparse.Namespace) -> None:
+    from raggen.index.lifecycle import set_latest_version
+
+    s3 = _config(args).index.s3.storage_options()
+    manifest = set_latest_version(args.uri, args.version, rollback=args.rollback, s3_options=s3)
+    print(f"LATEST under {args.uri} now names {manifest.version} (verified: {manifest.num_passages} passages, "
+          f"{len(manifest.shards)} shards)")
+
+
+def cmd_index_rm(args: argparse.Namespace) -> None:
+    from raggen.index.lifecycle import remove_version
+
+    removed = remove_version(args.uri, args.version, s3_options=_config(args).index.s3.storage_options())
+    print(f"removed {args.uri} version {args.version} ({len(removed)} files)")
+
+
+def cmd_serve_swap(args: argparse.Namespace) -> None:
+    """Pin (--version) or unpin (--latest) the running service's index; prints its /v1/index."""
+    from raggen.app.serving import swap_running_index
+
+    want, info = swap_running_index(_config(args), version=args.version, timeout_s=args.timeout)
+    print(json.dumps(info, indent=2))
+    if info.get("version") != want:
+        raise RaggenError(f"serve swap: the service refused version {want!r} and keeps serving "
+                          f"{info.get('version')!r} ({info.get('last_error')})")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    from raggen.train.trainer import run_training
+    from raggen.app.training import run_training
 
     result = run_training(_config(args))
     print(json.dumps(result, indent=2, default=str))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from raggen.train.evaluate import evaluate_from_config
+    from raggen.app.evaluation import evaluate_from_config
 
     print(json.dumps(evaluate_from_config(_config(args), checkpoint=args.checkpoint, split=args.split,
                                           limit=args.limit, out=args.out), indent=2))
@@ -116,7 +151,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from raggen.serve.app import serve_from_config
+    from raggen.app.serving import serve_from_config
 
     serve_from_config(_config(args), blocking=not args.detach)
 
@@ -153,7 +188,7 @@ def cmd_pretrain_reader(args: argparse.Namespace) -> None:
 
 def cmd_dry_run(args: argparse.Namespace) -> None:
     """Print the --set lines of the rehearsal, or run it (index -> train -> eval -> serve one question)."""
-    from raggen.dry_run import dry_run_overrides, run_dry_run
+    from raggen.app.dry_run import dry_run_overrides, run_dry_run
 
     overrides = getattr(args, "set", None) or []
     if args.print_overrides:
@@ -165,7 +200,7 @@ def cmd_dry_run(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    from raggen.quickstart import run_quickstart
+    from raggen.app.quickstart import run_quickstart
 
     run_quickstart(_config(args))
 
@@ -209,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("-k", type=_positive_int, default=5)
     p.add_argument("--encoder", default=None, help="query encoder (default: the one the index's manifest records)")
+    p.add_argument("--pooling", default=None,
+                   help="query pooling: cls | mean | pooler (default: the manifest's; its normalisation always applies)")
     p.add_argument("--nprobe", type=_positive_int, default=None,
                    help="IVF lists to probe (default: index.search.nprobe, else the version's tuned default)")
     p.add_argument("--ef-search", type=_positive_int, default=None,
@@ -230,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--rollback", action="store_true",
                    help="move LATEST even when it names a newer version (by the manifests' created time)")
+    p = add("list", cmd_index_list, "the published versions of an index root and which one LATEST names",
+            parent=isub, config=False)
+    p.add_argument("uri")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p = add("set-latest", cmd_index_set_latest, "verify a version, then point LATEST at it", parent=isub, config=False)
+    p.add_argument("uri")
+    p.add_argument("version")
+    p.add_argument("--rollback", action="store_true", help="allow moving LATEST to an older version")
+    p = add("rm", cmd_index_rm, "delete a version (never the one LATEST names)", parent=isub, config=False)
+    p.add_argument("uri")
+    p.add_argument("version")
     add("train", cmd_train, "train end to end with Ray Train")
     p = add("eval", cmd_eval, "EM/F1 and retrieval recall of a checkpoint")
     p.add_argument("--checkpoint", default=None)
@@ -251,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth", type=float, default=0.9, help="EMA weight in [0, 1) of the smoothed curves (0: raw)")
     p = add("serve", cmd_serve, "deploy the Serve graph (starts Ray locally if no cluster)")
     p.add_argument("--detach", action="store_true", help="return after deploying instead of blocking")
+    p = add("serve-swap", cmd_serve_swap, "(also `serve swap`) pin (--version) or unpin (--latest) the running "
+            "service's index")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", default=None, help="serve this version of serve.index")
+    which.add_argument("--latest", action="store_true", help="serve the version LATEST names (as serve.watch_latest says)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the service to report the swap")
     p = add("ask", cmd_ask, "ask a running raggen service", config=None)
     p.add_argument("question")
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -285,8 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _aliases(argv: list[str]) -> list[str]:
+    """``raggen serve swap CONFIG ...`` is the ``serve-swap`` subcommand (``serve`` takes any word
+    as its CONFIG, so the two words are joined before parsing)."""
+    for i, word in enumerate(argv):
+        if not word.startswith("-"):
+            return argv[:i] + ["serve-swap"] + argv[i + 2 :] if argv[i : i + 2] == ["serve", "swap"] else argv
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_aliases(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)

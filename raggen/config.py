@@ -17,9 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from raggen.errors import ConfigError
 from raggen.index.settings import SearchSettings
 from raggen.models.retriever import EncoderSpec
+from raggen.names import EstimatorName
+from raggen.serve.settings import (  # noqa: F401 - the serve section embeds them; re-exported
+    AutoscalingOverride,
+    AutoscalingSection,
+    DeploymentSection,
+    ServeDeploymentsSection,
+    ServingSettings,
+)
 
-Estimator = Literal["rag-sequence", "rag-token", "vrag", "jsa", "emdr2", "pdist", "gumbel-rerank"]
-Decoding = Literal["rag-token", "rag-sequence-fast", "rag-sequence-thorough"]
 
 
 class _Strict(BaseModel):
@@ -151,7 +157,7 @@ class TrainSection(_Strict):
     train_file: str = "artifacts/world/train.jsonl"
     dev_file: str = "artifacts/world/dev.jsonl"
     index: str = "artifacts/index"
-    estimator: Estimator = "jsa"
+    estimator: EstimatorName = "jsa"
     top_k: int = Field(5, ge=1, le=100)
     steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -195,109 +201,20 @@ class TrainSection(_Strict):
         return self
 
 
-class AutoscalingSection(_Strict):
-    """Ray Serve's ``autoscaling_config`` (the same names; Ray's defaults for the delays)."""
+class ServeSection(ServingSettings):
+    """``raggen serve``: where the service listens and what it serves; the fields it shares with
+    ``build_app``'s args (limits, resources, autoscaling, faults) come from ``ServingSettings``."""
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = Field(30.0, ge=0)
-    downscale_delay_s: float = Field(600.0, ge=0)
-    look_back_period_s: float = Field(30.0, gt=0)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    @model_validator(mode="after")
-    def _ordered(self) -> "AutoscalingSection":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas must be <= max_replicas")
-        return self
-
-
-class AutoscalingOverride(_Strict):
-    """Some fields of :class:`AutoscalingSection` for one deployment; unset ones keep the shared value."""
-
-    min_replicas: int | None = Field(None, ge=0)
-    max_replicas: int | None = Field(None, ge=1)
-    target_ongoing_requests: float | None = Field(None, gt=0)
-    upscale_delay_s: float | None = Field(None, ge=0)
-    downscale_delay_s: float | None = Field(None, ge=0)
-    look_back_period_s: float | None = Field(None, gt=0)
-
-
-class DeploymentSection(_Strict):
-    """One Serve deployment's resources and autoscaling; every unset field keeps the shared default
-    (``replica_num_cpus``, ``replica_num_gpus``, ``replica_memory_gb``, ``autoscaling``; the Ingress:
-    ``ingress_num_cpus``, no GPU, no memory reservation)."""
-
-    num_cpus: float | None = Field(None, gt=0)
-    num_gpus: float | None = Field(None, ge=0)
-    memory_gb: float | None = Field(None, gt=0)  # Ray's ``memory`` resource: a reservation for scheduling
-    autoscaling: AutoscalingOverride | None = None
-
-    def resolve_autoscaling(self, shared: AutoscalingSection) -> AutoscalingSection:
-        """``shared`` with this deployment's fields on top (validated: min_replicas <= max_replicas)."""
-        own = self.autoscaling.model_dump(exclude_none=True) if self.autoscaling is not None else {}
-        return AutoscalingSection(**{**shared.model_dump(), **own})
-
-
-class ServeDeploymentsSection(_Strict):
-    """Per-deployment overrides of the shared serve resources: ``serve.deployments.generator.num_gpus``."""
-
-    retriever: DeploymentSection = DeploymentSection()
-    reranker: DeploymentSection = DeploymentSection()
-    generator: DeploymentSection = DeploymentSection()
-    ingress: DeploymentSection = DeploymentSection()
-
-    def check_against(self, shared: AutoscalingSection) -> None:
-        """Raise ValueError naming the deployment whose merged autoscaling is inconsistent."""
-        for name in type(self).model_fields:
-            try:
-                getattr(self, name).resolve_autoscaling(shared)
-            except ValidationError as exc:
-                raise ValueError(f"deployments.{name}.autoscaling: {exc.errors()[0]['msg']}") from None
-
-
-class ServeSection(_Strict):
     index: str = "artifacts/index"
-    watch_latest: bool = False
-    watch_interval_s: float = Field(10.0, gt=0)
     model_dir: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
-    default_top_k: int = Field(5, ge=1)
-    max_top_k: int = Field(20, ge=1)
-    max_question_chars: int = Field(1000, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
-    num_beams: int = Field(4, ge=1)
-    # shared defaults of the model deployments (Retriever, Reranker, Generator); `deployments`
-    # overrides them per deployment, field by field
-    replica_num_cpus: float = Field(0.25, gt=0)
-    replica_num_gpus: float = Field(0.0, ge=0)
-    replica_memory_gb: float | None = Field(None, gt=0)
-    ingress_num_cpus: float = Field(0.1, gt=0)
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    autoscaling: AutoscalingSection = AutoscalingSection()
-    deployments: ServeDeploymentsSection = ServeDeploymentsSection()
-    api_token_env: str = "RAGGEN_API_TOKEN"
-    # a non-loopback host without the token in api_token_env is refused at start unless this is true
-    allow_unauthenticated: bool = False
-    # faults (raggen.serve.resilience): a model call whose replica died is tried again, up to
-    # retry_attempts in all, waiting retry_backoff_s (doubling); past max_queued_requests waiting
-    # requests per deployment a caller gets 503 + Retry-After: retry_after_s; request_timeout_s
-    # (Serve's http_options) bounds a request end to end (408); bodies over max_body_bytes get 413
-    retry_attempts: int = Field(3, ge=1, le=10)
-    retry_backoff_s: float = Field(0.1, ge=0, le=10)
-    max_queued_requests: int = Field(64, ge=1)
-    retry_after_s: float = Field(1.0, ge=0, le=3600)
+    # Serve's http_options: a request is bounded end to end (408)
     request_timeout_s: float | None = Field(120.0, gt=0)
-    max_body_bytes: int = Field(64 * 1024, ge=1024)
     s3: S3Config = S3Config()
-
-    @model_validator(mode="after")
-    def _deployments_consistent(self) -> "ServeSection":
-        self.deployments.check_against(self.autoscaling)
-        return self
 
 
 class RaggenConfig(_Strict):

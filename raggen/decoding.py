@@ -351,3 +351,52 @@ def encoder_decoder_sequence_logprob_fn(
         return (logprobs * target_mask).sum(-1)  # (n,)
 
     return score
+
+
+#: The three decodings by name (``raggen.names.DecodingName``).
+DECODERS: dict[str, Callable[..., Generated]] = {
+    "rag-token": rag_token_generate,
+    "rag-sequence-fast": rag_sequence_fast_generate,
+    "rag-sequence-thorough": rag_sequence_thorough_generate,
+}
+
+
+def generate_tokens(
+    generator,
+    questions: list[str],
+    passages: list[list[str]],
+    doc_logprobs: torch.Tensor,
+    *,
+    decoding: str,
+    max_new_tokens: int,
+    num_beams: int = 1,
+    on_prefix: Callable[[list[int]], None] | None = None,
+) -> list[list[int]]:
+    """The one dispatcher eval and Serve share: each question's best token ids (without the start
+    token, with the final EOS if any) over its K passages, ``doc_logprobs`` (b, k) = log p(z|x).
+
+    ``generator`` is a :class:`raggen.models.Generator` (``encode``, ``step_fn``,
+    ``sequence_logprob``, ``bos_id``/``eos_id``/``pad_id``). Thorough decoding rescores candidates
+    with one teacher-forced pass per (candidate, passage), whose EOS-based mask equals the decoder's
+    unless pad == eos (GPT-2); there the step-function fallback is used. ``on_prefix`` (one
+    question, greedy RAG-Token only) sees the committed prefix (start token first) before every
+    step, so an answer can stream while it is decoded.
+    """
+    if decoding not in DECODERS:
+        raise ValueError(f"decoding: expected one of {tuple(DECODERS)}, got {decoding!r}")
+    if on_prefix is not None and (len(questions) != 1 or decoding != "rag-token" or num_beams != 1):
+        raise ValueError("on_prefix needs one question decoded with rag-token and num_beams=1")
+    encoded = generator.encode(list(questions), passages)
+    kwargs: dict = dict(bos_id=generator.bos_id, eos_id=generator.eos_id, pad_id=generator.pad_id,
+                        max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=1)  # fmt: skip
+    if decoding == "rag-sequence-thorough" and generator.pad_id != generator.eos_id:
+        kwargs["sequence_logprob"] = lambda rows, targets, mask: generator.sequence_logprob(encoded, rows, targets)
+    step = generator.step_fn(encoded)
+    if on_prefix is not None:
+        inner = step
+
+        def step(rows: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
+            on_prefix(prefixes[0].tolist())  # greedy RAG-Token: the k rows are the one live hypothesis
+            return inner(rows, prefixes)
+
+    return DECODERS[decoding](step, doc_logprobs.to(generator.device), **kwargs).best_tokens

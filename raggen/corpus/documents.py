@@ -16,7 +16,7 @@ passages (``id``, ``title``, ``text`` and the extra columns ``doc_id``, ``offset
 atomically under a folder keyed by the corpus content and the chunk settings, so that a rerun (and
 the index build's resumable work dir, which keys on that file) reuses it.
 
-Library code: no config, no Ray. ``raggen.indexing`` hands it the config's settings.
+Library code: no config, no Ray. ``raggen.app.indexing`` hands it the config's settings.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from raggen.objectives.gumbel import (
     relaxed_topk_mask,
 )
 from raggen.objectives.jsa import (
-    JSA_RAG_OFFICIAL_SETTINGS,
     JSAChainCache,
     jsa_loss,
     jsa_mis_inputs,
@@ -29,7 +28,6 @@ from raggen.objectives.rag_token import rag_token_loss, rag_token_nll
 from raggen.objectives.vrag import truncated_log_softmax, vrag_loss
 
 __all__ = [
-    "JSA_RAG_OFFICIAL_SETTINGS",
     "JSAChainCache",
     "emdr2_loss",
     "gumbel_noise",

@@ -43,12 +43,12 @@ def float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprob(
-    token_logprobs: torch.Tensor, mask: torch.Tensor, length_normalise: bool = False
+    token_logprobs: torch.Tensor, mask: torch.Tensor, length_normalize: bool = False
 ) -> torch.Tensor:
     """log p(y | x, z) from per-token log-probs: the masked sum over t (or the masked mean).
 
     token_logprobs: (b, k, t) or (b, t); mask: (b, t). Returns (b, k) or (b,).
-    ``length_normalise=True`` divides by the number of target tokens, as the official JSA-RAG
+    ``length_normalize=True`` divides by the number of target tokens, as the official JSA-RAG
     code does; it is then a per-token average and no longer a log-likelihood.
     """
     if token_logprobs.dim() not in (2, 3):
@@ -61,23 +61,23 @@ def sequence_logprob(
     if token_logprobs.dim() == 3:
         m = m.unsqueeze(1)  # (b, 1, t)
     total = (token_logprobs * m).sum(-1)  # (b, k) or (b,)
-    if not length_normalise:
+    if not length_normalize:
         return total
     lengths = m.sum(-1).clamp_min(1.0)  # (b, 1) or (b,)
     return total / lengths
 
 
 def gen_logprob_from_either(
-    name: str, gen_logprobs: torch.Tensor, mask: torch.Tensor | None, length_normalise: bool
+    name: str, gen_logprobs: torch.Tensor, mask: torch.Tensor | None, length_normalize: bool
 ) -> torch.Tensor:
     """Accept per-token log-probs (b, u, t) with a mask, or sequence log-probs (b, u)."""
     if gen_logprobs.dim() == 3:
         if mask is None:
             raise ValueError(f"{name}: per-token log-probs (b, u, t) need a mask (b, t)")
-        return sequence_logprob(gen_logprobs, mask, length_normalise=length_normalise)
+        return sequence_logprob(gen_logprobs, mask, length_normalize=length_normalize)
     if gen_logprobs.dim() == 2:
-        if length_normalise:
-            raise ValueError(f"{name}: length_normalise needs per-token log-probs (b, u, t) and a mask")
+        if length_normalize:
+            raise ValueError(f"{name}: length_normalize needs per-token log-probs (b, u, t) and a mask")
         return gen_logprobs
     raise ValueError(f"{name}: expected (b, u, t) or (b, u), got shape {tuple(gen_logprobs.shape)}")
 

@@ -124,7 +124,7 @@ def gumbel_rerank_loss(
     answer_mask: torch.Tensor,
     passage_mask: torch.Tensor | None = None,
     *,
-    length_normalise: bool = False,
+    length_normalize: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The reader's answer NLL under the soft mask, batch mean, and detached diagnostics.
 
@@ -136,7 +136,7 @@ def gumbel_rerank_loss(
     M from {0, 1}, 0 = hard) and mask_max.
     """
     check_dims("answer_token_logprobs", answer_token_logprobs, 2)
-    nll = -sequence_logprob(answer_token_logprobs, answer_mask, length_normalise=length_normalise)  # (b,)
+    nll = -sequence_logprob(answer_token_logprobs, answer_mask, length_normalize=length_normalize)  # (b,)
     values: dict[str, torch.Tensor] = {"nll": nll}
     if passage_mask is not None:
         check_dims("passage_mask", passage_mask, 2)

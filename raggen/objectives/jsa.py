@@ -12,14 +12,13 @@ The sampler is not differentiated: the states are constants of the loss.
 
 Options of the official code (an Atlas fork), all plain arguments here: retriever scores divided
 by a temperature of 0.1, 50 proposals per example (``num_steps``), and the generator likelihood
-length-normalised (mean over target tokens, ``_common.sequence_logprob(length_normalise=True)``).
+length-normalised (mean over target tokens, ``_common.sequence_logprob(length_normalize=True)``).
 Our default keeps the exact summed likelihood and temperature 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -31,11 +30,6 @@ from raggen.objectives._common import (
     entropy,
     masked_scores,
     scaled_scores,
-)
-
-#: Settings of the official JSA-RAG code, for config builders to offer as a preset.
-JSA_RAG_OFFICIAL_SETTINGS = MappingProxyType(
-    {"temperature": 0.1, "num_steps": 50, "length_normalise": True, "restart_chains": True}
 )
 
 

@@ -77,7 +77,7 @@ def vrag_loss(
     posterior_topk: int,
     beta: float = 1.0,
     temperature: float = 1.0,
-    length_normalise: bool = False,
+    length_normalize: bool = False,
     candidate_mask: torch.Tensor | None = None,
     num_samples: int = 0,
     generator: torch.Generator | None = None,
@@ -92,7 +92,7 @@ def vrag_loss(
     """
     check_dims("prior_scores", prior_scores, 2)
     check_same_shape(("prior_scores", "posterior_scores"), prior_scores, posterior_scores)
-    gen = gen_logprob_from_either("gen_logprobs", gen_logprobs, mask, length_normalise)  # (b, u)
+    gen = gen_logprob_from_either("gen_logprobs", gen_logprobs, mask, length_normalize)  # (b, u)
     check_same_shape(("prior_scores", "gen_logprobs[:, :, 0]"), prior_scores, gen)
     if beta < 0:
         raise ValueError(f"beta: must be >= 0, got {beta}")

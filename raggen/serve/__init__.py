@@ -27,12 +27,10 @@ from raggen.serve.schemas import (
 _LAZY = {
     "build_app": "raggen.serve.app",
     "build_app_from_config": "raggen.serve.app",
-    "app_args_from_config": "raggen.serve.app",
     "serve_deploy_config": "raggen.serve.app",
     "with_index": "raggen.serve.app",
     "deploy_config": "raggen.serve.app",
     "wait_until_running": "raggen.serve.app",
-    "serve_from_config": "raggen.serve.app",
     "AppArgs": "raggen.serve.app",
     "Ingress": "raggen.serve.deployments",
     "Retriever": "raggen.serve.deployments",

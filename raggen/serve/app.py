@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
 
-# one definition for the raggen config and Serve args
-from raggen.config import AutoscalingSection, DeploymentSection, ServeDeploymentsSection
 from raggen.errors import ConfigError, RaggenError
+from raggen.index.settings import SearchSettings
 from raggen.models.retriever import EncoderSpec
 from raggen.serve.deployments import Generator, Ingress, IndexUserConfig, Reranker, Retriever
 from raggen.serve.schemas import RequestLimits
+# one definition for the raggen config and Serve args
+from raggen.serve.settings import DeploymentSection, ServingSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +40,16 @@ IMPORT_PATH = "raggen.serve.app:build_app"
 S3_CREDENTIAL_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 
 
-class _Args(BaseModel):
+class AppArgs(ServingSettings):
+    """``args`` of ``build_app``: plain values (a Serve config's YAML, or a raggen config's fields);
+    the limits, resources and fault settings are :class:`ServingSettings`' (shared with the config)."""
+
     model_config = ConfigDict(extra="forbid")
-
-
-class AppArgs(_Args):
-    """``args`` of ``build_app``: plain values (a Serve config's YAML, or a raggen config's fields)."""
 
     index: str = Field(min_length=1, description="index root (folder or s3:// prefix) with versions + LATEST")
     index_version: str | None = None
-    watch_latest: bool = False
-    watch_interval_s: float = Field(10.0, gt=0)
+    # how the Retriever opens the index: local or shard actors, nprobe / efSearch (raggen.index.settings)
+    index_search: SearchSettings = SearchSettings()
     s3: dict[str, Any] | None = None
     query_encoder: EncoderSpec = EncoderSpec()  # normalize must match how the index was encoded
     generator: str = Field(min_length=1, description="reader checkpoint: HF id or local folder")
@@ -58,29 +57,6 @@ class AppArgs(_Args):
     rerank_candidates: int = Field(20, ge=1)
     max_source_length: int = Field(192, ge=8)
     max_target_length: int = Field(32, ge=2)
-    num_beams: int = Field(4, ge=1)
-    default_top_k: int = Field(5, ge=1)
-    max_top_k: int = Field(20, ge=1)
-    max_question_chars: int = Field(1000, ge=1)
-    max_new_tokens: int = Field(32, ge=1)
-    # shared defaults of the model deployments; `deployments` overrides them per deployment
-    replica_num_cpus: float = Field(0.25, gt=0)
-    replica_num_gpus: float = Field(0.0, ge=0)
-    replica_memory_gb: float | None = Field(None, gt=0)
-    ingress_num_cpus: float = Field(0.1, gt=0)
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_ongoing_requests: int | None = Field(None, ge=1)
-    autoscaling: AutoscalingSection = AutoscalingSection()
-    deployments: ServeDeploymentsSection = ServeDeploymentsSection()
-    api_token_env: str = "RAGGEN_API_TOKEN"
-    # faults: see raggen.serve.resilience
-    allow_unauthenticated: bool = Field(False, description="serve on a non-loopback host without a token")
-    retry_attempts: int = Field(3, ge=1, le=10, description="tries of a model call whose replica died")
-    retry_backoff_s: float = Field(0.1, ge=0, le=10, description="wait before the 2nd try; doubles after")
-    max_queued_requests: int = Field(64, ge=1, description="requests a deployment's callers may queue; more: 503")
-    retry_after_s: float = Field(1.0, ge=0, le=3600, description="the Retry-After of a 503")
-    max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies over this get 413")
 
     @field_validator("s3")
     @classmethod
@@ -94,11 +70,8 @@ class AppArgs(_Args):
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppArgs":
-        if self.default_top_k > self.max_top_k:
-            raise ValueError(f"default_top_k ({self.default_top_k}) must be <= max_top_k ({self.max_top_k})")
         if self.watch_latest and self.index_version is not None:
             raise ValueError("index_version pins a version while watch_latest follows LATEST: set only one")
-        self.deployments.check_against(self.autoscaling)
         return self
 
     def index_user_config(self) -> dict[str, Any]:
@@ -160,7 +133,8 @@ def build_app(args: dict[str, Any]) -> Application:
     a = parse_app_args(args)
     batching = dict(max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_timeout_s)
     retriever = Retriever.options(user_config=a.index_user_config(), **_model_options(a, "retriever")).bind(
-        encoder=a.query_encoder.model_dump(), s3=a.s3, retry_attempts=a.retry_attempts, **batching)
+        encoder=a.query_encoder.model_dump(), s3=a.s3, retry_attempts=a.retry_attempts,
+        search=a.index_search.model_dump(mode="json"), **batching)
     generator = Generator.options(**_model_options(a, "generator")).bind(
         path=a.generator, max_source_length=a.max_source_length, max_target_length=a.max_target_length,
         num_beams=a.num_beams, s3=a.s3, **batching)
@@ -182,49 +156,6 @@ def build_app(args: dict[str, Any]) -> Application:
 def build_app_from_config(**kwargs: Any) -> Application:
     """``build_app`` with keyword arguments (the serve section's fields as plain values)."""
     return build_app(kwargs)
-
-
-def app_args_from_config(cfg: Any) -> dict[str, Any]:
-    """A raggen config (``serve`` + ``model`` sections) as ``build_app`` args.
-
-    ``serve.model_dir`` (a trained checkpoint) supplies ``query_encoder/``, ``generator/`` and
-    ``reranker/`` where it holds them; the ``model`` section supplies the rest. A local folder is
-    looked into; an ``s3://`` checkpoint is not read here (a Serve config is often made offline):
-    it holds what ``train.estimator`` trains, and the replicas download those folders and fail
-    loudly if one is missing. A local ``model_dir`` holding none of them is an error: serving the
-    untrained models by mistake would be silent.
-    """
-    from raggen.storage import is_s3_uri, join_uri
-    from raggen.train.step import trainable_roles
-
-    s, m, t = cfg.serve, cfg.model, cfg.train
-    encoder = m.query_encoder.model_dump()
-    generator, reranker = m.generator, m.reranker
-    if s.model_dir:
-        served = ("query_encoder", "generator", "reranker")
-        if is_s3_uri(s.model_dir):
-            held = [r for r in trainable_roles(t.estimator, t.train_generator, t.train_passage_encoder) if r in served]
-        else:
-            held = [name for name in served if os.path.isfile(os.path.join(s.model_dir, name, "config.json"))]
-        if not held:
-            raise ConfigError(f"serve.model_dir: {s.model_dir}: holds no query_encoder/, generator/ or reranker/ model")
-        found = {name: join_uri(s.model_dir, name) for name in held}
-        encoder["name_or_path"] = found.get("query_encoder", encoder["name_or_path"])
-        generator, reranker = found.get("generator", generator), found.get("reranker", reranker)
-    return dict(
-        index=s.index, watch_latest=s.watch_latest, watch_interval_s=s.watch_interval_s,
-        s3=s.s3.storage_options(), query_encoder=encoder, generator=generator, reranker=reranker,
-        max_source_length=m.max_source_length, max_target_length=max(m.max_target_length, s.max_new_tokens + 1),
-        num_beams=s.num_beams, default_top_k=s.default_top_k, max_top_k=s.max_top_k,
-        max_question_chars=s.max_question_chars, max_new_tokens=s.max_new_tokens,
-        replica_num_cpus=s.replica_num_cpus, replica_num_gpus=s.replica_num_gpus,
-        replica_memory_gb=s.replica_memory_gb, ingress_num_cpus=s.ingress_num_cpus,
-        max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
-        autoscaling=s.autoscaling.model_dump(), deployments=s.deployments.model_dump(exclude_none=True),
-        api_token_env=s.api_token_env, allow_unauthenticated=s.allow_unauthenticated,
-        retry_attempts=s.retry_attempts, retry_backoff_s=s.retry_backoff_s,
-        max_queued_requests=s.max_queued_requests, retry_after_s=s.retry_after_s, max_body_bytes=s.max_body_bytes,
-    )
 
 
 def serve_deploy_config(args: dict[str, Any], *, name: str = APP_NAME, route_prefix: str = "/",
@@ -297,90 +228,3 @@ def wait_until_running(name: str = APP_NAME, timeout_s: float = 300.0, poll_s: f
     raise RaggenError(f"serve app {name!r} not running after {timeout_s:.0f}s (status {status})")
 
 
-def _deploy_config_of(cfg: Any) -> dict[str, Any]:
-    s = cfg.serve
-    return serve_deploy_config(app_args_from_config(cfg), route_prefix=s.route_prefix, host=s.host, port=s.port,
-                               request_timeout_s=s.request_timeout_s)
-
-
-def check_serve_exposure(cfg: Any) -> None:
-    """``raggen serve``'s early check: a non-loopback ``serve.host`` needs the token in this
-    environment (what a local Ray's replicas inherit) or ``serve.allow_unauthenticated: true``.
-    The Ingress repeats it where the token is read, so a cluster's replicas check their own."""
-    from raggen.serve.auth import token_from_env
-    from raggen.serve.resilience import check_exposure
-
-    s = cfg.serve
-    check_exposure(s.host, token_from_env(s.api_token_env), s.allow_unauthenticated, token_env=s.api_token_env)
-
-
-def swap_index_from_config(cfg: Any, version: str | None = None, index: str | None = None,
-                           watch_latest: bool | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
-    """Hot-swap the index of the app :func:`serve_from_config` deployed from ``cfg`` (same Ray cluster).
-
-    Redeploys the same Serve config with only the Retriever's ``user_config`` changed (Serve calls
-    ``reconfigure``; no replica restarts), then waits until ``GET /v1/index`` reports ``version``
-    or a refusal of it. Returns that index info (``last_error`` set if the version was refused).
-    """
-    import httpx
-
-    s = cfg.serve
-    watch = s.watch_latest if watch_latest is None else watch_latest
-    config = with_index(_deploy_config_of(cfg), index or s.index, version, watch_latest=watch and version is None,
-                        watch_interval_s=s.watch_interval_s)
-    deploy_config(config)
-    url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}/v1/index"
-    from raggen.serve.auth import token_from_env
-
-    token = token_from_env(s.api_token_env)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    deadline = time.monotonic() + timeout_s
-    info: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            info = httpx.get(url, headers=headers, timeout=10).json()
-        except (httpx.HTTPError, ValueError):
-            info = {}
-        refused = info.get("last_error") and (version in info["last_error"]  # redacted: only "requested" names it
-                                              or str(info.get("requested") or "").rpartition("@")[2] == version)
-        if version is None or info.get("version") == version or refused:
-            return info
-        time.sleep(0.5)
-    raise RaggenError(f"index swap to {version!r} not visible at {url} after {timeout_s:.0f}s (last: {info})")
-
-
-def serve_from_config(cfg: Any, blocking: bool = True) -> str:
-    """``raggen serve CONFIG``: start Ray locally if no cluster, deploy, print the URL, block until ^C."""
-    from raggen.ray_utils import ensure_ray
-
-    s = cfg.serve
-    check_serve_exposure(cfg)  # before anything starts
-    ensure_ray()
-    deploy_config(_deploy_config_of(cfg))
-    wait_until_running(APP_NAME)
-    url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
-    print(f"raggen: serving on {url}  (POST {url}/v1/answer, POST {url}/v1/chat/completions, "
-          f"GET {url}/v1/index, GET {url}/healthz)", flush=True)
-    if not blocking:
-        print("raggen: deployed; the service lives as long as the Ray cluster it runs on", flush=True)
-        return url
-    _stop_on_sigterm()
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("raggen: shutting down Serve", flush=True)
-        serve.shutdown()
-    return url
-
-
-def _stop_on_sigterm() -> None:
-    """``kill``/``docker stop`` send SIGTERM: shut Serve down as Ctrl-C does instead of dying mid-request."""
-    import signal
-    import threading
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)

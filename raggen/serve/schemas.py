@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
-Decoding = Literal["rag-token", "rag-sequence-fast", "rag-sequence-thorough"]
-DECODINGS: tuple[str, ...] = ("rag-token", "rag-sequence-fast", "rag-sequence-thorough")
+from raggen.names import DECODINGS  # noqa: F401 - re-exported for the serve package
+from raggen.names import DecodingName as Decoding
+
 
 
 @dataclass(frozen=True)

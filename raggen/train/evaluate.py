@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from raggen.names import DECODINGS
 
 log = logging.getLogger(__name__)
 
-DECODINGS = ("rag-token", "rag-sequence-fast", "rag-sequence-thorough")
 
 # ---------------------------------------------------------------------------------------------
 # Answer metrics (SQuAD v1.1 evaluation script semantics)
@@ -153,25 +153,16 @@ def generate_answers(
 
     if decoding not in DECODINGS:
         raise ValueError(f"decoding: expected one of {DECODINGS}, got {decoding!r}")
-    kwargs = dict(bos_id=generator.bos_id, eos_id=generator.eos_id, pad_id=generator.pad_id,
-                  max_new_tokens=max_new_tokens or generator.max_target_length, num_beams=num_beams)
+    max_new_tokens = max_new_tokens or generator.max_target_length
     if fid:
         encoded = generator.fid_encode(questions, passages)
-        out = dec.rag_token_generate(generator.step_fn(encoded), torch.zeros(len(questions), 1, device=generator.device), **kwargs)
+        out = dec.rag_token_generate(generator.step_fn(encoded), torch.zeros(len(questions), 1, device=generator.device),
+                                     bos_id=generator.bos_id, eos_id=generator.eos_id, pad_id=generator.pad_id,
+                                     max_new_tokens=max_new_tokens, num_beams=num_beams)  # fmt: skip
         return [generator.decode(tokens) for tokens in out.best_tokens]
-    encoded = generator.encode(questions, passages)
-    step = generator.step_fn(encoded)
-    doc_logprobs = doc_logprobs.to(generator.device)
-    if decoding == "rag-token":
-        out = dec.rag_token_generate(step, doc_logprobs, **kwargs)
-    elif decoding == "rag-sequence-fast":
-        out = dec.rag_sequence_fast_generate(step, doc_logprobs, **kwargs)
-    else:
-        def score(rows: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return generator.sequence_logprob(encoded, rows, targets.masked_fill(~mask, generator.pad_id))
-
-        out = dec.rag_sequence_thorough_generate(step, doc_logprobs, sequence_logprob=score, **kwargs)
-    return [generator.decode(tokens) for tokens in out.best_tokens]
+    tokens = dec.generate_tokens(generator, questions, passages, doc_logprobs, decoding=decoding,
+                                 max_new_tokens=max_new_tokens, num_beams=num_beams)  # the dispatcher Serve uses
+    return [generator.decode(t) for t in tokens]
 
 
 @dataclass
@@ -301,8 +292,10 @@ def local_checkpoint(checkpoint: str | None, s3: dict | None):
     if checkpoint is None or not is_s3_uri(checkpoint):
         yield checkpoint
         return
+    from raggen.models.exports import resolve_export
+
     with tempfile.TemporaryDirectory(prefix="raggen-checkpoint-") as tmp:
-        download(checkpoint, tmp, s3)
+        download(resolve_export(checkpoint, s3, verify=False), tmp, s3)  # an export: only LATEST's, verified on reading
         yield tmp
 
 
@@ -318,39 +311,3 @@ def progress_bar(total: int, desc: str):
                 dynamic_ncols=tty, ascii=not tty)
 
 
-def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test", *, limit: int | None = None,
-                         out: str | None = None) -> dict[str, float]:
-    """``raggen eval``: models from a checkpoint folder (e.g. ``runs/NAME/final``) or the config,
-    the config's index, ``limit`` (default ``train.eval_examples``) examples of the split; ``out``
-    (a path or s3:// URI) gets one JSON line per question (``raggen.train.retrieve.write_jsonl``)."""
-    from raggen.index import open_index
-    from raggen.train.checkpointing import read_checkpoint
-    from raggen.train.loop import build_models
-    from raggen.train.trainer import model_spec, s3_options
-
-    t = cfg.train
-    with local_checkpoint(checkpoint, s3_options(t.s3)) as folder:
-        restored = read_checkpoint(folder).model_dirs if folder else None
-        models = build_models(model_spec(cfg.model), t.estimator, restored)
-    for m in models.values():
-        m.eval()
-    index = open_index(t.index, settings=cfg.index.search, s3_options=s3_options(t.s3), load_embeddings=False,
-                       start_ray=True)  # shard actors for a large index (index.search.mode)
-    examples = split_examples(split, dev_file=t.dev_file, world_dir=cfg.world.out_dir, limit=limit or t.eval_examples,
-                              s3_options=s3_options(t.s3))
-    records: list | None = [] if out else None
-    gumbel = t.estimator == "gumbel-rerank"
-    decoding = "rag-token" if t.estimator == "rag-token" else "rag-sequence-fast"
-    with progress_bar(len(examples), f"eval {split}") as bar:
-        scores = evaluate_rag(
-            examples, query_encoder=models["query_encoder"], generator=models["generator"], index=index,
-            top_k=t.gumbel.k if gumbel else t.top_k, decoding=decoding,
-            reranker=models.get("reranker"), rerank_candidates=t.gumbel.candidates if gumbel else None,
-            progress=bar.update, records=records,
-        )
-    index.close()  # ends the shard actors it started, if any
-    if out:
-        from raggen.train.retrieve import write_jsonl
-
-        write_jsonl(out, records, s3_options(t.s3))
-    return {"split": split, "checkpoint": checkpoint, "index_version": index.version, **scores}

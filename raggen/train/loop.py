@@ -10,7 +10,7 @@ rank 0 uploads its local run files (``sinks.RunUpload``); with a trained passage
 ``refresh.every`` steps a re-encoded index (``refresh.py``). Each step's learning rates follow
 ``schedule.lr_multiplier`` of the global step, so a resumed run continues the same schedule.
 
-``config`` is a plain dict (``raggen.train.trainer.train_loop_config`` builds it from the YAML
+``config`` is a plain dict (``raggen.app.training.train_loop_config`` builds it from the YAML
 config); this module never imports ``raggen.config``.
 """
 
@@ -155,7 +155,7 @@ def build_models(model_cfg: dict[str, Any], estimator: str, restored: dict[str, 
         path = restored.get("reranker", model_cfg.get("reranker"))
         if not path:
             raise ConfigError("model.reranker: gumbel-rerank needs a reranker (an HF id or folder)")
-        models["reranker"] = Reranker.from_pretrained(path, max_length=int(model_cfg.get("reranker_max_length", 256)))
+        models["reranker"] = Reranker.from_pretrained(path)
     return models
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from raggen.models.retriever import inner_product_scores, passage_text
+from raggen.names import ESTIMATORS
 from raggen.objectives import (
     JSAChainCache,
     emdr2_loss,
@@ -40,7 +41,7 @@ from raggen.objectives import (
     vrag_loss,
 )
 
-ESTIMATORS = ("rag-sequence", "rag-token", "vrag", "jsa", "emdr2", "pdist", "gumbel-rerank")
+
 
 
 class Index(Protocol):
@@ -104,7 +105,6 @@ class StepSettings:
     train_generator: bool = True
     vrag_beta: float = 1.0
     pdist_temperature: float = 1.0
-    fid_reader: bool = False  # EMDR2 / PDist: reader loss from a FiD pass over all K passages
     gumbel_k: int = 2
     gumbel_tau: float = 0.5
     gumbel_method: str = "subset"
@@ -218,7 +218,7 @@ def _scores(queries: torch.Tensor, cands: Retrieved) -> torch.Tensor:
 
 def _seq_logprob(generator: nn.Module, batch: Batch, passages: list[list[str]], length_normalize: bool) -> torch.Tensor:
     tok, mask = generator(batch.questions, passages, batch.targets)  # (b, k, t), (b, t)
-    return sequence_logprob(tok, mask, length_normalise=length_normalize)  # (b, k)
+    return sequence_logprob(tok, mask, length_normalize=length_normalize)  # (b, k)
 
 
 def _select(passages: list[list[str]], idx: torch.Tensor) -> list[list[str]]:
@@ -249,13 +249,9 @@ def rag_marginal_step(models: StepModels, index: Index, batch: Batch, settings: 
     return StepOutput(loss, diag)
 
 
-def _reader_nll(models: StepModels, batch: Batch, cands: Retrieved, log_prior: torch.Tensor,
-                seq: torch.Tensor, fid: bool) -> torch.Tensor:
-    """The reader's own loss for EMDR2/PDist: FiD NLL over all K, or the top-K marginal with the
-    prior held fixed (the M-step on per-passage likelihoods)."""
-    if fid:
-        tok, mask = models.generator(batch.questions, cands.passages, batch.targets, fid=True)  # (b, t)
-        return -sequence_logprob(tok, mask)  # (b,)
+def _reader_nll(log_prior: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """PDist's reader loss: the top-K marginal with the prior held fixed (the M-step on
+    per-passage likelihoods)."""
     return -torch.logsumexp(log_prior.detach() + seq, dim=-1)  # (b,)
 
 
@@ -266,12 +262,9 @@ def distill_step(models: StepModels, index: Index, batch: Batch, settings: StepS
     doc_scores = _scores(q, cands)  # (b, k)
     seq = _seq_logprob(models.generator, batch, cands.passages, False)  # (b, k)
     if settings.estimator == "emdr2":
-        reader = None
-        if settings.fid_reader:
-            reader = _reader_nll(models, batch, cands, torch.log_softmax(doc_scores, -1), seq, True)
-        loss, diag = emdr2_loss(doc_scores, seq, reader_nll=reader)
+        loss, diag = emdr2_loss(doc_scores, seq)
     else:
-        reader = _reader_nll(models, batch, cands, torch.log_softmax(doc_scores, -1), seq, settings.fid_reader)
+        reader = _reader_nll(torch.log_softmax(doc_scores, -1), seq)
         loss, diag = pdist_loss(doc_scores, seq, reader_nll=reader, lm_temperature=settings.pdist_temperature)
     return StepOutput(loss, diag)
 

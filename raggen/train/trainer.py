@@ -1,4 +1,4 @@
-"""Ray Train wiring: the config -> a plain ``train_loop_config`` dict -> ``TorchTrainer.fit()``.
+"""Ray Train wiring: a plain ``train_loop_config`` (``raggen.app.training`` makes it from a config) -> ``TorchTrainer.fit()``.
 
 Runs are named: ``RunConfig(name, storage_path)`` puts checkpoints under
 ``storage_path/name/``; starting a run again with the same name and storage path resumes from
@@ -7,8 +7,9 @@ its latest checkpoint (Ray Train V2 restores its checkpoint manager from the run
 from the latest checkpoint up to ``max_failures`` times. S3 storage goes through a pyarrow
 filesystem (``RunConfig(storage_filesystem=...)``) so a custom endpoint works.
 
-After ``fit`` the latest checkpoint is exported to ``storage_path/name/final`` (what Serve's
-``model_dir`` and ``raggen eval --checkpoint`` read). The resolved config goes to
+After ``fit`` the latest checkpoint is exported to ``storage_path/name/final`` as a versioned,
+verified model export (``final/<step>-<id>/`` + ``final/LATEST``; what Serve's ``model_dir`` and
+``raggen eval --checkpoint`` read, see ``raggen.models.exports``). The resolved config goes to
 ``storage_path/name/config.yaml`` before the run starts (and into every checkpoint); rank 0 uploads
 ``metrics.jsonl`` (and ``tensorboard/``) beside them at each checkpoint.
 """
@@ -19,132 +20,17 @@ import json
 import logging
 import os
 import tempfile
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from raggen.errors import ConfigError, RaggenError
-from raggen.train.checkpointing import CONFIG_FILE, STATE_FILE, copy_checkpoint
+from raggen.errors import ConfigError
+from raggen.train.checkpointing import CONFIG_FILE, export_checkpoint
 from raggen.train.metrics import METRICS_FILE
-from raggen.train.sinks import TENSORBOARD_DIR, require_mlflow, summary_writer_class
-
-if TYPE_CHECKING:  # the config only types the builder's input; no module below imports it at run time
-    from raggen.config import ModelSection, RaggenConfig, S3Config, TrainSection
 
 log = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
 
 
-# ---------------------------------------------------------------------------------------------
-# Config -> plain dict
-# ---------------------------------------------------------------------------------------------
-
-
-def s3_options(s3: "S3Config | None") -> dict[str, Any] | None:
-    """The config's S3 section as ``raggen.storage.S3Options`` fields (None when all unset)."""
-    return s3.storage_options() if s3 is not None else None
-
-
-def _encoder_spec(section) -> dict[str, Any] | None:
-    if section is None:
-        return None
-    return section.model_dump()
-
-
-def model_spec(model: "ModelSection") -> dict[str, Any]:
-    return {
-        "query_encoder": _encoder_spec(model.query_encoder),
-        "posterior_encoder": _encoder_spec(model.posterior_encoder),
-        "generator": model.generator,
-        "reranker": model.reranker,
-        "max_source_length": model.max_source_length,
-        "max_target_length": model.max_target_length,
-    }
-
-
-def step_spec(train: "TrainSection") -> dict[str, Any]:
-    """``raggen.train.step.StepSettings`` fields. The JSA temperature also scales VRAG's p and q,
-    so the two posterior-retriever estimators are compared at the same temperature."""
-    gumbel = train.estimator == "gumbel-rerank"
-    return {
-        "estimator": train.estimator,
-        "top_k": train.top_k,
-        "retriever_temperature": train.jsa.retriever_temperature,
-        "num_proposals": train.jsa.num_proposals,
-        "length_normalize": train.jsa.length_normalize,
-        "train_generator": train.gumbel.train_reader if gumbel else train.train_generator,
-        "vrag_beta": train.vrag_beta,
-        "pdist_temperature": train.pdist_temperature,
-        "gumbel_k": train.gumbel.k,
-        "gumbel_tau": train.gumbel.tau,
-        "gumbel_method": train.gumbel.method,
-        "gumbel_candidates": train.gumbel.candidates,
-    }
-
-
-def config_yaml(cfg: "RaggenConfig") -> str:
-    """The full validated config as YAML (``load_config`` of it gives ``cfg`` back): saved with the run."""
-    import yaml
-
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-def sinks_spec(t: "TrainSection") -> dict[str, Any]:
-    """``raggen.train.sinks.open_sinks`` input; a missing optional package fails here, on the driver."""
-    spec: dict[str, Any] = {"tensorboard_dir": None, "mlflow": None}
-    if t.tensorboard:
-        summary_writer_class()
-        spec["tensorboard_dir"] = os.path.join(local_run_dir(t.storage_path, t.name), TENSORBOARD_DIR)
-    if t.mlflow_tracking_uri:
-        require_mlflow()
-        spec["mlflow"] = {"tracking_uri": t.mlflow_tracking_uri, "experiment": t.mlflow_experiment, "run_name": t.name,
-                          "params": t.model_dump(mode="json", exclude={"s3"})}
-    return spec
-
-
-def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_gpu: bool = False) -> dict[str, Any]:
-    """Everything ``raggen.train.loop.train_func`` reads, as plain JSON-able values."""
-    t = cfg.train
-    if t.train_passage_encoder and t.estimator == "gumbel-rerank":
-        raise ConfigError("train.train_passage_encoder: gumbel-rerank keeps the retriever fixed; set it to false")
-    passage_encoder = passage_encoder_spec(cfg) if t.train_passage_encoder else None  # reads the manifest once
-    return {
-        "steps": t.steps,
-        "batch_size": t.batch_size,
-        "lr": t.lr,
-        "retriever_lr": t.retriever_lr,
-        "warmup_steps": t.warmup_steps,
-        "lr_schedule": t.lr_schedule,
-        "log_every": t.log_every,
-        "weight_decay": t.weight_decay,
-        "grad_clip": t.grad_clip,
-        "seed": t.seed,
-        "checkpoint_every": t.checkpoint_every,
-        "eval_every": t.eval_every,
-        "eval_examples": t.eval_examples,
-        "dev_file": t.dev_file if t.eval_every else None,
-        "metrics_path": metrics_path,
-        "run_uri": run_uri(t.storage_path, t.name),
-        "run_s3": s3_options(t.s3),
-        "config_yaml": config_yaml(cfg),
-        "sinks": sinks_spec(t),
-        "use_gpu": use_gpu,
-        "num_threads": max(1, int(t.cpus_per_worker)),
-        "jsa_restart_chains": t.jsa.restart_chains,
-        "step": step_spec(t),
-        "models": {**model_spec(cfg.model), "passage_encoder": passage_encoder},
-        "index": index_spec(cfg),
-        "train_passage_encoder": t.train_passage_encoder,
-        "refresh": refresh_spec(cfg, passage_encoder) if t.refresh_index_every else None,
-    }
-
-
-def index_spec(cfg: "RaggenConfig") -> dict[str, Any]:
-    """How workers open ``train.index``: with the ``index.search`` settings (local, shard actors,
-    nprobe / efSearch); ``run_training`` adds ``group`` (the shard actors it started) when the
-    settings ask for actors."""
-    return {"uri": cfg.train.index, "version": None, "s3": s3_options(cfg.train.s3),
-            "search": cfg.index.search.model_dump(mode="json")}
 
 
 def start_index_group(loop_config: dict[str, Any]):
@@ -164,7 +50,7 @@ def start_index_group(loop_config: dict[str, Any]):
     return group
 
 
-def _group_summary(group) -> dict[str, Any] | None:
+def group_summary(group) -> dict[str, Any] | None:
     if group is None:
         return None
     try:
@@ -173,24 +59,6 @@ def _group_summary(group) -> dict[str, Any] | None:
         infos = []
     return {"name": group.name, "version": group.version, "actors": len(group.handles),
             "nodes": len({i["node_id"] for i in infos}), "queries": [i["queries"] for i in infos]}
-
-
-def passage_encoder_spec(cfg: "RaggenConfig") -> dict[str, Any]:
-    """d(z) as the searched index was computed: encoder, pooling and normalisation from the manifest of
-    ``train.index`` (so trained d(z) starts equal to the stored vectors even if ``index.encoder`` names
-    another model), ``max_length`` from ``index.encoder`` (refreshes encode with that section)."""
-    from raggen.index import read_manifest
-
-    spec = _encoder_spec(cfg.index.encoder)
-    try:
-        encoder = read_manifest(cfg.train.index, s3_options=s3_options(cfg.train.s3)).encoder
-    except (RaggenError, FileNotFoundError) as exc:
-        raise ConfigError(f"train.index: {cfg.train.index}: cannot read its manifest ({exc})") from None
-    if encoder.name_or_path != spec["name_or_path"]:
-        log.warning("train.index was encoded with %s, index.encoder names %s: the trained passage encoder "
-                    "starts from the index's", encoder.name_or_path, spec["name_or_path"])
-    return {**spec, "name_or_path": encoder.name_or_path, "pooling": encoder.pooling, "normalize": encoder.normalize,
-            "passage_format": encoder.passage_format, "s3": s3_options(cfg.train.s3)}
 
 
 def run_uri(storage_path: str, name: str) -> str:
@@ -203,28 +71,8 @@ def run_index_uri(storage_path: str, name: str) -> str:
     return f"{run_uri(storage_path, name)}/index"
 
 
-def refresh_spec(cfg: "RaggenConfig", passage_encoder: dict[str, Any]) -> dict[str, Any]:
-    """``raggen.train.refresh.RefreshSpec`` fields: the index section's build settings, publishing
-    into the run's own index root; ``passage_encoder`` is ``passage_encoder_spec(cfg)``."""
-    t = cfg.train
-    from raggen.indexing import index_build_kwargs
-
-    build = index_build_kwargs(cfg.index)  # documents are chunked once; the refresh reads the passages
-    passages_uri = build["passages_uri"]
-    for key in ("passages_uri", "output_uri", "encoder_name_or_path", "version", "s3_options"):
-        build.pop(key)
-    # the refreshed vectors are d(z) as the trained encoder computes it
-    build.update(pooling=passage_encoder["pooling"], normalize=passage_encoder["normalize"],
-                 passage_format=passage_encoder["passage_format"])
-    staging = os.path.join(local_run_dir(t.storage_path, t.name), "refresh")  # encoder snapshots: local folders
-    snapshots = f"{t.storage_path.rstrip('/')}/{t.name}/refresh" if t.storage_path.startswith("s3://") else None
-    return {"every": t.refresh_index_every, "passages_uri": passages_uri,
-            "output_uri": run_index_uri(t.storage_path, t.name), "staging_dir": staging,
-            "build": build, "s3": s3_options(t.s3), "snapshot_uri": snapshots}
-
-
 # ---------------------------------------------------------------------------------------------
-# Data, storage, trainer
+# Data, storage, trainer (the config-reading half is raggen.app.training)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -311,19 +159,15 @@ def make_trainer(
 
 
 def export_final(checkpoint, storage_path: str, name: str, s3: dict[str, Any] | None = None) -> str:
-    """Copy the run's latest checkpoint to ``storage_path/name/final``; the state file goes last,
-    so a reader never sees a partial export as complete."""
+    """Export the run's latest checkpoint as a new model export under ``storage_path/name/final``
+    (``final/<step>-<id>/`` with each file's sha256, then ``final/LATEST``, written last: a reader
+    never takes a partial export for a complete one). Returns ``final``'s URI, what ``serve.model_dir``
+    and ``raggen eval --checkpoint`` name."""
     dst = f"{storage_path.rstrip('/')}/{name}/{FINAL_DIR}"
+    if not dst.startswith("s3://"):
+        dst = os.path.abspath(os.path.expanduser(dst))
     with checkpoint.as_directory() as src:
-        if not dst.startswith("s3://"):
-            copy_checkpoint(src, os.path.abspath(os.path.expanduser(dst)))
-            return os.path.abspath(os.path.expanduser(dst))
-        from raggen.storage import open_store
-
-        store = open_store(dst, s3)
-        names = sorted(p.relative_to(src).as_posix() for p in Path(src).rglob("*") if p.is_file())
-        for rel in [n for n in names if n != STATE_FILE] + [STATE_FILE]:
-            store.upload_file(Path(src, rel), rel)
+        export_checkpoint(src, dst, s3)
     return dst
 
 
@@ -337,7 +181,7 @@ def save_run_config(text: str, storage_path: str, name: str, s3: dict[str, Any] 
     return uri
 
 
-def _resolve_use_gpu(use_gpu: bool | None) -> bool:
+def resolve_use_gpu(use_gpu: bool | None) -> bool:
     if use_gpu is not None:
         return use_gpu
     import ray
@@ -345,38 +189,3 @@ def _resolve_use_gpu(use_gpu: bool | None) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def run_training(cfg: "RaggenConfig", extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train as the config says (starting Ray if needed); returns a JSON-able summary."""
-    from raggen.ray_utils import ensure_ray
-
-    t = cfg.train
-    s3 = s3_options(t.s3)
-    metrics_path = local_metrics_path(t.storage_path, t.name)
-    loop_config = {**train_loop_config(cfg, metrics_path=metrics_path), **(extra_loop_config or {})}
-    items = qa_items(t.train_file, s3=s3)  # config and data errors surface before Ray starts
-    config_uri = save_run_config(loop_config["config_yaml"], t.storage_path, t.name, s3)
-    ensure_ray()
-    use_gpu = loop_config["use_gpu"] = _resolve_use_gpu(t.use_gpu)
-    group = start_index_group(loop_config)  # one group of shard actors for every worker (index.search)
-    try:
-        trainer = make_trainer(
-            loop_config, items, name=t.name, storage_path=t.storage_path,
-            num_workers=t.num_workers, use_gpu=use_gpu, cpus_per_worker=t.cpus_per_worker,
-            max_failures=t.max_failures, s3=s3,
-        )
-        result = trainer.fit()
-        index_group = _group_summary(group)
-    finally:
-        if group is not None:
-            group.close()
-    final = export_final(result.checkpoint, t.storage_path, t.name, s3) if result.checkpoint else None
-    return {
-        "index_group": index_group,
-        "name": t.name,
-        "run_dir": run_uri(t.storage_path, t.name),
-        "config": config_uri,
-        "final": final,
-        "index": run_index_uri(t.storage_path, t.name) if t.refresh_index_every else t.index,
-        "metrics_jsonl": metrics_path,
-        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
-    }

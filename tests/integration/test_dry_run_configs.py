@@ -1,6 +1,6 @@
 """Every shipped config runs end to end on CPU with tiny models of the classes it names.
 
-``raggen dry-run`` (``raggen.dry_run.run_dry_run``) against a real S3 server (moto on loopback):
+``raggen dry-run`` (``raggen.app.dry_run.run_dry_run``) against a real S3 server (moto on loopback):
 Ray Data encoding -> FAISS shards -> publish to the config's own s3:// URIs -> 2 Ray Train steps
 on 2 workers -> eval of the exported checkpoint -> Ray Serve answers one question over HTTP. The
 Serve config (configs/serve.yaml) is deployed as it is, on the quickstart rehearsal's index.
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from raggen.config import load_config
-from raggen.dry_run import model_fields, run_dry_run
+from raggen.app.dry_run import model_fields, run_dry_run
 from raggen.index import read_manifest, verify_index
 from raggen.models.loading import declared_architecture
 from raggen.models.stand_ins import architecture_of, is_available_here

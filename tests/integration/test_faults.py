@@ -23,9 +23,8 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-
-ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
+import ray
+from ray import serve
 
 from raggen.corpus.world import WorldConfig, read_changed_facts, write_world  # noqa: E402
 from raggen.errors import ConfigError  # noqa: E402
@@ -379,7 +378,7 @@ def test_an_internal_error_is_500_with_a_request_id_and_no_internals(service):
 def test_non_loopback_without_a_token_is_refused_at_start(service, monkeypatch):
     from raggen.config import load_config
     from raggen.serve import deployments
-    from raggen.serve.app import serve_from_config
+    from raggen.app.serving import serve_from_config
 
     monkeypatch.delenv("RAGGEN_API_TOKEN", raising=False)
     with pytest.raises(ConfigError, match=r"serve\.host.*serve\.allow_unauthenticated"):

@@ -14,7 +14,7 @@ from raggen.errors import ConfigError
 from raggen.models import Generator, TextEncoder, make_tiny_encoder, make_tiny_generator
 from raggen.models.loading import fetch_model_dir
 from raggen.serve import deployments
-from raggen.serve.app import app_args_from_config
+from raggen.app.serving import app_args_from_config
 from raggen.storage import upload_dir
 
 pytestmark = pytest.mark.integration

@@ -58,11 +58,14 @@ def setup(tmp_path_factory):
     from raggen.corpus import read_passages, write_qa_jsonl
     from raggen.corpus.world import WorldConfig, build_world, write_world
     from raggen.models import make_tiny_encoder, make_tiny_generator, make_tiny_reranker
+    from raggen.train.heldout import split_heldout
 
     root = tmp_path_factory.mktemp("train")
     files = write_world(root / "world", WorldConfig(num_entities=30, seed=0))
     world = build_world(WorldConfig(num_entities=30, seed=0))
-    train_file = write_qa_jsonl(root / "train-small.jsonl", world.train[:48])
+    # held-out means held out: the loss the tests compare before/after is on questions no step trains on
+    train_rows, heldout = split_heldout(world.train, 48, EVAL_EXAMPLES)
+    train_file = write_qa_jsonl(root / "train-small.jsonl", train_rows)
     models = {
         "encoder": make_tiny_encoder(str(root / "enc")),
         "generator": make_tiny_generator(str(root / "gen")),
@@ -73,7 +76,7 @@ def setup(tmp_path_factory):
     # serves, and a run without it can have its placement group removed while still training.
     ray.init(num_cpus=2, log_to_driver=False)
     yield {"root": root, "train_file": str(train_file), "dev_file": str(files.dev_jsonl), "index": str(root / "index"),
-           "models": models, "eval": world.train[:EVAL_EXAMPLES], "passages": str(files.passages_v1)}
+           "models": models, "eval": heldout, "passages": str(files.passages_v1)}
     ray.shutdown()
 
 
@@ -186,7 +189,8 @@ def grouped_results(setup):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raggen.train.trainer import qa_items, train_loop_config
+    from raggen.train.trainer import qa_items
+    from raggen.app.training import train_loop_config
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     runs = {est: train_loop_config(_config(setup, f"grouped-{est}", est)) for est in GROUPED}
@@ -217,11 +221,13 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
     dies at step 3 (max_failures=1); the group restarts from the step-2 checkpoint and finishes.
     Run 2 under the same name continues from step 4 with the same JSA chain cache."""
     from raggen.index import open_index
+    from raggen.models.exports import resolve_export
     from raggen.storage import download
     from raggen.train.checkpointing import JSA_CACHE_FILE, read_checkpoint
     from raggen.train.loop import build_models, cache_digest
     from raggen.train.metrics import plot_metrics, read_metrics
-    from raggen.train.trainer import local_metrics_path, model_spec, run_training
+    from raggen.train.trainer import local_metrics_path
+    from raggen.app.training import model_spec, run_training
 
     bucket, s3 = s3_bucket
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3["aws_access_key_id"])
@@ -234,14 +240,15 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
     assert marker.exists(), "the failure was never injected"
     assert first["final"] == f"s3://{bucket}/runs/jsa/final" and first["metrics"]["step"] == STEPS
     download(first["final"], tmp_path / "final1", s3)
-    state = read_checkpoint(tmp_path / "final1")
+    state = read_checkpoint(tmp_path / "final1")  # the export LATEST names, verified
+    final1 = Path(resolve_export(str(tmp_path / "final1")))
     assert state.step == STEPS
     metrics_path = local_metrics_path(cfg.train.storage_path, "jsa")
     steps, events = read_metrics(metrics_path)
     assert [e["step"] for e in events if e["event"] == "restored"] == [2]  # the replacement group resumed at 2
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     assert all(0.0 <= s["acceptance_rate"] <= 1.0 and np.isfinite(s["loss"]) for s in steps)
-    assert read_metrics(tmp_path / "final1" / "metrics.jsonl")[0] == steps  # the JSONL travels with checkpoints
+    assert read_metrics(final1 / "metrics.jsonl")[0] == steps  # the JSONL travels with checkpoints
 
     spec, index = model_spec(cfg.model), open_index(cfg.train.index)
     eval_rows = [{"id": e.id, "question": e.question, "answers": e.answers} for e in setup["eval"]]
@@ -249,7 +256,7 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
     after = heldout_nll(build_models(spec, "jsa", state.model_dirs), "jsa", index, eval_rows)
     assert after < before, f"jsa: held-out loss {before:.3f} -> {after:.3f}"
     assert sorted(state.model_dirs) == TRAINS["jsa"]
-    saved = torch.load(tmp_path / "final1" / JSA_CACHE_FILE, weights_only=True)
+    saved = torch.load(final1 / JSA_CACHE_FILE, weights_only=True)
     assert len(saved["states"]) >= 8  # both workers' chains (disjoint shards) are in the checkpoint
 
     evals = [f"train.eval_every=2", "train.eval_examples=4", f"train.dev_file={setup['dev_file']}"]
@@ -270,7 +277,7 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
 
 def test_config_errors_name_the_field(setup):
     from raggen.errors import ConfigError
-    from raggen.train.trainer import run_training, train_loop_config
+    from raggen.app.training import run_training, train_loop_config
 
     cfg = _config(setup, "bad", "gumbel-rerank", "train.train_passage_encoder=true")
     with pytest.raises(ConfigError, match="train.train_passage_encoder"):
@@ -289,7 +296,8 @@ def test_trained_passage_encoder_refreshes_the_index_on_schedule_and_resumes_on_
     from raggen.models import TextEncoder, passage_text
     from raggen.train.checkpointing import read_checkpoint
     from raggen.train.metrics import read_metrics
-    from raggen.train.trainer import local_metrics_path, run_training
+    from raggen.train.trainer import local_metrics_path
+    from raggen.app.training import run_training
 
     enc = setup["models"]["encoder"]
     refresh = [

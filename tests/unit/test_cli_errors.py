@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from raggen.cli import failure_message, main
 from raggen.errors import ConfigError

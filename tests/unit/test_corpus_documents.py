@@ -170,7 +170,7 @@ def test_document_corpus_detection(doc_folder, tmp_path):
 
 def test_config_routes_documents_through_chunking_and_leaves_passages_alone(doc_folder, tmp_path):
     from raggen.config import load_config
-    from raggen.indexing import index_build_kwargs
+    from raggen.app.indexing import index_build_kwargs
 
     root, texts = doc_folder
     base = [f"index.chunk_dir={tmp_path / 'chunks'}"]
@@ -192,7 +192,7 @@ def test_config_routes_documents_through_chunking_and_leaves_passages_alone(doc_
 
 def test_shipped_example_documents_chunk_as_the_config_says(tmp_path):
     from raggen.config import load_config, with_absolute_paths
-    from raggen.indexing import index_build_kwargs
+    from raggen.app.indexing import index_build_kwargs
 
     cfg = load_config(REPO / "configs" / "documents.yaml", [f"index.chunk_dir={tmp_path}"])
     cfg.index.passages = str(REPO / cfg.index.passages)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from raggen.config import load_config
-from raggen.dry_run import dry_run_overrides, model_fields, small_factory, stand_in_overrides
+from raggen.app.dry_run import dry_run_overrides, model_fields, small_factory, stand_in_overrides
 from raggen.errors import ConfigError
 from raggen.models.loading import declared_architecture
 from raggen.models.stand_ins import BUILDERS, architecture_of, is_available_here, make_stand_in

@@ -21,10 +21,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
-
-jsonschema = pytest.importorskip("jsonschema")
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
@@ -443,7 +442,8 @@ def test_rayservice_serve_config_builds_from_its_raggen_config(obj):
     defined = {n.name for n in ast.parse(source.read_text()).body if isinstance(n, ast.FunctionDef)}
     assert attr in defined, f"{source.relative_to(REPO)} defines no {attr}()"
 
-    from raggen.serve.app import app_args_from_config, parse_app_args
+    from raggen.app.serving import app_args_from_config
+    from raggen.serve.app import parse_app_args
 
     cfg = _load_config(obj["metadata"]["annotations"]["raggen.io/config"])
     expected = parse_app_args(app_args_from_config(cfg))

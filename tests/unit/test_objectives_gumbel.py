@@ -133,7 +133,7 @@ def test_gumbel_rerank_loss_is_the_masked_answer_nll():
     expected = -sum((token_logprobs[b] * answer_mask[b]).sum() for b in range(3)) / 3
     assert loss.item() == pytest.approx(expected.item())
     assert diagnostics["mask_hardness"].item() == 0.0 and diagnostics["mask_max"].item() == 1.0
-    normalised, _ = gumbel_rerank_loss(token_logprobs, answer_mask, length_normalise=True)
+    normalised, _ = gumbel_rerank_loss(token_logprobs, answer_mask, length_normalize=True)
     lengths = answer_mask.sum(-1)
     assert normalised.item() == pytest.approx((-(token_logprobs * answer_mask).sum(-1) / lengths).mean().item())
 

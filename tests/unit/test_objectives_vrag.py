@@ -119,8 +119,8 @@ def test_temperature_and_length_normalisation_options():
     hot, _ = vrag_loss(prior, posterior, tok, mask, posterior_topk=3, temperature=0.1)
     scaled, _ = vrag_loss(prior / 0.1, posterior / 0.1, tok, mask, posterior_topk=3)
     assert hot.item() == pytest.approx(scaled.item(), rel=1e-12)
-    norm, _ = vrag_loss(prior, posterior, tok, mask, posterior_topk=3, length_normalise=True)
-    manual, _ = vrag_loss(prior, posterior, sequence_logprob(tok, mask, length_normalise=True), posterior_topk=3)
+    norm, _ = vrag_loss(prior, posterior, tok, mask, posterior_topk=3, length_normalize=True)
+    manual, _ = vrag_loss(prior, posterior, sequence_logprob(tok, mask, length_normalize=True), posterior_topk=3)
     assert norm.item() == pytest.approx(manual.item(), rel=1e-12)
 
 
@@ -142,4 +142,4 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError):
         vrag_loss(prior, posterior, tok, None, posterior_topk=2)  # per-token needs a mask
     with pytest.raises(ValueError):
-        vrag_loss(prior, posterior, sequence_logprob(tok, mask), posterior_topk=2, length_normalise=True)
+        vrag_loss(prior, posterior, sequence_logprob(tok, mask), posterior_topk=2, length_normalize=True)

@@ -101,7 +101,7 @@ def test_exposure_fails_closed(caplog):
 
 def test_raggen_serve_refuses_an_open_non_loopback_host_before_starting(monkeypatch):
     from raggen.config import load_config
-    from raggen.serve.app import check_serve_exposure, serve_from_config
+    from raggen.app.serving import check_serve_exposure, serve_from_config
 
     monkeypatch.delenv("RAGGEN_API_TOKEN", raising=False)
     cfg = load_config(None, ["serve.host=0.0.0.0"])
@@ -187,7 +187,8 @@ def test_docs_and_schema_sit_behind_the_token_and_declare_it():
 
 def test_serve_args_refuse_s3_credentials_and_carry_the_fault_settings():
     from raggen.config import load_config
-    from raggen.serve.app import app_args_from_config, build_app, parse_app_args, serve_deploy_config
+    from raggen.app.serving import app_args_from_config
+    from raggen.serve.app import build_app, parse_app_args, serve_deploy_config
 
     for key in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
         with pytest.raises(ConfigError, match=rf"args\.s3.*{key}.*environment"):
@@ -199,7 +200,7 @@ def test_serve_args_refuse_s3_credentials_and_carry_the_fault_settings():
     a = parse_app_args(args)
     assert (a.retry_attempts, a.max_queued_requests, a.retry_after_s, a.max_body_bytes, a.allow_unauthenticated) == \
         (5, 7, 4.0, 4096, True)
-    from raggen.serve.app import _deploy_config_of
+    from raggen.app.serving import _deploy_config_of
 
     assert _deploy_config_of(cfg)["http_options"]["request_timeout_s"] == 30
     assert serve_deploy_config({"index": "/i", "generator": "/g"})["http_options"]["request_timeout_s"] > 0

@@ -11,12 +11,8 @@ import pytest
 
 from raggen.config import load_config
 from raggen.errors import ConfigError
-from raggen.serve.app import (
-    GIB,
-    app_args_from_config,
-    deployment_resources,
-    parse_app_args,
-)
+from raggen.serve.app import GIB, deployment_resources, parse_app_args
+from raggen.app.serving import app_args_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}

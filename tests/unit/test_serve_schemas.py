@@ -369,7 +369,8 @@ def test_shipped_serve_yaml_is_a_valid_serve_config():
 @pytest.mark.parametrize("config_file", [None, "quickstart.yaml"])
 def test_raggen_config_becomes_valid_app_args(config_file):
     from raggen.config import load_config
-    from raggen.serve.app import app_args_from_config, parse_app_args
+    from raggen.app.serving import app_args_from_config
+    from raggen.serve.app import parse_app_args
 
     cfg = load_config(REPO / "configs" / config_file if config_file else None,
                       ["serve.s3.endpoint_url=http://127.0.0.1:9000", "serve.s3.region=eu-west-1"])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 from raggen.config import load_config
-from raggen.train.checkpointing import CONFIG_FILE, copy_checkpoint, write_checkpoint
-from raggen.train.trainer import config_yaml, save_run_config, train_loop_config
+from raggen.train.checkpointing import CONFIG_FILE, export_checkpoint, write_checkpoint
+from raggen.app.training import config_yaml, train_loop_config
+from raggen.train.trainer import save_run_config
 
 OVERRIDES = ["train.name=exp1", "train.lr=1e-4", "train.warmup_steps=5", "train.lr_schedule=cosine",
              "train.retriever_lr=2e-5", "model.generator=some/reader"]
@@ -33,7 +34,7 @@ def test_run_config_goes_to_the_run_folder_and_into_checkpoints(tmp_path):
     assert load_config(uri) == cfg
 
     write_checkpoint(tmp_path / "ckpt", models={}, step=3, config_yaml=loop["config_yaml"])
-    copy_checkpoint(tmp_path / "ckpt", tmp_path / "final")
-    assert load_config(tmp_path / "final" / CONFIG_FILE) == cfg
+    exported = export_checkpoint(tmp_path / "ckpt", str(tmp_path / "final"))
+    assert load_config(os.path.join(exported, CONFIG_FILE)) == cfg
     write_checkpoint(tmp_path / "bare", models={}, step=3)
     assert not (tmp_path / "bare" / CONFIG_FILE).exists()

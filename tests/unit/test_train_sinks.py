@@ -36,7 +36,7 @@ def _tfrecords(path) -> list[bytes]:
 
 
 def test_tensorboard_sink_writes_train_and_eval_scalars(tmp_path):
-    event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+    from tensorboardX.proto import event_pb2  # ray[train] brings tensorboardX
     sink = TensorBoardSink(tmp_path / "tb", config_yaml="train:\n  lr: 1\n")
     with MetricsWriter(tmp_path / "metrics.jsonl", sinks=[sink]) as w:
         for step in (1, 2):
@@ -66,7 +66,7 @@ def test_missing_optional_packages_are_config_errors_naming_the_field(monkeypatc
         summary_writer_class()
     with pytest.raises(ConfigError, match=r"train\.mlflow_tracking_uri: .*pip install mlflow"):
         require_mlflow()
-    from raggen.train.trainer import train_loop_config
+    from raggen.app.training import train_loop_config
 
     with pytest.raises(ConfigError, match=r"train\.tensorboard"):  # on the driver, before Ray starts
         train_loop_config(load_config(overrides=["train.tensorboard=true"]))

@@ -64,7 +64,7 @@ def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2:
     Counts how many answers match the v1 facts before the swap and the v2 facts after it."""
     from raggen.corpus.world import read_changed_facts
     from raggen.index import set_latest
-    from raggen.serve.app import serve_from_config, swap_index_from_config
+    from raggen.app.serving import serve_from_config, swap_index_from_config
     from raggen.serve.client import ask
     from raggen.train.evaluate import exact_match
 
@@ -99,9 +99,9 @@ def run_quickstart(cfg: RaggenConfig) -> dict:
     from raggen.corpus.world import WorldConfig, write_world
     from raggen.index import build_index
     from raggen.ray_utils import ensure_ray
-    from raggen.train.evaluate import evaluate_from_config
+    from raggen.app.evaluation import evaluate_from_config
     from raggen.train.metrics import plot_metrics
-    from raggen.train.trainer import run_training
+    from raggen.app.training import run_training
 
     require_reader(cfg.model.generator)
     timings: dict[str, float] = {}

@@ -119,9 +119,11 @@ def read_checkpoint_state(checkpoint: str, s3_options=None) -> dict | None:
     not a training checkpoint (a model folder, a hub id)."""
     import json
 
+    from raggen.models.exports import resolve_export
     from raggen.storage import is_s3_uri, read_bytes
     from raggen.train.checkpointing import STATE_FILE
 
+    checkpoint = resolve_export(checkpoint, s3_options, verify=False)  # a model export: LATEST's (models verified on load)
     path = _join(checkpoint, STATE_FILE)
     if not is_s3_uri(checkpoint) and not os.path.isfile(path):
         return None

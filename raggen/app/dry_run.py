@@ -172,7 +172,7 @@ def ask_once(cfg: RaggenConfig, question: str) -> dict[str, Any]:
     """Deploy the config's Serve graph, ask one question over HTTP, shut Serve down."""
     from ray import serve
 
-    from raggen.serve.app import serve_from_config
+    from raggen.app.serving import serve_from_config
     from raggen.serve.client import ask
 
     url = serve_from_config(cfg, blocking=False)
@@ -188,10 +188,10 @@ def run_dry_run(config: str | None, out_dir: str | os.PathLike, *, s3_endpoint: 
     """The whole rehearsal; returns what each stage produced and how long it took."""
     from raggen.corpus.qa import read_qa
     from raggen.index import build_index
-    from raggen.indexing import index_build_kwargs
+    from raggen.app.indexing import index_build_kwargs
     from raggen.ray_utils import ensure_ray
-    from raggen.train.evaluate import evaluate_from_config
-    from raggen.train.trainer import run_training
+    from raggen.app.evaluation import evaluate_from_config
+    from raggen.app.training import run_training
 
     lines = dry_run_overrides(config, out_dir, s3_endpoint=s3_endpoint, num_passages=num_passages, overrides=overrides)
     cfg = with_absolute_paths(load_config(config, [*overrides, *lines]))
