@@ -69,20 +69,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_kwargs(args: argparse.Namespace) -> dict:
     """``raggen.index.build_index`` keyword arguments from the config or from the flags."""
-    common = dict(store_embeddings=not args.no_embeddings, work_dir=args.work_dir, split_uri=args.split_uri)
+    common = dict(work_dir=args.work_dir, split_uri=args.split_uri)
+    if args.no_embeddings:  # else the config's index.store_embeddings (default true) rules
+        common["store_embeddings"] = False
     if args.config:
         from raggen.config import load_config, with_absolute_paths
         from raggen.app.indexing import index_build_kwargs
 
         return {**index_build_kwargs(with_absolute_paths(load_config(args.config, args.set)).index), **common}
     s3 = {k: v for k, v in {"endpoint_url": args.s3_endpoint_url, "region_name": args.s3_region}.items() if v}
-    return dict(
+    return {**dict(
         passages_uri=args.passages, output_uri=args.output, encoder_name_or_path=args.encoder, pooling=args.pooling,
         max_length=args.max_length, normalize=args.normalize, batch_size=args.batch_size, num_shards=args.num_shards,
         faiss_factory=args.faiss_factory, metric=args.metric, train_sample=args.train_sample,
         num_actors=args.num_actors, actor_num_cpus=args.actor_num_cpus, actor_num_gpus=args.actor_num_gpus,
-        passages_format=args.passages_format, version=args.version, s3_options=s3 or None, **common,
-    )  # fmt: skip
+        passages_format=args.passages_format, version=args.version, s3_options=s3 or None, store_embeddings=True,
+    ), **common}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

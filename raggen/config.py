@@ -18,6 +18,7 @@ from raggen.errors import ConfigError
 from raggen.index.settings import SearchSettings
 from raggen.models.retriever import EncoderSpec
 from raggen.names import EstimatorName
+from raggen.retrieval.settings import RetrievalSettings
 from raggen.serve.settings import (  # noqa: F401 - the serve section embeds them; re-exported
     AutoscalingOverride,
     AutoscalingSection,
@@ -89,7 +90,11 @@ class IndexSection(_Strict):
     actor_num_gpus: float | None = Field(0.0, ge=0)
     build_num_cpus: float = Field(1.0, gt=0)  # each FAISS training / shard-building Ray task
     work_dir_shared: bool = False  # the build's work dir is on a filesystem all nodes mount: its tasks may run anywhere
+    # the passages' vectors in the version's parquet: training reads them (q(x).d(z) with exact d(z));
+    # a serving-only copy may leave them out (Serve never loads them)
+    store_embeddings: bool = True
     search: SearchSettings = SearchSettings()  # how train / eval / serve search this index (raggen.index.settings)
+    sparse: Literal["bm25"] | None = None  # bm25: a BM25 index beside the shards, in the same version (null: none)
     s3: S3Config = S3Config()
 
     def build_kwargs(self) -> dict:
@@ -103,7 +108,8 @@ class IndexSection(_Strict):
             num_actors=self.num_actors, actor_num_cpus=self.actor_num_cpus, actor_num_gpus=self.actor_num_gpus,
             version=self.version, s3_options=self.s3.storage_options(), build_num_cpus=self.build_num_cpus,
             work_dir_shared=self.work_dir_shared, target_recall=self.search.target_recall,
-            tune_queries=self.search.tune_queries, tune_k=self.search.tune_k,
+            tune_queries=self.search.tune_queries, tune_k=self.search.tune_k, sparse=self.sparse,
+            store_embeddings=self.store_embeddings,
         )
 
     @model_validator(mode="after")
@@ -223,6 +229,7 @@ class RaggenConfig(_Strict):
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
     serve: ServeSection = ServeSection()
+    retrieval: RetrievalSettings = RetrievalSettings()  # dense | sparse | hybrid, read by eval, retrieve, serve
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

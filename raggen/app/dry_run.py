@@ -92,6 +92,8 @@ def size_overrides(cfg: RaggenConfig, num_passages: int) -> list[str]:
     return [
         "index.num_shards=2", "index.num_actors=1", "index.actor_num_cpus=0.5", "index.actor_num_gpus=0",
         "index.batch_size=32", f"index.train_sample={num_passages}",
+        # shard actors of a real recipe (index.search.mode: actors) sized for 2 cores
+        "index.search.actor_num_cpus=0.25", "index.search.actor_num_gpus=0",
         f"index.faiss_factory={small_factory(cfg.index.faiss_factory)}",
         "train.steps=2", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.use_gpu=false",
         "train.batch_size=2", "train.checkpoint_every=1", "train.eval_every=0", "train.eval_examples=8",

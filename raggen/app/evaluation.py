@@ -21,8 +21,11 @@ def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test"
         models = build_models(model_spec(cfg.model), t.estimator, restored)
     for m in models.values():
         m.eval()
+    from raggen.retrieval import with_retrieval
+
     index = open_index(t.index, settings=cfg.index.search, s3_options=s3_options(t.s3), load_embeddings=False,
                        start_ray=True)  # shard actors for a large index (index.search.mode)
+    index = with_retrieval(index, t.index, cfg.retrieval, s3_options=s3_options(t.s3))  # retrieval.mode
     examples = split_examples(split, dev_file=t.dev_file, world_dir=cfg.world.out_dir, limit=limit or t.eval_examples,
                               s3_options=s3_options(t.s3))
     records: list | None = [] if out else None

@@ -34,7 +34,10 @@ def retrieve_from_config(cfg, qa: str, out: str, *, k: int = 100, limit: int | N
     s3 = cfg.train.s3.storage_options()
     examples = read_qa(qa, s3_options=s3)
     examples = examples[:limit] if limit else examples
-    index = open_index(index_uri or cfg.train.index, s3_options=s3)
+    from raggen.retrieval import with_retrieval
+
+    uri = index_uri or cfg.train.index
+    index = with_retrieval(open_index(uri, s3_options=s3), uri, cfg.retrieval, s3_options=s3)  # retrieval.mode
     encoder = load_query_encoder(cfg, checkpoint, s3)
     with progress_bar(len(examples), "retrieve") as bar:
         accuracy = retrieve_results(examples, query_encoder=encoder, index=index, k=k, out=out, s3_options=s3,

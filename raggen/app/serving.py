@@ -42,9 +42,9 @@ def app_args_from_config(cfg: Any) -> dict[str, Any]:
         encoder["name_or_path"] = found.get("query_encoder", encoder["name_or_path"])
         generator, reranker = found.get("generator", generator), found.get("reranker", reranker)
     return dict(
-        index=s.index, s3=s.s3.storage_options(), query_encoder=encoder, generator=generator, reranker=reranker,
+        index=s.index, index_search=cfg.index.search.model_dump(mode="json"), s3=s.s3.storage_options(), query_encoder=encoder, generator=generator, reranker=reranker,
         max_source_length=m.max_source_length, max_target_length=max(m.max_target_length, s.max_new_tokens + 1),
-        **s.serving_args(),
+        retrieval=cfg.retrieval.model_dump(), **s.serving_args(),
     )
 
 

@@ -2,7 +2,8 @@
 FAISS search parameters, and how build-time tuning picks the version's defaults.
 
 ``SearchSettings`` is the library's own settings object; ``raggen.config`` embeds it as
-``index.search`` (train and eval open ``train.index`` with it; Serve's Retriever can too).
+``index.search`` (train and eval open ``train.index`` with it; the Serve Retriever opens its
+index with it too, its replicas sharing one group of shard actors per version).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from ray.serve import Application
 from raggen.errors import ConfigError, RaggenError
 from raggen.index.settings import SearchSettings
 from raggen.models.retriever import EncoderSpec
+from raggen.retrieval.settings import RetrievalSettings
 from raggen.serve.deployments import Generator, Ingress, IndexUserConfig, Reranker, Retriever
 from raggen.serve.schemas import RequestLimits
 # one definition for the raggen config and Serve args
@@ -50,6 +51,8 @@ class AppArgs(ServingSettings):
     index_version: str | None = None
     # how the Retriever opens the index: local or shard actors, nprobe / efSearch (raggen.index.settings)
     index_search: SearchSettings = SearchSettings()
+    # the service's dense | sparse | hybrid retrieval and fusion (raggen.retrieval); requests may pick a mode
+    retrieval: RetrievalSettings = RetrievalSettings()
     s3: dict[str, Any] | None = None
     query_encoder: EncoderSpec = EncoderSpec()  # normalize must match how the index was encoded
     generator: str = Field(min_length=1, description="reader checkpoint: HF id or local folder")
@@ -134,7 +137,7 @@ def build_app(args: dict[str, Any]) -> Application:
     batching = dict(max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_timeout_s)
     retriever = Retriever.options(user_config=a.index_user_config(), **_model_options(a, "retriever")).bind(
         encoder=a.query_encoder.model_dump(), s3=a.s3, retry_attempts=a.retry_attempts,
-        search=a.index_search.model_dump(mode="json"), **batching)
+        search=a.index_search.model_dump(mode="json"), retrieval=a.retrieval.model_dump(), **batching)
     generator = Generator.options(**_model_options(a, "generator")).bind(
         path=a.generator, max_source_length=a.max_source_length, max_target_length=a.max_target_length,
         num_beams=a.num_beams, s3=a.s3, **batching)

@@ -17,20 +17,26 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from ray import serve
 
 from raggen.devices import pick_device, pick_dtype
+from raggen.errors import RaggenError
+from raggen.index import SearchSettings
+from raggen.index.actors import rss_bytes
 from raggen.models import Generator as GeneratorModel
 from raggen.models import Reranker as RerankerModel
 from raggen.models import TextEncoder
 from raggen.models.loading import fetch_model_dir
+from raggen.retrieval import RetrievalSettings
 from raggen.serve.auth import DEFAULT_TOKEN_ENV, token_from_env
 from raggen.serve.http_api import build_http_api, jsonable_issues
 from raggen.serve.live_index import (
@@ -58,7 +64,7 @@ from raggen.serve.pipeline import (
     streams_while_decoding,
 )
 from raggen.serve.resilience import RetryPolicy, call_with_retry, check_exposure, is_loopback
-from raggen.serve.schemas import AnswerRequest, RequestLimits, summarize_issues
+from raggen.serve.schemas import AnswerRequest, RequestLimits, summarize_issues, validation_issue
 
 log = logging.getLogger("ray.serve").getChild(__name__)
 
@@ -78,17 +84,26 @@ def _set_batching(method: Any, max_batch_size: int, batch_wait_timeout_s: float)
 @serve.deployment(name="Retriever", ray_actor_options={"num_cpus": 0.25})
 class Retriever:
     """Query encoder + the live sharded index. ``user_config`` (:class:`IndexUserConfig`) picks the
-    index; a new one hot-swaps it (``reconfigure``), a watcher can follow ``LATEST``."""
+    index; a new one hot-swaps it (``reconfigure``), a watcher can follow ``LATEST``.
+
+    ``search`` (``index.search``, ``raggen.index.SearchSettings`` as a dict; None: local) says where
+    the shards live: in this replica, or in shard actors that every replica of the version shares
+    (one group per version, lent by the cluster's ``ShardGroupRegistry``; see
+    :mod:`raggen.serve.live_index`). The query encoder always runs here."""
 
     def __init__(self, encoder: dict, s3: dict | None = None, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, device: str | None = None, retry_attempts: int = 3):
+                 batch_wait_timeout_s: float = 0.01, device: str | None = None, retry_attempts: int = 3,
+                 search: dict | None = None, retrieval: dict | None = None):
         dev = pick_device(device)
+        # the service's retrieval mode and fusion (``retrieval``); a request may ask for another mode
+        self.retrieval = RetrievalSettings.model_validate(retrieval or {})
         encoder = {**encoder, "name_or_path": fetch_model_dir(encoder["name_or_path"], s3)}
         self.encoder = TextEncoder.from_pretrained(**encoder, device=dev).eval()
         self.index_metrics = IndexMetrics()
         self.batch_metrics = BatchMetrics("retrieve")
+        settings = SearchSettings.model_validate(search) if search is not None else None
         self.holder = IndexHolder(
-            loader=functools.partial(load_for_swap, s3=s3, expect_dim=self.encoder.dim),
+            loader=functools.partial(load_for_swap, s3=s3, expect_dim=self.encoder.dim, settings=settings),
             latest_reader=functools.partial(read_latest_version, s3=s3),
             versions_reader=functools.partial(versions_newest_first, s3=s3),
             on_swap=self.index_metrics.on_swap, on_refuse=self.index_metrics.on_refuse,
@@ -105,14 +120,30 @@ class Retriever:
         await asyncio.to_thread(self.holder.configure, **cfg.model_dump())
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def retrieve(self, questions: list[str], top_ks: list[int]) -> list[dict]:
+    async def retrieve(self, questions: list[str], top_ks: list[int], modes: list[str | None]) -> list[dict]:
+        """``modes``: each request's dense | sparse | hybrid (None: the service's). A mode the live
+        version cannot serve (no BM25 index) answers that request ``{"error": ...}``."""
         self.batch_metrics.observe(len(questions))
-        live = self.holder.live  # one version for the whole batch, even if a swap lands meanwhile
-        hits = await asyncio.to_thread(retrieve_batch, self.encoder, live, questions, top_ks)
-        return [{"passages": h, "index_version": live.version} for h in hits]
+        wanted = [m or self.retrieval.mode for m in modes]
+        # one version for the whole batch, pinned: a swap meanwhile closes it only after this batch
+        with self.holder.use() as live:
+            errors = {m: _mode_error(live.index, m) for m in set(wanted)}
+            ok = [i for i, m in enumerate(wanted) if errors[m] is None]
+            hits = await asyncio.to_thread(retrieve_batch, self.encoder, live, [questions[i] for i in ok],
+                                           [top_ks[i] for i in ok], [wanted[i] for i in ok], self.retrieval) if ok else []
+        found = dict(zip(ok, hits))
+        return [{"passages": found[i], "index_version": live.version} if i in found
+                else {"error": errors[wanted[i]], "index_version": live.version} for i in range(len(questions))]
 
     async def index_info(self) -> dict:
         return self.holder.info()
+
+    async def replica_info(self) -> dict:
+        """This replica's process and where its index is searched (for operators and tests)."""
+        live = self.holder.live
+        group = getattr(live.index, "actor_group", None)
+        return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "version": live.version, "backend": live.backend,
+                "actor_group": None if group is None else group.name, "in_flight": self.holder.in_flight()}
 
     def check_health(self) -> None:
         self.holder.live  # raises NoIndexError: a replica without a verified index is unhealthy
@@ -120,7 +151,7 @@ class Retriever:
     def __del__(self) -> None:
         holder = getattr(self, "holder", None)
         if holder is not None:
-            holder.stop_watching()
+            holder.close()  # stops the watcher, gives a shared shard actor group back
 
 
 @serve.deployment(name="Reranker", ray_actor_options={"num_cpus": 0.25})
@@ -256,7 +287,10 @@ class Ingress:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         fetch = max(req.top_k, self.rerank_candidates) if self.reranker is not None else req.top_k
-        retrieved = await self._call("retrieve", self.retriever.retrieve, req.question, fetch)
+        retrieved = await self._call("retrieve", self.retriever.retrieve, req.question, fetch, req.retrieval)
+        if "error" in retrieved:  # a mode this index version cannot serve: the request's fault
+            raise RequestValidationError([validation_issue("retrieval", retrieved["error"], req.retrieval,
+                                                           "value_error")])
         hits = retrieved["passages"]
         timings["retrieve"] = _ms_since(start)
         if self.reranker is not None:
@@ -353,6 +387,18 @@ def serving_host() -> str | None:
     except Exception as exc:  # noqa: BLE001 - unknown counts as exposed
         log.warning("cannot tell which address Serve listens on (%s): treating it as exposed", exc)
         return None
+
+
+def _mode_error(index: Any, mode: str) -> str | None:
+    """Why ``index`` (a live index) cannot serve retrieval ``mode``, or None when it can."""
+    check = getattr(index, "check_mode", None)
+    if check is None:  # a plain dense index
+        return None if mode == "dense" else f"{mode!r} needs a sparse index; this service searches dense only"
+    try:
+        check(mode)
+    except RaggenError as exc:
+        return str(exc).removeprefix("retrieval.mode: ")
+    return None
 
 
 def _replica_name() -> str | None:

@@ -230,6 +230,9 @@ def build_http_api(service: Any, limits: RequestLimits, token: str | None,
     app.add_middleware(AccessLog, routes=lambda: {getattr(r, "path", "") for r in app.routes}, on_request=on_request)
 
     def failed(request: Request, exc: Exception, what: str) -> JSONResponse:
+        if isinstance(exc, RequestValidationError):  # found by the service (e.g. a retrieval mode it lacks)
+            issues = jsonable_issues(exc.errors())
+            return JSONResponse(status_code=422, content={"detail": issues, "error": summarize_issues(issues)})
         if isinstance(exc, (NoIndexError, ServiceUnavailable)):
             wait = exc.retry_after_s if isinstance(exc, ServiceUnavailable) else retry_after_s
             return unavailable(request, exc, wait, details)

@@ -4,21 +4,46 @@ Plain Python (no Ray Serve): :class:`IndexHolder` swaps whole :class:`LiveIndex`
 lock and can follow the ``LATEST`` pointer with a watcher thread; the Retriever deployment
 (:mod:`raggen.serve.deployments`) drives it from ``reconfigure(user_config)``
 (:class:`IndexUserConfig`) and hands it metric hooks (:mod:`raggen.serve.metrics`).
+
+Where a version's shards live follows the ``index.search`` settings (``SearchSettings``, the same
+object train and eval open their index with): ``local`` loads them into the replica (memory-mapped);
+``actors`` (or ``auto`` above its thresholds) searches them through a group of shard actors, the
+query encoder staying in the replica. Either way the ``embedding`` column is never loaded
+(serving needs none) and the version's tuned nprobe / efSearch apply unless the settings give them.
+
+Shard actors are shared: every replica of one version (same version folder and actor settings)
+borrows ONE group from the cluster's ``ShardGroupRegistry`` (a detached actor,
+``raggen.index.actors``), which starts it on the first request, lends it to the others and ends it
+when the last replica has given it back. A hot swap starts (or borrows) and verifies the new
+version's group beside the old one, swaps atomically, and gives the old one back only when no
+in-flight request uses it any more (readers pin it with :meth:`IndexHolder.use`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raggen.errors import ConfigError, IndexIntegrityError, RaggenError
-from raggen.index import ShardedIndex, list_versions, load_version, read_latest, read_manifest
+from raggen.index import (
+    SearchSettings,
+    SwappableIndex,
+    list_versions,
+    open_index,
+    read_latest,
+    read_manifest,
+)
+from raggen.index.actors import open_shared_group
+from raggen.index.build import search_plan
+from raggen.retrieval import RetrievalSettings, with_retrieval
 from raggen.serve.schemas import IndexInfo
 
 # a child of Serve's logger, so swaps and refusals land in the replica's log file next to Serve's own
@@ -42,21 +67,42 @@ class LiveIndex:
     num_passages: int
     loaded_at: float
 
+    @property
+    def backend(self) -> str:
+        """Where the shards are searched: "local" (this process) or "actors" (a shard actor group)."""
+        return str(getattr(self.index, "backend_kind", "local"))
 
-def load_live_index(root: str, version: str | None, *, s3: dict | None = None,
-                    expect_dim: int | None = None) -> LiveIndex:
+    def close(self) -> None:
+        """Release the index once nothing searches it: a shard actor group is given back (ended
+        with its last borrower); a local index's thread pool stops."""
+        close = getattr(self.index, "close", None)
+        if close is not None:
+            close()
+
+
+def load_live_index(root: str, version: str | None, *, s3: dict | None = None, expect_dim: int | None = None,
+                    settings: SearchSettings | None = None) -> LiveIndex:
     """Load ``version`` (None: the one LATEST names) of the index at ``root``, every checksum verified.
 
-    Raises IndexIntegrityError on a partial/corrupt version or one whose vectors the query encoder
-    cannot search (dimension mismatch).
+    ``settings`` (``index.search``; None: ``mode="local"``) say where the shards live: in this
+    process, or (``actors``, ``auto`` above its thresholds) in the cluster's shared shard actor
+    group of this version (started and verified on first use, see the module docstring). Raises
+    IndexIntegrityError on a partial/corrupt version or one whose vectors the query encoder cannot
+    search (dimension mismatch); both are found before any shard is loaded or actor started.
     """
-    loaded = load_version(root, version, s3_options=s3)
-    manifest = loaded.manifest
+    settings = settings if settings is not None else SearchSettings(mode="local")
+    vuri, manifest, actors = search_plan(root, version, settings, s3)  # LATEST read once, here
     dim = int(manifest.encoder.dim)
     if expect_dim is not None and dim != expect_dim:
         raise IndexIntegrityError(
             f"{root} version {manifest.version}: index vectors are {dim}-d but the query encoder gives {expect_dim}-d")
-    index = ShardedIndex.from_version(loaded, use_actors=False)
+    if actors:
+        index = open_shared_group(vuri, settings=settings, s3_options=s3, manifest=manifest, load_embeddings=False)
+    else:
+        index = open_index(vuri, settings=settings.model_copy(update={"mode": "local"}), s3_options=s3,
+                           load_embeddings=False)
+    # dense | sparse | hybrid per request: the version's BM25 index (verified) beside the shards
+    index = with_retrieval(index, vuri, RetrievalSettings(), s3_options=s3, load_sparse_index=manifest.sparse is not None)
     return LiveIndex(root=root, version=str(manifest.version), index=index,
                      num_passages=int(manifest.num_passages), loaded_at=time.time())
 
@@ -102,8 +148,10 @@ def _one_line(exc: BaseException) -> str:
 class IndexHolder:
     """Holds the live index; swaps in a verified new version atomically, refuses a bad one.
 
-    A swap loads the new version while the old one keeps serving (readers take ``holder.live``
-    once per batch), then replaces the reference. Two kinds of failure:
+    A swap loads the new version while the old one keeps serving (readers pin the version they
+    search with ``with holder.use() as live:`` once per batch), then replaces the reference; the
+    old :class:`LiveIndex` is closed (its shard actor group given back) once the last reader that
+    pinned it is done (``raggen.index.SwappableIndex``). Two kinds of failure:
 
     * an integrity error (:func:`is_integrity_error`: bad checksum, partial version) refuses the
       version for good: ``last_error`` says why, the watcher never loads it again;
@@ -135,7 +183,7 @@ class IndexHolder:
         self.retry_backoff_s = retry_backoff_s
         self.max_backoff_s = max_backoff_s
         self.replica = replica
-        self._live: LiveIndex | None = None
+        self._slot = SwappableIndex()  # the live LiveIndex; a swapped-out one closes with its last reader
         self._swap_lock = threading.Lock()
         self._refused: set[tuple[str, str]] = set()  # integrity errors: never loaded again by the watcher
         self._transient: dict[tuple[str, str], tuple[int, float]] = {}  # failures so far, monotonic retry time
@@ -147,11 +195,34 @@ class IndexHolder:
         self._fallback_due = False  # the last fallback stopped at a transient error: try again next tick
 
     @property
+    def _live(self) -> LiveIndex | None:
+        return self._slot.current
+
+    @property
     def live(self) -> LiveIndex:
+        """The version served now (for what it is; to search it, pin it with :meth:`use`)."""
         live = self._live
         if live is None:
             raise NoIndexError(f"no verified index loaded (last error: {self.last_error})")
         return live
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[LiveIndex]:
+        """The live version, pinned: a swap meanwhile does not close it until this block ends."""
+        if self._live is None:
+            raise NoIndexError(f"no verified index loaded (last error: {self.last_error})")
+        with self._slot.use() as live:
+            yield live
+
+    def in_flight(self) -> int:
+        """Readers inside :meth:`use` now (over every version still open)."""
+        return self._slot.in_flight()
+
+    def close(self) -> None:
+        """Stop the watcher and release the live index (its reader-pinned versions once they finish)."""
+        self.stop_watching()
+        with self._swap_lock:
+            self._slot.close()
 
     # ------------------------------------------------------------------------------ one swap
 
@@ -177,7 +248,7 @@ class IndexHolder:
                 if current is None:
                     raise
                 return False
-            self._live = new
+            self._slot.swap(new)  # the old one closes when its last reader is done
             self._transient.pop(key, None)
             self.last_error = None
             log.info("index swap: now serving %s version %s (%d passages)", root, new.version, new.num_passages)
@@ -406,6 +477,7 @@ class IndexUserConfig(BaseModel):
         return self
 
 
-def load_for_swap(root: str, version: str | None, *, s3: dict | None, expect_dim: int) -> LiveIndex:
+def load_for_swap(root: str, version: str | None, *, s3: dict | None, expect_dim: int,
+                  settings: SearchSettings | None = None) -> LiveIndex:
     """:func:`load_live_index` with keyword-only settings, for ``functools.partial`` in a replica."""
-    return load_live_index(root, version, s3=s3, expect_dim=expect_dim)
+    return load_live_index(root, version, s3=s3, expect_dim=expect_dim, settings=settings)

@@ -45,10 +45,28 @@ class Generation(TypedDict):
     finish_reason: str  # "stop" (the answer ended with EOS) or "length" (max_new_tokens reached)
 
 
-def retrieve_batch(encoder: TextEncoder, live: LiveIndex, questions: list[str], top_ks: list[int]) -> list[list[Hit]]:
-    """Top-k passages of each question from one index version (one encoder pass, one search)."""
+def retrieve_batch(encoder: TextEncoder, live: LiveIndex, questions: list[str], top_ks: list[int],
+                   modes: list[str | None] | None = None, retrieval: Any = None) -> list[list[Hit]]:
+    """Top-k passages of each question from one index version (one encoder pass, one search per
+    retrieval mode in the batch; the shards in this process or in shard actors: only the k hits'
+    texts come back, no vectors). ``modes``: each row's dense | sparse | hybrid (None: the
+    service's, ``retrieval``, a ``raggen.retrieval.RetrievalSettings``); they need ``live.index``
+    to be a ``raggen.retrieval.HybridIndex`` (what :func:`load_live_index` makes)."""
     xq = encoder.encode(list(questions)).numpy()  # (b, d) float32
-    result = live.index.search(xq, max(top_ks))
+    default = retrieval.mode if retrieval is not None else "dense"
+    wanted = [m or default for m in (modes or [None] * len(questions))]
+    if set(wanted) == {"dense"}:  # any index's plain search
+        return _hits(live.index.search(xq, max(top_ks), embeddings=False), top_ks)
+    out: list[list[Hit]] = [[] for _ in questions]
+    for mode, rows in _groups(wanted).items():
+        result = live.index.search(xq[rows], max(top_ks[r] for r in rows), questions=[questions[r] for r in rows],
+                                   mode=mode, embeddings=False, settings=retrieval)
+        for r, hits in zip(rows, _hits(result, [top_ks[r] for r in rows])):
+            out[r] = hits
+    return out
+
+
+def _hits(result: Any, top_ks: list[int]) -> list[list[Hit]]:
     out = []
     for i, k in enumerate(top_ks):
         hits = []

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 
 from raggen.names import DECODINGS  # noqa: F401 - re-exported for the serve package
 from raggen.names import DecodingName as Decoding
+from raggen.retrieval.settings import RetrievalMode
 
 
 
@@ -45,6 +46,7 @@ class AnswerRequest(BaseModel):
     decoding: Decoding = "rag-token"
     max_new_tokens: StrictInt | None = Field(None, ge=1, description="answer length cap; 1..max_new_tokens")
     num_beams: StrictInt | None = Field(None, ge=1, description="beam width; 1 is greedy; 1..the service's num_beams")
+    retrieval: RetrievalMode | None = Field(None, description="dense | sparse | hybrid; default: the service's")
 
     @field_validator("question")
     @classmethod

@@ -25,8 +25,13 @@ def test_config_mode_builds_what_the_index_section_says(job):
     args = job.parse_args([config, "--set", "index.num_shards=4", "--work-dir", "/tmp/w", "--no-embeddings"])
     kwargs = job.build_kwargs(args)
     expected = load_config(config, ["index.num_shards=4"]).index.build_kwargs()
+    expected["store_embeddings"] = False  # --no-embeddings overrides the config's index.store_embeddings
     assert {k: kwargs[k] for k in expected} == expected and kwargs["num_shards"] == 4
-    assert kwargs["work_dir"] == "/tmp/w" and kwargs["store_embeddings"] is False
+    assert kwargs["work_dir"] == "/tmp/w"
+    # without the flag the config rules: true by default, false when the config says so
+    assert job.build_kwargs(job.parse_args([config]))["store_embeddings"] is True
+    kept = job.build_kwargs(job.parse_args([config, "--set", "index.store_embeddings=false"]))
+    assert kept["store_embeddings"] is False
 
 
 def test_flag_mode_and_normalize(job):
