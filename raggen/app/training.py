@@ -185,7 +185,8 @@ def run_training(cfg: "RaggenConfig", extra_loop_config: dict[str, Any] | None =
     metrics_path = local_metrics_path(t.storage_path, t.name)
     loop_config = {**train_loop_config(cfg, metrics_path=metrics_path), **(extra_loop_config or {})}
     items = qa_items(t.train_file, s3=s3)  # config and data errors surface before Ray starts
-    check_dev_file(items, loop_config.get("dev_file"), t.eval_examples, s3)  # held-out means held out
+    # held out means held out: dev questions that are also training questions are not scored
+    loop_config["dev_exclude_ids"] = tuple(check_dev_file(items, loop_config.get("dev_file"), None, s3))
     config_uri = save_run_config(loop_config["config_yaml"], t.storage_path, t.name, s3)
     ensure_ray()
     use_gpu = loop_config["use_gpu"] = resolve_use_gpu(t.use_gpu)

@@ -23,11 +23,20 @@ def resolve_model_path(name_or_path: str) -> str:
     """A local folder stays as is; the MiniLM hub id maps to the bundled copy; other ids go to HF.
 
     Keeping hub ids as the configured value means the same config runs on a cluster that can
-    download ``facebook/dpr-question_encoder-single-nq-base`` and here, offline.
+    download ``facebook/dpr-question_encoder-single-nq-base`` and here, offline. A model inside a
+    local model export (``runs/NAME/final/generator``) resolves through the export's ``LATEST``.
     """
     expanded = os.path.expanduser(name_or_path)
-    if os.path.isdir(expanded):
-        return expanded
+    if os.path.isdir(expanded) or os.path.isdir(os.path.dirname(expanded) or "."):
+        from raggen.models.exports import locate_model
+
+        # in a local model export (``final/generator``): LATEST resolved, an incomplete export refused;
+        # the files are hashed by fetch_model_dir and read_checkpoint, what Serve, eval and retrieve call
+        found = locate_model(expanded)
+        if found is not None:
+            return os.path.join(found[0].uri, found[1]) if found[1] else found[0].uri
+        if os.path.isdir(expanded):
+            return expanded
     if name_or_path in (MINILM_ID, "all-MiniLM-L6-v2", "minilm"):
         bundled = bundled_minilm_path()
         if bundled is not None:
@@ -36,35 +45,58 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def fetch_model_dir(name_or_path: str, s3_options=None) -> str:
-    """An ``s3://`` model folder (a checkpoint's ``generator/``, ``query_encoder/`` ...) downloaded
-    into a fresh local folder; anything else resolved as :func:`resolve_model_path` does.
+    """A loadable local folder for ``name_or_path``: an ``s3://`` model folder (a checkpoint's
+    ``generator/``, ``query_encoder/`` ...) downloaded into a fresh local folder; anything else
+    resolved as :func:`resolve_model_path` does.
+
+    A model inside a model export (``runs/NAME/final/generator``: through the export's ``LATEST``,
+    or ``final/<step>-<id>/generator``; see :mod:`raggen.models.exports`) is loaded only from a
+    complete export whose files all match their sha256 (hashed in place for a local folder, while
+    downloading for S3); an incomplete or tampered export is a one-line DataError. Plain folders
+    and hub ids load as before.
 
     Serve replicas, the index encoder actors and the training loop call this before
-    ``from_pretrained``, which reads local folders and hub ids only. The folder is fetched under a
-    temporary name and renamed into place once complete, so a failed download never leaves a folder
-    that looks like a model. Each call downloads anew (one copy per process; no shared cache).
+    ``from_pretrained``, which reads local folders and hub ids only. A download lands in a
+    temporary folder renamed into place once complete (``raggen.storage.atomic_directory``), so a
+    failed download never leaves a folder that looks like a model. Each call downloads anew.
     """
+    from raggen.models.exports import download_export, locate_model, verify_export
+    from raggen.storage import is_s3_uri, join_uri
+
+    found = locate_model(name_or_path, s3_options)
+    if found is not None:
+        ref, under = found
+        if not is_s3_uri(ref.uri):
+            verify_export(ref, under)
+            return str(Path(ref.uri, under)) if under else ref.uri
+        return _download_model(join_uri(ref.uri, under), lambda dst: download_export(ref, under, dst))
+    if not is_s3_uri(name_or_path):
+        return resolve_model_path(name_or_path)
+    from raggen.storage import download
+
+    return _download_model(name_or_path, lambda dst: download(name_or_path, dst, s3_options))
+
+
+def _download_model(uri: str, fetch) -> str:
+    """``fetch(folder)`` into a fresh ``<tmp>/raggen-models/model-*/model`` published as a whole."""
     import shutil
     import tempfile
 
     from raggen.errors import ConfigError
-    from raggen.storage import download, is_s3_uri
+    from raggen.storage import atomic_directory
 
-    if not is_s3_uri(name_or_path):
-        return resolve_model_path(name_or_path)
     parent = Path(tempfile.gettempdir()) / "raggen-models"
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=parent))
+    holder = Path(tempfile.mkdtemp(prefix="model-", dir=parent))  # this call's own folder
     try:
-        files = download(name_or_path, staging, s3_options)
-        if not (staging / "config.json").is_file():
-            raise ConfigError(f"{name_or_path}: not a model folder (no config.json among {len(files)} objects)")
-        final = Path(tempfile.mkdtemp(prefix="model-", dir=parent))
-        os.replace(staging, final / "model")
+        with atomic_directory(holder / "model") as staging:
+            files = fetch(staging)
+            if not (staging / "config.json").is_file():
+                raise ConfigError(f"{uri}: not a model folder (no config.json among {len(files)} objects)")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)
         raise
-    return str(final / "model")
+    return str(holder / "model")
 
 
 def _shown(names, limit: int = 8) -> str:

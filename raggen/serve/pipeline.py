@@ -19,22 +19,13 @@ from typing import Any, TypedDict
 
 import torch
 
-from raggen.decoding import (
-    rag_sequence_fast_generate,
-    rag_sequence_thorough_generate,
-    rag_token_generate,
-)
+from raggen.decoding import DECODERS, generate_tokens  # noqa: F401 - DECODERS re-exported for callers
 from raggen.models import Generator as GeneratorModel
 from raggen.models import Reranker as RerankerModel
 from raggen.models import TextEncoder, passage_text
 from raggen.serve.live_index import LiveIndex
 
 Hit = dict[str, Any]  # {"id", "title", "text", "score"}: one passage of evidence
-DECODERS: dict[str, Callable[..., Any]] = {
-    "rag-token": rag_token_generate,
-    "rag-sequence-fast": rag_sequence_fast_generate,
-    "rag-sequence-thorough": rag_sequence_thorough_generate,
-}
 
 
 class Generation(TypedDict):
@@ -119,31 +110,10 @@ def decode_tokens(generator: GeneratorModel, questions: list[str], hits: list[li
     ``on_prefix`` (one question, :func:`streams_while_decoding` only) is called with the committed
     prefix (start token first) before every decoding step.
     """
-    if decoding not in DECODERS:
-        raise ValueError(f"decoding must be one of {sorted(DECODERS)}, got {decoding!r}")
-    if on_prefix is not None and (len(questions) != 1 or not streams_while_decoding(decoding, num_beams)):
-        raise ValueError("on_prefix needs one question decoded with rag-token and num_beams=1")
     texts = [[passage_text(h["title"], h["text"]) for h in row] for row in hits]
     scores = torch.tensor([[h["score"] for h in row] for row in hits], dtype=torch.float32)  # (b, k)
-    doc_logprobs = torch.log_softmax(scores, dim=-1).to(generator.device)  # (b, k)
-    encoded = generator.encode(list(questions), texts)
-    kwargs: dict[str, Any] = dict(bos_id=generator.bos_id, eos_id=generator.eos_id, pad_id=generator.pad_id,
-                                  max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=1)
-    if decoding == "rag-sequence-thorough" and generator.pad_id != generator.eos_id:
-        # one teacher-forced pass per (candidate, passage); its EOS-based mask equals the decoder's
-        # mask unless pad == eos (GPT-2), where the step-function fallback is used instead
-        kwargs["sequence_logprob"] = lambda rows, targets, mask: generator.sequence_logprob(encoded, rows, targets)
-    step = generator.step_fn(encoded)
-    if on_prefix is not None:
-        inner = step
-
-        def step(rows: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
-            # greedy RAG-Token: the k rows are the one live hypothesis, once per passage
-            on_prefix(prefixes[0].tolist())
-            return inner(rows, prefixes)
-
-    generated = DECODERS[decoding](step, doc_logprobs, **kwargs)
-    return generated.best_tokens
+    return generate_tokens(generator, list(questions), texts, torch.log_softmax(scores, dim=-1), decoding=decoding,
+                           max_new_tokens=max_new_tokens, num_beams=num_beams, on_prefix=on_prefix)  # fmt: skip
 
 
 def decode_answers(generator: GeneratorModel, questions: list[str], hits: list[list[Hit]], decoding: str,

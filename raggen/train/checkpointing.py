@@ -12,21 +12,25 @@ and Serve load)::
                         last ("index": the refreshed index version the run searches, if any)
 
 ``train_state.json`` is written last, so a folder without it is incomplete and refused.
+
+The run's final export (:func:`export_checkpoint`) is a versioned model export of such a folder,
+``final/<step>-<id>/`` + ``export.json`` (each file's sha256) + ``final/LATEST`` written last
+(:mod:`raggen.models.exports`); :func:`read_checkpoint` reads an export only once verified.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from raggen.errors import DataError
+from raggen.storage import AtomicFile, atomic_write_bytes
 
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -85,17 +89,13 @@ def write_checkpoint(
 
 
 def read_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> TrainingState:
-    """Read what ``write_checkpoint`` wrote; a folder without the state file is refused."""
-    src = Path(directory)
-    state_path = src / STATE_FILE
-    if not state_path.exists():
-        raise DataError(f"{src}: not a complete raggen checkpoint (no {STATE_FILE})")
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{state_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise DataError(f"{state_path}: missing field 'step'")
+    """Read what ``write_checkpoint`` wrote; a folder without the state file is refused. A model
+    export (``final/``, through its LATEST, or one ``final/<step>-<id>/``) is read only once every
+    file matches its sha256; an incomplete or tampered one is a DataError."""
+    from raggen.models.exports import resolve_export
+
+    src = Path(resolve_export(str(directory)))
+    state = _read_state(src)
     names = list(state.pop("models", []))
     model_dirs = {}
     for name in names:
@@ -118,40 +118,35 @@ def _torch_load(path: Path, map_location) -> dict[str, Any] | None:
         raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 
-def _torch_save_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+def _read_state(src: Path) -> dict[str, Any]:
+    state_path = src / STATE_FILE
+    if not state_path.exists():
+        raise DataError(f"{src}: not a complete raggen checkpoint (no {STATE_FILE})")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{state_path}: invalid JSON ({getattr(e, 'msg', None) or type(e).__name__})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise DataError(f"{state_path}: missing field 'step'")
+    return state
+
+
+def _torch_save_atomic(obj: Any, path: Path) -> None:
+    with AtomicFile(path, "wb", compress=False) as f:
+        torch.save(obj, f)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy a complete checkpoint folder to ``dst`` through a temp folder (the export as ``final/``)."""
-    read_checkpoint(src)  # refuse to publish an incomplete folder
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / "x")
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+def export_checkpoint(src: str | os.PathLike, root: str, s3_options=None) -> str:
+    """Export a complete checkpoint folder as a new model export under ``root`` (a run's ``final/``,
+    folder or s3://): ``root/<step>-<id>/`` with ``export.json``, then ``root/LATEST``. The state
+    file is uploaded after the other files. Returns the export's URI."""
+    from raggen.models.exports import write_export
+
+    state = _read_state(Path(src))  # refuse to publish an incomplete folder
+    ref = write_export(src, root, step=int(state["step"]), s3_options=s3_options, last=[STATE_FILE],
+                       extra={"models": sorted(state.get("models") or [])})
+    return ref.uri

@@ -73,6 +73,7 @@ class LoopSettings:
     eval_examples: int = 200
     eval_decoding: str = "rag-token"
     dev_file: str | None = None
+    dev_exclude_ids: tuple[str, ...] = ()  # dev questions that are also training questions: not scored
     metrics_path: str | None = None
     use_gpu: bool = False
     num_threads: int | None = None  # torch intra-op threads per worker (Ray sets OMP_NUM_THREADS)
@@ -589,12 +590,14 @@ def _report(worker: Worker, metrics: dict[str, float], step: int, epoch: int, se
 
 
 def _dev_examples(settings: LoopSettings, s3: dict[str, Any] | None) -> list[Any] | None:
-    """The dev file (local or ``s3://``, with the run's S3 settings), cut to ``eval_examples``."""
+    """The dev file (local or ``s3://``, with the run's S3 settings) without the questions the run
+    trains on (``dev_exclude_ids``, found on the driver), cut to ``eval_examples``."""
     if not settings.dev_file:
         return None
     from raggen.corpus.qa import read_qa
 
-    return read_qa(settings.dev_file, s3_options=s3)[: settings.eval_examples]
+    excluded = set(settings.dev_exclude_ids)
+    return [ex for ex in read_qa(settings.dev_file, s3_options=s3) if ex.id not in excluded][: settings.eval_examples]
 
 
 def _evaluate(worker: Worker, dev: list[Any], step: int, writer: MetricsWriter) -> dict[str, float]:

@@ -23,6 +23,7 @@ import tempfile
 from typing import Any
 
 from raggen.errors import ConfigError
+from raggen.storage import check_relative_name, split_s3_uri
 from raggen.train.checkpointing import CONFIG_FILE, export_checkpoint
 from raggen.train.metrics import METRICS_FILE
 
@@ -62,8 +63,17 @@ def group_summary(group) -> dict[str, Any] | None:
 
 
 def run_uri(storage_path: str, name: str) -> str:
-    """The run's folder or prefix in storage: checkpoints, ``final/``, ``config.yaml``, ``metrics.jsonl``."""
-    return f"{storage_path.rstrip('/')}/{name}"
+    """The run's folder or prefix in storage: checkpoints, ``final/``, ``config.yaml``, ``metrics.jsonl``.
+    A name or S3 prefix with '..', '.', empty segments or a leading '/' is refused (ValueError)."""
+    if storage_path.startswith("s3://"):
+        _bucket_path(storage_path)
+    return f"{storage_path.rstrip('/')}/{check_relative_name(name, allow_empty=False)}"
+
+
+def _bucket_path(storage_path: str) -> str:
+    """``bucket/prefix`` of an ``s3://`` storage path, its prefix checked (``raggen.storage.split_s3_uri``)."""
+    bucket, key = split_s3_uri(storage_path)
+    return f"{bucket}/{key}".rstrip("/")
 
 
 def run_index_uri(storage_path: str, name: str) -> str:
@@ -98,16 +108,16 @@ def storage_target(storage_path: str, s3: dict[str, Any] | None = None):
     if storage_path.startswith("s3://"):
         from raggen.storage import pyarrow_s3_filesystem
 
-        return storage_path[len("s3://"):].rstrip("/"), pyarrow_s3_filesystem(s3)
+        return _bucket_path(storage_path), pyarrow_s3_filesystem(s3)
     return os.path.abspath(os.path.expanduser(storage_path)), None
 
 
 def local_run_dir(storage_path: str, name: str) -> str:
     """The run's folder on this machine: the run folder itself for local storage, else a local
     scratch folder mirroring the S3 prefix (for files that must exist as local files)."""
+    check_relative_name(name, allow_empty=False)  # never a path outside the run's folder
     if storage_path.startswith("s3://"):
-        where = storage_path[len("s3://"):].strip("/")
-        return os.path.join(tempfile.gettempdir(), "raggen-runs", where, name)
+        return os.path.join(tempfile.gettempdir(), "raggen-runs", _bucket_path(storage_path), name)
     return os.path.join(os.path.abspath(os.path.expanduser(storage_path)), name)
 
 

@@ -23,9 +23,8 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-
-ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
+import ray
+from ray import serve
 
 from raggen.corpus.world import WorldConfig, read_changed_facts, write_world  # noqa: E402
 from raggen.index import build_index, embeddings_of, load_version, set_latest  # noqa: E402
@@ -292,12 +291,14 @@ def test_corrupt_version_is_refused_and_the_old_keeps_serving(service, world, ex
     r = _answer(service, probe.question)
     assert r.status_code == 200 and r.json()["index_version"] == "v2"
 
-    # 2. followed through LATEST by the watcher: v3 refused, then a good v4 is picked up by itself
+    # 2. followed through LATEST by the watcher: v3 refused, then a good v4 is picked up by itself.
+    # Step 1 never read LATEST, so ``latest == "v3"`` can only come from the LATEST follower having
+    # read the pointer (and then refused what it names): wait for that, not for a fixed time.
     set_latest(world.root, "v3", verify=False)
     deploy_config(with_index(service.config, world.root, None, watch_latest=True, watch_interval_s=0.5))
-    time.sleep(2.0)  # several watcher ticks
-    info = service.http.get("/v1/index").json()
-    assert info["version"] == "v2" and "v3" in (info["last_error"] or "")
+    info = _wait_for(lambda: (i := service.http.get("/v1/index").json()).get("latest") == "v3" and i, 60,
+                     "the watcher to read LATEST -> v3 and refuse it")
+    assert info["version"] == "v2" and info["serving_fallback"] and "v3" in (info["last_error"] or "")
     _copy_version(world.root, "v1", "v4", tamper=False)
     set_latest(world.root, "v4")
     _wait_for(lambda: service.http.get("/v1/index").json()["version"] == "v4", 60, "the watcher to load v4")

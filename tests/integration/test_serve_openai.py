@@ -21,11 +21,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
+import openai
 import pytest
-
-ray = pytest.importorskip("ray")
-openai = pytest.importorskip("openai")
-from ray import serve  # noqa: E402
+import ray
+from ray import serve
 
 from raggen.corpus.world import WorldConfig, read_changed_facts, write_world  # noqa: E402
 from raggen.index import build_index  # noqa: E402

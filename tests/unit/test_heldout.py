@@ -1,0 +1,80 @@
+"""Held-out means held out: the questions scored as held-out (the training tests' loss, a run's
+dev evaluation) are never among the questions trained on."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from raggen.corpus.qa import QAExample
+from raggen.corpus.world import WorldConfig, build_world, write_world
+from raggen.errors import ConfigError
+from raggen.train.heldout import check_dev_file, check_heldout, seen_in, split_heldout
+
+
+def _keys(examples):
+    return {e.id for e in examples}, {e.question.lower() for e in examples}
+
+
+def test_the_training_tests_heldout_split_is_disjoint_from_their_training_file():
+    """The split tests/integration/test_train_ray.py trains and scores on (same world, same sizes)."""
+    world = build_world(WorldConfig(num_entities=30, seed=0))
+    train, heldout = split_heldout(world.train, 48, 8)
+    assert len(train) == 48 and len(heldout) == 8
+    (train_ids, train_qs), (held_ids, held_qs) = _keys(train), _keys(heldout)
+    assert not train_ids & held_ids and not train_qs & held_qs
+    assert seen_in(train, heldout) == []
+    check_heldout(train, heldout)
+    # what the tests used to do: score a subset of the training file
+    with pytest.raises(ConfigError, match="8 question.s. are also training questions"):
+        check_heldout(train, world.train[:8])
+
+
+def test_the_worlds_dev_and_test_splits_are_disjoint_from_train():
+    world = build_world(WorldConfig(num_entities=30, seed=0))
+    for split in (world.dev, world.test):
+        assert split and seen_in(world.train, split) == []
+
+
+def test_a_repeated_question_is_never_scored_as_heldout():
+    rows = [QAExample(f"q{i}", f"Where is mill {i}?", [str(i)], []) for i in range(6)]
+    rows.append(QAExample("q-dup", "where is MILL 1", ["1"], []))  # q1 again: other id, case, punctuation
+    rows.append(QAExample("q0", "A new question with a reused id?", ["x"], []))
+    assert seen_in(rows[:4], rows[4:]) == ["q-dup", "q0"]
+    train, heldout = split_heldout(rows, 4, 2)
+    assert [e.id for e in heldout] == ["q4", "q5"]
+    with pytest.raises(ConfigError, match="only 2 of the 3 held-out"):
+        split_heldout(rows, 4, 3)
+    dicts = [{"id": e.id, "question": e.question} for e in rows[:4]]  # Ray Data rows work too
+    assert seen_in(dicts, rows[4:]) == ["q-dup", "q0"]
+
+
+def test_a_dev_file_sharing_training_questions_is_reported(tmp_path, caplog):
+    files = write_world(tmp_path / "world", WorldConfig(num_entities=30, seed=0))
+    world = build_world(WorldConfig(num_entities=30, seed=0))
+    items = [{"id": e.id, "question": e.question} for e in world.train]
+    assert check_dev_file(items, str(files.dev_jsonl), 8) == []
+    with caplog.at_level(logging.WARNING, logger="raggen.train.heldout"):
+        overlap = check_dev_file(items, str(files.train_jsonl), 5)
+    assert len(overlap) == 5 and "also training questions" in caplog.text
+
+
+def test_the_in_run_eval_leaves_out_dev_questions_that_are_trained_on(tmp_path):
+    """The loop's dev subset skips the ids the driver found in the training file, then takes
+    ``eval_examples``: a dev file that repeats training questions still gets held-out scores."""
+    from raggen.corpus.qa import read_qa
+    from raggen.train.loop import LoopSettings, _dev_examples
+
+    files = write_world(tmp_path / "world", WorldConfig(num_entities=30, seed=0))
+    dev = read_qa(str(files.dev_jsonl))
+    train = read_qa(str(files.train_jsonl))
+    mixed = tmp_path / "mixed.jsonl"  # two training questions first, then the real dev set
+    mixed.write_text("".join(open(files.train_jsonl).readlines()[:2]) + open(files.dev_jsonl).read())
+    items = [{"id": e.id, "question": e.question} for e in train]
+    excluded = tuple(check_dev_file(items, str(mixed), None))
+    assert excluded == (train[0].id, train[1].id)
+    settings = LoopSettings(dev_file=str(mixed), eval_examples=4, dev_exclude_ids=excluded)
+    assert [e.id for e in _dev_examples(settings, None)] == [e.id for e in dev[:4]]
+    unfiltered = LoopSettings(dev_file=str(mixed), eval_examples=4)
+    assert [e.id for e in _dev_examples(unfiltered, None)][:2] == [train[0].id, train[1].id]
