@@ -1,0 +1,36 @@
+"""sha256 of bytes, chunks and files, streamed (never a whole-file read)."""
+
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import IO, Iterable, Iterator
+
+from raggen.storage.common import CHUNK
+
+logger = logging.getLogger(__name__)
+
+
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_chunks(chunks: Iterable[bytes]) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def iter_file_chunks(f: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
+    yield from iter(lambda: f.read(size), b"")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a local file, read in chunks so multi-GB shards do not sit in memory twice."""
+    with open(path, "rb") as f:
+        return sha256_chunks(iter_file_chunks(f))
+
+
