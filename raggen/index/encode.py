@@ -32,11 +32,8 @@ corpora are never copied to the driver; for a small corpus on an unusual store, 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -44,15 +41,38 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raggen.corpus.readers import FORMAT_SUFFIXES, canonical_format, check_passage, format_from_name, missing_column
 from raggen.errors import ConfigError, DataError, RaggenError, find_user_error
 from raggen.index.manifest import passages_table, shard_file_names
+from raggen.index.passage_source import (  # noqa: F401 - moved there, importable from here as before
+    _DATASOURCE,
+    _is_single_file,
+    _passage_datasource,
+    _paths_and_filesystem,
+    detect_format,
+    normalize_passages,
+    read_passages_dataset,
+    stable_shard,
+)
+from raggen.index.work_dir import (  # noqa: F401 - moved there, importable from here as before
+    WORK_LOCK,
+    WORK_MARKER,
+    EncodedCorpus,
+    EncodedShard,
+    _encoder_config,
+    _model_fingerprint,
+    _read_json,
+    _write_json,
+    check_run_signature,
+    encoded_shard_done,
+    encoder_dim,
+    lock_work_dir,
+    remove_work_dir,
+    resolved_passage_format,
+    run_signature,
+)
 from raggen.storage import (
     AtomicFile,
-    FileLock,
-    atomic_write_bytes,
     claim_folder,
-    content_fingerprint,
     is_s3_uri,
     join_uri,
     open_store,
@@ -66,134 +86,7 @@ from raggen.storage import (
 logger = logging.getLogger(__name__)
 
 ROW_ID_SHIFT = 40  # row_id = shard << 40 | position: up to ~1.1e12 passages per shard
-WORK_MARKER = ".raggen-work"  # in every work dir raggen made (or adopted empty): it may delete those
-WORK_LOCK = ".raggen-work.lock"  # held while a run uses the work dir
 SPLIT_MARKER = ".raggen-split"  # in every split folder raggen made
-
-
-# ------------------------------------------------------------------------------------------ reading
-
-
-def detect_format(uri: str, s3_options=None) -> str:
-    """'dpr-tsv' | 'jsonl' | 'parquet' from the file suffix (for a folder: from its first data file)."""
-    uri = str(uri)
-    fmt = format_from_name(uri)
-    if fmt is not None:
-        return fmt
-    try:
-        names = open_store(uri, s3_options).list()
-    except Exception:  # noqa: BLE001 - a path that is neither a known file type nor a listable folder
-        names = []
-    for name in names:
-        if (fmt := format_from_name(name)) is not None:
-            return fmt
-    raise ConfigError(f"format: cannot tell the format of {uri!r}; pass one of auto, dpr-tsv, jsonl, parquet")
-
-
-def _paths_and_filesystem(uri: str, s3_options) -> tuple[str, Any]:
-    if is_s3_uri(uri):
-        bucket, key = split_s3_uri(uri)
-        return f"{bucket}/{key}", pyarrow_s3_filesystem(s3_options)
-    path = Path(os.path.expanduser(uri))
-    if not path.exists():
-        raise DataError(f"{uri}: no such file or folder")
-    return str(path), None
-
-
-def _is_single_file(uri: str, s3_options) -> bool:
-    if is_s3_uri(uri):
-        from raggen.storage import exists
-
-        return bool(split_s3_uri(uri)[1]) and exists(uri, s3_options)
-    return Path(os.path.expanduser(uri)).is_file()
-
-
-_DATASOURCE = None
-
-
-def _passage_datasource():
-    """The Ray Data datasource class (built on first use: importing this module does not import Ray)."""
-    global _DATASOURCE
-    if _DATASOURCE is not None:
-        return _DATASOURCE
-    from ray.data.datasource import FileBasedDatasource
-
-    from raggen.corpus.readers import iter_passage_records
-
-    class PassageFiles(FileBasedDatasource):
-        """Each read task parses its files with raggen.corpus.readers: the checks and messages of
-        every other reader (file and line or row), streamed; ``.gz`` is decompressed by Ray."""
-
-        def __init__(self, paths, *, fmt: str, display_prefix: str = "", batch_size: int = 4096, **kwargs):
-            super().__init__(paths, **kwargs)
-            self._fmt, self._prefix, self._batch = fmt, display_prefix, batch_size
-
-        def _open_input_source(self, filesystem, path, **open_args):
-            if self._fmt == "parquet":  # parquet needs random access (its footer is at the end)
-                return filesystem.open_input_file(path)
-            return super()._open_input_source(filesystem, path, **open_args)
-
-        def _read_stream(self, f, path):
-            source = self._prefix + path
-            for rec in iter_passage_records(f, source, self._fmt, self._batch):
-                n = len(rec)
-                yield pa.table({
-                    "id": pa.array(rec.ids, pa.string()), "title": pa.array(rec.titles, pa.string()),
-                    "text": pa.array(rec.texts, pa.string()), rec.unit: pa.array(rec.where, pa.int64()),
-                    "path": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([source])),
-                })  # fmt: skip
-
-    _DATASOURCE = PassageFiles
-    return _DATASOURCE
-
-
-def read_passages_dataset(uri: str, *, format: str = "auto", s3_options=None, num_shards: int = 1):
-    """A Ray Dataset with string columns id, title, text and int64 ``shard`` (crc32(id) % N).
-
-    Read tasks parse files with :mod:`raggen.corpus.readers` (``format``: auto or one of its
-    vocabulary, aliases included); a folder contributes the files with that format's suffixes."""
-    import ray.data
-
-    fmt = canonical_format(format)
-    fmt = detect_format(uri, s3_options) if fmt == "auto" else fmt
-    paths, fs = _paths_and_filesystem(uri, s3_options)
-    exts = None if _is_single_file(uri, s3_options) else [sfx for sfx, f in FORMAT_SUFFIXES if f == fmt]
-    source = _passage_datasource()(paths, fmt=fmt, display_prefix="s3://" if is_s3_uri(uri) else "",
-                                   filesystem=fs, file_extensions=exts)  # fmt: skip
-    ds = ray.data.read_datasource(source)
-    return ds.map_batches(
-        normalize_passages, fn_kwargs={"num_shards": num_shards}, batch_format="pyarrow", batch_size=None
-    )
-
-
-def stable_shard(ids: list[str], num_shards: int) -> np.ndarray:
-    """crc32 of the UTF-8 passage id, mod N: the same shard for the same id everywhere, forever."""
-    return np.fromiter((zlib.crc32(i.encode("utf-8")) % num_shards for i in ids), dtype=np.int64, count=len(ids))
-
-
-def normalize_passages(table: pa.Table, num_shards: int = 1) -> pa.Table:
-    """Check and normalise one block: id/title/text as strings, a missing title -> '', + shard.
-
-    Rows are checked with :func:`raggen.corpus.readers.check_passage` (the readers' own check and
-    messages): a null or blank id or text is a DataError naming the file (``path`` column) and the
-    line (``line`` column), row (``row`` column) or, failing both, the row within the block."""
-    import pyarrow.compute as pc
-
-    source = table.column("path")[0].as_py() if "path" in table.column_names and table.num_rows else "passages"
-    for col in ("id", "text"):
-        if col not in table.column_names:
-            raise missing_column(source, col, [c for c in table.column_names if c not in ("path", "line", "row")])
-    ids = pc.utf8_trim_whitespace(table.column("id").cast(pa.string()))
-    text = table.column("text").cast(pa.string())
-    bad = pc.or_kleene(pc.or_kleene(ids.is_null(), pc.equal(ids, "")),
-                       pc.or_kleene(text.is_null(), pc.equal(pc.utf8_trim_whitespace(text), "")))  # fmt: skip
-    if pc.any(pc.fill_null(bad, True)).as_py():
-        i = int(pc.index(pc.fill_null(bad, True), True).as_py())
-        unit = next((u for u in ("line", "row") if u in table.column_names), None)
-        where = f"{unit} {table.column(unit)[i].as_py()}" if unit else f"row {i + 1}"
-        check_passage(source, where, ids[i].as_py(), text[i].as_py())
-    title = table.column("title").cast(pa.string()).fill_null("") if "title" in table.column_names else pa.array([""] * table.num_rows, pa.string())
-    return pa.table({"id": ids, "title": title, "text": text, "shard": stable_shard(ids.to_pylist(), num_shards)})
 
 
 # ------------------------------------------------------------------------------------------ stage 2a: tokenise (CPU tasks)
@@ -358,147 +251,6 @@ class PassageEncoderActor:
                              max_tokens=self.sub_batch_tokens)  # (b, dim) float32
         rest = {name: col for name, col in batch.items() if name not in TOKEN_COLUMNS and name != NUM_TOKENS}
         return {**rest, "embedding": emb}
-
-
-# ------------------------------------------------------------------------------------------ work dir
-
-
-@dataclass
-class EncodedShard:
-    shard: int
-    path: Path  # encoded/shard-K.parquet (row_id, id, title, text, embedding)
-    count: int
-
-
-@dataclass
-class EncodedCorpus:
-    shards: list[EncodedShard]
-    dim: int
-
-    @property
-    def num_passages(self) -> int:
-        return sum(s.count for s in self.shards)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _model_fingerprint(name_or_path: str, s3_options) -> list:
-    """The encoder's files (a local or s3:// folder, the bundled copy of a hub id), else [] (a hub id)."""
-    from raggen.models.loading import resolve_model_path
-
-    if is_s3_uri(name_or_path):
-        return content_fingerprint(name_or_path, s3_options)
-    local = resolve_model_path(name_or_path)
-    return content_fingerprint(local) if os.path.isdir(local) else []
-
-
-def run_signature(
-    passages_uri: str,
-    *,
-    encoder_name_or_path: str,
-    passages_format: str = "auto",
-    num_shards: int = 1,
-    pooling: str = "mean",
-    max_length: int = 256,
-    normalize: bool = False,
-    passage_format: str | None = None,
-    s3_options: Mapping[str, Any] | None = None,
-) -> dict:
-    """What an encoding run's output depends on: the corpus content (every input file: size +
-    mtime locally, ETag + size on S3), the encoder (and its files) and every setting that changes
-    the vectors or the split. A work dir is reused only for an equal signature."""
-    return dict(
-        passages_uri=str(passages_uri), corpus=content_fingerprint(str(passages_uri), s3_options),
-        format=canonical_format(passages_format), num_shards=int(num_shards), encoder=encoder_name_or_path,
-        encoder_files=_model_fingerprint(encoder_name_or_path, s3_options), pooling=pooling,
-        max_length=int(max_length), normalize=bool(normalize), passage_format=passage_format,
-    )  # fmt: skip
-
-
-def check_run_signature(work_dir: Path, signature: dict) -> None:
-    """A work dir belongs to one run: reusing it with different settings or a changed corpus is a
-    ConfigError (its encodings would be stale)."""
-    path = work_dir / "run.json"
-    old = _read_json(path)
-    if old is None:
-        _write_json(path, signature)
-        return
-    for key, value in signature.items():
-        if old.get(key) == value:
-            continue
-        if key in ("corpus", "encoder_files"):
-            what = "corpus" if key == "corpus" else f"encoder {signature['encoder']!r}"
-            raise ConfigError(
-                f"work_dir: {work_dir} holds work for another version of the {what} (files, sizes or "
-                "modification times differ); use a fresh work_dir, or delete this one"
-            )
-        raise ConfigError(
-            f"work_dir: {work_dir} was used for a run with {key}={old.get(key)!r}, this run has {value!r}; "
-            "use a fresh work_dir"
-        )
-
-
-def lock_work_dir(work_dir: str | os.PathLike, *, what: str = "work_dir") -> tuple[dict, FileLock]:
-    """Claim ``work_dir`` for raggen (marker ``.raggen-work``; a non-empty folder without it is a
-    ConfigError and is never touched) and lock it for this run (StoreBusy when another run holds
-    it). Reentrant within a thread. Returns (marker, lock); release the lock when done."""
-    work_dir = Path(work_dir)
-    info = claim_folder(work_dir, WORK_MARKER, what=what)
-    lock = FileLock(work_dir / WORK_LOCK, timeout=0, what=f"{what} {work_dir} (in use by another run)")
-    lock.acquire()
-    return info, lock
-
-
-def remove_work_dir(work_dir: str | os.PathLike) -> bool:
-    """Delete a work dir raggen made (its marker inside); anything else is left alone."""
-    return release_folder(work_dir, WORK_MARKER)
-
-
-def encoded_shard_done(work_dir: Path, shard: int) -> EncodedShard | None:
-    """The finished shard, if its done marker exists and the file's sha256 matches it."""
-    name = shard_file_names(shard)[1]
-    path, marker = work_dir / "encoded" / name, _read_json(work_dir / "encoded" / f"{name}.done.json")
-    if marker is None or not path.is_file():
-        return None
-    if sha256_file(path) != marker.get("sha256"):
-        logger.warning("encoded shard %s does not match its done marker; re-encoding it", path)
-        return None
-    return EncodedShard(shard=shard, path=path, count=int(marker["count"]))
-
-
-def _encoder_config(name_or_path: str, s3_options=None) -> dict:
-    """The encoder's config.json as a dict (an ``s3://`` folder's is read there)."""
-    from transformers import AutoConfig
-
-    from raggen.models.loading import resolve_model_path
-    from raggen.storage import is_s3_uri, join_uri, read_bytes
-
-    if is_s3_uri(name_or_path):
-        return json.loads(read_bytes(join_uri(name_or_path, "config.json"), s3_options))
-    return AutoConfig.from_pretrained(resolve_model_path(name_or_path)).to_dict()
-
-
-def encoder_dim(name_or_path: str, s3_options=None) -> int:
-    """The width of the encoder's vectors: a DPR encoder's projection when it has one, else its hidden size."""
-    config = _encoder_config(name_or_path, s3_options)
-    projection = int(config.get("projection_dim") or 0) if config.get("model_type") == "dpr" else 0
-    return projection or int(config["hidden_size"])
-
-
-def resolved_passage_format(name_or_path: str, passage_format: str | None, s3_options=None) -> str:
-    """``passage_format`` as given, or the model's own (``pair`` for DPR, else ``joined``), for the manifest."""
-    if passage_format is not None:
-        return passage_format
-    return "pair" if _encoder_config(name_or_path, s3_options).get("model_type") == "dpr" else "joined"
 
 
 # ------------------------------------------------------------------------------------------ stage 1: split
