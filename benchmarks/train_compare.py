@@ -91,7 +91,7 @@ def config_for(paths: dict, estimator: str, args, work: Path):
 def evaluate(cfg, model_dirs: dict | None, decoding: str, examples) -> dict:
     from raggen.index import open_index
     from raggen.train.evaluate import evaluate_rag
-    from raggen.train.loop import build_models
+    from raggen.models.build import build_models
     from raggen.app.training import model_spec
 
     models = build_models(model_spec(cfg.model), cfg.train.estimator, model_dirs)

@@ -13,7 +13,7 @@ def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test"
     (a path or s3:// URI) gets one JSON line per question (``raggen.train.retrieve.write_jsonl``)."""
     from raggen.index import open_index
     from raggen.train.checkpointing import read_checkpoint
-    from raggen.train.loop import build_models
+    from raggen.models.build import build_models
 
     t = cfg.train
     with local_checkpoint(checkpoint, s3_options(t.s3)) as folder:

@@ -66,7 +66,7 @@ def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2:
     from raggen.index import set_latest
     from raggen.app.serving import serve_from_config, swap_index_from_config
     from raggen.serve.client import ask
-    from raggen.train.evaluate import exact_match
+    from raggen.train.qa_scores import exact_match
 
     changed = [c for c in read_changed_facts(world_files.changed) if c.split == "test"] or read_changed_facts(world_files.changed)
     facts = changed[:num_questions]

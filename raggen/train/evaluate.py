@@ -9,124 +9,27 @@ Where a QA file names gold passage ids, gold recall@k is reported too.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
-import re
-import string
 import tempfile
-import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
 from raggen.names import DECODINGS
+from raggen.train.qa_scores import (  # noqa: F401 - the scores, importable from here as before
+    answer_hits,
+    dpr_tokens,
+    exact_match,
+    f1_score,
+    gold_hits,
+    has_answer,
+    normalize_answer,
+    recall_at_k,
+)
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# Answer metrics (SQuAD v1.1 evaluation script semantics)
-# ---------------------------------------------------------------------------------------------
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
-_PUNCT = set(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower, no punctuation, no articles, single spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 when the normalised prediction equals some normalised answer, else 0.0."""
-    _check_answers(answers)
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(a) for a in answers))
-
-
-def _f1_one(prediction: str, answer: str) -> float:
-    pred_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(answer).split()
-    if not pred_tokens or not gold_tokens:
-        # SQuAD 2.0 convention: both empty is a match, one empty is not.
-        return float(pred_tokens == gold_tokens)
-    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
-    overlap = sum(common.values())
-    if overlap == 0:
-        return 0.0
-    precision = overlap / len(pred_tokens)
-    recall = overlap / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
-def f1_score(prediction: str, answers: Sequence[str]) -> float:
-    """Token-overlap F1 after normalisation, best over the reference answers."""
-    _check_answers(answers)
-    return max(_f1_one(prediction, a) for a in answers)
-
-
-def _check_answers(answers: Sequence[str]) -> None:
-    if isinstance(answers, str) or not answers:
-        raise ValueError(f"answers: expected a non-empty list of strings, got {answers!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Retrieval metrics (DPR's has_answer, string mode)
-# ---------------------------------------------------------------------------------------------
-
-_DPR_TOKEN = re.compile(r"[\w]+|[^\w\s]", re.UNICODE)
-
-
-def dpr_tokens(text: str) -> list[str]:
-    """DPR's SimpleTokenizer, uncased: runs of word characters and single non-space symbols."""
-    text = unicodedata.normalize("NFD", text)
-    return [t.lower() for t in _DPR_TOKEN.findall(text)]
-
-
-def has_answer(passage: str, answers: Sequence[str]) -> bool:
-    """True when some answer's token sequence occurs contiguously in the passage's tokens."""
-    tokens = dpr_tokens(passage)
-    for answer in answers:
-        ans = dpr_tokens(answer)
-        if not ans:
-            continue
-        n = len(ans)
-        if any(tokens[i : i + n] == ans for i in range(len(tokens) - n + 1)):
-            return True
-    return False
-
-
-def recall_at_k(hits: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[int, float]:
-    """Fraction of examples with a hit among their first k ranks. hits: (n, depth) booleans.
-
-    A k larger than an example's list counts the whole list (as DPR does for short lists).
-    """
-    if not hits:
-        raise ValueError("hits: no examples to score")
-    out = {}
-    for k in ks:
-        if k < 1:
-            raise ValueError(f"ks: recall@k needs k >= 1, got {k}")
-        out[k] = sum(any(row[:k]) for row in hits) / len(hits)
-    return out
-
-
-def answer_hits(passages: Sequence[Sequence[str]], answers: Sequence[Sequence[str]]) -> list[list[bool]]:
-    """hits[i][r]: does the r-th retrieved passage of example i contain one of its answers."""
-    if len(passages) != len(answers):
-        raise ValueError(f"passages has {len(passages)} rows but answers has {len(answers)}")
-    return [[has_answer(p, ans) for p in row] for row, ans in zip(passages, answers)]
-
-
-def gold_hits(ids: Sequence[Sequence[str]], gold_ids: Sequence[Sequence[str]]) -> list[list[bool]]:
-    """hits[i][r]: is the r-th retrieved id of example i one of its gold passage ids."""
-    if len(ids) != len(gold_ids):
-        raise ValueError(f"ids has {len(ids)} rows but gold_ids has {len(gold_ids)}")
-    return [[str(p) in {str(g) for g in gold} for p in row] for row, gold in zip(ids, gold_ids)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from raggen.errors import ConfigError
-from raggen.train.evaluate import normalize_answer
+from raggen.train.qa_scores import normalize_answer
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from raggen.corpus.world import reader_examples
 from raggen.devices import pick_device
 from raggen.models.generator import Generator
 from raggen.models.tiny import make_tiny_generator
-from raggen.train.evaluate import normalize_answer
+from raggen.train.qa_scores import normalize_answer
 
 log = logging.getLogger(__name__)
 

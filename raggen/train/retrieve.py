@@ -74,7 +74,8 @@ def retrieve_results(examples: Sequence, *, query_encoder, index, k: int, out: s
                      batch_size: int = 32, progress=None) -> dict[str, float]:
     """Retrieve the top ``k`` passages of every example, stream DPR's results JSON to ``out`` and
     return the top-k accuracy at :func:`accuracy_ks` (``{"top1": ..., "top5": ...}``)."""
-    from raggen.train.evaluate import answer_hits, recall_at_k, retrieve_for_eval
+    from raggen.train.evaluate import retrieve_for_eval
+    from raggen.train.qa_scores import answer_hits, recall_at_k
 
     if not examples:
         raise ConfigError("retrieve: no questions to retrieve for")

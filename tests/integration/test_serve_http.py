@@ -31,7 +31,7 @@ from raggen.index import build_index, embeddings_of, load_version, set_latest  #
 from raggen.models import TextEncoder  # noqa: E402
 from raggen.serve.app import deploy_config, serve_deploy_config, wait_until_running, with_index  # noqa: E402
 from raggen.serve.client import ServiceError, ask  # noqa: E402
-from raggen.train.evaluate import exact_match  # noqa: E402
+from raggen.train.qa_scores import exact_match  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from raggen.cli import main
-from raggen.train.evaluate import has_answer
+from raggen.train.qa_scores import has_answer
 from raggen.train.retrieve import accuracy_ks
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from raggen.models import make_tiny_encoder, make_tiny_generator, make_tiny_reranker, passage_text
-from raggen.train.loop import build_models
+from raggen.models.build import build_models
 from raggen.train.step import ESTIMATORS, Batch, StepModels, StepSettings, run_step, trainable_roles
 
 TITLES = [f"Town {i}" for i in range(12)]
