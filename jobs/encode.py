@@ -21,7 +21,6 @@ import argparse
 import logging
 import sys
 
-
 # flags that the config's index section replaces (the rest: where to work, which cluster)
 INDEX_FLAGS = {"passages", "output", "passages_format", "encoder", "pooling", "max_length", "normalize", "batch_size",
                "num_shards", "faiss_factory", "metric", "train_sample", "num_actors", "actor_num_cpus",
@@ -73,8 +72,8 @@ def build_kwargs(args: argparse.Namespace) -> dict:
     if args.no_embeddings:  # else the config's index.store_embeddings (default true) rules
         common["store_embeddings"] = False
     if args.config:
-        from raggen.config import load_config, with_absolute_paths
         from raggen.app.indexing import index_build_kwargs
+        from raggen.config import load_config, with_absolute_paths
 
         return {**index_build_kwargs(with_absolute_paths(load_config(args.config, args.set)).index), **common}
     s3 = {k: v for k, v in {"endpoint_url": args.s3_endpoint_url, "region_name": args.s3_region}.items() if v}
@@ -90,22 +89,16 @@ def build_kwargs(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    from raggen.cli import failure_message
+    from raggen.cli import run_job
     from raggen.index import build_index
     from raggen.ray_utils import ensure_ray
 
-    try:
+    def work():
         kwargs = build_kwargs(args)  # a config error is reported before Ray starts
         ensure_ray(address=args.address)
-        manifest = build_index(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - one line for what a user can fix, a traceback for a bug
-        message = failure_message(exc)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    print(manifest.to_json())
-    return 0
+        return build_index(**kwargs)
+
+    return run_job("", work, lambda manifest: manifest.to_json())
 
 
 if __name__ == "__main__":

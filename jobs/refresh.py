@@ -33,23 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from raggen.cli import failure_message
-    from raggen.config import load_config, with_absolute_paths
     from raggen.app.indexing import refresh_index_from_config
+    from raggen.cli import run_job
+    from raggen.config import load_config, with_absolute_paths
 
-    try:
+    def work():
         # relative paths resolve here, on the driver, as `raggen index refresh` does
         cfg = with_absolute_paths(load_config(args.config, args.set))
         manifest, _ = refresh_index_from_config(cfg, args.encoder, role=args.encoder_role, version=args.version,
                                                 work_dir=args.work_dir, split_uri=args.split_uri, address=args.address)
-    except Exception as exc:
-        message = failure_message(exc)
-        if message is None:
-            raise
-        print(f"refresh: error: {message}", file=sys.stderr)
-        return 2
-    print(manifest.to_json())
-    return 0
+        return manifest
+
+    return run_job("refresh: ", work, lambda manifest: manifest.to_json())
 
 
 if __name__ == "__main__":

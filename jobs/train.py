@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 
-from raggen.cli import failure_message
+from raggen.cli import run_job
 from raggen.config import load_config, with_absolute_paths
 
 
@@ -24,20 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-5")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    def work():
         from raggen.app.training import run_training
 
         # relative paths (model.generator: raggen/assets/reader) resolve against the job's working
         # dir here, on the driver, as `raggen train` does: Train workers start elsewhere
-        summary = run_training(with_absolute_paths(load_config(args.config, args.set)))
-    except Exception as e:  # noqa: BLE001 - one line for what a user can fix, a traceback for a bug
-        message = failure_message(e)
-        if message is None:
-            raise
-        print(f"train: error: {message}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+        return run_training(with_absolute_paths(load_config(args.config, args.set)))
+
+    return run_job("train: ", work, lambda summary: json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":

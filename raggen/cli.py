@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from raggen.config import RaggenConfig, load_config, with_absolute_paths
 from raggen.errors import ConfigError, RaggenError
@@ -362,6 +363,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raggen: error: {message}", file=sys.stderr)
         log.debug("details", exc_info=True)
         return 2
+    return 0
+
+
+def run_job(prefix: str, work: Callable[[], Any], show: Callable[[Any], str]) -> int:
+    """What every ``jobs/*.py`` entry point does with its work: print ``show(result)`` and return 0;
+    a failure a user can fix is one line on stderr (``<prefix>error: ...``) and exit code 2; a bug
+    keeps its traceback."""
+    try:
+        result = work()
+    except Exception as exc:  # noqa: BLE001 - one line for what a user can fix, a traceback for a bug
+        message = failure_message(exc)
+        if message is None:
+            raise
+        print(f"{prefix}error: {message}", file=sys.stderr)
+        return 2
+    print(show(result))
     return 0
 
 
