@@ -32,11 +32,14 @@ format: venv
 	$(BIN)/ruff check --fix raggen jobs tests benchmarks
 	$(BIN)/ruff format raggen jobs tests benchmarks
 
+# Unit tests on two processes (pytest-xdist; each test is independent and Ray-free), then the
+# integration tests one at a time: each starts its own Ray, Serve or job cluster on the machine.
 test: venv
-	$(BIN)/python -m pytest -q --timeout=600
+	$(BIN)/python -m pytest -q -n 2 -m "not integration" --timeout=600
+	$(BIN)/python -m pytest -q -m integration --timeout=600
 
 test-unit: venv
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -n 2 -m "not integration"
 
 test-integration: venv
 	$(BIN)/python -m pytest -q -m integration --timeout=600

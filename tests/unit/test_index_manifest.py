@@ -17,12 +17,7 @@ from raggen.index.sharded import ShardedIndex
 D = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 def make_version(out: Path, version: str, *, n: int = 310, num_shards: int = 3, metric: str = "ip",
@@ -288,7 +283,6 @@ def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
     rng = np.random.default_rng(5)
     xb = rng.standard_normal((800, D)).astype(np.float32)
     trained = S.train_index(xb, factory="IVF16,Flat", train_sample=800)
-    root = tmp_path / "index"
     shards = []
     for s, rows in enumerate(np.array_split(np.arange(800), 4)):
         ids = (np.int64(s) << 40) + np.arange(len(rows))

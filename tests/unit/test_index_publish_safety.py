@@ -9,7 +9,6 @@ import os
 import threading
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -20,12 +19,7 @@ from raggen.index import shard as S
 D = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 def build(out: Path, version: str, *, n: int = 40, seed: int = 0, created: str | None = None) -> M.Manifest:

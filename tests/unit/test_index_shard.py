@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
@@ -11,13 +10,7 @@ from raggen.index import shard as S
 from raggen.index.sharded import merge_topk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # the test machine is shared: OpenMP spin-waiting on busy cores makes k-means 10x slower
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 def clustered(n: int, d: int, seed: int = 0, centers: int = 20) -> np.ndarray:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 
@@ -19,12 +18,7 @@ from raggen.index.sharded import ShardedIndex
 D = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)  # the test machine is shared
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 def clustered(n: int, d: int = D, seed: int = 0, centers: int = 40) -> np.ndarray:

@@ -1,0 +1,29 @@
+"""Fixtures and settings every test module shares (integration-only fixtures: tests/integration/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs unit tests on two processes) each process gets one
+    torch and one FAISS thread: two processes x all cores would oversubscribe the machine."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import faiss
+        import torch
+
+        torch.set_num_threads(1)
+        faiss.omp_set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """FAISS on one OpenMP thread for a module (deterministic timings of its searches)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
