@@ -283,6 +283,27 @@ def build_shards_in_tasks(shards: list[EncodedShard], out_dir: Path, *, faiss_fa
     return files, defaults
 
 
+def check_sparse_kind(kind: str | None) -> None:
+    from raggen.index.sparse import SPARSE_KINDS
+
+    if kind is not None and kind not in SPARSE_KINDS:
+        raise ConfigError(f"index.sparse: one of {', '.join(SPARSE_KINDS)} or null, got {kind!r}")
+
+
+def build_sparse_files(files: list[tuple[Path, Path, int]], out_dir: Path, *, kind: str = "bm25"):
+    """(A Ray task.) The sparse index over every shard's passages, read from the shards' parquet
+    files, written into ``out_dir`` -> (its files, its params)."""
+    from raggen.index.sparse import build_bm25_files
+
+    check_sparse_kind(kind)
+    tables = [pq.read_table(px, columns=["row_id", "title", "text"], memory_map=True) for _, px, _ in files]
+    row_ids = np.concatenate([t.column("row_id").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
+    shards = np.concatenate([np.full(t.num_rows, s, np.int64) for s, t in enumerate(tables)]) if tables else row_ids
+    titles = [x for t in tables for x in t.column("title").to_pylist()]
+    texts = [x for t in tables for x in t.column("text").to_pylist()]
+    return build_bm25_files(titles, texts, row_ids, shards, out_dir)
+
+
 def preflight_build(output_uri: str, version: str | None, *, faiss_factory: str, metric: str, dim: int,
                     s3_options: Mapping[str, Any] | None = None, work_dir: str | os.PathLike | None = None) -> None:
     """What would fail only after hours of encoding, checked first: the factory builds for this
@@ -332,6 +353,7 @@ def build_index(
     tune_queries: int = 200,
     tune_k: int = 100,
     work_dir_shared: bool = False,
+    sparse: str | None = None,
 ) -> Manifest:
     """Encode ``passages_uri``, build ``num_shards`` FAISS shards and publish them under ``output_uri``.
 
@@ -343,7 +365,8 @@ def build_index(
     the same path) lets them run anywhere. Search defaults: for IVF / HNSW factories, the smallest
     nprobe / efSearch within ``1 - target_recall`` of exhaustive recall@``tune_k`` on
     ``tune_queries`` held-out queries (``raggen.index.tuning``) go into the manifest
-    (``target_recall=None``: none).
+    (``target_recall=None``: none). ``sparse="bm25"``: a BM25 index over every passage is built
+    (in a Ray task, from the shards' passage files) and published in the same version.
 
     An index that needs training is trained once, on ``train_sample`` vectors drawn from all
     shards, and every shard starts from it: IVF shards then split each inverted list between them,
@@ -359,6 +382,7 @@ def build_index(
     folder of this build's own is made under it and removed with the work dir.
     """
     metric = normalize_metric(metric)
+    check_sparse_kind(sparse)
     preflight_build(output_uri, version, faiss_factory=faiss_factory, metric=metric,
                     dim=encoder_dim(encoder_name_or_path, s3_options), s3_options=s3_options, work_dir=work_dir)
     signature = run_signature(passages_uri, encoder_name_or_path=encoder_name_or_path, passages_format=passages_format,
@@ -379,11 +403,19 @@ def build_index(
             store_embeddings=store_embeddings, target_recall=target_recall, tune_queries=tune_queries, tune_k=tune_k,
             num_cpus=build_num_cpus, work_dir_shared=work_dir_shared,
         )  # fmt: skip
+        sparse_files, sparse_params = None, None
+        if sparse is not None:
+            import ray
+
+            opts = build_task_options(build_num_cpus, pin_to_driver_node=not work_dir_shared)
+            opts.pop("num_gpus", None)
+            sparse_files, sparse_params = ray.get(ray.remote(build_sparse_files).options(**opts).remote(
+                files, out_dir, kind=sparse))  # fmt: skip
         manifest = make_manifest(
             version or new_version_name(), encoder_name_or_path=encoder_name_or_path, pooling=pooling, dim=encoded.dim,
             normalize=normalize, metric=metric, faiss_factory=faiss_factory, shard_files=files,
             passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options),
-            search_defaults=defaults,
+            search_defaults=defaults, sparse_files=sparse_files, sparse_params=sparse_params,
         )  # fmt: skip
         publish_version(output_uri, manifest, out_dir, s3_options=s3_options, move_latest=move_latest, rollback=rollback)
         if not keep_work_dir:

@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -163,6 +163,35 @@ class SearchDefaults(BaseModel):
     num_queries: int | None = None
 
 
+class SparseFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    sha256: str
+
+    @field_validator("name")
+    @classmethod
+    def _relative_name(cls, name: str) -> str:
+        return ShardEntry._relative_name(name)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, digest: str) -> str:
+        return ShardEntry._hex_digest(digest)
+
+
+class SparseEntry(BaseModel):
+    """The optional sparse (BM25) index beside the shards (``raggen.index.sparse``): its files,
+    the number of documents (every passage) and how it was built."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["bm25"] = "bm25"
+    files: list[SparseFile] = Field(min_length=1)
+    count: int = Field(ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class Manifest(BaseModel):
     """manifest.json, exactly the contract's fields (unknown fields are rejected)."""
 
@@ -176,6 +205,7 @@ class Manifest(BaseModel):
     num_passages: int = Field(ge=0)
     shards: list[ShardEntry]
     search_defaults: SearchDefaults | None = None  # optional: absent in older manifests
+    sparse: SparseEntry | None = None  # optional: a BM25 index beside the shards
 
     @field_validator("version")
     @classmethod
@@ -199,14 +229,17 @@ class Manifest(BaseModel):
         total = sum(s.count for s in self.shards)
         if total != self.num_passages:
             raise ValueError(f"num_passages is {self.num_passages} but the shard counts sum to {total}")
-        names = [n for s in self.shards for n in (s.index, s.passages)]
+        names = [n for s in self.shards for n in (s.index, s.passages)] + [f.name for f in (self.sparse.files if self.sparse else [])]
+        if self.sparse is not None and self.sparse.count != self.num_passages:
+            raise ValueError(f"sparse.count is {self.sparse.count} but num_passages is {self.num_passages}")
         if len(set(names)) != len(names) or MANIFEST_NAME in names:
             raise ValueError("shards: file names must be distinct (and not manifest.json)")
         return self
 
     def files(self) -> list[tuple[str, str]]:
         """Every (file name, sha256) the version holds besides manifest.json."""
-        return [pair for s in self.shards for pair in ((s.index, s.index_sha256), (s.passages, s.passages_sha256))]
+        dense = [pair for s in self.shards for pair in ((s.index, s.index_sha256), (s.passages, s.passages_sha256))]
+        return dense + [(f.name, f.sha256) for f in (self.sparse.files if self.sparse else [])]
 
     def to_json(self) -> str:
         data = self.model_dump(mode="json")
@@ -214,6 +247,8 @@ class Manifest(BaseModel):
             data.pop("search_defaults", None)  # a version without them reads exactly as before
         else:
             data["search_defaults"] = {k: v for k, v in data["search_defaults"].items() if v is not None}
+        if data.get("sparse") is None:
+            data.pop("sparse", None)
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
@@ -246,6 +281,8 @@ def make_manifest(
     shard_files: list[tuple[Path, Path, int]],
     passage_format: str = "joined",
     search_defaults: SearchDefaults | Mapping[str, Any] | None = None,
+    sparse_files: list[Path] | None = None,
+    sparse_params: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """A manifest for local shard files [(index path, parquet path, count)]; hashes them here."""
     shards = [
@@ -268,6 +305,9 @@ def make_manifest(
         num_passages=sum(s.count for s in shards),
         shards=shards,
         search_defaults=SearchDefaults.model_validate(search_defaults) if search_defaults is not None else None,
+        sparse=None if not sparse_files else SparseEntry(
+            files=[SparseFile(name=Path(p).name, sha256=sha256_file(p)) for p in sparse_files],
+            count=sum(s.count for s in shards), params=dict(sparse_params or {})),
     )
 
 
@@ -804,6 +844,9 @@ def _load(uri: str, version: str | None, s3_options, cache_dir, *, from_store: b
         table, schema = _read_passages(vuri, entry, pfile, columns)
         _check_shard(vuri, manifest, entry, index, table, schema)
         loaded.shards.append(LoadedShard(entry=entry, passages=table, index_path=ifile.path, faiss_index=index))
+    if from_store and shards is None and manifest.sparse is not None:  # verify: the sparse files' bytes too
+        for f in manifest.sparse.files:
+            _fetch_verified(store, vuri, f.name, f.sha256, cache, from_store=True)
     if cache is not None and keep_cached_versions:
         evict_cached_versions(cache.parent, keep=keep_cached_versions, keep_names={cache.name})
     return loaded

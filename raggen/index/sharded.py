@@ -342,7 +342,20 @@ class ShardedIndex:
 
     def _search_batch(self, xq: np.ndarray, k: int, *, nprobe, ef_search, embeddings: bool) -> SearchResult:
         scores, row_ids, shard = merge_topk(self._backend.search(xq, k, nprobe, ef_search), k)  # (b, k) each
-        b = xq.shape[0]
+        return self._fill(scores, row_ids, shard, embeddings)
+
+    def fetch(self, row_ids: np.ndarray, shards: np.ndarray, scores: np.ndarray | None = None, *,
+              embeddings: bool = False) -> SearchResult:
+        """The passages of ``row_ids`` (b, k) in shards ``shards`` (b, k) (-1: none) as a
+        SearchResult carrying ``scores`` (b, k) (default -inf), e.g. another retriever's hits."""
+        row_ids, shards = np.asarray(row_ids, dtype=np.int64), np.asarray(shards, dtype=np.int64)
+        assert row_ids.ndim == 2 and shards.shape == row_ids.shape, f"row_ids {row_ids.shape}, shards {shards.shape}"
+        scores = np.full(row_ids.shape, -np.inf, np.float32) if scores is None else np.asarray(scores, np.float32)
+        return self._fill(scores, row_ids, np.where(row_ids >= 0, shards, -1), embeddings)
+
+    def _fill(self, scores: np.ndarray, row_ids: np.ndarray, shard: np.ndarray, embeddings: bool) -> SearchResult:
+        """A SearchResult of (b, k) ``scores`` / ``row_ids`` with their payloads fetched by shard."""
+        b, k = row_ids.shape
         requests = {int(s): row_ids[shard == s] for s in np.unique(shard) if s >= 0}
         fetched = self._backend.fetch(requests, embeddings)
         result = _empty_result(b, k, self.dim)

@@ -23,9 +23,8 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
-
-ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
+import ray
+from ray import serve
 
 from raggen.index import (  # noqa: E402
     SearchSettings,
