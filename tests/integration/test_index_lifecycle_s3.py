@@ -8,7 +8,7 @@ from raggen.errors import ConfigError, IndexIntegrityError
 from raggen.index import lifecycle as L
 from raggen.index import manifest as M
 from raggen.storage import open_store, s3_client
-from tests.unit.test_index_lifecycle import three_versions
+from tests.helpers import three_versions
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "raggen"
 APPLICATION = {"app", "cli"}  # the only nodes that may import the config (and each other)
-LIBRARIES = {"corpus", "models", "objectives", "index", "train", "serve", "decoding", "storage", "errors", "names",
+LIBRARIES = {"corpus", "models", "objectives", "index", "train", "serve", "decoding", "storage", "errors", "names", "retrieval",
              "devices", "ray_utils"}  # fmt: skip
 
 

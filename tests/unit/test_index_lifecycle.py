@@ -14,37 +14,12 @@ from raggen.errors import ConfigError, IndexIntegrityError
 from raggen.index import lifecycle as L
 from raggen.index import manifest as M
 from raggen.index import shard as S
+from tests.helpers import three_versions
 
 D = 8
 
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
-
-
-def publish(root: str, tmp: Path, version: str, created: str, *, n: int = 30, seed: int = 0,
-            s3_options=None) -> M.Manifest:
-    """A two-shard Flat version of random vectors, published to ``root`` (LATEST moves forward)."""
-    out = tmp / f"build-{version}"
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    xb = rng.standard_normal((n, D)).astype(np.float32)
-    files = []
-    for s, rows in enumerate(np.array_split(np.arange(n), 2)):
-        ids = (np.int64(s) << 40) + np.arange(len(rows), dtype=np.int64)
-        index_name, passages_name = M.shard_file_names(s)
-        S.write_index_file(S.build_shard_index(xb[rows], ids), out / index_name)
-        M.write_parquet_atomic(M.passages_table(ids, [f"{seed}-{r}" for r in rows], [""] * len(rows),
-                                                [f"text {r}" for r in rows]), out / passages_name)
-        files.append((out / index_name, out / passages_name, len(rows)))
-    m = M.make_manifest(version, encoder_name_or_path="enc-" + version, pooling="cls", dim=D, metric="ip",
-                        faiss_factory="Flat", shard_files=files).model_copy(update={"created": created})
-    return M.publish_version(root, m, out, s3_options=s3_options)
-
-
-def three_versions(root: str, tmp: Path, s3_options=None) -> None:
-    """v1 < v2 < v3 by created time; LATEST -> v3."""
-    for i in (1, 2, 3):
-        publish(root, tmp, f"v{i}", f"2026-01-0{i}T00:00:00.000000Z", n=20 + 10 * i, seed=i, s3_options=s3_options)
 
 
 def test_list_shows_every_version_and_latest(tmp_path):

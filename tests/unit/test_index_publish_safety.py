@@ -14,7 +14,7 @@ import pytest
 
 from raggen.errors import ConfigError, IndexIntegrityError
 from raggen.index import manifest as M
-from raggen.index import shard as S
+from tests.helpers import write_random_shards
 
 D = 8
 
@@ -24,17 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 def build(out: Path, version: str, *, n: int = 40, seed: int = 0, created: str | None = None) -> M.Manifest:
     """Two shards of random vectors in ``out``; returns their manifest (``created`` overridable)."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    xb = rng.standard_normal((n, D)).astype(np.float32)
-    files = []
-    for s, rows in enumerate(np.array_split(np.arange(n), 2)):
-        ids = (np.int64(s) << 40) + np.arange(len(rows), dtype=np.int64)
-        index_name, passages_name = M.shard_file_names(s)
-        S.write_index_file(S.build_shard_index(xb[rows], ids), out / index_name)
-        M.write_parquet_atomic(M.passages_table(ids, [f"{seed}-{r}" for r in rows], [""] * len(rows),
-                                                [f"text {seed} {r}" for r in rows], xb[rows]), out / passages_name)  # fmt: skip
-        files.append((out / index_name, out / passages_name, len(rows)))
+    files = write_random_shards(out, n=n, dim=D, seed=seed, store_embeddings=True, text="text {seed} {r}")
     m = M.make_manifest(version, encoder_name_or_path="e", pooling="mean", dim=D, metric="ip", faiss_factory="Flat",
                         shard_files=files)  # fmt: skip
     return m.model_copy(update={"created": created}) if created else m
