@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raggen.config import load_config
 from raggen.app.dry_run import model_fields, run_dry_run
+from raggen.config import load_config
 from raggen.index import read_manifest, verify_index
 from raggen.models.loading import declared_architecture
 from raggen.models.stand_ins import architecture_of, is_available_here

@@ -376,9 +376,9 @@ def test_an_internal_error_is_500_with_a_request_id_and_no_internals(service):
 
 
 def test_non_loopback_without_a_token_is_refused_at_start(service, monkeypatch):
+    from raggen.app.serving import serve_from_config
     from raggen.config import load_config
     from raggen.serve import deployments
-    from raggen.app.serving import serve_from_config
 
     monkeypatch.delenv("RAGGEN_API_TOKEN", raising=False)
     with pytest.raises(ConfigError, match=r"serve\.host.*serve\.allow_unauthenticated"):

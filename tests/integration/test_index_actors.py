@@ -235,11 +235,11 @@ def publish_tiny_index(passages, encoder_dir: str, root: str, work) -> None:
 def test_two_train_workers_search_through_one_actor_group(cluster, tmp_path):
     from ray.util.state import list_actors
 
+    from raggen.app.training import run_training
     from raggen.config import load_config
     from raggen.corpus import read_passages, write_qa_jsonl
     from raggen.corpus.world import WorldConfig, build_world, write_world
     from raggen.models import make_tiny_encoder, make_tiny_generator
-    from raggen.app.training import run_training
 
     files = write_world(tmp_path / "world", WorldConfig(num_entities=30, seed=0))
     world = build_world(WorldConfig(num_entities=30, seed=0))

@@ -128,8 +128,8 @@ def test_refresh_on_s3_publishes_a_new_latest_encoded_with_the_checkpoints_passa
 
 
 def test_a_checkpoint_gives_its_passage_encoder_or_a_shared_runs_query_encoder(tmp_path):
-    from raggen.config import load_config
     from raggen.app.indexing import resolve_refresh_encoder
+    from raggen.config import load_config
     from raggen.models import make_tiny_encoder
 
     enc = make_tiny_encoder(str(tmp_path / "enc"))

@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 
+from raggen.app.serving import app_args_from_config
 from raggen.config import load_config
 from raggen.errors import ConfigError
 from raggen.models import Generator, TextEncoder, make_tiny_encoder, make_tiny_generator
 from raggen.models.loading import fetch_model_dir
 from raggen.serve import deployments
-from raggen.app.serving import app_args_from_config
 from raggen.storage import upload_dir
 
 pytestmark = pytest.mark.integration

@@ -189,8 +189,8 @@ def grouped_results(setup):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raggen.train.trainer import qa_items
     from raggen.app.training import train_loop_config
+    from raggen.train.trainer import qa_items
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     runs = {est: train_loop_config(_config(setup, f"grouped-{est}", est)) for est in GROUPED}
@@ -220,6 +220,7 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
     """Checkpoints on S3 (a moto server, through Ray Train's pyarrow filesystem). Run 1: rank 1
     dies at step 3 (max_failures=1); the group restarts from the step-2 checkpoint and finishes.
     Run 2 under the same name continues from step 4 with the same JSA chain cache."""
+    from raggen.app.training import model_spec, run_training
     from raggen.index import open_index
     from raggen.models.exports import resolve_export
     from raggen.storage import download
@@ -227,7 +228,6 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
     from raggen.train.loop import build_models, cache_digest
     from raggen.train.metrics import plot_metrics, read_metrics
     from raggen.train.trainer import local_metrics_path
-    from raggen.app.training import model_spec, run_training
 
     bucket, s3 = s3_bucket
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3["aws_access_key_id"])
@@ -259,7 +259,7 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
     saved = torch.load(final1 / JSA_CACHE_FILE, weights_only=True)
     assert len(saved["states"]) >= 8  # both workers' chains (disjoint shards) are in the checkpoint
 
-    evals = [f"train.eval_every=2", "train.eval_examples=4", f"train.dev_file={setup['dev_file']}"]
+    evals = ["train.eval_every=2", "train.eval_examples=4", f"train.dev_file={setup['dev_file']}"]
     second = run_training(_config(setup, "jsa", "jsa", f"train.steps={STEPS + 2}", *on_s3, *evals))
     assert second["metrics"]["step"] == STEPS + 2
     assert 0.0 <= second["metrics"]["eval_recall@5"] <= 1.0 and "eval_em" in second["metrics"]
@@ -276,8 +276,8 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
 
 
 def test_config_errors_name_the_field(setup):
-    from raggen.errors import ConfigError
     from raggen.app.training import run_training, train_loop_config
+    from raggen.errors import ConfigError
 
     cfg = _config(setup, "bad", "gumbel-rerank", "train.train_passage_encoder=true")
     with pytest.raises(ConfigError, match="train.train_passage_encoder"):
@@ -291,13 +291,13 @@ def test_trained_passage_encoder_refreshes_the_index_on_schedule_and_resumes_on_
     inside the run after steps 2 and 4 and publishes into the run's own index root; the refreshed
     vectors are the step-4 encoder's; the starting index is untouched; a rerun resumes on the
     refreshed index the checkpoint recorded."""
+    from raggen.app.training import run_training
     from raggen.index import load_version, verify_index
     from raggen.index.manifest import read_latest
     from raggen.models import TextEncoder, passage_text
     from raggen.train.checkpointing import read_checkpoint
     from raggen.train.metrics import read_metrics
     from raggen.train.trainer import local_metrics_path
-    from raggen.app.training import run_training
 
     enc = setup["models"]["encoder"]
     refresh = [

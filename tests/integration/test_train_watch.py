@@ -56,13 +56,13 @@ def _worker_log_text() -> str:
 
 
 def test_an_s3_run_keeps_config_metrics_and_tensorboard_and_shows_progress(world, s3_bucket, tmp_path, capfd):
+    from raggen.app.evaluation import evaluate_from_config
+    from raggen.app.training import run_training
     from raggen.config import load_config
     from raggen.storage import list_uri, read_bytes
-    from raggen.app.evaluation import evaluate_from_config
     from raggen.train.metrics import read_metrics
     from raggen.train.report import load_run, plot_runs
     from raggen.train.trainer import local_metrics_path
-    from raggen.app.training import run_training
 
     bucket, s3 = s3_bucket
     cfg = load_config(None, [

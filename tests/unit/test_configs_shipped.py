@@ -13,7 +13,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 

@@ -13,7 +13,9 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "raggen"
+from tests.helpers import REPO
+
+PACKAGE = REPO / "raggen"
 APPLICATION = {"app", "cli"}  # the only nodes that may import the config (and each other)
 LIBRARIES = {"corpus", "models", "objectives", "index", "train", "serve", "decoding", "storage", "errors", "names", "retrieval",
              "devices", "ray_utils"}  # fmt: skip

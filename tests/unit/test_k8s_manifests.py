@@ -25,7 +25,8 @@ import jsonschema
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 SHARED = REPO.parent / "shared"
 CRD_DIR = SHARED / "kuberay-crds"
 K8S = REPO / "k8s"

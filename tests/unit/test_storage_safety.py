@@ -16,8 +16,7 @@ import pytest
 
 from raggen import storage
 from raggen.errors import ConfigError
-from raggen.storage import FileLock, LocalStore, PreconditionFailed, StoreBusy, S3Store
-
+from raggen.storage import FileLock, LocalStore, PreconditionFailed, S3Store, StoreBusy
 
 # ------------------------------------------------------------------------------------------ names
 

@@ -5,16 +5,14 @@ Serve); the shipped wiki config puts the generator on a GPU and the retriever on
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from raggen.app.serving import app_args_from_config
 from raggen.config import load_config
 from raggen.errors import ConfigError
 from raggen.serve.app import GIB, deployment_resources, parse_app_args
-from raggen.app.serving import app_args_from_config
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SHARED = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
 
 

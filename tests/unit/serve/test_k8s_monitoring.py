@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 RAYSERVICE = REPO / "k8s" / "base" / "rayservice.yaml"
 PODMONITOR = REPO / "k8s" / "overlays" / "gpu-prod" / "podmonitor.yaml"
 

@@ -3,15 +3,11 @@ helpers of the training step (candidate union, visited columns, batch schedule).
 
 from __future__ import annotations
 
-import itertools
-import json
 import random
 
 import pytest
 import torch
 
-from raggen.errors import DataError
-from raggen.train.checkpointing import read_checkpoint, write_checkpoint
 from raggen.train.evaluate import (
     answer_hits,
     dpr_tokens,
@@ -22,7 +18,6 @@ from raggen.train.evaluate import (
     normalize_answer,
     recall_at_k,
 )
-from raggen.train.metrics import MetricsWriter, plot_metrics, read_metrics
 
 # ----------------------------------------------------------------------------------- EM / F1
 
@@ -75,6 +70,8 @@ def test_answers_must_be_a_nonempty_list():
         f1_score("x", "x")
 
 
+
+
 # ----------------------------------------------------------------------------------- recall
 
 
@@ -113,146 +110,6 @@ def test_answer_and_gold_hits():
         recall_at_k([[True]], [0])
 
 
-# ----------------------------------------------------------------------------------- metrics JSONL
-
-
-def test_metrics_jsonl_keeps_the_last_line_per_step_and_plots(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    with MetricsWriter(path) as w:
-        for step in (1, 2, 3):
-            w.write({"step": step, "loss": 3.0 - step, "grad_norm": torch.tensor(0.5), "lr": 1e-3})
-        w.write({"event": "restored", "step": 2})
-        w.write({"step": 3, "loss": 9.0, "acceptance_rate": float("nan")})  # a replayed step
-    path.write_text(path.read_text() + '{"step": 4, "lo')  # a torn last line
-    steps, events = read_metrics(path)
-    assert [s["step"] for s in steps] == [1, 2, 3]
-    assert steps[-1]["loss"] == 9.0 and steps[-1]["acceptance_rate"] is None
-    assert steps[0]["grad_norm"] == 0.5
-    assert events == [{"event": "restored", "step": 2}]
-    png = plot_metrics(tmp_path)
-    with open(png, "rb") as fh:
-        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-def test_metrics_writer_disabled_writes_nothing(tmp_path):
-    MetricsWriter(tmp_path / "m.jsonl", enabled=False).write({"step": 1})
-    assert not (tmp_path / "m.jsonl").exists()
-
-
-def test_bad_metrics_file_is_named(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(DataError, match="row 2"):
-        read_metrics(path)
-    with pytest.raises(DataError, match="no metrics file"):
-        plot_metrics(tmp_path / "missing")
-
-
-# ----------------------------------------------------------------------------------- checkpoints
-
-
-class _Saved:
-    """Anything with save_pretrained: writes one file so the folder can be checked."""
-
-    def __init__(self, tag: str):
-        self.tag = tag
-
-    def save_pretrained(self, path: str) -> None:
-        import os
-
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "tag.txt"), "w") as fh:
-            fh.write(self.tag)
-
-
-def test_checkpoint_round_trip(tmp_path):
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.ones(1, 3)).sum().backward()
-    opt.step()
-    cache = {"version": 1, "restart_chains": False, "states": {"q1": "p7", "q2": 3}}
-    write_checkpoint(tmp_path / "c", models={"generator": _Saved("g"), "query_encoder": _Saved("q")},
-                     step=12, epoch=1, optimizer=opt, jsa_cache_state=cache, extra={"estimator": "jsa"})
-    state = read_checkpoint(tmp_path / "c")
-    assert state.step == 12 and state.epoch == 1 and state.extra["estimator"] == "jsa"
-    assert sorted(state.model_dirs) == ["generator", "query_encoder"]
-    assert (tmp_path / "c" / "generator" / "tag.txt").read_text() == "g"
-    assert state.jsa_cache_state == cache
-    opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
-    opt2.load_state_dict(state.optimizer_state)
-    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-
-
-def test_incomplete_checkpoint_is_refused(tmp_path):
-    (tmp_path / "c").mkdir()
-    with pytest.raises(DataError, match="not a complete"):
-        read_checkpoint(tmp_path / "c")
-    write_checkpoint(tmp_path / "d", models={}, step=1)
-    with pytest.raises(ValueError, match="already holds"):
-        write_checkpoint(tmp_path / "d", models={}, step=2)
-    with pytest.raises(ValueError, match="unknown names"):
-        write_checkpoint(tmp_path / "e", models={"decoder": _Saved("x")}, step=1)
-
-
-# ----------------------------------------------------------------------------------- step helpers
-
-
-def _retrieved(ids, dim=3):
-    from raggen.train.step import Retrieved
-
-    emb = torch.tensor([[[float(hash((i, p)) % 97)] * dim for p in row] for i, row in enumerate(ids)])
-    return Retrieved([list(r) for r in ids], [[f"text {p}" for p in row] for row in ids], emb)
-
-
-def test_candidate_union_dedupes_keeps_order_and_pads():
-    from raggen.train.step import candidate_union
-
-    prior = _retrieved([[1, 2, 3], [4, 5, 6]])
-    post = _retrieved([[3, 9, 1], [4, 5, 6]])
-    u = candidate_union(prior, post)
-    assert u.ids == [[1, 2, 3, 9], [4, 5, 6, None]]
-    assert u.valid.tolist() == [[True, True, True, True], [True, True, True, False]]
-    assert u.passages[0] == ["text 1", "text 2", "text 3", "text 9"]
-    assert u.passages[1][3] == "text 4"  # padding repeats a real passage
-    assert torch.equal(u.embeddings[0, 3], post.embeddings[0, 1])  # 9's vector came from the posterior
-    assert torch.equal(u.embeddings[0, 2], prior.embeddings[0, 2])
-
-
-def test_visited_columns_are_distinct_and_cover_the_visits():
-    from raggen.train.step import _visited_columns
-
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        c = int(torch.randint(2, 8, (1,), generator=gen))
-        states = torch.randint(0, c, (4, 5), generator=gen)
-        cols = _visited_columns(states, c)
-        m = max(len(set(row)) for row in states.tolist())
-        assert cols.shape == (4, m)
-        for row_states, row_cols in zip(states.tolist(), cols.tolist()):
-            assert len(set(row_cols)) == len(row_cols)  # no repeats: a scatter routes each grad once
-            assert set(row_states) <= set(row_cols)
-
-
-def test_batch_schedule_is_a_pure_function_of_the_step():
-    from raggen.train.loop import BatchSchedule
-
-    rows = [{"id": str(i), "question": f"q{i}", "answers": [f"a{i}"]} for i in range(7)]
-    a, b = BatchSchedule(rows, 3, seed=5), BatchSchedule(rows, 3, seed=5)
-    seq_a = [a.batch(s).ids for s in range(6)]
-    seq_b = [b.batch(s).ids for s in reversed(range(6))][::-1]  # another order of calls
-    assert seq_a == seq_b
-    flat = list(itertools.chain.from_iterable(seq_a))
-    assert sorted(flat[:7]) == sorted(r["id"] for r in rows)  # each epoch is a permutation
-    assert sorted(flat[7:14]) == sorted(r["id"] for r in rows)
-    assert a.batch(0).targets == [f"a{i}" for i in map(int, a.batch(0).ids)]
-
-
-def test_example_rows_decode_json_answers_and_sort():
-    from raggen.train.loop import example_rows
-
-    rows = example_rows([{"id": "b", "question": "q", "answers": json.dumps(["x", "y"])},
-                         {"id": "a", "question": "p", "answers": ["z"]}])
-    assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["answers"] == ["x", "y"]
 
 
 # ----------------------------------------------------------------------------------- end to end
@@ -264,7 +121,14 @@ def tiny_rag(tmp_path_factory):
     import numpy as np
 
     from raggen.corpus.world import WorldConfig, build_world
-    from raggen.index import build_shard_index, make_manifest, open_index, passages_table, publish_version, write_parquet_atomic
+    from raggen.index import (
+        build_shard_index,
+        make_manifest,
+        open_index,
+        passages_table,
+        publish_version,
+        write_parquet_atomic,
+    )
     from raggen.index.shard import write_index_file
     from raggen.models import Generator, TextEncoder, make_tiny_encoder, make_tiny_generator, passage_text
 

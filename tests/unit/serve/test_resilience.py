@@ -100,8 +100,8 @@ def test_exposure_fails_closed(caplog):
 
 
 def test_raggen_serve_refuses_an_open_non_loopback_host_before_starting(monkeypatch):
-    from raggen.config import load_config
     from raggen.app.serving import check_serve_exposure, serve_from_config
+    from raggen.config import load_config
 
     monkeypatch.delenv("RAGGEN_API_TOKEN", raising=False)
     cfg = load_config(None, ["serve.host=0.0.0.0"])
@@ -186,8 +186,8 @@ def test_docs_and_schema_sit_behind_the_token_and_declare_it():
 
 
 def test_serve_args_refuse_s3_credentials_and_carry_the_fault_settings():
-    from raggen.config import load_config
     from raggen.app.serving import app_args_from_config
+    from raggen.config import load_config
     from raggen.serve.app import build_app, parse_app_args, serve_deploy_config
 
     for key in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"):

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
-
 
 from raggen.cli import failure_message, main
 from raggen.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:

@@ -20,8 +20,7 @@ from raggen.corpus.documents import (
 )
 from raggen.corpus.readers import read_passages
 from raggen.errors import ConfigError, DataError
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def words(prefix: str, n: int) -> list[str]:
@@ -169,8 +168,8 @@ def test_document_corpus_detection(doc_folder, tmp_path):
 
 
 def test_config_routes_documents_through_chunking_and_leaves_passages_alone(doc_folder, tmp_path):
-    from raggen.config import load_config
     from raggen.app.indexing import index_build_kwargs
+    from raggen.config import load_config
 
     root, texts = doc_folder
     base = [f"index.chunk_dir={tmp_path / 'chunks'}"]
@@ -191,8 +190,8 @@ def test_config_routes_documents_through_chunking_and_leaves_passages_alone(doc_
 
 
 def test_shipped_example_documents_chunk_as_the_config_says(tmp_path):
-    from raggen.config import load_config, with_absolute_paths
     from raggen.app.indexing import index_build_kwargs
+    from raggen.config import load_config, with_absolute_paths
 
     cfg = load_config(REPO / "configs" / "documents.yaml", [f"index.chunk_dir={tmp_path}"])
     cfg.index.passages = str(REPO / cfg.index.passages)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
+from raggen.app.training import config_yaml, train_loop_config
 from raggen.config import load_config
 from raggen.train.checkpointing import CONFIG_FILE, export_checkpoint, write_checkpoint
-from raggen.app.training import config_yaml, train_loop_config
 from raggen.train.trainer import save_run_config
 
 OVERRIDES = ["train.name=exp1", "train.lr=1e-4", "train.warmup_steps=5", "train.lr_schedule=cosine",

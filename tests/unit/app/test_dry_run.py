@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raggen.config import load_config
 from raggen.app.dry_run import dry_run_overrides, model_fields, small_factory, stand_in_overrides
+from raggen.config import load_config
 from raggen.errors import ConfigError
 from raggen.models.loading import declared_architecture
 from raggen.models.stand_ins import BUILDERS, architecture_of, is_available_here, make_stand_in
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 RAGGEN_CONFIGS = [p for p in CONFIGS if "applications" not in yaml.safe_load(p.read_text())]
 SERVE_CONFIGS = [p for p in CONFIGS if p not in RAGGEN_CONFIGS]

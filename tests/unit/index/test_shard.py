@@ -9,7 +9,6 @@ from raggen.errors import ConfigError
 from raggen.index import shard as S
 from raggen.index.sharded import merge_topk
 
-
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
