@@ -27,9 +27,11 @@ def machine() -> str:
         gpu = "no GPU"
     cuda = torch.version.cuda or "none (CPU wheel)"
     faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    return (f"{gpu}; {cpu_model()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}; "
-            f"torch {torch.__version__}, CUDA {cuda}, faiss {faiss.__version__} ({faiss_gpus} GPUs), "
-            f"ray {ray.__version__}, python {platform.python_version()}")
+    return (
+        f"{gpu}; {cpu_model()}, {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}; "
+        f"torch {torch.__version__}, CUDA {cuda}, faiss {faiss.__version__} ({faiss_gpus} GPUs), "
+        f"ray {ray.__version__}, python {platform.python_version()}"
+    )
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -43,9 +43,20 @@ PAD, EOS, VOCAB, DIM = 1, 2, 1000, 32
 
 def tiny_bart() -> BartForConditionalGeneration:
     config = BartConfig(
-        vocab_size=VOCAB, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=128,
-        init_std=0.1, pad_token_id=PAD, bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS,
+        vocab_size=VOCAB,
+        d_model=128,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=256,
+        decoder_ffn_dim=256,
+        max_position_embeddings=128,
+        init_std=0.1,
+        pad_token_id=PAD,
+        bos_token_id=0,
+        eos_token_id=EOS,
+        decoder_start_token_id=EOS,
     )
     return BartForConditionalGeneration(config).train()
 
@@ -201,16 +212,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} thread(s)), "
-          f"load avg {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({args.threads} thread(s)), "
+        f"load avg {os.getloadavg()[0]:.1f}"
+    )
 
     model = tiny_bart()
     n_params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(args.seed)
     b, k = args.batch, args.k
-    print(f"model: BART vocab {VOCAB}, d_model 128, 2+2 layers ({n_params / 1e6:.2f}M params); batch {b}, "
-          f"input 48 tokens, answer <= 8 tokens\n")
+    print(
+        f"model: BART vocab {VOCAB}, d_model 128, 2+2 layers ({n_params / 1e6:.2f}M params); batch {b}, "
+        f"input 48 tokens, answer <= 8 tokens\n"
+    )
     prior_q = torch.randn(b, DIM, requires_grad=True)
     post_q = torch.randn(b, DIM, requires_grad=True)
     batch_k, batch_2k = make_batch(b, k, 48, 8, gen), make_batch(b, 2 * k, 48, 8, gen)
@@ -225,20 +240,28 @@ def main() -> None:
     }
     results = time_steps(steps, [*model.parameters(), prior_q, post_q], args.reps)
     rag_ms = results[f"RAG-Sequence, K={k}"][0]
-    print(f"{'training step (forward + backward)':44s} {'ms/step':>8s} {'grad pairs':>10s} {'MIS acc.':>8s} "
-          f"{'vs RAG-Seq':>10s}")
+    print(
+        f"{'training step (forward + backward)':44s} {'ms/step':>8s} {'grad pairs':>10s} {'MIS acc.':>8s} "
+        f"{'vs RAG-Seq':>10s}"
+    )
     for name, (ms, info) in results.items():
         acceptance = f"{info['acceptance']:8.2f}" if "acceptance" in info else f"{'-':>8s}"
         print(f"{name:44s} {ms:8.1f} {info['grad_pairs']:10.1f} {acceptance} {ms / rag_ms:9.2f}x")
 
     c, topk = 2 * k, k
     rows, spread, qk_vs_post = variance_table(model, b, c, topk, args.mis_steps, args.draws, args.seed + 1)
-    print(f"\nretriever gradient noise, fixed data: batch {b}, C={c} candidates, std of log p(y|x,z) over "
-          f"candidates {spread:.2f} nats, TV(q_top{topk}, true posterior) {qk_vs_post:.2f}")
-    print("prior bias² vs the marginal-likelihood gradient softmax(prior) - p(z|x,y); posterior bias² vs the\n"
-          "estimator's own exact objective (JSA: q - p(z|x,y); VRAG: the exact top-K ELBO gradient)")
-    print(f"{'estimator':44s} {'draws':>5s} {'var prior':>10s} {'bias² prior':>11s} {'MSE prior':>10s} "
-          f"{'var post':>10s} {'bias² post':>10s}")
+    print(
+        f"\nretriever gradient noise, fixed data: batch {b}, C={c} candidates, std of log p(y|x,z) over "
+        f"candidates {spread:.2f} nats, TV(q_top{topk}, true posterior) {qk_vs_post:.2f}"
+    )
+    print(
+        "prior bias² vs the marginal-likelihood gradient softmax(prior) - p(z|x,y); posterior bias² vs the\n"
+        "estimator's own exact objective (JSA: q - p(z|x,y); VRAG: the exact top-K ELBO gradient)"
+    )
+    print(
+        f"{'estimator':44s} {'draws':>5s} {'var prior':>10s} {'bias² prior':>11s} {'MSE prior':>10s} "
+        f"{'var post':>10s} {'bias² post':>10s}"
+    )
     for name, n_draws, var_p, bias_p, mse_p, var_q, bias_q in rows:
         print(f"{name:44s} {n_draws:5d} {var_p:10.4f} {bias_p:11.4f} {mse_p:10.4f} {var_q:10.4f} {bias_q:10.4f}")
 

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
 from _common import format_table, machine  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -53,8 +52,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--burst", type=int, default=48, help="concurrent one-shot requests of the overload scenario")
     p.add_argument("--max-seconds", type=float, default=150.0, help="wall-clock cap per scenario")
     p.add_argument("--work-dir", default=None, help="where the world and index go (default: a temp dir)")
-    p.add_argument("--only", default="kills,overload,latest",
-                   help="comma-separated scenario groups: kills, overload, latest (the baseline always runs)")
+    p.add_argument(
+        "--only",
+        default="kills,overload,latest",
+        help="comma-separated scenario groups: kills, overload, latest (the baseline always runs)",
+    )
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     return p.parse_args()
 
@@ -83,8 +85,17 @@ def setup(work: Path, entities: int) -> dict:
 
     files = write_world(work / "world", WorldConfig(num_entities=entities, seed=1, changed_fraction=0.3))
     root = str(work / "index")
-    build_index(str(files.passages_v1), root, encoder_name_or_path=MINILM, max_length=128, num_shards=1, num_actors=1,
-                version="v1", actor_num_cpus=0.5, work_dir=work / "build")
+    build_index(
+        str(files.passages_v1),
+        root,
+        encoder_name_or_path=MINILM,
+        max_length=128,
+        num_shards=1,
+        num_actors=1,
+        version="v1",
+        actor_num_cpus=0.5,
+        work_dir=work / "build",
+    )
     copy_version(root, "v1", "v2", tamper=False)
     set_latest(root, "v2")
     questions = [f.question for f in read_changed_facts(files.changed)][:8]
@@ -95,18 +106,40 @@ def deploy(paths: dict, port: int, retriever_replicas: int) -> None:
     from raggen.serve.app import deploy_config, serve_deploy_config
 
     args = {
-        "index": paths["root"], "watch_latest": True, "watch_interval_s": 0.5,
+        "index": paths["root"],
+        "watch_latest": True,
+        "watch_interval_s": 0.5,
         "query_encoder": {"name_or_path": MINILM, "pooling": "mean", "max_length": 64},
-        "generator": READER, "reranker": paths["reranker"], "rerank_candidates": 6, "max_source_length": 128,
-        "max_target_length": 9, "num_beams": 1, "default_top_k": 3, "max_top_k": 5, "max_new_tokens": 8,
-        "replica_num_cpus": 0.1, "ingress_num_cpus": 0.05, "max_batch_size": 4, "batch_wait_timeout_s": 0.005,
-        "max_ongoing_requests": 4, "max_queued_requests": 4, "retry_after_s": 2,
+        "generator": READER,
+        "reranker": paths["reranker"],
+        "rerank_candidates": 6,
+        "max_source_length": 128,
+        "max_target_length": 9,
+        "num_beams": 1,
+        "default_top_k": 3,
+        "max_top_k": 5,
+        "max_new_tokens": 8,
+        "replica_num_cpus": 0.1,
+        "ingress_num_cpus": 0.05,
+        "max_batch_size": 4,
+        "batch_wait_timeout_s": 0.005,
+        "max_ongoing_requests": 4,
+        "max_queued_requests": 4,
+        "retry_after_s": 2,
         "autoscaling": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 2},
-        "deployments": {"retriever": {"autoscaling": {"min_replicas": retriever_replicas,
-                                                      "max_replicas": retriever_replicas}}},
+        "deployments": {
+            "retriever": {"autoscaling": {"min_replicas": retriever_replicas, "max_replicas": retriever_replicas}}
+        },
     }
-    deploy_config(serve_deploy_config(args, host="127.0.0.1", port=port, request_timeout_s=60,
-                                      runtime_env={"env_vars": {"RAGGEN_API_TOKEN": TOKEN}}))
+    deploy_config(
+        serve_deploy_config(
+            args,
+            host="127.0.0.1",
+            port=port,
+            request_timeout_s=60,
+            runtime_env={"env_vars": {"RAGGEN_API_TOKEN": TOKEN}},
+        )
+    )
 
 
 def running(name: str) -> int:
@@ -167,7 +200,7 @@ class Stream:
                 n += 1
                 self.results.append((start, time.monotonic(), status))
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         for t in self.threads:
             t.start()
         return self
@@ -190,9 +223,16 @@ def summary(name: str, results: list, window: tuple[float, float] | None, base: 
     failures = sorted({str(s) for s in statuses if s not in (200, 503)})
     if failures:
         note = f"{note}; failures: {', '.join(failures)}"
-    row = {"scenario": name, "requests": len(results), "failed": sum(1 for s in statuses if s not in (200, 503)),
-           "503": statuses.count(503), "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-           "window_requests": len(inside), "note": note}
+    row = {
+        "scenario": name,
+        "requests": len(results),
+        "failed": sum(1 for s in statuses if s not in (200, 503)),
+        "503": statuses.count(503),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "window_requests": len(inside),
+        "note": note,
+    }
     if base is not None:
         row["p50_ratio"], row["p99_ratio"] = row["p50_ms"] / base["p50_ms"], row["p99_ms"] / base["p99_ms"]
     return row
@@ -219,8 +259,12 @@ def kill_scenario(url: str, paths: dict, args, deployment: str, base: dict, ragg
         killed = time.monotonic()
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         # recovered: Serve started a replica of a new name (it noticed the death) and it is RUNNING
-        wait_for(lambda: set(replica_actor_names(deployment)) - set(before) and running(deployment) == 2, 240,
-                 f"a replacement {deployment} replica", poll_s=0.1)
+        wait_for(
+            lambda: set(replica_actor_names(deployment)) - set(before) and running(deployment) == 2,
+            240,
+            f"a replacement {deployment} replica",
+            poll_s=0.1,
+        )
         recovered = time.monotonic()
         stream.wait_for(args.window_requests)
     label = f"kill 1 of 2 {deployment} replicas" + (" (raggen client)" if raggen_client else "")
@@ -233,8 +277,10 @@ def corrupt_latest_scenario(url: str, port: int, paths: dict, args, base: dict) 
     root = paths["root"]
     deploy(paths, port, retriever_replicas=1)
     wait_for(lambda: running("Retriever") == 1, 240, "1 Retriever replica")
-    with httpx.Client(base_url=url, timeout=30, headers=AUTH) as http, \
-            Stream(url, paths["questions"], args.clients, args.max_seconds) as stream:
+    with (
+        httpx.Client(base_url=url, timeout=30, headers=AUTH) as http,
+        Stream(url, paths["questions"], args.clients, args.max_seconds) as stream,
+    ):
         stream.wait_for(2 * args.clients)
         copy_version(root, "v2", "v3", tamper=True)
         start = time.monotonic()
@@ -252,8 +298,13 @@ def corrupt_latest_scenario(url: str, port: int, paths: dict, args, base: dict) 
         done = time.monotonic()
         stream.wait_for(args.window_requests)
     versions = sorted({i["version"] for i in views.values()})
-    return summary("corrupt LATEST (v3) while Retriever scales 1 -> 2", stream.results, (start, done), base,
-                   f"both replicas serve {','.join(versions)} (fallback) after {done - start:.0f} s")
+    return summary(
+        "corrupt LATEST (v3) while Retriever scales 1 -> 2",
+        stream.results,
+        (start, done),
+        base,
+        f"both replicas serve {','.join(versions)} (fallback) after {done - start:.0f} s",
+    )
 
 
 def overload_scenario(url: str, paths: dict, args, base: dict) -> dict:
@@ -278,8 +329,11 @@ def overload_scenario(url: str, paths: dict, args, base: dict) -> dict:
     for t in threads:
         t.join(timeout=90)
     refused = [(e - s) * 1000.0 for s, e, st in results if st == 503]
-    note = (f"{args.burst} at once; 503s answered in <= {max(refused):.0f} ms, Retry-After {sorted(set(retry_after))}"
-            if refused else f"{args.burst} at once; no 503")
+    note = (
+        f"{args.burst} at once; 503s answered in <= {max(refused):.0f} ms, Retry-After {sorted(set(retry_after))}"
+        if refused
+        else f"{args.burst} at once; no 503"
+    )
     return summary(f"overload: {args.burst} concurrent (queues 4+4)", results, None, base, note)
 
 
@@ -328,12 +382,24 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     headers = ["scenario", "requests", "failed", "503", "p50 ms (x base)", "p99 ms (x base)", "notes"]
-    table = [[r["scenario"], r["requests"], r["failed"], r["503"], f"{r['p50_ms']:.0f} ({r['p50_ratio']:.2f}x)",
-              f"{r['p99_ms']:.0f} ({r['p99_ratio']:.2f}x)", r["note"]] for r in rows]
+    table = [
+        [
+            r["scenario"],
+            r["requests"],
+            r["failed"],
+            r["503"],
+            f"{r['p50_ms']:.0f} ({r['p50_ratio']:.2f}x)",
+            f"{r['p99_ms']:.0f} ({r['p99_ratio']:.2f}x)",
+            r["note"],
+        ]
+        for r in rows
+    ]
     print()
     print(machine())
-    print(f"whole run {time.monotonic() - t0:.0f} s; {args.clients} clients; latency of the 200s started during "
-          f"the fault window (kill -> replacement RUNNING), against the no-fault baseline of this run")
+    print(
+        f"whole run {time.monotonic() - t0:.0f} s; {args.clients} clients; latency of the 200s started during "
+        f"the fault window (kill -> replacement RUNNING), against the no-fault baseline of this run"
+    )
     print(format_table(headers, table))
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))

@@ -76,12 +76,46 @@ class Sizes:
     max_length: int = 256
 
 
-FULL = Sizes("full", BERT_BASE, BART_BASE, passages=200_000, plain_passages=32_768, batch_size=1024,
-             sub_batch_tokens=32_768, nb=500_000, nq=10_000, dim=768, factory="IVF4096,PQ64", nprobe=32,
-             index_rows=20_000, train_batch=8, top_k=10, proposals=50, source_length=300, target_length=32)
-TINY = Sizes("tiny", None, None, passages=400, plain_passages=400, batch_size=64, sub_batch_tokens=16_384,
-             nb=10_000, nq=500, dim=64, factory="IVF32,PQ16", nprobe=8, index_rows=400, train_batch=4,
-             top_k=3, proposals=4, source_length=96, target_length=12)
+FULL = Sizes(
+    "full",
+    BERT_BASE,
+    BART_BASE,
+    passages=200_000,
+    plain_passages=32_768,
+    batch_size=1024,
+    sub_batch_tokens=32_768,
+    nb=500_000,
+    nq=10_000,
+    dim=768,
+    factory="IVF4096,PQ64",
+    nprobe=32,
+    index_rows=20_000,
+    train_batch=8,
+    top_k=10,
+    proposals=50,
+    source_length=300,
+    target_length=32,
+)
+TINY = Sizes(
+    "tiny",
+    None,
+    None,
+    passages=400,
+    plain_passages=400,
+    batch_size=64,
+    sub_batch_tokens=16_384,
+    nb=10_000,
+    nq=500,
+    dim=64,
+    factory="IVF32,PQ16",
+    nprobe=8,
+    index_rows=400,
+    train_batch=4,
+    top_k=3,
+    proposals=4,
+    source_length=96,
+    target_length=12,
+)
 
 
 def row(check: str, value, unit: str, note: str = "", fmt: str = "{:,.0f}") -> list[str]:
@@ -116,8 +150,9 @@ def make_reader(out: str, dims: dict | None) -> str:
 
     if dims is None:
         return make_tiny_generator(out, kind="bart")
-    return make_tiny_generator(out, kind="bart", d_model=dims["d_model"], layers=dims["layers"], heads=dims["heads"],
-                               ffn=dims["ffn"])
+    return make_tiny_generator(
+        out, kind="bart", d_model=dims["d_model"], layers=dims["layers"], heads=dims["heads"], ffn=dims["ffn"]
+    )
 
 
 def synthetic_passages(n: int, seed: int = 0) -> tuple[list[str], list[str], list[str]]:
@@ -174,8 +209,13 @@ def pipeline_rate(tsv: Path, work: Path, encoder: str, s: Sizes, gpus: int) -> d
     steady = None
     if len(marks) >= 3:  # rows after the first driver batch, over the time since it arrived
         steady = sum(r for _, r in marks[1:]) / (marks[-1][0] - marks[0][0])
-    return {"encoded": encoded, "split_s": split_s, "stage2": s.passages / stage2_s, "steady": steady,
-            "batches": len(marks)}
+    return {
+        "encoded": encoded,
+        "split_s": split_s,
+        "stage2": s.passages / stage2_s,
+        "steady": steady,
+        "batches": len(marks),
+    }
 
 
 def plain_rates(encoder: str, titles: list[str], texts: list[str], s: Sizes) -> dict:
@@ -233,18 +273,38 @@ def check_encoding(s: Sizes, work: Path, encoder: str, gpus: int) -> tuple[list[
     where = f"{max(1, gpus)} actor(s) on GPU, bf16" if gpus else "1 actor on CPU, fp32"
     what = "DPR ctx encoder BERT-base" if s.encoder else "tiny DPR ctx encoder"
     setup = f"{what}, max_length {s.max_length}, mean {plain['mean_tokens']:.0f} tokens/passage, batch {s.batch_size}"
-    steady_note = (f"{where}; tokenise tasks; {s.passages:,} passages; goal >= 17,000 on H100/H200"
-                   if pipe["steady"] is not None else f"{where}; too few driver batches: = stage 2 rate")
+    steady_note = (
+        f"{where}; tokenise tasks; {s.passages:,} passages; goal >= 17,000 on H100/H200"
+        if pipe["steady"] is not None
+        else f"{where}; too few driver batches: = stage 2 rate"
+    )
     rows = [
         row("(a) encode: Ray Data pipeline, steady", steady, "passages/s", steady_note),
-        row("(a) encode: Ray Data pipeline, stage 2", pipe["stage2"], "passages/s",
-            f"incl. actor start-up + parquet writes; stage-1 split took {pipe['split_s']:.1f} s"),
-        row("(a) encode: plain loop, 1 process", plain["plain"], "passages/s",
-            f"TextEncoder.encode_passages on {m:,} passages, {plain['device']}; {setup}"),
-        row("(a) encode: pipeline / plain", steady / max(1, gpus) / plain["plain"], "x",
-            "steady pipeline rate (per GPU) over the plain loop's", fmt="{:.2f}"),
-        row("(a) encode: model only, bucketed", plain["model_only"], "passages/s",
-            f"pre-tokenised, length buckets of <= {s.sub_batch_tokens:,} tokens: the actor's ceiling"),
+        row(
+            "(a) encode: Ray Data pipeline, stage 2",
+            pipe["stage2"],
+            "passages/s",
+            f"incl. actor start-up + parquet writes; stage-1 split took {pipe['split_s']:.1f} s",
+        ),
+        row(
+            "(a) encode: plain loop, 1 process",
+            plain["plain"],
+            "passages/s",
+            f"TextEncoder.encode_passages on {m:,} passages, {plain['device']}; {setup}",
+        ),
+        row(
+            "(a) encode: pipeline / plain",
+            steady / max(1, gpus) / plain["plain"],
+            "x",
+            "steady pipeline rate (per GPU) over the plain loop's",
+            fmt="{:.2f}",
+        ),
+        row(
+            "(a) encode: model only, bucketed",
+            plain["model_only"],
+            "passages/s",
+            f"pre-tokenised, length buckets of <= {s.sub_batch_tokens:,} tokens: the actor's ceiling",
+        ),
     ]
     return rows, pipe["encoded"]
 
@@ -310,7 +370,12 @@ def check_faiss(s: Sizes, k: int = 10) -> list[list[str]]:
     threads = faiss.omp_get_max_threads()
     return [
         row("(b) faiss IVF-PQ build (train + add)", build_s, "s", f"{where}; {setup}", fmt="{:.2f}"),
-        row("(b) faiss IVF-PQ search, GPU", gpu_qps, "queries/s", "batched; the built index, index_cpu_to_gpu (fp16 LUTs)"),
+        row(
+            "(b) faiss IVF-PQ search, GPU",
+            gpu_qps,
+            "queries/s",
+            "batched; the built index, index_cpu_to_gpu (fp16 LUTs)",
+        ),
         row("(b) faiss IVF-PQ search, CPU", cpu_qps, "queries/s", f"batched; the same index, {threads} OpenMP threads"),
         row("(b) faiss search GPU / CPU", ratio, "x", "", fmt="{:.1f}"),
         row("(b) faiss recall@10 vs exact, GPU", gpu_recall, "", "exact = brute-force inner product", fmt="{:.3f}"),
@@ -336,18 +401,26 @@ def publish_small_index(encoded, work: Path, encoder: str, rows: int) -> str:
     files.mkdir(parents=True, exist_ok=True)
     write_index_file(index, ipath)
     write_parquet_atomic(table, ppath)
-    manifest = make_manifest("v1", encoder_name_or_path=encoder, pooling="cls", dim=xb.shape[1], metric="ip",
-                             faiss_factory="Flat", shard_files=[(ipath, ppath, table.num_rows)], passage_format="pair")
+    manifest = make_manifest(
+        "v1",
+        encoder_name_or_path=encoder,
+        pooling="cls",
+        dim=xb.shape[1],
+        metric="ip",
+        faiss_factory="Flat",
+        shard_files=[(ipath, ppath, table.num_rows)],
+        passage_format="pair",
+    )
     root = work / "index"
     publish_version(str(root), manifest, files)
     return str(root)
 
 
 def check_training(s: Sizes, work: Path, index: str, query_encoder: str, reader: str, gpus: int) -> list[list[str]]:
+    from raggen.app.training import run_training
     from raggen.config import load_config
     from raggen.corpus.world import WorldConfig, write_world
     from raggen.train.metrics import read_metrics
-    from raggen.app.training import run_training
 
     steps = 5
     world = write_world(work / "world", WorldConfig(num_entities=50, seed=0))

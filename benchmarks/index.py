@@ -96,8 +96,14 @@ def bench_encoding(num_passages: int, batch_size: int, max_length: int, work: Pa
             check_run_signature(work / f"enc{size}", run_signature(str(work / f"passages{size}.tsv"),
                                 encoder_name_or_path=MINILM, max_length=max_length))  # fmt: skip
             ts = time.perf_counter()
-            split_by_shard(str(work / f"passages{size}.tsv"), work / f"enc{size}", format="auto", num_shards=1,
-                           s3_options=None, work_id=info["id"])
+            split_by_shard(
+                str(work / f"passages{size}.tsv"),
+                work / f"enc{size}",
+                format="auto",
+                num_shards=1,
+                s3_options=None,
+                work_id=info["id"],
+            )
             split_s = time.perf_counter() - ts
         for _ in range(rounds):
             plain_runs.append(plain())
@@ -113,10 +119,34 @@ def bench_encoding(num_passages: int, batch_size: int, max_length: int, work: Pa
     plain_total, plain_steady = max(r[0] for r in plain_runs), max(r[1] for r in plain_runs)
     what = f"encode passages/s (MiniLM, batch {batch_size}, len {max_length}, 1 worker, 1 thread; best of {rounds})"
     return [
-        (what + ": steady state", f"{ray_steady:.1f} (Ray Data, marginal)", f"{plain_steady:.1f} (plain loop)", ray_steady / plain_steady, ">= 0.9"),
-        (f"  end to end for {n} passages, incl. model load + actor start", f"{ray_total:.1f}", f"{plain_total:.1f}", ray_total / plain_total, ""),
-        ("  Ray Data runs, s: n/2 | n", " ".join(f"{t:.1f}" for t in ray_runs[half]) + " | " + " ".join(f"{t:.1f}" for t in ray_runs[n]), "", None, ""),
-        (f"  Ray Data split stage for {n} passages (read + shard + write parquet), s", f"{split_s:.1f}", "", None, "once per run"),
+        (
+            what + ": steady state",
+            f"{ray_steady:.1f} (Ray Data, marginal)",
+            f"{plain_steady:.1f} (plain loop)",
+            ray_steady / plain_steady,
+            ">= 0.9",
+        ),
+        (
+            f"  end to end for {n} passages, incl. model load + actor start",
+            f"{ray_total:.1f}",
+            f"{plain_total:.1f}",
+            ray_total / plain_total,
+            "",
+        ),
+        (
+            "  Ray Data runs, s: n/2 | n",
+            " ".join(f"{t:.1f}" for t in ray_runs[half]) + " | " + " ".join(f"{t:.1f}" for t in ray_runs[n]),
+            "",
+            None,
+            "",
+        ),
+        (
+            f"  Ray Data split stage for {n} passages (read + shard + write parquet), s",
+            f"{split_s:.1f}",
+            "",
+            None,
+            "once per run",
+        ),
     ]
 
 
@@ -144,7 +174,9 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean([len(np.intersect1d(f[:k], t[:k])) / k for f, t in zip(found, truth)]))
 
 
-def bench_ann(xb, xq, gt, factory, params: list[dict], train_sample: int, hnsw_n: int | None = None) -> tuple[list[tuple], faiss.Index]:
+def bench_ann(
+    xb, xq, gt, factory, params: list[dict], train_sample: int, hnsw_n: int | None = None
+) -> tuple[list[tuple], faiss.Index]:
     n = len(xb) if hnsw_n is None else hnsw_n
     t0 = time.perf_counter()
     index = S.build_shard_index(xb[:n], np.arange(n), factory=factory, metric="ip", train_sample=train_sample)
@@ -219,7 +251,9 @@ def bench_sharded(xb, xq, gt, unsharded: faiss.Index, *, nprobe: int, shards: in
                for s, p in enumerate(parts)]  # fmt: skip
     build = time.perf_counter() - t0
     one = as_sharded([unsharded], n, d, nprobe, None)
-    rows = [(f"sharded build: {shards} shards from the shared trained index (adds only), s", f"{build:.1f}", "", None, "")]
+    rows = [
+        (f"sharded build: {shards} shards from the shared trained index (adds only), s", f"{build:.1f}", "", None, "")
+    ]
     ref = one.search(xq, k)
     base = np.array([[int(i[1:]) for i in row] for row in ref.ids])
     q1, p50_1, p99_1 = latency(one, xq, k, 64)
@@ -248,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--ivf", default="IVF1024,PQ64")
     p.add_argument("--hnsw", default="HNSW32")
-    p.add_argument("--hnsw-n", type=int, default=None, help="vectors for HNSW (default --n; its build is the slow part)")
+    p.add_argument(
+        "--hnsw-n", type=int, default=None, help="vectors for HNSW (default --n; its build is the slow part)"
+    )
     p.add_argument("--train-sample", type=int, default=65_536)
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--encode-passages", type=int, default=1000)
@@ -270,7 +306,15 @@ def main(argv: list[str] | None = None) -> None:
         xb = make_vectors(args.n, args.d, seed=0)
         xq = make_vectors(args.queries, args.d, seed=1)
         gt = _exact(xb, xq, 100)
-        rows.append((f"exact search (faiss.knn) over {args.n:,} x {args.d}: data + ground truth, s", f"{time.perf_counter() - t0:.1f}", "", None, ""))
+        rows.append(
+            (
+                f"exact search (faiss.knn) over {args.n:,} x {args.d}: data + ground truth, s",
+                f"{time.perf_counter() - t0:.1f}",
+                "",
+                None,
+                "",
+            )
+        )
         print(f"[{time.perf_counter() - started:.0f}s] data + ground truth done", flush=True)
         ivf_rows, ivf = bench_ann(xb, xq, gt, args.ivf, [{"nprobe": 16}, {"nprobe": 64}], args.train_sample)
         rows += ivf_rows
@@ -279,7 +323,9 @@ def main(argv: list[str] | None = None) -> None:
         del ivf
         print(f"[{time.perf_counter() - started:.0f}s] sharded done", flush=True)
         if not args.skip_hnsw:
-            hnsw_rows, hnsw = bench_ann(xb, xq, gt, args.hnsw, [{"ef_search": 64}, {"ef_search": 256}], args.train_sample, args.hnsw_n)
+            hnsw_rows, hnsw = bench_ann(
+                xb, xq, gt, args.hnsw, [{"ef_search": 64}, {"ef_search": 256}], args.train_sample, args.hnsw_n
+            )
             rows += hnsw_rows
             del hnsw
             print(f"[{time.perf_counter() - started:.0f}s] {args.hnsw} done", flush=True)

@@ -101,25 +101,48 @@ def run_corpus(name: str, passages_tsv: Path, qa: list[tuple[str, list[str]]], o
 
     root = str(out / f"index-{name}")
     t = time.perf_counter()
-    manifest = build_index(str(passages_tsv), root, encoder_name_or_path=MINILM, max_length=128, normalize=True,
-                           num_shards=2, num_actors=1, actor_num_cpus=0.5, version="v1", sparse="bm25",
-                           work_dir=out / f"work-{name}", target_recall=None)
+    manifest = build_index(
+        str(passages_tsv),
+        root,
+        encoder_name_or_path=MINILM,
+        max_length=128,
+        normalize=True,
+        num_shards=2,
+        num_actors=1,
+        actor_num_cpus=0.5,
+        version="v1",
+        sparse="bm25",
+        work_dir=out / f"work-{name}",
+        target_recall=None,
+    )
     build_s = time.perf_counter() - t
     enc = manifest.encoder
     encoder = TextEncoder.from_pretrained(enc.name_or_path, pooling=enc.pooling, max_length=64, normalize=enc.normalize)
     index = with_retrieval(open_index(root, load_embeddings=False), root, RetrievalSettings(), load_sparse_index=True)
     questions, answers = [q for q, _ in qa], [a for _, a in qa]
-    modes = [("dense", RetrievalSettings(mode="dense")), ("sparse (BM25)", RetrievalSettings(mode="sparse")),
-             ("hybrid rrf", RetrievalSettings(mode="hybrid", fusion="rrf")),
-             ("hybrid weighted", RetrievalSettings(mode="hybrid", fusion="weighted"))]
+    modes = [
+        ("dense", RetrievalSettings(mode="dense")),
+        ("sparse (BM25)", RetrievalSettings(mode="sparse")),
+        ("hybrid rrf", RetrievalSettings(mode="hybrid", fusion="rrf")),
+        ("hybrid weighted", RetrievalSettings(mode="hybrid", fusion="weighted")),
+    ]
     results = {label: evaluate(index, encoder, questions, answers, s.mode, s) for label, s in modes}
     index.close()
     base = results["dense"]
     rows = []
     for label, r in results.items():
-        rows.append([name if label == "dense" else "", f"{len(qa)}{note}" if label == "dense" else "", label,
-                     f"{r['r@5']:.3f}", f"{r['r@20']:.3f}", f"{r['r@5'] / max(base['r@5'], 1e-9):.2f}x",
-                     f"{r['r@20'] / max(base['r@20'], 1e-9):.2f}x", f"{r['ms']:.1f}"])
+        rows.append(
+            [
+                name if label == "dense" else "",
+                f"{len(qa)}{note}" if label == "dense" else "",
+                label,
+                f"{r['r@5']:.3f}",
+                f"{r['r@20']:.3f}",
+                f"{r['r@5'] / max(base['r@5'], 1e-9):.2f}x",
+                f"{r['r@20'] / max(base['r@20'], 1e-9):.2f}x",
+                f"{r['ms']:.1f}",
+            ]
+        )
     print(f"{name}: {manifest.num_passages} passages, built (encode + FAISS + BM25, Ray) in {build_s:.0f}s", flush=True)
     return rows
 
@@ -128,8 +151,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--entities", type=int, default=400, help="generated world size")
     p.add_argument("--world-questions", type=int, default=400, help="first N test questions of the world")
-    p.add_argument("--max-answer-share", type=float, default=0.02,
-                   help="real text: drop questions whose answer is in more than this share of the passages")
+    p.add_argument(
+        "--max-answer-share",
+        type=float,
+        default=0.02,
+        help="real text: drop questions whose answer is in more than this share of the passages",
+    )
     args = p.parse_args()
 
     import ray
@@ -151,8 +178,12 @@ def main() -> None:
         rows += run_corpus("real text (Python ref + licences)", tsv, kept, out, f" of {total}")
     ray.shutdown()
     print()
-    print(format_table(["corpus", "questions", "retrieval", "recall@5", "recall@20", "@5 vs dense", "@20 vs dense",
-                        "ms/query"], rows))
+    print(
+        format_table(
+            ["corpus", "questions", "retrieval", "recall@5", "recall@20", "@5 vs dense", "@20 vs dense", "ms/query"],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,4,8", help="comma-separated client concurrencies")
     p.add_argument("--max-seconds", type=float, default=90.0, help="wall-clock cap per level")
     p.add_argument("--generator", default=None, help="reader checkpoint (default: a random ~10M BART reader)")
-    p.add_argument("--decoding", default="rag-token",
-                   choices=["rag-token", "rag-sequence-fast", "rag-sequence-thorough"])
+    p.add_argument(
+        "--decoding", default="rag-token", choices=["rag-token", "rag-sequence-fast", "rag-sequence-thorough"]
+    )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--num-beams", type=int, default=2)
@@ -69,8 +70,10 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     import ray
 
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), {gpu}; "
-            f"python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}")
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), {gpu}; "
+        f"python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}"
+    )
 
 
 def setup(work: Path, args: argparse.Namespace) -> dict:
@@ -83,8 +86,15 @@ def setup(work: Path, args: argparse.Namespace) -> dict:
     files = write_world(work / "world", WorldConfig(num_entities=args.entities, seed=0))
     root = str(work / "index")
     if read_latest(root) is None:
-        build_index(str(files.passages_v1), root, encoder_name_or_path=MINILM, max_length=128, num_shards=2,
-                    version="v1", actor_num_cpus=1.0)
+        build_index(
+            str(files.passages_v1),
+            root,
+            encoder_name_or_path=MINILM,
+            max_length=128,
+            num_shards=2,
+            version="v1",
+            actor_num_cpus=1.0,
+        )
     generator = args.generator
     if generator is None:
         generator = str(work / "reader")
@@ -96,12 +106,20 @@ def setup(work: Path, args: argparse.Namespace) -> dict:
 
 def app_args(paths: dict, args: argparse.Namespace, max_batch_size: int) -> dict:
     return {
-        "index": paths["root"], "index_version": "v1",
+        "index": paths["root"],
+        "index_version": "v1",
         "query_encoder": {"name_or_path": MINILM, "pooling": "mean", "max_length": 64},
-        "generator": paths["generator"], "max_source_length": 192, "max_target_length": args.max_new_tokens + 1,
-        "num_beams": args.num_beams, "default_top_k": args.top_k, "max_top_k": max(args.top_k, 20),
-        "max_new_tokens": args.max_new_tokens, "replica_num_cpus": 0.25, "ingress_num_cpus": 0.1,
-        "max_batch_size": max_batch_size, "batch_wait_timeout_s": args.batch_wait_ms / 1000.0,
+        "generator": paths["generator"],
+        "max_source_length": 192,
+        "max_target_length": args.max_new_tokens + 1,
+        "num_beams": args.num_beams,
+        "default_top_k": args.top_k,
+        "max_top_k": max(args.top_k, 20),
+        "max_new_tokens": args.max_new_tokens,
+        "replica_num_cpus": 0.25,
+        "ingress_num_cpus": 0.1,
+        "max_batch_size": max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_ms / 1000.0,
         "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2},
     }
 
@@ -135,9 +153,14 @@ def run_level(call, questions: list[str], concurrency: int, n: int, max_seconds:
         list(pool.map(worker, range(concurrency)))
     wall = time.perf_counter() - start
     lat = np.array(latencies) if latencies else np.array([float("nan")])
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors[0],
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-            "req_per_s": len(latencies) / wall if wall > 0 else float("nan")}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors[0],
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "req_per_s": len(latencies) / wall if wall > 0 else float("nan"),
+    }
 
 
 def in_process_rows(paths: dict, args: argparse.Namespace, levels: list[int]) -> list[dict]:
@@ -147,15 +170,17 @@ def in_process_rows(paths: dict, args: argparse.Namespace, levels: list[int]) ->
     torch.set_num_threads(1)
     encoder = TextEncoder.from_pretrained(MINILM, pooling="mean", max_length=64).eval()
     live = load_live_index(paths["root"], "v1", expect_dim=encoder.dim)
-    generator = Generator.from_pretrained(paths["generator"], max_source_length=192,
-                                          max_target_length=args.max_new_tokens + 1).eval()
+    generator = Generator.from_pretrained(
+        paths["generator"], max_source_length=192, max_target_length=args.max_new_tokens + 1
+    ).eval()
     lock = threading.Lock()  # one model call at a time, as one replica's batch loop does
 
     def call(question: str) -> str:
         with lock:
             hits = retrieve_batch(encoder, live, [question], [args.top_k])
-            return generate_batch(generator, [question], hits, [args.decoding], [args.max_new_tokens],
-                                  args.num_beams)[0]
+            return generate_batch(generator, [question], hits, [args.decoding], [args.max_new_tokens], args.num_beams)[
+                0
+            ]
 
     for q in paths["questions"][:3]:  # warm-up
         call(q)
@@ -188,8 +213,15 @@ def serve_rows(paths: dict, args: argparse.Namespace, levels: list[int], max_bat
     def call(question: str) -> str:
         if not hasattr(local, "http"):
             local.http = httpx.Client(timeout=120)
-        r = local.http.post(url, json={"question": question, "top_k": args.top_k, "decoding": args.decoding,
-                                       "max_new_tokens": args.max_new_tokens})
+        r = local.http.post(
+            url,
+            json={
+                "question": question,
+                "top_k": args.top_k,
+                "decoding": args.decoding,
+                "max_new_tokens": args.max_new_tokens,
+            },
+        )
         r.raise_for_status()
         return r.json()["answer"]
 
@@ -209,20 +241,26 @@ def serve_rows(paths: dict, args: argparse.Namespace, levels: list[int], max_bat
 def print_table(rows: list[dict], header: str) -> None:
     print()
     print(header)
-    print(f"| {'pipeline':<10} | {'batching':<14} | {'conc.':>5} | {'requests':>8} | {'errors':>6} | "
-          f"{'p50 ms':>8} | {'p99 ms':>8} | {'req/s':>6} |")
+    print(
+        f"| {'pipeline':<10} | {'batching':<14} | {'conc.':>5} | {'requests':>8} | {'errors':>6} | "
+        f"{'p50 ms':>8} | {'p99 ms':>8} | {'req/s':>6} |"
+    )
     print(f"|{'-' * 12}|{'-' * 16}|{'-' * 7}|{'-' * 10}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
     for r in rows:
-        print(f"| {r['pipeline']:<10} | {r['batching']:<14} | {r['concurrency']:>5} | {r['requests']:>8} | "
-              f"{r['errors']:>6} | {r['p50_ms']:>8.1f} | {r['p99_ms']:>8.1f} | {r['req_per_s']:>6.2f} |")
+        print(
+            f"| {r['pipeline']:<10} | {r['batching']:<14} | {r['concurrency']:>5} | {r['requests']:>8} | "
+            f"{r['errors']:>6} | {r['p50_ms']:>8.1f} | {r['p99_ms']:>8.1f} | {r['req_per_s']:>6.2f} |"
+        )
     base = [r["p50_ms"] for r in rows if r["pipeline"] == "in-process" and r["concurrency"] == 1]
     if not base:
         return
     baseline = statistics.mean(base)  # before and after the Serve runs
     for r in rows:
         if r["pipeline"] == "serve" and r["concurrency"] == 1:
-            print(f"Serve overhead at concurrency 1, batching {r['batching']}: {r['p50_ms'] - baseline:+.1f} ms p50 "
-                  f"({r['p50_ms']:.1f} vs in-process {' / '.join(f'{b:.1f}' for b in base)})")
+            print(
+                f"Serve overhead at concurrency 1, batching {r['batching']}: {r['p50_ms'] - baseline:+.1f} ms p50 "
+                f"({r['p50_ms']:.1f} vs in-process {' / '.join(f'{b:.1f}' for b in base)})"
+            )
 
 
 def main() -> None:
@@ -248,10 +286,12 @@ def main() -> None:
     finally:
         ray.shutdown()
     reader = "random ~10M BART reader" if args.generator is None else args.generator
-    header = (f"machine: {machine()}\n"
-              f"workload: {manifest.num_passages} passages in {len(manifest.shards)} Flat shards, MiniLM-L6 queries, "
-              f"{reader}, {args.decoding}, beams {args.num_beams}, top_k {args.top_k}, max_new_tokens "
-              f"{args.max_new_tokens}; loopback HTTP; one torch thread per model process")
+    header = (
+        f"machine: {machine()}\n"
+        f"workload: {manifest.num_passages} passages in {len(manifest.shards)} Flat shards, MiniLM-L6 queries, "
+        f"{reader}, {args.decoding}, beams {args.num_beams}, top_k {args.top_k}, max_new_tokens "
+        f"{args.max_new_tokens}; loopback HTTP; one torch thread per model process"
+    )
     print_table(rows, header)
     if args.out:
         Path(args.out).write_text(json.dumps({"header": header, "rows": rows}, indent=2))

@@ -61,24 +61,42 @@ def prepare(work: Path, num_entities: int, generator: str | None) -> dict:
     files = write_world(work / "world", WorldConfig(num_entities=num_entities, seed=0))
     index = work / "index"
     if not (index / "LATEST").exists():
-        build_index(str(files.passages_v1), str(index), encoder_name_or_path=MINILM_ID, max_length=128,
-                    num_shards=2, actor_num_cpus=1.0)
+        build_index(
+            str(files.passages_v1),
+            str(index),
+            encoder_name_or_path=MINILM_ID,
+            max_length=128,
+            num_shards=2,
+            actor_num_cpus=1.0,
+        )
     if generator is None:
-        shipped = [p for p in (ROOT / "artifacts/models/reader", ROOT / "raggen/assets/reader") if (p / "config.json").exists()]
+        shipped = [
+            p for p in (ROOT / "artifacts/models/reader", ROOT / "raggen/assets/reader") if (p / "config.json").exists()
+        ]
         generator = str(shipped[0]) if shipped else make_tiny_generator(str(work / "reader"), size="reader")
     return {"train": str(files.train_jsonl), "index": str(index), "generator": generator}
 
 
 def loop_config(paths: dict, estimator: str, args, metrics_path: str | None) -> dict:
-    from raggen.config import load_config
     from raggen.app.training import train_loop_config
+    from raggen.config import load_config
 
-    cfg = load_config(None, [
-        f"train.estimator={estimator}", f"train.index={paths['index']}", f"model.generator={paths['generator']}",
-        f"train.batch_size={args.batch_size}", f"train.steps={args.steps}", f"train.top_k={args.top_k}",
-        f"train.checkpoint_every={args.steps + 1}", "train.lr=1e-4", "model.query_encoder.max_length=64",
-        "model.max_source_length=160", "model.max_target_length=16",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"train.estimator={estimator}",
+            f"train.index={paths['index']}",
+            f"model.generator={paths['generator']}",
+            f"train.batch_size={args.batch_size}",
+            f"train.steps={args.steps}",
+            f"train.top_k={args.top_k}",
+            f"train.checkpoint_every={args.steps + 1}",
+            "train.lr=1e-4",
+            "model.query_encoder.max_length=64",
+            "model.max_source_length=160",
+            "model.max_target_length=16",
+        ],
+    )
     out = train_loop_config(cfg, metrics_path=metrics_path)
     out["num_threads"] = args.threads
     return out
@@ -105,9 +123,24 @@ def plain_loop_subprocess(paths: dict, estimator: str, args) -> dict[int, dict]:
     import subprocess
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, __file__, "--plain-only", json.dumps(paths), "--estimators", estimator,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-           "--top-k", str(args.top_k), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--plain-only",
+        json.dumps(paths),
+        "--estimators",
+        estimator,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
+        "--top-k",
+        str(args.top_k),
+        "--threads",
+        str(args.threads),
+    ]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
 
@@ -121,8 +154,12 @@ def ray_loop(paths: dict, estimator: str, args, workers: int, work: Path, report
     metrics_path = str(work / "runs" / name / "metrics.jsonl")
     config = {**loop_config(paths, estimator, args, metrics_path), "report_every": report_every}
     trainer = make_trainer(
-        config, qa_items(paths["train"]), name=name,
-        storage_path=str(work / "runs"), num_workers=workers, cpus_per_worker=1.0,
+        config,
+        qa_items(paths["train"]),
+        name=name,
+        storage_path=str(work / "runs"),
+        num_workers=workers,
+        cpus_per_worker=1.0,
     )
     trainer.fit()
     steps, _ = read_metrics(metrics_path)
@@ -135,8 +172,11 @@ def combine(repeats: list[dict[int, dict]], args) -> dict[str, float]:
     window = range(args.warmup + 1, args.steps)
     best = [min(r[i]["wall"] for r in repeats) for i in window]
     ratios = [r[i]["wall"] / r[i]["compute"] for r in repeats for i in window]
-    return {"s_per_step": sum(best) / len(best), "loop_ratio": statistics.median(ratios),
-            "median_wall": statistics.median(r[i]["wall"] for r in repeats for i in window)}
+    return {
+        "s_per_step": sum(best) / len(best),
+        "loop_ratio": statistics.median(ratios),
+        "median_wall": statistics.median(r[i]["wall"] for r in repeats for i in window),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     p.add_argument("--repeats", type=int, default=3, help="runs of each loop; each step keeps its fastest")
     p.add_argument("--num-entities", type=int, default=100)
-    p.add_argument("--generator", default=None, help="reader folder (default: the shipped reader, else a fresh reader-size one)")
+    p.add_argument(
+        "--generator", default=None, help="reader folder (default: the shipped reader, else a fresh reader-size one)"
+    )
     p.add_argument("--two-workers", action="store_true", help="also time a 2-worker DDP run")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "raggen-bench-overhead"))
     p.add_argument("--plain-only", default=None, help=argparse.SUPPRESS)  # internal: the subprocess side
@@ -164,14 +206,20 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=max(4, os.cpu_count() or 2), log_to_driver=False)  # keep the dashboard: Train V2 needs its State API
+    ray.init(
+        num_cpus=max(4, os.cpu_count() or 2), log_to_driver=False
+    )  # keep the dashboard: Train V2 needs its State API
     paths = prepare(work, args.num_entities, args.generator)
     print(f"machine: {machine()}")
-    print(f"setup: batch {args.batch_size}/worker, top-k {args.top_k}, {args.threads} torch threads, "
-          f"{args.steps} steps ({args.warmup} warm-up and the last excluded), reader {paths['generator']}")
-    loops = {"plain torch loop (1 process)": lambda e: plain_loop_subprocess(paths, e, args),
-             "Ray Train 1 worker, report w/ ckpt": lambda e: ray_loop(paths, e, args, 1, work),
-             "Ray Train 1 worker, report each step": lambda e: ray_loop(paths, e, args, 1, work, report_every=1)}
+    print(
+        f"setup: batch {args.batch_size}/worker, top-k {args.top_k}, {args.threads} torch threads, "
+        f"{args.steps} steps ({args.warmup} warm-up and the last excluded), reader {paths['generator']}"
+    )
+    loops = {
+        "plain torch loop (1 process)": lambda e: plain_loop_subprocess(paths, e, args),
+        "Ray Train 1 worker, report w/ ckpt": lambda e: ray_loop(paths, e, args, 1, work),
+        "Ray Train 1 worker, report each step": lambda e: ray_loop(paths, e, args, 1, work, report_every=1),
+    }
     if args.two_workers:
         loops["Ray Train 2 workers DDP (2x batch)"] = lambda e: ray_loop(paths, e, args, 2, work)
     out, loads = [], []
@@ -185,11 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in loops:
             r = combine(runs[name], args)
             out.append({"estimator": estimator, "loop": name, **r, "vs_plain": r["s_per_step"] / plain["s_per_step"]})
-    print(f"\nload avg during the runs: {min(loads):.1f} to {max(loads):.1f} ({args.repeats} interleaved repeats, per-step minima)")
+    print(
+        f"\nload avg during the runs: {min(loads):.1f} to {max(loads):.1f} ({args.repeats} interleaved repeats, per-step minima)"
+    )
     print(f"\n{'estimator':<13}{'loop':<38}{'s/step':>8}{'vs plain':>10}{'(a) wall/compute':>18}{'median s/step':>15}")
     for r in out:
-        print(f"{r['estimator']:<13}{r['loop']:<38}{r['s_per_step']:>8.3f}{r['vs_plain']:>9.3f}x{r['loop_ratio']:>17.3f}x"
-              f"{r['median_wall']:>15.3f}")
+        print(
+            f"{r['estimator']:<13}{r['loop']:<38}{r['s_per_step']:>8.3f}{r['vs_plain']:>9.3f}x{r['loop_ratio']:>17.3f}x"
+            f"{r['median_wall']:>15.3f}"
+        )
     print(json.dumps({"rows": out, "load": [min(loads), max(loads)]}))
     ray.shutdown()
     return 0

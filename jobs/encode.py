@@ -22,15 +22,36 @@ import logging
 import sys
 
 # flags that the config's index section replaces (the rest: where to work, which cluster)
-INDEX_FLAGS = {"passages", "output", "passages_format", "encoder", "pooling", "max_length", "normalize", "batch_size",
-               "num_shards", "faiss_factory", "metric", "train_sample", "num_actors", "actor_num_cpus",
-               "actor_num_gpus", "version", "s3_endpoint_url", "s3_region"}
+INDEX_FLAGS = {
+    "passages",
+    "output",
+    "passages_format",
+    "encoder",
+    "pooling",
+    "max_length",
+    "normalize",
+    "batch_size",
+    "num_shards",
+    "faiss_factory",
+    "metric",
+    "train_sample",
+    "num_actors",
+    "actor_num_cpus",
+    "actor_num_gpus",
+    "version",
+    "s3_endpoint_url",
+    "s3_region",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("config", nargs="?", default=None, help="raggen YAML config: its index section (then no index flags)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with CONFIG: override, e.g. index.num_shards=8")
+    p.add_argument(
+        "config", nargs="?", default=None, help="raggen YAML config: its index section (then no index flags)"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="with CONFIG: override, e.g. index.num_shards=8"
+    )
     p.add_argument("--passages", help="corpus file or folder: DPR .tsv, .jsonl or .parquet; path or s3://")
     p.add_argument("--output", help="index root (folder or s3://bucket/prefix); LATEST is written there")
     p.add_argument("--passages-format", default="auto", choices=["auto", "dpr", "tsv", "jsonl", "parquet"])
@@ -40,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--normalize", action="store_true", help="L2-normalise the vectors (cosine; MiniLM was trained so)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--faiss-factory", default="Flat", help="any faiss.index_factory string, e.g. HNSW32 or IVF4096,PQ64")
+    p.add_argument(
+        "--faiss-factory", default="Flat", help="any faiss.index_factory string, e.g. HNSW32 or IVF4096,PQ64"
+    )
     p.add_argument("--metric", default="ip", choices=["ip", "l2"])
     p.add_argument("--train-sample", type=int, default=100_000)
     p.add_argument("--num-actors", type=int, default=1)
@@ -49,16 +72,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-embeddings", action="store_true", help="do not store passage embeddings in the parquet")
     p.add_argument("--version", default=None, help="version name (default: v<UTC time>-<random>)")
     p.add_argument("--work-dir", default=None, help="resumable work dir (default: derived from the arguments)")
-    p.add_argument("--split-uri", default=None, help="where Ray Data writes the per-shard split; shared storage "
-                   "(e.g. s3://bucket/tmp/split) on multi-node clusters (default: inside the work dir)")
+    p.add_argument(
+        "--split-uri",
+        default=None,
+        help="where Ray Data writes the per-shard split; shared storage "
+        "(e.g. s3://bucket/tmp/split) on multi-node clusters (default: inside the work dir)",
+    )
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--s3-endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL / AWS config)")
     p.add_argument("--s3-region", default=None)
     args = p.parse_args(argv)
     given = sorted(d for d in INDEX_FLAGS if getattr(args, d) != p.get_default(d))
     if args.config and given:
-        p.error(f"with CONFIG the index section sets {', '.join('--' + g.replace('_', '-') for g in given)}: "
-                "use --set index.FIELD=VALUE")
+        p.error(
+            f"with CONFIG the index section sets {', '.join('--' + g.replace('_', '-') for g in given)}: "
+            "use --set index.FIELD=VALUE"
+        )
     if not args.config and not (args.passages and args.output):
         p.error("--passages and --output are required without a CONFIG")
     if args.set and not args.config:

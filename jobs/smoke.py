@@ -70,8 +70,12 @@ def run(out: Path, world_dir: Path, num_entities: int, seed: int, num_blocks: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="where to write the result JSON")
-    parser.add_argument("--world-dir", type=Path, default=None,
-                        help="where to build the world (default: a temporary folder, removed after)")
+    parser.add_argument(
+        "--world-dir",
+        type=Path,
+        default=None,
+        help="where to build the world (default: a temporary folder, removed after)",
+    )
     parser.add_argument("--num-entities", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-blocks", type=int, default=4, help="Ray Data blocks: how far the map spreads")

@@ -28,7 +28,6 @@ from raggen.serve.settings import (  # noqa: F401 - the serve section embeds the
 )
 
 
-
 class _Strict(BaseModel):
     """Unknown keys are errors: a typo in a YAML file must not silently fall back to a default."""
 
@@ -100,24 +99,43 @@ class IndexSection(_Strict):
     def build_kwargs(self) -> dict:
         """This section as the keyword arguments of ``raggen.index.build_index``."""
         return dict(
-            passages_uri=self.passages, output_uri=self.output, passages_format=self.format,
-            encoder_name_or_path=self.encoder.name_or_path, pooling=self.encoder.pooling,
-            max_length=self.encoder.max_length, normalize=self.encoder.normalize,
-            passage_format=self.encoder.passage_format, batch_size=self.batch_size, num_shards=self.num_shards,
-            faiss_factory=self.faiss_factory, metric=self.metric, train_sample=self.train_sample,
-            num_actors=self.num_actors, actor_num_cpus=self.actor_num_cpus, actor_num_gpus=self.actor_num_gpus,
-            version=self.version, s3_options=self.s3.storage_options(), build_num_cpus=self.build_num_cpus,
-            work_dir_shared=self.work_dir_shared, target_recall=self.search.target_recall,
-            tune_queries=self.search.tune_queries, tune_k=self.search.tune_k, sparse=self.sparse,
+            passages_uri=self.passages,
+            output_uri=self.output,
+            passages_format=self.format,
+            encoder_name_or_path=self.encoder.name_or_path,
+            pooling=self.encoder.pooling,
+            max_length=self.encoder.max_length,
+            normalize=self.encoder.normalize,
+            passage_format=self.encoder.passage_format,
+            batch_size=self.batch_size,
+            num_shards=self.num_shards,
+            faiss_factory=self.faiss_factory,
+            metric=self.metric,
+            train_sample=self.train_sample,
+            num_actors=self.num_actors,
+            actor_num_cpus=self.actor_num_cpus,
+            actor_num_gpus=self.actor_num_gpus,
+            version=self.version,
+            s3_options=self.s3.storage_options(),
+            build_num_cpus=self.build_num_cpus,
+            work_dir_shared=self.work_dir_shared,
+            target_recall=self.search.target_recall,
+            tune_queries=self.search.tune_queries,
+            tune_k=self.search.tune_k,
+            sparse=self.sparse,
             store_embeddings=self.store_embeddings,
         )
 
     @model_validator(mode="after")
-    def _chunking(self) -> "IndexSection":
+    def _chunking(self) -> IndexSection:
         if self.chunk_overlap >= self.chunk_words:
-            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_words ({self.chunk_words})")
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_words ({self.chunk_words})"
+            )
         if self.input == "documents" and self.format == "dpr-tsv":
-            raise ValueError("format: dpr-tsv holds passages; documents are JSONL, parquet or .md/.txt files (format auto)")
+            raise ValueError(
+                "format: dpr-tsv holds passages; documents are JSONL, parquet or .md/.txt files (format auto)"
+            )
         return self
 
     def document_settings(self):
@@ -125,8 +143,9 @@ class IndexSection(_Strict):
         from raggen.corpus.documents import DocumentSettings
 
         fmt = "auto" if self.format == "dpr-tsv" else self.format
-        return DocumentSettings(chunk_words=self.chunk_words, chunk_overlap=self.chunk_overlap, format=fmt,
-                                chunk_dir=self.chunk_dir)
+        return DocumentSettings(
+            chunk_words=self.chunk_words, chunk_overlap=self.chunk_overlap, format=fmt, chunk_dir=self.chunk_dir
+        )
 
 
 class ModelSection(_Strict):
@@ -197,11 +216,13 @@ class TrainSection(_Strict):
     s3: S3Config = S3Config()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainSection":
+    def _consistent(self) -> TrainSection:
         if self.estimator == "gumbel-rerank" and self.gumbel.k > self.gumbel.candidates:
             raise ValueError("gumbel.k must not exceed gumbel.candidates")
         if self.refresh_index_every and not self.train_passage_encoder:
-            raise ValueError("refresh_index_every needs train_passage_encoder: true (a frozen encoder never changes the index)")
+            raise ValueError(
+                "refresh_index_every needs train_passage_encoder: true (a frozen encoder never changes the index)"
+            )
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
         return self

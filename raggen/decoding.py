@@ -200,8 +200,15 @@ def rag_token_generate(
 
 
 def _per_passage_hypotheses(
-    next_logprobs: StepFn, b: int, k: int, bos_id: int, eos_id: int, pad_id: int,
-    max_new_tokens: int, num_beams: int, device: torch.device,
+    next_logprobs: StepFn,
+    b: int,
+    k: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    num_beams: int,
+    device: torch.device,
 ) -> list[list[dict[tuple[int, ...], float]]]:
     """[question][passage] -> {tokens: log p(y | x, z_k)} from one beam search per passage."""
     fin = _beam_search(next_logprobs, b * k, num_beams, max_new_tokens, bos_id, eos_id, pad_id, device)

@@ -7,8 +7,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_random_shards(out: Path, *, n: int, dim: int, seed: int, store_embeddings: bool = False,
-                        text: str = "text {r}", num_shards: int = 2) -> list[tuple[Path, Path, int]]:
+def write_random_shards(
+    out: Path,
+    *,
+    n: int,
+    dim: int,
+    seed: int,
+    store_embeddings: bool = False,
+    text: str = "text {r}",
+    num_shards: int = 2,
+) -> list[tuple[Path, Path, int]]:
     """``num_shards`` Flat shards of ``n`` seeded random vectors in ``out`` (ids ``shard << 40 | row``,
     passage ids ``"{seed}-{row}"``): the ``shard_files`` of ``make_manifest``."""
     import numpy as np
@@ -23,27 +31,41 @@ def write_random_shards(out: Path, *, n: int, dim: int, seed: int, store_embeddi
         ids = (np.int64(s) << 40) + np.arange(len(rows), dtype=np.int64)
         index_name, passages_name = M.shard_file_names(s)
         S.write_index_file(S.build_shard_index(xb[rows], ids), out / index_name)
-        table = M.passages_table(ids, [f"{seed}-{r}" for r in rows], [""] * len(rows),
-                                 [text.format(seed=seed, r=r) for r in rows], xb[rows] if store_embeddings else None)
+        table = M.passages_table(
+            ids,
+            [f"{seed}-{r}" for r in rows],
+            [""] * len(rows),
+            [text.format(seed=seed, r=r) for r in rows],
+            xb[rows] if store_embeddings else None,
+        )
         M.write_parquet_atomic(table, out / passages_name)
         files.append((out / index_name, out / passages_name, len(rows)))
     return files
 
 
-def publish_random_version(root: str, tmp: Path, version: str, created: str, *, n: int = 30, seed: int = 0,
-                           dim: int = 8, s3_options=None):
+def publish_random_version(
+    root: str, tmp: Path, version: str, created: str, *, n: int = 30, seed: int = 0, dim: int = 8, s3_options=None
+):
     """A two-shard Flat version of random vectors, published to ``root`` (LATEST moves forward)."""
     from raggen.index import manifest as M
 
     out = tmp / f"build-{version}"
     files = write_random_shards(out, n=n, dim=dim, seed=seed)
-    m = M.make_manifest(version, encoder_name_or_path="enc-" + version, pooling="cls", dim=dim, metric="ip",
-                        faiss_factory="Flat", shard_files=files).model_copy(update={"created": created})
+    m = M.make_manifest(
+        version,
+        encoder_name_or_path="enc-" + version,
+        pooling="cls",
+        dim=dim,
+        metric="ip",
+        faiss_factory="Flat",
+        shard_files=files,
+    ).model_copy(update={"created": created})
     return M.publish_version(root, m, out, s3_options=s3_options)
 
 
 def three_versions(root: str, tmp: Path, s3_options=None) -> None:
     """v1 < v2 < v3 by created time; LATEST -> v3."""
     for i in (1, 2, 3):
-        publish_random_version(root, tmp, f"v{i}", f"2026-01-0{i}T00:00:00.000000Z", n=20 + 10 * i, seed=i,
-                               s3_options=s3_options)
+        publish_random_version(
+            root, tmp, f"v{i}", f"2026-01-0{i}T00:00:00.000000Z", n=20 + 10 * i, seed=i, s3_options=s3_options
+        )

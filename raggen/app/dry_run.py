@@ -117,7 +117,7 @@ def path_overrides(cfg: RaggenConfig, out_dir: Path, s3_endpoint: str | None) ->
             continue
         if value.startswith("s3://"):
             if s3_endpoint is None:
-                out.append(f"{field}={out_dir / 's3' / value[len('s3://'):]}")
+                out.append(f"{field}={out_dir / 's3' / value[len('s3://') :]}")
         else:
             out.append(f"{field}={out_dir / 'local' / value.lstrip('/')}")
     if s3_endpoint is not None:
@@ -125,8 +125,14 @@ def path_overrides(cfg: RaggenConfig, out_dir: Path, s3_endpoint: str | None) ->
     return out
 
 
-def dry_run_overrides(config: str | None, out_dir: str | os.PathLike, *, s3_endpoint: str | None = None,
-                      num_passages: int = 300, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+def dry_run_overrides(
+    config: str | None,
+    out_dir: str | os.PathLike,
+    *,
+    s3_endpoint: str | None = None,
+    num_passages: int = 300,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> list[str]:
     """Every ``--set`` line of the dry run of ``config`` (stand-ins first, then sizes and paths)."""
     cfg = load_config(config, list(overrides))
     out = Path(out_dir).resolve()
@@ -149,7 +155,9 @@ def write_inputs(cfg: RaggenConfig, num_passages: int) -> dict[str, str]:
     if _reads_documents(cfg):  # one Markdown document per world passage, in the config's folder
         from raggen.corpus.documents import write_markdown_documents
 
-        local_docs = write_markdown_documents(read_passages(files.passages_v1), Path(cfg.world.out_dir) / "dry-run-docs")
+        local_docs = write_markdown_documents(
+            read_passages(files.passages_v1), Path(cfg.world.out_dir) / "dry-run-docs"
+        )
         targets.update({f"{cfg.index.passages.rstrip('/')}/{p.name}": p for p in sorted(local_docs.iterdir())})
     else:
         fmt = {"dpr-tsv": "tsv", "auto": "tsv"}.get(cfg.index.format, cfg.index.format)  # tsv | jsonl | parquet
@@ -179,21 +187,34 @@ def ask_once(cfg: RaggenConfig, question: str) -> dict[str, Any]:
 
     url = serve_from_config(cfg, blocking=False)
     try:
-        return ask(url, question, top_k=2, decoding="rag-token", max_new_tokens=8, token_env=cfg.serve.api_token_env,
-                   timeout=120.0)
+        return ask(
+            url,
+            question,
+            top_k=2,
+            decoding="rag-token",
+            max_new_tokens=8,
+            token_env=cfg.serve.api_token_env,
+            timeout=120.0,
+        )
     finally:
         serve.shutdown()
 
 
-def run_dry_run(config: str | None, out_dir: str | os.PathLike, *, s3_endpoint: str | None = None,
-                num_passages: int = 300, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def run_dry_run(
+    config: str | None,
+    out_dir: str | os.PathLike,
+    *,
+    s3_endpoint: str | None = None,
+    num_passages: int = 300,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
     """The whole rehearsal; returns what each stage produced and how long it took."""
+    from raggen.app.evaluation import evaluate_from_config
+    from raggen.app.indexing import index_build_kwargs
+    from raggen.app.training import run_training
     from raggen.corpus.qa import read_qa
     from raggen.index import build_index
-    from raggen.app.indexing import index_build_kwargs
     from raggen.ray_utils import ensure_ray
-    from raggen.app.evaluation import evaluate_from_config
-    from raggen.app.training import run_training
 
     lines = dry_run_overrides(config, out_dir, s3_endpoint=s3_endpoint, num_passages=num_passages, overrides=overrides)
     cfg = with_absolute_paths(load_config(config, [*overrides, *lines]))
@@ -209,8 +230,12 @@ def run_dry_run(config: str | None, out_dir: str | os.PathLike, *, s3_endpoint: 
     stage("inputs", write_inputs, cfg, num_passages)
     ensure_ray()
     manifest = stage("index", lambda: build_index(**index_build_kwargs(cfg.index)))  # documents chunked first
-    report["index"] = {"version": manifest.version, "passages": manifest.num_passages,
-                       "encoder": manifest.encoder.model_dump(), "faiss_factory": manifest.faiss_factory}
+    report["index"] = {
+        "version": manifest.version,
+        "passages": manifest.num_passages,
+        "encoder": manifest.encoder.model_dump(),
+        "faiss_factory": manifest.faiss_factory,
+    }
     trained = stage("train", run_training, cfg)
     report["train"] = {"final": trained["final"], "metrics": trained["metrics"]}
     report["eval"] = stage("eval", evaluate_from_config, cfg, checkpoint=trained["final"], split="dev")

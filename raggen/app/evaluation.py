@@ -6,14 +6,15 @@ from raggen.app.training import model_spec, s3_options
 from raggen.train.evaluate import evaluate_rag, local_checkpoint, progress_bar, split_examples
 
 
-def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test", *, limit: int | None = None,
-                         out: str | None = None) -> dict[str, float]:
+def evaluate_from_config(
+    cfg, checkpoint: str | None = None, split: str = "test", *, limit: int | None = None, out: str | None = None
+) -> dict[str, float]:
     """``raggen eval``: models from a checkpoint folder (e.g. ``runs/NAME/final``) or the config,
     the config's index, ``limit`` (default ``train.eval_examples``) examples of the split; ``out``
     (a path or s3:// URI) gets one JSON line per question (``raggen.train.retrieve.write_jsonl``)."""
     from raggen.index import open_index
-    from raggen.train.checkpointing import read_checkpoint
     from raggen.models.build import build_models
+    from raggen.train.checkpointing import read_checkpoint
 
     t = cfg.train
     with local_checkpoint(checkpoint, s3_options(t.s3)) as folder:
@@ -23,20 +24,32 @@ def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test"
         m.eval()
     from raggen.retrieval import with_retrieval
 
-    index = open_index(t.index, settings=cfg.index.search, s3_options=s3_options(t.s3), load_embeddings=False,
-                       start_ray=True)  # shard actors for a large index (index.search.mode)
+    index = open_index(
+        t.index, settings=cfg.index.search, s3_options=s3_options(t.s3), load_embeddings=False, start_ray=True
+    )  # shard actors for a large index (index.search.mode)
     index = with_retrieval(index, t.index, cfg.retrieval, s3_options=s3_options(t.s3))  # retrieval.mode
-    examples = split_examples(split, dev_file=t.dev_file, world_dir=cfg.world.out_dir, limit=limit or t.eval_examples,
-                              s3_options=s3_options(t.s3))
+    examples = split_examples(
+        split,
+        dev_file=t.dev_file,
+        world_dir=cfg.world.out_dir,
+        limit=limit or t.eval_examples,
+        s3_options=s3_options(t.s3),
+    )
     records: list | None = [] if out else None
     gumbel = t.estimator == "gumbel-rerank"
     decoding = "rag-token" if t.estimator == "rag-token" else "rag-sequence-fast"
     with progress_bar(len(examples), f"eval {split}") as bar:
         scores = evaluate_rag(
-            examples, query_encoder=models["query_encoder"], generator=models["generator"], index=index,
-            top_k=t.gumbel.k if gumbel else t.top_k, decoding=decoding,
-            reranker=models.get("reranker"), rerank_candidates=t.gumbel.candidates if gumbel else None,
-            progress=bar.update, records=records,
+            examples,
+            query_encoder=models["query_encoder"],
+            generator=models["generator"],
+            index=index,
+            top_k=t.gumbel.k if gumbel else t.top_k,
+            decoding=decoding,
+            reranker=models.get("reranker"),
+            rerank_candidates=t.gumbel.candidates if gumbel else None,
+            progress=bar.update,
+            records=records,
         )
     index.close()  # ends the shard actors it started, if any
     if out:
@@ -44,4 +57,3 @@ def evaluate_from_config(cfg, checkpoint: str | None = None, split: str = "test"
 
         write_jsonl(out, records, s3_options(t.s3))
     return {"split": split, "checkpoint": checkpoint, "index_version": index.version, **scores}
-

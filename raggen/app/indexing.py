@@ -123,7 +123,9 @@ def read_checkpoint_state(checkpoint: str, s3_options=None) -> dict | None:
     from raggen.storage import is_s3_uri, read_bytes
     from raggen.train.checkpointing import STATE_FILE
 
-    checkpoint = resolve_export(checkpoint, s3_options, verify=False)  # a model export: LATEST's (models verified on load)
+    checkpoint = resolve_export(
+        checkpoint, s3_options, verify=False
+    )  # a model export: LATEST's (models verified on load)
     path = _join(checkpoint, STATE_FILE)
     if not is_s3_uri(checkpoint) and not os.path.isfile(path):
         return None
@@ -179,8 +181,9 @@ def resolve_refresh_encoder(encoder: str, cfg, *, role: EncoderRole = "auto", s3
             role = "passage"
         elif "query_encoder" in models and _shared_encoder(_checkpoint_config(encoder, s3_options), cfg):
             role = "query"
-            log.info("%s: a shared-encoder run (no passage_encoder/): passages are encoded with its query_encoder/",
-                     encoder)
+            log.info(
+                "%s: a shared-encoder run (no passage_encoder/): passages are encoded with its query_encoder/", encoder
+            )
         else:
             raise ConfigError(
                 f"--encoder {encoder}: the checkpoint has no passage_encoder/ (the run kept the passage encoder "
@@ -193,14 +196,28 @@ def resolve_refresh_encoder(encoder: str, cfg, *, role: EncoderRole = "auto", s3
     return RefreshEncoder(name_or_path=_join(encoder, name), checkpoint=encoder, role=name)
 
 
-def refresh_index_from_config(cfg, encoder: str, *, role: EncoderRole = "auto", version: str | None = None,
-                              work_dir: str | None = None, split_uri: str | None = None, address: str | None = None):
+def refresh_index_from_config(
+    cfg,
+    encoder: str,
+    *,
+    role: EncoderRole = "auto",
+    version: str | None = None,
+    work_dir: str | None = None,
+    split_uri: str | None = None,
+    address: str | None = None,
+):
     """Re-encode ``index.passages`` with ``encoder`` and publish a new version of ``index.output``
     (LATEST moves to it). ``version`` names it (default: a fresh name; ``index.version``, the name of
     the first build, is not reused). Returns (manifest, RefreshEncoder)."""
     s3 = cfg.index.s3.storage_options()
     picked = resolve_refresh_encoder(encoder, cfg, role=role, s3_options=s3)
     log.info("refresh %s with encoder %s", cfg.index.output, picked.name_or_path)
-    manifest = build_index_from_config(cfg, address=address, encoder_name_or_path=picked.name_or_path,
-                                       version=version, work_dir=work_dir, split_uri=split_uri)
+    manifest = build_index_from_config(
+        cfg,
+        address=address,
+        encoder_name_or_path=picked.name_or_path,
+        version=version,
+        work_dir=work_dir,
+        split_uri=split_uri,
+    )
     return manifest, picked

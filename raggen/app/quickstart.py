@@ -11,9 +11,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from raggen.config import RaggenConfig
 from raggen.errors import RaggenError
@@ -35,7 +35,9 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
 def require_reader(path: str) -> None:
     """The quickstart reads with a pre-trained reader; say how to make it rather than train on noise."""
     if not os.path.isdir(path) or not any(Path(path).glob("*.safetensors")):
-        raise RaggenError(f"model.generator: {path}: no reader there; rebuild it with `make reader` (raggen pretrain-reader)")
+        raise RaggenError(
+            f"model.generator: {path}: no reader there; rebuild it with `make reader` (raggen pretrain-reader)"
+        )
 
 
 def comparison_table(before: dict, after: dict) -> str:
@@ -62,13 +64,15 @@ def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2:
     """Serve v1, ask about facts that v2 changes, move LATEST to v2, swap (no restart), ask again.
 
     Counts how many answers match the v1 facts before the swap and the v2 facts after it."""
+    from raggen.app.serving import serve_from_config, swap_index_from_config
     from raggen.corpus.world import read_changed_facts
     from raggen.index import set_latest
-    from raggen.app.serving import serve_from_config, swap_index_from_config
     from raggen.serve.client import ask
     from raggen.train.qa_scores import exact_match
 
-    changed = [c for c in read_changed_facts(world_files.changed) if c.split == "test"] or read_changed_facts(world_files.changed)
+    changed = [c for c in read_changed_facts(world_files.changed) if c.split == "test"] or read_changed_facts(
+        world_files.changed
+    )
     facts = changed[:num_questions]
     with stage("serve (Ray Serve, index v1)", timings):
         url = serve_from_config(cfg, blocking=False)
@@ -79,36 +83,47 @@ def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2:
     after = [ask(url, f.question, top_k=3) for f in facts]
     rows = []
     for fact, b, a in zip(facts, before, after):
-        row = {"question": fact.question, "answers_v1": fact.answers_v1, "answers_v2": fact.answers_v2,
-               "answer_before": b["answer"], "answer_after": a["answer"],
-               "index_versions": [b["index_version"], a["index_version"]],
-               "v1_fact_before": bool(exact_match(b["answer"], fact.answers_v1)),
-               "v2_fact_after": bool(exact_match(a["answer"], fact.answers_v2)),
-               "v2_evidence_retrieved": any(fact.answers_v2[0].lower() in p["text"].lower() for p in a["passages"])}
+        row = {
+            "question": fact.question,
+            "answers_v1": fact.answers_v1,
+            "answers_v2": fact.answers_v2,
+            "answer_before": b["answer"],
+            "answer_after": a["answer"],
+            "index_versions": [b["index_version"], a["index_version"]],
+            "v1_fact_before": bool(exact_match(b["answer"], fact.answers_v1)),
+            "v2_fact_after": bool(exact_match(a["answer"], fact.answers_v2)),
+            "v2_evidence_retrieved": any(fact.answers_v2[0].lower() in p["text"].lower() for p in a["passages"]),
+        }
         rows.append(row)
-        print(f"Q: {fact.question}\n  v1 fact {fact.answers_v1[0]!r} -> answer {b['answer']!r} (index {b['index_version']})"
-              f"\n  v2 fact {fact.answers_v2[0]!r} -> answer {a['answer']!r} (index {a['index_version']})")
+        print(
+            f"Q: {fact.question}\n  v1 fact {fact.answers_v1[0]!r} -> answer {b['answer']!r} (index {b['index_version']})"
+            f"\n  v2 fact {fact.answers_v2[0]!r} -> answer {a['answer']!r} (index {a['index_version']})"
+        )
     counts = {k: sum(r[k] for r in rows) for k in ("v1_fact_before", "v2_fact_after", "v2_evidence_retrieved")}
-    print(f"answers matching the v1 fact before the swap: {counts['v1_fact_before']}/{len(rows)}; "
-          f"matching the v2 fact after it: {counts['v2_fact_after']}/{len(rows)}; "
-          f"v2 passage in the evidence: {counts['v2_evidence_retrieved']}/{len(rows)}")
+    print(
+        f"answers matching the v1 fact before the swap: {counts['v1_fact_before']}/{len(rows)}; "
+        f"matching the v2 fact after it: {counts['v2_fact_after']}/{len(rows)}; "
+        f"v2 passage in the evidence: {counts['v2_evidence_retrieved']}/{len(rows)}"
+    )
     return {"url": url, "questions": rows, "live": info.get("version"), **counts, "asked": len(rows)}
 
 
 def run_quickstart(cfg: RaggenConfig) -> dict:
+    from raggen.app.evaluation import evaluate_from_config
+    from raggen.app.training import run_training
     from raggen.corpus.world import WorldConfig, write_world
     from raggen.index import build_index
     from raggen.ray_utils import ensure_ray
-    from raggen.app.evaluation import evaluate_from_config
     from raggen.train.metrics import plot_metrics
-    from raggen.app.training import run_training
 
     require_reader(cfg.model.generator)
     timings: dict[str, float] = {}
     start = time.time()
     w = cfg.world
     with stage("world", timings):
-        files = write_world(w.out_dir, WorldConfig(num_entities=w.num_entities, seed=w.seed, changed_fraction=w.changed_fraction))
+        files = write_world(
+            w.out_dir, WorldConfig(num_entities=w.num_entities, seed=w.seed, changed_fraction=w.changed_fraction)
+        )
     ensure_ray()
     run_id = time.strftime("%Y%m%d-%H%M%S")  # published versions are immutable: a rerun adds new ones
     v1, v2 = f"v1-{run_id}", f"v2-{run_id}"
@@ -132,11 +147,19 @@ def run_quickstart(cfg: RaggenConfig) -> dict:
     swap = hot_swap_demo(cfg, files, timings, v2)
     with stage("eval the changed facts' v2 answers on index v2", timings):
         changed_v2 = evaluate_from_config(cfg, checkpoint=result["final"], split="changed")
-    print(f"\nchanged facts, scored against their v2 answers: EM {changed_v1.get('em', float('nan')):.2f} on index v1 -> "
-          f"{changed_v2.get('em', float('nan')):.2f} on index v2 (no retraining)")
-    summary = {"before": before, "after": after, "plot": plot, "hot_swap": swap,
-               "changed_facts_v2_answers": {"index_v1": changed_v1, "index_v2": changed_v2}, "timings_s": timings,
-               "total_minutes": (time.time() - start) / 60}
+    print(
+        f"\nchanged facts, scored against their v2 answers: EM {changed_v1.get('em', float('nan')):.2f} on index v1 -> "
+        f"{changed_v2.get('em', float('nan')):.2f} on index v2 (no retraining)"
+    )
+    summary = {
+        "before": before,
+        "after": after,
+        "plot": plot,
+        "hot_swap": swap,
+        "changed_facts_v2_answers": {"index_v1": changed_v1, "index_v2": changed_v2},
+        "timings_s": timings,
+        "total_minutes": (time.time() - start) / 60,
+    }
     Path(run_dir, "quickstart.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\nquickstart done in {summary['total_minutes']:.1f} min; summary: {run_dir}/quickstart.json")
     return summary

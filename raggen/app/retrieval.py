@@ -22,8 +22,16 @@ def load_query_encoder(cfg, checkpoint: str | None, s3_options=None):
     return spec.load(name_or_path=fetch_model_dir(path, s3_options)).eval()
 
 
-def retrieve_from_config(cfg, qa: str, out: str, *, k: int = 100, limit: int | None = None,
-                         checkpoint: str | None = None, index_uri: str | None = None) -> dict:
+def retrieve_from_config(
+    cfg,
+    qa: str,
+    out: str,
+    *,
+    k: int = 100,
+    limit: int | None = None,
+    checkpoint: str | None = None,
+    index_uri: str | None = None,
+) -> dict:
     """``raggen retrieve``: the questions of ``qa`` (DPR .qa.csv or QA JSONL, path or s3://; the first
     ``limit``) against ``index_uri`` (default ``train.index``, the index ``raggen eval`` scores) with
     the config's (or ``checkpoint``'s) query encoder; DPR's results JSON to ``out``."""
@@ -40,7 +48,7 @@ def retrieve_from_config(cfg, qa: str, out: str, *, k: int = 100, limit: int | N
     index = with_retrieval(open_index(uri, s3_options=s3), uri, cfg.retrieval, s3_options=s3)  # retrieval.mode
     encoder = load_query_encoder(cfg, checkpoint, s3)
     with progress_bar(len(examples), "retrieve") as bar:
-        accuracy = retrieve_results(examples, query_encoder=encoder, index=index, k=k, out=out, s3_options=s3,
-                                    progress=bar.update)
+        accuracy = retrieve_results(
+            examples, query_encoder=encoder, index=index, k=k, out=out, s3_options=s3, progress=bar.update
+        )
     return {"questions": len(examples), "index_version": index.version, "out": out, **accuracy}
-

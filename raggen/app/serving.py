@@ -42,16 +42,28 @@ def app_args_from_config(cfg: Any) -> dict[str, Any]:
         encoder["name_or_path"] = found.get("query_encoder", encoder["name_or_path"])
         generator, reranker = found.get("generator", generator), found.get("reranker", reranker)
     return dict(
-        index=s.index, index_search=cfg.index.search.model_dump(mode="json"), s3=s.s3.storage_options(), query_encoder=encoder, generator=generator, reranker=reranker,
-        max_source_length=m.max_source_length, max_target_length=max(m.max_target_length, s.max_new_tokens + 1),
-        retrieval=cfg.retrieval.model_dump(), **s.serving_args(),
+        index=s.index,
+        index_search=cfg.index.search.model_dump(mode="json"),
+        s3=s.s3.storage_options(),
+        query_encoder=encoder,
+        generator=generator,
+        reranker=reranker,
+        max_source_length=m.max_source_length,
+        max_target_length=max(m.max_target_length, s.max_new_tokens + 1),
+        retrieval=cfg.retrieval.model_dump(),
+        **s.serving_args(),
     )
 
 
 def _deploy_config_of(cfg: Any) -> dict[str, Any]:
     s = cfg.serve
-    return serve_deploy_config(app_args_from_config(cfg), route_prefix=s.route_prefix, host=s.host, port=s.port,
-                               request_timeout_s=s.request_timeout_s)
+    return serve_deploy_config(
+        app_args_from_config(cfg),
+        route_prefix=s.route_prefix,
+        host=s.host,
+        port=s.port,
+        request_timeout_s=s.request_timeout_s,
+    )
 
 
 def check_serve_exposure(cfg: Any) -> None:
@@ -65,9 +77,14 @@ def check_serve_exposure(cfg: Any) -> None:
     check_exposure(s.host, token_from_env(s.api_token_env), s.allow_unauthenticated, token_env=s.api_token_env)
 
 
-def swap_index_from_config(cfg: Any, version: str | None = None, index: str | None = None,
-                           watch_latest: bool | None = None, timeout_s: float = 120.0,
-                           expect_version: str | None = None) -> dict[str, Any]:
+def swap_index_from_config(
+    cfg: Any,
+    version: str | None = None,
+    index: str | None = None,
+    watch_latest: bool | None = None,
+    timeout_s: float = 120.0,
+    expect_version: str | None = None,
+) -> dict[str, Any]:
     """Hot-swap the index of the app :func:`serve_from_config` deployed from ``cfg`` (same Ray cluster).
 
     Redeploys the same Serve config with only the Retriever's ``user_config`` changed (Serve calls
@@ -79,8 +96,13 @@ def swap_index_from_config(cfg: Any, version: str | None = None, index: str | No
 
     s = cfg.serve
     watch = s.watch_latest if watch_latest is None else watch_latest
-    config = with_index(_deploy_config_of(cfg), index or s.index, version, watch_latest=watch and version is None,
-                        watch_interval_s=s.watch_interval_s)
+    config = with_index(
+        _deploy_config_of(cfg),
+        index or s.index,
+        version,
+        watch_latest=watch and version is None,
+        watch_interval_s=s.watch_interval_s,
+    )
     deploy_config(config)
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}/v1/index"
     from raggen.serve.auth import token_from_env
@@ -95,8 +117,10 @@ def swap_index_from_config(cfg: Any, version: str | None = None, index: str | No
             info = httpx.get(url, headers=headers, timeout=10).json()
         except (httpx.HTTPError, ValueError):
             info = {}
-        refused = info.get("last_error") and (want in info["last_error"]  # redacted: only "requested" names it
-                                              or str(info.get("requested") or "").rpartition("@")[2] == want)
+        refused = info.get("last_error") and (
+            want in info["last_error"]  # redacted: only "requested" names it
+            or str(info.get("requested") or "").rpartition("@")[2] == want
+        )
         if want is None or info.get("version") == want or refused:
             return info
         time.sleep(0.5)
@@ -113,8 +137,11 @@ def serve_from_config(cfg: Any, blocking: bool = True) -> str:
     deploy_config(_deploy_config_of(cfg))
     wait_until_running(APP_NAME)
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
-    print(f"raggen: serving on {url}  (POST {url}/v1/answer, POST {url}/v1/chat/completions, "
-          f"GET {url}/v1/index, GET {url}/healthz)", flush=True)
+    print(
+        f"raggen: serving on {url}  (POST {url}/v1/answer, POST {url}/v1/chat/completions, "
+        f"GET {url}/v1/index, GET {url}/healthz)",
+        flush=True,
+    )
     if not blocking:
         print("raggen: deployed; the service lives as long as the Ray cluster it runs on", flush=True)
         return url
@@ -140,9 +167,7 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
-
-def swap_running_index(cfg: Any, version: str | None = None, *,
-                       timeout_s: float = 120.0) -> tuple[str, dict[str, Any]]:
+def swap_running_index(cfg: Any, version: str | None = None, *, timeout_s: float = 120.0) -> tuple[str, dict[str, Any]]:
     """``raggen serve swap CONFIG --version V | --latest``: pin the running service (the app
     :func:`serve_from_config` deployed from ``cfg``) to ``version`` of ``serve.index``, or (None)
     unpin it: serve the version LATEST names, following it when ``serve.watch_latest``.
@@ -160,12 +185,16 @@ def swap_running_index(cfg: Any, version: str | None = None, *,
         try:
             ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
         except ConnectionError:
-            raise RaggenError("serve swap: no running Ray cluster found (start the service with `raggen serve CONFIG "
-                              "--detach`, or set RAY_ADDRESS to its cluster)") from None
+            raise RaggenError(
+                "serve swap: no running Ray cluster found (start the service with `raggen serve CONFIG "
+                "--detach`, or set RAY_ADDRESS to its cluster)"
+            ) from None
     app = serve.status().applications.get(APP_NAME)
     if app is None or app.status != "RUNNING":
-        raise RaggenError(f"serve swap: no running raggen service on this Ray cluster (app {APP_NAME!r}: "
-                          f"{'absent' if app is None else app.status})")
+        raise RaggenError(
+            f"serve swap: no running raggen service on this Ray cluster (app {APP_NAME!r}: "
+            f"{'absent' if app is None else app.status})"
+        )
     want = version or read_latest(s.index, s.s3.storage_options())
     if want is None:
         raise ConfigError(f"serve.index: {s.index}: LATEST names no version (nothing published)")

@@ -8,21 +8,20 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from raggen.errors import ConfigError, RaggenError
-from raggen.train.sinks import require_mlflow, summary_writer_class
+from raggen.train.sinks import TENSORBOARD_DIR, require_mlflow, summary_writer_class
 from raggen.train.trainer import (
-    group_summary,
-    resolve_use_gpu,
     export_final,
+    group_summary,
     local_metrics_path,
     local_run_dir,
     make_trainer,
     qa_items,
+    resolve_use_gpu,
     run_index_uri,
     run_uri,
     save_run_config,
     start_index_group,
 )
-from raggen.train.sinks import TENSORBOARD_DIR
 
 if TYPE_CHECKING:
     from raggen.config import ModelSection, RaggenConfig, S3Config, TrainSection
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def s3_options(s3: "S3Config | None") -> dict[str, Any] | None:
+def s3_options(s3: S3Config | None) -> dict[str, Any] | None:
     """The config's S3 section as ``raggen.storage.S3Options`` fields (None when all unset)."""
     return s3.storage_options() if s3 is not None else None
 
@@ -41,7 +40,7 @@ def _encoder_spec(section) -> dict[str, Any] | None:
     return section.model_dump()
 
 
-def model_spec(model: "ModelSection") -> dict[str, Any]:
+def model_spec(model: ModelSection) -> dict[str, Any]:
     return {
         "query_encoder": _encoder_spec(model.query_encoder),
         "posterior_encoder": _encoder_spec(model.posterior_encoder),
@@ -52,7 +51,7 @@ def model_spec(model: "ModelSection") -> dict[str, Any]:
     }
 
 
-def step_spec(train: "TrainSection") -> dict[str, Any]:
+def step_spec(train: TrainSection) -> dict[str, Any]:
     """``raggen.train.step.StepSettings`` fields. The JSA temperature also scales VRAG's p and q,
     so the two posterior-retriever estimators are compared at the same temperature."""
     gumbel = train.estimator == "gumbel-rerank"
@@ -72,14 +71,14 @@ def step_spec(train: "TrainSection") -> dict[str, Any]:
     }
 
 
-def config_yaml(cfg: "RaggenConfig") -> str:
+def config_yaml(cfg: RaggenConfig) -> str:
     """The full validated config as YAML (``load_config`` of it gives ``cfg`` back): saved with the run."""
     import yaml
 
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def sinks_spec(t: "TrainSection") -> dict[str, Any]:
+def sinks_spec(t: TrainSection) -> dict[str, Any]:
     """``raggen.train.sinks.open_sinks`` input; a missing optional package fails here, on the driver."""
     spec: dict[str, Any] = {"tensorboard_dir": None, "mlflow": None}
     if t.tensorboard:
@@ -87,12 +86,16 @@ def sinks_spec(t: "TrainSection") -> dict[str, Any]:
         spec["tensorboard_dir"] = os.path.join(local_run_dir(t.storage_path, t.name), TENSORBOARD_DIR)
     if t.mlflow_tracking_uri:
         require_mlflow()
-        spec["mlflow"] = {"tracking_uri": t.mlflow_tracking_uri, "experiment": t.mlflow_experiment, "run_name": t.name,
-                          "params": t.model_dump(mode="json", exclude={"s3"})}
+        spec["mlflow"] = {
+            "tracking_uri": t.mlflow_tracking_uri,
+            "experiment": t.mlflow_experiment,
+            "run_name": t.name,
+            "params": t.model_dump(mode="json", exclude={"s3"}),
+        }
     return spec
 
 
-def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_gpu: bool = False) -> dict[str, Any]:
+def train_loop_config(cfg: RaggenConfig, metrics_path: str | None = None, use_gpu: bool = False) -> dict[str, Any]:
     """Everything ``raggen.train.loop.train_func`` reads, as plain JSON-able values."""
     t = cfg.train
     if t.train_passage_encoder and t.estimator == "gumbel-rerank":
@@ -129,15 +132,19 @@ def train_loop_config(cfg: "RaggenConfig", metrics_path: str | None = None, use_
     }
 
 
-def index_spec(cfg: "RaggenConfig") -> dict[str, Any]:
+def index_spec(cfg: RaggenConfig) -> dict[str, Any]:
     """How workers open ``train.index``: with the ``index.search`` settings (local, shard actors,
     nprobe / efSearch); ``run_training`` adds ``group`` (the shard actors it started) when the
     settings ask for actors."""
-    return {"uri": cfg.train.index, "version": None, "s3": s3_options(cfg.train.s3),
-            "search": cfg.index.search.model_dump(mode="json")}
+    return {
+        "uri": cfg.train.index,
+        "version": None,
+        "s3": s3_options(cfg.train.s3),
+        "search": cfg.index.search.model_dump(mode="json"),
+    }
 
 
-def passage_encoder_spec(cfg: "RaggenConfig") -> dict[str, Any]:
+def passage_encoder_spec(cfg: RaggenConfig) -> dict[str, Any]:
     """d(z) as the searched index was computed: encoder, pooling and normalisation from the manifest of
     ``train.index`` (so trained d(z) starts equal to the stored vectors even if ``index.encoder`` names
     another model), ``max_length`` from ``index.encoder`` (refreshes encode with that section)."""
@@ -149,13 +156,23 @@ def passage_encoder_spec(cfg: "RaggenConfig") -> dict[str, Any]:
     except (RaggenError, FileNotFoundError) as exc:
         raise ConfigError(f"train.index: {cfg.train.index}: cannot read its manifest ({exc})") from None
     if encoder.name_or_path != spec["name_or_path"]:
-        log.warning("train.index was encoded with %s, index.encoder names %s: the trained passage encoder "
-                    "starts from the index's", encoder.name_or_path, spec["name_or_path"])
-    return {**spec, "name_or_path": encoder.name_or_path, "pooling": encoder.pooling, "normalize": encoder.normalize,
-            "passage_format": encoder.passage_format, "s3": s3_options(cfg.train.s3)}
+        log.warning(
+            "train.index was encoded with %s, index.encoder names %s: the trained passage encoder "
+            "starts from the index's",
+            encoder.name_or_path,
+            spec["name_or_path"],
+        )
+    return {
+        **spec,
+        "name_or_path": encoder.name_or_path,
+        "pooling": encoder.pooling,
+        "normalize": encoder.normalize,
+        "passage_format": encoder.passage_format,
+        "s3": s3_options(cfg.train.s3),
+    }
 
 
-def refresh_spec(cfg: "RaggenConfig", passage_encoder: dict[str, Any]) -> dict[str, Any]:
+def refresh_spec(cfg: RaggenConfig, passage_encoder: dict[str, Any]) -> dict[str, Any]:
     """``raggen.train.refresh.RefreshSpec`` fields: the index section's build settings, publishing
     into the run's own index root; ``passage_encoder`` is ``passage_encoder_spec(cfg)``."""
     t = cfg.train
@@ -166,16 +183,25 @@ def refresh_spec(cfg: "RaggenConfig", passage_encoder: dict[str, Any]) -> dict[s
     for key in ("passages_uri", "output_uri", "encoder_name_or_path", "version", "s3_options"):
         build.pop(key)
     # the refreshed vectors are d(z) as the trained encoder computes it
-    build.update(pooling=passage_encoder["pooling"], normalize=passage_encoder["normalize"],
-                 passage_format=passage_encoder["passage_format"])
+    build.update(
+        pooling=passage_encoder["pooling"],
+        normalize=passage_encoder["normalize"],
+        passage_format=passage_encoder["passage_format"],
+    )
     staging = os.path.join(local_run_dir(t.storage_path, t.name), "refresh")  # encoder snapshots: local folders
     snapshots = f"{t.storage_path.rstrip('/')}/{t.name}/refresh" if t.storage_path.startswith("s3://") else None
-    return {"every": t.refresh_index_every, "passages_uri": passages_uri,
-            "output_uri": run_index_uri(t.storage_path, t.name), "staging_dir": staging,
-            "build": build, "s3": s3_options(t.s3), "snapshot_uri": snapshots}
+    return {
+        "every": t.refresh_index_every,
+        "passages_uri": passages_uri,
+        "output_uri": run_index_uri(t.storage_path, t.name),
+        "staging_dir": staging,
+        "build": build,
+        "s3": s3_options(t.s3),
+        "snapshot_uri": snapshots,
+    }
 
 
-def run_training(cfg: "RaggenConfig", extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_training(cfg: RaggenConfig, extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train as the config says (starting Ray if needed); returns a JSON-able summary."""
     from raggen.ray_utils import ensure_ray
     from raggen.train.heldout import check_dev_file
@@ -193,9 +219,15 @@ def run_training(cfg: "RaggenConfig", extra_loop_config: dict[str, Any] | None =
     group = start_index_group(loop_config)  # one group of shard actors for every worker (index.search)
     try:
         trainer = make_trainer(
-            loop_config, items, name=t.name, storage_path=t.storage_path,
-            num_workers=t.num_workers, use_gpu=use_gpu, cpus_per_worker=t.cpus_per_worker,
-            max_failures=t.max_failures, s3=s3,
+            loop_config,
+            items,
+            name=t.name,
+            storage_path=t.storage_path,
+            num_workers=t.num_workers,
+            use_gpu=use_gpu,
+            cpus_per_worker=t.cpus_per_worker,
+            max_failures=t.max_failures,
+            s3=s3,
         )
         result = trainer.fit()
         index_group = group_summary(group)
@@ -213,4 +245,3 @@ def run_training(cfg: "RaggenConfig", extra_loop_config: dict[str, Any] | None =
         "metrics_jsonl": metrics_path,
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
     }
-

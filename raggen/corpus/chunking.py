@@ -70,8 +70,9 @@ def parse_passage_id(pid: str) -> tuple[str, int]:
     return doc_id, int(offset)
 
 
-def iter_chunked(docs: Iterable[tuple[str, str, str]], words: int = 100,
-                 overlap: int = 0) -> Iterator[tuple[str, str, str, str, int]]:
+def iter_chunked(
+    docs: Iterable[tuple[str, str, str]], words: int = 100, overlap: int = 0
+) -> Iterator[tuple[str, str, str, str, int]]:
     """(passage id, text, title, doc id, offset) for each window of each (doc id, title, text).
 
     A document id seen twice is a ValueError (its passage ids would collide); a document with no

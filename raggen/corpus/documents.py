@@ -60,7 +60,9 @@ class DocumentSettings:
         if self.chunk_words < 1:
             raise ConfigError(f"chunk_words: must be >= 1, got {self.chunk_words}")
         if not 0 <= self.chunk_overlap < self.chunk_words:
-            raise ConfigError(f"chunk_overlap: must be in [0, chunk_words={self.chunk_words}), got {self.chunk_overlap}")
+            raise ConfigError(
+                f"chunk_overlap: must be in [0, chunk_words={self.chunk_words}), got {self.chunk_overlap}"
+            )
         if self.format not in DOCUMENT_FORMATS:
             raise ConfigError(f"format: documents are read as {', '.join(DOCUMENT_FORMATS)}; got {self.format!r}")
 
@@ -141,7 +143,9 @@ def _text_document(path: Path, rel: str, source: str) -> Document:
     return Document(id=rel, title=title or stem, text=text)
 
 
-def _field(source: str, where: str, obj: Mapping[str, Any], key: str, *, required: bool, allow_int: bool = False) -> str:
+def _field(
+    source: str, where: str, obj: Mapping[str, Any], key: str, *, required: bool, allow_int: bool = False
+) -> str:
     value = obj.get(key)
     if value is None:
         if required:
@@ -156,8 +160,9 @@ def _table_document(source: str, where: str, obj: Mapping[str, Any]) -> Document
     doc_id = _field(source, where, obj, "id", required=True, allow_int=True).strip()
     if not doc_id:
         raise DataError(f"{source}: {where}: empty document id")
-    return Document(doc_id, _field(source, where, obj, "title", required=False),
-                    _field(source, where, obj, "text", required=True))
+    return Document(
+        doc_id, _field(source, where, obj, "title", required=False), _field(source, where, obj, "text", required=True)
+    )
 
 
 def _jsonl_documents(path: Path, source: str) -> Iterator[Document]:
@@ -196,8 +201,9 @@ def _file_documents(path: Path, rel: str, source: str, format: str) -> Iterator[
     elif kind == "parquet":
         yield from _parquet_documents(path, source)
     else:
-        raise DataError(f"{source}: not a document file (expected .md, .markdown, .txt, .jsonl[.gz], .json[.gz] "
-                        "or .parquet)")
+        raise DataError(
+            f"{source}: not a document file (expected .md, .markdown, .txt, .jsonl[.gz], .json[.gz] or .parquet)"
+        )
 
 
 def document_files(uri: str, s3_options: Mapping[str, Any] | None = None) -> tuple[bool, list[str]]:
@@ -224,7 +230,9 @@ def document_files(uri: str, s3_options: Mapping[str, Any] | None = None) -> tup
     return True, names
 
 
-def iter_documents(uri: str, *, format: str = "auto", s3_options: Mapping[str, Any] | None = None) -> Iterator[Document]:
+def iter_documents(
+    uri: str, *, format: str = "auto", s3_options: Mapping[str, Any] | None = None
+) -> Iterator[Document]:
     """Every document of a file or folder (local or s3://), in file-name order (one object at a time
     is downloaded from S3)."""
     from raggen.storage import is_s3_uri, join_uri, open_store
@@ -280,8 +288,14 @@ def write_markdown_documents(docs, folder: str | os.PathLike) -> Path:
 def _prepared_key(uri: str, settings: DocumentSettings, s3_options) -> str:
     from raggen.storage import content_fingerprint
 
-    signature = {"uri": str(uri), "content": content_fingerprint(str(uri), s3_options), "words": settings.chunk_words,
-                     "overlap": settings.chunk_overlap, "format": settings.format, "version": _PREPARE_VERSION}
+    signature = {
+        "uri": str(uri),
+        "content": content_fingerprint(str(uri), s3_options),
+        "words": settings.chunk_words,
+        "overlap": settings.chunk_overlap,
+        "format": settings.format,
+        "version": _PREPARE_VERSION,
+    }
     return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -289,8 +303,9 @@ def default_chunk_dir() -> str:
     return str(Path(tempfile.gettempdir()) / "raggen-documents")
 
 
-def write_passages_parquet(docs: Iterator[Document], path: str | os.PathLike, settings: DocumentSettings,
-                           *, batch_rows: int = 8192) -> tuple[int, int]:
+def write_passages_parquet(
+    docs: Iterator[Document], path: str | os.PathLike, settings: DocumentSettings, *, batch_rows: int = 8192
+) -> tuple[int, int]:
     """Chunk ``docs`` into ``path`` (parquet: id, title, text, doc_id, offset), streamed in batches and
     published atomically; returns (documents, passages)."""
     import pyarrow as pa
@@ -333,8 +348,9 @@ def write_passages_parquet(docs: Iterator[Document], path: str | os.PathLike, se
     return counts["docs"], passages
 
 
-def prepare_documents(uri: str, settings: DocumentSettings = DocumentSettings(),
-                      s3_options: Mapping[str, Any] | None = None) -> str:
+def prepare_documents(
+    uri: str, settings: DocumentSettings = DocumentSettings(), s3_options: Mapping[str, Any] | None = None
+) -> str:
     """The passage file (parquet) of the document corpus ``uri``: chunked now, or reused when an
     earlier call with the same corpus content and settings made it. It lies at
     ``<chunk_dir>/<key>/passages.parquet`` (``key``: corpus content + settings) beside a
@@ -354,14 +370,24 @@ def prepare_documents(uri: str, settings: DocumentSettings = DocumentSettings(),
         with tempfile.TemporaryDirectory(prefix="raggen-chunk-") as tmp:
             n_docs, n_passages = write_passages_parquet(docs, Path(tmp) / PREPARED_NAME, settings)
             store = open_store(folder, s3_options)
-            store.write_bytes("chunking.json", json.dumps({**info, "documents": n_docs, "passages": n_passages}).encode())
+            store.write_bytes(
+                "chunking.json", json.dumps({**info, "documents": n_docs, "passages": n_passages}).encode()
+            )
             store.upload_file(Path(tmp) / PREPARED_NAME, PREPARED_NAME)  # one PUT: the object appears whole
     else:
         from raggen.storage import atomic_write_bytes
 
         n_docs, n_passages = write_passages_parquet(docs, target, settings)
-        atomic_write_bytes(Path(folder) / "chunking.json",
-                           json.dumps({**info, "documents": n_docs, "passages": n_passages}).encode())
-    log.info("documents %s: %d documents -> %d passages of %d words (overlap %d) in %s", uri, n_docs, n_passages,
-             settings.chunk_words, settings.chunk_overlap, target)
+        atomic_write_bytes(
+            Path(folder) / "chunking.json", json.dumps({**info, "documents": n_docs, "passages": n_passages}).encode()
+        )
+    log.info(
+        "documents %s: %d documents -> %d passages of %d words (overlap %d) in %s",
+        uri,
+        n_docs,
+        n_passages,
+        settings.chunk_words,
+        settings.chunk_overlap,
+        target,
+    )
     return target

@@ -73,8 +73,9 @@ def _read_qa_csv(path: Path) -> list[QAExample]:
     examples: list[QAExample] = []
     for lineno, row in iter_tsv_rows(path, strict=False):  # as DPR reads its QA files
         if len(row) != 2:
-            raise DataError(f"{path}: line {lineno}: expected 2 tab-separated fields "
-                            f"(question, answers), found {len(row)}")
+            raise DataError(
+                f"{path}: line {lineno}: expected 2 tab-separated fields (question, answers), found {len(row)}"
+            )
         question = _check_question(path, lineno, row[0])
         answers = _parse_answer_list(path, lineno, row[1], literal=True)
         examples.append(QAExample(id=str(len(examples)), question=question, answers=answers))
@@ -98,12 +99,14 @@ def _read_qa_jsonl(path: Path) -> list[QAExample]:
         gold = obj.get("gold_passage_ids") or []
         if not isinstance(gold, list) or not all(isinstance(g, (str, int)) for g in gold):
             raise DataError(f"{path}: line {lineno}: column 'gold_passage_ids' must be a list of ids")
-        examples.append(QAExample(
-            id=qid,
-            question=_check_question(path, lineno, obj["question"]),
-            answers=_parse_answer_list(path, lineno, obj["answers"], literal=False),
-            gold_passage_ids=[str(g) for g in gold],
-        ))
+        examples.append(
+            QAExample(
+                id=qid,
+                question=_check_question(path, lineno, obj["question"]),
+                answers=_parse_answer_list(path, lineno, obj["answers"], literal=False),
+                gold_passage_ids=[str(g) for g in gold],
+            )
+        )
     return examples
 
 
@@ -144,7 +147,16 @@ def write_qa_jsonl(path: str | Path, examples: Iterable[QAExample]) -> Path:
     path = Path(path)
     with atomic_writer(path) as f:
         for ex in examples:
-            f.write(json.dumps({"id": ex.id, "question": ex.question, "answers": list(ex.answers),
-                                "gold_passage_ids": list(ex.gold_passage_ids)},
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": ex.id,
+                        "question": ex.question,
+                        "answers": list(ex.answers),
+                        "gold_passage_ids": list(ex.gold_passage_ids),
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     return path

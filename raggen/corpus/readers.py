@@ -66,8 +66,10 @@ def detect_format(path: str | Path, format: str = "auto") -> str:
         return fmt
     fmt = format_from_name(Path(path).name)
     if fmt is None:
-        raise DataError(f"{path}: cannot tell the format from the file name "
-                        "(expected .tsv, .tsv.gz, .jsonl, .jsonl.gz, .json or .parquet)")
+        raise DataError(
+            f"{path}: cannot tell the format from the file name "
+            "(expected .tsv, .tsv.gz, .jsonl, .jsonl.gz, .json or .parquet)"
+        )
     return fmt
 
 
@@ -118,8 +120,9 @@ def iter_lines(f: Any, source: str | Path) -> Iterator[tuple[int, str]]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{source}: line {lineno}: not valid UTF-8 "
-                            f"(byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+            raise DataError(
+                f"{source}: line {lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            ) from None
         if lineno == 1 and line.startswith("\ufeff"):
             line = line[1:]
         yield lineno, line
@@ -145,7 +148,7 @@ class _LineTracker:
         self.lineno = 0
 
     def __iter__(self) -> Iterator[str]:
-        for self.lineno, line in self.lines:
+        for self.lineno, line in self.lines:  # noqa: B020 - the tracker records where each line came from
             yield line
 
 
@@ -209,7 +212,9 @@ class _SeenIds:
         return False
 
 
-def check_passage(source: str | Path, where: str, pid: str | None, text: str | None, seen: _SeenIds | None = None) -> None:
+def check_passage(
+    source: str | Path, where: str, pid: str | None, text: str | None, seen: _SeenIds | None = None
+) -> None:
     """The one passage check (readers here and the Ray Data pipeline): an id and a text that are
     present and not blank, and (with ``seen``) an id not seen before. ``where`` is "line N" or
     "row N". Raises a DataError naming the file and the place."""
@@ -276,8 +281,10 @@ def _tsv_records(f: Any, source: str | Path, batch_size: int) -> Iterator[Passag
     batch = PassageRecords("line")
     for lineno, row in rows:
         if len(row) != len(header):
-            raise DataError(f"{source}: line {lineno}: expected {len(header)} tab-separated fields "
-                            f"({', '.join(header)}), found {len(row)}")
+            raise DataError(
+                f"{source}: line {lineno}: expected {len(header)} tab-separated fields "
+                f"({', '.join(header)}), found {len(row)}"
+            )
         pid, text = row[i_id].strip(), row[i_text]
         check_passage(source, f"line {lineno}", pid, text, seen)
         batch.add(pid, text, row[i_title] if i_title is not None else "", lineno)
@@ -295,8 +302,7 @@ def _jsonl_field(source: str | Path, lineno: int, obj: dict, key: str, required:
             raise missing_column(source, key, list(obj), f"line {lineno}")
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise DataError(f"{source}: line {lineno}: column {key!r} must be a string, "
-                        f"got {type(value).__name__}")
+        raise DataError(f"{source}: line {lineno}: column {key!r} must be a string, got {type(value).__name__}")
     return str(value)
 
 
@@ -382,8 +388,7 @@ def iter_passage_records(f: Any, source: str | Path, format: str, batch_size: in
 # --------------------------------------------------------------------------- public API
 
 
-def iter_passage_batches(path: str | Path, format: str = "auto",
-                         batch_size: int = 10000) -> Iterator[pd.DataFrame]:
+def iter_passage_batches(path: str | Path, format: str = "auto", batch_size: int = 10000) -> Iterator[pd.DataFrame]:
     """Stream a passage file as DataFrames of at most ``batch_size`` rows (id, text, title).
 
     Memory stays bounded by the batch (plus a bitmap of seen ids), so DPR's 21M-line TSV streams.
@@ -419,8 +424,7 @@ def write_passages(path: str | Path, passages: pd.DataFrame, format: str = "auto
         raise ValueError(f"passages lack column(s) {missing}")
     ids = passages["id"].astype(str).tolist()
     texts = passages["text"].astype(str).tolist()
-    titles = (passages["title"].fillna("").astype(str).tolist() if "title" in passages.columns
-              else [""] * len(ids))
+    titles = passages["title"].fillna("").astype(str).tolist() if "title" in passages.columns else [""] * len(ids)
     fmt = detect_format(path, format)
     if fmt == "dpr-tsv":
         with atomic_writer(path) as f:

@@ -125,11 +125,19 @@ class World:
     def counts(self) -> dict[str, int]:
         kinds = Counter(e.kind for e in self.entities)
         words = self.passages_v1["text"].str.split().str.len()
-        return {"entities": len(self.entities), "people": kinds["person"], "towns": kinds["town"],
-                "companies": kinds["company"],
-                "passages": len(self.passages_v1), "facts": len(self.facts),
-                "train": len(self.train), "dev": len(self.dev), "test": len(self.test),
-                "changed": len(self.changed), "mean_passage_words": round(float(words.mean()), 1)}
+        return {
+            "entities": len(self.entities),
+            "people": kinds["person"],
+            "towns": kinds["town"],
+            "companies": kinds["company"],
+            "passages": len(self.passages_v1),
+            "facts": len(self.facts),
+            "train": len(self.train),
+            "dev": len(self.dev),
+            "test": len(self.test),
+            "changed": len(self.changed),
+            "mean_passage_words": round(float(words.mean()), 1),
+        }
 
 
 @dataclass
@@ -260,8 +268,7 @@ def _world_names(cfg: WorldConfig, rng: random.Random) -> tuple[dict[str, list[s
     towns = _distinct(rng, n_towns, lambda: _town_name(rng.choice(town_stems), rng))
     company_stems = [words.take(lambda r: _word(r, 2)) for _ in range(max(2, n_companies // 3))]
     company_stems += rng.sample(surnames, k=min(len(surnames), max(1, len(company_stems) // 3)))
-    companies = _distinct(rng, n_companies,
-                          lambda: f"{rng.choice(company_stems)} {rng.choice(T.COMPANY_KINDS)}")
+    companies = _distinct(rng, n_companies, lambda: f"{rng.choice(company_stems)} {rng.choice(T.COMPANY_KINDS)}")
     rivers = [words.take(lambda r: _word(r, 2)) for _ in range(max(4, n_towns // 4))]
     provinces = [words.take(lambda r: _word(r, 3)) for _ in range(max(3, n_towns // 12))]
     by_kind = {"person": people, "town": towns, "company": companies}
@@ -290,8 +297,7 @@ class _NoValue(Exception):
     """Every value of a type is already used in this passage (only in tiny worlds)."""
 
 
-def _draw_value(vtype: str, rng: random.Random, names, exclude: set[str],
-                years: tuple[int, int] = (1050, 1999)) -> str:
+def _draw_value(vtype: str, rng: random.Random, names, exclude: set[str], years: tuple[int, int] = (1050, 1999)) -> str:
     """A value of a type ("year" within ``years``, a pool, or a name kind) not in ``exclude``."""
     for _ in range(200):
         if vtype == "year":
@@ -337,8 +343,15 @@ def _subject_slots(entity: Entity, rng: random.Random) -> dict[str, str]:
         subj, poss = entity.name, f"{entity.name}'s"
     else:
         subj, poss = subj_pron, poss_pron
-    return {"name": entity.name, "subj": subj, "Subj": subj[0].upper() + subj[1:], "poss": poss,
-            "Poss": poss[0].upper() + poss[1:], "pron": poss_pron, "Pron": poss_pron.capitalize()}
+    return {
+        "name": entity.name,
+        "subj": subj,
+        "Subj": subj[0].upper() + subj[1:],
+        "poss": poss,
+        "Poss": poss[0].upper() + poss[1:],
+        "pron": poss_pron,
+        "Pron": poss_pron.capitalize(),
+    }
 
 
 def _filler(entity: Entity, template: str, rng: random.Random, names, used: set[str]) -> _Sentence:
@@ -357,8 +370,9 @@ def _count_words(s: _Sentence, values: dict[str, str]) -> int:
     return len(_render_sentence(s, values).split())
 
 
-def _build_passage(pid: str, entity: Entity, attributes: list[str], first: bool,
-                   rng: random.Random, names, target_words: int) -> _PassageSpec:
+def _build_passage(
+    pid: str, entity: Entity, attributes: list[str], first: bool, rng: random.Random, names, target_words: int
+) -> _PassageSpec:
     """One passage: an opening, the facts, distractor sentences up to ~target_words, shuffled."""
     values = entity.attributes
     used = set(values.values()) | {entity.name}
@@ -389,17 +403,19 @@ def _new_entity(eid: str, kind: str, name: str, rng: random.Random, names) -> En
     pronoun = rng.choice(("she", "he")) if kind == "person" else kind
     attributes: dict[str, str] = {}
     for attribute, vtype in T.ATTRIBUTES[kind].items():
-        attributes[attribute] = _draw_value(vtype, rng, names, set(attributes.values()) | {name},
-                                            T.YEAR_RANGES.get(attribute, FILLER_YEARS[kind]))
+        attributes[attribute] = _draw_value(
+            vtype, rng, names, set(attributes.values()) | {name}, T.YEAR_RANGES.get(attribute, FILLER_YEARS[kind])
+        )
     return Entity(eid, kind, name, pronoun, attributes)
 
 
-def _entity_passages(entity: Entity, rng: random.Random, names, facts_per_passage: int,
-                     target_words: int) -> list[_PassageSpec]:
+def _entity_passages(
+    entity: Entity, rng: random.Random, names, facts_per_passage: int, target_words: int
+) -> list[_PassageSpec]:
     """The entity's facts spread over passages; each fact's value occurs once in its passage."""
     attributes = list(entity.attributes)
     rng.shuffle(attributes)
-    groups = [attributes[i:i + facts_per_passage] for i in range(0, len(attributes), facts_per_passage)]
+    groups = [attributes[i : i + facts_per_passage] for i in range(0, len(attributes), facts_per_passage)]
     specs = []
     for k, group in enumerate(groups):
         for _ in range(50):
@@ -436,19 +452,32 @@ def build_world(cfg: WorldConfig) -> World:
             specs.append(spec)
             for s in spec.sentences:
                 if s.attribute is not None:
-                    facts.append(Fact(f"{e.id}.{s.attribute}", e.id, s.attribute, e.attributes[s.attribute],
-                                      e.attributes[s.attribute], spec.id, "train",
-                                      _question(e, s.attribute, rng)))
+                    facts.append(
+                        Fact(
+                            f"{e.id}.{s.attribute}",
+                            e.id,
+                            s.attribute,
+                            e.attributes[s.attribute],
+                            e.attributes[s.attribute],
+                            spec.id,
+                            "train",
+                            _question(e, s.attribute, rng),
+                        )
+                    )
     facts.sort(key=lambda f: f.id)
     _assign_splits(facts, cfg, rng)
     texts_v1 = {s.id: s.render(s.entity.attributes) for s in specs}
     texts_v2 = _change_facts(facts, specs, texts_v1, cfg, rng, names)
     return World(
-        config=cfg, entities=entities, facts=facts,
-        passages_v1=_passage_frame(specs, texts_v1), passages_v2=_passage_frame(specs, texts_v2),
+        config=cfg,
+        entities=entities,
+        facts=facts,
+        passages_v1=_passage_frame(specs, texts_v1),
+        passages_v2=_passage_frame(specs, texts_v2),
         **{split: [_qa(f) for f in facts if f.split == split] for split in SPLITS},
-        changed=[ChangedFact(f.id, f.question, [f.value], [f.value_v2], [f.passage_id], f.split)
-                 for f in facts if f.changed],
+        changed=[
+            ChangedFact(f.id, f.question, [f.value], [f.value_v2], [f.passage_id], f.split) for f in facts if f.changed
+        ],
     )
 
 
@@ -461,8 +490,9 @@ def _assign_splits(facts: list[Fact], cfg: WorldConfig, rng: random.Random) -> N
         facts[i].split = "test" if rank < n_test else "dev" if rank < n_test + n_dev else "train"
 
 
-def _change_facts(facts: list[Fact], specs: list[_PassageSpec], texts_v1: dict[str, str],
-                  cfg: WorldConfig, rng: random.Random, names) -> dict[str, str]:
+def _change_facts(
+    facts: list[Fact], specs: list[_PassageSpec], texts_v1: dict[str, str], cfg: WorldConfig, rng: random.Random, names
+) -> dict[str, str]:
     """Give ``changed_fraction`` of the facts a new value; return the v2 passage texts."""
     by_id = {s.id: s for s in specs}
     wanted = round(cfg.changed_fraction * len(facts))
@@ -501,8 +531,10 @@ def _new_value(f: Fact, spec: _PassageSpec, text_v1: str, rng: random.Random, na
 
 
 def _passage_frame(specs: list[_PassageSpec], texts: dict[str, str]) -> pd.DataFrame:
-    return pd.DataFrame({"id": [s.id for s in specs], "text": [texts[s.id] for s in specs],
-                         "title": [s.entity.name for s in specs]}, columns=["id", "text", "title"])
+    return pd.DataFrame(
+        {"id": [s.id for s in specs], "text": [texts[s.id] for s in specs], "title": [s.entity.name for s in specs]},
+        columns=["id", "text", "title"],
+    )
 
 
 def _qa(f: Fact) -> QAExample:
@@ -514,10 +546,13 @@ def write_world(out_dir: str | Path, cfg: WorldConfig) -> WorldFiles:
     out = Path(out_dir)
     world = build_world(cfg)
     files = WorldFiles(
-        out_dir=out, passages_v1=out / "passages.tsv", passages_v2=out / "passages_v2.tsv",
+        out_dir=out,
+        passages_v1=out / "passages.tsv",
+        passages_v2=out / "passages_v2.tsv",
         **{f"{s}_csv": out / f"{s}.qa.csv" for s in SPLITS},
         **{f"{s}_jsonl": out / f"{s}.jsonl" for s in SPLITS},
-        changed=out / "changed_v2.jsonl", world_json=out / "world.json",
+        changed=out / "changed_v2.jsonl",
+        world_json=out / "world.json",
     )
     write_passages(files.passages_v1, world.passages_v1)
     write_passages(files.passages_v2, world.passages_v2)
@@ -527,8 +562,12 @@ def write_world(out_dir: str | Path, cfg: WorldConfig) -> WorldFiles:
     with atomic_writer(files.changed) as f:
         for c in world.changed:
             f.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
-    summary = {"format": "raggen-world/1", "config": asdict(cfg), "counts": world.counts(),
-               "files": {k: v.name for k, v in asdict(files).items() if k != "out_dir"}}
+    summary = {
+        "format": "raggen-world/1",
+        "config": asdict(cfg),
+        "counts": world.counts(),
+        "files": {k: v.name for k, v in asdict(files).items() if k != "out_dir"},
+    }
     with atomic_writer(files.world_json) as f:
         f.write(json.dumps(summary, indent=2) + "\n")
     return files
@@ -539,10 +578,16 @@ def read_changed_facts(path: str | Path) -> list[ChangedFact]:
     out = []
     for lineno, obj in iter_jsonl_objects(path):
         try:
-            out.append(ChangedFact(id=str(obj["id"]), question=obj["question"],
-                                   answers_v1=list(obj["answers_v1"]), answers_v2=list(obj["answers_v2"]),
-                                   gold_passage_ids=[str(g) for g in obj["gold_passage_ids"]],
-                                   split=obj.get("split", "")))
+            out.append(
+                ChangedFact(
+                    id=str(obj["id"]),
+                    question=obj["question"],
+                    answers_v1=list(obj["answers_v1"]),
+                    answers_v2=list(obj["answers_v2"]),
+                    gold_passage_ids=[str(g) for g in obj["gold_passage_ids"]],
+                    split=obj.get("split", ""),
+                )
+            )
         except KeyError as e:
             raise DataError(f"{path}: line {lineno}: missing column {e.args[0]!r}") from None
     return out
@@ -551,8 +596,7 @@ def read_changed_facts(path: str | Path) -> list[ChangedFact]:
 # --------------------------------------------------------------------------- reader pre-training
 
 
-def reader_examples(seed: int, facts_per_passage: int = 3,
-                    passage_words: int = 100) -> Iterator[tuple[str, str, str]]:
+def reader_examples(seed: int, facts_per_passage: int = 3, passage_words: int = 100) -> Iterator[tuple[str, str, str]]:
     """Endless (question, passage, answer) triples, each about a newly invented entity.
 
     The passage is shown as ``title . text`` (as ``passage_text`` joins them); the answer is a

@@ -84,16 +84,33 @@ class ShardServer:
     verify fails the actor, hence the group's start). ``search`` returns this actor's merged
     top-k with global shard numbers; ``fetch`` the payloads of given row ids per shard."""
 
-    def __init__(self, version_uri: str, shards: list[int], *, s3_options=None, cache_dir=None,
-                 load_embeddings: bool | str = "auto", nprobe: int | None = None, ef_search: int | None = None,
-                 num_cpus: float = 1.0, use_gpu: bool = False, keep_cached_versions: int | None = 2,
-                 expect_version: str | None = None):
+    def __init__(
+        self,
+        version_uri: str,
+        shards: list[int],
+        *,
+        s3_options=None,
+        cache_dir=None,
+        load_embeddings: bool | str = "auto",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        num_cpus: float = 1.0,
+        use_gpu: bool = False,
+        keep_cached_versions: int | None = 2,
+        expect_version: str | None = None,
+    ):
         import faiss
 
         threads = max(1, int(num_cpus))
         faiss.omp_set_num_threads(threads)
-        loaded = load_version(version_uri, s3_options=s3_options, cache_dir=cache_dir, load_embeddings=load_embeddings,
-                              shards=shards, keep_cached_versions=keep_cached_versions)
+        loaded = load_version(
+            version_uri,
+            s3_options=s3_options,
+            cache_dir=cache_dir,
+            load_embeddings=load_embeddings,
+            shards=shards,
+            keep_cached_versions=keep_cached_versions,
+        )
         if expect_version is not None and loaded.version != expect_version:
             raise IndexIntegrityError(f"{version_uri}: holds version {loaded.version!r}, expected {expect_version!r}")
         self.version, self.shards = loaded.version, [int(s) for s in shards]
@@ -115,7 +132,9 @@ class ShardServer:
 
     def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True) -> dict[int, tuple]:
         """{shard number: row ids (n,)} -> {shard number: (ids, titles, texts, vectors (n, d) or None)}."""
-        return {int(s): self.backend.searchers[self._local[int(s)]].fetch(rows, embeddings) for s, rows in requests.items()}
+        return {
+            int(s): self.backend.searchers[self._local[int(s)]].fetch(rows, embeddings) for s, rows in requests.items()
+        }
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -141,8 +160,19 @@ def assign_shards(num_shards: int, shards_per_actor: int) -> list[list[int]]:
 class ShardActorGroup:
     """Handles to the shard actors serving one version (see the module docstring)."""
 
-    def __init__(self, *, name: str, uri: str, source_uri: str, manifest: Manifest, handles: list, assignment: list[list[int]],
-                 settings: SearchSettings, placement_group=None, owner: bool = False):
+    def __init__(
+        self,
+        *,
+        name: str,
+        uri: str,
+        source_uri: str,
+        manifest: Manifest,
+        handles: list,
+        assignment: list[list[int]],
+        settings: SearchSettings,
+        placement_group=None,
+        owner: bool = False,
+    ):
         self.name, self.uri, self.source_uri = name, uri, source_uri
         self.manifest, self.handles, self.assignment = manifest, handles, assignment
         self.settings, self.placement_group = settings, placement_group
@@ -160,10 +190,20 @@ class ShardActorGroup:
         return state
 
     @classmethod
-    def start(cls, uri: str, version: str | None = None, *, settings: SearchSettings | None = None,
-              s3_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
-              name: str | None = None, manifest: Manifest | None = None, load_embeddings: bool | str = "auto",
-              timeout_s: float = 600.0, source_uri: str | None = None) -> ShardActorGroup:
+    def start(
+        cls,
+        uri: str,
+        version: str | None = None,
+        *,
+        settings: SearchSettings | None = None,
+        s3_options: Mapping[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        name: str | None = None,
+        manifest: Manifest | None = None,
+        load_embeddings: bool | str = "auto",
+        timeout_s: float = 600.0,
+        source_uri: str | None = None,
+    ) -> ShardActorGroup:
         """Start the actors of ``version`` (LATEST when None) and return once every actor has
         loaded and verified its shards: a group that returns is verified. A version that does not
         verify raises IndexIntegrityError; either way a failed start leaves nothing running.
@@ -189,8 +229,10 @@ class ShardActorGroup:
         try:
             ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
             if not ready:
-                raise RuntimeError(f"shard actors: the cluster cannot place {len(assignment)} actors of {bundle} "
-                                   f"within {timeout_s:.0f} s (index.search.actor_num_cpus / shards_per_actor)")
+                raise RuntimeError(
+                    f"shard actors: the cluster cannot place {len(assignment)} actors of {bundle} "
+                    f"within {timeout_s:.0f} s (index.search.actor_num_cpus / shards_per_actor)"
+                )
             remote = ray.remote(ShardServer)
             for a, shards in enumerate(assignment):
                 handles.append(remote.options(
@@ -208,21 +250,43 @@ class ShardActorGroup:
                 ray.kill(h)
             remove_placement_group(pg)
             raise
-        group = cls(name=name, uri=vuri, source_uri=source_uri or str(uri), manifest=manifest, handles=handles, assignment=assignment,
-                    settings=settings, placement_group=pg, owner=True)
+        group = cls(
+            name=name,
+            uri=vuri,
+            source_uri=source_uri or str(uri),
+            manifest=manifest,
+            handles=handles,
+            assignment=assignment,
+            settings=settings,
+            placement_group=pg,
+            owner=True,
+        )
         nodes = {i["node_id"] for i in infos}
-        logger.info("shard actors %s: version %s, %d actors over %d node(s), nprobe %s, efSearch %s", name,
-                    manifest.version, len(handles), len(nodes), nprobe, ef_search)
+        logger.info(
+            "shard actors %s: version %s, %d actors over %d node(s), nprobe %s, efSearch %s",
+            name,
+            manifest.version,
+            len(handles),
+            len(nodes),
+            nprobe,
+            ef_search,
+        )
         return group
 
-    def sharded_index(self, *, query_batch_size: int = 256, owned: bool = False,
-                      on_close: Callable[[], None] | None = None) -> ShardedIndex:
+    def sharded_index(
+        self, *, query_batch_size: int = 256, owned: bool = False, on_close: Callable[[], None] | None = None
+    ) -> ShardedIndex:
         """A ShardedIndex searching through this group; ``owned``: its ``close()`` ends the group;
         ``on_close``: called (once) by its ``close()`` instead, e.g. to return a shared group's lease."""
         nprobe, ef_search = resolve_search_params(self.manifest, self.settings.nprobe, self.settings.ef_search)
-        return ShardedIndex(_ActorBackend(self, owned=owned, on_close=on_close), manifest=self.manifest,
-                            dim=self.manifest.encoder.dim, query_batch_size=query_batch_size, nprobe=nprobe,
-                            ef_search=ef_search)
+        return ShardedIndex(
+            _ActorBackend(self, owned=owned, on_close=on_close),
+            manifest=self.manifest,
+            dim=self.manifest.encoder.dim,
+            query_batch_size=query_batch_size,
+            nprobe=nprobe,
+            ef_search=ef_search,
+        )
 
     def alive(self, timeout_s: float = 30.0) -> bool:
         """Every actor answers (a group whose node went away is not lent again)."""
@@ -503,10 +567,17 @@ def shard_group_registry():
         max_concurrency=64).remote()  # fmt: skip
 
 
-def open_shared_group(uri: str, version: str | None = None, *, settings: SearchSettings,
-                      s3_options: Mapping[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
-                      manifest: Manifest | None = None, load_embeddings: bool | str = False,
-                      timeout_s: float = 600.0) -> ShardedIndex:
+def open_shared_group(
+    uri: str,
+    version: str | None = None,
+    *,
+    settings: SearchSettings,
+    s3_options: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    manifest: Manifest | None = None,
+    load_embeddings: bool | str = False,
+    timeout_s: float = 600.0,
+) -> ShardedIndex:
     """A ShardedIndex through the cluster's shared group of ``uri``@``version`` with these
     ``settings``: started (and verified) by the :class:`ShardGroupRegistry` on first use, lent to
     every later caller (e.g. each Serve replica of one version) instead of starting one per caller.

@@ -97,7 +97,14 @@ def open_work_dir(work_dir: str | os.PathLike | None, signature: dict):
 
 
 def train_shared_index(
-    shards: list[EncodedShard], out_dir: Path, *, faiss_factory: str, metric: str, dim: int, train_sample: int, seed: int = 0
+    shards: list[EncodedShard],
+    out_dir: Path,
+    *,
+    faiss_factory: str,
+    metric: str,
+    dim: int,
+    train_sample: int,
+    seed: int = 0,
 ):
     """One trained (empty) index for every shard, or None when the factory needs no training.
 
@@ -163,8 +170,13 @@ def build_shard_files(
 # ------------------------------------------------------------------------------------------ off the driver
 
 
-def encoder_pool(num_actors: int | None, actor_num_cpus: float, actor_num_gpus: float | None,
-                 torch_threads: int | None, resources: Mapping[str, float] | None = None) -> dict[str, Any]:
+def encoder_pool(
+    num_actors: int | None,
+    actor_num_cpus: float,
+    actor_num_gpus: float | None,
+    torch_threads: int | None,
+    resources: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
     """The encoder actor pool, sized from the cluster's resources where not given: one actor per
     GPU on a GPU cluster (``actor_num_gpus`` None: 1 when there are GPUs), else
     ``max(1, (CPUs - max(1, actor_num_cpus) - 0.5) // actor_num_cpus)`` (CPUs left for Ray Data's
@@ -185,11 +197,20 @@ def encoder_pool(num_actors: int | None, actor_num_cpus: float, actor_num_gpus: 
         # Ray Data's read/list tasks (1 CPU) and the tokenise tasks (0.25-0.5 CPU) must still run beside
         # the pool, or the pipeline deadlocks (2 CPUs, 0.5-CPU actors: 1 actor)
         spare = max(1.0, actor_num_cpus) + 0.5
-        num_actors = max(1, int(gpus // actor_num_gpus)) if actor_num_gpus > 0 else max(1, int((cpus - spare) // actor_num_cpus))
-        logger.info("encoder pool: %d actors of %s CPU, %s GPU (index.num_actors: null = from the cluster)", num_actors,
-                    actor_num_cpus, actor_num_gpus)
-    return {"num_actors": int(num_actors), "actor_num_gpus": float(actor_num_gpus),
-            "torch_threads": int(torch_threads or max(1, int(actor_num_cpus)))}
+        num_actors = (
+            max(1, int(gpus // actor_num_gpus)) if actor_num_gpus > 0 else max(1, int((cpus - spare) // actor_num_cpus))
+        )
+        logger.info(
+            "encoder pool: %d actors of %s CPU, %s GPU (index.num_actors: null = from the cluster)",
+            num_actors,
+            actor_num_cpus,
+            actor_num_gpus,
+        )
+    return {
+        "num_actors": int(num_actors),
+        "actor_num_gpus": float(actor_num_gpus),
+        "torch_threads": int(torch_threads or max(1, int(actor_num_cpus))),
+    }
 
 
 def build_task_options(num_cpus: float, *, pin_to_driver_node: bool) -> dict[str, Any]:
@@ -213,8 +234,18 @@ def build_task_options(num_cpus: float, *, pin_to_driver_node: bool) -> dict[str
     return options
 
 
-def prepare_build(shards: list[EncodedShard], out_dir: Path, *, faiss_factory: str, metric: str, dim: int,
-                  train_sample: int, tune_queries: int, num_threads: int = 1, seed: int = 0) -> np.ndarray | None:
+def prepare_build(
+    shards: list[EncodedShard],
+    out_dir: Path,
+    *,
+    faiss_factory: str,
+    metric: str,
+    dim: int,
+    train_sample: int,
+    tune_queries: int,
+    num_threads: int = 1,
+    seed: int = 0,
+) -> np.ndarray | None:
     """(A Ray task.) Train the shared index into ``out_dir/trained.faiss`` (when the factory needs
     training) and sample the tuning queries (None when the type has no search knob)."""
     import faiss
@@ -232,8 +263,18 @@ def prepare_build(shards: list[EncodedShard], out_dir: Path, *, faiss_factory: s
     return sample_queries(xb, tune_queries, seed=seed) if len(xb) else None
 
 
-def build_and_measure_shard(encoded: EncodedShard, out_dir: Path, *, faiss_factory: str, metric: str, train_sample: int,
-                            store_embeddings: bool, xq: np.ndarray | None, tune_k: int, num_threads: int = 1):
+def build_and_measure_shard(
+    encoded: EncodedShard,
+    out_dir: Path,
+    *,
+    faiss_factory: str,
+    metric: str,
+    train_sample: int,
+    store_embeddings: bool,
+    xq: np.ndarray | None,
+    tune_k: int,
+    num_threads: int = 1,
+):
     """(A Ray task.) One shard's files (``build_shard_files``, from the shared trained index) and,
     with tuning queries, its ``tuning.ShardStats`` -> ((index path, passages path, count), stats)."""
     import faiss
@@ -253,9 +294,21 @@ def build_and_measure_shard(encoded: EncodedShard, out_dir: Path, *, faiss_facto
     return files, stats
 
 
-def build_shards_in_tasks(shards: list[EncodedShard], out_dir: Path, *, faiss_factory: str, metric: str, dim: int,
-                          train_sample: int, store_embeddings: bool, target_recall: float | None, tune_queries: int,
-                          tune_k: int, num_cpus: float, work_dir_shared: bool):
+def build_shards_in_tasks(
+    shards: list[EncodedShard],
+    out_dir: Path,
+    *,
+    faiss_factory: str,
+    metric: str,
+    dim: int,
+    train_sample: int,
+    store_embeddings: bool,
+    target_recall: float | None,
+    tune_queries: int,
+    tune_k: int,
+    num_cpus: float,
+    work_dir_shared: bool,
+):
     """Quantizer training, then every shard in parallel, in Ray tasks (the driver only waits) ->
     (shard files, search defaults or None). The tasks read the encoded parquet files and write the
     shard files in ``out_dir``: on the driver's node unless ``work_dir_shared`` (a filesystem every
@@ -279,7 +332,9 @@ def build_shards_in_tasks(shards: list[EncodedShard], out_dir: Path, *, faiss_fa
     defaults = None
     if xq is not None and all(st is not None for st in stats):
         defaults = combine(stats, k=min(tune_k, sum(e.count for e in shards)), target_recall=float(target_recall))
-        logger.info("search defaults for %s: %s", faiss_factory, defaults.model_dump(exclude_none=True) if defaults else None)
+        logger.info(
+            "search defaults for %s: %s", faiss_factory, defaults.model_dump(exclude_none=True) if defaults else None
+        )
     return files, defaults
 
 
@@ -304,8 +359,16 @@ def build_sparse_files(files: list[tuple[Path, Path, int]], out_dir: Path, *, ki
     return build_bm25_files(titles, texts, row_ids, shards, out_dir)
 
 
-def preflight_build(output_uri: str, version: str | None, *, faiss_factory: str, metric: str, dim: int,
-                    s3_options: Mapping[str, Any] | None = None, work_dir: str | os.PathLike | None = None) -> None:
+def preflight_build(
+    output_uri: str,
+    version: str | None,
+    *,
+    faiss_factory: str,
+    metric: str,
+    dim: int,
+    s3_options: Mapping[str, Any] | None = None,
+    work_dir: str | os.PathLike | None = None,
+) -> None:
     """What would fail only after hours of encoding, checked first: the factory builds for this
     dimension, the version name is valid and not yet published, the output store answers, and a
     ``work_dir`` given is new, empty or raggen's own."""
@@ -383,8 +446,15 @@ def build_index(
     """
     metric = normalize_metric(metric)
     check_sparse_kind(sparse)
-    preflight_build(output_uri, version, faiss_factory=faiss_factory, metric=metric,
-                    dim=encoder_dim(encoder_name_or_path, s3_options), s3_options=s3_options, work_dir=work_dir)
+    preflight_build(
+        output_uri,
+        version,
+        faiss_factory=faiss_factory,
+        metric=metric,
+        dim=encoder_dim(encoder_name_or_path, s3_options),
+        s3_options=s3_options,
+        work_dir=work_dir,
+    )
     signature = run_signature(passages_uri, encoder_name_or_path=encoder_name_or_path, passages_format=passages_format,
                               num_shards=num_shards, pooling=pooling, max_length=max_length, normalize=normalize,
                               passage_format=passage_format, s3_options=s3_options)  # fmt: skip
@@ -396,7 +466,9 @@ def build_index(
             normalize=normalize, passage_format=passage_format, batch_size=batch_size, num_shards=num_shards,
             actor_num_cpus=actor_num_cpus, passages_format=passages_format, s3_options=s3_options, split_uri=split_uri, **pool,
         )  # fmt: skip
-        out_dir = work / "index" / f"{faiss_factory.replace(',', '_')}-{metric}-{'emb' if store_embeddings else 'noemb'}"
+        out_dir = (
+            work / "index" / f"{faiss_factory.replace(',', '_')}-{metric}-{'emb' if store_embeddings else 'noemb'}"
+        )
         out_dir.mkdir(parents=True, exist_ok=True)
         files, defaults = build_shards_in_tasks(
             encoded.shards, out_dir, faiss_factory=faiss_factory, metric=metric, dim=encoded.dim, train_sample=train_sample,
@@ -417,7 +489,9 @@ def build_index(
             passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options),
             search_defaults=defaults, sparse_files=sparse_files, sparse_params=sparse_params,
         )  # fmt: skip
-        publish_version(output_uri, manifest, out_dir, s3_options=s3_options, move_latest=move_latest, rollback=rollback)
+        publish_version(
+            output_uri, manifest, out_dir, s3_options=s3_options, move_latest=move_latest, rollback=rollback
+        )
         if not keep_work_dir:
             _remove_build_folders(work, split_uri, marker["id"], s3_options)
     finally:
@@ -520,14 +594,21 @@ def search_index(
     ``nprobe`` / ``ef_search`` override the settings' and the version's defaults."""
     from raggen.models.retriever import TextEncoder
 
-    index = open_index(uri, version, settings=settings, s3_options=s3_options, load_embeddings=False, start_ray=start_ray)
+    index = open_index(
+        uri, version, settings=settings, s3_options=s3_options, load_embeddings=False, start_ray=start_ray
+    )
     try:
         enc = index.manifest.encoder
-        encoder = TextEncoder.from_pretrained(encoder_name_or_path or enc.name_or_path, pooling=pooling or enc.pooling,
-                                              max_length=max_length, normalize=enc.normalize)
+        encoder = TextEncoder.from_pretrained(
+            encoder_name_or_path or enc.name_or_path,
+            pooling=pooling or enc.pooling,
+            max_length=max_length,
+            normalize=enc.normalize,
+        )
         xq = encoder.encode(list(questions)).numpy()  # (b, d)
-        return index.search(np.ascontiguousarray(xq, dtype=np.float32), k, nprobe=nprobe, ef_search=ef_search,
-                            embeddings=False)
+        return index.search(
+            np.ascontiguousarray(xq, dtype=np.float32), k, nprobe=nprobe, ef_search=ef_search, embeddings=False
+        )
     finally:
         index.close()
 
@@ -561,11 +642,18 @@ def publish_index(
         manifest = verify_version(tmp)  # the local copy, every checksum and count
         if version is not None:
             manifest = manifest.model_copy(update={"version": version})
-        return publish_version(dst_uri, manifest, tmp, s3_options=s3_options, rollback=rollback, move_latest=move_latest)
+        return publish_version(
+            dst_uri, manifest, tmp, s3_options=s3_options, rollback=rollback, move_latest=move_latest
+        )
 
 
-def verify_index(uri: str, version: str | None = None, *, s3_options: Mapping[str, Any] | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> Manifest:
+def verify_index(
+    uri: str,
+    version: str | None = None,
+    *,
+    s3_options: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Manifest:
     """Check every checksum and count of a published version, on the bytes in the store ``uri``
     names (streamed from it; a local cache is never trusted); returns its manifest."""
     return verify_version(uri, version, s3_options=s3_options, cache_dir=cache_dir)

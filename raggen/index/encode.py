@@ -34,8 +34,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -124,7 +125,7 @@ def _pad_to_width(x: np.ndarray, width: int, value: int, side: str) -> np.ndarra
     """(b, t) -> (b, width) int32, padded on the tokenizer's padding side."""
     out = np.full((x.shape[0], width), value, dtype=np.int32)
     if side == "left":
-        out[:, width - x.shape[1]:] = x
+        out[:, width - x.shape[1] :] = x
     else:
         out[:, : x.shape[1]] = x
     return out
@@ -187,8 +188,9 @@ def trim_padding(tokens: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: col[:, lo:hi] for name, col in tokens.items()}
 
 
-def embed_bucketed(encoder, tokens: dict[str, np.ndarray], num_tokens: np.ndarray, *, max_rows: int,
-                   max_tokens: int) -> np.ndarray:
+def embed_bucketed(
+    encoder, tokens: dict[str, np.ndarray], num_tokens: np.ndarray, *, max_rows: int, max_tokens: int
+) -> np.ndarray:
     """Token columns (b, width) -> vectors (b, dim) float32, row i for input row i.
 
     The model runs on length buckets (:func:`length_buckets`), each trimmed to its longest row;
@@ -223,9 +225,17 @@ class PassageEncoderActor:
     token columns, plus ``embedding`` (b, dim) float32, rows in input order.
     """
 
-    def __init__(self, name_or_path: str, pooling: str = "mean", max_length: int = 256, normalize: bool = False,
-                 torch_threads: int | None = None, s3_options: Mapping[str, Any] | None = None,
-                 passage_format: str | None = None, sub_batch_tokens: int = 16384):
+    def __init__(
+        self,
+        name_or_path: str,
+        pooling: str = "mean",
+        max_length: int = 256,
+        normalize: bool = False,
+        torch_threads: int | None = None,
+        s3_options: Mapping[str, Any] | None = None,
+        passage_format: str | None = None,
+        sub_batch_tokens: int = 16384,
+    ):
         import torch
 
         from raggen.devices import pick_device, pick_dtype
@@ -236,19 +246,29 @@ class PassageEncoderActor:
             torch.set_num_threads(int(torch_threads))
         device = pick_device()
         self.encoder = TextEncoder.from_pretrained(
-            fetch_model_dir(name_or_path, s3_options), pooling=pooling, max_length=max_length, normalize=normalize,
-            device=device, dtype=pick_dtype(device), passage_format=passage_format,
+            fetch_model_dir(name_or_path, s3_options),
+            pooling=pooling,
+            max_length=max_length,
+            normalize=normalize,
+            device=device,
+            dtype=pick_dtype(device),
+            passage_format=passage_format,
         ).eval()
         self.max_length, self.sub_batch_tokens = max_length, sub_batch_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "input_ids" not in batch:
-            batch = tokenize_batch(batch, tokenizer=self.encoder.tokenizer, passage_format=self.encoder.passage_format,
-                                   max_length=self.max_length)
+            batch = tokenize_batch(
+                batch,
+                tokenizer=self.encoder.tokenizer,
+                passage_format=self.encoder.passage_format,
+                max_length=self.max_length,
+            )
         tokens = {name: np.asarray(batch[name]) for name in TOKEN_COLUMNS if name in batch}
         num_tokens = np.asarray(batch[NUM_TOKENS])
-        emb = embed_bucketed(self.encoder, tokens, num_tokens, max_rows=max(1, len(num_tokens)),
-                             max_tokens=self.sub_batch_tokens)  # (b, dim) float32
+        emb = embed_bucketed(
+            self.encoder, tokens, num_tokens, max_rows=max(1, len(num_tokens)), max_tokens=self.sub_batch_tokens
+        )  # (b, dim) float32
         rest = {name: col for name, col in batch.items() if name not in TOKEN_COLUMNS and name != NUM_TOKENS}
         return {**rest, "embedding": emb}
 
@@ -284,7 +304,13 @@ def _fs(fs):
 
 
 def split_by_shard(
-    passages_uri: str, work_dir: Path, *, format: str, num_shards: int, s3_options, split_uri: str | None = None,
+    passages_uri: str,
+    work_dir: Path,
+    *,
+    format: str,
+    num_shards: int,
+    s3_options,
+    split_uri: str | None = None,
     work_id: str = "0",
 ) -> list[int]:
     """Write <split>/shard=K/*.parquet with Ray Data; returns the count per shard.
@@ -418,11 +444,21 @@ def encode_passages(
         pending = [s for s in range(num_shards) if s not in finished]
         if pending:
             logger.info("encoding shards %s (%d already done)", pending, len(finished))
-            counts = split_by_shard(str(passages_uri), work_dir, format=passages_format, num_shards=num_shards,
-                                    s3_options=s3_options, split_uri=split_uri, work_id=info["id"])
+            counts = split_by_shard(
+                str(passages_uri),
+                work_dir,
+                format=passages_format,
+                num_shards=num_shards,
+                s3_options=s3_options,
+                split_uri=split_uri,
+                work_id=info["id"],
+            )
             split = split_location(split_folder_uri(work_dir, split_uri, info["id"]), s3_options)
-            tokenize_kwargs = dict(tokenizer=load_passage_tokenizer(encoder_name_or_path, s3_options), max_length=max_length,
-                                   passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options))
+            tokenize_kwargs = dict(
+                tokenizer=load_passage_tokenizer(encoder_name_or_path, s3_options),
+                max_length=max_length,
+                passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options),
+            )
             finished.update(
                 _encode_pending(
                     str(passages_uri), work_dir, pending, counts, dim,
@@ -473,8 +509,13 @@ def _encode_pending(
     # blocks of a few batches: enough inputs to keep every actor busy even for a small corpus
     ds = ds.repartition(target_num_rows_per_block=batch_size * 2)
     # tokenising in plain CPU tasks keeps it off the encoder actor's (the GPU's) critical path
-    ds = ds.map_batches(tokenize_batch, fn_kwargs=tokenize_kwargs, batch_size=batch_size, batch_format="numpy",
-                        num_cpus=tokenize_num_cpus)
+    ds = ds.map_batches(
+        tokenize_batch,
+        fn_kwargs=tokenize_kwargs,
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=tokenize_num_cpus,
+    )
     ds = ds.map_batches(
         PassageEncoderActor,
         fn_constructor_kwargs=actor_kwargs,
@@ -533,4 +574,3 @@ class _user_errors:
         if cause is not None:
             raise cause from None
         return False
-

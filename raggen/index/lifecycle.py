@@ -77,13 +77,26 @@ def list_index(uri: str, *, s3_options: Mapping[str, Any] | None = None) -> list
         try:
             m = _manifest_of(root, version)
         except IndexIntegrityError as exc:
-            rows.append(VersionInfo(version, None, None, None, None, None, None, sum(sizes.values()),
-                                    version == latest, error=str(exc)))
+            rows.append(
+                VersionInfo(
+                    version, None, None, None, None, None, None, sum(sizes.values()), version == latest, error=str(exc)
+                )
+            )
             continue
         names = [MANIFEST_NAME] + [n for n, _ in m.files()]
-        rows.append(VersionInfo(version, m.created, m.num_passages, len(m.shards), m.encoder.name_or_path,
-                                m.encoder.pooling, m.encoder.dim, sum(sizes.get(n, 0) for n in names),
-                                version == latest))
+        rows.append(
+            VersionInfo(
+                version,
+                m.created,
+                m.num_passages,
+                len(m.shards),
+                m.encoder.name_or_path,
+                m.encoder.pooling,
+                m.encoder.dim,
+                sum(sizes.get(n, 0) for n in names),
+                version == latest,
+            )
+        )
     return sorted(rows, key=lambda r: (r.created or "", r.version))
 
 
@@ -107,15 +120,39 @@ def format_versions(uri: str, rows: list[VersionInfo], *, as_json: bool = False)
     table = [header]
     for r in rows:
         if r.error is not None:
-            table.append(("*" if r.latest else "", r.version, "?", "?", "?", f"unreadable: {r.error}", "", "",
-                          human_size(r.size_bytes)))
+            table.append(
+                (
+                    "*" if r.latest else "",
+                    r.version,
+                    "?",
+                    "?",
+                    "?",
+                    f"unreadable: {r.error}",
+                    "",
+                    "",
+                    human_size(r.size_bytes),
+                )
+            )
             continue
-        table.append(("*" if r.latest else "", r.version, r.created or "", str(r.num_passages), str(r.num_shards),
-                      r.encoder or "", r.pooling or "", str(r.dim), human_size(r.size_bytes)))
+        table.append(
+            (
+                "*" if r.latest else "",
+                r.version,
+                r.created or "",
+                str(r.num_passages),
+                str(r.num_shards),
+                r.encoder or "",
+                r.pooling or "",
+                str(r.dim),
+                human_size(r.size_bytes),
+            )
+        )
     right = {3, 4, 7, 8}
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join((c.rjust(w) if i in right else c.ljust(w)) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-             for row in table]
+    lines = [
+        "  ".join((c.rjust(w) if i in right else c.ljust(w)) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in table
+    ]
     lines.append(f"LATEST -> {latest}" if latest else "LATEST -> (none)")
     return "\n".join(lines)
 
@@ -124,12 +161,15 @@ def _require_published(root: Store, version: str, s3_options: Mapping[str, Any] 
     check_version_name(version)
     if not root.exists(f"{version}/{MANIFEST_NAME}"):
         known = list_versions(root.uri, s3_options)
-        raise ConfigError(f"version: {version!r} is not published under {root.uri} "
-                          f"(versions: {', '.join(known) if known else 'none'})")
+        raise ConfigError(
+            f"version: {version!r} is not published under {root.uri} "
+            f"(versions: {', '.join(known) if known else 'none'})"
+        )
 
 
-def set_latest_version(uri: str, version: str, *, rollback: bool = False,
-                       s3_options: Mapping[str, Any] | None = None) -> Manifest:
+def set_latest_version(
+    uri: str, version: str, *, rollback: bool = False, s3_options: Mapping[str, Any] | None = None
+) -> Manifest:
     """Point LATEST at ``version`` after :func:`~raggen.index.manifest.verify_version` (every file
     hashed from the store). A version that does not verify raises IndexIntegrityError; moving to a
     version older than LATEST's (by ``created``, then name) needs ``rollback`` (else ConfigError)."""
@@ -145,11 +185,15 @@ def remove_version(uri: str, version: str, *, s3_options: Mapping[str, Any] | No
     root = open_store(uri, s3_options)
     _require_published(root, version, s3_options)
     if _read_latest(root) == version:
-        raise ConfigError(f"version: {version!r} is the version LATEST names under {root.uri}; "
-                          "move LATEST first (raggen index set-latest), then remove it")
+        raise ConfigError(
+            f"version: {version!r} is the version LATEST names under {root.uri}; "
+            "move LATEST first (raggen index set-latest), then remove it"
+        )
     if root.exists(f"{version}/{CLAIM_NAME}"):
-        raise ConfigError(f"version: {version!r} under {root.uri} is being published by another writer "
-                          f"({version}/{CLAIM_NAME}); not removed")
+        raise ConfigError(
+            f"version: {version!r} under {root.uri} is being published by another writer "
+            f"({version}/{CLAIM_NAME}); not removed"
+        )
     try:
         names = [n for n, _ in _manifest_of(root, version).files()]
     except IndexIntegrityError:

@@ -229,7 +229,9 @@ class Manifest(BaseModel):
         total = sum(s.count for s in self.shards)
         if total != self.num_passages:
             raise ValueError(f"num_passages is {self.num_passages} but the shard counts sum to {total}")
-        names = [n for s in self.shards for n in (s.index, s.passages)] + [f.name for f in (self.sparse.files if self.sparse else [])]
+        names = [n for s in self.shards for n in (s.index, s.passages)] + [
+            f.name for f in (self.sparse.files if self.sparse else [])
+        ]
         if self.sparse is not None and self.sparse.count != self.num_passages:
             raise ValueError(f"sparse.count is {self.sparse.count} but num_passages is {self.num_passages}")
         if len(set(names)) != len(names) or MANIFEST_NAME in names:
@@ -258,7 +260,9 @@ class Manifest(BaseModel):
             try:
                 data = bytes(data).decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise IndexIntegrityError(f"{source}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+                raise IndexIntegrityError(
+                    f"{source}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+                ) from None
         try:
             return cls.model_validate(json.loads(data))
         except json.JSONDecodeError as exc:
@@ -298,16 +302,25 @@ def make_manifest(
     return Manifest(
         version=check_version_name(version),
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        encoder=EncoderInfo(name_or_path=encoder_name_or_path, pooling=pooling, dim=dim, normalize=normalize,
-                            passage_format=passage_format),
+        encoder=EncoderInfo(
+            name_or_path=encoder_name_or_path,
+            pooling=pooling,
+            dim=dim,
+            normalize=normalize,
+            passage_format=passage_format,
+        ),
         metric=metric,
         faiss_factory=faiss_factory,
         num_passages=sum(s.count for s in shards),
         shards=shards,
         search_defaults=SearchDefaults.model_validate(search_defaults) if search_defaults is not None else None,
-        sparse=None if not sparse_files else SparseEntry(
+        sparse=None
+        if not sparse_files
+        else SparseEntry(
             files=[SparseFile(name=Path(p).name, sha256=sha256_file(p)) for p in sparse_files],
-            count=sum(s.count for s in shards), params=dict(sparse_params or {})),
+            count=sum(s.count for s in shards),
+            params=dict(sparse_params or {}),
+        ),
     )
 
 
@@ -401,12 +414,17 @@ class _Claim:
             except ValueError:
                 info, etag = {}, None
             if etag is not None and not self._stale(info):
-                raise ConfigError(f"version: {self.version!r} is being published under {self.root.uri} by pid "
-                                  f"{info.get('pid')} on {info.get('host')} ({where})")
+                raise ConfigError(
+                    f"version: {self.version!r} is being published under {self.root.uri} by pid "
+                    f"{info.get('pid')} on {info.get('host')} ({where})"
+                )
             logger.warning("%s: taking over a stale claim of pid %s on %s", where, info.get("pid"), info.get("host"))
             try:
-                self.etag = self.root.write_bytes(self.rel, self._body(), if_match=etag) if etag else \
-                    self.root.write_bytes(self.rel, self._body())
+                self.etag = (
+                    self.root.write_bytes(self.rel, self._body(), if_match=etag)
+                    if etag
+                    else self.root.write_bytes(self.rel, self._body())
+                )
                 return
             except PreconditionFailed:
                 continue
@@ -417,8 +435,10 @@ class _Claim:
         try:
             self.etag = self.root.write_bytes(self.rel, self._body(), if_match=self.etag)
         except PreconditionFailed:
-            raise ConfigError(f"version: lost the claim on {self.version!r} under {self.root.uri} to another "
-                              "writer; stopped before writing its manifest") from None
+            raise ConfigError(
+                f"version: lost the claim on {self.version!r} under {self.root.uri} to another "
+                "writer; stopped before writing its manifest"
+            ) from None
 
     def release(self) -> None:
         try:
@@ -482,9 +502,13 @@ def publish_version(
         try:
             root.write_bytes(mrel, body, if_none_match=True)  # the commit point
         except PreconditionFailed:
-            raise ConfigError(f"version: {version!r} was published under {root_uri} by another writer meanwhile") from None
+            raise ConfigError(
+                f"version: {version!r} was published under {root_uri} by another writer meanwhile"
+            ) from None
         if verify and sha256_bytes(root.read_bytes(mrel)) != sha256_bytes(body):
-            raise IndexIntegrityError(f"{join_uri(root.uri, version, MANIFEST_NAME)}: read-back differs; LATEST not moved")
+            raise IndexIntegrityError(
+                f"{join_uri(root.uri, version, MANIFEST_NAME)}: read-back differs; LATEST not moved"
+            )
         if old is not None:
             kept = {n for n, _ in manifest.files()}
             for name in (n for n, _ in old.files() if n not in kept):  # files only the replaced manifest named
@@ -504,8 +528,10 @@ def _check_not_published(root: Store, version: str, overwrite: bool) -> Manifest
     if not overwrite:
         raise ConfigError(f"version: {version!r} is already published under {root.uri}")
     if _read_latest(root) == version:
-        raise ConfigError(f"version: {version!r} is the version LATEST names under {root.uri}; overwrite never "
-                          "replaces the live version: publish under a new name")
+        raise ConfigError(
+            f"version: {version!r} is the version LATEST names under {root.uri}; overwrite never "
+            "replaces the live version: publish under a new name"
+        )
     try:
         return _read_manifest_at(root, root.uri, None, rel=f"{version}/{MANIFEST_NAME}")
     except IndexIntegrityError:
@@ -571,7 +597,9 @@ def _decode_latest(root: Store, data: bytes, *, strict: bool = True) -> str | No
     except UnicodeDecodeError as exc:
         if not strict:
             return None
-        raise IndexIntegrityError(f"{source}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+        raise IndexIntegrityError(
+            f"{source}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
     if not name:
         return None
     if not _SAFE_NAME.match(name) or name == LATEST_NAME:
@@ -600,18 +628,25 @@ def list_versions(root_uri: str, s3_options=None) -> list[str]:
                    if n.count("/") == 1 and n.endswith("/" + MANIFEST_NAME) and _SAFE_NAME.match(n.split("/")[0])})  # fmt: skip
 
 
-def set_latest(root_uri: str, version: str, *, s3_options=None, verify: bool = True, rollback: bool = False) -> Manifest:
+def set_latest(
+    root_uri: str, version: str, *, s3_options=None, verify: bool = True, rollback: bool = False
+) -> Manifest:
     """Point LATEST at ``version`` after verifying it (every checksum, read from the store).
 
     Moving LATEST to a version older than the one it names (by ``created``, then name) is a
     rollback and needs ``rollback=True``; otherwise it is a ConfigError and LATEST stays."""
     check_version_name(version)
-    manifest = verify_version(root_uri, version, s3_options=s3_options) if verify else \
-        read_manifest(root_uri, version, s3_options=s3_options)
+    manifest = (
+        verify_version(root_uri, version, s3_options=s3_options)
+        if verify
+        else read_manifest(root_uri, version, s3_options=s3_options)
+    )
     if not advance_latest(open_store(root_uri, s3_options), manifest, rollback=rollback):
         current = read_latest(root_uri, s3_options)
-        raise ConfigError(f"LATEST: {version!r} is older than {current!r}, which LATEST names under {root_uri}; "
-                          "moving back is a rollback: pass rollback=True (--rollback)")
+        raise ConfigError(
+            f"LATEST: {version!r} is older than {current!r}, which LATEST names under {root_uri}; "
+            "moving back is a rollback: pass rollback=True (--rollback)"
+        )
     return manifest
 
 
@@ -667,7 +702,9 @@ def _version_store(uri: str, version: str | None, s3_options):
             return root, root.uri, None
         latest = _read_latest(root)
         if latest is None:
-            raise IndexIntegrityError(f"{join_uri(root.uri, LATEST_NAME)}: missing (nothing published, and no manifest.json)")
+            raise IndexIntegrityError(
+                f"{join_uri(root.uri, LATEST_NAME)}: missing (nothing published, and no manifest.json)"
+            )
         version = latest
     check_version_name(version)
     vuri = join_uri(root.uri, version)
@@ -705,7 +742,9 @@ def _mapped(path: Path) -> np.ndarray:
 
 
 def _mismatch(source: str, expected: str, got: str, size: int) -> IndexIntegrityError:
-    return IndexIntegrityError(f"{source}: sha256 mismatch (expected {expected[:16]}..., got {got[:16]}..., {size} bytes)")
+    return IndexIntegrityError(
+        f"{source}: sha256 mismatch (expected {expected[:16]}..., got {got[:16]}..., {size} bytes)"
+    )
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -766,12 +805,16 @@ def _open_index(vuri: str, manifest: Manifest, entry: ShardEntry, file: _Verifie
     try:
         index = open_index_file(file.path, ivf="IVF" in manifest.faiss_factory.upper())
     except RuntimeError as exc:
-        raise IndexIntegrityError(f"{join_uri(vuri, entry.index)}: not a readable FAISS index ({str(exc).strip().splitlines()[-1]})") from None
+        raise IndexIntegrityError(
+            f"{join_uri(vuri, entry.index)}: not a readable FAISS index ({str(exc).strip().splitlines()[-1]})"
+        ) from None
     file.check_unchanged()
     return index
 
 
-def _read_passages(vuri: str, entry: ShardEntry, file: _Verified, columns: list[str] | None) -> tuple[pa.Table, pa.Schema]:
+def _read_passages(
+    vuri: str, entry: ShardEntry, file: _Verified, columns: list[str] | None
+) -> tuple[pa.Table, pa.Schema]:
     """The verified parquet file read with a memory map, only ``columns`` (None: all)."""
     try:
         schema = pq.read_schema(file.path, memory_map=True)
@@ -819,8 +862,17 @@ def _columns(load_embeddings: bool | str, index) -> list[str] | None:
     return None if load_embeddings else PASSAGE_COLUMNS
 
 
-def _load(uri: str, version: str | None, s3_options, cache_dir, *, from_store: bool, load_embeddings: bool | str = True,
-          shards: list[int] | None = None, keep_cached_versions: int | None = None) -> LoadedVersion:
+def _load(
+    uri: str,
+    version: str | None,
+    s3_options,
+    cache_dir,
+    *,
+    from_store: bool,
+    load_embeddings: bool | str = True,
+    shards: list[int] | None = None,
+    keep_cached_versions: int | None = None,
+) -> LoadedVersion:
     if load_embeddings not in (True, False, "auto"):
         raise ValueError(f"load_embeddings: True, False or 'auto', got {load_embeddings!r}")
     store, vuri, expected = _version_store(uri, version, s3_options)
@@ -833,8 +885,13 @@ def _load(uri: str, version: str | None, s3_options, cache_dir, *, from_store: b
         cache = Path(cache_dir or default_cache_dir()) / vuri[len("s3://") :]
         cache.mkdir(parents=True, exist_ok=True)
         cache_mark_used(cache)
-    loaded = LoadedVersion(uri=vuri, manifest=manifest, shard_numbers=numbers, s3_options=s3_options,
-                           cache_dir=None if cache_dir is None else str(cache_dir))
+    loaded = LoadedVersion(
+        uri=vuri,
+        manifest=manifest,
+        shard_numbers=numbers,
+        s3_options=s3_options,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+    )
     for n in numbers:
         entry = manifest.shards[n]
         ifile = _fetch_verified(store, vuri, entry.index, entry.index_sha256, cache, from_store=from_store)
@@ -872,11 +929,25 @@ def load_version(
     index cannot give the exact vectors back (PQ/SQ codes). ``shards``: only these shard numbers
     (a shard actor's share). ``keep_cached_versions``: after an S3 load, cached versions of the
     same root beyond the newest N (by last use) are deleted (None: keep all)."""
-    loaded = _load(uri, version, s3_options, cache_dir, from_store=False, load_embeddings=load_embeddings, shards=shards,
-                   keep_cached_versions=keep_cached_versions)
+    loaded = _load(
+        uri,
+        version,
+        s3_options,
+        cache_dir,
+        from_store=False,
+        load_embeddings=load_embeddings,
+        shards=shards,
+        keep_cached_versions=keep_cached_versions,
+    )
     m = loaded.manifest
-    logger.info("loaded index %s from %s: %d of %d shards, %d passages", m.version, loaded.uri, len(loaded.shards),
-                len(m.shards), sum(s.entry.count for s in loaded.shards))
+    logger.info(
+        "loaded index %s from %s: %d of %d shards, %d passages",
+        m.version,
+        loaded.uri,
+        len(loaded.shards),
+        len(m.shards),
+        sum(s.entry.count for s in loaded.shards),
+    )
     return loaded
 
 
@@ -890,8 +961,10 @@ def cache_mark_used(version_dir: Path) -> None:
     """Record that this cached version is in use now (eviction keeps the most recently used)."""
     from raggen.storage import atomic_write_bytes
 
-    atomic_write_bytes(version_dir / CACHE_MARKER, json.dumps({"last_used": time.time(), "pid": os.getpid(),
-                                                              "host": socket.gethostname()}).encode())
+    atomic_write_bytes(
+        version_dir / CACHE_MARKER,
+        json.dumps({"last_used": time.time(), "pid": os.getpid(), "host": socket.gethostname()}).encode(),
+    )
 
 
 def _last_used(version_dir: Path) -> float | None:
@@ -914,10 +987,11 @@ def evict_cached_versions(root_dir: Path, *, keep: int = 2, keep_names: set[str]
         return []
     evicted = []
     with FileLock(root_dir / f"{CACHE_MARKER}.lock", timeout=30.0, what=f"index cache {root_dir}"):
-        dated = sorted(((t, d) for d in root_dir.iterdir() if d.is_dir() and (t := _last_used(d)) is not None),
-                       reverse=True)
+        dated = sorted(
+            ((t, d) for d in root_dir.iterdir() if d.is_dir() and (t := _last_used(d)) is not None), reverse=True
+        )
         now = time.time()
-        for _, d in dated[max(keep, 0):]:
+        for _, d in dated[max(keep, 0) :]:
             t = _last_used(d)  # again: another process may have just marked it
             if d.name in keep_names or t is None or now - t < CACHE_GRACE_S:
                 continue

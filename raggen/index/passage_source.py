@@ -40,7 +40,6 @@ from raggen.storage import (
 logger = logging.getLogger(__name__)
 
 
-
 # ------------------------------------------------------------------------------------------ reading
 
 
@@ -162,7 +161,9 @@ def normalize_passages(table: pa.Table, num_shards: int = 1) -> pa.Table:
         unit = next((u for u in ("line", "row") if u in table.column_names), None)
         where = f"{unit} {table.column(unit)[i].as_py()}" if unit else f"row {i + 1}"
         check_passage(source, where, ids[i].as_py(), text[i].as_py())
-    title = table.column("title").cast(pa.string()).fill_null("") if "title" in table.column_names else pa.array([""] * table.num_rows, pa.string())
+    title = (
+        table.column("title").cast(pa.string()).fill_null("")
+        if "title" in table.column_names
+        else pa.array([""] * table.num_rows, pa.string())
+    )
     return pa.table({"id": ids, "title": title, "text": text, "shard": stable_shard(ids.to_pylist(), num_shards)})
-
-

@@ -171,7 +171,9 @@ def build_shard_index(
         raise ValueError("ids: must be unique within a shard")
     use_gpu = gpu_available() if use_gpu is None else use_gpu
     if trained_index is not None:
-        assert trained_index.is_trained and trained_index.ntotal == 0 and trained_index.d == d, "trained_index: empty, trained, dim d"
+        assert trained_index.is_trained and trained_index.ntotal == 0 and trained_index.d == d, (
+            "trained_index: empty, trained, dim d"
+        )
         index = faiss.clone_index(trained_index)
     else:
         index = train_index(xb, factory=factory, metric=metric, train_sample=train_sample, seed=seed, use_gpu=use_gpu)
@@ -188,7 +190,13 @@ def build_shard_index(
 
 
 def train_index(
-    xb: np.ndarray, *, factory: str, metric: str = "ip", train_sample: int = 100_000, seed: int = 0, use_gpu: bool | None = None
+    xb: np.ndarray,
+    *,
+    factory: str,
+    metric: str = "ip",
+    train_sample: int = 100_000,
+    seed: int = 0,
+    use_gpu: bool | None = None,
 ) -> faiss.Index:
     """An empty index of ``factory``, trained on a sample of ``xb`` (n, d)."""
     xb = as_float32_matrix(xb, "xb")
@@ -327,8 +335,9 @@ def current_search_params(index: faiss.Index) -> dict[str, int]:
     return out
 
 
-def search(index: faiss.Index, xq: np.ndarray, k: int, *, nprobe: int | None = None,
-           ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: faiss.Index, xq: np.ndarray, k: int, *, nprobe: int | None = None, ef_search: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(xq[nq, d], k) -> D[nq, k] float32 scores/distances, I[nq, k] int64 ids (-1 = no hit).
     ``nprobe`` / ``ef_search`` override the index's settings for this call only."""
     xq = as_float32_matrix(xq, "xq", index.d)

@@ -87,8 +87,15 @@ class ShardSearcher:
         self._text = passages.column("text").combine_chunks()
         self._emb = embeddings_of(passages)
 
-    def search(self, xq: np.ndarray, k: int, coarse: tuple[np.ndarray, np.ndarray] | None = None, *,
-               nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        xq: np.ndarray,
+        k: int,
+        coarse: tuple[np.ndarray, np.ndarray] | None = None,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(b, d), k -> scores (b, k) higher-is-better, row ids (b, k), -1 where no hit.
 
         ``coarse`` = (Dq, Iq) (b, nprobe): the IVF list assignment computed once for all shards
@@ -108,7 +115,9 @@ class ShardSearcher:
             raise KeyError("row id not in this shard's passage table")
         return self._order[pos]
 
-    def fetch(self, row_ids: np.ndarray, embeddings: bool = True) -> tuple[list[str], list[str], list[str], np.ndarray | None]:
+    def fetch(
+        self, row_ids: np.ndarray, embeddings: bool = True
+    ) -> tuple[list[str], list[str], list[str], np.ndarray | None]:
         """Passage id, title, text and (``embeddings``) the stored vector (n, d) for ``row_ids`` (n,):
         the ``embedding`` column when loaded, else reconstructed from the index."""
         row_ids = np.asarray(row_ids, dtype=np.int64)
@@ -118,7 +127,9 @@ class ShardSearcher:
         take = pa.array(pos, type=pa.int64())
         emb = None
         if embeddings:
-            emb = np.asarray(self._emb[pos] if self._emb is not None else reconstruct(self.cpu_index, row_ids), dtype=np.float32)
+            emb = np.asarray(
+                self._emb[pos] if self._emb is not None else reconstruct(self.cpu_index, row_ids), dtype=np.float32
+            )
         return (
             self._pid.take(take).to_pylist(),
             self._title.take(take).to_pylist(),
@@ -216,7 +227,9 @@ class _LocalBackend:
         self.pool = None
         if workers > 1:
             per_thread = max(1, cpus // workers)
-            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="shard-search", initializer=_set_omp_threads, initargs=(per_thread,))
+            self.pool = ThreadPoolExecutor(
+                workers, thread_name_prefix="shard-search", initializer=_set_omp_threads, initargs=(per_thread,)
+            )
 
     def _map(self, fn, items, parallel: bool):
         if parallel and self.pool is not None:
@@ -230,8 +243,11 @@ class _LocalBackend:
             nlist = quantizer.ntotal
             probe = max(1, min(int(nprobe or default_nprobe), nlist))
             assignment = quantizer.search(xq, probe)  # (Dq, Iq): (b, nprobe) each
-        return self._map(lambda s: s.search(xq, k, assignment, nprobe=nprobe, ef_search=ef_search), self.searchers,
-                         len(xq) >= self.PARALLEL_MIN_QUERIES)
+        return self._map(
+            lambda s: s.search(xq, k, assignment, nprobe=nprobe, ef_search=ef_search),
+            self.searchers,
+            len(xq) >= self.PARALLEL_MIN_QUERIES,
+        )
 
     def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True):
         shards = list(requests)
@@ -248,7 +264,9 @@ def _set_omp_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)  # per calling thread (OpenMP's nthreads-var is a per-thread setting)
 
 
-def resolve_search_params(manifest: Manifest, nprobe: int | None, ef_search: int | None) -> tuple[int | None, int | None]:
+def resolve_search_params(
+    manifest: Manifest, nprobe: int | None, ef_search: int | None
+) -> tuple[int | None, int | None]:
     """What the opener gives, else the version's ``search_defaults``, else None (FAISS's own)."""
     defaults = manifest.search_defaults
     if defaults is not None:
@@ -260,8 +278,16 @@ def resolve_search_params(manifest: Manifest, nprobe: int | None, ef_search: int
 class ShardedIndex:
     """``search(xq[b, d], k) -> SearchResult`` over all shards of a loaded version."""
 
-    def __init__(self, backend, *, manifest: Manifest, dim: int, query_batch_size: int = 256,
-                 nprobe: int | None = None, ef_search: int | None = None):
+    def __init__(
+        self,
+        backend,
+        *,
+        manifest: Manifest,
+        dim: int,
+        query_batch_size: int = 256,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ):
         self._backend = backend
         self.manifest = manifest
         self.dim = dim
@@ -308,27 +334,53 @@ class ShardedIndex:
             from raggen.index.actors import ShardActorGroup
             from raggen.index.settings import SearchSettings
 
-            settings = SearchSettings(mode="actors", actor_num_cpus=actor_num_cpus, actor_num_gpus=actor_num_gpus,
-                                      nprobe=nprobe, ef_search=ef_search)
-            group = ShardActorGroup.start(loaded.uri, settings=settings, s3_options=loaded.s3_options,
-                                          cache_dir=loaded.cache_dir, manifest=loaded.manifest)
+            settings = SearchSettings(
+                mode="actors",
+                actor_num_cpus=actor_num_cpus,
+                actor_num_gpus=actor_num_gpus,
+                nprobe=nprobe,
+                ef_search=ef_search,
+            )
+            group = ShardActorGroup.start(
+                loaded.uri,
+                settings=settings,
+                s3_options=loaded.s3_options,
+                cache_dir=loaded.cache_dir,
+                manifest=loaded.manifest,
+            )
             return group.sharded_index(query_batch_size=query_batch_size, owned=True)
         metric = loaded.manifest.metric
         searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search)
                      for s in loaded.shards]  # fmt: skip
         backend = _LocalBackend(searchers, max_workers=max_threads)
-        return cls(backend, manifest=loaded.manifest, dim=loaded.manifest.encoder.dim, query_batch_size=query_batch_size,
-                   nprobe=nprobe, ef_search=ef_search)
+        return cls(
+            backend,
+            manifest=loaded.manifest,
+            dim=loaded.manifest.encoder.dim,
+            query_batch_size=query_batch_size,
+            nprobe=nprobe,
+            ef_search=ef_search,
+        )
 
-    def search(self, xq: np.ndarray, k: int, *, nprobe: int | None = None, ef_search: int | None = None,
-               embeddings: bool = True) -> SearchResult:
+    def search(
+        self,
+        xq: np.ndarray,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        embeddings: bool = True,
+    ) -> SearchResult:
         """Top-k of every query over all shards. ``nprobe`` / ``ef_search`` override the defaults
         for this call; ``embeddings=False`` skips the stored vectors (zeros; serving needs none)."""
         xq = as_float32_matrix(xq, "xq", self.dim)
         if k <= 0:
             raise ValueError(f"k: must be positive, got {k}")
         kw = {"nprobe": nprobe, "ef_search": ef_search, "embeddings": embeddings}
-        parts = [self._search_batch(xq[i : i + self.query_batch_size], k, **kw) for i in range(0, len(xq), self.query_batch_size)]
+        parts = [
+            self._search_batch(xq[i : i + self.query_batch_size], k, **kw)
+            for i in range(0, len(xq), self.query_batch_size)
+        ]
         if not parts:
             return _empty_result(0, k, self.dim)
         return SearchResult(
@@ -344,8 +396,9 @@ class ShardedIndex:
         scores, row_ids, shard = merge_topk(self._backend.search(xq, k, nprobe, ef_search), k)  # (b, k) each
         return self._fill(scores, row_ids, shard, embeddings)
 
-    def fetch(self, row_ids: np.ndarray, shards: np.ndarray, scores: np.ndarray | None = None, *,
-              embeddings: bool = False) -> SearchResult:
+    def fetch(
+        self, row_ids: np.ndarray, shards: np.ndarray, scores: np.ndarray | None = None, *, embeddings: bool = False
+    ) -> SearchResult:
         """The passages of ``row_ids`` (b, k) in shards ``shards`` (b, k) (-1: none) as a
         SearchResult carrying ``scores`` (b, k) (default -inf), e.g. another retriever's hits."""
         row_ids, shards = np.asarray(row_ids, dtype=np.int64), np.asarray(shards, dtype=np.int64)

@@ -51,8 +51,16 @@ def document_texts(titles: list[str], texts: list[str]) -> list[str]:
     return [f"{t} {x}" if t else x for t, x in zip(titles, texts)]
 
 
-def build_bm25_files(titles: list[str], texts: list[str], row_ids: np.ndarray, shards: np.ndarray,
-                     out_dir: str | os.PathLike, *, k1: float = 1.5, b: float = 0.75) -> tuple[list[Path], dict[str, Any]]:
+def build_bm25_files(
+    titles: list[str],
+    texts: list[str],
+    row_ids: np.ndarray,
+    shards: np.ndarray,
+    out_dir: str | os.PathLike,
+    *,
+    k1: float = 1.5,
+    b: float = 0.75,
+) -> tuple[list[Path], dict[str, Any]]:
     """Build BM25 over the passages (``row_ids`` / ``shards``: where each one is in the dense
     shards) and write its files into ``out_dir``: (paths, params)."""
     import bm25s
@@ -141,8 +149,9 @@ class SparseIndex:
         return scores, rows
 
 
-def load_sparse(uri: str, version: str | None = None, *, s3_options=None, cache_dir=None,
-                from_store: bool = False) -> SparseIndex | None:
+def load_sparse(
+    uri: str, version: str | None = None, *, s3_options=None, cache_dir=None, from_store: bool = False
+) -> SparseIndex | None:
     """The version's BM25 index (None when it has none), every file's sha256 checked first (an S3
     version's files through the local cache, as ``load_version`` does). ``uri``: a root (then
     ``version``, LATEST when None) or a version folder (then ``version``, if given, must match)."""
@@ -158,12 +167,14 @@ def load_sparse(uri: str, version: str | None = None, *, s3_options=None, cache_
     if is_s3_uri(vuri):
         cache = Path(cache_dir or default_cache_dir()) / vuri[len("s3://") :]
         cache.mkdir(parents=True, exist_ok=True)
-    paths = [_fetch_verified(store, vuri, f.name, f.sha256, cache, from_store=from_store).path
-             for f in manifest.sparse.files]
+    paths = [
+        _fetch_verified(store, vuri, f.name, f.sha256, cache, from_store=from_store).path for f in manifest.sparse.files
+    ]
     folders = {p.parent for p in paths}
     assert len(folders) == 1, "a version's files live in one folder"
     index = SparseIndex.from_dir(folders.pop(), source=vuri)
     if index.num_docs != manifest.sparse.count:
-        raise IndexIntegrityError(f"{vuri}: BM25 index holds {index.num_docs} documents, manifest says "
-                                  f"{manifest.sparse.count}")
+        raise IndexIntegrityError(
+            f"{vuri}: BM25 index holds {index.num_docs} documents, manifest says {manifest.sparse.count}"
+        )
     return index

@@ -99,7 +99,9 @@ class ShardStats:
     approx: list[tuple[np.ndarray, np.ndarray]]  # one (scores, ids) per value
 
 
-def shard_stats(index: faiss.Index, xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, *, k: int, metric: str) -> ShardStats:
+def shard_stats(
+    index: faiss.Index, xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, *, k: int, metric: str
+) -> ShardStats:
     """What one shard contributes (computed where the shard is built: its vectors are there)."""
     exact = exact_topk(xb, ids, xq, k, metric)
     knob = ladder(index)
@@ -149,12 +151,26 @@ def combine(stats: list[ShardStats], *, k: int, target_recall: float) -> SearchD
         _, found, _ = merge_topk([s.approx[j] for s in stats], k)
         recalls.append(recall_at_k(found, truth))
     value, recall, ceiling = choose(first.values, recalls, target_recall)
-    return SearchDefaults(**{first.param: value}, recall=round(recall, 4), max_recall=round(ceiling, 4),
-                          target_recall=target_recall, k=k, num_queries=int(first.exact[1].shape[0]))
+    return SearchDefaults(
+        **{first.param: value},
+        recall=round(recall, 4),
+        max_recall=round(ceiling, 4),
+        target_recall=target_recall,
+        k=k,
+        num_queries=int(first.exact[1].shape[0]),
+    )
 
 
-def tune(indexes: list[faiss.Index], xbs: list[np.ndarray], ids: list[np.ndarray], xq: np.ndarray, *, metric: str,
-         k: int = 100, target_recall: float = 0.99) -> SearchDefaults | None:
+def tune(
+    indexes: list[faiss.Index],
+    xbs: list[np.ndarray],
+    ids: list[np.ndarray],
+    xq: np.ndarray,
+    *,
+    metric: str,
+    k: int = 100,
+    target_recall: float = 0.99,
+) -> SearchDefaults | None:
     """All shards in one process (tests, small indexes): ``combine`` of every ``shard_stats``."""
     stats = [shard_stats(ix, xb, i, xq, k=k, metric=metric) for ix, xb, i in zip(indexes, xbs, ids)]
     return combine(stats, k=k, target_recall=target_recall)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from raggen.corpus.readers import canonical_format
 from raggen.errors import ConfigError
@@ -168,5 +169,3 @@ def resolved_passage_format(name_or_path: str, passage_format: str | None, s3_op
     if passage_format is not None:
         return passage_format
     return "pair" if _encoder_config(name_or_path, s3_options).get("model_type") == "dpr" else "joined"
-
-

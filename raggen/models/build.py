@@ -20,8 +20,12 @@ def _encoder_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_models(model_cfg: dict[str, Any], estimator: str, restored: dict[str, str] | None = None,
-                 train_passage_encoder: bool = False) -> dict[str, nn.Module]:
+def build_models(
+    model_cfg: dict[str, Any],
+    estimator: str,
+    restored: dict[str, str] | None = None,
+    train_passage_encoder: bool = False,
+) -> dict[str, nn.Module]:
     """The models an estimator needs, each from its checkpoint folder when restored, else from the
     configured id/path. Built on CPU in float32 (autocast handles bf16 on GPU)."""
     from raggen.models import Generator, PosteriorRetriever, Reranker, TextEncoder
@@ -44,7 +48,9 @@ def build_models(model_cfg: dict[str, Any], estimator: str, restored: dict[str, 
                 restored["posterior_encoder"], **_encoder_kwargs(pspec or qspec)
             )
         elif pspec:
-            models["posterior_encoder"] = PosteriorRetriever.from_pretrained(pspec["name_or_path"], **_encoder_kwargs(pspec))
+            models["posterior_encoder"] = PosteriorRetriever.from_pretrained(
+                pspec["name_or_path"], **_encoder_kwargs(pspec)
+            )
         else:  # DESIGN: the posterior starts as a copy of the prior query encoder
             models["posterior_encoder"] = PosteriorRetriever.from_query_encoder(models["query_encoder"])
     if train_passage_encoder:
@@ -62,4 +68,3 @@ def build_models(model_cfg: dict[str, Any], estimator: str, restored: dict[str, 
             raise ConfigError("model.reranker: gumbel-rerank needs a reranker (an HF id or folder)")
         models["reranker"] = Reranker.from_pretrained(path)
     return models
-

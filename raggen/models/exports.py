@@ -105,8 +105,16 @@ def _local_files(src: Path) -> list[str]:
     return names
 
 
-def write_export(src: str | os.PathLike, root: str, *, step: int, s3_options=None, export_id: str | None = None,
-                 last: Iterable[str] = (), extra: dict[str, Any] | None = None) -> ExportRef:
+def write_export(
+    src: str | os.PathLike,
+    root: str,
+    *,
+    step: int,
+    s3_options=None,
+    export_id: str | None = None,
+    last: Iterable[str] = (),
+    extra: dict[str, Any] | None = None,
+) -> ExportRef:
     """Export every file of the local folder ``src`` to ``root/<step>-<id>/`` and point LATEST at it.
 
     Order: the root marker (once), the export's marker, each file (``last`` names go after the
@@ -128,8 +136,15 @@ def write_export(src: str | os.PathLike, root: str, *, step: int, s3_options=Non
         digest = sha256_file(path)
         store.upload_file(path, f"{name}/{rel}")
         files.append({"path": rel, "sha256": digest, "size": path.stat().st_size})
-    manifest = {"format": FORMAT, "format_version": 1, "name": name, "step": int(step),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files, **(extra or {})}
+    manifest = {
+        "format": FORMAT,
+        "format_version": 1,
+        "name": name,
+        "step": int(step),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+        **(extra or {}),
+    }
     store.write_bytes(f"{name}/{EXPORT_MANIFEST}", (json.dumps(manifest, indent=2) + "\n").encode(), if_none_match=True)
     move_pointer(store, name)
     log.info("model export %s: %d files, LATEST -> %s", join_uri(root, name), len(files), name)
@@ -200,7 +215,9 @@ def _read_manifest(uri: str, name: str, s3_options, root: str | None) -> ExportR
         data = store.read_bytes(EXPORT_MANIFEST)
     except FileNotFoundError:
         why = f"{root}/{POINTER} names {name} but it" if root else "it"
-        raise DataError(f"{uri}: incomplete model export ({why} has no {EXPORT_MANIFEST}: the export did not finish)") from None
+        raise DataError(
+            f"{uri}: incomplete model export ({why} has no {EXPORT_MANIFEST}: the export did not finish)"
+        ) from None
     try:
         manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -279,8 +296,11 @@ def locate_model(uri: str, s3_options=None) -> tuple[ExportRef, str] | None:
 
 def held_roles(ref: ExportRef) -> set[str]:
     """The top-level folders of an export that hold a model (a ``config.json``)."""
-    return {f["path"].split("/", 1)[0] for f in ref.manifest["files"] if f["path"].count("/") == 1
-            and f["path"].endswith("/config.json")}
+    return {
+        f["path"].split("/", 1)[0]
+        for f in ref.manifest["files"]
+        if f["path"].count("/") == 1 and f["path"].endswith("/config.json")
+    }
 
 
 def model_folders(uri: str, s3_options=None) -> set[str]:
@@ -306,7 +326,9 @@ def verify_export(ref: ExportRef, under: str = "") -> None:
         except FileNotFoundError:
             raise DataError(f"{ref.uri}: incomplete model export ({rel} is missing)") from None
         if got != expected:
-            raise DataError(f"{ref.uri}: model export file {rel} does not match its sha256 (corrupt or changed); refused")
+            raise DataError(
+                f"{ref.uri}: model export file {rel} does not match its sha256 (corrupt or changed); refused"
+            )
 
 
 def download_export(ref: ExportRef, under: str, local_dir: str | os.PathLike) -> list[Path]:
@@ -316,13 +338,15 @@ def download_export(ref: ExportRef, under: str, local_dir: str | os.PathLike) ->
     out = []
     prefix = f"{under}/" if under else ""
     for rel, expected in ref.files(under).items():
-        dst = Path(local_dir, *rel[len(prefix):].split("/"))
+        dst = Path(local_dir, *rel[len(prefix) :].split("/"))
         try:
             copy_to_local(store, rel, dst, expected_sha256=expected)
         except FileNotFoundError:
             raise DataError(f"{ref.uri}: incomplete model export ({rel} is missing)") from None
         except ChecksumMismatch:
-            raise DataError(f"{ref.uri}: model export file {rel} does not match its sha256 (corrupt or changed); refused") from None
+            raise DataError(
+                f"{ref.uri}: model export file {rel} does not match its sha256 (corrupt or changed); refused"
+            ) from None
         out.append(dst)
     return out
 

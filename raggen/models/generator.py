@@ -35,8 +35,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -264,7 +264,7 @@ class Generator(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
-    ) -> "Generator":
+    ) -> Generator:
         """Seq2seq or causal LM, decided by the config's ``is_encoder_decoder``.
 
         A checkpoint that leaves any weight newly initialised is a ConfigError naming the weights.

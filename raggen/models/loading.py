@@ -105,8 +105,14 @@ def _shown(names, limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_pretrained_strict(role: str, model_class: Any, path: str, name_or_path: str | None = None,
-                           allow_new: tuple[str, ...] = (), **kwargs: Any):
+def load_pretrained_strict(
+    role: str,
+    model_class: Any,
+    path: str,
+    name_or_path: str | None = None,
+    allow_new: tuple[str, ...] = (),
+    **kwargs: Any,
+):
     """``model_class.from_pretrained(path, **kwargs)`` that refuses to invent weights.
 
     transformers initialises at random any weight the checkpoint lacks (a DPR context encoder read
@@ -122,7 +128,11 @@ def load_pretrained_strict(role: str, model_class: Any, path: str, name_or_path:
     except OSError as exc:
         raise ConfigError(f"{role} {shown_name!r}: cannot load ({str(exc).splitlines()[0]})") from exc
     # ``allow_new``: name prefixes the caller asked to start fresh (a reranker's head on a plain encoder)
-    missing = {k for k in info.get("missing_keys") or () if not k.startswith(allow_new)} if allow_new else set(info.get("missing_keys") or ())
+    missing = (
+        {k for k in info.get("missing_keys") or () if not k.startswith(allow_new)}
+        if allow_new
+        else set(info.get("missing_keys") or ())
+    )
     mismatched = {str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or ()}
     if missing or mismatched:
         parts = []

@@ -27,7 +27,7 @@ class PosteriorRetriever(nn.Module):
         self.encoder = encoder
 
     @classmethod
-    def from_query_encoder(cls, query_encoder: TextEncoder) -> "PosteriorRetriever":
+    def from_query_encoder(cls, query_encoder: TextEncoder) -> PosteriorRetriever:
         """A deep copy: the two encoders share no parameters."""
         return cls(copy.deepcopy(query_encoder))
 
@@ -41,9 +41,14 @@ class PosteriorRetriever(nn.Module):
         dtype: torch.dtype | None = None,
         normalize: bool = False,
         passage_format: PassageFormat | None = None,
-    ) -> "PosteriorRetriever":
+    ) -> PosteriorRetriever:
         encoder = TextEncoder.from_pretrained(
-            name_or_path, pooling=pooling, max_length=max_length, device=device, dtype=dtype, normalize=normalize,
+            name_or_path,
+            pooling=pooling,
+            max_length=max_length,
+            device=device,
+            dtype=dtype,
+            normalize=normalize,
             passage_format=passage_format,
         )
         return cls(encoder)

@@ -35,7 +35,7 @@ class Reranker(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         new_head: bool = False,
-    ) -> "Reranker":
+    ) -> Reranker:
         """Loads a single-logit cross-encoder; any weight the checkpoint lacks is a ConfigError.
         ``new_head=True`` starts a fresh classification head on a plain encoder (to train it, as
         G-Rerank does), and only the head may be missing then."""
@@ -47,8 +47,14 @@ class Reranker(nn.Module):
         kwargs = {"num_labels": 1}
         if dtype is not None:
             kwargs["dtype"] = dtype
-        model = load_pretrained_strict("reranker", AutoModelForSequenceClassification, path, name_or_path,
-                                       allow_new=("classifier.", "score.") if new_head else (), **kwargs)
+        model = load_pretrained_strict(
+            "reranker",
+            AutoModelForSequenceClassification,
+            path,
+            name_or_path,
+            allow_new=("classifier.", "score.") if new_head else (),
+            **kwargs,
+        )
         reranker = cls(model, tokenizer, max_length=max_length)
         return reranker.to(device) if device is not None else reranker
 

@@ -77,7 +77,9 @@ def _encoder_class(path: str):
     if arch in DPR_ARCHITECTURES and arch != "DPRReader":
         return getattr(transformers, arch)
     if arch == "DPRReader":
-        raise ValueError(f"{path}: a DPRReader is a span reader, not a bi-encoder; use a DPR context or question encoder")
+        raise ValueError(
+            f"{path}: a DPRReader is a span reader, not a bi-encoder; use a DPR context or question encoder"
+        )
     return AutoModel
 
 
@@ -126,12 +128,21 @@ class EncoderSpec(BaseModel):
         None, description="pair: (title, text) as a sentence pair (DPR); joined: 'title . text'; null: the model's own"
     )
 
-    def load(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-             name_or_path: str | None = None) -> "TextEncoder":
+    def load(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        name_or_path: str | None = None,
+    ) -> TextEncoder:
         """The encoder this spec names (or ``name_or_path``, e.g. a downloaded copy of it)."""
         return TextEncoder.from_pretrained(
-            name_or_path or self.name_or_path, pooling=self.pooling, max_length=self.max_length, device=device,
-            dtype=dtype, normalize=self.normalize, passage_format=self.passage_format,
+            name_or_path or self.name_or_path,
+            pooling=self.pooling,
+            max_length=self.max_length,
+            device=device,
+            dtype=dtype,
+            normalize=self.normalize,
+            passage_format=self.passage_format,
         )
 
 
@@ -161,7 +172,9 @@ class TextEncoder(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.is_dpr = getattr(model.config, "model_type", None) == "dpr"
         if self.is_dpr and pooling == "mean":
-            raise ValueError("pooling 'mean' does not apply to a DPR encoder: its vector is the pooler_output (use 'cls')")
+            raise ValueError(
+                "pooling 'mean' does not apply to a DPR encoder: its vector is the pooler_output (use 'cls')"
+            )
         passage_format = passage_format or default_passage_format(model)
         if passage_format not in PASSAGE_FORMATS:
             raise ValueError(f"passage_format must be one of {PASSAGE_FORMATS}, got {passage_format!r}")
@@ -182,7 +195,7 @@ class TextEncoder(nn.Module):
         dtype: torch.dtype | None = None,
         normalize: bool = False,
         passage_format: PassageFormat | None = None,
-    ) -> "TextEncoder":
+    ) -> TextEncoder:
         """Loads the class the checkpoint declares; a weight the checkpoint lacks is a ConfigError."""
         path = resolve_model_path(name_or_path)
         try:
@@ -192,7 +205,9 @@ class TextEncoder(nn.Module):
             raise ConfigError(f"encoder {name_or_path!r}: cannot load ({str(exc).splitlines()[0]})") from exc
         kwargs = {"dtype": dtype} if dtype else {}
         model = load_pretrained_strict("encoder", model_class, path, name_or_path, **kwargs)
-        encoder = cls(model, tokenizer, pooling=pooling, max_length=max_length, normalize=normalize, passage_format=passage_format)
+        encoder = cls(
+            model, tokenizer, pooling=pooling, max_length=max_length, normalize=normalize, passage_format=passage_format
+        )
         return encoder.to(device) if device is not None else encoder
 
     @property
@@ -217,7 +232,9 @@ class TextEncoder(nn.Module):
 
     def tokenize_passages(self, titles: list[str], texts: list[str], device: bool = True) -> dict[str, torch.Tensor]:
         """Passages in this encoder's :attr:`passage_format` (see :func:`tokenize_passages`)."""
-        batch = tokenize_passages(self.tokenizer, titles, texts, passage_format=self.passage_format, max_length=self.max_length)
+        batch = tokenize_passages(
+            self.tokenizer, titles, texts, passage_format=self.passage_format, max_length=self.max_length
+        )
         return self._to_device(batch) if device else batch
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -303,7 +320,7 @@ class BiEncoder(nn.Module):
         normalize: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "BiEncoder":
+    ) -> BiEncoder:
         """``passage_name_or_path=None`` shares one encoder for both sides."""
         kwargs = dict(pooling=pooling, max_length=max_length, normalize=normalize, device=device, dtype=dtype)
         query = TextEncoder.from_pretrained(query_name_or_path, **kwargs)

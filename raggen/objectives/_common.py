@@ -42,9 +42,7 @@ def float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.to(dtype=like.dtype)
 
 
-def sequence_logprob(
-    token_logprobs: torch.Tensor, mask: torch.Tensor, length_normalize: bool = False
-) -> torch.Tensor:
+def sequence_logprob(token_logprobs: torch.Tensor, mask: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
     """log p(y | x, z) from per-token log-probs: the masked sum over t (or the masked mean).
 
     token_logprobs: (b, k, t) or (b, t); mask: (b, t). Returns (b, k) or (b,).
@@ -97,9 +95,7 @@ def masked_scores(scores: torch.Tensor, candidate_mask: torch.Tensor | None) -> 
     if candidate_mask is None:
         return scores
     if tuple(candidate_mask.shape) != tuple(scores.shape):
-        raise ValueError(
-            f"candidate_mask: expected shape {tuple(scores.shape)}, got {tuple(candidate_mask.shape)}"
-        )
+        raise ValueError(f"candidate_mask: expected shape {tuple(scores.shape)}, got {tuple(candidate_mask.shape)}")
     if not bool(candidate_mask.any(-1).all()):
         raise ValueError("candidate_mask: every example needs at least one valid candidate")
     return scores.masked_fill(~candidate_mask.bool(), float("-inf"))

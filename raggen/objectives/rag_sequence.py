@@ -19,16 +19,12 @@ def _check(doc_scores: torch.Tensor, token_logprobs: torch.Tensor, mask: torch.T
     check_dims("mask", mask, 2)
     b, k = doc_scores.shape
     if tuple(token_logprobs.shape[:2]) != (b, k):
-        raise ValueError(
-            f"token_logprobs: expected (b={b}, k={k}, t), got {tuple(token_logprobs.shape)}"
-        )
+        raise ValueError(f"token_logprobs: expected (b={b}, k={k}, t), got {tuple(token_logprobs.shape)}")
     if tuple(mask.shape) != (b, token_logprobs.shape[2]):
         raise ValueError(f"mask: expected {(b, token_logprobs.shape[2])}, got {tuple(mask.shape)}")
 
 
-def rag_sequence_nll(
-    doc_scores: torch.Tensor, token_logprobs: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def rag_sequence_nll(doc_scores: torch.Tensor, token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-example RAG-Sequence NLL (**contract**).
 
         nll[b] = -logsumexp_k( log_softmax(doc_scores)[b, k] + sum_t mask[b, t] * token_logprobs[b, k, t] )
@@ -56,7 +52,5 @@ def rag_sequence_loss(
         doc_logprobs = torch.log_softmax(doc_scores, dim=-1)
         joint = doc_logprobs + sequence_logprob(token_logprobs, mask)  # (b, k)
         posterior = torch.log_softmax(joint, dim=-1)
-    diagnostics = detached(
-        nll=nll, prior_entropy=entropy(doc_logprobs), posterior_entropy=entropy(posterior)
-    )
+    diagnostics = detached(nll=nll, prior_entropy=entropy(doc_logprobs), posterior_entropy=entropy(posterior))
     return nll.mean(), diagnostics

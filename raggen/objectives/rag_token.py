@@ -13,9 +13,7 @@ from raggen.objectives._common import detached, entropy, float_mask
 from raggen.objectives.rag_sequence import _check
 
 
-def rag_token_nll(
-    doc_scores: torch.Tensor, token_logprobs: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
+def rag_token_nll(doc_scores: torch.Tensor, token_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-example RAG-Token NLL (**contract**).
 
         nll[b] = -sum_t mask[b, t] * logsumexp_k( log_softmax(doc_scores)[b, k] + token_logprobs[b, k, t] )

@@ -7,5 +7,12 @@ from raggen.retrieval.fusion import minmax_normalize, rrf_fuse, weighted_fuse
 from raggen.retrieval.hybrid import HybridIndex, with_retrieval
 from raggen.retrieval.settings import RETRIEVAL_MODES, RetrievalSettings
 
-__all__ = ["HybridIndex", "RETRIEVAL_MODES", "RetrievalSettings", "minmax_normalize", "rrf_fuse", "weighted_fuse",
-           "with_retrieval"]
+__all__ = [
+    "HybridIndex",
+    "RETRIEVAL_MODES",
+    "RetrievalSettings",
+    "minmax_normalize",
+    "rrf_fuse",
+    "weighted_fuse",
+    "with_retrieval",
+]

@@ -38,8 +38,9 @@ def _top(fused: list[dict[int, float]], k: int) -> tuple[np.ndarray, np.ndarray]
     return out_ids, out_scores
 
 
-def rrf_fuse(ids: Sequence[np.ndarray], k: int, *, rrf_k: float = 60.0,
-             weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rrf_fuse(
+    ids: Sequence[np.ndarray], k: int, *, rrf_k: float = 60.0, weights: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Reciprocal rank fusion of ranked lists ``ids`` [(b, k_i)] -> top-``k`` (ids, scores)."""
     ids, weights = _check(ids, weights)
     assert rrf_k > 0 and k > 0
@@ -69,8 +70,9 @@ def minmax_normalize(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.where(valid, norm, 0.0)
 
 
-def weighted_fuse(ids: Sequence[np.ndarray], scores: Sequence[np.ndarray], k: int,
-                  weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def weighted_fuse(
+    ids: Sequence[np.ndarray], scores: Sequence[np.ndarray], k: int, weights: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Weighted sum of per-query min-max normalised scores -> top-``k`` (ids, scores)."""
     ids, weights = _check(ids, weights)
     assert len(scores) == len(ids) and k > 0

@@ -20,8 +20,9 @@ class HybridIndex:
     """``search(xq, k, questions=..., mode=...)`` -> SearchResult by ``mode`` (default: the
     settings'): dense (FAISS scores), sparse (BM25 scores) or hybrid (fused scores)."""
 
-    def __init__(self, dense: ShardedIndex, sparse: SparseIndex | None, settings: RetrievalSettings, *,
-                 where: str = "the index"):
+    def __init__(
+        self, dense: ShardedIndex, sparse: SparseIndex | None, settings: RetrievalSettings, *, where: str = "the index"
+    ):
         self.dense, self.sparse, self.settings, self.where = dense, sparse, settings, where
         self.check_mode(settings.mode)
 
@@ -53,13 +54,24 @@ class HybridIndex:
         if mode not in RETRIEVAL_MODES:
             raise ConfigError(f"retrieval: one of {', '.join(RETRIEVAL_MODES)}, got {mode!r}")
         if mode != "dense" and self.sparse is None:
-            raise ConfigError(f"retrieval.mode: {mode!r} needs a sparse index, but version {self.version} of "
-                              f"{self.where} has none (build it with index.sparse: bm25)")
+            raise ConfigError(
+                f"retrieval.mode: {mode!r} needs a sparse index, but version {self.version} of "
+                f"{self.where} has none (build it with index.sparse: bm25)"
+            )
         return mode
 
-    def search(self, xq: np.ndarray | None, k: int, *, questions: list[str] | None = None, mode: str | None = None,
-               embeddings: bool = False, nprobe: int | None = None, ef_search: int | None = None,
-               settings: RetrievalSettings | None = None) -> SearchResult:
+    def search(
+        self,
+        xq: np.ndarray | None,
+        k: int,
+        *,
+        questions: list[str] | None = None,
+        mode: str | None = None,
+        embeddings: bool = False,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        settings: RetrievalSettings | None = None,
+    ) -> SearchResult:
         """Top-``k`` per query; ``xq`` (b, d) query vectors (unused by sparse), ``questions`` the
         texts (unused by dense); ``settings`` (default: this index's) for this call's fusion."""
         s = settings or self.settings
@@ -81,9 +93,15 @@ class HybridIndex:
         return self.dense.fetch(rows, self.sparse.shard_of(rows), scores, embeddings=embeddings)
 
 
-def with_retrieval(index: ShardedIndex, uri: str, settings: RetrievalSettings, *,
-                   s3_options: Mapping[str, Any] | None = None, cache_dir=None,
-                   load_sparse_index: bool | None = None) -> HybridIndex:
+def with_retrieval(
+    index: ShardedIndex,
+    uri: str,
+    settings: RetrievalSettings,
+    *,
+    s3_options: Mapping[str, Any] | None = None,
+    cache_dir=None,
+    load_sparse_index: bool | None = None,
+) -> HybridIndex:
     """``index`` (a ShardedIndex opened from ``uri``) with its version's sparse index, loaded and
     verified when the settings' mode needs it (``load_sparse_index=True``: whenever the version has
     one, e.g. for per-request modes). A mode the version cannot serve is a ConfigError."""

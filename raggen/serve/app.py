@@ -29,8 +29,9 @@ from raggen.errors import ConfigError, RaggenError
 from raggen.index.settings import SearchSettings
 from raggen.models.retriever import EncoderSpec
 from raggen.retrieval.settings import RetrievalSettings
-from raggen.serve.deployments import Generator, Ingress, IndexUserConfig, Reranker, Retriever
+from raggen.serve.deployments import Generator, IndexUserConfig, Ingress, Reranker, Retriever
 from raggen.serve.schemas import RequestLimits
+
 # one definition for the raggen config and Serve args
 from raggen.serve.settings import DeploymentSection, ServingSettings
 
@@ -66,20 +67,26 @@ class AppArgs(ServingSettings):
     def _no_credentials(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         given = sorted(set(value or {}) & set(S3_CREDENTIAL_FIELDS))
         if given:
-            raise ValueError(f"S3 credentials are not accepted in Serve args ({', '.join(given)}): a Serve config "
-                             "shows in the dashboard and in `serve status`; give the replicas AWS_ACCESS_KEY_ID / "
-                             "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (or an IAM role) in their environment")
+            raise ValueError(
+                f"S3 credentials are not accepted in Serve args ({', '.join(given)}): a Serve config "
+                "shows in the dashboard and in `serve status`; give the replicas AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (or an IAM role) in their environment"
+            )
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "AppArgs":
+    def _consistent(self) -> AppArgs:
         if self.watch_latest and self.index_version is not None:
             raise ValueError("index_version pins a version while watch_latest follows LATEST: set only one")
         return self
 
     def index_user_config(self) -> dict[str, Any]:
-        return IndexUserConfig(index=self.index, version=self.index_version, watch_latest=self.watch_latest,
-                               watch_interval_s=self.watch_interval_s).model_dump()
+        return IndexUserConfig(
+            index=self.index,
+            version=self.index_version,
+            watch_latest=self.watch_latest,
+            watch_interval_s=self.watch_interval_s,
+        ).model_dump()
 
 
 def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
@@ -117,8 +124,10 @@ def deployment_resources(a: AppArgs, role: str) -> dict[str, Any]:
 def _queue_options(a: AppArgs) -> dict[str, Any]:
     """A bounded queue in front of every deployment: past ``max_queued_requests`` waiting requests
     a caller gets 503 + ``Retry-After`` at once (Serve's backpressure) instead of waiting forever."""
-    return dict(max_queued_requests=a.max_queued_requests,
-                backpressure_config={"status_code": 503, "retry_after_s": a.retry_after_s})
+    return dict(
+        max_queued_requests=a.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": a.retry_after_s},
+    )
 
 
 def _model_options(a: AppArgs, role: str) -> dict[str, Any]:
@@ -136,24 +145,50 @@ def build_app(args: dict[str, Any]) -> Application:
     a = parse_app_args(args)
     batching = dict(max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_timeout_s)
     retriever = Retriever.options(user_config=a.index_user_config(), **_model_options(a, "retriever")).bind(
-        encoder=a.query_encoder.model_dump(), s3=a.s3, retry_attempts=a.retry_attempts,
-        search=a.index_search.model_dump(mode="json"), retrieval=a.retrieval.model_dump(), **batching)
+        encoder=a.query_encoder.model_dump(),
+        s3=a.s3,
+        retry_attempts=a.retry_attempts,
+        search=a.index_search.model_dump(mode="json"),
+        retrieval=a.retrieval.model_dump(),
+        **batching,
+    )
     generator = Generator.options(**_model_options(a, "generator")).bind(
-        path=a.generator, max_source_length=a.max_source_length, max_target_length=a.max_target_length,
-        num_beams=a.num_beams, s3=a.s3, **batching)
-    reranker = (Reranker.options(**_model_options(a, "reranker")).bind(path=a.reranker, s3=a.s3, **batching)
-                if a.reranker else None)
-    limits = RequestLimits(max_question_chars=a.max_question_chars, default_top_k=a.default_top_k,
-                           max_top_k=a.max_top_k, max_new_tokens=a.max_new_tokens, max_num_beams=a.num_beams)
+        path=a.generator,
+        max_source_length=a.max_source_length,
+        max_target_length=a.max_target_length,
+        num_beams=a.num_beams,
+        s3=a.s3,
+        **batching,
+    )
+    reranker = (
+        Reranker.options(**_model_options(a, "reranker")).bind(path=a.reranker, s3=a.s3, **batching)
+        if a.reranker
+        else None
+    )
+    limits = RequestLimits(
+        max_question_chars=a.max_question_chars,
+        default_top_k=a.default_top_k,
+        max_top_k=a.max_top_k,
+        max_new_tokens=a.max_new_tokens,
+        max_num_beams=a.num_beams,
+    )
     ingress = Ingress.options(
         **deployment_resources(a, "ingress"),
         max_ongoing_requests=a.max_ongoing_requests or 64,  # it only awaits the model deployments
         **_queue_options(a),
     )
     retry = dict(attempts=a.retry_attempts, backoff_s=a.retry_backoff_s, retry_after_s=a.retry_after_s)
-    return ingress.bind(retriever, generator, reranker=reranker, limits=vars(limits),
-                        api_token_env=a.api_token_env, rerank_candidates=a.rerank_candidates,
-                        allow_unauthenticated=a.allow_unauthenticated, retry=retry, max_body_bytes=a.max_body_bytes)
+    return ingress.bind(
+        retriever,
+        generator,
+        reranker=reranker,
+        limits=vars(limits),
+        api_token_env=a.api_token_env,
+        rerank_candidates=a.rerank_candidates,
+        allow_unauthenticated=a.allow_unauthenticated,
+        retry=retry,
+        max_body_bytes=a.max_body_bytes,
+    )
 
 
 def build_app_from_config(**kwargs: Any) -> Application:
@@ -161,9 +196,16 @@ def build_app_from_config(**kwargs: Any) -> Application:
     return build_app(kwargs)
 
 
-def serve_deploy_config(args: dict[str, Any], *, name: str = APP_NAME, route_prefix: str = "/",
-                        host: str = "127.0.0.1", port: int = 8000, runtime_env: dict[str, Any] | None = None,
-                        request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S) -> dict[str, Any]:
+def serve_deploy_config(
+    args: dict[str, Any],
+    *,
+    name: str = APP_NAME,
+    route_prefix: str = "/",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    runtime_env: dict[str, Any] | None = None,
+    request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+) -> dict[str, Any]:
     """The Serve config (the YAML ``serve deploy`` takes) of one raggen app built from ``args``.
 
     The Retriever's ``user_config`` is listed under ``deployments`` so that a later deploy which
@@ -172,7 +214,10 @@ def serve_deploy_config(args: dict[str, Any], *, name: str = APP_NAME, route_pre
     """
     a = parse_app_args(args)
     app: dict[str, Any] = {
-        "name": name, "route_prefix": route_prefix, "import_path": IMPORT_PATH, "args": args,
+        "name": name,
+        "route_prefix": route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": args,
         "deployments": [{"name": "Retriever", "user_config": a.index_user_config()}],
     }
     if runtime_env:
@@ -183,12 +228,20 @@ def serve_deploy_config(args: dict[str, Any], *, name: str = APP_NAME, route_pre
     return {"http_options": http, "applications": [app]}
 
 
-def with_index(config: dict[str, Any], index: str, version: str | None = None, *, watch_latest: bool = False,
-               watch_interval_s: float = 10.0, app_name: str = APP_NAME) -> dict[str, Any]:
+def with_index(
+    config: dict[str, Any],
+    index: str,
+    version: str | None = None,
+    *,
+    watch_latest: bool = False,
+    watch_interval_s: float = 10.0,
+    app_name: str = APP_NAME,
+) -> dict[str, Any]:
     """A copy of a Serve config whose app ``app_name`` serves ``index``@``version`` (a hot-swap)."""
     new = copy.deepcopy(config)
-    user_config = IndexUserConfig(index=index, version=version, watch_latest=watch_latest,
-                                  watch_interval_s=watch_interval_s).model_dump()
+    user_config = IndexUserConfig(
+        index=index, version=version, watch_latest=watch_latest, watch_interval_s=watch_interval_s
+    ).model_dump()
     for app in new["applications"]:
         if app["name"] != app_name:
             continue
@@ -229,5 +282,3 @@ def wait_until_running(name: str = APP_NAME, timeout_s: float = 300.0, poll_s: f
             raise RaggenError(f"serve app {name!r} failed to deploy: {app.message}")
         time.sleep(poll_s)
     raise RaggenError(f"serve app {name!r} not running after {timeout_s:.0f}s (status {status})")
-
-

@@ -43,8 +43,10 @@ def is_authorized(authorization: str | None, token: str) -> bool:
 def _unauthorized(message: str) -> JSONResponse:
     return JSONResponse(
         status_code=401,
-        content={"detail": [{"type": "unauthorized", "loc": ["header", "authorization"], "msg": message}],
-                 "error": f"authorization: {message}"},
+        content={
+            "detail": [{"type": "unauthorized", "loc": ["header", "authorization"], "msg": message}],
+            "error": f"authorization: {message}",
+        },
         headers={"WWW-Authenticate": 'Bearer realm="raggen"'},
     )
 
@@ -63,8 +65,10 @@ def declare_bearer_scheme(app: FastAPI, open_paths: Iterable[str] = OPEN_PATHS) 
             return app.openapi_schema
         schema = build()
         schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER_SCHEME] = {
-            "type": "http", "scheme": "bearer",
-            "description": "the service's API token (RAGGEN_API_TOKEN on the replicas)"}
+            "type": "http",
+            "scheme": "bearer",
+            "description": "the service's API token (RAGGEN_API_TOKEN on the replicas)",
+        }
         schema["security"] = [{BEARER_SCHEME: []}]
         for path in open_set:
             for operation in schema.get("paths", {}).get(path, {}).values():
@@ -92,7 +96,7 @@ def install_bearer_auth(app: FastAPI, token: str | None, open_paths: Iterable[st
         path = request.url.path
         root = request.scope.get("root_path", "")
         if root and path.startswith(root):
-            path = path[len(root):] or "/"
+            path = path[len(root) :] or "/"
         if path in open_set:
             return await call_next(request)
         header = request.headers.get("authorization")

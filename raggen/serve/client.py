@@ -58,9 +58,18 @@ def _wait_s(response: httpx.Response | None, retry: int, max_wait_s: float) -> f
     return min(wait, max_wait_s)
 
 
-def _request(method: str, url: str, *, json: Any = None, token: str | None = None,
-             token_env: str = DEFAULT_TOKEN_ENV, timeout: float = 60.0,
-             client: httpx.Client | None = None, retries: int = 2, max_wait_s: float = 5.0) -> Any:
+def _request(
+    method: str,
+    url: str,
+    *,
+    json: Any = None,
+    token: str | None = None,
+    token_env: str = DEFAULT_TOKEN_ENV,
+    timeout: float = 60.0,
+    client: httpx.Client | None = None,
+    retries: int = 2,
+    max_wait_s: float = 5.0,
+) -> Any:
     """One idempotent call (every raggen route is), sent again up to ``retries`` times after a
     connection failure, a 502/503/504 (honouring ``Retry-After``, at most ``max_wait_s``) or a
     proxy's 500; raggen's own 500 (an internal error, with a request id) is not retried."""
@@ -84,9 +93,18 @@ def _request(method: str, url: str, *, json: Any = None, token: str | None = Non
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def ask(url: str, question: str, *, top_k: int | None = None, decoding: str = "rag-token",
-        max_new_tokens: int | None = None, token: str | None = None, token_env: str = DEFAULT_TOKEN_ENV,
-        timeout: float = 60.0, client: httpx.Client | None = None) -> dict[str, Any]:
+def ask(
+    url: str,
+    question: str,
+    *,
+    top_k: int | None = None,
+    decoding: str = "rag-token",
+    max_new_tokens: int | None = None,
+    token: str | None = None,
+    token_env: str = DEFAULT_TOKEN_ENV,
+    timeout: float = 60.0,
+    client: httpx.Client | None = None,
+) -> dict[str, Any]:
     """``POST {url}/v1/answer``; returns ``{"answer", "passages", "index_version", "timings_ms"}``.
 
     ``token`` defaults to the ``token_env`` environment variable; omitted numbers take the
@@ -98,12 +116,20 @@ def ask(url: str, question: str, *, top_k: int | None = None, decoding: str = "r
         body["top_k"] = top_k
     if max_new_tokens is not None:
         body["max_new_tokens"] = max_new_tokens
-    return _request("POST", f"{url.rstrip('/')}/v1/answer", json=body, token=token, token_env=token_env,
-                    timeout=timeout, client=client)
+    return _request(
+        "POST",
+        f"{url.rstrip('/')}/v1/answer",
+        json=body,
+        token=token,
+        token_env=token_env,
+        timeout=timeout,
+        client=client,
+    )
 
 
-def index_info(url: str, *, token: str | None = None, token_env: str = DEFAULT_TOKEN_ENV,
-               timeout: float = 10.0) -> dict[str, Any]:
+def index_info(
+    url: str, *, token: str | None = None, token_env: str = DEFAULT_TOKEN_ENV, timeout: float = 10.0
+) -> dict[str, Any]:
     """``GET {url}/v1/index``: the live index version (and the last refused swap, if any)."""
     return _request("GET", f"{url.rstrip('/')}/v1/index", token=token, token_env=token_env, timeout=timeout)
 

@@ -69,9 +69,24 @@ from raggen.serve.schemas import AnswerRequest, RequestLimits, summarize_issues,
 log = logging.getLogger("ray.serve").getChild(__name__)
 
 __all__ = [
-    "DECODERS", "Generator", "Hit", "IndexHolder", "IndexUserConfig", "Ingress", "LiveIndex", "NoIndexError",
-    "Reranker", "Retriever", "build_http_api", "decode_answers", "generate_batch", "jsonable_issues",
-    "load_live_index", "read_latest_version", "rerank_batch", "retrieve_batch",
+    "DECODERS",
+    "Generator",
+    "Hit",
+    "IndexHolder",
+    "IndexUserConfig",
+    "Ingress",
+    "LiveIndex",
+    "NoIndexError",
+    "Reranker",
+    "Retriever",
+    "build_http_api",
+    "decode_answers",
+    "generate_batch",
+    "jsonable_issues",
+    "load_live_index",
+    "read_latest_version",
+    "rerank_batch",
+    "retrieve_batch",
 ]
 
 
@@ -91,9 +106,17 @@ class Retriever:
     (one group per version, lent by the cluster's ``ShardGroupRegistry``; see
     :mod:`raggen.serve.live_index`). The query encoder always runs here."""
 
-    def __init__(self, encoder: dict, s3: dict | None = None, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, device: str | None = None, retry_attempts: int = 3,
-                 search: dict | None = None, retrieval: dict | None = None):
+    def __init__(
+        self,
+        encoder: dict,
+        s3: dict | None = None,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.01,
+        device: str | None = None,
+        retry_attempts: int = 3,
+        search: dict | None = None,
+        retrieval: dict | None = None,
+    ):
         dev = pick_device(device)
         # the service's retrieval mode and fusion (``retrieval``); a request may ask for another mode
         self.retrieval = RetrievalSettings.model_validate(retrieval or {})
@@ -106,8 +129,10 @@ class Retriever:
             loader=functools.partial(load_for_swap, s3=s3, expect_dim=self.encoder.dim, settings=settings),
             latest_reader=functools.partial(read_latest_version, s3=s3),
             versions_reader=functools.partial(versions_newest_first, s3=s3),
-            on_swap=self.index_metrics.on_swap, on_refuse=self.index_metrics.on_refuse,
-            retry_attempts=retry_attempts, replica=_replica_name(),
+            on_swap=self.index_metrics.on_swap,
+            on_refuse=self.index_metrics.on_refuse,
+            retry_attempts=retry_attempts,
+            replica=_replica_name(),
         )
         _set_batching(self.retrieve, max_batch_size, batch_wait_timeout_s)
 
@@ -129,11 +154,26 @@ class Retriever:
         with self.holder.use() as live:
             errors = {m: _mode_error(live.index, m) for m in set(wanted)}
             ok = [i for i, m in enumerate(wanted) if errors[m] is None]
-            hits = await asyncio.to_thread(retrieve_batch, self.encoder, live, [questions[i] for i in ok],
-                                           [top_ks[i] for i in ok], [wanted[i] for i in ok], self.retrieval) if ok else []
+            hits = (
+                await asyncio.to_thread(
+                    retrieve_batch,
+                    self.encoder,
+                    live,
+                    [questions[i] for i in ok],
+                    [top_ks[i] for i in ok],
+                    [wanted[i] for i in ok],
+                    self.retrieval,
+                )
+                if ok
+                else []
+            )
         found = dict(zip(ok, hits))
-        return [{"passages": found[i], "index_version": live.version} if i in found
-                else {"error": errors[wanted[i]], "index_version": live.version} for i in range(len(questions))]
+        return [
+            {"passages": found[i], "index_version": live.version}
+            if i in found
+            else {"error": errors[wanted[i]], "index_version": live.version}
+            for i in range(len(questions))
+        ]
 
     async def index_info(self) -> dict:
         return self.holder.info()
@@ -142,11 +182,17 @@ class Retriever:
         """This replica's process and where its index is searched (for operators and tests)."""
         live = self.holder.live
         group = getattr(live.index, "actor_group", None)
-        return {"pid": os.getpid(), "rss_bytes": rss_bytes(), "version": live.version, "backend": live.backend,
-                "actor_group": None if group is None else group.name, "in_flight": self.holder.in_flight()}
+        return {
+            "pid": os.getpid(),
+            "rss_bytes": rss_bytes(),
+            "version": live.version,
+            "backend": live.backend,
+            "actor_group": None if group is None else group.name,
+            "in_flight": self.holder.in_flight(),
+        }
 
     def check_health(self) -> None:
-        self.holder.live  # raises NoIndexError: a replica without a verified index is unhealthy
+        _ = self.holder.live  # raises NoIndexError: a replica without a verified index is unhealthy
 
     def __del__(self) -> None:
         holder = getattr(self, "holder", None)
@@ -158,8 +204,15 @@ class Retriever:
 class Reranker:
     """Cross-encoder over the retrieved candidates; keeps the top_k by its score."""
 
-    def __init__(self, path: str, max_length: int = 256, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, device: str | None = None, s3: dict | None = None):
+    def __init__(
+        self,
+        path: str,
+        max_length: int = 256,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.01,
+        device: str | None = None,
+        s3: dict | None = None,
+    ):
         dev = pick_device(device)
         self.model = RerankerModel.from_pretrained(fetch_model_dir(path, s3), max_length=max_length, device=dev).eval()
         self.batch_metrics = BatchMetrics("rerank")
@@ -183,26 +236,45 @@ class Generator:
     :class:`~raggen.serve.pipeline.Generation` summary.
     """
 
-    def __init__(self, path: str, max_source_length: int = 192, max_target_length: int = 32, num_beams: int = 4,
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, device: str | None = None,
-                 s3: dict | None = None):
+    def __init__(
+        self,
+        path: str,
+        max_source_length: int = 192,
+        max_target_length: int = 32,
+        num_beams: int = 4,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.01,
+        device: str | None = None,
+        s3: dict | None = None,
+    ):
         dev = pick_device(device)
-        self.model = GeneratorModel.from_pretrained(fetch_model_dir(path, s3), max_source_length=max_source_length,
-                                                    max_target_length=max_target_length, device=dev,
-                                                    dtype=pick_dtype(dev)).eval()
+        self.model = GeneratorModel.from_pretrained(
+            fetch_model_dir(path, s3),
+            max_source_length=max_source_length,
+            max_target_length=max_target_length,
+            device=dev,
+            dtype=pick_dtype(dev),
+        ).eval()
         self.num_beams = num_beams
         self.batch_metrics = BatchMetrics("generate")
         _set_batching(self.generate, max_batch_size, batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate(self, questions: list[str], hits: list[list[Hit]], decodings: list[str],
-                       max_new_tokens: list[int], num_beams: list[int | None]) -> list[dict]:
+    async def generate(
+        self,
+        questions: list[str],
+        hits: list[list[Hit]],
+        decodings: list[str],
+        max_new_tokens: list[int],
+        num_beams: list[int | None],
+    ) -> list[dict]:
         self.batch_metrics.observe(len(questions))
         beams = [nb or self.num_beams for nb in num_beams]
         return await asyncio.to_thread(generate_outputs, self.model, questions, hits, decodings, max_new_tokens, beams)
 
-    async def generate_stream(self, question: str, hits: list[Hit], decoding: str, max_new_tokens: int,
-                              num_beams: int | None = None) -> AsyncIterator[dict]:
+    async def generate_stream(
+        self, question: str, hits: list[Hit], decoding: str, max_new_tokens: int, num_beams: int | None = None
+    ) -> AsyncIterator[dict]:
         num_beams = num_beams or self.num_beams
         if not hits:  # an empty index: an empty answer, as generate gives
             yield {"text": "", "completion_tokens": 0, "finish_reason": "stop"}
@@ -214,8 +286,12 @@ class Generator:
             loop.call_soon_threadsafe(prefixes.put_nowait, prefix)
 
         on_prefix = push if streams_while_decoding(decoding, num_beams) else None
-        decoded = loop.run_in_executor(None, functools.partial(
-            decode_tokens, self.model, [question], [hits], decoding, max_new_tokens, num_beams, on_prefix))
+        decoded = loop.run_in_executor(
+            None,
+            functools.partial(
+                decode_tokens, self.model, [question], [hits], decoding, max_new_tokens, num_beams, on_prefix
+            ),
+        )
         decoded.add_done_callback(lambda _: prefixes.put_nowait(None))
         deltas = TextDeltas(self.model.decode)
         while (prefix := await prefixes.get()) is not None:
@@ -251,10 +327,18 @@ class Ingress:
     unless ``allow_unauthenticated`` (:func:`~raggen.serve.resilience.check_exposure`).
     """
 
-    def __init__(self, retriever: Any, generator: Any, reranker: Any = None, limits: dict | None = None,
-                 api_token_env: str = DEFAULT_TOKEN_ENV, rerank_candidates: int = 20,
-                 allow_unauthenticated: bool = False, retry: dict | None = None,
-                 max_body_bytes: int = 64 * 1024):
+    def __init__(
+        self,
+        retriever: Any,
+        generator: Any,
+        reranker: Any = None,
+        limits: dict | None = None,
+        api_token_env: str = DEFAULT_TOKEN_ENV,
+        rerank_candidates: int = 20,
+        allow_unauthenticated: bool = False,
+        retry: dict | None = None,
+        max_body_bytes: int = 64 * 1024,
+    ):
         self.retriever = retriever
         self.generator = generator
         self.generator_stream = generator.options(stream=True)
@@ -274,9 +358,15 @@ class Ingress:
         def record(entry: dict) -> None:
             self.http_metrics.request(entry["route"], entry["method"], entry["status"], entry["latency_ms"])
 
-        return build_http_api(self, self.limits, self.token, on_request=record, max_body_bytes=self.max_body_bytes,
-                              retry_after_s=self.retry.retry_after_s,
-                              show_details=self.token is not None or is_loopback(self.host))
+        return build_http_api(
+            self,
+            self.limits,
+            self.token,
+            on_request=record,
+            max_body_bytes=self.max_body_bytes,
+            retry_after_s=self.retry.retry_after_s,
+            show_details=self.token is not None or is_loopback(self.host),
+        )
 
     async def _call(self, what: str, method: Any, *args: Any) -> Any:
         """``await method.remote(*args)``, sent again if the replica that took it died."""
@@ -289,8 +379,9 @@ class Ingress:
         fetch = max(req.top_k, self.rerank_candidates) if self.reranker is not None else req.top_k
         retrieved = await self._call("retrieve", self.retriever.retrieve, req.question, fetch, req.retrieval)
         if "error" in retrieved:  # a mode this index version cannot serve: the request's fault
-            raise RequestValidationError([validation_issue("retrieval", retrieved["error"], req.retrieval,
-                                                           "value_error")])
+            raise RequestValidationError(
+                [validation_issue("retrieval", retrieved["error"], req.retrieval, "value_error")]
+            )
         hits = retrieved["passages"]
         timings["retrieve"] = _ms_since(start)
         if self.reranker is not None:
@@ -302,14 +393,21 @@ class Ingress:
     async def answer(self, req: AnswerRequest) -> dict:
         hits, version, timings, start = await self._evidence(req)
         t = time.perf_counter()
-        out = await self._call("generate", self.generator.generate, req.question, hits, req.decoding,
-                               req.max_new_tokens, req.num_beams)
+        out = await self._call(
+            "generate", self.generator.generate, req.question, hits, req.decoding, req.max_new_tokens, req.num_beams
+        )
         timings["generate"] = _ms_since(t)
         timings["total"] = _ms_since(start)
         self.stage_metrics.observe(timings)
         # finish_reason / completion_tokens are for the chat route; /v1/answer's response model drops them
-        return {"answer": out["text"], "passages": hits, "index_version": version, "timings_ms": timings,
-                "finish_reason": out["finish_reason"], "completion_tokens": out["completion_tokens"]}
+        return {
+            "answer": out["text"],
+            "passages": hits,
+            "index_version": version,
+            "timings_ms": timings,
+            "finish_reason": out["finish_reason"],
+            "completion_tokens": out["completion_tokens"],
+        }
 
     async def answer_stream(self, req: AnswerRequest) -> AsyncIterator[dict]:
         """``evidence`` (passages, index version), ``delta`` pieces of the answer, then ``end``."""
@@ -325,9 +423,14 @@ class Ingress:
         timings["generate"] = _ms_since(t)
         timings["total"] = _ms_since(start)
         self.stage_metrics.observe(timings)
-        yield {"type": "end", "finish_reason": summary["finish_reason"],
-               "completion_tokens": summary["completion_tokens"], "passages": hits, "index_version": version,
-               "timings_ms": timings}
+        yield {
+            "type": "end",
+            "finish_reason": summary["finish_reason"],
+            "completion_tokens": summary["completion_tokens"],
+            "passages": hits,
+            "index_version": version,
+            "timings_ms": timings,
+        }
 
     async def _stream_generation(self, req: AnswerRequest, hits: list[Hit]) -> AsyncIterator[dict]:
         """The Generator's stream, restarted on another replica if its replica dies mid-answer.
@@ -344,13 +447,14 @@ class Ingress:
             nonlocal sent
             text = ""
             async for item in self.generator_stream.generate_stream.remote(
-                    req.question, hits, req.decoding, req.max_new_tokens, req.num_beams):
+                req.question, hits, req.decoding, req.max_new_tokens, req.num_beams
+            ):
                 if "delta" not in item:
                     await queue.put(item)
                     continue
                 text += item["delta"]
                 if len(text) > len(sent) and text.startswith(sent):
-                    piece, sent = text[len(sent):], text
+                    piece, sent = text[len(sent) :], text
                     await queue.put({"delta": piece})
 
         async def produce() -> None:

@@ -85,7 +85,7 @@ def route_path(scope: Scope) -> str:
     path = scope.get("path", "/")
     root = scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):] or "/"
+        path = path[len(root) :] or "/"
     return path
 
 
@@ -129,8 +129,12 @@ class AccessLog:
         path = route_path(scope)
         entry: AccessEntry = {
             "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "type": "access", "request_id": rid, "method": scope.get("method", ""),
-            "route": path if path in self._known else OTHER_ROUTE, "path": path[:200], "status": status,
+            "type": "access",
+            "request_id": rid,
+            "method": scope.get("method", ""),
+            "route": path if path in self._known else OTHER_ROUTE,
+            "path": path[:200],
+            "status": status,
             "latency_ms": round(latency_ms, 3),
         }
         try:
@@ -146,10 +150,14 @@ def _is_json(content_type: str | None) -> bool:
     return media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
 
 
-def error_response(status: int, field: str, msg: str, kind: str, rid: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, field: str, msg: str, kind: str, rid: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """The one error body: ``{"detail": [...], "error": "field: reason"}`` (+ ``request_id`` if given)."""
-    content: dict[str, Any] = {"detail": [{"type": kind, "loc": field.split("."), "msg": msg}], "error": f"{field}: {msg}"}
+    content: dict[str, Any] = {
+        "detail": [{"type": kind, "loc": field.split("."), "msg": msg}],
+        "error": f"{field}: {msg}",
+    }
     if rid is not None:
         content["request_id"] = rid
     return JSONResponse(status_code=status, content=content, headers=headers)
@@ -189,9 +197,16 @@ def redact_index_info(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_http_api(service: Any, limits: RequestLimits, token: str | None,
-                   on_request: RequestHook | None = None, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                   retry_after_s: float = 1.0, show_details: bool | None = None) -> FastAPI:
+def build_http_api(
+    service: Any,
+    limits: RequestLimits,
+    token: str | None,
+    on_request: RequestHook | None = None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    retry_after_s: float = 1.0,
+    show_details: bool | None = None,
+) -> FastAPI:
     """The FastAPI app of the HTTP contract over ``service`` (``answer(req)``/``index_info()``, async;
     ``answer_stream(req)`` for a streamed chat completion).
 
@@ -221,8 +236,12 @@ def build_http_api(service: Any, limits: RequestLimits, token: str | None,
     @app.middleware("http")
     async def _json_only(request: Request, call_next):
         if request.method == "POST" and not _is_json(request.headers.get("content-type")):
-            return error_response(415, "header.content-type", "must be application/json, got "
-                                  f"{request.headers.get('content-type') or 'none'!r}", "unsupported_media_type")
+            return error_response(
+                415,
+                "header.content-type",
+                f"must be application/json, got {request.headers.get('content-type') or 'none'!r}",
+                "unsupported_media_type",
+            )
         return await call_next(request)
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
@@ -307,8 +326,13 @@ class BodyLimit:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send, size: str) -> None:
         log.warning("request body refused: %s bytes, limit %d", size, self.max_bytes)
-        response = error_response(413, "body", f"must be at most {self.max_bytes} bytes (got {size})", "too_large",
-                                  headers={"Connection": "close"})
+        response = error_response(
+            413,
+            "body",
+            f"must be at most {self.max_bytes} bytes (got {size})",
+            "too_large",
+            headers={"Connection": "close"},
+        )
         await response(scope, receive, send)
 
 

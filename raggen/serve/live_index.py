@@ -80,8 +80,14 @@ class LiveIndex:
             close()
 
 
-def load_live_index(root: str, version: str | None, *, s3: dict | None = None, expect_dim: int | None = None,
-                    settings: SearchSettings | None = None) -> LiveIndex:
+def load_live_index(
+    root: str,
+    version: str | None,
+    *,
+    s3: dict | None = None,
+    expect_dim: int | None = None,
+    settings: SearchSettings | None = None,
+) -> LiveIndex:
     """Load ``version`` (None: the one LATEST names) of the index at ``root``, every checksum verified.
 
     ``settings`` (``index.search``; None: ``mode="local"``) say where the shards live: in this
@@ -95,16 +101,25 @@ def load_live_index(root: str, version: str | None, *, s3: dict | None = None, e
     dim = int(manifest.encoder.dim)
     if expect_dim is not None and dim != expect_dim:
         raise IndexIntegrityError(
-            f"{root} version {manifest.version}: index vectors are {dim}-d but the query encoder gives {expect_dim}-d")
+            f"{root} version {manifest.version}: index vectors are {dim}-d but the query encoder gives {expect_dim}-d"
+        )
     if actors:
         index = open_shared_group(vuri, settings=settings, s3_options=s3, manifest=manifest, load_embeddings=False)
     else:
-        index = open_index(vuri, settings=settings.model_copy(update={"mode": "local"}), s3_options=s3,
-                           load_embeddings=False)
+        index = open_index(
+            vuri, settings=settings.model_copy(update={"mode": "local"}), s3_options=s3, load_embeddings=False
+        )
     # dense | sparse | hybrid per request: the version's BM25 index (verified) beside the shards
-    index = with_retrieval(index, vuri, RetrievalSettings(), s3_options=s3, load_sparse_index=manifest.sparse is not None)
-    return LiveIndex(root=root, version=str(manifest.version), index=index,
-                     num_passages=int(manifest.num_passages), loaded_at=time.time())
+    index = with_retrieval(
+        index, vuri, RetrievalSettings(), s3_options=s3, load_sparse_index=manifest.sparse is not None
+    )
+    return LiveIndex(
+        root=root,
+        version=str(manifest.version),
+        index=index,
+        num_passages=int(manifest.num_passages),
+        loaded_at=time.time(),
+    )
 
 
 def read_latest_version(root: str, *, s3: dict | None = None) -> str | None:
@@ -169,11 +184,19 @@ class IndexHolder:
     ``on_refuse(message)`` after every refusal: the replica's metrics (hooks must not raise).
     """
 
-    def __init__(self, loader: Callable[[str, str | None], LiveIndex], latest_reader: Callable[[str], str | None],
-                 versions_reader: Callable[[str], list[str]] | None = None,
-                 on_swap: Callable[[LiveIndex | None, LiveIndex], None] | None = None,
-                 on_refuse: Callable[[str], None] | None = None, *, retry_attempts: int = 3,
-                 retry_backoff_s: float = 0.5, max_backoff_s: float = 300.0, replica: str | None = None):
+    def __init__(
+        self,
+        loader: Callable[[str, str | None], LiveIndex],
+        latest_reader: Callable[[str], str | None],
+        versions_reader: Callable[[str], list[str]] | None = None,
+        on_swap: Callable[[LiveIndex | None, LiveIndex], None] | None = None,
+        on_refuse: Callable[[str], None] | None = None,
+        *,
+        retry_attempts: int = 3,
+        retry_backoff_s: float = 0.5,
+        max_backoff_s: float = 300.0,
+        replica: str | None = None,
+    ):
         self._loader = loader
         self._latest_reader = latest_reader
         self._versions_reader = versions_reader
@@ -293,8 +316,9 @@ class IndexHolder:
             except Exception as exc:  # noqa: BLE001 - transient unless it is an integrity error
                 if is_integrity_error(exc) or attempt + 1 >= self.retry_attempts:
                     raise
-                log.warning("index: cannot read %s LATEST (attempt %d, will retry): %s", root, attempt + 1,
-                            _one_line(exc))
+                log.warning(
+                    "index: cannot read %s LATEST (attempt %d, will retry): %s", root, attempt + 1, _one_line(exc)
+                )
                 time.sleep(min(self.max_backoff_s, self.retry_backoff_s * 2**attempt))
         return None
 
@@ -309,8 +333,9 @@ class IndexHolder:
 
     # ------------------------------------------------------------------------------ user_config
 
-    def configure(self, index: str, version: str | None = None, watch_latest: bool = False,
-                  watch_interval_s: float = 10.0) -> bool:
+    def configure(
+        self, index: str, version: str | None = None, watch_latest: bool = False, watch_interval_s: float = 10.0
+    ) -> bool:
         """Apply a ``user_config``: load the named version (or LATEST's), then (re)start the watcher.
 
         True when the version asked for is served. An explicit request loads again even a version
@@ -367,9 +392,10 @@ class IndexHolder:
         if latest is not None:
             self.latest = latest
         if latest in ordered:  # only versions LATEST has reached: not one still being published
-            ordered = ordered[ordered.index(latest) + 1:]
-        candidates = ([latest] if latest is not None and latest != failed else []) + \
-            [v for v in ordered if v not in (failed, latest)]
+            ordered = ordered[ordered.index(latest) + 1 :]
+        candidates = ([latest] if latest is not None and latest != failed else []) + [
+            v for v in ordered if v not in (failed, latest)
+        ]
         for candidate in candidates:
             live = self._live
             if live is not None and (live.root, live.version) == (root, candidate):
@@ -454,10 +480,17 @@ class IndexHolder:
 
     def info(self) -> dict[str, Any]:
         live = self.live
-        return IndexInfo(version=live.version, index=live.root, num_passages=live.num_passages,
-                         loaded_at=live.loaded_at, requested=self.requested, last_error=self.last_error,
-                         latest=self.latest, serving_fallback=self.wanted is not None and self.wanted != live.version,
-                         replica=self.replica).model_dump()
+        return IndexInfo(
+            version=live.version,
+            index=live.root,
+            num_passages=live.num_passages,
+            loaded_at=live.loaded_at,
+            requested=self.requested,
+            last_error=self.last_error,
+            latest=self.latest,
+            serving_fallback=self.wanted is not None and self.wanted != live.version,
+            replica=self.replica,
+        ).model_dump()
 
 
 class IndexUserConfig(BaseModel):
@@ -471,13 +504,14 @@ class IndexUserConfig(BaseModel):
     watch_interval_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "IndexUserConfig":
+    def _one_source(self) -> IndexUserConfig:
         if self.watch_latest and self.version is not None:
             raise ValueError("version pins one version while watch_latest follows LATEST: set only one")
         return self
 
 
-def load_for_swap(root: str, version: str | None, *, s3: dict | None, expect_dim: int,
-                  settings: SearchSettings | None = None) -> LiveIndex:
+def load_for_swap(
+    root: str, version: str | None, *, s3: dict | None, expect_dim: int, settings: SearchSettings | None = None
+) -> LiveIndex:
     """:func:`load_live_index` with keyword-only settings, for ``functools.partial`` in a replica."""
     return load_live_index(root, version, s3=s3, expect_dim=expect_dim, settings=settings)

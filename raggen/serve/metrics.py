@@ -55,10 +55,17 @@ class HttpMetrics:
 
     def __init__(self) -> None:
         m = _metrics()
-        self.requests = m.Counter(HTTP_REQUESTS, description="HTTP requests by route, method and status code",
-                                  tag_keys=("route", "method", "status"))
-        self.latency = m.Histogram(HTTP_LATENCY, description="HTTP request latency (ms, until the last body byte)",
-                                   boundaries=LATENCY_BUCKETS_MS, tag_keys=("route",))
+        self.requests = m.Counter(
+            HTTP_REQUESTS,
+            description="HTTP requests by route, method and status code",
+            tag_keys=("route", "method", "status"),
+        )
+        self.latency = m.Histogram(
+            HTTP_LATENCY,
+            description="HTTP request latency (ms, until the last body byte)",
+            boundaries=LATENCY_BUCKETS_MS,
+            tag_keys=("route",),
+        )
 
     def request(self, route: str, method: str, status: int, latency_ms: float) -> None:
         self.requests.inc(1, tags={"route": route, "method": method, "status": str(status)})
@@ -69,8 +76,12 @@ class StageMetrics:
     """Per-request latency of each stage as the Ingress sees it (queueing + batching + compute)."""
 
     def __init__(self) -> None:
-        self.latency = _metrics().Histogram(STAGE_LATENCY, description="latency of a pipeline stage per request (ms)",
-                                            boundaries=LATENCY_BUCKETS_MS, tag_keys=("stage",))
+        self.latency = _metrics().Histogram(
+            STAGE_LATENCY,
+            description="latency of a pipeline stage per request (ms)",
+            boundaries=LATENCY_BUCKETS_MS,
+            tag_keys=("stage",),
+        )
 
     def observe(self, timings_ms: dict[str, float]) -> None:
         for stage in STAGES:
@@ -83,8 +94,9 @@ class BatchMetrics:
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
-        self.sizes = _metrics().Histogram(BATCH_SIZE, description="requests per @serve.batch call",
-                                          boundaries=BATCH_BUCKETS, tag_keys=("stage",))
+        self.sizes = _metrics().Histogram(
+            BATCH_SIZE, description="requests per @serve.batch call", boundaries=BATCH_BUCKETS, tag_keys=("stage",)
+        )
 
     def observe(self, size: int) -> None:
         self.sizes.observe(float(size), tags={"stage": self.stage})
@@ -98,8 +110,11 @@ class IndexMetrics:
 
     def __init__(self) -> None:
         m = _metrics()
-        self.version = m.Gauge(INDEX_VERSION, description="1 for the index version a replica serves, 0 for one it replaced",
-                               tag_keys=("version",))
+        self.version = m.Gauge(
+            INDEX_VERSION,
+            description="1 for the index version a replica serves, 0 for one it replaced",
+            tag_keys=("version",),
+        )
         self.swaps = m.Counter(INDEX_SWAPS, description="index versions swapped in over a live one")
         self.refused = m.Counter(INDEX_SWAPS_REFUSED, description="index versions refused (the old one kept serving)")
 

@@ -47,8 +47,12 @@ from raggen.serve.schemas import (
 
 ROUTE = "/v1/chat/completions"
 # AnswerRequest's field -> how the chat request names it
-_FIELD_NAMES = {"question": "messages", "top_k": "raggen.top_k", "decoding": "raggen.decoding",
-                "num_beams": "raggen.num_beams"}
+_FIELD_NAMES = {
+    "question": "messages",
+    "top_k": "raggen.top_k",
+    "decoding": "raggen.decoding",
+    "num_beams": "raggen.num_beams",
+}
 
 
 class TextPart(BaseModel):
@@ -119,10 +123,20 @@ def to_answer_request(req: ChatCompletionRequest, limits: RequestLimits) -> Answ
     max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     question = req.question()
     if question is None:
-        raise RequestValidationError([validation_issue("messages", "must contain a user message (the question)",
-                                                       [m.role for m in req.messages], "missing")])
-    body = {"question": question, "top_k": req.raggen.top_k, "max_new_tokens": max_new,
-            "num_beams": req.raggen.num_beams, **({"decoding": req.raggen.decoding} if req.raggen.decoding else {})}
+        raise RequestValidationError(
+            [
+                validation_issue(
+                    "messages", "must contain a user message (the question)", [m.role for m in req.messages], "missing"
+                )
+            ]
+        )
+    body = {
+        "question": question,
+        "top_k": req.raggen.top_k,
+        "max_new_tokens": max_new,
+        "num_beams": req.raggen.num_beams,
+        **({"decoding": req.raggen.decoding} if req.raggen.decoding else {}),
+    }
     names = {**_FIELD_NAMES, "max_new_tokens": max_field}
     try:
         answer = AnswerRequest.model_validate(body)
@@ -154,36 +168,68 @@ def _evidence(passages: list[dict], index_version: str, timings_ms: dict | None 
 def completion_body(cid: str, model: str, result: dict[str, Any]) -> dict[str, Any]:
     """A ``chat.completion`` object from the service's answer."""
     return {
-        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result["answer"]},
-                     "finish_reason": result.get("finish_reason", "stop"), "logprobs": None}],
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result["answer"]},
+                "finish_reason": result.get("finish_reason", "stop"),
+                "logprobs": None,
+            }
+        ],
         "raggen": _evidence(result["passages"], result["index_version"], result.get("timings_ms")),
     }
 
 
-def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None = None,
-           raggen: dict[str, Any] | None = None) -> str:
-    body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+def _chunk(
+    cid: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    raggen: dict[str, Any] | None = None,
+) -> str:
+    body: dict[str, Any] = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
     if raggen is not None:
         body["raggen"] = raggen
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
-async def sse_stream(cid: str, model: str, first: dict[str, Any], events: AsyncIterator[dict[str, Any]],
-                     rid: str) -> AsyncIterator[str]:
+async def sse_stream(
+    cid: str, model: str, first: dict[str, Any], events: AsyncIterator[dict[str, Any]], rid: str
+) -> AsyncIterator[str]:
     """The SSE lines of a streamed answer: ``first`` is the evidence event, ``events`` the rest
     (``delta`` events, then one ``end``); an error mid-stream is a last ``{"error": ...}`` chunk."""
     created = int(time.time())
-    yield _chunk(cid, created, model, {"role": "assistant", "content": ""},
-                 raggen=_evidence(first["passages"], first["index_version"]))
+    yield _chunk(
+        cid,
+        created,
+        model,
+        {"role": "assistant", "content": ""},
+        raggen=_evidence(first["passages"], first["index_version"]),
+    )
     try:
         async for event in events:
             if event["type"] == "delta":
                 yield _chunk(cid, created, model, {"content": event["text"]})
             elif event["type"] == "end":
-                yield _chunk(cid, created, model, {}, finish_reason=event["finish_reason"],
-                             raggen=_evidence(event["passages"], event["index_version"], event["timings_ms"]))
+                yield _chunk(
+                    cid,
+                    created,
+                    model,
+                    {},
+                    finish_reason=event["finish_reason"],
+                    raggen=_evidence(event["passages"], event["index_version"], event["timings_ms"]),
+                )
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in-band, as OpenAI does
         # the details go to the log under the request id, never to the client
         log.error("chat completion stream failed (request %s)", rid, exc_info=exc)
@@ -192,8 +238,9 @@ async def sse_stream(cid: str, model: str, first: dict[str, Any], events: AsyncI
     yield "data: [DONE]\n\n"
 
 
-def install_chat_completions(app: FastAPI, service: Any, limits: RequestLimits,
-                             failed: Callable[[Request, Exception, str], Response]) -> None:
+def install_chat_completions(
+    app: FastAPI, service: Any, limits: RequestLimits, failed: Callable[[Request, Exception, str], Response]
+) -> None:
     """Add ``POST /v1/chat/completions`` to ``app`` (auth, content type, body size and access log
     are the app's; ``failed(request, exc, what)`` turns an error into the app's 503 or 500)."""
 
@@ -212,5 +259,8 @@ def install_chat_completions(app: FastAPI, service: Any, limits: RequestLimits,
             first = await events.__anext__()
         except Exception as exc:  # noqa: BLE001
             return failed(request, exc, "chat completion")
-        return StreamingResponse(sse_stream(cid, req.model, first, events, rid), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            sse_stream(cid, req.model, first, events, rid),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )

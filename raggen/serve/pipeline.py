@@ -36,8 +36,14 @@ class Generation(TypedDict):
     finish_reason: str  # "stop" (the answer ended with EOS) or "length" (max_new_tokens reached)
 
 
-def retrieve_batch(encoder: TextEncoder, live: LiveIndex, questions: list[str], top_ks: list[int],
-                   modes: list[str | None] | None = None, retrieval: Any = None) -> list[list[Hit]]:
+def retrieve_batch(
+    encoder: TextEncoder,
+    live: LiveIndex,
+    questions: list[str],
+    top_ks: list[int],
+    modes: list[str | None] | None = None,
+    retrieval: Any = None,
+) -> list[list[Hit]]:
     """Top-k passages of each question from one index version (one encoder pass, one search per
     retrieval mode in the batch; the shards in this process or in shard actors: only the k hits'
     texts come back, no vectors). ``modes``: each row's dense | sparse | hybrid (None: the
@@ -50,8 +56,14 @@ def retrieve_batch(encoder: TextEncoder, live: LiveIndex, questions: list[str], 
         return _hits(live.index.search(xq, max(top_ks), embeddings=False), top_ks)
     out: list[list[Hit]] = [[] for _ in questions]
     for mode, rows in _groups(wanted).items():
-        result = live.index.search(xq[rows], max(top_ks[r] for r in rows), questions=[questions[r] for r in rows],
-                                   mode=mode, embeddings=False, settings=retrieval)
+        result = live.index.search(
+            xq[rows],
+            max(top_ks[r] for r in rows),
+            questions=[questions[r] for r in rows],
+            mode=mode,
+            embeddings=False,
+            settings=retrieval,
+        )
         for r, hits in zip(rows, _hits(result, [top_ks[r] for r in rows])):
             out[r] = hits
     return out
@@ -64,8 +76,14 @@ def _hits(result: Any, top_ks: list[int]) -> list[list[Hit]]:
         for j in range(min(k, result.row_ids.shape[1])):
             if result.row_ids[i, j] < 0:  # the index holds fewer than k passages
                 continue
-            hits.append({"id": str(result.ids[i][j]), "title": str(result.titles[i][j]),
-                         "text": str(result.texts[i][j]), "score": float(result.scores[i][j])})
+            hits.append(
+                {
+                    "id": str(result.ids[i][j]),
+                    "title": str(result.titles[i][j]),
+                    "text": str(result.texts[i][j]),
+                    "score": float(result.scores[i][j]),
+                }
+            )
         out.append(hits)
     return out
 
@@ -79,8 +97,9 @@ def _groups(keys: list[Any]) -> dict[Any, list[int]]:
 
 
 @torch.no_grad()
-def rerank_batch(reranker: RerankerModel, questions: list[str], candidates: list[list[Hit]],
-                 top_ks: list[int]) -> list[list[Hit]]:
+def rerank_batch(
+    reranker: RerankerModel, questions: list[str], candidates: list[list[Hit]], top_ks: list[int]
+) -> list[list[Hit]]:
     """Re-score each question's candidates with the cross-encoder; keep its top_k by that score."""
     out: list[list[Hit]] = [[] for _ in questions]
     for c, rows in _groups([len(cands) for cands in candidates]).items():
@@ -101,9 +120,15 @@ def streams_while_decoding(decoding: str, num_beams: int) -> bool:
 
 
 @torch.no_grad()
-def decode_tokens(generator: GeneratorModel, questions: list[str], hits: list[list[Hit]], decoding: str,
-                  max_new_tokens: int, num_beams: int,
-                  on_prefix: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+def decode_tokens(
+    generator: GeneratorModel,
+    questions: list[str],
+    hits: list[list[Hit]],
+    decoding: str,
+    max_new_tokens: int,
+    num_beams: int,
+    on_prefix: Callable[[list[int]], None] | None = None,
+) -> list[list[int]]:
     """One decoding over b questions with k passages each; p(z|x) = softmax of the passage scores.
 
     Returns each question's best token ids (without the start token, with the final EOS if any).
@@ -116,8 +141,14 @@ def decode_tokens(generator: GeneratorModel, questions: list[str], hits: list[li
                            max_new_tokens=max_new_tokens, num_beams=num_beams, on_prefix=on_prefix)  # fmt: skip
 
 
-def decode_answers(generator: GeneratorModel, questions: list[str], hits: list[list[Hit]], decoding: str,
-                   max_new_tokens: int, num_beams: int) -> list[str]:
+def decode_answers(
+    generator: GeneratorModel,
+    questions: list[str],
+    hits: list[list[Hit]],
+    decoding: str,
+    max_new_tokens: int,
+    num_beams: int,
+) -> list[str]:
     """:func:`decode_tokens` as text."""
     tokens = decode_tokens(generator, questions, hits, decoding, max_new_tokens, num_beams)
     return [generator.decode(t) for t in tokens]
@@ -137,8 +168,14 @@ def _per_row(value: int | Sequence[int], n: int) -> list[int]:
 
 
 @torch.no_grad()
-def generate_outputs(generator: GeneratorModel, questions: list[str], hits: list[list[Hit]], decodings: list[str],
-                     max_new_tokens: list[int], num_beams: int | Sequence[int]) -> list[Generation]:
+def generate_outputs(
+    generator: GeneratorModel,
+    questions: list[str],
+    hits: list[list[Hit]],
+    decodings: list[str],
+    max_new_tokens: list[int],
+    num_beams: int | Sequence[int],
+) -> list[Generation]:
     """Answers for a mixed batch: rows with the same (decoding, k, max_new_tokens, num_beams) decode together.
 
     ``num_beams`` is one width for every row or one per row.
@@ -155,8 +192,14 @@ def generate_outputs(generator: GeneratorModel, questions: list[str], hits: list
     return out
 
 
-def generate_batch(generator: GeneratorModel, questions: list[str], hits: list[list[Hit]], decodings: list[str],
-                   max_new_tokens: list[int], num_beams: int | Sequence[int]) -> list[str]:
+def generate_batch(
+    generator: GeneratorModel,
+    questions: list[str],
+    hits: list[list[Hit]],
+    decodings: list[str],
+    max_new_tokens: list[int],
+    num_beams: int | Sequence[int],
+) -> list[str]:
     """:func:`generate_outputs`' texts."""
     return [g["text"] for g in generate_outputs(generator, questions, hits, decodings, max_new_tokens, num_beams)]
 
@@ -176,14 +219,14 @@ class TextDeltas:
         text = self._decode(list(tokens)).rstrip("\ufffd")
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""
-        delta, self.sent = text[len(self.sent):], text
+        delta, self.sent = text[len(self.sent) :], text
         return delta
 
     def finish(self, text: str) -> str:
         """The rest of the final answer ``text`` (empty if the pieces sent already diverged from it)."""
         if not text.startswith(self.sent):
             return ""
-        delta, self.sent = text[len(self.sent):], text
+        delta, self.sent = text[len(self.sent) :], text
         return delta
 
     def pieces(self, tokens: Sequence[int]) -> list[str]:

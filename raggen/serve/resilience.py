@@ -92,8 +92,9 @@ def backpressure(exc: BaseException) -> float | None:
     return None
 
 
-async def call_with_retry(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str,
-                          on_retry: Callable[[str], None] | None = None) -> T:
+async def call_with_retry(
+    call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str, on_retry: Callable[[str], None] | None = None
+) -> T:
     """``await call()``, again on a replica failure, at most ``policy.attempts`` times in all.
 
     A full queue (BackPressureError) and running out of attempts raise :class:`ServiceUnavailable`;
@@ -109,12 +110,23 @@ async def call_with_retry(call: Callable[[], Awaitable[T]], policy: RetryPolicy,
             if not replica_failure(exc):
                 raise
             if attempt + 1 >= policy.attempts:
-                log.error("%s: replica failure on attempt %d of %d, giving up: %s", what, attempt + 1,
-                          policy.attempts, _first_line(exc))
-                raise ServiceUnavailable(f"{what}: no replica answered after {policy.attempts} attempts",
-                                         policy.retry_after_s) from exc
-            log.warning("%s: replica failure on attempt %d of %d, retrying: %s", what, attempt + 1,
-                        policy.attempts, _first_line(exc))
+                log.error(
+                    "%s: replica failure on attempt %d of %d, giving up: %s",
+                    what,
+                    attempt + 1,
+                    policy.attempts,
+                    _first_line(exc),
+                )
+                raise ServiceUnavailable(
+                    f"{what}: no replica answered after {policy.attempts} attempts", policy.retry_after_s
+                ) from exc
+            log.warning(
+                "%s: replica failure on attempt %d of %d, retrying: %s",
+                what,
+                attempt + 1,
+                policy.attempts,
+                _first_line(exc),
+            )
             if on_retry is not None:
                 on_retry(what)
             await asyncio.sleep(policy.delay_s(attempt))
@@ -142,8 +154,9 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-def check_exposure(host: str | None, token: str | None, allow_unauthenticated: bool, *, token_env: str,
-                   section: str = "serve") -> None:
+def check_exposure(
+    host: str | None, token: str | None, allow_unauthenticated: bool, *, token_env: str, section: str = "serve"
+) -> None:
     """Refuse to serve on a non-loopback ``host`` without a token unless ``allow_unauthenticated``.
 
     Raises ConfigError naming ``{section}.host`` and ``{section}.allow_unauthenticated``; when it is
@@ -157,6 +170,11 @@ def check_exposure(host: str | None, token: str | None, allow_unauthenticated: b
             f"{section}.host: serving on {where} (not loopback) without an API token is refused: set the "
             f"{token_env} environment variable on the replicas (e.g. from a Kubernetes Secret), serve on "
             f"127.0.0.1, or set {section}.allow_unauthenticated: true to serve without authentication "
-            "(in a Serve config file: http_options.host, args.allow_unauthenticated)")
-    log.warning("serving on %s without an API token (%s.allow_unauthenticated is true): every route is open "
-                "to anyone who can reach it", where, section)
+            "(in a Serve config file: http_options.host, args.allow_unauthenticated)"
+        )
+    log.warning(
+        "serving on %s without an API token (%s.allow_unauthenticated is true): every route is open "
+        "to anyone who can reach it",
+        where,
+        section,
+    )

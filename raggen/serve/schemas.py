@@ -17,7 +17,6 @@ from raggen.names import DecodingName as Decoding
 from raggen.retrieval.settings import RetrievalMode
 
 
-
 @dataclass(frozen=True)
 class RequestLimits:
     """What one request may ask for; from the serve config (max_question_chars, max_top_k, ...)."""
@@ -108,29 +107,39 @@ def check_limits(req: AnswerRequest, limits: RequestLimits) -> list[dict[str, An
     """The config bounds a parsed request breaks, as 422 detail entries (empty when it is fine)."""
     issues = []
     if len(req.question) > limits.max_question_chars:
-        issues.append(validation_issue(
-            "question", f"must be at most {limits.max_question_chars} characters (got {len(req.question)})",
-            f"{req.question[:40]}...", "string_too_long"))
+        issues.append(
+            validation_issue(
+                "question",
+                f"must be at most {limits.max_question_chars} characters (got {len(req.question)})",
+                f"{req.question[:40]}...",
+                "string_too_long",
+            )
+        )
     if req.top_k is not None and req.top_k > limits.max_top_k:
-        issues.append(validation_issue(
-            "top_k", f"must be <= {limits.max_top_k}", req.top_k, "less_than_equal"))
+        issues.append(validation_issue("top_k", f"must be <= {limits.max_top_k}", req.top_k, "less_than_equal"))
     if req.max_new_tokens is not None and req.max_new_tokens > limits.max_new_tokens:
-        issues.append(validation_issue(
-            "max_new_tokens", f"must be <= {limits.max_new_tokens}", req.max_new_tokens, "less_than_equal"))
+        issues.append(
+            validation_issue(
+                "max_new_tokens", f"must be <= {limits.max_new_tokens}", req.max_new_tokens, "less_than_equal"
+            )
+        )
     if req.num_beams is not None and req.num_beams > limits.max_num_beams:
-        issues.append(validation_issue(
-            "num_beams", f"must be <= {limits.max_num_beams}", req.num_beams, "less_than_equal"))
+        issues.append(
+            validation_issue("num_beams", f"must be <= {limits.max_num_beams}", req.num_beams, "less_than_equal")
+        )
     return issues
 
 
 def resolve_defaults(req: AnswerRequest, limits: RequestLimits) -> AnswerRequest:
     """Fill the omitted fields with the service's defaults (top_k: default_top_k; max_new_tokens and
     num_beams: the caps)."""
-    return req.model_copy(update={
-        "top_k": req.top_k if req.top_k is not None else limits.default_top_k,
-        "max_new_tokens": req.max_new_tokens if req.max_new_tokens is not None else limits.max_new_tokens,
-        "num_beams": req.num_beams if req.num_beams is not None else limits.max_num_beams,
-    })
+    return req.model_copy(
+        update={
+            "top_k": req.top_k if req.top_k is not None else limits.default_top_k,
+            "max_new_tokens": req.max_new_tokens if req.max_new_tokens is not None else limits.max_new_tokens,
+            "num_beams": req.num_beams if req.num_beams is not None else limits.max_num_beams,
+        }
+    )
 
 
 def summarize_issues(issues: list[dict[str, Any]]) -> str:

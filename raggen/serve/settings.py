@@ -25,11 +25,10 @@ class AutoscalingSection(_Strict):
     look_back_period_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "AutoscalingSection":
+    def _ordered(self) -> AutoscalingSection:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must be <= max_replicas")
         return self
-
 
 
 class AutoscalingOverride(_Strict):
@@ -41,7 +40,6 @@ class AutoscalingOverride(_Strict):
     upscale_delay_s: float | None = Field(None, ge=0)
     downscale_delay_s: float | None = Field(None, ge=0)
     look_back_period_s: float | None = Field(None, gt=0)
-
 
 
 class DeploymentSection(_Strict):
@@ -60,7 +58,6 @@ class DeploymentSection(_Strict):
         return AutoscalingSection(**{**shared.model_dump(), **own})
 
 
-
 class ServeDeploymentsSection(_Strict):
     """Per-deployment overrides of the shared serve resources: ``serve.deployments.generator.num_gpus``."""
 
@@ -76,7 +73,6 @@ class ServeDeploymentsSection(_Strict):
                 getattr(self, name).resolve_autoscaling(shared)
             except ValidationError as exc:
                 raise ValueError(f"deployments.{name}.autoscaling: {exc.errors()[0]['msg']}") from None
-
 
 
 class ServingSettings(_Strict):

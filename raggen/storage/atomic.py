@@ -1,6 +1,5 @@
 """Atomic local writes: a temporary sibling, fsync, ``os.replace``, fsync of the folder; whole-folder swaps."""
 
-
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +10,9 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from raggen.storage.hashing import iter_file_chunks
 
@@ -160,5 +160,3 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-

@@ -23,5 +23,3 @@ class ChecksumMismatch(ValueError):
 
 class StoreBusy(RaggenError):
     """A lock is held by another process (its pid and host are in the message)."""
-
-

@@ -1,6 +1,5 @@
 """Folders raggen owns: a marker file claims a folder; only a claimed folder is ever deleted."""
 
-
 from __future__ import annotations
 
 import json
@@ -31,7 +30,9 @@ def check_claimable(uri: str | os.PathLike, marker: str, *, what: str, s3_option
     except FileNotFoundError:
         pass
     except ValueError:
-        raise ConfigError(f"{what}: {join_uri(uri, marker)} is not a raggen marker file; refusing to use {uri}") from None
+        raise ConfigError(
+            f"{what}: {join_uri(uri, marker)} is not a raggen marker file; refusing to use {uri}"
+        ) from None
     if isinstance(store, LocalStore):  # (a lock file alone is what a claim racing this one leaves)
         entries = [e for e in store.root.iterdir() if e.name != LOCK_NAME] if store.root.is_dir() else []
     else:

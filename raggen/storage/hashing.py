@@ -1,12 +1,12 @@
 """sha256 of bytes, chunks and files, streamed (never a whole-file read)."""
 
-
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-from typing import IO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import IO
 
 from raggen.storage.common import CHUNK
 
@@ -32,5 +32,3 @@ def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a local file, read in chunks so multi-GB shards do not sit in memory twice."""
     with open(path, "rb") as f:
         return sha256_chunks(iter_file_chunks(f))
-
-

@@ -1,6 +1,5 @@
 """A per-root lock file (``flock``): the kernel drops it when its holder dies, so no lock goes stale."""
 
-
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 def _holder_text() -> str:
-    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    )
 
 
 class FileLock:
@@ -50,7 +51,7 @@ class FileLock:
         except (OSError, ValueError, KeyError):
             return "another process"
 
-    def acquire(self) -> "FileLock":
+    def acquire(self) -> FileLock:
         key = self._key()
         with self._guard:
             held = self._held.get(key)
@@ -93,11 +94,9 @@ class FileLock:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> bool:
         self.release()
         return False
-
-

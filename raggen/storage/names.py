@@ -1,6 +1,5 @@
 """Relative names and URIs: what a safe key is, ``s3://`` splitting and joining, temporary names."""
 
-
 from __future__ import annotations
 
 import logging
@@ -23,8 +22,10 @@ def check_relative_name(rel: str, *, allow_empty: bool = True) -> str:
     bad = (rel.startswith("/") or "\\" in rel or "\x00" in rel or (len(rel) > 1 and rel[1] == ":")
            or any(part in ("", ".", "..") for part in rel.split("/")))  # fmt: skip
     if bad:
-        raise ValueError(f"unsafe object name {rel!r}: it escapes the store root ('..', '.', empty segments and "
-                         "absolute names are refused)")
+        raise ValueError(
+            f"unsafe object name {rel!r}: it escapes the store root ('..', '.', empty segments and "
+            "absolute names are refused)"
+        )
     return rel
 
 
@@ -63,5 +64,3 @@ def join_uri(base: str, *parts: str) -> str:
 
 def _is_temp_name(name: str) -> bool:
     return _TMP_TAG in Path(name).name
-
-

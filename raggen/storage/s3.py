@@ -1,12 +1,12 @@
 """S3 settings and clients (boto3 and pyarrow) from explicit options or the standard AWS environment."""
 
-
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class S3Options:
     read_timeout: float = 60.0
 
     @classmethod
-    def coerce(cls, value: "S3Options | Mapping[str, Any] | None") -> "S3Options":
+    def coerce(cls, value: S3Options | Mapping[str, Any] | None) -> S3Options:
         if value is None:
             return cls()
         if isinstance(value, cls):
@@ -35,7 +35,7 @@ class S3Options:
             raise ValueError(f"s3_options: unknown field(s) {sorted(unknown)}")
         return cls(**dict(value))
 
-    def resolved(self) -> "S3Options":
+    def resolved(self) -> S3Options:
         """Fill the unset fields from the AWS environment (what boto3 would pick up itself)."""
         env = os.environ
         attempts = self.max_attempts or int(env.get("AWS_MAX_ATTEMPTS", "5"))
@@ -98,5 +98,3 @@ def pyarrow_s3_filesystem(options: S3Options | Mapping[str, Any] | None = None):
         scheme, _, host = opts.endpoint_url.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/") if host else scheme, scheme=scheme if host else "https")
     return fs.S3FileSystem(**kwargs)
-
-

@@ -1,6 +1,5 @@
 """One Store interface over a local folder and an S3 prefix, with conditional writes."""
 
-
 from __future__ import annotations
 
 import errno
@@ -8,8 +7,9 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Protocol
 
 from raggen.storage.atomic import AtomicFile, atomic_copy_file, atomic_write_bytes
 from raggen.storage.common import CHUNK, LOCK_NAME, ChecksumMismatch, PreconditionFailed
@@ -28,7 +28,9 @@ class Store(Protocol):
 
     def read_bytes(self, rel: str) -> bytes: ...
     def read_with_etag(self, rel: str) -> tuple[bytes, str]: ...
-    def write_bytes(self, rel: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str: ...
+    def write_bytes(
+        self, rel: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str: ...
     def exists(self, rel: str) -> bool: ...
     def list(self, rel: str = "") -> list[str]: ...
     def delete(self, rel: str) -> None: ...
@@ -272,5 +274,3 @@ def copy_to_local(store: Store, rel: str, local_path: str | os.PathLike, expecte
         raise ChecksumMismatch(got, expected_sha256, size)
     out.commit()
     return got
-
-

@@ -1,6 +1,5 @@
 """URI-level helpers over the stores: read, write, list, download and upload by URI."""
 
-
 from __future__ import annotations
 
 import logging
@@ -106,5 +105,3 @@ def default_cache_dir() -> Path:
     """Where downloaded index versions are kept (``RAGGEN_CACHE_DIR`` overrides)."""
     root = os.environ.get("RAGGEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "raggen-cache")
     return Path(root)
-
-

@@ -7,9 +7,9 @@ runs; ``step`` holds one training step per estimator; ``checkpointing``, ``metri
 
 from raggen.train.checkpointing import TrainingState, export_checkpoint, read_checkpoint, write_checkpoint
 from raggen.train.evaluate import evaluate_rag, generate_answers
-from raggen.train.qa_scores import exact_match, f1_score, has_answer, normalize_answer, recall_at_k
 from raggen.train.loop import BatchSchedule, LoopSettings, build_models, train_func
 from raggen.train.metrics import MetricsWriter, plot_metrics, read_metrics
+from raggen.train.qa_scores import exact_match, f1_score, has_answer, normalize_answer, recall_at_k
 from raggen.train.step import Batch, StepModels, StepOutput, StepSettings, run_step, trainable_roles
 from raggen.train.trainer import make_trainer
 

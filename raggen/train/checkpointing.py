@@ -147,6 +147,12 @@ def export_checkpoint(src: str | os.PathLike, root: str, s3_options=None) -> str
     from raggen.models.exports import write_export
 
     state = _read_state(Path(src))  # refuse to publish an incomplete folder
-    ref = write_export(src, root, step=int(state["step"]), s3_options=s3_options, last=[STATE_FILE],
-                       extra={"models": sorted(state.get("models") or [])})
+    ref = write_export(
+        src,
+        root,
+        step=int(state["step"]),
+        s3_options=s3_options,
+        last=[STATE_FILE],
+        extra={"models": sorted(state.get("models") or [])},
+    )
     return ref.uri

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -63,8 +63,15 @@ def generate_answers(
                                      bos_id=generator.bos_id, eos_id=generator.eos_id, pad_id=generator.pad_id,
                                      max_new_tokens=max_new_tokens, num_beams=num_beams)  # fmt: skip
         return [generator.decode(tokens) for tokens in out.best_tokens]
-    tokens = dec.generate_tokens(generator, questions, passages, doc_logprobs, decoding=decoding,
-                                 max_new_tokens=max_new_tokens, num_beams=num_beams)  # the dispatcher Serve uses
+    tokens = dec.generate_tokens(
+        generator,
+        questions,
+        passages,
+        doc_logprobs,
+        decoding=decoding,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+    )  # the dispatcher Serve uses
     return [generator.decode(t) for t in tokens]
 
 
@@ -84,7 +91,11 @@ def retrieve_for_eval(query_encoder, index, questions: list[str], depth: int, re
 
     xq = query_encoder.encode(list(questions)).numpy()  # (b, d) float32
     # a HybridIndex searches by its mode (dense | sparse | hybrid): it needs the questions' text too
-    res = index.search(xq, depth, questions=list(questions)) if isinstance(index, HybridIndex) else index.search(xq, depth)
+    res = (
+        index.search(xq, depth, questions=list(questions))
+        if isinstance(index, HybridIndex)
+        else index.search(xq, depth)
+    )
     ids, texts, titles = [list(r) for r in res.ids], [list(r) for r in res.texts], [list(r) for r in res.titles]
     passages = [[passage_text(t, x) for t, x in zip(tr, xr)] for tr, xr in zip(titles, texts)]
     scores = torch.as_tensor(res.scores, dtype=torch.float32)  # (b, depth)
@@ -139,16 +150,30 @@ def evaluate_rag(
         golds += [(ids, ex.gold_passage_ids) for ids, ex in zip(got.ids, chunk) if ex.gold_passage_ids]
         if generate:
             answers = generate_answers(
-                generator, questions, [p[:top_k] for p in got.passages],
-                torch.log_softmax(got.scores[:, :top_k], dim=-1), decoding=decoding,
-                max_new_tokens=max_new_tokens, num_beams=num_beams, fid=reranker is not None,
+                generator,
+                questions,
+                [p[:top_k] for p in got.passages],
+                torch.log_softmax(got.scores[:, :top_k], dim=-1),
+                decoding=decoding,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                fid=reranker is not None,
             )
             em += [exact_match(a, ex.answers) for a, ex in zip(answers, chunk)]
             f1 += [f1_score(a, ex.answers) for a, ex in zip(answers, chunk)]
             if records is not None:
-                records += [{"id": ex.id, "question": ex.question, "answers": list(ex.answers), "prediction": a,
-                             "em": e, "f1": f, "retrieved_ids": ids[:top_k]}
-                            for ex, a, e, f, ids in zip(chunk, answers, em[-len(chunk):], f1[-len(chunk):], got.ids)]
+                records += [
+                    {
+                        "id": ex.id,
+                        "question": ex.question,
+                        "answers": list(ex.answers),
+                        "prediction": a,
+                        "em": e,
+                        "f1": f,
+                        "retrieved_ids": ids[:top_k],
+                    }
+                    for ex, a, e, f, ids in zip(chunk, answers, em[-len(chunk) :], f1[-len(chunk) :], got.ids)
+                ]
         if progress:
             progress(len(chunk))
     out: dict[str, float] = {"num_examples": float(len(examples))}
@@ -182,8 +207,9 @@ def split_examples(split: str, *, dev_file: str, world_dir: str, limit: int | No
     if split == "changed":
         from raggen.corpus.world import read_changed_facts
 
-        examples = [QAExample(c.id, c.question, list(c.answers_v2), list(c.gold_passage_ids))
-                    for c in read_changed_facts(path)]
+        examples = [
+            QAExample(c.id, c.question, list(c.answers_v2), list(c.gold_passage_ids)) for c in read_changed_facts(path)
+        ]
     else:
         examples = read_qa(path, s3_options=s3_options)
     return examples[:limit] if limit else examples
@@ -212,7 +238,12 @@ def progress_bar(total: int, desc: str):
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, mininterval=0.5 if tty else 30.0,
-                dynamic_ncols=tty, ascii=not tty)
-
-
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="q",
+        file=sys.stderr,
+        mininterval=0.5 if tty else 30.0,
+        dynamic_ncols=tty,
+        ascii=not tty,
+    )

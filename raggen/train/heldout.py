@@ -47,8 +47,10 @@ def check_heldout(train: Iterable[Any], heldout: Iterable[Any], *, what: str = "
     overlap = seen_in(train, heldout)
     if overlap:
         shown = ", ".join(overlap[:5]) + (f" (+{len(overlap) - 5} more)" if len(overlap) > 5 else "")
-        raise ConfigError(f"{what}: {len(overlap)} question(s) are also training questions ({shown}); "
-                          "a held-out score on them would measure memorisation, not generalisation")
+        raise ConfigError(
+            f"{what}: {len(overlap)} question(s) are also training questions ({shown}); "
+            "a held-out score on them would measure memorisation, not generalisation"
+        )
 
 
 def split_heldout(examples: Sequence[Any], num_train: int, num_heldout: int) -> tuple[list[Any], list[Any]]:
@@ -59,8 +61,10 @@ def split_heldout(examples: Sequence[Any], num_train: int, num_heldout: int) -> 
     seen = set(seen_in(train, rest))
     heldout = [ex for ex in rest if _id_and_question(ex)[0] not in seen][:num_heldout]
     if len(heldout) < num_heldout:
-        raise ConfigError(f"held-out split: only {len(heldout)} of the {num_heldout} held-out questions asked for "
-                          f"remain after the {num_train} training questions")
+        raise ConfigError(
+            f"held-out split: only {len(heldout)} of the {num_heldout} held-out questions asked for "
+            f"remain after the {num_train} training questions"
+        )
     return train, heldout
 
 
@@ -75,6 +79,11 @@ def check_dev_file(train_items: Iterable[Any], dev_file: str | None, limit: int 
     dev = read_qa(dev_file, s3_options=s3_options)
     overlap = seen_in(train_items, dev[:limit] if limit else dev)
     if overlap:
-        log.warning("train.dev_file %s: %d of the scored questions are also training questions (%s): they are left "
-                    "out of the in-run eval", dev_file, len(overlap), ", ".join(overlap[:5]))
+        log.warning(
+            "train.dev_file %s: %d of the scored questions are also training questions (%s): they are left "
+            "out of the in-run eval",
+            dev_file,
+            len(overlap),
+            ", ".join(overlap[:5]),
+        )
     return overlap

@@ -25,9 +25,10 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,7 +83,7 @@ class LoopSettings:
     config_yaml: str | None = None  # the resolved RaggenConfig, saved in every checkpoint
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "LoopSettings":
+    def from_dict(cls, config: dict[str, Any]) -> LoopSettings:
         names = {f.name for f in fields(cls)}
         settings = cls(**{k: v for k, v in config.items() if k in names})
         for name in ("steps", "batch_size", "checkpoint_every"):
@@ -113,7 +114,9 @@ def role_lr(role: str, settings: LoopSettings) -> float:
     return settings.retriever_lr if role in RETRIEVER_ROLES and settings.retriever_lr else settings.lr
 
 
-def make_optimizer(models: dict[str, nn.Module], roles: tuple[str, ...], settings: LoopSettings) -> torch.optim.Optimizer:
+def make_optimizer(
+    models: dict[str, nn.Module], roles: tuple[str, ...], settings: LoopSettings
+) -> torch.optim.Optimizer:
     """AdamW with one param group per trained model, in ``roles`` order (stable across restarts,
     so a saved optimizer state lines up), each at ``role_lr``."""
     groups = []
@@ -313,9 +316,12 @@ class Worker:
     def step_models(self) -> StepModels:
         w, m = self.wrapped, self.models
         return StepModels(
-            query_encoder=w["query_encoder"], query_encoder_raw=m["query_encoder"],
-            generator=w["generator"], generator_raw=m["generator"],
-            posterior=w.get("posterior_encoder"), reranker=w.get("reranker"),
+            query_encoder=w["query_encoder"],
+            query_encoder_raw=m["query_encoder"],
+            generator=w["generator"],
+            generator_raw=m["generator"],
+            posterior=w.get("posterior_encoder"),
+            reranker=w.get("reranker"),
             passage_encoder=w.get("passage_encoder"),
         )
 
@@ -327,8 +333,9 @@ class Worker:
             model.train(on and role in self.roles)
 
 
-def setup_worker(config: dict[str, Any], rank: int, world_size: int, device: torch.device,
-                 state: TrainingState | None) -> Worker:
+def setup_worker(
+    config: dict[str, Any], rank: int, world_size: int, device: torch.device, state: TrainingState | None
+) -> Worker:
     settings, step_cfg = LoopSettings.from_dict(config), step_settings(config)
     torch.manual_seed(settings.seed + rank)
     train_d = bool(config.get("train_passage_encoder", False))
@@ -355,7 +362,9 @@ def setup_worker(config: dict[str, Any], rank: int, world_size: int, device: tor
         cache.load_state_dict(state.jsa_cache_state)
     index_cfg = searched_index(config, state)
     index = load_index(index_cfg, rank, world_size)
-    return Worker(settings, step_cfg, models, wrapped, roles, optimizer, cache, index, index_cfg, device, rank, world_size)
+    return Worker(
+        settings, step_cfg, models, wrapped, roles, optimizer, cache, index, index_cfg, device, rank, world_size
+    )
 
 
 def train_step(worker: Worker, batch: Batch, step: int) -> dict[str, float]:
@@ -371,22 +380,33 @@ def train_step(worker: Worker, batch: Batch, step: int) -> dict[str, float]:
     scale = apply_lr_schedule(worker.optimizer, worker.settings, step)
     worker.optimizer.step()
     # lr: train.lr under the schedule (the reader's rate; retrievers' is retriever_lr times lr_scale)
-    metrics = {"loss": float(out.loss.detach()), "grad_norm": float(grad_norm), "lr": worker.settings.lr * scale,
-               "lr_scale": scale}
+    metrics = {
+        "loss": float(out.loss.detach()),
+        "grad_norm": float(grad_norm),
+        "lr": worker.settings.lr * scale,
+        "lr_scale": scale,
+    }
     metrics.update({k: float(v) for k, v in out.diagnostics.items()})
     return metrics
 
 
-def save_checkpoint(worker: Worker, directory: str, step: int, epoch: int, cache_state: dict | None,
-                    metrics_path: str | None) -> None:
+def save_checkpoint(
+    worker: Worker, directory: str, step: int, epoch: int, cache_state: dict | None, metrics_path: str | None
+) -> None:
     """Rank 0 writes the checkpoint folder: trained models, optimizer, merged JSA cache, step."""
     models = {role: unwrap(worker.models[role]) for role in worker.roles}
     extra: dict[str, Any] = {"estimator": worker.step_cfg.estimator, "world_size": worker.world_size}
     if worker.index_cfg.get("refreshed"):  # else a resume opens the configured index (its LATEST)
         extra["index"] = {"uri": worker.index_cfg["uri"], "version": worker.index.version, "refreshed": True}
     write_checkpoint(
-        directory, models=models, step=step, epoch=epoch, optimizer=worker.optimizer,
-        jsa_cache_state=cache_state, extra=extra, config_yaml=worker.settings.config_yaml,
+        directory,
+        models=models,
+        step=step,
+        epoch=epoch,
+        optimizer=worker.optimizer,
+        jsa_cache_state=cache_state,
+        extra=extra,
+        config_yaml=worker.settings.config_yaml,
     )
     if metrics_path and os.path.exists(metrics_path):
         shutil.copyfile(metrics_path, os.path.join(directory, METRICS_FILE))
@@ -405,7 +425,9 @@ def maybe_inject_failure(config: dict[str, Any], rank: int, step: int) -> None:
 
     # Die only once the controller has committed the reports so far: a crash right after a report
     # could otherwise beat the checkpoint's registration, and the test would restart from scratch.
-    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
+    )
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"rank {rank} killed at step {step}\n")
     log.warning("inject_failure: rank %d exits at step %d", rank, step)
@@ -469,16 +491,33 @@ def train_func(config: dict[str, Any]) -> None:
         progress = ProgressLog(settings.steps, settings.log_every, settings.batch_size * world_size, start)
     writer = MetricsWriter(settings.metrics_path, enabled=rank == 0, fresh=state is None, sinks=sinks)
     if state is not None:
-        writer.write({"event": "restored", "step": start, "jsa_cache_entries": len(worker.cache),
-                      "jsa_cache_digest": cache_digest(worker.cache.state_dict()), "time": time.time()})
+        writer.write(
+            {
+                "event": "restored",
+                "step": start,
+                "jsa_cache_entries": len(worker.cache),
+                "jsa_cache_digest": cache_digest(worker.cache.state_dict()),
+                "time": time.time(),
+            }
+        )
     t_setup = time.time()
     shard = ray.train.get_dataset_shard("train")
     schedule = BatchSchedule(example_rows(list(shard.iter_rows())), settings.batch_size, settings.seed * 31 + rank)
     dev = _dev_examples(settings, config["index"].get("s3")) if rank == 0 and settings.eval_every else None
     refresh = RefreshSpec.from_config(config) if "passage_encoder" in worker.roles else None
-    writer.write({"event": "started", "step": start, "world_size": world_size, "examples": len(schedule.examples),
-                  "index_uri": worker.index_cfg["uri"], "index_version": worker.index.version,
-                  "setup_s": t_setup - t_enter, "data_s": time.time() - t_setup, "time": time.time()})
+    writer.write(
+        {
+            "event": "started",
+            "step": start,
+            "world_size": world_size,
+            "examples": len(schedule.examples),
+            "index_uri": worker.index_cfg["uri"],
+            "index_version": worker.index.version,
+            "setup_s": t_setup - t_enter,
+            "data_s": time.time() - t_setup,
+            "time": time.time(),
+        }
+    )
     t_last = time.perf_counter()
     try:
         for step in range(start, settings.steps):
@@ -491,8 +530,12 @@ def train_func(config: dict[str, Any]) -> None:
             done, wall, t_last = step + 1, time.perf_counter() - t_last, time.perf_counter()
             # step_time_s: the step's compute; examples_per_s: over the wall time since the last step
             # ended (reports, checkpoints and evaluation included)
-            metrics.update(step=done, epoch=schedule.epoch_of(step), step_time_s=elapsed,
-                           examples_per_s=settings.batch_size * world_size / max(wall, 1e-9))
+            metrics.update(
+                step=done,
+                epoch=schedule.epoch_of(step),
+                step_time_s=elapsed,
+                examples_per_s=settings.batch_size * world_size / max(wall, 1e-9),
+            )
             if refresh is not None and refresh_due(done, refresh.every, settings.steps):
                 metrics.update(_refresh(worker, refresh, done, writer))
             if dev is not None and done % settings.eval_every == 0:
@@ -514,8 +557,9 @@ def _sync_run_files(writer: MetricsWriter, upload: RunUpload | None) -> None:
         upload.try_upload()
 
 
-def _report(worker: Worker, metrics: dict[str, float], step: int, epoch: int, settings: LoopSettings,
-            final: bool) -> bool:
+def _report(
+    worker: Worker, metrics: dict[str, float], step: int, epoch: int, settings: LoopSettings, final: bool
+) -> bool:
     """``ray.train.report`` with a checkpoint every ``checkpoint_every`` steps and at the end, and
     without one every ``report_every`` steps (0: never). Every worker calls it (it is collective).
     True on the worker that wrote a checkpoint (rank 0)."""
@@ -558,9 +602,14 @@ def _evaluate(worker: Worker, dev: list[Any], step: int, writer: MetricsWriter) 
     gumbel = cfg.estimator == "gumbel-rerank"
     with torch.no_grad(), _autocast(worker.device):
         scores = evaluate_rag(
-            dev, query_encoder=worker.models["query_encoder"], generator=worker.models["generator"],
-            index=worker.index, top_k=cfg.gumbel_k if gumbel else cfg.top_k, decoding=worker.settings.eval_decoding,
-            reranker=worker.models.get("reranker"), rerank_candidates=cfg.gumbel_candidates if gumbel else None,
+            dev,
+            query_encoder=worker.models["query_encoder"],
+            generator=worker.models["generator"],
+            index=worker.index,
+            top_k=cfg.gumbel_k if gumbel else cfg.top_k,
+            decoding=worker.settings.eval_decoding,
+            reranker=worker.models.get("reranker"),
+            rerank_candidates=cfg.gumbel_candidates if gumbel else None,
         )
     out = {f"eval_{k}": float(v) for k, v in scores.items()}
     writer.write({"event": "eval", "step": step, **out, "time": time.time()})
@@ -580,7 +629,15 @@ def _refresh(worker: Worker, spec: RefreshSpec, step: int, writer: MetricsWriter
     # that the driver started, which nobody searches any more
     old.close(release_shared=worker.rank == 0)
     seconds = time.perf_counter() - t0
-    writer.write({"event": "index_refresh", "step": step, "version": version, "uri": spec.output_uri,
-                  "seconds": seconds, "time": time.time()})
+    writer.write(
+        {
+            "event": "index_refresh",
+            "step": step,
+            "version": version,
+            "uri": spec.output_uri,
+            "seconds": seconds,
+            "time": time.time(),
+        }
+    )
     log.info("index refresh at step %d: %s/%s in %.1f s", step, spec.output_uri, version, seconds)
     return {"index_refresh_s": seconds}

@@ -12,8 +12,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ class MetricsWriter:
     each record as written, so every destination sees the same numbers.
     """
 
-    def __init__(self, path: str | os.PathLike | None, enabled: bool = True, fresh: bool = False,
-                 sinks: Sequence[Any] = ()):
+    def __init__(
+        self, path: str | os.PathLike | None, enabled: bool = True, fresh: bool = False, sinks: Sequence[Any] = ()
+    ):
         """``fresh=True`` truncates: a run with no checkpoint to resume has no history to keep
         (a stale file from an older run of the same name, or steps a restart will redo)."""
         self.path = Path(path) if path else None
@@ -75,11 +77,16 @@ class MetricsWriter:
             try:
                 getattr(sink, method)(*args)
             except Exception as exc:  # noqa: BLE001 - whatever the sink's library raises
-                log.warning("metrics sink %s failed in %s (%s: %s); it gets no more records",
-                            type(sink).__name__, method, type(exc).__name__, exc)
+                log.warning(
+                    "metrics sink %s failed in %s (%s: %s); it gets no more records",
+                    type(sink).__name__,
+                    method,
+                    type(exc).__name__,
+                    exc,
+                )
                 self.sinks.remove(sink)
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,13 +11,17 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
 # (metric key, short name) of the diagnostics worth a place on the line; the JSONL has them all
-DIAGNOSTICS = (("acceptance_rate", "acceptance"), ("kl", "kl"), ("prior_entropy", "entropy"),
-               ("mask_hardness", "hardness"))
+DIAGNOSTICS = (
+    ("acceptance_rate", "acceptance"),
+    ("kl", "kl"),
+    ("prior_entropy", "entropy"),
+    ("mask_hardness", "hardness"),
+)
 
 
 def format_duration(seconds: float) -> str:
@@ -30,8 +34,9 @@ def format_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-def format_progress(step: int, total: int, means: Mapping[str, float], examples_per_s: float, lr: float,
-                    eta_s: float) -> str:
+def format_progress(
+    step: int, total: int, means: Mapping[str, float], examples_per_s: float, lr: float, eta_s: float
+) -> str:
     """The progress line from already-averaged values (``means`` holds loss and diagnostics)."""
     parts = [f"step {step}/{total}", f"loss {means['loss']:.3g}"]
     parts += [f"{short} {means[key]:.3g}" for key, short in DIAGNOSTICS if key in means]
@@ -42,8 +47,14 @@ def format_progress(step: int, total: int, means: Mapping[str, float], examples_
 class ProgressLog:
     """Accumulates step metrics and logs a line every ``every`` steps and at the last step (0: never)."""
 
-    def __init__(self, total: int, every: int, examples_per_step: int, start_step: int = 0,
-                 clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        total: int,
+        every: int,
+        examples_per_step: int,
+        start_step: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.total, self.every, self.examples_per_step = total, every, examples_per_step
         self.clock = clock
         self._t_start = self._t_window = clock()
@@ -64,8 +75,9 @@ class ProgressLog:
         rate = (step - self._window_step) * self.examples_per_step / max(now - self._t_window, 1e-9)
         per_step = (now - self._t_start) / max(step - self._start_step, 1)
         means = {k: v / self._count for k, v in self._sums.items()}
-        line = format_progress(step, self.total, means, rate, float(metrics.get("lr", 0.0)),
-                               per_step * (self.total - step))
+        line = format_progress(
+            step, self.total, means, rate, float(metrics.get("lr", 0.0)), per_step * (self.total - step)
+        )
         self._sums, self._count, self._t_window, self._window_step = {}, 0, now, step
         log.info(line)
         return line

@@ -10,7 +10,7 @@ import collections
 import re
 import string
 import unicodedata
-from typing import Sequence
+from collections.abc import Sequence
 
 # ---------------------------------------------------------------------------------------------
 # Answer metrics (SQuAD v1.1 evaluation script semantics)

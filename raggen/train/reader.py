@@ -78,7 +78,10 @@ def reader_param_groups(model: torch.nn.Module, lr: float, encoder_lr: float | N
     encoder_side = [p for n, p in named if ".encoder." in f".{n}" or n.endswith("shared.weight")]
     ids = {id(p) for p in encoder_side}
     rest = [p for _, p in named if id(p) not in ids]
-    return [{"params": encoder_side, "lr": encoder_lr, "peak_lr": encoder_lr}, {"params": rest, "lr": lr, "peak_lr": lr}]
+    return [
+        {"params": encoder_side, "lr": encoder_lr, "peak_lr": encoder_lr},
+        {"params": rest, "lr": lr, "peak_lr": lr},
+    ]
 
 
 @torch.no_grad()
@@ -89,8 +92,12 @@ def reader_exact_match(generator: Generator, examples: list[tuple[str, str, str]
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         batch = generator.tokenize_sources([q for q, _, _ in chunk], [[p] for _, p, _ in chunk])
-        out = generator.model.generate(**batch, max_new_tokens=generator.max_target_length, num_beams=1, do_sample=False)
-        hits += sum(normalize_answer(generator.decode(ids)) == normalize_answer(a) for ids, (_, _, a) in zip(out, chunk))
+        out = generator.model.generate(
+            **batch, max_new_tokens=generator.max_target_length, num_beams=1, do_sample=False
+        )
+        hits += sum(
+            normalize_answer(generator.decode(ids)) == normalize_answer(a) for ids, (_, _, a) in zip(out, chunk)
+        )
     generator.train()
     return hits / max(1, len(examples))
 
@@ -107,16 +114,18 @@ def passage_reliance(generator: Generator, examples: list[tuple[str, str, str]],
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         others = [examples[(i + j + 1) % len(examples)][1] for j in range(len(chunk))]
-        tok, mask = generator.token_logprobs([q for q, _, _ in chunk], [[p, o] for (_, p, _), o in zip(chunk, others)],
-                                             [a for _, _, a in chunk])
+        tok, mask = generator.token_logprobs(
+            [q for q, _, _ in chunk], [[p, o] for (_, p, _), o in zip(chunk, others)], [a for _, _, a in chunk]
+        )
         seq = sequence_logprob(tok, mask)  # (b, 2)
         gaps.extend((seq[:, 0] - seq[:, 1]).tolist())
     generator.train()
     return sum(gaps) / max(1, len(gaps))
 
 
-def reader_loss(generator: Generator, batch: list[tuple[str, str, str]], span_head: torch.nn.Module | None,
-                span_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def reader_loss(
+    generator: Generator, batch: list[tuple[str, str, str]], span_head: torch.nn.Module | None, span_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean token NLL of the answers given the gold passages (+ ``span_weight`` x the span loss).
 
     ``loss`` in the returned record stays the token NLL alone, comparable across recipes."""
@@ -162,8 +171,12 @@ def pretrain_reader(
     torch.manual_seed(seed)
     device = pick_device()
     if init_from is None:
-        init_from = make_tiny_generator(os.path.join(out_dir + ".init"), kind="bart", seed=seed, **(dims or READER_DIMS))
-    generator = Generator.from_pretrained(init_from, max_source_length=max_source_length, max_target_length=16, device=device)
+        init_from = make_tiny_generator(
+            os.path.join(out_dir + ".init"), kind="bart", seed=seed, **(dims or READER_DIMS)
+        )
+    generator = Generator.from_pretrained(
+        init_from, max_source_length=max_source_length, max_target_length=16, device=device
+    )
     span_head = torch.nn.Linear(generator.model.config.d_model, 2).to(device) if span_weight > 0 else None
     groups = reader_param_groups(generator.model, lr, encoder_lr)
     if span_head is not None:
@@ -185,7 +198,12 @@ def pretrain_reader(
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             optimizer.step()
-            record = {"step": step + 1, **parts, "lr": optimizer.param_groups[-1]["lr"], "elapsed_s": time.time() - start}
+            record = {
+                "step": step + 1,
+                **parts,
+                "lr": optimizer.param_groups[-1]["lr"],
+                "elapsed_s": time.time() - start,
+            }
             if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
                 record["heldout_em"] = reader_exact_match(generator, held_out)
                 record["passage_gap_nats"] = passage_reliance(generator, held_out)
@@ -193,11 +211,18 @@ def pretrain_reader(
             sink.write(json.dumps(record) + "\n")
             sink.flush()
             history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", em=record.get("heldout_em", history[-1].get("heldout_em", "-")))
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}", em=record.get("heldout_em", history[-1].get("heldout_em", "-"))
+            )
             bar.update()
     generator.save_pretrained(out_dir, dtype=save_dtype)
-    final = {"out_dir": out_dir, "steps": steps, "final_loss": history[-1]["loss"],
-             "heldout_em": history[-1].get("heldout_em"), "passage_gap_nats": history[-1].get("passage_gap_nats"),
-             "minutes": (time.time() - start) / 60}
+    final = {
+        "out_dir": out_dir,
+        "steps": steps,
+        "final_loss": history[-1]["loss"],
+        "heldout_em": history[-1].get("heldout_em"),
+        "passage_gap_nats": history[-1].get("passage_gap_nats"),
+        "minutes": (time.time() - start) / 60,
+    }
     log.info("reader: %s", final)
     return final

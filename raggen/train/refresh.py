@@ -40,7 +40,7 @@ class RefreshSpec:
     snapshot_uri: str | None = None  # s3:// prefix for the encoder snapshots (None: use staging_dir)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "RefreshSpec | None":
+    def from_config(cls, config: dict[str, Any]) -> RefreshSpec | None:
         spec = config.get("refresh")
         return cls(**spec) if spec and int(spec.get("every", 0)) > 0 else None
 
@@ -73,8 +73,13 @@ def build_refreshed_index(passage_encoder: torch.nn.Module, spec: RefreshSpec, s
     # a work folder of its own: build_index resumes encoding from a matching one, and a retried
     # attempt's encoder need not equal the failed attempt's
     manifest = build_index(
-        spec.passages_uri, spec.output_uri, encoder_name_or_path=snapshot, version=version,
-        work_dir=os.path.join(spec.staging_dir, f"work-{version}"), s3_options=spec.s3, **spec.build,
+        spec.passages_uri,
+        spec.output_uri,
+        encoder_name_or_path=snapshot,
+        version=version,
+        work_dir=os.path.join(spec.staging_dir, f"work-{version}"),
+        s3_options=spec.s3,
+        **spec.build,
     )
     return manifest.version
 

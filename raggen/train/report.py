@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from raggen.errors import DataError
 from raggen.train.metrics import METRICS_FILE, read_metrics, series
 
 DEFAULT_SMOOTH = 0.9
-TRAIN_PANELS = (("loss", "loss"), ("acceptance_rate", "acceptance rate"), ("grad_norm", "grad norm"),
-                ("examples_per_s", "examples / s"), ("lr", "learning rate"))
+TRAIN_PANELS = (
+    ("loss", "loss"),
+    ("acceptance_rate", "acceptance rate"),
+    ("grad_norm", "grad norm"),
+    ("examples_per_s", "examples / s"),
+    ("lr", "learning rate"),
+)
 UNSMOOTHED = {"lr"}  # a schedule, not a noisy measurement
 EVAL_PANELS = (("eval answers", ("eval_em", "eval_f1")), ("eval retrieval", ("recall",)))
 
@@ -85,8 +91,15 @@ def load_run(run: str | os.PathLike, name: str, s3_options: dict[str, Any] | Non
 
 def eval_groups(runs: Sequence[RunCurves]) -> list[tuple[str, list[str]]]:
     """(panel title, eval keys) for the eval metrics some run recorded, answers then retrieval."""
-    keys = sorted({k for r in runs for e in r.evals for k, v in e.items()
-                   if k.startswith("eval_") and k != "eval_num_examples" and isinstance(v, (int, float))})
+    keys = sorted(
+        {
+            k
+            for r in runs
+            for e in r.evals
+            for k, v in e.items()
+            if k.startswith("eval_") and k != "eval_num_examples" and isinstance(v, (int, float))
+        }
+    )
     groups = []
     for title, patterns in EVAL_PANELS:
         picked = [k for k in keys if any(p == k or (not p.startswith("eval_") and p in k) for p in patterns)]
@@ -95,8 +108,12 @@ def eval_groups(runs: Sequence[RunCurves]) -> list[tuple[str, list[str]]]:
     return groups
 
 
-def plot_runs(runs: Sequence[str | os.PathLike], out_png: str | os.PathLike, smooth: float = DEFAULT_SMOOTH,
-              s3_options: dict[str, Any] | None = None) -> str:
+def plot_runs(
+    runs: Sequence[str | os.PathLike],
+    out_png: str | os.PathLike,
+    smooth: float = DEFAULT_SMOOTH,
+    s3_options: dict[str, Any] | None = None,
+) -> str:
     """Draw the runs' curves into ``out_png`` (written to a temp name, then moved); returns its path."""
     import matplotlib
 
@@ -130,26 +147,36 @@ def plot_runs(runs: Sequence[str | os.PathLike], out_png: str | os.PathLike, smo
                 ax.plot(xs, ys, color=colour, linewidth=1.4)
         ax.set_ylabel(label, fontsize=9)
     markers, styles = "osD^v<>", ("-", "--", ":", "-.")
-    for ax, (title, keys) in zip(flat[len(train):], groups):
+    for ax, (title, keys) in zip(flat[len(train) :], groups):
         for i, key in enumerate(keys):
             for run, colour in zip(curves, colours):
                 xs, ys = series(run.evals, key)
-                ax.plot(xs, ys, color=colour, marker=markers[i % len(markers)], linestyle=styles[i % len(styles)],
-                        markersize=4, linewidth=1.2)
-        proxies = [Line2D([], [], color="0.3", marker=markers[i % len(markers)], linestyle=styles[i % len(styles)])
-                   for i in range(len(keys))]
-        ax.legend(proxies, [k[len("eval_"):] for k in keys], fontsize=7, loc="best")
+                ax.plot(
+                    xs,
+                    ys,
+                    color=colour,
+                    marker=markers[i % len(markers)],
+                    linestyle=styles[i % len(styles)],
+                    markersize=4,
+                    linewidth=1.2,
+                )
+        proxies = [
+            Line2D([], [], color="0.3", marker=markers[i % len(markers)], linestyle=styles[i % len(styles)])
+            for i in range(len(keys))
+        ]
+        ax.legend(proxies, [k[len("eval_") :] for k in keys], fontsize=7, loc="best")
         ax.set_ylabel(title, fontsize=9)
     for ax in flat[n:]:
         ax.set_visible(False)
     for ax in flat[:n]:
         ax.grid(alpha=0.3)
-    for ax in flat[max(0, n - ncols):n]:
+    for ax in flat[max(0, n - ncols) : n]:
         ax.set_xlabel("step")
         ax.xaxis.set_tick_params(labelbottom=True)
     handles = [Line2D([], [], color=c, linewidth=2) for c in colours]
-    fig.legend(handles, [c.name for c in curves], loc="upper center", ncol=min(len(curves), 4), fontsize=9,
-               frameon=False)
+    fig.legend(
+        handles, [c.name for c in curves], loc="upper center", ncol=min(len(curves), 4), fontsize=9, frameon=False
+    )
     note = f"EMA smoothing {smooth:g} (raw values faint)" if smooth else "raw values"
     fig.suptitle(note, y=0.005, va="bottom", fontsize=8, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.45 / (2.4 * nrows + 0.8)))

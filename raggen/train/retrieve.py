@@ -34,11 +34,21 @@ def accuracy_ks(depth: int) -> list[int]:
     return sorted({min(k, depth) for k in DPR_KS})
 
 
-def result_record(question: str, answers: Sequence[str], ids: Sequence[str], titles: Sequence[str],
-                  texts: Sequence[str], scores: Sequence[float], hits: Sequence[bool]) -> dict:
+def result_record(
+    question: str,
+    answers: Sequence[str],
+    ids: Sequence[str],
+    titles: Sequence[str],
+    texts: Sequence[str],
+    scores: Sequence[float],
+    hits: Sequence[bool],
+) -> dict:
     """One question's entry of DPR's results file; empty slots (fewer passages than k) are dropped."""
-    ctxs = [{"id": pid, "title": title, "text": text, "score": float(score), "has_answer": bool(hit)}
-            for pid, title, text, score, hit in zip(ids, titles, texts, scores, hits) if pid]
+    ctxs = [
+        {"id": pid, "title": title, "text": text, "score": float(score), "has_answer": bool(hit)}
+        for pid, title, text, score, hit in zip(ids, titles, texts, scores, hits)
+        if pid
+    ]
     return {"question": question, "answers": list(answers), "ctxs": ctxs}
 
 
@@ -70,8 +80,9 @@ def write_jsonl(uri: str, records: Iterable[dict], s3_options=None) -> str:
     return uri
 
 
-def retrieve_results(examples: Sequence, *, query_encoder, index, k: int, out: str, s3_options=None,
-                     batch_size: int = 32, progress=None) -> dict[str, float]:
+def retrieve_results(
+    examples: Sequence, *, query_encoder, index, k: int, out: str, s3_options=None, batch_size: int = 32, progress=None
+) -> dict[str, float]:
     """Retrieve the top ``k`` passages of every example, stream DPR's results JSON to ``out`` and
     return the top-k accuracy at :func:`accuracy_ks` (``{"top1": ..., "top5": ...}``)."""
     from raggen.train.evaluate import retrieve_for_eval
@@ -88,8 +99,9 @@ def retrieve_results(examples: Sequence, *, query_encoder, index, k: int, out: s
             rows = answer_hits(got.texts, [ex.answers for ex in chunk])  # (b, k): the hits eval counts
             hits += rows
             for i, ex in enumerate(chunk):
-                rec = result_record(ex.question, ex.answers, got.ids[i], got.titles[i], got.texts[i],
-                                    got.scores[i].tolist(), rows[i])
+                rec = result_record(
+                    ex.question, ex.answers, got.ids[i], got.titles[i], got.texts[i], got.scores[i].tolist(), rows[i]
+                )
                 f.write(("" if start + i == 0 else ",\n") + json.dumps(rec, ensure_ascii=False))
             if progress:
                 progress(len(chunk))
@@ -102,5 +114,3 @@ def format_accuracy(accuracy: dict[str, float], num_questions: int) -> str:
     lines = [f"top-k accuracy over {num_questions} questions", f"{'k':>5}  accuracy"]
     lines += [f"{key[3:]:>5}  {value:.4f}" for key, value in accuracy.items()]
     return "\n".join(lines)
-
-

@@ -17,9 +17,10 @@ import importlib.util
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 from raggen.errors import ConfigError
 from raggen.train.metrics import METRICS_FILE
@@ -50,7 +51,7 @@ def scalars(record: Mapping[str, Any]) -> tuple[str, int, dict[str, float]] | No
             continue
         if not math.isfinite(value) or (event == "eval" and not key.startswith("eval_")):
             continue
-        out[key[len("eval_"):] if event == "eval" else key] = float(value)
+        out[key[len("eval_") :] if event == "eval" else key] = float(value)
     return ("eval" if event == "eval" else "train"), int(record["step"]), out
 
 
@@ -62,16 +63,19 @@ def summary_writer_class():
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
-            raise ConfigError("train.tensorboard: needs the tensorboard package "
-                              "(pip install tensorboard, or pip install 'raggen[tensorboard]')") from None
+            raise ConfigError(
+                "train.tensorboard: needs the tensorboard package "
+                "(pip install tensorboard, or pip install 'raggen[tensorboard]')"
+            ) from None
     return SummaryWriter
 
 
 def require_mlflow() -> None:
     """A ConfigError naming ``train.mlflow_tracking_uri`` when mlflow is not installed."""
     if importlib.util.find_spec("mlflow") is None:
-        raise ConfigError("train.mlflow_tracking_uri: needs the mlflow package "
-                          "(pip install mlflow, or pip install 'raggen[mlflow]')")
+        raise ConfigError(
+            "train.mlflow_tracking_uri: needs the mlflow package (pip install mlflow, or pip install 'raggen[mlflow]')"
+        )
 
 
 def metric_name(name: str) -> str:
@@ -113,8 +117,14 @@ class MLflowSink:
         from ray.air.integrations.mlflow import setup_mlflow
 
         # rank_zero_only=False: only rank 0 builds sinks, so no need to ask Ray Train for the rank
-        self.mlflow = setup_mlflow(config=dict(params or {}), tracking_uri=tracking_uri, experiment_name=experiment,
-                                   run_name=run_name, create_experiment_if_not_exists=True, rank_zero_only=False)
+        self.mlflow = setup_mlflow(
+            config=dict(params or {}),
+            tracking_uri=tracking_uri,
+            experiment_name=experiment,
+            run_name=run_name,
+            create_experiment_if_not_exists=True,
+            rank_zero_only=False,
+        )
 
     def write(self, record: Mapping[str, Any]) -> None:
         got = scalars(record)
@@ -134,8 +144,11 @@ def open_sinks(spec: Mapping[str, Any] | None, start_step: int = 0, config_yaml:
     spec = spec or {}
     sinks: list[Sink] = []
     if spec.get("tensorboard_dir"):
-        sinks.append(TensorBoardSink(spec["tensorboard_dir"], purge_step=start_step + 1 if start_step else None,
-                                     config_yaml=config_yaml))
+        sinks.append(
+            TensorBoardSink(
+                spec["tensorboard_dir"], purge_step=start_step + 1 if start_step else None, config_yaml=config_yaml
+            )
+        )
     if spec.get("mlflow"):
         m = spec["mlflow"]
         sinks.append(MLflowSink(m["tracking_uri"], m["experiment"], m["run_name"], m.get("params")))
@@ -152,7 +165,7 @@ class RunUpload:
     names: tuple[str, ...] = (METRICS_FILE, TENSORBOARD_DIR)
 
     @classmethod
-    def from_loop_config(cls, config: Mapping[str, Any]) -> "RunUpload | None":
+    def from_loop_config(cls, config: Mapping[str, Any]) -> RunUpload | None:
         """From the folder of ``config["metrics_path"]`` to ``config["run_uri"]``; None unless both are set."""
         if not config.get("metrics_path") or not config.get("run_uri"):
             return None

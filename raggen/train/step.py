@@ -15,8 +15,9 @@ synchronises them); no-grad scoring passes use the bare modules.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -42,8 +43,6 @@ from raggen.objectives import (
 )
 
 
-
-
 class Index(Protocol):
     def search(self, xq: np.ndarray, k: int) -> Any: ...
 
@@ -58,7 +57,7 @@ class Batch:
     targets: list[str]
 
     @classmethod
-    def from_rows(cls, rows: Sequence[dict]) -> "Batch":
+    def from_rows(cls, rows: Sequence[dict]) -> Batch:
         """Rows with id, question and answers (the first answer is the training target, as in RAG)."""
         answers = [list(r["answers"]) for r in rows]
         for r, a in zip(rows, answers):
@@ -116,7 +115,9 @@ class StepSettings:
         if self.top_k < 1 or self.num_proposals < 1 or self.gumbel_candidates < 1:
             raise ValueError("top_k, num_proposals and gumbel_candidates must be >= 1")
         if self.estimator == "gumbel-rerank" and not 1 <= self.gumbel_k <= self.gumbel_candidates:
-            raise ValueError(f"gumbel_k must be in [1, gumbel_candidates={self.gumbel_candidates}], got {self.gumbel_k}")
+            raise ValueError(
+                f"gumbel_k must be in [1, gumbel_candidates={self.gumbel_candidates}], got {self.gumbel_k}"
+            )
 
 
 @dataclass
@@ -272,7 +273,7 @@ def distill_step(models: StepModels, index: Index, batch: Batch, settings: StepS
 def _prior_posterior_candidates(models: StepModels, index: Index, batch: Batch, k: int):
     """q(x) and q'(x, y) with grad, and the union of their top-Ks from the index."""
     if models.posterior is None:
-        raise ValueError(f"estimator needs a posterior retriever (model.posterior_encoder)")
+        raise ValueError("estimator needs a posterior retriever (model.posterior_encoder)")
     q = models.query_encoder(batch.questions)  # (b, d)
     qp = models.posterior(batch.questions, batch.targets)  # (b, d)
     cands = candidate_union(retrieve(index, q, k), retrieve(index, qp, k))
@@ -291,9 +292,13 @@ def vrag_step(models: StepModels, index: Index, batch: Batch, settings: StepSett
     seq_top = _seq_logprob(models.generator, batch, _select(cands.passages, top), False)  # (b, k)
     gen = torch.zeros_like(prior_logits).scatter(1, top, seq_top)  # (b, c)
     loss, diag = vrag_loss(
-        prior_logits, post_logits, gen,
-        posterior_topk=settings.top_k, beta=settings.vrag_beta,
-        temperature=settings.retriever_temperature, candidate_mask=cands.valid,
+        prior_logits,
+        post_logits,
+        gen,
+        posterior_topk=settings.top_k,
+        beta=settings.vrag_beta,
+        temperature=settings.retriever_temperature,
+        candidate_mask=cands.valid,
     )
     return StepOutput(loss, diag)
 
@@ -329,8 +334,11 @@ def jsa_step(
     with torch.no_grad():
         seq_all = _seq_logprob(models.generator_raw, batch, cands.passages, settings.length_normalize)  # (b, c)
     log_target, log_proposal = jsa_mis_inputs(
-        seq_all.float(), prior_logits, post_logits,
-        temperature=settings.retriever_temperature, candidate_mask=cands.valid,
+        seq_all.float(),
+        prior_logits,
+        post_logits,
+        temperature=settings.retriever_temperature,
+        candidate_mask=cands.valid,
     )
     init = cache.get(batch.ids, cands.ids).to(log_target.device) if cache is not None else None
     states, accepted = mis_sample(log_target, log_proposal, settings.num_proposals, init=init, generator=rng)
@@ -342,8 +350,13 @@ def jsa_step(
         seq_visited = _seq_logprob(models.generator, batch, _select(cands.passages, cols), settings.length_normalize)
         seq = seq.scatter(1, cols, seq_visited.float())  # grad only at visited (and padding) columns
     loss, diag = jsa_loss(
-        seq, prior_logits, post_logits, states, accepted=accepted,
-        temperature=settings.retriever_temperature, candidate_mask=cands.valid,
+        seq,
+        prior_logits,
+        post_logits,
+        states,
+        accepted=accepted,
+        temperature=settings.retriever_temperature,
+        candidate_mask=cands.valid,
     )
     return StepOutput(loss, _merge(diag, union_size=cands.valid.float().sum(-1)))
 

@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 FINAL_DIR = "final"
 
 
-
-
 def start_index_group(loop_config: dict[str, Any]):
     """On the driver: when ``train.index`` is to be searched through shard actors, start ONE group
     for every worker (its handles go into the loop config) and return it; else None."""
@@ -45,8 +43,14 @@ def start_index_group(loop_config: dict[str, Any]):
     vuri, manifest, actors = search_plan(spec["uri"], spec.get("version"), settings, spec.get("s3"))
     if not actors:
         return None
-    group = ShardActorGroup.start(vuri, settings=settings, s3_options=spec.get("s3"), manifest=manifest,
-                                  name=f"raggen-train-{manifest.version}-{os.getpid()}", source_uri=spec["uri"])
+    group = ShardActorGroup.start(
+        vuri,
+        settings=settings,
+        s3_options=spec.get("s3"),
+        manifest=manifest,
+        name=f"raggen-train-{manifest.version}-{os.getpid()}",
+        source_uri=spec["uri"],
+    )
     loop_config["index"] = {**spec, "version": group.version, "group": group}
     return group
 
@@ -58,8 +62,13 @@ def group_summary(group) -> dict[str, Any] | None:
         infos = group.info()
     except Exception:  # noqa: BLE001 - e.g. ended by an index refresh during the run
         infos = []
-    return {"name": group.name, "version": group.version, "actors": len(group.handles),
-            "nodes": len({i["node_id"] for i in infos}), "queries": [i["queries"] for i in infos]}
+    return {
+        "name": group.name,
+        "version": group.version,
+        "actors": len(group.handles),
+        "nodes": len({i["node_id"] for i in infos}),
+        "queries": [i["queries"] for i in infos],
+    }
 
 
 def run_uri(storage_path: str, name: str) -> str:
@@ -97,7 +106,12 @@ def qa_items(path: str, limit: int | None = None, s3: dict[str, Any] | None = No
     examples = read_qa(path, s3_options=s3)
     examples = examples[:limit] if limit else examples
     return [
-        {"id": ex.id, "question": ex.question, "answers": json.dumps(ex.answers), "gold": json.dumps(ex.gold_passage_ids)}
+        {
+            "id": ex.id,
+            "question": ex.question,
+            "answers": json.dumps(ex.answers),
+            "gold": json.dumps(ex.gold_passage_ids),
+        }
         for ex in examples
     ]
 
@@ -162,7 +176,9 @@ def make_trainer(
     return TorchTrainer(
         train_func,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
         run_config=run_config,
         datasets={"train": ray.data.from_items(items)},
     )
@@ -197,5 +213,3 @@ def resolve_use_gpu(use_gpu: bool | None) -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
-
-

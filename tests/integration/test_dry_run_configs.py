@@ -40,7 +40,10 @@ def ray_with_credentials(moto_s3):
     """A local Ray whose workers inherit the S3 credentials (as cluster nodes have theirs)."""
     import ray
 
-    keys = {"AWS_ACCESS_KEY_ID": moto_s3["aws_access_key_id"], "AWS_SECRET_ACCESS_KEY": moto_s3["aws_secret_access_key"]}
+    keys = {
+        "AWS_ACCESS_KEY_ID": moto_s3["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": moto_s3["aws_secret_access_key"],
+    }
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(keys)
     if ray.is_initialized():
@@ -126,12 +129,17 @@ def test_shipped_serve_config_deploys_as_it_is_and_answers(path, rehearsals):
     from raggen.serve.app import deploy_config, wait_until_running, with_index
     from raggen.serve.client import ask
 
-    index = load_config(REPO / "configs" / "quickstart.yaml", rehearsals(REPO / "configs" / "quickstart.yaml")["overrides"]).index.output
+    index = load_config(
+        REPO / "configs" / "quickstart.yaml", rehearsals(REPO / "configs" / "quickstart.yaml")["overrides"]
+    ).index.output
     config = yaml.safe_load(path.read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": _free_port()}
     for app in config["applications"]:
-        app["args"].update(index=index, replica_num_cpus=0.1,
-                           autoscaling={**app["args"].get("autoscaling", {}), "min_replicas": 1, "max_replicas": 1})
+        app["args"].update(
+            index=index,
+            replica_num_cpus=0.1,
+            autoscaling={**app["args"].get("autoscaling", {}), "min_replicas": 1, "max_replicas": 1},
+        )
     config = with_index(config, index)
     try:
         deploy_config(config)

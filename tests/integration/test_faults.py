@@ -92,32 +92,60 @@ def world(tmp_path_factory, ray_session):
     out = tmp_path_factory.mktemp("faults")
     files = write_world(out / "world", WorldConfig(num_entities=20, seed=1, changed_fraction=0.3))
     root = str(out / "index")
-    build_index(str(files.passages_v1), root, encoder_name_or_path=MINILM, max_length=128, num_shards=1, num_actors=1,
-                version="v1", actor_num_cpus=0.5, work_dir=out / "work")
+    build_index(
+        str(files.passages_v1),
+        root,
+        encoder_name_or_path=MINILM,
+        max_length=128,
+        num_shards=1,
+        num_actors=1,
+        version="v1",
+        actor_num_cpus=0.5,
+        work_dir=out / "work",
+    )
     _copy_version(root, "v1", "v2", tamper=False)
     set_latest(root, "v2")
     questions = [f.question for f in read_changed_facts(files.changed)][:6]
-    return SimpleNamespace(out=out, root=root, questions=questions,
-                           reranker=make_tiny_reranker(str(out / "reranker")))
+    return SimpleNamespace(out=out, root=root, questions=questions, reranker=make_tiny_reranker(str(out / "reranker")))
 
 
 def _args(world, retriever_replicas: int) -> dict:
     return {
-        "index": world.root, "watch_latest": True, "watch_interval_s": 0.5,
+        "index": world.root,
+        "watch_latest": True,
+        "watch_interval_s": 0.5,
         "query_encoder": {"name_or_path": MINILM, "pooling": "mean", "max_length": 64},
-        "generator": SHIPPED_READER, "reranker": world.reranker, "rerank_candidates": 6,
-        "max_source_length": 128, "max_target_length": 9, "num_beams": 1, "default_top_k": 3, "max_top_k": 5,
-        "max_new_tokens": 8, "replica_num_cpus": 0.1, "ingress_num_cpus": 0.05, "max_batch_size": 4,
-        "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 4, "max_queued_requests": 4, "retry_after_s": 2,
+        "generator": SHIPPED_READER,
+        "reranker": world.reranker,
+        "rerank_candidates": 6,
+        "max_source_length": 128,
+        "max_target_length": 9,
+        "num_beams": 1,
+        "default_top_k": 3,
+        "max_top_k": 5,
+        "max_new_tokens": 8,
+        "replica_num_cpus": 0.1,
+        "ingress_num_cpus": 0.05,
+        "max_batch_size": 4,
+        "batch_wait_timeout_s": 0.005,
+        "max_ongoing_requests": 4,
+        "max_queued_requests": 4,
+        "retry_after_s": 2,
         "autoscaling": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 2},
-        "deployments": {"retriever": {"autoscaling": {"min_replicas": retriever_replicas,
-                                                      "max_replicas": retriever_replicas}}},
+        "deployments": {
+            "retriever": {"autoscaling": {"min_replicas": retriever_replicas, "max_replicas": retriever_replicas}}
+        },
     }
 
 
 def _deploy(service, retriever_replicas: int) -> None:
-    config = serve_deploy_config(_args(service.world, retriever_replicas), host="127.0.0.1", port=service.port,
-                                 runtime_env={"env_vars": {"RAGGEN_API_TOKEN": TOKEN}}, request_timeout_s=60)
+    config = serve_deploy_config(
+        _args(service.world, retriever_replicas),
+        host="127.0.0.1",
+        port=service.port,
+        runtime_env={"env_vars": {"RAGGEN_API_TOKEN": TOKEN}},
+        request_timeout_s=60,
+    )
     deploy_config(config)
     service.config = config
 
@@ -203,8 +231,15 @@ class Stream:
     """``clients`` threads sending /v1/answer back to back (bounded in count and time); every
     outcome is kept as (start, end, status or exception name)."""
 
-    def __init__(self, url: str, questions: list[str], clients: int = 3, max_requests: int = 600,
-                 max_seconds: float = 150.0, raggen_client: bool = False):
+    def __init__(
+        self,
+        url: str,
+        questions: list[str],
+        clients: int = 3,
+        max_requests: int = 600,
+        max_seconds: float = 150.0,
+        raggen_client: bool = False,
+    ):
         self.url, self.questions, self.raggen_client = url, questions, raggen_client
         self.max_requests, self.deadline = max_requests, time.monotonic() + max_seconds
         self.results: list[tuple[float, float, int | str]] = []
@@ -240,7 +275,7 @@ class Stream:
                     status = type(exc).__name__
                 self.results.append((start, time.monotonic(), status))
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         for t in self.threads:
             t.start()
         return self
@@ -289,8 +324,10 @@ def test_killing_an_ingress_replica_under_load(service):
         stream.wait_for(10)
     failed = [r for r in stream.results if r[2] != 200]
     wire = [round(t - killed_at, 2) for t in stream.raw_errors]  # seconds after the kill
-    print(f"ingress kill: 5xx on the wire at {wire} s after the kill, {stream.in_flight_at(killed_at)} requests in "
-          f"flight then, {len(stream.results)} answered through raggen's client")
+    print(
+        f"ingress kill: 5xx on the wire at {wire} s after the kill, {stream.in_flight_at(killed_at)} requests in "
+        f"flight then, {len(stream.results)} answered through raggen's client"
+    )
     assert not failed, failed
     # only the requests on (or just routed to) the dead replica saw a 5xx, and only right after the kill
     assert len(wire) <= 2 * 3 and all(0 <= t < 10 for t in wire), wire

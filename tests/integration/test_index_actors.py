@@ -60,8 +60,16 @@ def cluster():
         c.shutdown()
 
 
-def write_version(root, version: str, xb: np.ndarray, texts: list[str], *, factory: str = "Flat", num_shards: int = 4,
-                  search_defaults=None) -> None:
+def write_version(
+    root,
+    version: str,
+    xb: np.ndarray,
+    texts: list[str],
+    *,
+    factory: str = "Flat",
+    num_shards: int = 4,
+    search_defaults=None,
+) -> None:
     work = root.parent / f"work-{version}"
     work.mkdir(parents=True)
     trained = train_index(xb, factory=factory, train_sample=len(xb)) if "IVF" in factory else None
@@ -125,8 +133,10 @@ def test_actor_group_returns_exactly_the_local_index_top_k(cluster, version):
             return 1000 * (time.perf_counter() - t0) / len(xq)
 
         local_ms, actors_ms = per_query_ms(local), per_query_ms(through)
-        print(f"\nlatency per query (k=10, {N} passages, 4 shards): local {local_ms:.2f} ms, "
-              f"2 shard actors on 2 nodes {actors_ms:.2f} ms")
+        print(
+            f"\nlatency per query (k=10, {N} passages, 4 shards): local {local_ms:.2f} ms, "
+            f"2 shard actors on 2 nodes {actors_ms:.2f} ms"
+        )
         assert sum(i["queries"] for i in group.info()) >= 2 * (2 * len(xq) + 1)
     finally:
         group.close()
@@ -136,8 +146,15 @@ def test_ivf_defaults_and_per_call_overrides_hold_through_actors(cluster, tmp_pa
     rng = np.random.default_rng(2)
     xb = rng.standard_normal((2000, D)).astype(np.float32)
     root = tmp_path / "ivf"
-    write_version(root, "v1", xb, [f"t{i}" for i in range(2000)], factory="IVF16,Flat", num_shards=2,
-                  search_defaults={"nprobe": 2})
+    write_version(
+        root,
+        "v1",
+        xb,
+        [f"t{i}" for i in range(2000)],
+        factory="IVF16,Flat",
+        num_shards=2,
+        search_defaults={"nprobe": 2},
+    )
     xq = rng.standard_normal((8, D)).astype(np.float32)
     local = ShardedIndex.from_version(load_version(str(root)))
     index = open_index(str(root), settings=settings())
@@ -166,8 +183,10 @@ def test_caller_does_not_hold_the_passages(cluster, version):
     local.search(version["xb"][:4], 5)
     local_growth = rss_bytes() - before
     text = version["text_bytes"]
-    print(f"\ncaller RSS growth: actor-backed {actors_growth / 2**20:.1f} MiB, local {local_growth / 2**20:.1f} MiB; "
-          f"text {text / 2**20:.1f} MiB; shard actors' RSS {[round(h['rss_bytes'] / 2**20) for h in holders]} MiB")
+    print(
+        f"\ncaller RSS growth: actor-backed {actors_growth / 2**20:.1f} MiB, local {local_growth / 2**20:.1f} MiB; "
+        f"text {text / 2**20:.1f} MiB; shard actors' RSS {[round(h['rss_bytes'] / 2**20) for h in holders]} MiB"
+    )
     assert actors_growth < 0.1 * text, "the caller must not hold the passages"
     assert local_growth > 0.5 * text, "the local index holds them (the measurement can see them)"
     local.close()
@@ -185,7 +204,11 @@ def test_a_version_that_does_not_verify_starts_no_group(cluster, version, tmp_pa
         f.write(b"corrupt")
     with pytest.raises(IndexIntegrityError, match="shard-00003.parquet: sha256 mismatch"):
         ShardActorGroup.start(str(bad), settings=settings(), name="raggen-bad-group")
-    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if (a.name or "").startswith("raggen-bad-group")]
+    alive = [
+        a
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        if (a.name or "").startswith("raggen-bad-group")
+    ]
     assert alive == []
 
 
@@ -292,7 +315,9 @@ def test_quantizer_training_and_shards_are_built_in_ray_tasks_with_tuned_default
     for s, rows in enumerate(np.array_split(np.arange(3000), 3)):
         path = tmp_path / "encoded" / f"shard-{s:05d}.parquet"
         ids = (np.int64(s) << 40) + rows.astype(np.int64)
-        write_parquet_atomic(passages_table(ids, [f"p{r}" for r in rows], [""] * len(rows), [""] * len(rows), xb[rows]), path)
+        write_parquet_atomic(
+            passages_table(ids, [f"p{r}" for r in rows], [""] * len(rows), [""] * len(rows), xb[rows]), path
+        )
         encoded.append(EncodedShard(shard=s, path=path, count=len(rows)))
     out = tmp_path / "out"
     out.mkdir()

@@ -24,8 +24,11 @@ def test_list_set_latest_rm_on_s3(s3_bucket, tmp_path):
     three_versions(root, tmp_path, s3_options=opts)
     s3_client(opts).put_object(Bucket=bucket, Key="idx/v9/shard-00000.faiss", Body=b"partial")  # unfinished
     rows = L.list_index(root, s3_options=opts)
-    assert [(r.version, r.latest, r.num_passages) for r in rows] == [("v1", False, 30), ("v2", False, 40),
-                                                                       ("v3", True, 50)]
+    assert [(r.version, r.latest, r.num_passages) for r in rows] == [
+        ("v1", False, 30),
+        ("v2", False, 40),
+        ("v3", True, 50),
+    ]
     store = open_store(root, opts)
     assert rows[1].size_bytes == sum(size for _, size, _ in store.list_with_info("v2"))
     assert L.format_versions(root, rows).splitlines()[-1] == "LATEST -> v3"

@@ -92,9 +92,11 @@ def test_loaded_index_matches_one_exact_flat_index(built, tmp_path):
     # the Ray actors' embeddings are what a plain encoder gives for "title . text"
     titles = [t for s in loaded.shards for t in s.passages.column("title").to_pylist()]
     texts = [t for s in loaded.shards for t in s.passages.column("text").to_pylist()]
-    direct = TextEncoder.from_pretrained(MINILM, pooling="mean", max_length=MAX_LENGTH).encode(
-        [passage_text(t, x) for t, x in zip(titles, texts)]
-    ).numpy()
+    direct = (
+        TextEncoder.from_pretrained(MINILM, pooling="mean", max_length=MAX_LENGTH)
+        .encode([passage_text(t, x) for t, x in zip(titles, texts)])
+        .numpy()
+    )
     np.testing.assert_allclose(xb, direct, atol=1e-4)
 
     xq = query_vectors()
@@ -199,8 +201,10 @@ def test_qa_files_read_from_s3_equal_the_local_ones(s3_bucket, tmp_path):
     from raggen.storage import upload_dir
 
     bucket, options = s3_bucket
-    examples = [QAExample("a", "Where was he born?", ["Fofobid", "fofobid town"], ["p1"]),
-                QAExample("b", "Who, then?", ["Radusk Mills"], [])]
+    examples = [
+        QAExample("a", "Where was he born?", ["Fofobid", "fofobid town"], ["p1"]),
+        QAExample("b", "Who, then?", ["Radusk Mills"], []),
+    ]
     write_qa_jsonl(tmp_path / "qa" / "dev.jsonl", examples)
     write_qa_csv(tmp_path / "qa" / "nq-test.qa.csv", examples)
     upload_dir(tmp_path / "qa", f"s3://{bucket}/qa", options)
@@ -217,8 +221,12 @@ def test_normalize_reaches_the_encoder_actors_and_the_manifest(ray_cluster, tmp_
     """``index.encoder.normalize`` (cosine, as MiniLM was trained): the Ray Data actors L2-normalise
     the stored vectors, the manifest says so, and the unnormalised build differs only by norms."""
     passages = tmp_path / "p.tsv"
-    passages.write_text("id\ttext\ttitle\n" + "".join(f"{i}\tpassage number {i} is about {w}\tT{i}\n"
-                                                      for i, w in enumerate(["oats", "rivers", "lutes", "amber"])))
+    passages.write_text(
+        "id\ttext\ttitle\n"
+        + "".join(
+            f"{i}\tpassage number {i} is about {w}\tT{i}\n" for i, w in enumerate(["oats", "rivers", "lutes", "amber"])
+        )
+    )
     built = {}
     for normalize in (False, True):
         manifest = build_index(str(passages), str(tmp_path / f"ix-{normalize}"), encoder_name_or_path=MINILM,
@@ -236,7 +244,8 @@ def test_normalize_reaches_the_encoder_actors_and_the_manifest(ray_cluster, tmp_
 
 
 def test_refresh_with_s3_storage_publishes_the_encoder_snapshot_where_every_node_reads_it(
-        ray_cluster, tmp_path, s3_bucket):
+    ray_cluster, tmp_path, s3_bucket
+):
     """A run that stores to S3 uploads each passage-encoder snapshot there; the Ray Data actors
     download it, the refreshed manifest names it, and the vectors are that encoder's."""
     from raggen.models import TextEncoder, make_tiny_encoder
@@ -245,12 +254,20 @@ def test_refresh_with_s3_storage_publishes_the_encoder_snapshot_where_every_node
 
     bucket, options = s3_bucket
     passages = tmp_path / "p.tsv"
-    passages.write_text("id\ttext\ttitle\n" + "".join(f"{i}\tpassage {i} is about {w}\tT{i}\n"
-                                                      for i, w in enumerate(["oats", "rivers", "lutes"])))
+    passages.write_text(
+        "id\ttext\ttitle\n"
+        + "".join(f"{i}\tpassage {i} is about {w}\tT{i}\n" for i, w in enumerate(["oats", "rivers", "lutes"]))
+    )
     encoder = TextEncoder.from_pretrained(make_tiny_encoder(str(tmp_path / "enc"), d_model=32, heads=2))
-    spec = RefreshSpec(every=1, passages_uri=str(passages), output_uri=f"s3://{bucket}/runs/r/index",
-                       staging_dir=str(tmp_path / "staging"), s3=options, snapshot_uri=f"s3://{bucket}/runs/r/refresh",
-                       build={"num_shards": 1, "actor_num_cpus": 0.5, "max_length": 32, "pooling": "mean"})
+    spec = RefreshSpec(
+        every=1,
+        passages_uri=str(passages),
+        output_uri=f"s3://{bucket}/runs/r/index",
+        staging_dir=str(tmp_path / "staging"),
+        s3=options,
+        snapshot_uri=f"s3://{bucket}/runs/r/refresh",
+        build={"num_shards": 1, "actor_num_cpus": 0.5, "max_length": 32, "pooling": "mean"},
+    )
     version = build_refreshed_index(encoder, spec, step=7)
     snapshot = f"s3://{bucket}/runs/r/refresh/passage-encoder-step-0000007"
     assert "config.json" in list_uri(snapshot, options)

@@ -101,8 +101,11 @@ def test_ray_path_rejects_malformed_and_empty_rows_with_the_readers_messages(ray
 
     cases = {"fields.tsv": "id\ttext\ttitle\n1\ta\tt\n2\tb\n", "blank.tsv": "id\ttext\ttitle\n1\ta\tt\n2\t  \tt\n",
              "noid.jsonl": '{"id": "1", "text": "a"}\n{"id": " ", "text": "b"}\n'}  # fmt: skip
-    expected = {"fields.tsv": "line 3: expected 3 tab-separated fields (id, text, title), found 2",
-                "blank.tsv": "line 3: empty passage text (id '2')", "noid.jsonl": "line 2: empty passage id"}
+    expected = {
+        "fields.tsv": "line 3: expected 3 tab-separated fields (id, text, title), found 2",
+        "blank.tsv": "line 3: empty passage text (id '2')",
+        "noid.jsonl": "line 2: empty passage id",
+    }
     for name, content in cases.items():
         path = tmp_path / name
         path.write_text(content)
@@ -118,7 +121,8 @@ def test_ray_path_rejects_malformed_and_empty_rows_with_the_readers_messages(ray
 
 
 def test_user_folders_survive_and_verify_reads_the_s3_object_not_the_cache(
-        ray_cluster, tmp_path, s3_bucket, tiny_encoder, monkeypatch, capsys):
+    ray_cluster, tmp_path, s3_bucket, tiny_encoder, monkeypatch, capsys
+):
     from raggen.cli import main
     from raggen.index import build_index, load_version, verify_index
 
@@ -135,7 +139,9 @@ def test_user_folders_survive_and_verify_reads_the_s3_object_not_the_cache(
     (home / "notes.txt").write_text("keep me")
     with pytest.raises(ConfigError, match=r"work_dir: .*home is not empty and was not created by raggen"):
         build_index(str(corpus), root, work_dir=home, **kwargs)
-    assert (home / "projects" / "thesis.tex").read_text() == "years of work" and (home / "notes.txt").read_text() == "keep me"
+    assert (home / "projects" / "thesis.tex").read_text() == "years of work" and (
+        home / "notes.txt"
+    ).read_text() == "keep me"
 
     # an empty folder of the user's and a shared split folder with the user's files in it
     empty = tmp_path / "empty-work"
@@ -268,7 +274,9 @@ def test_concurrent_publishers_one_version_per_name_latest_never_back(kind, tmp_
     watcher.start()
     try:
         # different names, created in this order, published all at once (newest first in line)
-        news = [make_version(tmp_path / f"v{i}", f"v{i}", seed=i, created=f"2026-01-0{i + 1}T00:00:00Z") for i in (1, 2, 3)]
+        news = [
+            make_version(tmp_path / f"v{i}", f"v{i}", seed=i, created=f"2026-01-0{i + 1}T00:00:00Z") for i in (1, 2, 3)
+        ]
         results = _together([lambda m=m: M.publish_version(root, m, tmp_path / m.version, s3_options=options)
                              for m in reversed(news)])  # fmt: skip
         assert all(isinstance(r, M.Manifest) for r in results), results

@@ -40,13 +40,29 @@ def test_build_publish_search_and_remove_a_bm25_index_on_s3(ray_local, s3_bucket
     passages.write_text("id\ttext\ttitle\n" + "\n".join(rows) + "\n")
     root = f"s3://{bucket}/index"
     for version in ("v1", "v2"):
-        m = build_index(str(passages), root, encoder_name_or_path=enc, max_length=32, num_shards=3, num_actors=1,
-                        actor_num_cpus=0.5, version=version, sparse="bm25", work_dir=tmp_path / f"work-{version}",
-                        s3_options=opts, target_recall=None)
+        m = build_index(
+            str(passages),
+            root,
+            encoder_name_or_path=enc,
+            max_length=32,
+            num_shards=3,
+            num_actors=1,
+            actor_num_cpus=0.5,
+            version=version,
+            sparse="bm25",
+            work_dir=tmp_path / f"work-{version}",
+            s3_options=opts,
+            target_recall=None,
+        )
         assert m.sparse is not None and m.sparse.count == 60
     verify_version(root, "v2", s3_options=opts, cache_dir=tmp_path / "cache")
-    index = with_retrieval(open_index(root, s3_options=opts, cache_dir=tmp_path / "cache", load_embeddings=False),
-                           root, RetrievalSettings(mode="hybrid"), s3_options=opts, cache_dir=tmp_path / "cache")
+    index = with_retrieval(
+        open_index(root, s3_options=opts, cache_dir=tmp_path / "cache", load_embeddings=False),
+        root,
+        RetrievalSettings(mode="hybrid"),
+        s3_options=opts,
+        cache_dir=tmp_path / "cache",
+    )
     xq = np.zeros((1, index.dim), np.float32)
     got = index.search(xq, 3, questions=["number17 please"], mode="sparse")
     assert got.ids[0][0] == "p17" and "number17" in got.texts[0][0]

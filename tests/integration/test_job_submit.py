@@ -48,8 +48,9 @@ class Cluster:
     log: Path
 
     def ray(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([str(RAY), *args], env=env or self.env, capture_output=True, text=True,
-                              timeout=timeout, cwd=self.root)
+        return subprocess.run(
+            [str(RAY), *args], env=env or self.env, capture_output=True, text=True, timeout=timeout, cwd=self.root
+        )
 
 
 def _free_ports(n: int) -> list[int]:
@@ -64,13 +65,15 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _cluster_env(token_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API_SERVER"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API_SERVER"))}
     env.update(
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
-        RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_path),
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops the node now, not after a 30 s drain
-        HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `python` is this venv's
     )
     return env
@@ -131,10 +134,23 @@ def cluster():
     env = _cluster_env(token)
     gcs, dash, client, agent = _free_ports(4)
     log = root / "head.log"
-    cmd = [str(RAY), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2", "--num-gpus=0",
-           f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-           f"--object-store-memory={200 * 1024 * 1024}", f"--temp-dir={root / 'ray'}"]
+    cmd = [
+        str(RAY),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--object-store-memory={200 * 1024 * 1024}",
+        f"--temp-dir={root / 'ray'}",
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     c = Cluster(address=f"http://127.0.0.1:{dash}", env=env, root=root, log=log)
@@ -157,9 +173,21 @@ def cluster():
 def _submit(c: Cluster, *job_args: str) -> tuple[str, subprocess.CompletedProcess]:
     """`ray job submit` (waits for the end, tailing logs); returns (submission id, process)."""
     sub_id = f"raggen-test-{uuid.uuid4().hex[:8]}"
-    cmd = ["job", "submit", "--address", c.address, "--submission-id", sub_id,
-           "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-           "--", "python", *job_args]
+    cmd = [
+        "job",
+        "submit",
+        "--address",
+        c.address,
+        "--submission-id",
+        sub_id,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps({"excludes": EXCLUDES}),
+        "--",
+        "python",
+        *job_args,
+    ]
     try:
         return sub_id, c.ray(*cmd, timeout=JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -185,8 +213,9 @@ def _count_passages(path: Path) -> tuple[int, int]:
 
 def test_smoke_job_succeeds_on_the_cluster(cluster):
     out, world = cluster.root / "result.json", cluster.root / "world"
-    sub_id, proc = _submit(cluster, "jobs/smoke.py", "--out", str(out), "--world-dir", str(world),
-                           "--num-entities", "50")
+    sub_id, proc = _submit(
+        cluster, "jobs/smoke.py", "--out", str(out), "--world-dir", str(world), "--num-entities", "50"
+    )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert _status(cluster, sub_id) == "SUCCEEDED"
 
@@ -202,8 +231,9 @@ def test_smoke_job_succeeds_on_the_cluster(cluster):
 
 
 def test_failing_job_is_reported_failed(cluster):
-    sub_id, proc = _submit(cluster, "jobs/smoke.py", "--out", str(cluster.root / "never.json"),
-                           "--num-entities", "5")  # below the minimum: the job exits 2
+    sub_id, proc = _submit(
+        cluster, "jobs/smoke.py", "--out", str(cluster.root / "never.json"), "--num-entities", "5"
+    )  # below the minimum: the job exits 2
     assert proc.returncode != 0
     assert _status(cluster, sub_id) == "FAILED"
     assert not (cluster.root / "never.json").exists()
@@ -222,15 +252,43 @@ def test_train_job_with_the_quickstart_config_and_its_relative_reader_path(clust
     data-path overrides only: the config's relative `model.generator: raggen/assets/reader` must
     resolve in the job's working dir on the driver (Train workers start elsewhere)."""
     world, index, runs = cluster.root / "qs-world", cluster.root / "qs-index", cluster.root / "qs-runs"
-    made = subprocess.run([str(BIN / "raggen"), "world", "--config", "configs/quickstart.yaml",
-                           "--set", f"world.out_dir={world}", "--set", "world.num_entities=50"],
-                          cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+    made = subprocess.run(
+        [
+            str(BIN / "raggen"),
+            "world",
+            "--config",
+            "configs/quickstart.yaml",
+            "--set",
+            f"world.out_dir={world}",
+            "--set",
+            "world.num_entities=50",
+        ],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert made.returncode == 0, made.stderr[-2000:]
-    data = [f"world.out_dir={world}", f"index.passages={world / 'passages.tsv'}", f"index.output={index}",
-            f"train.index={index}", f"train.train_file={world / 'train.jsonl'}", f"train.dev_file={world / 'dev.jsonl'}",
-            f"train.storage_path={runs}"]
-    sizes = ["index.num_shards=1", "index.actor_num_cpus=0.5", "train.steps=2", "train.num_workers=1",
-             "train.cpus_per_worker=0.5", "train.batch_size=2", "train.checkpoint_every=2", "train.eval_every=0"]
+    data = [
+        f"world.out_dir={world}",
+        f"index.passages={world / 'passages.tsv'}",
+        f"index.output={index}",
+        f"train.index={index}",
+        f"train.train_file={world / 'train.jsonl'}",
+        f"train.dev_file={world / 'dev.jsonl'}",
+        f"train.storage_path={runs}",
+    ]
+    sizes = [
+        "index.num_shards=1",
+        "index.actor_num_cpus=0.5",
+        "train.steps=2",
+        "train.num_workers=1",
+        "train.cpus_per_worker=0.5",
+        "train.batch_size=2",
+        "train.checkpoint_every=2",
+        "train.eval_every=0",
+    ]
     overrides = [arg for item in data + sizes for arg in ("--set", item)]
 
     sub_id, proc = _submit(cluster, "jobs/encode.py", "configs/quickstart.yaml", *overrides)

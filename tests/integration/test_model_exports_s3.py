@@ -46,8 +46,9 @@ def test_export_to_s3_then_load_verified(tmp_path, s3_bucket):
     store = open_store(root, s3)
     assert store.read_bytes(POINTER) == f"{name}\n".encode() and store.exists(ROOT_MARKER)
     manifest = json.loads(store.read_bytes(f"{name}/{EXPORT_MANIFEST}"))
-    assert {f["path"]: f["sha256"] for f in manifest["files"]}["generator/model.safetensors"] == \
-        sha256_file(src / "generator" / "model.safetensors")
+    assert {f["path"]: f["sha256"] for f in manifest["files"]}["generator/model.safetensors"] == sha256_file(
+        src / "generator" / "model.safetensors"
+    )
 
     local = Path(fetch_model_dir(f"{root}/generator", s3))  # through LATEST
     assert sorted(p.name for p in local.iterdir()) == ["config.json", "model.safetensors"]
@@ -142,8 +143,11 @@ def test_the_pointer_is_written_last_with_a_conditional_write(tmp_path, s3_bucke
 
 def test_unsafe_s3_names_are_refused(tmp_path, s3_bucket):
     bucket, s3 = s3_bucket
-    for bad in (f"s3://{bucket}/runs/../etc/generator", f"s3://{bucket}//runs/final/generator",
-                f"s3://{bucket}/runs/./final"):
+    for bad in (
+        f"s3://{bucket}/runs/../etc/generator",
+        f"s3://{bucket}//runs/final/generator",
+        f"s3://{bucket}/runs/./final",
+    ):
         with pytest.raises(ValueError, match="unsafe S3 prefix"):
             fetch_model_dir(bad, s3)
     src = _checkpoint(tmp_path, 3)
@@ -178,14 +182,21 @@ def test_serve_replicas_load_only_a_verified_export(tmp_path, s3_bucket, monkeyp
     (ckpt / STATE_FILE).write_text(json.dumps({"step": 2, "models": ["generator", "query_encoder"]}))
     root = f"s3://{bucket}/runs/served/final"
     name = export_checkpoint(ckpt, root, s3).rsplit("/", 1)[1]
-    cfg = load_config(None, [f"serve.model_dir={root}", f"serve.s3.endpoint_url={s3['endpoint_url']}",
-                             f"serve.s3.region={s3['region_name']}"])
+    cfg = load_config(
+        None,
+        [
+            f"serve.model_dir={root}",
+            f"serve.s3.endpoint_url={s3['endpoint_url']}",
+            f"serve.s3.region={s3['region_name']}",
+        ],
+    )
     args = app_args_from_config(cfg)
     assert args["generator"] == f"{root}/generator" and args["query_encoder"]["name_or_path"] == f"{root}/query_encoder"
     assert not {"aws_access_key_id", "aws_secret_access_key", "aws_session_token"} & set(args["s3"] or {})
 
-    replica = deployments.Generator.func_or_class(path=args["generator"], max_source_length=64, max_target_length=8,
-                                                  num_beams=1, s3=args["s3"])
+    replica = deployments.Generator.func_or_class(
+        path=args["generator"], max_source_length=64, max_target_length=8, num_beams=1, s3=args["s3"]
+    )
     reference = Generator.from_pretrained(str(ckpt / "generator"), max_source_length=64, max_target_length=8)
     batch = (["where?"], [["in the mill", "at sea"]], ["mill"])
     with torch.no_grad():

@@ -22,7 +22,10 @@ def ray_with_credentials(moto_s3):
     """A local Ray whose workers inherit the S3 credentials (the encoder actors read S3 themselves)."""
     import ray
 
-    keys = {"AWS_ACCESS_KEY_ID": moto_s3["aws_access_key_id"], "AWS_SECRET_ACCESS_KEY": moto_s3["aws_secret_access_key"]}
+    keys = {
+        "AWS_ACCESS_KEY_ID": moto_s3["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": moto_s3["aws_secret_access_key"],
+    }
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(keys)
     if ray.is_initialized():
@@ -60,15 +63,26 @@ def _publish_v1(root: str, passages_file, encoder: str, work, s3) -> None:
     from raggen.models import TextEncoder
 
     psg = read_passages(passages_file)
-    xb = TextEncoder.from_pretrained(encoder, pooling="mean", max_length=64).encode_passages(
-        psg["title"].tolist(), psg["text"].tolist()).numpy()  # (n, d)
+    xb = (
+        TextEncoder.from_pretrained(encoder, pooling="mean", max_length=64)
+        .encode_passages(psg["title"].tolist(), psg["text"].tolist())
+        .numpy()
+    )  # (n, d)
     rows = np.arange(len(psg), dtype=np.int64)
     work.mkdir()
     write_index_file(build_shard_index(xb, rows), work / "s0.faiss")
-    write_parquet_atomic(passages_table(rows, psg["id"].tolist(), psg["title"].tolist(), psg["text"].tolist(), xb),
-                         work / "s0.parquet")
-    manifest = make_manifest("v1", encoder_name_or_path=encoder, pooling="mean", dim=xb.shape[1], metric="ip",
-                             faiss_factory="Flat", shard_files=[(work / "s0.faiss", work / "s0.parquet", len(psg))])
+    write_parquet_atomic(
+        passages_table(rows, psg["id"].tolist(), psg["title"].tolist(), psg["text"].tolist(), xb), work / "s0.parquet"
+    )
+    manifest = make_manifest(
+        "v1",
+        encoder_name_or_path=encoder,
+        pooling="mean",
+        dim=xb.shape[1],
+        metric="ip",
+        faiss_factory="Flat",
+        shard_files=[(work / "s0.faiss", work / "s0.parquet", len(psg))],
+    )
     publish_version(root, manifest, work, s3_options=s3)
 
 
@@ -92,8 +106,11 @@ def test_refresh_on_s3_publishes_a_new_latest_encoded_with_the_checkpoints_passa
     write_bytes(f"s3://{bucket}/corpus/passages.tsv", files.passages_v1.read_bytes(), s3)
     old_encoder = make_tiny_encoder(str(tmp_path / "encoder-a"), seed=0)
     trained = make_tiny_encoder(str(tmp_path / "encoder-b"), seed=1)  # "trained": other weights, same shape
-    upload_dir(_checkpoint(tmp_path / "final", {"passage_encoder": trained, "query_encoder": old_encoder}),
-               f"s3://{bucket}/runs/r/final", s3)
+    upload_dir(
+        _checkpoint(tmp_path / "final", {"passage_encoder": trained, "query_encoder": old_encoder}),
+        f"s3://{bucket}/runs/r/final",
+        s3,
+    )
     root = f"s3://{bucket}/index"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"index": {
@@ -139,8 +156,11 @@ def test_a_checkpoint_gives_its_passage_encoder_or_a_shared_runs_query_encoder(t
     assert got.name_or_path == os.path.join(with_passage, "passage_encoder") and got.role == "passage_encoder"
     assert resolve_refresh_encoder(with_passage, cfg, role="query").role == "query_encoder"
 
-    shared = _checkpoint(tmp_path / "b", {"query_encoder": enc},
-                         config={"index": {"encoder": {"name_or_path": "m"}}, "model": {"query_encoder": {"name_or_path": "m"}}})
+    shared = _checkpoint(
+        tmp_path / "b",
+        {"query_encoder": enc},
+        config={"index": {"encoder": {"name_or_path": "m"}}, "model": {"query_encoder": {"name_or_path": "m"}}},
+    )
     assert resolve_refresh_encoder(shared, cfg).name_or_path == os.path.join(shared, "query_encoder")
 
     dpr = {"index": {"encoder": {"name_or_path": "ctx"}}, "model": {"query_encoder": {"name_or_path": "question"}}}
@@ -152,7 +172,9 @@ def test_a_checkpoint_gives_its_passage_encoder_or_a_shared_runs_query_encoder(t
         resolve_refresh_encoder(separate, cfg, role="passage")
 
     # not a checkpoint: a model folder or a hub id, as it is
-    assert resolve_refresh_encoder(enc, cfg).name_or_path == enc and resolve_refresh_encoder(enc, cfg).checkpoint is None
+    assert (
+        resolve_refresh_encoder(enc, cfg).name_or_path == enc and resolve_refresh_encoder(enc, cfg).checkpoint is None
+    )
     assert resolve_refresh_encoder("org/some-encoder", cfg).name_or_path == "org/some-encoder"
     with pytest.raises(ConfigError, match="not a training checkpoint"):
         resolve_refresh_encoder(enc, cfg, role="passage")

@@ -230,6 +230,8 @@ def test_hot_swap_under_load_fails_nothing_and_ends_the_old_group(service, world
     assert {i["version"] for i in after.values()} == {"v2"} and {i["backend"] for i in after.values()} == {"actors"}
     text = world.text_bytes["v2"]
     growth = {pid: _rss(pid) - rss for pid, rss in before.items()}
-    print(f"\nRetriever RSS growth over the swap to v2: {[round(g / 2**20, 1) for g in growth.values()]} MiB; "
-          f"v2 passage text {text / 2**20:.1f} MiB")
+    print(
+        f"\nRetriever RSS growth over the swap to v2: {[round(g / 2**20, 1) for g in growth.values()]} MiB; "
+        f"v2 passage text {text / 2**20:.1f} MiB"
+    )
     assert all(g < 0.5 * text for g in growth.values()), "a Retriever replica must not hold the passages"

@@ -81,12 +81,24 @@ def world(tmp_path_factory, ray_session):
     files = write_world(out / "world", WorldConfig(num_entities=30, seed=0, changed_fraction=0.5))
     root = str(out / "index")
     for version, passages in (("v1", files.passages_v1), ("v2", files.passages_v2)):
-        build_index(str(passages), root, encoder_name_or_path=MINILM, max_length=128, num_shards=2, num_actors=1,
-                    version=version, actor_num_cpus=0.5, work_dir=out / f"work-{version}")
-    texts = {v: pd.read_csv(p, sep="\t", dtype=str).set_index("id")["text"].to_dict()
-             for v, p in (("v1", files.passages_v1), ("v2", files.passages_v2))}
-    return SimpleNamespace(out=out, root=root, texts=texts, changed=read_changed_facts(files.changed),
-                           generator=SHIPPED_READER)
+        build_index(
+            str(passages),
+            root,
+            encoder_name_or_path=MINILM,
+            max_length=128,
+            num_shards=2,
+            num_actors=1,
+            version=version,
+            actor_num_cpus=0.5,
+            work_dir=out / f"work-{version}",
+        )
+    texts = {
+        v: pd.read_csv(p, sep="\t", dtype=str).set_index("id")["text"].to_dict()
+        for v, p in (("v1", files.passages_v1), ("v2", files.passages_v2))
+    }
+    return SimpleNamespace(
+        out=out, root=root, texts=texts, changed=read_changed_facts(files.changed), generator=SHIPPED_READER
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +126,30 @@ def exact(world):
 def service(world, moto_s3):
     port = _free_port()
     args = {
-        "index": world.root, "index_version": "v1",
+        "index": world.root,
+        "index_version": "v1",
         "query_encoder": {"name_or_path": MINILM, "pooling": "mean", "max_length": QUERY_MAX_LENGTH},
-        "generator": world.generator, "max_source_length": 192, "max_target_length": 16, "num_beams": 2,
-        "default_top_k": TOP_K, "max_top_k": 8, "max_question_chars": 200, "max_new_tokens": MAX_NEW_TOKENS,
-        "replica_num_cpus": 0.1, "ingress_num_cpus": 0.05, "max_batch_size": 4, "batch_wait_timeout_s": 0.005,
+        "generator": world.generator,
+        "max_source_length": 192,
+        "max_target_length": 16,
+        "num_beams": 2,
+        "default_top_k": TOP_K,
+        "max_top_k": 8,
+        "max_question_chars": 200,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "replica_num_cpus": 0.1,
+        "ingress_num_cpus": 0.05,
+        "max_batch_size": 4,
+        "batch_wait_timeout_s": 0.005,
         "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2},
         # how the Retriever reaches S3 when a user_config names an s3:// index; the credentials are
         # never Serve args: they come from the replicas' environment
         "s3": {k: v for k, v in moto_s3.items() if not k.startswith("aws_")},
     }
-    credentials = {"AWS_ACCESS_KEY_ID": moto_s3["aws_access_key_id"],
-                   "AWS_SECRET_ACCESS_KEY": moto_s3["aws_secret_access_key"]}
+    credentials = {
+        "AWS_ACCESS_KEY_ID": moto_s3["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": moto_s3["aws_secret_access_key"],
+    }
     config = serve_deploy_config(args, host="127.0.0.1", port=port, runtime_env={"env_vars": credentials})
     deploy_config(config)
     wait_until_running(timeout_s=300)
@@ -152,15 +176,19 @@ def _probe(world, exact, service=None) -> SimpleNamespace:
         gold = fact.gold_passage_ids[0]
         if all(gold in exact(fact.question, v)[0] for v in ("v1", "v2")):
             assert world.texts["v1"][gold] != world.texts["v2"][gold]
-            if service is not None and not exact_match(_answer(service, fact.question).json()["answer"], fact.answers_v1):
+            if service is not None and not exact_match(
+                _answer(service, fact.question).json()["answer"], fact.answers_v1
+            ):
                 continue
             return SimpleNamespace(question=fact.question, gold=gold, v1=fact.answers_v1, v2=fact.answers_v2)
     pytest.fail("no changed fact is both retrievable in both versions and read right from v1 by the reader")
 
 
 def _answer(service, question: str, **extra) -> httpx.Response:
-    return service.http.post("/v1/answer", json={"question": question, "top_k": TOP_K, "decoding": "rag-token",
-                                                 "max_new_tokens": MAX_NEW_TOKENS, **extra})
+    return service.http.post(
+        "/v1/answer",
+        json={"question": question, "top_k": TOP_K, "decoding": "rag-token", "max_new_tokens": MAX_NEW_TOKENS, **extra},
+    )
 
 
 def test_answers_with_evidence_from_exact_search(service, world, exact):
@@ -184,18 +212,26 @@ def test_answers_with_evidence_from_exact_search(service, world, exact):
     assert ask(service.url, world.changed[0].question, top_k=1)["index_version"] == "v1"
 
 
-@pytest.mark.parametrize("content, content_type, field, status", [
-    (json.dumps({"top_k": 3}), "application/json", "question", 422),
-    (json.dumps({"question": ""}), "application/json", "question", 422),
-    (json.dumps({"question": "x" * 201}), "application/json", "question", 422),
-    (json.dumps({"question": "q", "top_k": 0}), "application/json", "top_k", 422),
-    (json.dumps({"question": "q", "top_k": 9}), "application/json", "top_k", 422),
-    (json.dumps({"question": "q", "top_k": "5"}), "application/json", "top_k", 422),
-    (json.dumps({"question": "q", "decoding": "greedy"}), "application/json", "decoding", 422),
-    (json.dumps({"question": "q", "max_new_tokens": MAX_NEW_TOKENS + 1}), "application/json", "max_new_tokens", 422),
-    ('{"question": "q",', "application/json", "body", 422),
-    (json.dumps({"question": "q"}), "text/plain", "content-type", 415),
-])
+@pytest.mark.parametrize(
+    "content, content_type, field, status",
+    [
+        (json.dumps({"top_k": 3}), "application/json", "question", 422),
+        (json.dumps({"question": ""}), "application/json", "question", 422),
+        (json.dumps({"question": "x" * 201}), "application/json", "question", 422),
+        (json.dumps({"question": "q", "top_k": 0}), "application/json", "top_k", 422),
+        (json.dumps({"question": "q", "top_k": 9}), "application/json", "top_k", 422),
+        (json.dumps({"question": "q", "top_k": "5"}), "application/json", "top_k", 422),
+        (json.dumps({"question": "q", "decoding": "greedy"}), "application/json", "decoding", 422),
+        (
+            json.dumps({"question": "q", "max_new_tokens": MAX_NEW_TOKENS + 1}),
+            "application/json",
+            "max_new_tokens",
+            422,
+        ),
+        ('{"question": "q",', "application/json", "body", 422),
+        (json.dumps({"question": "q"}), "text/plain", "content-type", 415),
+    ],
+)
 def test_invalid_requests_get_4xx_naming_the_field(service, content, content_type, field, status):
     r = service.http.post("/v1/answer", content=content, headers={"content-type": content_type})
     assert r.status_code == status, r.text
@@ -209,7 +245,9 @@ def test_hot_swap_v1_to_v2_under_load_fails_no_request(service, world, exact):
     answer switches from the v1 value to the v2 value of the fact (no retraining)."""
     _use(service, with_index(service.config, world.root, "v1"), world.root, "v1")
     probe = _probe(world, exact, service)
-    seen: list[tuple[int, str | None, str | None, str | None]] = []  # (status, index version, gold passage text, answer)
+    seen: list[
+        tuple[int, str | None, str | None, str | None]
+    ] = []  # (status, index version, gold passage text, answer)
     stop = threading.Event()
 
     def client() -> None:
@@ -217,8 +255,10 @@ def test_hot_swap_v1_to_v2_under_load_fails_no_request(service, world, exact):
             deadline = time.monotonic() + 120
             while not stop.is_set() and len(seen) < 400 and time.monotonic() < deadline:
                 try:
-                    r = http.post("/v1/answer", json={"question": probe.question, "top_k": TOP_K,
-                                                      "max_new_tokens": MAX_NEW_TOKENS})
+                    r = http.post(
+                        "/v1/answer",
+                        json={"question": probe.question, "top_k": TOP_K, "max_new_tokens": MAX_NEW_TOKENS},
+                    )
                 except httpx.HTTPError as exc:
                     seen.append((0, None, repr(exc), None))
                     continue
@@ -296,8 +336,11 @@ def test_corrupt_version_is_refused_and_the_old_keeps_serving(service, world, ex
     # read the pointer (and then refused what it names): wait for that, not for a fixed time.
     set_latest(world.root, "v3", verify=False)
     deploy_config(with_index(service.config, world.root, None, watch_latest=True, watch_interval_s=0.5))
-    info = _wait_for(lambda: (i := service.http.get("/v1/index").json()).get("latest") == "v3" and i, 60,
-                     "the watcher to read LATEST -> v3 and refuse it")
+    info = _wait_for(
+        lambda: (i := service.http.get("/v1/index").json()).get("latest") == "v3" and i,
+        60,
+        "the watcher to read LATEST -> v3 and refuse it",
+    )
     assert info["version"] == "v2" and info["serving_fallback"] and "v3" in (info["last_error"] or "")
     _copy_version(world.root, "v1", "v4", tamper=False)
     set_latest(world.root, "v4")
@@ -309,10 +352,12 @@ def test_corrupt_version_is_refused_and_the_old_keeps_serving(service, world, ex
 
 def test_bearer_token_guards_every_route_but_healthz(service, world):
     config = with_index(service.config, world.root, "v2")
-    config["applications"][0]["deployments"].append({
-        "name": "Ingress",
-        "ray_actor_options": {"num_cpus": 0.05, "runtime_env": {"env_vars": {"RAGGEN_API_TOKEN": TOKEN}}},
-    })
+    config["applications"][0]["deployments"].append(
+        {
+            "name": "Ingress",
+            "ray_actor_options": {"num_cpus": 0.05, "runtime_env": {"env_vars": {"RAGGEN_API_TOKEN": TOKEN}}},
+        }
+    )
     deploy_config(config)
     _wait_for(lambda: service.http.get("/v1/index").status_code == 401, 120, "the token to be enforced")
     assert service.http.get("/healthz").status_code == 200
@@ -340,8 +385,14 @@ def test_autoscaling_adds_replicas_under_load_and_removes_them_after(service, wo
     where requests wait (the Generator: the reader's decoding dominates a request, retrieval takes
     milliseconds) to 2 replicas with no failed request; when the load stops every model deployment
     is back to 1."""
-    fast = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
-            "downscale_delay_s": 2, "look_back_period_s": 2}
+    fast = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 1,
+        "upscale_delay_s": 0.5,
+        "downscale_delay_s": 2,
+        "look_back_period_s": 2,
+    }
     config = with_index(service.config, world.root, "v1")
     app = config["applications"][0]
     app["args"] = {**app["args"], "autoscaling": fast}
@@ -355,7 +406,9 @@ def test_autoscaling_adds_replicas_under_load_and_removes_them_after(service, wo
         with httpx.Client(base_url=service.url, timeout=60) as http:
             while not stop.is_set():
                 try:
-                    r = http.post("/v1/answer", json={"question": "Who founded the mill?", "top_k": TOP_K, "max_new_tokens": 4})
+                    r = http.post(
+                        "/v1/answer", json={"question": "Who founded the mill?", "top_k": TOP_K, "max_new_tokens": 4}
+                    )
                     statuses.append(r.status_code)
                 except httpx.HTTPError:
                     statuses.append(0)
@@ -372,8 +425,9 @@ def test_autoscaling_adds_replicas_under_load_and_removes_them_after(service, wo
     try:
         _wait_for(scaled_up, 120, "2 Generator replicas under load")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; peak RUNNING replicas {peak}; {len(statuses)} answers, "
-                             f"states now {serve.status().applications}") from None
+        raise AssertionError(
+            f"{exc}; peak RUNNING replicas {peak}; {len(statuses)} answers, states now {serve.status().applications}"
+        ) from None
     finally:
         stop.set()
         for t in threads:

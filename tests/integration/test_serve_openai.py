@@ -94,37 +94,65 @@ def service(tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     metrics_port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     try:
         out = tmp_path_factory.mktemp("serve-openai")
         files = write_world(out / "world", WorldConfig(num_entities=30, seed=0, changed_fraction=0.5))
         root = str(out / "index")
-        build_index(str(files.passages_v1), root, encoder_name_or_path=MINILM, max_length=128, num_shards=1,
-                    version="v1", actor_num_cpus=0.5, work_dir=out / "work")
+        build_index(
+            str(files.passages_v1),
+            root,
+            encoder_name_or_path=MINILM,
+            max_length=128,
+            num_shards=1,
+            version="v1",
+            actor_num_cpus=0.5,
+            work_dir=out / "work",
+        )
         _copy_version(root, "v1", "v2", tamper=False)
         _copy_version(root, "v1", "v3", tamper=True)
         port = _free_port()
         args = {
-            "index": root, "index_version": "v1",
+            "index": root,
+            "index_version": "v1",
             "query_encoder": {"name_or_path": MINILM, "pooling": "mean", "max_length": 64},
-            "generator": SHIPPED_READER, "max_source_length": 192, "max_target_length": MAX_NEW_TOKENS + 1,
-            "num_beams": 2, "default_top_k": TOP_K, "max_top_k": 5, "max_question_chars": 200,
-            "max_new_tokens": MAX_NEW_TOKENS, "replica_num_cpus": 0.1, "max_batch_size": 4,
+            "generator": SHIPPED_READER,
+            "max_source_length": 192,
+            "max_target_length": MAX_NEW_TOKENS + 1,
+            "num_beams": 2,
+            "default_top_k": TOP_K,
+            "max_top_k": 5,
+            "max_question_chars": 200,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "replica_num_cpus": 0.1,
+            "max_batch_size": 4,
             "batch_wait_timeout_s": 0.005,
             "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2},
             "deployments": DEPLOYMENTS,
         }
-        config = serve_deploy_config(args, host="127.0.0.1", port=port,
-                                     runtime_env={"env_vars": {"RAGGEN_API_TOKEN": TOKEN}})
+        config = serve_deploy_config(
+            args, host="127.0.0.1", port=port, runtime_env={"env_vars": {"RAGGEN_API_TOKEN": TOKEN}}
+        )
         deploy_config(config)
         wait_until_running(timeout_s=300)
         url = f"http://127.0.0.1:{port}"
         _wait_for(lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, 60, "/healthz")
         http = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"})
-        yield SimpleNamespace(url=url, http=http, config=config, root=root, metrics_port=metrics_port,
-                              facts=read_changed_facts(files.changed),
-                              openai=openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=60))
+        yield SimpleNamespace(
+            url=url,
+            http=http,
+            config=config,
+            root=root,
+            metrics_port=metrics_port,
+            facts=read_changed_facts(files.changed),
+            openai=openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=60),
+        )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -134,7 +162,8 @@ def _chat(service, question: str, **kwargs):
     kwargs = {"model": "raggen-test", "max_tokens": MAX_NEW_TOKENS, **kwargs}
     return service.openai.chat.completions.create(
         messages=[{"role": "system", "content": "Answer from the passages."}, {"role": "user", "content": question}],
-        **kwargs)
+        **kwargs,
+    )
 
 
 def _streamed(service, question: str, **kwargs) -> tuple[str, list]:
@@ -157,8 +186,9 @@ def test_openai_client_completion_and_stream_agree(service):
     assert set(evidence["passages"][0]) == {"id", "title", "text", "score"}
 
     # the same question through /v1/answer: the same evidence and the same greedy answer
-    r = service.http.post("/v1/answer", json={"question": question, "top_k": TOP_K, "num_beams": 1,
-                                              "max_new_tokens": MAX_NEW_TOKENS})
+    r = service.http.post(
+        "/v1/answer", json={"question": question, "top_k": TOP_K, "num_beams": 1, "max_new_tokens": MAX_NEW_TOKENS}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["answer"] == text and r.json()["passages"] == evidence["passages"]
 
@@ -167,9 +197,13 @@ def test_openai_client_completion_and_stream_agree(service):
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 1 or len(text.split()) == 1  # token by token, not one lump
     first, last = chunks[0], chunks[-1]
-    assert first.choices[0].delta.role == "assistant" and first.model_extra["raggen"]["passages"] == evidence["passages"]
+    assert (
+        first.choices[0].delta.role == "assistant" and first.model_extra["raggen"]["passages"] == evidence["passages"]
+    )
     assert last.choices[0].finish_reason == completion.choices[0].finish_reason
-    assert last.model_extra["raggen"]["index_version"] == "v1" and "generate" in last.model_extra["raggen"]["timings_ms"]
+    assert (
+        last.model_extra["raggen"]["index_version"] == "v1" and "generate" in last.model_extra["raggen"]["timings_ms"]
+    )
     assert {c.id for c in chunks} == {chunks[0].id} and all(c.model == "raggen-test" for c in chunks)
 
     # RAG-Token beam search (the service's num_beams=2) streams the answer it settles on
@@ -204,8 +238,9 @@ def _samples(port: int) -> list:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return [s for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name.startswith("ray_raggen_")]
+    return [
+        s for family in text_string_to_metric_families(text) for s in family.samples if s.name.startswith("ray_raggen_")
+    ]
 
 
 def _value(samples: list, name: str, **labels: str) -> float:
@@ -214,8 +249,9 @@ def _value(samples: list, name: str, **labels: str) -> float:
 
 
 def test_access_log_line_and_request_id(service):
-    r = service.http.post("/v1/answer", json={"question": service.facts[1].question},
-                          headers={"X-Request-Id": "rid-from-the-client-42"})
+    r = service.http.post(
+        "/v1/answer", json={"question": service.facts[1].question}, headers={"X-Request-Id": "rid-from-the-client-42"}
+    )
     assert r.status_code == 200 and r.headers.get_list("x-request-id") == ["rid-from-the-client-42"]
     r = service.http.get("/v1/index")
     (rid,) = r.headers.get_list("x-request-id")  # Serve's own id, returned once
@@ -225,7 +261,7 @@ def test_access_log_line_and_request_id(service):
         for path in glob.glob(os.path.join(logs, "worker-*.err")):
             for line in Path(path).read_text(errors="replace").splitlines():
                 if f'"request_id":"{rid}"' in line:
-                    return json.loads(line[line.index("{"):])
+                    return json.loads(line[line.index("{") :])
         return None
 
     entry = _wait_for(logged, 30, f"the access-log line of request {rid}")
@@ -261,7 +297,9 @@ def test_prometheus_metrics_on_rays_metrics_port(service):
     assert _value(samples, "ray_raggen_index_version_info", version="v1") == 0  # the replaced version
     assert _value(samples, "ray_raggen_index_swaps_refused_total") >= 1
     assert _value(samples, "ray_raggen_batch_size_bucket", stage="generate", le="+Inf") >= 1
-    (version_sample,) = [s for s in samples if s.name == "ray_raggen_index_version_info" and s.labels["version"] == "v2"]
+    (version_sample,) = [
+        s for s in samples if s.name == "ray_raggen_index_version_info" and s.labels["version"] == "v2"
+    ]
     assert version_sample.labels["deployment"] == "Retriever" and version_sample.labels["application"] == APP_NAME
 
 
@@ -274,14 +312,20 @@ def test_per_deployment_resources_reach_serve(service):
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     details = ServeInstanceDetails(**ray.get(controller.get_serve_instance_details.remote()))
     deployments = details.applications[APP_NAME].deployments
-    got = {name: (d.deployment_config.ray_actor_options, d.deployment_config.autoscaling_config)
-           for name, d in deployments.items()}
+    got = {
+        name: (d.deployment_config.ray_actor_options, d.deployment_config.autoscaling_config)
+        for name, d in deployments.items()
+    }
     actor, autoscaling = got["Retriever"]
     assert (actor.num_cpus, actor.num_gpus, actor.memory) == (0.15, 0, int(0.25 * GIB))
     assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 1)
     actor, autoscaling = got["Generator"]
     assert (actor.num_cpus, actor.num_gpus, actor.memory) == (0.2, 0, None)
-    assert (autoscaling["min_replicas"], autoscaling["max_replicas"], autoscaling["target_ongoing_requests"]) == (1, 2, 3)
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"], autoscaling["target_ongoing_requests"]) == (
+        1,
+        2,
+        3,
+    )
     actor, autoscaling = got["Ingress"]
     assert (actor.num_cpus, actor.num_gpus) == (0.05, 0) and autoscaling["max_replicas"] == 1
     assert "Reranker" not in got  # no reranker configured

@@ -23,7 +23,10 @@ pytestmark = pytest.mark.integration
 @pytest.fixture()
 def checkpoint_on_s3(tmp_path, s3_bucket, monkeypatch):
     bucket, options = s3_bucket
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # what the config's s3 section leaves to the environment
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ):  # what the config's s3 section leaves to the environment
         monkeypatch.setenv(name, options["aws_access_key_id"])
     local = tmp_path / "final"
     make_tiny_generator(str(local / "generator"), d_model=32, layers=1, heads=2, ffn=64)
@@ -31,8 +34,11 @@ def checkpoint_on_s3(tmp_path, s3_bucket, monkeypatch):
     (local / "state.json").write_text("{}")
     uri = f"s3://{bucket}/runs/demo/final"
     upload_dir(local, uri, options)
-    overrides = [f"serve.model_dir={uri}", f"serve.s3.endpoint_url={options['endpoint_url']}",
-                 f"serve.s3.region={options['region_name']}"]
+    overrides = [
+        f"serve.model_dir={uri}",
+        f"serve.s3.endpoint_url={options['endpoint_url']}",
+        f"serve.s3.region={options['region_name']}",
+    ]
     return uri, local, options, overrides
 
 
@@ -43,8 +49,9 @@ def test_s3_model_dir_names_the_models_and_the_replicas_load_them(checkpoint_on_
     assert args["query_encoder"]["name_or_path"] == f"{uri}/query_encoder"
     assert args["reranker"] is None  # the checkpoint has none and the config names none
 
-    replica = deployments.Generator.func_or_class(path=args["generator"], max_source_length=64,
-                                                  max_target_length=8, num_beams=1, s3=args["s3"])
+    replica = deployments.Generator.func_or_class(
+        path=args["generator"], max_source_length=64, max_target_length=8, num_beams=1, s3=args["s3"]
+    )
     reference = Generator.from_pretrained(str(local / "generator"), max_source_length=64, max_target_length=8)
     batch = (["where?"], [["in the mill", "at sea"]], ["mill"])
     with torch.no_grad():
@@ -60,7 +67,9 @@ def test_missing_models_fail_loudly_at_config_or_replica_start(checkpoint_on_s3,
     (Serve configs are made offline), so the replica that cannot find its folder refuses to start."""
     uri, _, options, overrides = checkpoint_on_s3
     (tmp_path / "empty-run").mkdir()
-    local_empty = [o if not o.startswith("serve.model_dir=") else f"serve.model_dir={tmp_path / 'empty-run'}" for o in overrides]
+    local_empty = [
+        o if not o.startswith("serve.model_dir=") else f"serve.model_dir={tmp_path / 'empty-run'}" for o in overrides
+    ]
     with pytest.raises(ConfigError, match="serve.model_dir: .*empty-run: holds no"):
         app_args_from_config(load_config(None, local_empty))
     s3_empty = [o if not o.startswith("serve.model_dir=") else f"serve.model_dir={uri}/nothing-here" for o in overrides]

@@ -29,20 +29,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _publish(root: str, out: Path, version: str, created: str, enc_path: str, encoder, seed: int,
-             sparse: bool = True) -> None:
+def _publish(
+    root: str, out: Path, version: str, created: str, enc_path: str, encoder, seed: int, sparse: bool = True
+) -> None:
     texts = [f"fact {seed}-{i}: entity{i} lives in town{i * 3 % 7}" for i in range(10)]
     xb = encoder.encode(texts).numpy().astype(np.float32)  # (n, d)
     ids = np.arange(len(texts), dtype=np.int64)
     out.mkdir(parents=True)
     index_name, passages_name = M.shard_file_names(0)
     S.write_index_file(S.build_shard_index(xb, ids), out / index_name)
-    M.write_parquet_atomic(M.passages_table(ids, [f"{version}-{i}" for i in ids], [""] * len(texts), texts),
-                           out / passages_name)
+    M.write_parquet_atomic(
+        M.passages_table(ids, [f"{version}-{i}" for i in ids], [""] * len(texts), texts), out / passages_name
+    )
     files = [(out / index_name, out / passages_name, len(texts))]
     sparse_files, params = build_sparse_files(files, out) if sparse else (None, None)
-    m = M.make_manifest(version, encoder_name_or_path=enc_path, pooling="cls", dim=xb.shape[1], metric="ip",
-                        faiss_factory="Flat", shard_files=files, sparse_files=sparse_files, sparse_params=params)
+    m = M.make_manifest(
+        version,
+        encoder_name_or_path=enc_path,
+        pooling="cls",
+        dim=xb.shape[1],
+        metric="ip",
+        faiss_factory="Flat",
+        shard_files=files,
+        sparse_files=sparse_files,
+        sparse_params=params,
+    )
     M.publish_version(root, m.model_copy(update={"created": created}), out)
 
 
@@ -130,5 +141,9 @@ def test_the_requests_retrieval_mode(running, capsys):
     assert r.status_code == 422 and "retrieval" in r.json()["error"]
     assert _swap(capsys, config, "--version", "v0")[0] == 0  # a version without a BM25 index
     r = httpx.post(f"{url}/v1/answer", json={**ask, "retrieval": "sparse"}, timeout=60)
-    assert r.status_code == 422 and r.json()["error"].startswith("retrieval: ") and "index.sparse: bm25" in r.json()["error"]
+    assert (
+        r.status_code == 422
+        and r.json()["error"].startswith("retrieval: ")
+        and "index.sparse: bm25" in r.json()["error"]
+    )
     assert httpx.post(f"{url}/v1/answer", json={**ask, "retrieval": "dense"}, timeout=60).status_code == 200

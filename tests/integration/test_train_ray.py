@@ -44,10 +44,19 @@ def _publish_tiny_index(passages, encoder_dir: str, out_uri: str, work: Path, nu
         ipath, ppath = work / f"shard-{shard:05d}.faiss", work / f"shard-{shard:05d}.parquet"
         write_index_file(index, ipath)
         sub = passages.iloc[rows]
-        write_parquet_atomic(passages_table(rows, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows]), ppath)
+        write_parquet_atomic(
+            passages_table(rows, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows]), ppath
+        )
         files.append((ipath, ppath, len(rows)))
-    manifest = make_manifest("v1", encoder_name_or_path=encoder_dir, pooling="mean", dim=xb.shape[1],
-                             metric="ip", faiss_factory="Flat", shard_files=files)
+    manifest = make_manifest(
+        "v1",
+        encoder_name_or_path=encoder_dir,
+        pooling="mean",
+        dim=xb.shape[1],
+        metric="ip",
+        faiss_factory="Flat",
+        shard_files=files,
+    )
     publish_version(out_uri, manifest, work)
 
 
@@ -75,8 +84,15 @@ def setup(tmp_path_factory):
     # Keep the dashboard: Ray Train V2 checks its controller is alive through the State API it
     # serves, and a run without it can have its placement group removed while still training.
     ray.init(num_cpus=2, log_to_driver=False)
-    yield {"root": root, "train_file": str(train_file), "dev_file": str(files.dev_jsonl), "index": str(root / "index"),
-           "models": models, "eval": heldout, "passages": str(files.passages_v1)}
+    yield {
+        "root": root,
+        "train_file": str(train_file),
+        "dev_file": str(files.dev_jsonl),
+        "index": str(root / "index"),
+        "models": models,
+        "eval": heldout,
+        "passages": str(files.passages_v1),
+    }
     ray.shutdown()
 
 
@@ -85,14 +101,29 @@ def _config(setup, name: str, estimator: str, *overrides: str):
 
     m = setup["models"]
     base = [
-        f"train.name={name}", f"train.storage_path={setup['root'] / 'runs'}", f"train.train_file={setup['train_file']}",
-        f"train.index={setup['index']}", f"train.estimator={estimator}", f"train.steps={STEPS}",
-        "train.batch_size=4", "train.lr=2e-3", "train.top_k=3", "train.num_workers=2",
-        "train.cpus_per_worker=0.5", "train.checkpoint_every=2", "train.use_gpu=false",
-        f"model.query_encoder.name_or_path={m['encoder']}", "model.query_encoder.max_length=32",
-        f"model.generator={m['generator']}", f"model.reranker={m['reranker']}",
-        "model.max_source_length=96", "model.max_target_length=12",
-        "train.jsa.num_proposals=4", "train.gumbel.candidates=4", "train.gumbel.k=2", "train.gumbel.train_reader=true",
+        f"train.name={name}",
+        f"train.storage_path={setup['root'] / 'runs'}",
+        f"train.train_file={setup['train_file']}",
+        f"train.index={setup['index']}",
+        f"train.estimator={estimator}",
+        f"train.steps={STEPS}",
+        "train.batch_size=4",
+        "train.lr=2e-3",
+        "train.top_k=3",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.checkpoint_every=2",
+        "train.use_gpu=false",
+        f"model.query_encoder.name_or_path={m['encoder']}",
+        "model.query_encoder.max_length=32",
+        f"model.generator={m['generator']}",
+        f"model.reranker={m['reranker']}",
+        "model.max_source_length=96",
+        "model.max_target_length=12",
+        "train.jsa.num_proposals=4",
+        "train.gumbel.candidates=4",
+        "train.gumbel.k=2",
+        "train.gumbel.train_reader=true",
     ]
     return load_config(None, base + list(overrides))
 
@@ -100,8 +131,9 @@ def _config(setup, name: str, estimator: str, *overrides: str):
 # ----------------------------------------------------------------------------------- measures
 
 
-def heldout_nll(models: dict, estimator: str, index, examples: list[dict], *, top_k: int = 3,
-                candidates: int = 4, k: int = 2) -> float:
+def heldout_nll(
+    models: dict, estimator: str, index, examples: list[dict], *, top_k: int = 3, candidates: int = 4, k: int = 2
+) -> float:
     """The fixed batch's loss under ``models``: the RAG-Sequence marginal NLL over the top-K, or
     for G-Rerank the FiD reader's NLL under the reranker's hard top-k mask. Eval mode, no grad."""
     from raggen.objectives import hard_topk_mask, passage_attention_bias, rag_sequence_nll, sequence_logprob
@@ -118,7 +150,9 @@ def heldout_nll(models: dict, estimator: str, index, examples: list[dict], *, to
             if estimator == "gumbel-rerank":
                 cands = retrieve(index, q, candidates)
                 mask = hard_topk_mask(models["reranker"](batch.questions, cands.passages), k)
-                tok, m = gen.fid_token_logprobs(batch.questions, cands.passages, batch.targets, passage_attention_bias(mask))
+                tok, m = gen.fid_token_logprobs(
+                    batch.questions, cands.passages, batch.targets, passage_attention_bias(mask)
+                )
                 return float(-sequence_logprob(tok, m).mean())
             cands = retrieve(index, q, top_k)
             tok, m = gen.token_logprobs(batch.questions, cands.passages, batch.targets)
@@ -159,12 +193,21 @@ def _estimators_train_func(config: dict) -> None:
         schedule = BatchSchedule(rows, loop_cfg["batch_size"], seed=rank)
         losses = [train_step(worker, schedule.batch(s), s)["loss"] for s in range(loop_cfg["steps"])]
         after = heldout_nll(worker.models, estimator, worker.index, config["eval"])
-        moved = sorted(r for r, m in worker.models.items()
-                       if any(not torch.equal(start[r][k], v) for k, v in m.state_dict().items()))
+        moved = sorted(
+            r
+            for r, m in worker.models.items()
+            if any(not torch.equal(start[r][k], v) for k, v in m.state_dict().items())
+        )
         digests = [None] * world
         dist.all_gather_object(digests, _param_digest(worker.models, worker.roles))
-        results[estimator] = {"before": before, "after": after, "losses": losses, "moved": moved,
-                              "roles": sorted(worker.roles), "replicas_equal": len(set(digests)) == 1}
+        results[estimator] = {
+            "before": before,
+            "after": after,
+            "losses": losses,
+            "moved": moved,
+            "roles": sorted(worker.roles),
+            "replicas_equal": len(set(digests)) == 1,
+        }
     if rank == 0:  # Ray Train V2 keeps only metrics that come with a checkpoint: write a file instead
         Path(config["out"]).write_text(json.dumps(results))
     ray.train.report({"estimators": len(results)})
@@ -232,8 +275,11 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
     bucket, s3 = s3_bucket
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3["aws_access_key_id"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3["aws_secret_access_key"])
-    on_s3 = [f"train.storage_path=s3://{bucket}/runs", f"train.s3.endpoint_url={s3['endpoint_url']}",
-             f"train.s3.region={s3['region_name']}"]
+    on_s3 = [
+        f"train.storage_path=s3://{bucket}/runs",
+        f"train.s3.endpoint_url={s3['endpoint_url']}",
+        f"train.s3.region={s3['region_name']}",
+    ]
     marker = setup["root"] / "killed.marker"
     cfg = _config(setup, "jsa", "jsa", "train.max_failures=1", *on_s3)
     first = run_training(cfg, extra_loop_config={"inject_failure": {"rank": 1, "step": 3, "marker": str(marker)}})
@@ -301,9 +347,16 @@ def test_trained_passage_encoder_refreshes_the_index_on_schedule_and_resumes_on_
 
     enc = setup["models"]["encoder"]
     refresh = [
-        "train.train_passage_encoder=true", "train.refresh_index_every=2", "train.steps=5", "train.cpus_per_worker=0.25",
-        f"index.passages={setup['passages']}", f"index.encoder.name_or_path={enc}",
-        "index.encoder.max_length=64", "index.num_shards=2", "index.actor_num_cpus=0.25", "index.batch_size=32",
+        "train.train_passage_encoder=true",
+        "train.refresh_index_every=2",
+        "train.steps=5",
+        "train.cpus_per_worker=0.25",
+        f"index.passages={setup['passages']}",
+        f"index.encoder.name_or_path={enc}",
+        "index.encoder.max_length=64",
+        "index.num_shards=2",
+        "index.actor_num_cpus=0.25",
+        "index.batch_size=32",
     ]
     before_start = verify_index(setup["index"])
     cfg = _config(setup, "refresh", "rag-sequence", *refresh)
@@ -326,8 +379,13 @@ def test_trained_passage_encoder_refreshes_the_index_on_schedule_and_resumes_on_
     want = TextEncoder.from_pretrained(str(snapshot), max_length=64).encode(texts).numpy()
     got = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(got, want, atol=1e-4)
-    old = {i: v for sh in start.shards for i, v in zip(sh.passages["id"].to_pylist(),
-                                                      np.stack(sh.passages["embedding"].to_numpy(zero_copy_only=False)))}
+    old = {
+        i: v
+        for sh in start.shards
+        for i, v in zip(
+            sh.passages["id"].to_pylist(), np.stack(sh.passages["embedding"].to_numpy(zero_copy_only=False))
+        )
+    }
     drift = np.abs(got - np.stack([old[i] for i in table["id"].to_pylist()])).max()
     assert drift > 1e-3, "the passage encoder did not move"
 

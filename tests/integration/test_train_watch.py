@@ -39,9 +39,15 @@ def world(tmp_path_factory, moto_s3):
         mp.setenv("AWS_SECRET_ACCESS_KEY", moto_s3["aws_secret_access_key"])
         ray.init(num_cpus=2, log_to_driver=False)
         try:
-            yield {"root": root, "train_file": str(train_file), "dev_file": str(files.dev_jsonl),
-                   "index": str(root / "index"), "world": str(root / "world"),
-                   "encoder": encoder, "generator": generator}
+            yield {
+                "root": root,
+                "train_file": str(train_file),
+                "dev_file": str(files.dev_jsonl),
+                "index": str(root / "index"),
+                "world": str(root / "world"),
+                "encoder": encoder,
+                "generator": generator,
+            }
         finally:
             ray.shutdown()
 
@@ -65,18 +71,41 @@ def test_an_s3_run_keeps_config_metrics_and_tensorboard_and_shows_progress(world
     from raggen.train.trainer import local_metrics_path
 
     bucket, s3 = s3_bucket
-    cfg = load_config(None, [
-        "train.name=watch", f"train.storage_path=s3://{bucket}/runs", f"train.s3.endpoint_url={s3['endpoint_url']}",
-        f"train.s3.region={s3['region_name']}", f"train.train_file={world['train_file']}",
-        f"train.dev_file={world['dev_file']}", f"train.index={world['index']}", f"world.out_dir={world['world']}",
-        "train.estimator=jsa", f"train.steps={STEPS}", "train.batch_size=4", "train.top_k=3",
-        "train.jsa.num_proposals=4",
-        "train.lr=2e-3", "train.retriever_lr=1e-3", "train.warmup_steps=2", "train.lr_schedule=cosine",
-        "train.checkpoint_every=2", "train.eval_every=2", "train.eval_examples=2", "train.log_every=2",
-        "train.tensorboard=true", "train.num_workers=1", "train.cpus_per_worker=0.5", "train.use_gpu=false",
-        f"model.query_encoder.name_or_path={world['encoder']}", "model.query_encoder.max_length=32",
-        f"model.generator={world['generator']}", "model.max_source_length=96", "model.max_target_length=12",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "train.name=watch",
+            f"train.storage_path=s3://{bucket}/runs",
+            f"train.s3.endpoint_url={s3['endpoint_url']}",
+            f"train.s3.region={s3['region_name']}",
+            f"train.train_file={world['train_file']}",
+            f"train.dev_file={world['dev_file']}",
+            f"train.index={world['index']}",
+            f"world.out_dir={world['world']}",
+            "train.estimator=jsa",
+            f"train.steps={STEPS}",
+            "train.batch_size=4",
+            "train.top_k=3",
+            "train.jsa.num_proposals=4",
+            "train.lr=2e-3",
+            "train.retriever_lr=1e-3",
+            "train.warmup_steps=2",
+            "train.lr_schedule=cosine",
+            "train.checkpoint_every=2",
+            "train.eval_every=2",
+            "train.eval_examples=2",
+            "train.log_every=2",
+            "train.tensorboard=true",
+            "train.num_workers=1",
+            "train.cpus_per_worker=0.5",
+            "train.use_gpu=false",
+            f"model.query_encoder.name_or_path={world['encoder']}",
+            "model.query_encoder.max_length=32",
+            f"model.generator={world['generator']}",
+            "model.max_source_length=96",
+            "model.max_target_length=12",
+        ],
+    )
     run = f"s3://{bucket}/runs/watch"
     out = run_training(cfg)
     assert out["config"] == f"{run}/config.yaml"

@@ -37,9 +37,18 @@ def test_a_missing_index(capsys, tmp_path):
 def test_a_bad_faiss_factory_fails_before_any_encoding(capsys, tmp_path):
     passages = tmp_path / "p.tsv"
     passages.write_text("id\ttext\ttitle\n1\tsome text\tT\n")
-    code, line = _run(capsys, "index", "build", str(REPO / "configs" / "quickstart.yaml"),
-                      "--set", f"index.passages={passages}", "--set", f"index.output={tmp_path / 'out'}",
-                      "--set", "index.faiss_factory=IVFbogus")
+    code, line = _run(
+        capsys,
+        "index",
+        "build",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "--set",
+        f"index.passages={passages}",
+        "--set",
+        f"index.output={tmp_path / 'out'}",
+        "--set",
+        "index.faiss_factory=IVFbogus",
+    )
     assert code == 2 and "faiss_factory" in line and "IVFbogus" in line
     assert not (tmp_path / "out").exists()
 
@@ -47,8 +56,16 @@ def test_a_bad_faiss_factory_fails_before_any_encoding(capsys, tmp_path):
 def test_an_existing_version_fails_before_any_encoding(capsys, tmp_path):
     (tmp_path / "out" / "v1").mkdir(parents=True)
     (tmp_path / "out" / "v1" / "manifest.json").write_text("{}")
-    code, line = _run(capsys, "index", "build", str(REPO / "configs" / "quickstart.yaml"),
-                      "--set", f"index.output={tmp_path / 'out'}", "--set", "index.version=v1")
+    code, line = _run(
+        capsys,
+        "index",
+        "build",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "--set",
+        f"index.output={tmp_path / 'out'}",
+        "--set",
+        "index.version=v1",
+    )
     assert code == 2 and "'v1' is already published" in line
 
 
@@ -56,12 +73,16 @@ def test_s3_credential_and_endpoint_errors_are_one_line():
     from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 
     assert failure_message(NoCredentialsError()) == "S3: Unable to locate credentials"
-    assert failure_message(EndpointConnectionError(endpoint_url="http://127.0.0.1:9")).startswith("S3: Could not connect")
+    assert failure_message(EndpointConnectionError(endpoint_url="http://127.0.0.1:9")).startswith(
+        "S3: Could not connect"
+    )
 
 
 def test_an_error_raised_inside_a_ray_worker_is_unwrapped_from_its_traceback_text():
-    wrapped = RuntimeError("Training failed due to worker errors:\nTraceback...\n"
-                           "raggen.errors.ConfigError: train.index: s3://b/x: cannot read its manifest\n")
+    wrapped = RuntimeError(
+        "Training failed due to worker errors:\nTraceback...\n"
+        "raggen.errors.ConfigError: train.index: s3://b/x: cannot read its manifest\n"
+    )
     assert failure_message(wrapped) == "train.index: s3://b/x: cannot read its manifest"
     assert failure_message(ConfigError("x: y")) == "x: y"
 
@@ -71,7 +92,11 @@ def test_a_bug_keeps_its_traceback():
 
 
 def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "raggen.cli", "index", "verify", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raggen.cli", "index", "verify", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("raggen: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr

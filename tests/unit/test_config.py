@@ -53,7 +53,9 @@ def test_bad_yaml_names_file_and_line(tmp_path):
 def test_file_values_are_validated_with_the_file_named(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  top_k: 0\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: train\.top_k: Input should be greater than or equal to 1 \(got 0\)"):
+    with pytest.raises(
+        ConfigError, match=r"c\.yaml: train\.top_k: Input should be greater than or equal to 1 \(got 0\)"
+    ):
         load_config(cfg)
 
 
@@ -67,7 +69,9 @@ def test_override_parsing():
 def test_cli_prints_one_line_and_exits_2():
     proc = subprocess.run(
         [sys.executable, "-m", "raggen.cli", "world", "--set", "world.num_entities=3"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -80,8 +84,11 @@ def test_relative_paths_become_absolute_but_hub_ids_stay(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "reader").mkdir()
-    cfg = with_absolute_paths(load_config(overrides=["model.generator=reader", "model.reranker=org/some-reranker",
-                                                     "train.index=s3://bucket/index"]))
+    cfg = with_absolute_paths(
+        load_config(
+            overrides=["model.generator=reader", "model.reranker=org/some-reranker", "train.index=s3://bucket/index"]
+        )
+    )
     assert cfg.model.generator == str(tmp_path / "reader")
     assert cfg.model.reranker == "org/some-reranker"
     assert cfg.train.index == "s3://bucket/index"

@@ -7,8 +7,9 @@ deploy`` or a RayService) through Ray's own ``ServeDeploySchema`` and raggen's `
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml

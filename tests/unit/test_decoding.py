@@ -142,8 +142,10 @@ def _passage_beams(model: ToyModel, num_beams: int) -> list[list[set[tuple[int, 
     for b in range(B):
         row_sets = []
         for k in range(K):
+
             def single(rows, prefixes, row=b * K + k):
                 return model(torch.full_like(rows, row), prefixes)
+
             out = rag_sequence_fast_generate(single, torch.zeros(1, 1), num_beams=num_beams, **KW)
             row_sets.append({tuple(y) for y in out.tokens[0]})
         beams.append(row_sets)
@@ -166,8 +168,10 @@ def test_thorough_scores_are_exact_marginals_and_fast_scores_count_only_producin
             y = tuple(y)
             assert thorough_scores[y] == pytest.approx(exact[b][y], abs=1e-5)
             producing = [k for k in range(K) if y in beams[b][k]]
-            expected_fast = torch.logsumexp(torch.tensor(
-                [doc_logprobs[b, k].item() + sum(model.token_logprobs(b * K + k, y)) for k in producing]), 0).item()
+            expected_fast = torch.logsumexp(
+                torch.tensor([doc_logprobs[b, k].item() + sum(model.token_logprobs(b * K + k, y)) for k in producing]),
+                0,
+            ).item()
             assert score == pytest.approx(expected_fast, abs=1e-5)
             assert score <= thorough_scores[y] + 1e-6
             strictly_lower += score < thorough_scores[y] - 1e-4
@@ -222,9 +226,19 @@ def one_thread():
 def test_transformers_adaptors_agree_and_drive_every_decoder(one_thread):
     torch.manual_seed(0)
     config = BartConfig(
-        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        vocab_size=40,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
     )
     model = BartForConditionalGeneration(config).eval()
     inputs = torch.randint(3, 40, (B * K, 7))

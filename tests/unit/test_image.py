@@ -31,7 +31,8 @@ GPU = "nvidia.com/gpu"
 
 # ---------------------------------------------------------------- the sources of truth ----------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
@@ -44,7 +45,7 @@ def ray_pin() -> str:
     raise AssertionError("pyproject.toml pins no ray==X")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def makefile_vars() -> dict[str, str]:
     out = {}
     for line in (REPO / "Makefile").read_text().splitlines():
@@ -60,6 +61,7 @@ def built_image(variant: str) -> str:
 
 
 # ---------------------------------------------------------------- Dockerfile as text ------------
+
 
 def instructions(text: str) -> list[tuple[str, str]]:
     """(KEYWORD, arguments) per instruction: continuation lines joined, comments dropped."""
@@ -79,7 +81,7 @@ def instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dockerfile() -> list[tuple[str, str]]:
     return instructions(DOCKERFILE.read_text())
 
@@ -181,6 +183,7 @@ def copied_sources() -> list[str]:
 
 # ---------------------------------------------------------------- .dockerignore -----------------
 
+
 def _glob_regex(pattern: str) -> re.Pattern:
     out, i = "", 0
     while i < len(pattern):
@@ -220,7 +223,8 @@ def ignored(path: str, rules: list[tuple[bool, re.Pattern]]) -> bool:
 
 # ---------------------------------------------------------------- manifests ---------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def k8s():
     """tests/unit/test_k8s_manifests.py: its kustomize renderer and helpers."""
     spec = importlib.util.spec_from_file_location("_raggen_k8s_manifests_for_image", HERE / "test_k8s_manifests.py")
@@ -247,6 +251,7 @@ def pod_containers(obj: dict) -> list[tuple[bool, dict]]:
 
 
 # ---------------------------------------------------------------- tests: the Dockerfile ---------
+
 
 def test_every_base_is_the_pinned_ray_on_python_311():
     ray = ray_pin()
@@ -287,9 +292,9 @@ def test_dependency_layer_installs_exactly_what_pyproject_declares(tmp_path):
     assert out.stdout.split("\n")[:-1] == pyproject()["project"]["dependencies"]
     assert "pip install -r /tmp/requirements.txt" in run
     copied_before = [a for kw, a in final_stage()[: [a for _, a in final_stage()].index(run)] if kw == "COPY"]
-    assert any("pyproject.toml" in a for a in copied_before) and not any("raggen" in a.split() for a in copied_before), (
-        "the dependency layer sees pyproject.toml only, so code edits keep it cached"
-    )
+    assert any("pyproject.toml" in a for a in copied_before) and not any(
+        "raggen" in a.split() for a in copied_before
+    ), "the dependency layer sees pyproject.toml only, so code edits keep it cached"
 
 
 def test_installs_the_project_with_the_extras_each_variant_needs():
@@ -345,7 +350,9 @@ def test_copies_what_the_build_and_the_jobs_need_and_dockerignore_lets_it_throug
     for source in copied:
         path = REPO / source
         assert path.exists(), f"COPY {source}: no such path"
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        files = (
+            [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        )
         assert files, f"COPY {source}: empty"
         for f in files:
             rel = f.relative_to(REPO).as_posix()
@@ -354,8 +361,15 @@ def test_copies_what_the_build_and_the_jobs_need_and_dockerignore_lets_it_throug
 
 def test_dockerignore_keeps_local_state_out_of_the_context():
     rules = ignore_rules(DOCKERIGNORE.read_text())
-    for path in (".venv/bin/python", ".git/HEAD", "runs/quickstart/result.json", "artifacts/index/manifest.json",
-                 ".pytest_cache/v/cache/nodeids", "raggen/__pycache__/cli.cpython-311.pyc", "raggen.egg-info/PKG-INFO"):
+    for path in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "runs/quickstart/result.json",
+        "artifacts/index/manifest.json",
+        ".pytest_cache/v/cache/nodeids",
+        "raggen/__pycache__/cli.cpython-311.pyc",
+        "raggen.egg-info/PKG-INFO",
+    ):
         assert ignored(path, rules), f"{path} would be sent to the Docker daemon"
     for path in ("pyproject.toml", "raggen/cli.py", "jobs/train.py", "configs/quickstart.yaml"):
         assert not ignored(path, rules), path
@@ -377,10 +391,14 @@ def test_license_is_apache_2_in_file_metadata_and_image_label():
     (requires,) = [r for r in pyproject()["build-system"]["requires"] if r.startswith("setuptools")]
     assert int(re.search(r">=\s*(\d+)", requires)[1]) >= 77, "PEP 639 license metadata needs setuptools>=77"
     (labels,) = [a for kw, a in final_stage() if kw == "LABEL"]
-    assert dict(item.partition("=")[::2] for item in shlex.split(labels))["org.opencontainers.image.licenses"] == project["license"]
+    assert (
+        dict(item.partition("=")[::2] for item in shlex.split(labels))["org.opencontainers.image.licenses"]
+        == project["license"]
+    )
 
 
 # ---------------------------------------------------------------- tests: one image name ---------
+
 
 def test_every_manifest_names_the_image_make_builds():
     """A Ray pod whose workers request GPUs runs the CUDA image, any other the CPU image: the base
@@ -392,7 +410,11 @@ def test_every_manifest_names_the_image_make_builds():
         for _, c in pod_containers(obj):
             assert c["image"] == built_image(variant), f"{where} {obj['kind']}/{obj['metadata']['name']}: {c['image']}"
     overlays = {where: v for where, v in seen if where.startswith("overlays/")}
-    assert ("base", "cuda") in seen and overlays.get("overlays/gpu-prod") == "cuda" and overlays.get("overlays/cpu-dev") == "cpu", seen
+    assert (
+        ("base", "cuda") in seen
+        and overlays.get("overlays/gpu-prod") == "cuda"
+        and overlays.get("overlays/cpu-dev") == "cpu"
+    ), seen
 
 
 def test_overlay_image_entries_match_the_bases_image():
@@ -426,8 +448,9 @@ def _make_image(tmp_path: Path, docker_script: str | None, *args: str) -> subpro
         (bin_dir / "docker").write_text("#!/bin/sh\n" + docker_script)
         (bin_dir / "docker").chmod(0o755)
     env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
-    return subprocess.run([MAKE, "-s", "-C", str(REPO), "image", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [MAKE, "-s", "-C", str(REPO), "image", *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 @needs_make
@@ -455,7 +478,9 @@ def test_make_image_builds_the_dockerfile_under_the_manifests_name(tmp_path, var
 )
 def test_make_image_fails_clearly_without_docker(tmp_path, docker_script, args, message):
     log = tmp_path / "builds"
-    script = None if docker_script is None else f'[ "$1" = build ] && echo x >> {shlex.quote(str(log))}\n' + docker_script
+    script = (
+        None if docker_script is None else f'[ "$1" = build ] && echo x >> {shlex.quote(str(log))}\n' + docker_script
+    )
     proc = _make_image(tmp_path, script, *args)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr

@@ -76,7 +76,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -117,7 +117,11 @@ def test_library_packages_do_not_read_the_config():
     graph = node_graph()
     missing = [lib for lib in LIBRARIES if node_of(f"raggen.{lib}") is None]
     assert not missing, f"no such package or module (update LIBRARIES): {missing}"
-    bad = {lib: sorted(graph[lib] & ({"config"} | APPLICATION)) for lib in LIBRARIES if graph[lib] & ({"config"} | APPLICATION)}
+    bad = {
+        lib: sorted(graph[lib] & ({"config"} | APPLICATION))
+        for lib in LIBRARIES
+        if graph[lib] & ({"config"} | APPLICATION)
+    }
     assert not bad, f"library packages importing the config or the application layer: {bad}"
 
 

@@ -33,16 +33,26 @@ def test_config_mode_builds_what_the_index_section_says(job):
 
 
 def test_flag_mode_and_normalize(job):
-    kwargs = job.build_kwargs(job.parse_args(["--passages", "p.tsv", "--output", "ix", "--normalize", "--num-shards", "3"]))
-    assert (kwargs["passages_uri"], kwargs["output_uri"], kwargs["normalize"], kwargs["num_shards"]) == ("p.tsv", "ix", True, 3)
+    kwargs = job.build_kwargs(
+        job.parse_args(["--passages", "p.tsv", "--output", "ix", "--normalize", "--num-shards", "3"])
+    )
+    assert (kwargs["passages_uri"], kwargs["output_uri"], kwargs["normalize"], kwargs["num_shards"]) == (
+        "p.tsv",
+        "ix",
+        True,
+        3,
+    )
     assert kwargs["s3_options"] is None
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["configs/quickstart.yaml", "--num-shards", "3"], "--num-shards"),
-    (["--passages", "p.tsv"], "--passages and --output are required"),
-    (["--passages", "p", "--output", "o", "--set", "index.num_shards=2"], "--set needs a CONFIG"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["configs/quickstart.yaml", "--num-shards", "3"], "--num-shards"),
+        (["--passages", "p.tsv"], "--passages and --output are required"),
+        (["--passages", "p", "--output", "o", "--set", "index.num_shards=2"], "--set needs a CONFIG"),
+    ],
+)
 def test_mixed_or_missing_settings_are_usage_errors(job, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         job.parse_args(argv)

@@ -53,6 +53,7 @@ def load_docs(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- a small kustomize ---------------
 
+
 def _pointer(path: str) -> list[str]:
     if not path.startswith("/"):
         raise ValueError(f"JSON pointer {path!r} must start with /")
@@ -174,6 +175,7 @@ def _key(obj: dict) -> tuple[str, str]:
 
 # ---------------------------------------------------------------- CRD schemas -------------------
 
+
 def kube_schema(node: Any) -> Any:
     """OpenAPI v3 (Kubernetes dialect) -> JSON Schema: int-or-string, nullable, and closed objects
     (a field the schema does not name is an error, as the API server's strict validation says)."""
@@ -216,7 +218,7 @@ def _int64(value: Any) -> bool:
     return not isinstance(value, int) or -(2**63) <= value < 2**63
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def validators() -> dict[tuple[str, str], Any]:
     """(apiVersion, kind) -> a validator, for every served version of every CRD in shared/."""
     out = {}
@@ -242,11 +244,14 @@ def schema_errors(obj: dict) -> list[str]:
 BASE_FILES = sorted((K8S / "base").glob("*.yaml"))
 BASE_OBJECTS = [
     pytest.param(obj, id=f"{path.name}:{obj['kind']}/{obj['metadata']['name']}")
-    for path in BASE_FILES if path.name != "kustomization.yaml" for obj in load_docs(path)
+    for path in BASE_FILES
+    if path.name != "kustomization.yaml"
+    for obj in load_docs(path)
 ]
 RENDERED = [
     pytest.param(obj, id=f"{kdir.relative_to(K8S)}:{obj['kind']}/{obj['metadata']['name']}")
-    for kdir in KUSTOMIZATIONS for obj in render(kdir)
+    for kdir in KUSTOMIZATIONS
+    for obj in render(kdir)
 ]
 
 
@@ -267,6 +272,7 @@ def ray_version() -> str:
 
 
 # ---------------------------------------------------------------- tests -------------------------
+
 
 def test_every_kustomization_is_found_and_renders():
     assert K8S / "base" in KUSTOMIZATIONS and OVERLAYS, "k8s/base and at least one overlay"
@@ -298,10 +304,21 @@ def test_rendered_object_matches_crd_schema(obj):
         (lambda o: o["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].__setitem__("replicas", "two"), "replicas"),
         (lambda o: o["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"), "groupName"),
         (lambda o: containers(o, worker=True)[0]["resources"]["limits"].__setitem__("cpu", "8 cores"), "cpu"),
-        (lambda o: o["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].__setitem__("num-cpus", 0), "num-cpus"),
+        (
+            lambda o: o["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].__setitem__("num-cpus", 0),
+            "num-cpus",
+        ),
         (lambda o: o["spec"].__setitem__("backoffLimit", 2**40), "backoffLimit"),
     ],
-    ids=["unknown-field", "unknown-container-field", "wrong-type", "missing-required", "bad-quantity", "non-string-param", "int32-range"],
+    ids=[
+        "unknown-field",
+        "unknown-container-field",
+        "wrong-type",
+        "missing-required",
+        "bad-quantity",
+        "non-string-param",
+        "int32-range",
+    ],
 )
 def test_validator_rejects_broken_manifests(mutate, needle):
     """The checks above have teeth: each kind of mistake is reported, at the field that has it."""
@@ -384,11 +401,21 @@ def encode_flags_from_config(cfg) -> dict[str, Any]:
     """jobs/encode.py's flags (argparse dests) that the config's index section fixes."""
     i = cfg.index
     return dict(
-        passages=i.passages, output=i.output, encoder=i.encoder.name_or_path, pooling=i.encoder.pooling,
-        max_length=i.encoder.max_length, batch_size=i.batch_size, num_shards=i.num_shards,
-        faiss_factory=i.faiss_factory, metric=i.metric, train_sample=i.train_sample, num_actors=i.num_actors,
-        actor_num_cpus=i.actor_num_cpus, actor_num_gpus=i.actor_num_gpus,
-        s3_region=i.s3.region, s3_endpoint_url=i.s3.endpoint_url,
+        passages=i.passages,
+        output=i.output,
+        encoder=i.encoder.name_or_path,
+        pooling=i.encoder.pooling,
+        max_length=i.encoder.max_length,
+        batch_size=i.batch_size,
+        num_shards=i.num_shards,
+        faiss_factory=i.faiss_factory,
+        metric=i.metric,
+        train_sample=i.train_sample,
+        num_actors=i.num_actors,
+        actor_num_cpus=i.actor_num_cpus,
+        actor_num_gpus=i.actor_num_gpus,
+        s3_region=i.s3.region,
+        s3_endpoint_url=i.s3.endpoint_url,
     )
 
 
@@ -473,7 +500,10 @@ def test_rayservice_fails_closed_and_bounds_requests(obj):
     assert http.get("request_timeout_s") in (cfg.serve.request_timeout_s, None)
     (base,) = [d for d in load_docs(K8S / "base" / "rayservice.yaml") if d["kind"] == "RayService"]
     base_http = yaml.safe_load(base["spec"]["serveConfigV2"])["http_options"]
-    assert base_http["request_timeout_s"] == _load_config(base["metadata"]["annotations"]["raggen.io/config"]).serve.request_timeout_s
+    assert (
+        base_http["request_timeout_s"]
+        == _load_config(base["metadata"]["annotations"]["raggen.io/config"]).serve.request_timeout_s
+    )
     (app,) = serve_config["applications"]
     token_env = app["args"].get("api_token_env", "RAGGEN_API_TOKEN")
     if is_loopback(http.get("host", "127.0.0.1")) or app["args"].get("allow_unauthenticated"):

@@ -14,7 +14,9 @@ from raggen.storage import LocalStore, S3Options, S3Store, atomic_write_bytes, o
 
 def test_open_store_picks_the_backend(tmp_path):
     assert isinstance(open_store(tmp_path), LocalStore)
-    store = open_store("s3://bucket-name/some/prefix/", {"endpoint_url": "http://127.0.0.1:1", "region_name": "eu-west-1"})
+    store = open_store(
+        "s3://bucket-name/some/prefix/", {"endpoint_url": "http://127.0.0.1:1", "region_name": "eu-west-1"}
+    )
     assert isinstance(store, S3Store)
     assert (store.bucket, store.prefix, store.uri) == ("bucket-name", "some/prefix", "s3://bucket-name/some/prefix")
     assert store._key("a/b.txt") == "some/prefix/a/b.txt"

@@ -21,8 +21,9 @@ from raggen.storage import FileLock, LocalStore, PreconditionFailed, S3Store, St
 # ------------------------------------------------------------------------------------------ names
 
 
-@pytest.mark.parametrize("bad", ["..", "../x", "a/../../x", "/etc/passwd", "a//b", "a/./b", "./a", "a/", "a\\..\\b",
-                                 "C:/x", "a\x00b"])
+@pytest.mark.parametrize(
+    "bad", ["..", "../x", "a/../../x", "/etc/passwd", "a//b", "a/./b", "./a", "a/", "a\\..\\b", "C:/x", "a\x00b"]
+)
 def test_unsafe_names_are_refused_everywhere_a_key_is_joined(tmp_path, bad):
     with pytest.raises(ValueError, match="escapes the store root"):
         storage.check_relative_name(bad)
@@ -73,8 +74,10 @@ def test_lock_excludes_other_threads_and_names_its_holder(tmp_path):
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     path = tmp_path / ".lock"
-    code = ("import sys, time; from raggen.storage import FileLock; FileLock(sys.argv[1]).acquire(); "
-            "print('locked', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from raggen.storage import FileLock; FileLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
@@ -156,10 +159,14 @@ def test_a_non_empty_user_folder_is_refused_and_never_deleted(tmp_path):
     home = tmp_path / "data"
     home.mkdir()
     (home / "thesis.tex").write_text("years of work")
-    with pytest.raises(ConfigError, match=r"work_dir: .*data is not empty and was not created by raggen \(no \.raggen-work"):
+    with pytest.raises(
+        ConfigError, match=r"work_dir: .*data is not empty and was not created by raggen \(no \.raggen-work"
+    ):
         storage.claim_folder(home, ".raggen-work", what="work_dir")
     assert not storage.release_folder(home, ".raggen-work")
-    assert (home / "thesis.tex").read_text() == "years of work" and sorted(p.name for p in home.iterdir()) == ["thesis.tex"]
+    assert (home / "thesis.tex").read_text() == "years of work" and sorted(p.name for p in home.iterdir()) == [
+        "thesis.tex"
+    ]
 
 
 # ------------------------------------------------------------------------------------------ fingerprints

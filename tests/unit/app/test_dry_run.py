@@ -64,8 +64,15 @@ def test_dry_run_overrides_only_touch_models_sizes_and_paths(tmp_path):
     assert all("s3://" not in line for line in local)
 
 
-@pytest.mark.parametrize("factory,small", [("IVF65536,PQ64", "IVF8,PQ64"), ("Flat", "Flat"), ("HNSW32", "HNSW32"),
-                                           ("OPQ64,IVF4096_HNSW32,PQ64", "OPQ64,IVF8_HNSW32,PQ64")])
+@pytest.mark.parametrize(
+    "factory,small",
+    [
+        ("IVF65536,PQ64", "IVF8,PQ64"),
+        ("Flat", "Flat"),
+        ("HNSW32", "HNSW32"),
+        ("OPQ64,IVF4096_HNSW32,PQ64", "OPQ64,IVF8_HNSW32,PQ64"),
+    ],
+)
 def test_small_factory_keeps_the_index_family(factory, small):
     assert small_factory(factory) == small
 
@@ -75,12 +82,15 @@ def test_an_unknown_hub_id_is_refused_rather_than_rehearsed_with_another_class(t
         make_stand_in("some-org/mystery-model", str(tmp_path / "m"))
 
 
-@pytest.mark.parametrize("name,arch", [
-    ("facebook/dpr-ctx_encoder-multiset-base", "DPRContextEncoder"),
-    ("google/flan-t5-base", "T5ForConditionalGeneration"),
-    ("meta-llama/Llama-3.2-1B-Instruct", "LlamaForCausalLM"),
-    ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2ForCausalLM"),
-])
+@pytest.mark.parametrize(
+    "name,arch",
+    [
+        ("facebook/dpr-ctx_encoder-multiset-base", "DPRContextEncoder"),
+        ("google/flan-t5-base", "T5ForConditionalGeneration"),
+        ("meta-llama/Llama-3.2-1B-Instruct", "LlamaForCausalLM"),
+        ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2ForCausalLM"),
+    ],
+)
 def test_stand_ins_are_built_as_the_class_the_hub_id_declares(tmp_path, name, arch):
     path = make_stand_in(name, str(tmp_path / "m"))
     assert declared_architecture(path) == arch

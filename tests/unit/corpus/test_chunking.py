@@ -70,9 +70,13 @@ def test_passage_id_round_trip_even_with_hash_in_the_document_id():
 
 
 def test_chunk_documents_ids_titles_offsets():
-    docs = pd.DataFrame({"id": ["d1", "d2", "d3"],
-                         "text": [" ".join(f"x{i}" for i in range(230)), "short doc", ""],
-                         "title": ["One", "Two", "Three"]})
+    docs = pd.DataFrame(
+        {
+            "id": ["d1", "d2", "d3"],
+            "text": [" ".join(f"x{i}" for i in range(230)), "short doc", ""],
+            "title": ["One", "Two", "Three"],
+        }
+    )
     out = chunk_documents(docs, words=100)
     assert out.columns.tolist() == ["id", "text", "title", "doc_id", "offset"]
     assert out.id.tolist() == ["d1#0", "d1#100", "d1#200", "d2#0"]
@@ -88,5 +92,10 @@ def test_chunk_documents_ids_titles_offsets():
 
 def test_iter_chunked_with_overlap_keeps_titles_and_offsets():
     rows = list(iter_chunked([("a", "T", " ".join(map(str, range(25))))], words=10, overlap=5))
-    assert [(r[0], r[3], r[4]) for r in rows] == [("a#0", "a", 0), ("a#5", "a", 5), ("a#10", "a", 10), ("a#15", "a", 15)]
+    assert [(r[0], r[3], r[4]) for r in rows] == [
+        ("a#0", "a", 0),
+        ("a#5", "a", 5),
+        ("a#10", "a", 10),
+        ("a#15", "a", 15),
+    ]
     assert rows[-1][1] == " ".join(map(str, range(15, 25))) and all(r[2] == "T" for r in rows)

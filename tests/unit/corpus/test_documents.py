@@ -70,8 +70,11 @@ def test_folder_of_text_and_markdown_becomes_100_word_passages(doc_folder, tmp_p
     check_windows(psg, {rel: text.split() for rel, text in texts.items()}, 100, 0)
     titles = dict(zip(psg.doc_id, psg.title))
     assert titles == {"guides/setup.md": "Setting up", "notes.txt": "notes", "plain.md": "plain"}
-    assert psg[psg.doc_id == "guides/setup.md"].id.tolist() == ["guides/setup.md#0", "guides/setup.md#100",
-                                                                  "guides/setup.md#200"]
+    assert psg[psg.doc_id == "guides/setup.md"].id.tolist() == [
+        "guides/setup.md#0",
+        "guides/setup.md#100",
+        "guides/setup.md#200",
+    ]
     # the file build_index encodes: read by the ordinary passage reader, ids unique, text never empty
     read = read_passages(out, format="parquet")
     assert read.id.tolist() == psg.id.tolist() and (read.text.str.len() > 0).all()
@@ -82,16 +85,20 @@ def test_folder_of_text_and_markdown_becomes_100_word_passages(doc_folder, tmp_p
 def test_jsonl_of_long_documents_with_overlap(tmp_path):
     docs = {"wiki-1": words("a", 350), "wiki-2": words("b", 99), "wiki-3": words("c", 101)}
     path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"id": k, "title": k.upper(), "text": " ".join(v)}) + "\n"
-                            for k, v in docs.items()), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"id": k, "title": k.upper(), "text": " ".join(v)}) + "\n" for k, v in docs.items()),
+        encoding="utf-8",
+    )
     for size, overlap in ((100, 0), (100, 25), (64, 16)):
-        out = prepare_documents(str(path), DocumentSettings(chunk_words=size, chunk_overlap=overlap,
-                                                            chunk_dir=str(tmp_path / "chunks")))
+        out = prepare_documents(
+            str(path), DocumentSettings(chunk_words=size, chunk_overlap=overlap, chunk_dir=str(tmp_path / "chunks"))
+        )
         psg = passages_of(out)
         check_windows(psg, docs, size, overlap)
         assert (psg.title == psg.doc_id.str.upper()).all()
-    assert passages_of(prepare_documents(str(path), DocumentSettings(chunk_dir=str(tmp_path / "chunks")))).id.tolist() == [
-        "wiki-1#0", "wiki-1#100", "wiki-1#200", "wiki-1#300", "wiki-2#0", "wiki-3#0", "wiki-3#100"]
+    assert passages_of(
+        prepare_documents(str(path), DocumentSettings(chunk_dir=str(tmp_path / "chunks")))
+    ).id.tolist() == ["wiki-1#0", "wiki-1#100", "wiki-1#200", "wiki-1#300", "wiki-2#0", "wiki-3#0", "wiki-3#100"]
 
 
 def test_parquet_documents_with_integer_ids(tmp_path):
@@ -173,8 +180,18 @@ def test_config_routes_documents_through_chunking_and_leaves_passages_alone(doc_
 
     root, texts = doc_folder
     base = [f"index.chunk_dir={tmp_path / 'chunks'}"]
-    explicit = index_build_kwargs(load_config(None, [*base, f"index.passages={root}", "index.input=documents",
-                                                     "index.chunk_words=50", "index.chunk_overlap=10"]).index)
+    explicit = index_build_kwargs(
+        load_config(
+            None,
+            [
+                *base,
+                f"index.passages={root}",
+                "index.input=documents",
+                "index.chunk_words=50",
+                "index.chunk_overlap=10",
+            ],
+        ).index
+    )
     assert explicit["passages_format"] == "parquet" and explicit["passages_uri"].startswith(str(tmp_path / "chunks"))
     check_windows(passages_of(explicit["passages_uri"]), {r: t.split() for r, t in texts.items()}, 50, 10)
     auto = index_build_kwargs(load_config(None, [*base, f"index.passages={root}"]).index)  # a folder of .md/.txt
@@ -199,8 +216,12 @@ def test_shipped_example_documents_chunk_as_the_config_says(tmp_path):
     psg = passages_of(index_build_kwargs(cfg.index)["passages_uri"])
     files = sorted(p for p in (REPO / "examples" / "docs").iterdir() if p.suffix in (".md", ".txt"))
     assert 5 <= len(files) <= 10 and set(psg.doc_id) == {p.name for p in files}
-    check_windows(psg, {p.name: p.read_text(encoding="utf-8").split() for p in files}, cfg.index.chunk_words,
-                  cfg.index.chunk_overlap)
+    check_windows(
+        psg,
+        {p.name: p.read_text(encoding="utf-8").split() for p in files},
+        cfg.index.chunk_words,
+        cfg.index.chunk_overlap,
+    )
     assert dict(zip(psg.doc_id, psg.title))["tea.md"] == "Green and black tea"
 
 

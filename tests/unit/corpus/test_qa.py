@@ -35,9 +35,12 @@ def test_csv_round_trip_keeps_questions_and_answers(tmp_path):
 
 def test_reads_dpr_nq_lines(tmp_path):
     path = tmp_path / "nq-test.qa.csv"
-    path.write_text("who got the first nobel prize in physics\t['Wilhelm Conrad Röntgen']\n"
-                    'when is the next deadpool movie being released\t["May 18 , 2018"]\n'
-                    "what's a \"real\" answer\t['x', \"y's\"]\n", encoding="utf-8")
+    path.write_text(
+        "who got the first nobel prize in physics\t['Wilhelm Conrad Röntgen']\n"
+        'when is the next deadpool movie being released\t["May 18 , 2018"]\n'
+        "what's a \"real\" answer\t['x', \"y's\"]\n",
+        encoding="utf-8",
+    )
     qa = read_qa(path)
     assert [e.answers for e in qa] == [["Wilhelm Conrad Röntgen"], ["May 18 , 2018"], ["x", "y's"]]
     assert qa[2].question == 'what\'s a "real" answer'
@@ -54,10 +57,16 @@ BAD = [
     ("json.jsonl", '{"question": "q", "answers": ["a"]}\n{"question": \n', r"line 2: malformed JSON"),
     ("miss.jsonl", '{"id": "1", "answers": ["a"]}\n', r"line 1: missing column 'question'"),
     ("ans.jsonl", '{"id": "1", "question": "q", "answers": "a"}\n', r"line 1: answers must be a list"),
-    ("dup.jsonl", '{"id": "1", "question": "q", "answers": ["a"]}\n'
-                  '{"id": "1", "question": "r", "answers": ["b"]}\n', r"line 2: duplicate question id '1'"),
-    ("gold.jsonl", '{"id": "1", "question": "q", "answers": ["a"], "gold_passage_ids": "p1"}\n',
-     r"line 1: column 'gold_passage_ids' must be a list"),
+    (
+        "dup.jsonl",
+        '{"id": "1", "question": "q", "answers": ["a"]}\n{"id": "1", "question": "r", "answers": ["b"]}\n',
+        r"line 2: duplicate question id '1'",
+    ),
+    (
+        "gold.jsonl",
+        '{"id": "1", "question": "q", "answers": ["a"], "gold_passage_ids": "p1"}\n',
+        r"line 1: column 'gold_passage_ids' must be a list",
+    ),
 ]
 
 
@@ -72,8 +81,12 @@ def test_bad_rows_name_file_and_line(tmp_path, name, content, message):
 
 def test_jsonl_without_ids_numbers_rows_and_accepts_int_gold_ids(tmp_path):
     path = tmp_path / "x.jsonl"
-    path.write_text(json.dumps({"question": "q", "answers": ["a"], "gold_passage_ids": [3]}) + "\n"
-                    + json.dumps({"question": "r", "answers": ["b"]}) + "\n")
+    path.write_text(
+        json.dumps({"question": "q", "answers": ["a"], "gold_passage_ids": [3]})
+        + "\n"
+        + json.dumps({"question": "r", "answers": ["b"]})
+        + "\n"
+    )
     assert read_qa(path) == [QAExample("0", "q", ["a"], ["3"]), QAExample("1", "r", ["b"], [])]
 
 

@@ -16,12 +16,13 @@ from raggen.corpus import (
 )
 from raggen.errors import ConfigError, DataError
 
-PASSAGES = pd.DataFrame({
-    "id": ["1", "2", "3", "wiki:7"],
-    "text": ['Aaron ( or ; "Ahärôn") is a prophet', 'He said "hi"\tthen left', "plain text",
-             "multi\nline text"],
-    "title": ["Aaron", "", 'Zürich, "the" city', "T"],
-})
+PASSAGES = pd.DataFrame(
+    {
+        "id": ["1", "2", "3", "wiki:7"],
+        "text": ['Aaron ( or ; "Ahärôn") is a prophet', 'He said "hi"\tthen left', "plain text", "multi\nline text"],
+        "title": ["Aaron", "", 'Zürich, "the" city', "T"],
+    }
+)
 
 
 def _assert_same(df: pd.DataFrame, expected: pd.DataFrame) -> None:
@@ -37,10 +38,12 @@ def test_round_trip_every_format(tmp_path, name):
 
 def test_reads_dpr_tsv_as_dpr_wrote_it(tmp_path):
     # the first lines of psgs_w100.tsv: text quoted, inner quotes doubled, header id/text/title
-    raw = ('id\ttext\ttitle\n'
-           '1\t"Aaron Aaron ( or ; ""Ahärôn"") is a prophet, high priest"\tAaron\n'
-           '2\t"his sister Miriam"\tAaron\n'
-           '3\tno quotes here\t"Aaron"\n')
+    raw = (
+        "id\ttext\ttitle\n"
+        '1\t"Aaron Aaron ( or ; ""Ahärôn"") is a prophet, high priest"\tAaron\n'
+        '2\t"his sister Miriam"\tAaron\n'
+        '3\tno quotes here\t"Aaron"\n'
+    )
     path = tmp_path / "psgs_w100.tsv"
     path.write_text(raw, encoding="utf-8")
     df = read_passages(path)
@@ -56,14 +59,14 @@ def test_jsonl_title_optional_and_int_ids(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": 5, "text": "a b"}\n\n{"id": "x", "text": "c", "title": null}\n')
     df = read_passages(path)
-    assert df.to_dict("records") == [{"id": "5", "text": "a b", "title": ""},
-                                     {"id": "x", "text": "c", "title": ""}]
+    assert df.to_dict("records") == [{"id": "5", "text": "a b", "title": ""}, {"id": "x", "text": "c", "title": ""}]
 
 
 def test_batches_stream_with_bounded_size(tmp_path):
     n = 2503
-    df = pd.DataFrame({"id": [str(i) for i in range(1, n + 1)], "text": [f"t {i}" for i in range(n)],
-                       "title": ["x"] * n})
+    df = pd.DataFrame(
+        {"id": [str(i) for i in range(1, n + 1)], "text": [f"t {i}" for i in range(n)], "title": ["x"] * n}
+    )
     for name in ("big.tsv", "big.jsonl", "big.parquet"):
         path = write_passages(tmp_path / name, df)
         batches = list(iter_passage_batches(path, batch_size=1000))

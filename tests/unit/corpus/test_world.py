@@ -25,8 +25,7 @@ from raggen.corpus.world import count_mentions
 from raggen.errors import ConfigError
 
 SMALL = WorldConfig(num_entities=300, seed=3)
-STOP = set("a an the in of is what which who when where does do did was to for at on by how"
-           " year town company".split())
+STOP = set("a an the in of is what which who when where does do did was to for at on by how year town company".split())
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +53,7 @@ def test_same_config_same_world_other_seed_other_world(world):
     again = build_world(SMALL)
     assert again.passages_v1.equals(world.passages_v1)
     assert again.passages_v2.equals(world.passages_v2)
-    assert (again.train, again.dev, again.test, again.changed) == (world.train, world.dev, world.test,
-                                                                  world.changed)
+    assert (again.train, again.dev, again.test, again.changed) == (world.train, world.dev, world.test, world.changed)
     other = build_world(WorldConfig(num_entities=300, seed=4))
     assert not set(other.passages_v1.text) & set(world.passages_v1.text)
     assert set(e.name for e in other.entities) != set(e.name for e in world.entities)
@@ -76,9 +74,11 @@ def test_write_world_is_byte_identical_for_a_seed(tmp_path):
     b = write_world(tmp_path / "b", SMALL)
     names = sorted(p.name for p in a.out_dir.iterdir())
     assert names == sorted(p.name for p in b.out_dir.iterdir())
-    assert names == sorted(["passages.tsv", "passages_v2.tsv", "changed_v2.jsonl", "world.json"]
-                           + [f"{s}.qa.csv" for s in ("train", "dev", "test")]
-                           + [f"{s}.jsonl" for s in ("train", "dev", "test")])
+    assert names == sorted(
+        ["passages.tsv", "passages_v2.tsv", "changed_v2.jsonl", "world.json"]
+        + [f"{s}.qa.csv" for s in ("train", "dev", "test")]
+        + [f"{s}.jsonl" for s in ("train", "dev", "test")]
+    )
     for name in names:
         assert (a.out_dir / name).read_bytes() == (b.out_dir / name).read_bytes(), name
 
@@ -90,8 +90,7 @@ def test_written_files_read_back(tmp_path, world):
     for split in ("train", "dev", "test"):
         assert read_qa(files.qa_jsonl(split)) == world.split(split)
         from_csv = read_qa(files.qa_csv(split))
-        assert [(q.question, q.answers) for q in from_csv] == [
-            (q.question, q.answers) for q in world.split(split)]
+        assert [(q.question, q.answers) for q in from_csv] == [(q.question, q.answers) for q in world.split(split)]
     assert read_changed_facts(files.changed) == world.changed
     summary = json.loads(files.world_json.read_text())
     assert summary["counts"] == world.counts() and summary["config"]["seed"] == SMALL.seed
@@ -186,8 +185,7 @@ def test_bag_of_words_distractors_exist(world):
     crowded = 0
     for qa in sample:
         content = set(_words(qa.question)) - STOP
-        others = [pid for pid, bag in bags.items()
-                  if pid != qa.gold_passage_ids[0] and len(content & bag) >= 2]
+        others = [pid for pid, bag in bags.items() if pid != qa.gold_passage_ids[0] and len(content & bag) >= 2]
         crowded += len(others) >= 3
     assert crowded >= 0.9 * len(sample)
     # the same attribute vocabulary appears in passages where it is not the asked fact
@@ -214,8 +212,11 @@ def test_names_split_into_wordpieces():
     assert path.exists(), f"{path}: the bundled MiniLM has no tokenizer"
     tok = Tokenizer.from_file(str(path))
     w = build_world(WorldConfig(num_entities=300, seed=0))
-    words = sorted({word for e in w.entities for word in e.name.split()} - set(T.COMPANY_KINDS)
-                   - {"Company", "House", "Canning", "Lantern", "Trading"})
+    words = sorted(
+        {word for e in w.entities for word in e.name.split()}
+        - set(T.COMPANY_KINDS)
+        - {"Company", "House", "Canning", "Lantern", "Trading"}
+    )
     pieces = [len(tok.encode(word, add_special_tokens=False).tokens) for word in words]
     assert sum(p >= 2 for p in pieces) >= 0.97 * len(words)
 
@@ -238,9 +239,16 @@ def test_templates_keep_their_rules():
         assert count_mentions(a, b) == 0, (a, b)
 
 
-@pytest.mark.parametrize("field,value", [("num_entities", 5), ("changed_fraction", 1.5),
-                                         ("test_fraction", -0.1), ("facts_per_passage", 0),
-                                         ("passage_words", 5)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("num_entities", 5),
+        ("changed_fraction", 1.5),
+        ("test_fraction", -0.1),
+        ("facts_per_passage", 0),
+        ("passage_words", 5),
+    ],
+)
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=f"world.{field}"):
         WorldConfig(**{field: value})
@@ -249,8 +257,7 @@ def test_bad_config_names_the_field(field, value):
 
 
 def test_small_world_and_other_passage_sizes_still_hold_their_promises():
-    w = build_world(WorldConfig(num_entities=10, seed=1, facts_per_passage=2, passage_words=60,
-                                changed_fraction=0.5))
+    w = build_world(WorldConfig(num_entities=10, seed=1, facts_per_passage=2, passage_words=60, changed_fraction=0.5))
     texts, texts_v2 = _passages(w), _passages(w, "v2")
     assert len(w.passages_v1) == sum((len(e.attributes) + 1) // 2 for e in w.entities)
     for qa in _all_qa(w):

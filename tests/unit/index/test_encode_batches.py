@@ -29,8 +29,12 @@ def _passages(n: int = 13, seed: int = 0) -> dict[str, np.ndarray]:
     lengths = [2, 150, 5, 40, 1, 90, 12, 3, 70, 25, 8, 120, 60][:n]
     texts = [" ".join(rng.choice(WORDS, size=k)) for k in lengths]
     titles = ["" if i % 3 == 0 else f"Title {i} " + "word " * (i % 4) for i in range(n)]
-    return {"id": np.array([f"p{i}" for i in range(n)]), "title": np.array(titles), "text": np.array(texts),
-            "shard": np.arange(n, dtype=np.int64) % 2}
+    return {
+        "id": np.array([f"p{i}" for i in range(n)]),
+        "title": np.array(titles),
+        "text": np.array(texts),
+        "shard": np.arange(n, dtype=np.int64) % 2,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,10 @@ def test_length_buckets_cover_every_row_once_within_the_budget():
 
 
 def test_trim_padding_keeps_the_used_columns_on_either_side():
-    right = {"attention_mask": np.array([[1, 1, 0, 0], [1, 0, 0, 0]]), "input_ids": np.array([[5, 6, 0, 0], [7, 0, 0, 0]])}
+    right = {
+        "attention_mask": np.array([[1, 1, 0, 0], [1, 0, 0, 0]]),
+        "input_ids": np.array([[5, 6, 0, 0], [7, 0, 0, 0]]),
+    }
     left = {k: v[:, ::-1].copy() for k, v in right.items()}
     assert trim_padding(right)["input_ids"].tolist() == [[5, 6], [7, 0]]
     assert trim_padding(left)["input_ids"].tolist() == [[6, 5], [0, 7]]
@@ -81,8 +88,9 @@ def test_tokenize_stage_emits_fixed_width_int_columns(name, dpr_dir):
         assert out[col].shape == (n, MAX_LENGTH) and out[col].dtype == np.int32
     assert out[NUM_TOKENS].dtype == np.int32 and out[NUM_TOKENS].tolist() == out["attention_mask"].sum(1).tolist()
     assert out[NUM_TOKENS].max() == MAX_LENGTH and out[NUM_TOKENS].min() < 10  # truncated and short rows
-    ref = tokenize_passages(tokenizer, batch["title"].tolist(), batch["text"].tolist(), passage_format=fmt,
-                            max_length=MAX_LENGTH)  # padded to the batch's longest
+    ref = tokenize_passages(
+        tokenizer, batch["title"].tolist(), batch["text"].tolist(), passage_format=fmt, max_length=MAX_LENGTH
+    )  # padded to the batch's longest
     width = ref["input_ids"].shape[1]
     for col in ("input_ids", "attention_mask", "token_type_ids"):
         np.testing.assert_array_equal(out[col][:, :width], ref[col].numpy())
@@ -90,8 +98,9 @@ def test_tokenize_stage_emits_fixed_width_int_columns(name, dpr_dir):
     titled = np.array([bool(t) for t in batch["title"]])
     has_second_segment = out["token_type_ids"].any(axis=1)
     assert has_second_segment.tolist() == (titled if name == "dpr" else np.zeros(n, bool)).tolist()
-    empty = tokenize_batch({k: v[:0] for k, v in batch.items()}, tokenizer=tokenizer, passage_format=fmt,
-                           max_length=MAX_LENGTH)
+    empty = tokenize_batch(
+        {k: v[:0] for k, v in batch.items()}, tokenizer=tokenizer, passage_format=fmt, max_length=MAX_LENGTH
+    )
     assert empty["input_ids"].shape == (0, MAX_LENGTH) and empty[NUM_TOKENS].shape == (0,)
 
 
@@ -107,8 +116,12 @@ def test_bucketed_actor_matches_encode_passages_in_input_order(name, dpr_dir):
 
     # a small token budget forces several buckets, so sorting and un-sorting really happen
     actor = PassageEncoderActor(path, pooling=pooling, max_length=MAX_LENGTH, sub_batch_tokens=2 * MAX_LENGTH)
-    tokens = tokenize_batch(batch, tokenizer=load_passage_tokenizer(path), max_length=MAX_LENGTH,
-                            passage_format=resolved_passage_format(path, None))
+    tokens = tokenize_batch(
+        batch,
+        tokenizer=load_passage_tokenizer(path),
+        max_length=MAX_LENGTH,
+        passage_format=resolved_passage_format(path, None),
+    )
     assert len(length_buckets(tokens[NUM_TOKENS], max_rows=len(want), max_tokens=2 * MAX_LENGTH)) >= 4
     out = actor(tokens)
     assert set(out) == {"id", "title", "text", "shard", "embedding"}, "token columns are dropped"
@@ -128,5 +141,6 @@ def test_embed_bucketed_one_row_per_bucket_equals_one_big_batch():
     single = embed_bucketed(encoder, cols, tokens[NUM_TOKENS], max_rows=1, max_tokens=10**6)
     whole = embed_bucketed(encoder, cols, tokens[NUM_TOKENS], max_rows=10**6, max_tokens=10**9)
     np.testing.assert_allclose(single, whole, atol=1e-5, rtol=0)
-    assert embed_bucketed(encoder, {k: v[:0] for k, v in cols.items()}, tokens[NUM_TOKENS][:0],
-                          max_rows=4, max_tokens=100).shape == (0, encoder.dim)
+    assert embed_bucketed(
+        encoder, {k: v[:0] for k, v in cols.items()}, tokens[NUM_TOKENS][:0], max_rows=4, max_tokens=100
+    ).shape == (0, encoder.dim)

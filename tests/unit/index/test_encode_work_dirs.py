@@ -147,7 +147,9 @@ def test_runs_sharing_a_split_uri_get_folders_of_their_own(tmp_path):
     b = E.split_folder_uri(tmp_path / "wb", str(shared), "bbbb")
     assert a != b and a.startswith(str(shared) + "/") and b.startswith(str(shared) + "/")
     assert E.split_folder_uri(tmp_path / "wa", None, "aaaa") == str(tmp_path / "wa" / "split")
-    assert E.split_folder_uri(tmp_path / "w", "s3://bucket/tmp/split", "ab12") == "s3://bucket/tmp/split/raggen-split-ab12"
+    assert (
+        E.split_folder_uri(tmp_path / "w", "s3://bucket/tmp/split", "ab12") == "s3://bucket/tmp/split/raggen-split-ab12"
+    )
 
 
 def test_two_shard_writers_never_share_a_temporary_file(tmp_path):
@@ -160,7 +162,9 @@ def test_two_shard_writers_never_share_a_temporary_file(tmp_path):
     assert not w2.file.tmp_path.exists()
     done = w1.finish(4)
     assert done.count == 1 and sorted(p.name for p in (tmp_path / "encoded").iterdir()) == [
-        "shard-00000.parquet", "shard-00000.parquet.done.json"]
+        "shard-00000.parquet",
+        "shard-00000.parquet.done.json",
+    ]
 
 
 # ------------------------------------------------------------------------------------------ one vocabulary, one check
@@ -173,7 +177,14 @@ def test_one_format_vocabulary_for_readers_the_ray_path_and_the_config():
     config_names = set(IndexSection.model_fields["format"].annotation.__args__)
     assert config_names == {"auto", *FORMATS}
     assert [canonical_format(f) for f in ("tsv", "dpr", "dpr-tsv", "json", "jsonl", "parquet", "auto")] == [
-        "dpr-tsv", "dpr-tsv", "dpr-tsv", "jsonl", "jsonl", "parquet", "auto"]
+        "dpr-tsv",
+        "dpr-tsv",
+        "dpr-tsv",
+        "jsonl",
+        "jsonl",
+        "parquet",
+        "auto",
+    ]
     with pytest.raises(ConfigError, match="format: must be auto, dpr-tsv, jsonl, parquet"):
         canonical_format("csv")
     assert E.detect_format("s3://b/psgs_w100.tsv.gz") == "dpr-tsv" and E.detect_format("x/p.json") == "jsonl"
@@ -203,7 +214,9 @@ def test_the_ray_path_rejects_empty_passages_with_the_readers_message(tmp_path, 
         bad.write_text("id\ttext\ttitle\n" + "".join(f"{i}\t{t}\t\n" for i, t in zip(ids, texts)))
         with pytest.raises(DataError) as info:
             read_passages(bad)
-        assert str(info.value).split(": ", 1)[1].replace("line 3", "line 8") == message.replace("\\", "").split(": ", 1)[1]
+        assert (
+            str(info.value).split(": ", 1)[1].replace("line 3", "line 8") == message.replace("\\", "").split(": ", 1)[1]
+        )
 
 
 def test_a_block_without_line_numbers_names_the_row_and_good_blocks_pass():
@@ -226,7 +239,7 @@ def test_the_datasource_parser_is_the_readers_parser(tmp_path):
     from raggen.corpus.readers import iter_passage_records, read_passages
 
     good = tmp_path / "p.tsv.gz"
-    good.write_bytes(gzip.compress(b"id\ttext\ttitle\n1\tone\tA\n2\t\"two, quoted\"\tB\n"))
+    good.write_bytes(gzip.compress(b'id\ttext\ttitle\n1\tone\tA\n2\t"two, quoted"\tB\n'))
     with pafs.LocalFileSystem().open_input_stream(str(good), compression="gzip") as f:
         recs = list(iter_passage_records(f, "s3://b/p.tsv.gz", "dpr-tsv"))
     assert recs[0].ids == ["1", "2"] and recs[0].texts == ["one", "two, quoted"] and recs[0].where == [2, 3]
@@ -237,4 +250,8 @@ def test_the_datasource_parser_is_the_readers_parser(tmp_path):
         list(iter_passage_records(f, str(bad), "dpr-tsv"))
     with pytest.raises(DataError) as reader_err:
         read_passages(bad)
-    assert str(ray_err.value) == str(reader_err.value) == f"{bad}: line 3: expected 3 tab-separated fields (id, text, title), found 2"
+    assert (
+        str(ray_err.value)
+        == str(reader_err.value)
+        == f"{bad}: line 3: expected 3 tab-separated fields (id, text, title), found 2"
+    )

@@ -152,7 +152,11 @@ def test_an_unreadable_manifest_is_removed_alone(tmp_path):
     Path(root, "v1", "manifest.json").write_text("{}")
     assert L.remove_version(root, "v1") == ["manifest.json"]
     assert sorted(p.name for p in Path(root, "v1").iterdir()) == [
-        "shard-00000.faiss", "shard-00000.parquet", "shard-00001.faiss", "shard-00001.parquet"]
+        "shard-00000.faiss",
+        "shard-00000.parquet",
+        "shard-00001.faiss",
+        "shard-00001.parquet",
+    ]
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -182,13 +186,16 @@ def test_cli_list_set_latest_rm(tmp_path, capsys):
     assert code == 0 and "removed" in out and M.list_versions(root) == ["v1", "v3"]
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (("index", "set-latest", "{root}", "v1"), "moving back is a rollback"),
-    (("index", "set-latest", "{root}", "v8"), "'v8' is not published"),
-    (("index", "set-latest", "{root}", "v2"), "sha256 mismatch"),
-    (("index", "rm", "{root}", "v3"), "is the version LATEST names"),
-    (("index", "rm", "{root}", "v8"), "'v8' is not published"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (("index", "set-latest", "{root}", "v1"), "moving back is a rollback"),
+        (("index", "set-latest", "{root}", "v8"), "'v8' is not published"),
+        (("index", "set-latest", "{root}", "v2"), "sha256 mismatch"),
+        (("index", "rm", "{root}", "v3"), "is the version LATEST names"),
+        (("index", "rm", "{root}", "v8"), "'v8' is not published"),
+    ],
+)
 def test_cli_refusals_are_one_line_exit_2(tmp_path, capsys, argv, expected):
     root = str(tmp_path / "root")
     three_versions(root, tmp_path)
@@ -246,9 +253,16 @@ def test_index_search_uses_the_manifests_encoder_pooling_and_normalisation(tmp_p
     index_name, passages_name = M.shard_file_names(0)
     S.write_index_file(S.build_shard_index(xb, ids), out / index_name)
     M.write_parquet_atomic(M.passages_table(ids, [f"p{i}" for i in ids], [""] * len(texts), texts), out / passages_name)
-    m = M.make_manifest("v1", encoder_name_or_path=enc_path, pooling="cls", dim=xb.shape[1], metric="ip",
-                        normalize=True, faiss_factory="Flat",
-                        shard_files=[(out / index_name, out / passages_name, len(texts))])
+    m = M.make_manifest(
+        "v1",
+        encoder_name_or_path=enc_path,
+        pooling="cls",
+        dim=xb.shape[1],
+        metric="ip",
+        normalize=True,
+        faiss_factory="Flat",
+        shard_files=[(out / index_name, out / passages_name, len(texts))],
+    )
     root = str(tmp_path / "root")
     M.publish_version(root, m, out)
 

@@ -62,7 +62,13 @@ def test_publish_then_load_latest_by_version_and_by_folder(tmp_path):
     ]  # fmt: skip
     on_disk = json.loads((root / "v1" / "manifest.json").read_text())
     assert set(on_disk) == {"version", "created", "encoder", "metric", "faiss_factory", "num_passages", "shards"}
-    assert set(on_disk["encoder"]) == {"name_or_path", "pooling", "dim", "normalize", "passage_format"}  # DESIGN.md + optional fields
+    assert set(on_disk["encoder"]) == {
+        "name_or_path",
+        "pooling",
+        "dim",
+        "normalize",
+        "passage_format",
+    }  # DESIGN.md + optional fields
     assert set(on_disk["shards"][0]) == {"index", "index_sha256", "passages", "passages_sha256", "count"}
     assert [s["count"] for s in on_disk["shards"]] == [104, 103, 103] and on_disk["num_passages"] == 310
     for uri, version in ((str(root), None), (str(root), "v1"), (str(root / "v1"), None)):
@@ -224,7 +230,10 @@ def test_sharded_search_equals_one_exact_index(tmp_path, metric, store_embedding
     assert result.ids == [[str(p) for p in pids[r]] for r in ref_rows]
     np.testing.assert_allclose(result.scores, ref_scores, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(result.embeddings, xb[ref_rows])  # (b, k, d)
-    assert result.titles[2][0] == f"title {pids[ref_rows[2, 0]]}" and result.texts[2][0] == f"text of {pids[ref_rows[2, 0]]}"
+    assert (
+        result.titles[2][0] == f"title {pids[ref_rows[2, 0]]}"
+        and result.texts[2][0] == f"text of {pids[ref_rows[2, 0]]}"
+    )
     assert (result.row_ids >> 40).max() <= 3 and len(np.unique(result.row_ids[0])) == 10
 
 
@@ -252,7 +261,10 @@ def test_build_path_shares_one_training_and_publishes_an_exact_ivf(tmp_path):
     for s, rows in enumerate(np.array_split(np.arange(600), 3)):
         path = tmp_path / "encoded" / f"shard-{s:05d}.parquet"
         row_ids = (np.int64(s) << 40) + np.arange(len(rows))
-        M.write_parquet_atomic(M.passages_table(row_ids, [f"p{r}" for r in rows], [""] * len(rows), [f"t{r}" for r in rows], xb[rows]), path)
+        M.write_parquet_atomic(
+            M.passages_table(row_ids, [f"p{r}" for r in rows], [""] * len(rows), [f"t{r}" for r in rows], xb[rows]),
+            path,
+        )
         encoded.append(EncodedShard(shard=s, path=path, count=len(rows)))
     out = tmp_path / "out"
     out.mkdir()
@@ -287,7 +299,12 @@ def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
     for s, rows in enumerate(np.array_split(np.arange(800), 4)):
         ids = (np.int64(s) << 40) + np.arange(len(rows))
         index = S.build_shard_index(xb[rows], ids, trained_index=trained)
-        shards.append((S.serialize_index(index), M.passages_table(ids, [f"p{r}" for r in rows], [""] * len(rows), [""] * len(rows))))
+        shards.append(
+            (
+                S.serialize_index(index),
+                M.passages_table(ids, [f"p{r}" for r in rows], [""] * len(rows), [""] * len(rows)),
+            )
+        )
     searchers = [ShardSearcher(b, t, metric="ip", nprobe=3) for b, t in shards]
     shared = _LocalBackend(searchers, max_workers=1)
     assert shared.coarse is not None and shared.coarse[1] == 3
@@ -298,7 +315,9 @@ def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
     np.testing.assert_allclose(fast[0], slow[0], rtol=1e-6)
     other = S.build_shard_index(xb[:200], np.arange(200), factory="IVF16,Flat", train_sample=200, seed=7)
     other_table = M.passages_table(np.arange(200), [f"q{r}" for r in range(200)], [""] * 200, [""] * 200)
-    mixed = _LocalBackend(searchers[:1] + [ShardSearcher(S.serialize_index(other), other_table, metric="ip", nprobe=3)], max_workers=1)
+    mixed = _LocalBackend(
+        searchers[:1] + [ShardSearcher(S.serialize_index(other), other_table, metric="ip", nprobe=3)], max_workers=1
+    )
     assert mixed.coarse is None  # differently trained quantizers: each shard assigns its own lists
 
 

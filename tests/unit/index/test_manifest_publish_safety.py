@@ -118,7 +118,9 @@ def _run_threads(fns):
 def test_two_writers_of_one_version_name_one_wins_the_version_is_whole(tmp_path):
     root = tmp_path / "root"
     manifests = [build(tmp_path / f"w{i}", "v1", seed=i, n=4000) for i in range(2)]
-    results = _run_threads([lambda i=i: M.publish_version(str(root), manifests[i], tmp_path / f"w{i}") for i in range(2)])
+    results = _run_threads(
+        [lambda i=i: M.publish_version(str(root), manifests[i], tmp_path / f"w{i}") for i in range(2)]
+    )
     ok = [r for r in results if isinstance(r, M.Manifest)]
     errors = [r for r in results if isinstance(r, Exception)]
     assert len(ok) == 1 and len(errors) == 1, results
@@ -182,7 +184,9 @@ def test_a_live_publishers_claim_is_respected(tmp_path):
     import time
 
     root = tmp_path / "root"
-    _claim(root, "v1", owner="other", pid=os.getpid(), host=socket.gethostname(), started=time.time(), updated=time.time())
+    _claim(
+        root, "v1", owner="other", pid=os.getpid(), host=socket.gethostname(), started=time.time(), updated=time.time()
+    )
     with pytest.raises(ConfigError, match=r"'v1' is being published .* by pid \d+"):
         M.publish_version(str(root), build(tmp_path / "b", "v1"), tmp_path / "b")
     assert M.list_versions(str(root)) == [] and M.read_latest(str(root)) is None
@@ -214,10 +218,13 @@ def test_loaded_files_are_memory_mapped_not_read_whole(tmp_path):
     assert loaded.shards[0].index().ntotal == 20
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"v1\xff\xfe\n", r"LATEST: not valid UTF-8 \(byte 0xff at offset 2\)"),
-    (b"../../etc\n", r"LATEST: names an invalid version '\.\./\.\./etc'"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"v1\xff\xfe\n", r"LATEST: not valid UTF-8 \(byte 0xff at offset 2\)"),
+        (b"../../etc\n", r"LATEST: names an invalid version '\.\./\.\./etc'"),
+    ],
+)
 def test_a_latest_that_is_not_a_version_name_is_an_integrity_error(tmp_path, body, message):
     root = tmp_path / "root"
     M.publish_version(str(root), build(tmp_path / "b", "v1"), tmp_path / "b")

@@ -75,7 +75,7 @@ def test_build_search_serialize(factory, n, d, train_sample, min_recall, metric)
 @pytest.mark.parametrize("factory,exact", [("Flat", True), ("HNSW16", True), ("IVF8,Flat", True), ("IVF8,PQ4", False)])
 def test_reconstruct_by_row_id(factory, exact):
     xb = clustered(600, 16)
-    ids = (np.arange(600, dtype=np.int64) * 7 + (3 << 40))  # shard-3 style ids
+    ids = np.arange(600, dtype=np.int64) * 7 + (3 << 40)  # shard-3 style ids
     index = S.deserialize_index(S.serialize_index(S.build_shard_index(xb, ids, factory=factory, train_sample=600)))
     pick = np.array([5, 0, 599, 42])
     got = S.reconstruct(index, ids[pick])
@@ -131,7 +131,10 @@ def test_merge_topk_matches_sorting_the_union():
         parts.append((scores, rng.integers(0, 1000, (b, k)) + s * 10_000))
     top_s, top_i, top_shard = merge_topk(parts, k)
     for q in range(b):  # brute force: all (score, id, shard) triples, sorted
-        union = sorted(((float(p[0][q, j]), int(p[1][q, j]), s) for s, p in enumerate(parts) for j in range(k)), key=lambda t: -t[0])[:k]
+        union = sorted(
+            ((float(p[0][q, j]), int(p[1][q, j]), s) for s, p in enumerate(parts) for j in range(k)),
+            key=lambda t: -t[0],
+        )[:k]
         assert top_s[q].tolist() == pytest.approx([u[0] for u in union])
         assert top_i[q].tolist() == [u[1] for u in union]
         assert top_shard[q].tolist() == [u[2] for u in union]
@@ -146,7 +149,7 @@ def test_shards_sharing_one_trained_quantizer_merge_to_the_exact_answer():
     trained = S.train_index(xb, factory="IVF8,Flat", train_sample=900)
     parts = np.array_split(np.arange(900), 3)
     results = []
-    for s, rows in enumerate(parts):
+    for rows in parts:
         index = S.build_shard_index(xb[rows], rows.astype(np.int64), trained_index=trained)
         assert index.ntotal == len(rows)
         S.set_search_params(index, nprobe=8)

@@ -176,13 +176,29 @@ def test_search_mode_thresholds_and_auto_opens_small_versions_locally(tmp_path):
 
 
 def test_encoder_pool_is_sized_from_the_cluster():
-    assert encoder_pool(None, 1.0, None, None, {"CPU": 16}) == {"num_actors": 14, "actor_num_gpus": 0.0, "torch_threads": 1}
-    assert encoder_pool(None, 4.0, None, None, {"CPU": 16}) == {"num_actors": 2, "actor_num_gpus": 0.0, "torch_threads": 4}
-    assert encoder_pool(None, 0.5, None, None, {"CPU": 1}) == {"num_actors": 1, "actor_num_gpus": 0.0, "torch_threads": 1}
+    assert encoder_pool(None, 1.0, None, None, {"CPU": 16}) == {
+        "num_actors": 14,
+        "actor_num_gpus": 0.0,
+        "torch_threads": 1,
+    }
+    assert encoder_pool(None, 4.0, None, None, {"CPU": 16}) == {
+        "num_actors": 2,
+        "actor_num_gpus": 0.0,
+        "torch_threads": 4,
+    }
+    assert encoder_pool(None, 0.5, None, None, {"CPU": 1}) == {
+        "num_actors": 1,
+        "actor_num_gpus": 0.0,
+        "torch_threads": 1,
+    }
     assert encoder_pool(None, 0.5, None, None, {"CPU": 2})["num_actors"] == 1  # + a 1-CPU read task and tokenising
     assert encoder_pool(None, 4.0, None, None, {"CPU": 64, "GPU": 8})["num_actors"] == 8
     assert encoder_pool(None, 4.0, None, None, {"CPU": 64, "GPU": 8})["actor_num_gpus"] == 1.0
-    assert encoder_pool(3, 2.0, 0.0, 1, {"CPU": 64, "GPU": 8}) == {"num_actors": 3, "actor_num_gpus": 0.0, "torch_threads": 1}
+    assert encoder_pool(3, 2.0, 0.0, 1, {"CPU": 64, "GPU": 8}) == {
+        "num_actors": 3,
+        "actor_num_gpus": 0.0,
+        "torch_threads": 1,
+    }
 
 
 def test_open_index_file_maps_ivf_and_flat_and_reads_small_files(tmp_path):

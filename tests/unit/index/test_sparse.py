@@ -38,12 +38,23 @@ def publish(root: str, tmp: Path, version: str, *, n: int = 40, sparse: bool = T
         ids = (np.int64(s) << 40) + np.arange(len(rows), dtype=np.int64)
         index_name, passages_name = M.shard_file_names(s)
         S.write_index_file(S.build_shard_index(xb[rows], ids), out / index_name)
-        M.write_parquet_atomic(M.passages_table(ids, [f"p{r}" for r in rows], [f"T{r}" for r in rows],
-                                                [texts[r] for r in rows]), out / passages_name)
+        M.write_parquet_atomic(
+            M.passages_table(ids, [f"p{r}" for r in rows], [f"T{r}" for r in rows], [texts[r] for r in rows]),
+            out / passages_name,
+        )
         files.append((out / index_name, out / passages_name, len(rows)))
     sparse_files, params = build_sparse_files(files, out) if sparse else (None, None)
-    m = M.make_manifest(version, encoder_name_or_path="e", pooling="mean", dim=D, metric="ip", faiss_factory="Flat",
-                        shard_files=files, sparse_files=sparse_files, sparse_params=params)
+    m = M.make_manifest(
+        version,
+        encoder_name_or_path="e",
+        pooling="mean",
+        dim=D,
+        metric="ip",
+        faiss_factory="Flat",
+        shard_files=files,
+        sparse_files=sparse_files,
+        sparse_params=params,
+    )
     return M.publish_version(root, m, out)
 
 

@@ -130,13 +130,21 @@ def publish_ivf(tmp_path, search_defaults=None):
     files = []
     out = tmp_path / "files"
     out.mkdir()
-    for s, (index, x, ids) in enumerate(shards):
+    for s, (index, _x, ids) in enumerate(shards):
         ipath, ppath = out / f"shard-{s:05d}.faiss", out / f"shard-{s:05d}.parquet"
         S.write_index_file(index, ipath)
         M.write_parquet_atomic(M.passages_table(ids, [f"p{i}" for i in ids], [""] * len(ids), [""] * len(ids)), ppath)
         files.append((ipath, ppath, len(ids)))
-    manifest = M.make_manifest("v1", encoder_name_or_path="x", pooling="mean", dim=D, metric="ip",
-                               faiss_factory="IVF64,Flat", shard_files=files, search_defaults=search_defaults)
+    manifest = M.make_manifest(
+        "v1",
+        encoder_name_or_path="x",
+        pooling="mean",
+        dim=D,
+        metric="ip",
+        faiss_factory="IVF64,Flat",
+        shard_files=files,
+        search_defaults=search_defaults,
+    )
     M.publish_version(str(tmp_path / "root"), manifest, out)
     return xb, shards
 

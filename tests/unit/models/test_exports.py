@@ -32,8 +32,12 @@ class FakeModel:
 
 def _checkpoint(tmp_path: Path, step: int, name: str | None = None) -> Path:
     out = tmp_path / (name or f"ckpt-{step}")
-    write_checkpoint(out, models={"generator": FakeModel(step), "query_encoder": FakeModel(step + 1)}, step=step,
-                     config_yaml="train:\n  steps: 1\n")
+    write_checkpoint(
+        out,
+        models={"generator": FakeModel(step), "query_encoder": FakeModel(step + 1)},
+        step=step,
+        config_yaml="train:\n  steps: 1\n",
+    )
     return out
 
 
@@ -107,8 +111,12 @@ def test_a_crash_before_the_pointer_leaves_nothing_loadable_as_complete(tmp_path
         export_checkpoint(src, str(root))
     monkeypatch.undo()
     assert not (root / POINTER).exists()
-    for load in (lambda: read_checkpoint(root), lambda: fetch_model_dir(str(root / "generator")),
-                 lambda: resolve_model_path(str(root / "generator")), lambda: model_folders(str(root))):
+    for load in (
+        lambda: read_checkpoint(root),
+        lambda: fetch_model_dir(str(root / "generator")),
+        lambda: resolve_model_path(str(root / "generator")),
+        lambda: model_folders(str(root)),
+    ):
         with pytest.raises(DataError, match=r"final: incomplete model export \(no LATEST pointer"):
             load()
 
@@ -196,15 +204,26 @@ def test_serve_config_reads_models_from_the_export_and_refuses_an_incomplete_one
     root = tmp_path / "final"
     export_checkpoint(_checkpoint(tmp_path, 3), str(root))
     args = app_args_from_config(load_config(overrides=[f"serve.model_dir={root}"]))
-    assert args["generator"] == str(root / "generator") and args["query_encoder"]["name_or_path"] == str(root / "query_encoder")
+    assert args["generator"] == str(root / "generator") and args["query_encoder"]["name_or_path"] == str(
+        root / "query_encoder"
+    )
     assert not {"aws_access_key_id", "aws_secret_access_key", "aws_session_token"} & set(args["s3"] or {})
     (root / POINTER).unlink()
     with pytest.raises(DataError, match="incomplete model export"):
         app_args_from_config(load_config(overrides=[f"serve.model_dir={root}"]))
 
 
-@pytest.mark.parametrize("storage, name", [("s3://b/runs/../x", "r"), ("s3://b//runs", "r"), ("s3://b/runs", "../r"),
-                                           ("s3://b/runs", "/abs"), ("s3://b/runs", ""), ("/tmp/runs", "a/../../r")])
+@pytest.mark.parametrize(
+    "storage, name",
+    [
+        ("s3://b/runs/../x", "r"),
+        ("s3://b//runs", "r"),
+        ("s3://b/runs", "../r"),
+        ("s3://b/runs", "/abs"),
+        ("s3://b/runs", ""),
+        ("/tmp/runs", "a/../../r"),
+    ],
+)
 def test_run_paths_refuse_unsafe_s3_prefixes_and_names(storage, name):
     """Every S3 path training derives (Ray Train's storage path, the run's URI, its local scratch
     folder) goes through raggen.storage's safe-name check."""
@@ -214,7 +233,7 @@ def test_run_paths_refuse_unsafe_s3_prefixes_and_names(storage, name):
         run_uri(storage, name)
     with pytest.raises(ValueError, match="unsafe|empty"):
         local_run_dir(storage, name)
-    if "//" in storage[len("s3://"):] or ".." in storage:
+    if "//" in storage[len("s3://") :] or ".." in storage:
         with pytest.raises(ValueError, match="unsafe S3 prefix"):
             storage_target(storage, {"endpoint_url": "http://127.0.0.1:1"})
 

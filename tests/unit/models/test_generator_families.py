@@ -209,8 +209,9 @@ def test_cached_sequence_logprob_equals_teacher_forcing_and_the_cache_is_not_gro
 
 
 def _kw(gen: Generator, max_new_tokens: int, num_beams: int = 1) -> dict:
-    return dict(bos_id=gen.bos_id, eos_id=gen.eos_id, pad_id=gen.pad_id, max_new_tokens=max_new_tokens,
-                num_beams=num_beams)
+    return dict(
+        bos_id=gen.bos_id, eos_id=gen.eos_id, pad_id=gen.pad_id, max_new_tokens=max_new_tokens, num_beams=num_beams
+    )
 
 
 def _until_eos(ids: list[int], eos_id: int) -> list[int]:
@@ -230,8 +231,15 @@ def test_greedy_rag_decoding_with_one_passage_equals_hf_generate(generators, nam
     ids = torch.tensor([[gen.pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        hf = gen.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, num_beams=1,
-                                eos_token_id=gen.eos_id, pad_token_id=gen.pad_id)
+        hf = gen.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=5,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=gen.eos_id,
+            pad_token_id=gen.pad_id,
+        )
     for b in range(2):
         assert out.best_tokens[b] == _until_eos(hf[b, width:].tolist(), gen.eos_id)
 
@@ -245,13 +253,15 @@ def test_thorough_scores_equal_marginals_computed_by_hand(generators, name):
     def score(rows, targets, mask):
         return gen.sequence_logprob(encoded, rows, targets.masked_fill(~mask, gen.pad_id))
 
-    out = rag_sequence_thorough_generate(gen.step_fn(encoded), doc_logprobs, sequence_logprob=score,
-                                         **_kw(gen, 3, num_beams=2))
+    out = rag_sequence_thorough_generate(
+        gen.step_fn(encoded), doc_logprobs, sequence_logprob=score, **_kw(gen, 3, num_beams=2)
+    )
     for b in range(2):
         assert len(out.tokens[b]) >= 2
         for y, got in zip(out.tokens[b], out.scores[b]):
-            joint = [doc_logprobs[b, k] + hf_token_logprobs(gen, QUESTIONS[b], PASSAGES[b][k], y).sum()
-                     for k in range(2)]
+            joint = [
+                doc_logprobs[b, k] + hf_token_logprobs(gen, QUESTIONS[b], PASSAGES[b][k], y).sum() for k in range(2)
+            ]
             assert got == pytest.approx(torch.stack(joint).logsumexp(0).item(), abs=1e-4)
 
 

@@ -124,5 +124,3 @@ def test_trained_passage_encoder_forward_keeps_the_graph_in_pair_format(dpr_dirs
     assert grads and any(g.abs().sum() > 0 for g in grads)
     with torch.no_grad():
         torch.testing.assert_close(vecs.detach(), enc.eval().encode_passages(TITLES, TEXTS), atol=1e-5, rtol=1e-5)
-
-

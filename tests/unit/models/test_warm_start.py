@@ -19,8 +19,12 @@ def test_bart_encoder_equals_the_bert_encoder(tmp_path, layers):
     bart = BartForConditionalGeneration.from_pretrained(path).eval()
     bert = AutoModel.from_pretrained(str(bundled_minilm_path())).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    batch = tok(["Radusk Mills has its headquarters in Fofobid.", "a short one"], padding=True, return_tensors="pt",
-                return_token_type_ids=False)
+    batch = tok(
+        ["Radusk Mills has its headquarters in Fofobid.", "a short one"],
+        padding=True,
+        return_tensors="pt",
+        return_token_type_ids=False,
+    )
     with torch.no_grad():
         got = bart.model.encoder(**batch).last_hidden_state
         states = bert(**batch, output_hidden_states=True).hidden_states

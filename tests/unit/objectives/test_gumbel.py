@@ -140,8 +140,13 @@ def test_gumbel_rerank_loss_is_the_masked_answer_nll():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(k=0, tau=1.0), dict(k=9, tau=1.0), dict(k=2, tau=0.0), dict(k=2, tau=1.0, method="top"),
-     dict(k=2, tau=1.0, noise=torch.zeros(3, 3))],
+    [
+        dict(k=0, tau=1.0),
+        dict(k=9, tau=1.0),
+        dict(k=2, tau=0.0),
+        dict(k=2, tau=1.0, method="top"),
+        dict(k=2, tau=1.0, noise=torch.zeros(3, 3)),
+    ],
 )
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):

@@ -84,11 +84,13 @@ def test_mis_is_reproducible_and_builds_no_graph():
 
 @pytest.mark.parametrize(
     ("args", "kwargs"),
-    [((TARGET.expand(2, -1), PROPOSAL.expand(3, -1), 4), {}),
-     ((TARGET.expand(2, -1), PROPOSAL.expand(2, -1), 0), {}),
-     ((TARGET.expand(2, -1), PROPOSAL.expand(2, -1), 3), {"init": torch.tensor([0, 6])}),
-     ((TARGET.expand(2, -1), PROPOSAL.expand(2, -1), 3), {"init": torch.tensor([0])}),
-     ((TARGET, PROPOSAL, 3), {})],
+    [
+        ((TARGET.expand(2, -1), PROPOSAL.expand(3, -1), 4), {}),
+        ((TARGET.expand(2, -1), PROPOSAL.expand(2, -1), 0), {}),
+        ((TARGET.expand(2, -1), PROPOSAL.expand(2, -1), 3), {"init": torch.tensor([0, 6])}),
+        ((TARGET.expand(2, -1), PROPOSAL.expand(2, -1), 3), {"init": torch.tensor([0])}),
+        ((TARGET, PROPOSAL, 3), {}),
+    ],
 )
 def test_mis_bad_input_raises(args, kwargs):
     with pytest.raises(ValueError):

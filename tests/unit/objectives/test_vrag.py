@@ -108,8 +108,13 @@ def test_padded_candidates_change_nothing():
     valid = torch.cat([torch.ones_like(prior, dtype=torch.bool), torch.zeros_like(pad, dtype=torch.bool)], 1)
     seq_padded = torch.cat([seq, torch.full_like(pad, float("nan"))], 1)
     for topk in (2, 4, 5):  # 5 > valid count: the padding slot picked by top-k still gets q = 0
-        padded, _ = vrag_loss(torch.cat([prior, pad], 1), torch.cat([posterior, pad], 1), seq_padded,
-                              posterior_topk=topk, candidate_mask=valid)
+        padded, _ = vrag_loss(
+            torch.cat([prior, pad], 1),
+            torch.cat([posterior, pad], 1),
+            seq_padded,
+            posterior_topk=topk,
+            candidate_mask=valid,
+        )
         plain, _ = vrag_loss(prior, posterior, seq, posterior_topk=min(topk, 4))
         assert padded.item() == pytest.approx(plain.item(), rel=1e-12)
 
@@ -126,8 +131,13 @@ def test_temperature_and_length_normalisation_options():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(posterior_topk=0), dict(posterior_topk=7), dict(posterior_topk=2, beta=-1.0),
-     dict(posterior_topk=2, num_samples=-1), dict(posterior_topk=2, temperature=0.0)],
+    [
+        dict(posterior_topk=0),
+        dict(posterior_topk=7),
+        dict(posterior_topk=2, beta=-1.0),
+        dict(posterior_topk=2, num_samples=-1),
+        dict(posterior_topk=2, temperature=0.0),
+    ],
 )
 def test_bad_arguments_raise(kwargs):
     prior, posterior, tok, mask = _case(17)

@@ -30,11 +30,13 @@ def check_against(brute: list[dict[int, float]], ids: np.ndarray, scores: np.nda
             if rid >= 0:
                 assert full[rid] == pytest.approx(s, rel=1e-6)
         assert len(set(r for r in ids[q].tolist() if r >= 0)) == len(got)  # no id twice
-        assert (ids[q, len(got):] == -1).all()
+        assert (ids[q, len(got) :] == -1).all()
 
 
-@pytest.mark.parametrize("seed, c, k, weights, drop", [(0, 20, 10, (1.0, 1.0), 0.0), (1, 30, 5, (0.7, 0.3), 0.3),
-                                                       (2, 5, 10, (0.5, 0.5), 0.5)])
+@pytest.mark.parametrize(
+    "seed, c, k, weights, drop",
+    [(0, 20, 10, (1.0, 1.0), 0.0), (1, 30, 5, (0.7, 0.3), 0.3), (2, 5, 10, (0.5, 0.5), 0.5)],
+)
 def test_rrf_equals_brute_force(seed, c, k, weights, drop):
     rng = np.random.default_rng(seed)
     b, rrf_k = 7, 60.0

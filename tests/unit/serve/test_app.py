@@ -53,11 +53,11 @@ def test_raggen_config_becomes_valid_app_args(config_file):
     from raggen.config import load_config
     from raggen.serve.app import parse_app_args
 
-    cfg = load_config(REPO / "configs" / config_file if config_file else None,
-                      ["serve.s3.endpoint_url=http://127.0.0.1:9000", "serve.s3.region=eu-west-1"])
+    cfg = load_config(
+        REPO / "configs" / config_file if config_file else None,
+        ["serve.s3.endpoint_url=http://127.0.0.1:9000", "serve.s3.region=eu-west-1"],
+    )
     args = parse_app_args(app_args_from_config(cfg))
     assert args.index == cfg.serve.index and args.max_top_k == cfg.serve.max_top_k
     assert args.s3 == {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1", "max_attempts": 5}
     assert args.max_target_length > args.max_new_tokens  # room for the answer and its EOS
-
-

@@ -24,9 +24,12 @@ class EchoService:
     async def answer(self, req: AnswerRequest) -> dict:
         if self.fail is not None:
             raise self.fail
-        return {"answer": f"{req.decoding}/{req.top_k}/{req.max_new_tokens}",
-                "passages": [{"id": "p1", "title": "T", "text": "t", "score": 1.5}],
-                "index_version": "v1", "timings_ms": {"total": 1.0}}
+        return {
+            "answer": f"{req.decoding}/{req.top_k}/{req.max_new_tokens}",
+            "passages": [{"id": "p1", "title": "T", "text": "t", "score": 1.5}],
+            "index_version": "v1",
+            "timings_ms": {"total": 1.0},
+        }
 
     async def index_info(self) -> dict:
         if self.fail is not None:
@@ -38,17 +41,20 @@ def client(service=None, token=None) -> TestClient:
     return TestClient(build_http_api(service or EchoService(), LIMITS, token))
 
 
-@pytest.mark.parametrize("body, field", [
-    ({}, "question"),
-    ({"question": ""}, "question"),
-    ({"question": "x" * 51}, "question"),
-    ({"question": "q", "top_k": 0}, "top_k"),
-    ({"question": "q", "top_k": 6}, "top_k"),
-    ({"question": "q", "top_k": "three"}, "top_k"),
-    ({"question": "q", "decoding": "beam"}, "decoding"),
-    ({"question": "q", "max_new_tokens": 9}, "max_new_tokens"),
-    ([1, 2], "body"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "question"),
+        ({"question": ""}, "question"),
+        ({"question": "x" * 51}, "question"),
+        ({"question": "q", "top_k": 0}, "top_k"),
+        ({"question": "q", "top_k": 6}, "top_k"),
+        ({"question": "q", "top_k": "three"}, "top_k"),
+        ({"question": "q", "decoding": "beam"}, "decoding"),
+        ({"question": "q", "max_new_tokens": 9}, "max_new_tokens"),
+        ([1, 2], "body"),
+    ],
+)
 def test_invalid_answer_requests_get_422_naming_the_field(body, field):
     c = client()
     r = c.post("/v1/answer", json=body)
@@ -79,8 +85,10 @@ def test_defaults_and_success_body():
 def test_token_guards_every_route_but_healthz():
     c = client(token="s3cret")
     assert c.get("/healthz").status_code == 200
-    calls = {"/v1/index": lambda **kw: c.get("/v1/index", **kw),
-             "/v1/answer": lambda **kw: c.post("/v1/answer", json={"question": "q"}, **kw)}
+    calls = {
+        "/v1/index": lambda **kw: c.get("/v1/index", **kw),
+        "/v1/answer": lambda **kw: c.post("/v1/answer", json={"question": "q"}, **kw),
+    }
     for path, call in calls.items():
         r = call()
         assert r.status_code == 401 and "authorization" in r.json()["error"], path
@@ -102,8 +110,8 @@ def test_service_failures_are_one_line_errors_without_internals():
     shown = client(EchoService(fail=NoIndexError("no verified index (last error: /secret/root)")), token="t")
     r = shown.get("/v1/index", headers={"Authorization": "Bearer t"})  # an authenticated caller sees why
     assert r.status_code == 503 and "/secret/root" in r.json()["error"]
-    r = client(EchoService(fail=RuntimeError("boom /etc/raggen\nsecond line"))).post("/v1/answer", json={"question": "q"})
+    r = client(EchoService(fail=RuntimeError("boom /etc/raggen\nsecond line"))).post(
+        "/v1/answer", json={"question": "q"}
+    )
     assert r.status_code == 500 and r.json()["error"] == "server: internal error"
     assert r.json()["request_id"] and "RuntimeError" not in r.text and "boom" not in r.text
-
-

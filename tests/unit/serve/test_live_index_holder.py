@@ -39,7 +39,7 @@ def test_holder_swaps_refuses_and_follows_latest():
     store = Store()
     holder = IndexHolder(store.load, lambda root: store.latest, retry_backoff_s=0.0)
     with pytest.raises(NoIndexError):
-        holder.live
+        _ = holder.live
     store.corrupt.add("v0")
     store.latest = "v0"
     with pytest.raises(IndexIntegrityError):  # nothing to fall back to: the replica must fail
@@ -89,8 +89,14 @@ class Flaky(Store):
 
 
 def _holder(store: Flaky) -> IndexHolder:
-    return IndexHolder(store.load, lambda root: store.latest, store.newest_first, retry_attempts=3,
-                       retry_backoff_s=0.0, max_backoff_s=0.0)
+    return IndexHolder(
+        store.load,
+        lambda root: store.latest,
+        store.newest_first,
+        retry_attempts=3,
+        retry_backoff_s=0.0,
+        max_backoff_s=0.0,
+    )
 
 
 def test_transient_errors_are_retried_and_never_refused():
@@ -178,10 +184,12 @@ def test_holder_watcher_thread_cancel_and_unreadable_latest():
 
 def test_index_user_config_rules():
     assert IndexUserConfig(index="/i").model_dump() == {
-        "index": "/i", "version": None, "watch_latest": False, "watch_interval_s": 10.0}
+        "index": "/i",
+        "version": None,
+        "watch_latest": False,
+        "watch_interval_s": 10.0,
+    }
     with pytest.raises(ValidationError, match="only one"):
         IndexUserConfig(index="/i", version="v1", watch_latest=True)
     with pytest.raises(ValidationError):
         IndexUserConfig(index="/i", bogus=1)
-
-

@@ -111,15 +111,22 @@ def test_holder_reports_swaps_and_refusals():
             raise IndexIntegrityError(f"{root}/{version}: sha256 mismatch")
         return _live(version or "v1")
 
-    holder = IndexHolder(load, lambda root: "v1",
-                         on_swap=lambda old, new: events.append(("swap", old and old.version, new.version)),
-                         on_refuse=lambda msg: events.append(("refuse", msg.split(":")[0])))
+    holder = IndexHolder(
+        load,
+        lambda root: "v1",
+        on_swap=lambda old, new: events.append(("swap", old and old.version, new.version)),
+        on_refuse=lambda msg: events.append(("refuse", msg.split(":")[0])),
+    )
     assert holder.configure("/idx")
     assert holder.swap_to("/idx", "v2") and holder.swap_to("/idx", "v2")  # the second is a no-op
     assert not holder.swap_to("/idx", "v3")
     holder.refuse("invalid Retriever user_config")
-    assert events == [("swap", None, "v1"), ("swap", "v1", "v2"), ("refuse", "refused /idx version v3"),
-                      ("refuse", "invalid Retriever user_config")]
+    assert events == [
+        ("swap", None, "v1"),
+        ("swap", "v1", "v2"),
+        ("refuse", "refused /idx version v3"),
+        ("refuse", "invalid Retriever user_config"),
+    ]
 
     def broken(*args) -> None:
         raise RuntimeError("metrics down")
@@ -171,12 +178,15 @@ def test_index_metrics_label_the_live_version(fake_metrics):
 def test_http_stage_and_batch_metrics(fake_metrics):
     http = serve_metrics.HttpMetrics()
     http.request("/v1/answer", "POST", 200, 12.5)
-    assert fake_metrics[serve_metrics.HTTP_REQUESTS].calls == [(1, {"route": "/v1/answer", "method": "POST",
-                                                                     "status": "200"})]
+    assert fake_metrics[serve_metrics.HTTP_REQUESTS].calls == [
+        (1, {"route": "/v1/answer", "method": "POST", "status": "200"})
+    ]
     assert fake_metrics[serve_metrics.HTTP_LATENCY].calls == [(12.5, {"route": "/v1/answer"})]
     serve_metrics.StageMetrics().observe({"retrieve": 3.0, "generate": 40.0, "total": 44.0})
-    assert fake_metrics[serve_metrics.STAGE_LATENCY].calls == [(3.0, {"stage": "retrieve"}),
-                                                               (40.0, {"stage": "generate"})]
+    assert fake_metrics[serve_metrics.STAGE_LATENCY].calls == [
+        (3.0, {"stage": "retrieve"}),
+        (40.0, {"stage": "generate"}),
+    ]
     serve_metrics.BatchMetrics("generate").observe(4)
     assert fake_metrics[serve_metrics.BATCH_SIZE].calls == [(4.0, {"stage": "generate"})]
     names = [m.name for m in fake_metrics.values()]

@@ -28,8 +28,14 @@ class StreamingService:
 
     async def answer(self, req: AnswerRequest) -> dict:
         self.requests.append(req)
-        return {"answer": "".join(PIECES), "passages": PASSAGES, "index_version": "v7",
-                "timings_ms": {"total": 1.0}, "finish_reason": "stop", "completion_tokens": 5}
+        return {
+            "answer": "".join(PIECES),
+            "passages": PASSAGES,
+            "index_version": "v7",
+            "timings_ms": {"total": 1.0},
+            "finish_reason": "stop",
+            "completion_tokens": 5,
+        }
 
     async def answer_stream(self, req: AnswerRequest):
         self.requests.append(req)
@@ -40,8 +46,14 @@ class StreamingService:
             if self.fail_at == "delta" and n == 2:
                 raise RuntimeError("decoder died\ntraceback")
             yield {"type": "delta", "text": piece}
-        yield {"type": "end", "finish_reason": "length", "completion_tokens": 5, "passages": PASSAGES,
-               "index_version": "v7", "timings_ms": {"retrieve": 1.0, "generate": 2.0, "total": 3.0}}
+        yield {
+            "type": "end",
+            "finish_reason": "length",
+            "completion_tokens": 5,
+            "passages": PASSAGES,
+            "index_version": "v7",
+            "timings_ms": {"retrieve": 1.0, "generate": 2.0, "total": 3.0},
+        }
 
     async def index_info(self) -> dict:
         return {"version": "v7", "index": "/idx", "num_passages": 1, "loaded_at": 0.0}
@@ -51,12 +63,16 @@ def _app(service=None, token: str | None = "tok") -> TestClient:
     return TestClient(build_http_api(service or StreamingService(), LIMITS, token))
 
 
-def _client(http: TestClient, key: str = "tok") -> "openai.OpenAI":
+def _client(http: TestClient, key: str = "tok") -> openai.OpenAI:
     return openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=http, max_retries=0)
 
 
-USER = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "old question"},
-        {"role": "assistant", "content": "old answer"}, {"role": "user", "content": "Where is the mill?"}]
+USER = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "old question"},
+    {"role": "assistant", "content": "old answer"},
+    {"role": "user", "content": "Where is the mill?"},
+]
 
 
 def test_completion_echoes_model_and_carries_the_evidence():
@@ -66,11 +82,20 @@ def test_completion_echoes_model_and_carries_the_evidence():
     assert completion.choices[0].message.content == "The mill is in Ost"
     assert completion.choices[0].message.role == "assistant" and completion.choices[0].finish_reason == "stop"
     assert completion.id.startswith("chatcmpl-")
-    assert completion.model_extra["raggen"] == {"passages": PASSAGES, "index_version": "v7", "timings_ms": {"total": 1.0}}
+    assert completion.model_extra["raggen"] == {
+        "passages": PASSAGES,
+        "index_version": "v7",
+        "timings_ms": {"total": 1.0},
+    }
     (req,) = service.requests
     # the last user message is the question; max_tokens -> max_new_tokens; service defaults fill the rest
     assert (req.question, req.max_new_tokens, req.top_k, req.num_beams, req.decoding) == (
-        "Where is the mill?", 4, 3, 2, "rag-token")
+        "Where is the mill?",
+        4,
+        3,
+        2,
+        "rag-token",
+    )
 
 
 def test_answer_route_keeps_its_contract():
@@ -84,13 +109,22 @@ def test_answer_route_keeps_its_contract():
 def test_raggen_options_and_text_parts():
     service = StreamingService()
     _client(_app(service)).chat.completions.create(
-        model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "Where is "},
-                                                          {"type": "text", "text": "the mill?"}]}],
-        max_completion_tokens=3, temperature=0.0, extra_body={"raggen": {"top_k": 5, "num_beams": 1,
-                                                                        "decoding": "rag-sequence-fast"}})
+        model="m",
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "Where is "}, {"type": "text", "text": "the mill?"}]}
+        ],
+        max_completion_tokens=3,
+        temperature=0.0,
+        extra_body={"raggen": {"top_k": 5, "num_beams": 1, "decoding": "rag-sequence-fast"}},
+    )
     (req,) = service.requests
     assert (req.question, req.max_new_tokens, req.top_k, req.num_beams, req.decoding) == (
-        "Where is the mill?", 3, 5, 1, "rag-sequence-fast")
+        "Where is the mill?",
+        3,
+        5,
+        1,
+        "rag-sequence-fast",
+    )
 
 
 def test_stream_is_server_sent_chunks_ending_with_done():
@@ -100,12 +134,18 @@ def test_stream_is_server_sent_chunks_ending_with_done():
     assert [c.choices[0].delta.content for c in chunks[1:-1]] == PIECES  # one chunk per piece
     first, last = chunks[0], chunks[-1]
     assert first.choices[0].delta.role == "assistant" and first.model_extra["raggen"] == {
-        "passages": PASSAGES, "index_version": "v7"}
+        "passages": PASSAGES,
+        "index_version": "v7",
+    }
     assert last.choices[0].finish_reason == "length" and last.model_extra["raggen"]["timings_ms"]["total"] == 3.0
     assert all(c.object == "chat.completion.chunk" and c.model == "m" and c.id == first.id for c in chunks)
     # on the wire: SSE data lines, the last one [DONE]
-    with http.stream("POST", "/v1/chat/completions", headers={"Authorization": "Bearer tok"},
-                     json={"model": "m", "messages": USER, "stream": True}) as r:
+    with http.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers={"Authorization": "Bearer tok"},
+        json={"model": "m", "messages": USER, "stream": True},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
@@ -121,23 +161,29 @@ def test_auth_is_the_same_as_the_other_routes():
     assert _app(token=None).post("/v1/chat/completions", json={"model": "m", "messages": USER}).status_code == 200
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"model": "m", "messages": USER, "max_tokens": 9}, "max_tokens"),
-    ({"model": "m", "messages": USER, "max_completion_tokens": 9}, "max_completion_tokens"),
-    ({"model": "m", "messages": USER, "max_tokens": 0}, "max_tokens"),
-    ({"model": "m", "messages": [{"role": "system", "content": "hi"}]}, "messages"),
-    ({"model": "m", "messages": []}, "messages"),
-    ({"model": "m", "messages": [{"role": "user", "content": "  "}]}, "messages"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x" * 51}]}, "messages"),
-    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
-    ({"messages": USER}, "model"),
-    ({"model": "m", "messages": USER, "n": 2}, "n"),
-    ({"model": "m", "messages": USER, "stream": "yes"}, "stream"),
-    ({"model": "m", "messages": USER, "raggen": {"top_k": 6}}, "raggen.top_k"),
-    ({"model": "m", "messages": USER, "raggen": {"num_beams": 3}}, "raggen.num_beams"),
-    ({"model": "m", "messages": USER, "raggen": {"decoding": "greedy"}}, "raggen.decoding"),
-    ({"model": "m", "messages": USER, "raggen": {"topk": 2}}, "raggen.topk"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"model": "m", "messages": USER, "max_tokens": 9}, "max_tokens"),
+        ({"model": "m", "messages": USER, "max_completion_tokens": 9}, "max_completion_tokens"),
+        ({"model": "m", "messages": USER, "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "messages": [{"role": "system", "content": "hi"}]}, "messages"),
+        ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m", "messages": [{"role": "user", "content": "  "}]}, "messages"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x" * 51}]}, "messages"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages",
+        ),
+        ({"messages": USER}, "model"),
+        ({"model": "m", "messages": USER, "n": 2}, "n"),
+        ({"model": "m", "messages": USER, "stream": "yes"}, "stream"),
+        ({"model": "m", "messages": USER, "raggen": {"top_k": 6}}, "raggen.top_k"),
+        ({"model": "m", "messages": USER, "raggen": {"num_beams": 3}}, "raggen.num_beams"),
+        ({"model": "m", "messages": USER, "raggen": {"decoding": "greedy"}}, "raggen.decoding"),
+        ({"model": "m", "messages": USER, "raggen": {"topk": 2}}, "raggen.topk"),
+    ],
+)
 def test_invalid_chat_requests_get_422_naming_the_field(body, field):
     r = _app(token=None).post("/v1/chat/completions", json=body)
     assert r.status_code == 422, r.text
@@ -145,8 +191,17 @@ def test_invalid_chat_requests_get_422_naming_the_field(body, field):
 
 
 def test_unknown_openai_fields_are_accepted():
-    body = {"model": "m", "messages": USER, "temperature": 0.2, "top_p": 0.9, "stop": ["\n"], "user": "u1",
-            "seed": 3, "presence_penalty": 0.0, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "m",
+        "messages": USER,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "stop": ["\n"],
+        "user": "u1",
+        "seed": 3,
+        "presence_penalty": 0.0,
+        "stream_options": {"include_usage": True},
+    }
     assert _app(token=None).post("/v1/chat/completions", json=body).status_code == 200
 
 

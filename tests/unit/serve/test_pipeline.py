@@ -25,8 +25,10 @@ def test_rerank_batch_keeps_the_cross_encoders_top_k(tmp_path):
 
     reranker = Reranker.from_pretrained(make_tiny_reranker(str(tmp_path / "rr"))).eval()
     questions = ["where is the mill?", "who owns the ferry?"]
-    candidates = [_hits(["the mill is in Ost", "a ferry crosses", "bread and salt"], [3.0, 2.0, 1.0]),
-                  _hits(["the ferry belongs to Ada", "a quiet river"], [5.0, 4.0])]
+    candidates = [
+        _hits(["the mill is in Ost", "a ferry crosses", "bread and salt"], [3.0, 2.0, 1.0]),
+        _hits(["the ferry belongs to Ada", "a quiet river"], [5.0, 4.0]),
+    ]
     out = rerank_batch(reranker, questions, candidates, [2, 1])
     for q, cands, k, got in zip(questions, candidates, [2, 1], out):  # brute force: one question at a time
         scores = reranker.score([q], [[passage_text(h["title"], h["text"]) for h in cands]])[0]

@@ -79,10 +79,21 @@ def test_model_errors_are_not_retried_and_a_full_queue_is_503():
         RetryPolicy(attempts=0)
 
 
-@pytest.mark.parametrize("host, loopback", [
-    ("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("[::1]", True), ("localhost", True),
-    ("0.0.0.0", False), ("::", False), ("10.0.0.5", False), ("raggen.example.com", False), (None, False),
-])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.5", False),
+        ("raggen.example.com", False),
+        (None, False),
+    ],
+)
 def test_loopback_hosts(host, loopback):
     assert is_loopback(host) is loopback
 
@@ -125,9 +136,17 @@ class Service:
         return {"answer": "a", "passages": [], "index_version": "v1", "timings_ms": {"total": 1.0}}
 
     async def index_info(self) -> dict:
-        return {"version": "v2", "index": "s3://private-bucket/idx", "num_passages": 3, "loaded_at": 0.0,
-                "requested": "s3://private-bucket/idx@v3", "last_error": "refused s3://private-bucket/idx v3: sha256",
-                "latest": "v3", "serving_fallback": True, "replica": "Retriever#a"}
+        return {
+            "version": "v2",
+            "index": "s3://private-bucket/idx",
+            "num_passages": 3,
+            "loaded_at": 0.0,
+            "requested": "s3://private-bucket/idx@v3",
+            "last_error": "refused s3://private-bucket/idx v3: sha256",
+            "latest": "v3",
+            "serving_fallback": True,
+            "replica": "Retriever#a",
+        }
 
 
 def test_bodies_over_the_limit_get_413_before_parsing():
@@ -150,8 +169,10 @@ def test_bodies_over_the_limit_get_413_before_parsing():
 
 def test_overload_is_503_with_retry_after():
     http = TestClient(build_http_api(Service(ServiceUnavailable("generate: overloaded, queue full", 3)), LIMITS, None))
-    for r in (http.post("/v1/answer", json={"question": "q"}),
-              http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "q"}]})):
+    for r in (
+        http.post("/v1/answer", json={"question": "q"}),
+        http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "q"}]}),
+    ):
         assert r.status_code == 503 and r.headers["retry-after"] == "3" and r.json()["request_id"], r.text
 
 
@@ -193,13 +214,26 @@ def test_serve_args_refuse_s3_credentials_and_carry_the_fault_settings():
     for key in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
         with pytest.raises(ConfigError, match=rf"args\.s3.*{key}.*environment"):
             parse_app_args({"index": "/i", "generator": "/g", "s3": {"endpoint_url": "http://x", key: "k"}})
-    cfg = load_config(None, ["serve.retry_attempts=5", "serve.max_queued_requests=7", "serve.retry_after_s=4",
-                             "serve.max_body_bytes=4096", "serve.allow_unauthenticated=true",
-                             "serve.request_timeout_s=30"])
+    cfg = load_config(
+        None,
+        [
+            "serve.retry_attempts=5",
+            "serve.max_queued_requests=7",
+            "serve.retry_after_s=4",
+            "serve.max_body_bytes=4096",
+            "serve.allow_unauthenticated=true",
+            "serve.request_timeout_s=30",
+        ],
+    )
     args = app_args_from_config(cfg)
     a = parse_app_args(args)
-    assert (a.retry_attempts, a.max_queued_requests, a.retry_after_s, a.max_body_bytes, a.allow_unauthenticated) == \
-        (5, 7, 4.0, 4096, True)
+    assert (a.retry_attempts, a.max_queued_requests, a.retry_after_s, a.max_body_bytes, a.allow_unauthenticated) == (
+        5,
+        7,
+        4.0,
+        4096,
+        True,
+    )
     from raggen.app.serving import _deploy_config_of
 
     assert _deploy_config_of(cfg)["http_options"]["request_timeout_s"] == 30
@@ -225,9 +259,11 @@ def test_client_resends_what_a_dead_ingress_or_a_full_queue_refused(monkeypatch)
 
     waits: list[float] = []
     monkeypatch.setattr(client_module.time, "sleep", waits.append)
-    replies = [httpx.Response(500, text="Internal Server Error"),  # Serve's proxy: the Ingress replica died
-               httpx.Response(503, headers={"Retry-After": "3"}, json={"error": "server: overloaded"}),
-               httpx.Response(200, json={"answer": "a", "passages": [], "index_version": "v1", "timings_ms": {}})]
+    replies = [
+        httpx.Response(500, text="Internal Server Error"),  # Serve's proxy: the Ingress replica died
+        httpx.Response(503, headers={"Retry-After": "3"}, json={"error": "server: overloaded"}),
+        httpx.Response(200, json={"answer": "a", "passages": [], "index_version": "v1", "timings_ms": {}}),
+    ]
     seen: list[int] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -246,7 +282,11 @@ def test_client_resends_what_a_dead_ingress_or_a_full_queue_refused(monkeypatch)
     replies[:] = [httpx.Response(503, headers={"Retry-After": "60"}, json={"error": "x"})] * 3
     waits.clear()
     with pytest.raises(ServiceError, match="503"):
-        ask("http://svc", "q", client=http, )
+        ask(
+            "http://svc",
+            "q",
+            client=http,
+        )
     assert waits == [5.0, 5.0]  # bounded: at most max_wait_s per wait, 2 resends
 
 

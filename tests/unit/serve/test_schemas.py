@@ -55,5 +55,3 @@ def test_bearer_parsing():
     assert bearer_token("Bearer abc") == "abc" and bearer_token("bearer  abc ") == "abc"
     assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
     assert is_authorized("Bearer s3cret", "s3cret") and not is_authorized("Bearer s3cre", "s3cret")
-
-

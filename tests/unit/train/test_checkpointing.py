@@ -32,8 +32,15 @@ def test_checkpoint_round_trip(tmp_path):
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
     cache = {"version": 1, "restart_chains": False, "states": {"q1": "p7", "q2": 3}}
-    write_checkpoint(tmp_path / "c", models={"generator": _Saved("g"), "query_encoder": _Saved("q")},
-                     step=12, epoch=1, optimizer=opt, jsa_cache_state=cache, extra={"estimator": "jsa"})
+    write_checkpoint(
+        tmp_path / "c",
+        models={"generator": _Saved("g"), "query_encoder": _Saved("q")},
+        step=12,
+        epoch=1,
+        optimizer=opt,
+        jsa_cache_state=cache,
+        extra={"estimator": "jsa"},
+    )
     state = read_checkpoint(tmp_path / "c")
     assert state.step == 12 and state.epoch == 1 and state.extra["estimator"] == "jsa"
     assert sorted(state.model_dirs) == ["generator", "query_encoder"]
@@ -53,5 +60,3 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
         write_checkpoint(tmp_path / "d", models={}, step=2)
     with pytest.raises(ValueError, match="unknown names"):
         write_checkpoint(tmp_path / "e", models={"decoder": _Saved("x")}, step=1)
-
-

@@ -70,8 +70,6 @@ def test_answers_must_be_a_nonempty_list():
         f1_score("x", "x")
 
 
-
-
 # ----------------------------------------------------------------------------------- recall
 
 
@@ -110,8 +108,6 @@ def test_answer_and_gold_hits():
         recall_at_k([[True]], [0])
 
 
-
-
 # ----------------------------------------------------------------------------------- end to end
 
 
@@ -144,10 +140,19 @@ def tiny_rag(tmp_path_factory):
         ipath, ppath = root / f"s{shard}.faiss", root / f"s{shard}.parquet"
         write_index_file(build_shard_index(xb[rows], rows.astype(np.int64)), ipath)
         sub = psg.iloc[rows]
-        write_parquet_atomic(passages_table(rows, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows]), ppath)
+        write_parquet_atomic(
+            passages_table(rows, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows]), ppath
+        )
         files.append((ipath, ppath, len(rows)))
-    manifest = make_manifest("v1", encoder_name_or_path=str(root / "enc"), pooling="mean", dim=xb.shape[1],
-                             metric="ip", faiss_factory="Flat", shard_files=files)
+    manifest = make_manifest(
+        "v1",
+        encoder_name_or_path=str(root / "enc"),
+        pooling="mean",
+        dim=xb.shape[1],
+        metric="ip",
+        faiss_factory="Flat",
+        shard_files=files,
+    )
     publish_version(str(root / "index"), manifest, root)
     enc.eval()
     gen.eval()
@@ -160,8 +165,10 @@ def test_decodings_agree_when_there_is_one_passage(tiny_rag):
     questions = [ex.question for ex in tiny_rag["world"].test[:3]]
     passages = [[t] for t in tiny_rag["passages"]["text"][:3]]
     doc_lp = torch.zeros(3, 1)
-    outs = {d: generate_answers(tiny_rag["gen"], questions, passages, doc_lp, decoding=d)
-            for d in ("rag-token", "rag-sequence-fast", "rag-sequence-thorough")}
+    outs = {
+        d: generate_answers(tiny_rag["gen"], questions, passages, doc_lp, decoding=d)
+        for d in ("rag-token", "rag-sequence-fast", "rag-sequence-thorough")
+    }
     outs["fid"] = generate_answers(tiny_rag["gen"], questions, passages, doc_lp, fid=True)
     assert len({tuple(v) for v in outs.values()}) == 1, outs
     with pytest.raises(ValueError, match="decoding"):
@@ -181,15 +188,20 @@ def test_evaluate_rag_recall_matches_exact_search_and_em_scores_the_answers(tiny
     xq = enc.encode([ex.question for ex in examples]).numpy()
     order = np.argsort(-(xq @ tiny_rag["xb"].T), axis=1, kind="stable")  # exact search over every passage
     for k in (1, 5):
-        answer = np.mean([any(has_answer(psg["text"].iloc[j], ex.answers) for j in row[:k]) for row, ex in zip(order, examples)])
-        gold = np.mean([any(psg["id"].iloc[j] in ex.gold_passage_ids for j in row[:k]) for row, ex in zip(order, examples)])
+        answer = np.mean(
+            [any(has_answer(psg["text"].iloc[j], ex.answers) for j in row[:k]) for row, ex in zip(order, examples)]
+        )
+        gold = np.mean(
+            [any(psg["id"].iloc[j] in ex.gold_passage_ids for j in row[:k]) for row, ex in zip(order, examples)]
+        )
         assert got[f"recall@{k}"] == pytest.approx(answer)
         assert got[f"gold_recall@{k}"] == pytest.approx(gold)
 
     # answers set to the reader's own outputs on the same top-3 must score EM = F1 = 1
     top = retrieve_for_eval(enc, index, [ex.question for ex in examples], 5)
-    preds = generate_answers(gen, [ex.question for ex in examples], [p[:3] for p in top.passages],
-                             torch.log_softmax(top.scores[:, :3], -1))
+    preds = generate_answers(
+        gen, [ex.question for ex in examples], [p[:3] for p in top.passages], torch.log_softmax(top.scores[:, :3], -1)
+    )
     own = [QAExample(ex.id, ex.question, [p, "something else"], ex.gold_passage_ids) for ex, p in zip(examples, preds)]
     scored = evaluate_rag(own, query_encoder=enc, generator=gen, index=index, top_k=3, ks=(1, 5), batch_size=4)
     assert scored["em"] == 1.0 and scored["f1"] == 1.0

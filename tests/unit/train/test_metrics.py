@@ -42,5 +42,3 @@ def test_bad_metrics_file_is_named(tmp_path):
         read_metrics(path)
     with pytest.raises(DataError, match="no metrics file"):
         plot_metrics(tmp_path / "missing")
-
-

@@ -21,9 +21,18 @@ def test_normalize_answer():
 
 def test_short_pretraining_lowers_the_loss_and_saves_a_loadable_reader(tmp_path):
     out = str(tmp_path / "reader")
-    result = pretrain_reader(out, steps=25, batch_size=8, lr=3e-3, warmup=2, eval_every=25, eval_examples=8,
-                             max_source_length=96, dims={"d_model": 32, "layers": 1, "heads": 2, "ffn": 64},
-                             span_weight=0.5)
+    result = pretrain_reader(
+        out,
+        steps=25,
+        batch_size=8,
+        lr=3e-3,
+        warmup=2,
+        eval_every=25,
+        eval_examples=8,
+        max_source_length=96,
+        dims={"d_model": 32, "layers": 1, "heads": 2, "ffn": 64},
+        span_weight=0.5,
+    )
     rows = [json.loads(line) for line in open(out + ".metrics.jsonl")]
     assert len(rows) == 25 and "heldout_em" in rows[-1]
     assert rows[-1]["span_loss"] < rows[0]["span_loss"]  # the extractive head learns too

@@ -36,18 +36,36 @@ def _write_run(folder, loss0: float, decay: float, seed: int, steps: int = 120, 
     lines = []
     for step in range(1, steps + 1):
         lr = 3e-4 * (step / 10 if step <= 10 else 0.5 * (1 + math.cos(math.pi * (step - 10) / (steps - 10))))
-        lines.append({"step": step, "loss": loss0 * math.exp(-decay * step) + 0.3 + rng.gauss(0, 0.25),
-                      "acceptance_rate": 0.3 + 0.3 * step / steps + rng.gauss(0, 0.05),
-                      "grad_norm": rng.uniform(0.5, 2), "examples_per_s": 12 + rng.gauss(0, 1), "lr": lr})
+        lines.append(
+            {
+                "step": step,
+                "loss": loss0 * math.exp(-decay * step) + 0.3 + rng.gauss(0, 0.25),
+                "acceptance_rate": 0.3 + 0.3 * step / steps + rng.gauss(0, 0.05),
+                "grad_norm": rng.uniform(0.5, 2),
+                "examples_per_s": 12 + rng.gauss(0, 1),
+                "lr": lr,
+            }
+        )
         if step % eval_every == 0:
             em = min(1.0, 0.1 + 0.6 * (1 - math.exp(-decay * step)))
-            lines.append({"event": "eval", "step": step, "eval_em": em, "eval_f1": min(1.0, em + 0.1),
-                          "eval_recall@5": min(1.0, em + 0.25), "eval_num_examples": 50})
+            lines.append(
+                {
+                    "event": "eval",
+                    "step": step,
+                    "eval_em": em,
+                    "eval_f1": min(1.0, em + 0.1),
+                    "eval_recall@5": min(1.0, em + 0.25),
+                    "eval_num_examples": 50,
+                }
+            )
         if step == 50:
             lines.append({"event": "restored", "step": 40})
             lines += [{"step": s, "loss": 99.0} for s in range(41, 51)]  # overwritten by the replay below
-            lines += [dict(lines[i]) for i in range(len(lines)) if 41 <= lines[i].get("step", 0) <= 50
-                      and "event" not in lines[i] and lines[i]["loss"] != 99.0]
+            lines += [
+                dict(lines[i])
+                for i in range(len(lines))
+                if 41 <= lines[i].get("step", 0) <= 50 and "event" not in lines[i] and lines[i]["loss"] != 99.0
+            ]
     text = "\n".join(json.dumps(x) for x in lines) + '\n{"step": 999, "lo'
     (folder / "metrics.jsonl").write_text(text)
     return folder

@@ -44,18 +44,42 @@ def world_index(tmp_path_factory):
         ipath, ppath = root / f"s{shard}.faiss", root / f"s{shard}.parquet"
         write_index_file(build_shard_index(xb[rows], rows.astype(np.int64)), ipath)
         sub = psg.iloc[rows]
-        write_parquet_atomic(passages_table(rows, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows]), ppath)
+        write_parquet_atomic(
+            passages_table(rows, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows]), ppath
+        )
         shard_files.append((ipath, ppath, len(rows)))
-    manifest = make_manifest("v1", encoder_name_or_path=MINILM, pooling="mean", dim=xb.shape[1], metric="ip",
-                             faiss_factory="Flat", shard_files=shard_files)
+    manifest = make_manifest(
+        "v1",
+        encoder_name_or_path=MINILM,
+        pooling="mean",
+        dim=xb.shape[1],
+        metric="ip",
+        faiss_factory="Flat",
+        shard_files=shard_files,
+    )
     publish_version(str(root / "index"), manifest, root)
     generator = make_tiny_generator(str(root / "gen"))
-    sets = [f"world.out_dir={root / 'world'}", f"train.index={root / 'index'}", f"model.generator={generator}",
-            f"model.query_encoder.name_or_path={MINILM}", "model.query_encoder.max_length=64",
-            "train.estimator=rag-sequence", "train.top_k=3", "model.max_target_length=6"]
+    sets = [
+        f"world.out_dir={root / 'world'}",
+        f"train.index={root / 'index'}",
+        f"model.generator={generator}",
+        f"model.query_encoder.name_or_path={MINILM}",
+        "model.query_encoder.max_length=64",
+        "train.estimator=rag-sequence",
+        "train.top_k=3",
+        "model.max_target_length=6",
+    ]
     config = root / "config.yaml"
     config.write_text("# the defaults; the test's --set lines name its world, index and models\nworld: {}\n")
-    return {"root": root, "files": files, "passages": psg, "xb": xb, "encoder": enc, "sets": sets, "config": str(config)}
+    return {
+        "root": root,
+        "files": files,
+        "passages": psg,
+        "xb": xb,
+        "encoder": enc,
+        "sets": sets,
+        "config": str(config),
+    }
 
 
 def _args(sets: list[str]) -> list[str]:
@@ -85,7 +109,9 @@ def check_dpr_results(results, questions, k: int) -> None:
         assert len(entry["ctxs"]) == k
         for ctx in entry["ctxs"]:
             assert set(ctx) == {"id", "title", "text", "score", "has_answer"}
-            assert isinstance(ctx["id"], str) and isinstance(ctx["score"], float) and isinstance(ctx["has_answer"], bool)
+            assert (
+                isinstance(ctx["id"], str) and isinstance(ctx["score"], float) and isinstance(ctx["has_answer"], bool)
+            )
             assert ctx["has_answer"] == has_answer(ctx["text"], ex.answers)
         scores = [c["score"] for c in entry["ctxs"]]
         assert scores == sorted(scores, reverse=True)
@@ -184,14 +210,46 @@ def test_s3_questions_outputs_and_checkpoint(world_index, moto, tmp_path, capsys
     upload_dir(ckpt, "s3://raggen-qa/runs/x/final", moto)
     write_bytes("s3://raggen-qa/data/test.jsonl", world_index["files"].test_jsonl.read_bytes(), moto)
     s3 = [f"train.s3.endpoint_url={moto['endpoint_url']}", "train.s3.region=us-east-1"]
-    local = _retrieve(world_index, capsys, "--qa", str(world_index["files"].test_jsonl), "--out", str(tmp_path / "l.json"),
-                      "-k", "5", "--limit", "6")
+    local = _retrieve(
+        world_index,
+        capsys,
+        "--qa",
+        str(world_index["files"].test_jsonl),
+        "--out",
+        str(tmp_path / "l.json"),
+        "-k",
+        "5",
+        "--limit",
+        "6",
+    )
     world_index = {**world_index, "sets": world_index["sets"] + s3}
-    remote = _retrieve(world_index, capsys, "--qa", "s3://raggen-qa/data/test.jsonl", "--out", "s3://raggen-qa/out/results.json",
-                       "-k", "5", "--limit", "6", "--checkpoint", "s3://raggen-qa/runs/x/final")
+    remote = _retrieve(
+        world_index,
+        capsys,
+        "--qa",
+        "s3://raggen-qa/data/test.jsonl",
+        "--out",
+        "s3://raggen-qa/out/results.json",
+        "-k",
+        "5",
+        "--limit",
+        "6",
+        "--checkpoint",
+        "s3://raggen-qa/runs/x/final",
+    )
     assert remote == local
-    assert json.loads(read_bytes("s3://raggen-qa/out/results.json", moto)) == json.loads((tmp_path / "l.json").read_text())
-    scores = _eval(world_index, capsys, "--limit", "4", "--checkpoint", "s3://raggen-qa/runs/x/final",
-                   "--out", "s3://raggen-qa/out/preds.jsonl")
+    assert json.loads(read_bytes("s3://raggen-qa/out/results.json", moto)) == json.loads(
+        (tmp_path / "l.json").read_text()
+    )
+    scores = _eval(
+        world_index,
+        capsys,
+        "--limit",
+        "4",
+        "--checkpoint",
+        "s3://raggen-qa/runs/x/final",
+        "--out",
+        "s3://raggen-qa/out/preds.jsonl",
+    )
     rows = read_bytes("s3://raggen-qa/out/preds.jsonl", moto).decode().splitlines()
     assert len(rows) == 4 and scores["checkpoint"] == "s3://raggen-qa/runs/x/final"

@@ -9,8 +9,14 @@ from raggen.config import load_config
 from raggen.train.checkpointing import CONFIG_FILE, export_checkpoint, write_checkpoint
 from raggen.train.trainer import save_run_config
 
-OVERRIDES = ["train.name=exp1", "train.lr=1e-4", "train.warmup_steps=5", "train.lr_schedule=cosine",
-             "train.retriever_lr=2e-5", "model.generator=some/reader"]
+OVERRIDES = [
+    "train.name=exp1",
+    "train.lr=1e-4",
+    "train.warmup_steps=5",
+    "train.lr_schedule=cosine",
+    "train.retriever_lr=2e-5",
+    "model.generator=some/reader",
+]
 
 
 def test_config_yaml_round_trips_to_the_same_config(tmp_path):

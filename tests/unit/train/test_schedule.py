@@ -51,8 +51,9 @@ def test_bad_arguments_are_refused():
 
 def test_each_group_gets_its_configured_rate_times_the_multiplier_even_after_a_restore():
     models = {"query_encoder": torch.nn.Linear(2, 2), "generator": torch.nn.Linear(2, 2)}
-    settings = LoopSettings.from_dict({"steps": 10, "lr": 1e-3, "retriever_lr": 1e-4, "warmup_steps": 4,
-                                       "lr_schedule": "cosine"})
+    settings = LoopSettings.from_dict(
+        {"steps": 10, "lr": 1e-3, "retriever_lr": 1e-4, "warmup_steps": 4, "lr_schedule": "cosine"}
+    )
     opt = make_optimizer(models, ("query_encoder", "generator"), settings)
     assert apply_lr_schedule(opt, settings, 1) == pytest.approx(0.5)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-5, 5e-4])

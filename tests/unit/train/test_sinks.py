@@ -13,8 +13,17 @@ from raggen.errors import ConfigError
 from raggen.train.metrics import MetricsWriter
 from raggen.train.sinks import RunUpload, TensorBoardSink, metric_name, require_mlflow, scalars, summary_writer_class
 
-STEP = {"step": 3, "epoch": 0, "time": 1.7e9, "loss": 2.5, "lr": 1e-4, "acceptance_rate": None, "flag": True,
-        "note": "x", "grad_norm": float("nan")}
+STEP = {
+    "step": 3,
+    "epoch": 0,
+    "time": 1.7e9,
+    "loss": 2.5,
+    "lr": 1e-4,
+    "acceptance_rate": None,
+    "flag": True,
+    "note": "x",
+    "grad_norm": float("nan"),
+}
 EVAL = {"event": "eval", "step": 4, "eval_em": 0.25, "eval_recall@5": 0.5, "time": 1.7e9}
 
 
@@ -37,6 +46,7 @@ def _tfrecords(path) -> list[bytes]:
 
 def test_tensorboard_sink_writes_train_and_eval_scalars(tmp_path):
     from tensorboardX.proto import event_pb2  # ray[train] brings tensorboardX
+
     sink = TensorBoardSink(tmp_path / "tb", config_yaml="train:\n  lr: 1\n")
     with MetricsWriter(tmp_path / "metrics.jsonl", sinks=[sink]) as w:
         for step in (1, 2):
@@ -53,8 +63,16 @@ def test_tensorboard_sink_writes_train_and_eval_scalars(tmp_path):
                 got[(value.tag, event.step)] = value.simple_value
             else:
                 texts.append(value.tag)
-    assert got == pytest.approx({("train/loss", 1): 2.0, ("train/lr", 1): 1e-3, ("train/loss", 2): 1.0,
-                                 ("train/lr", 2): 2e-3, ("eval/em", 4): 0.25, ("eval/recall_at_5", 4): 0.5})
+    assert got == pytest.approx(
+        {
+            ("train/loss", 1): 2.0,
+            ("train/lr", 1): 1e-3,
+            ("train/loss", 2): 1.0,
+            ("train/lr", 2): 2e-3,
+            ("eval/em", 4): 0.25,
+            ("eval/recall_at_5", 4): 0.5,
+        }
+    )
     assert any("config" in t for t in texts)
 
 

@@ -80,7 +80,9 @@ def test_one_step_trains_exactly_the_estimators_models(model_dirs, estimator):
     for role, model in models.items():
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         reached = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
-        assert reached == (role in roles), f"{estimator}: gradient reached {role}: {reached}, trains it: {role in roles}"
+        assert reached == (role in roles), (
+            f"{estimator}: gradient reached {role}: {reached}, trains it: {role in roles}"
+        )
     assert all(torch.is_tensor(v) and not v.requires_grad for v in out.diagnostics.values())
 
 

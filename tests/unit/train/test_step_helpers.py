@@ -64,8 +64,10 @@ def test_batch_schedule_is_a_pure_function_of_the_step():
 def test_example_rows_decode_json_answers_and_sort():
     from raggen.train.loop import example_rows
 
-    rows = example_rows([{"id": "b", "question": "q", "answers": json.dumps(["x", "y"])},
-                         {"id": "a", "question": "p", "answers": ["z"]}])
+    rows = example_rows(
+        [
+            {"id": "b", "question": "q", "answers": json.dumps(["x", "y"])},
+            {"id": "a", "question": "p", "answers": ["z"]},
+        ]
+    )
     assert [r["id"] for r in rows] == ["a", "b"] and rows[1]["answers"] == ["x", "y"]
-
-
