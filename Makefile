@@ -36,13 +36,13 @@ format: venv
 # integration tests one at a time: each starts its own Ray, Serve or job cluster on the machine.
 test: venv
 	$(BIN)/python -m pytest -q -n 2 -m "not integration" --timeout=600
-	$(BIN)/python -m pytest -q -m integration --timeout=600
+	$(BIN)/python -m pytest -q -m integration --timeout=600 --durations=15
 
 test-unit: venv
 	$(BIN)/python -m pytest -q -n 2 -m "not integration"
 
 test-integration: venv
-	$(BIN)/python -m pytest -q -m integration --timeout=600
+	$(BIN)/python -m pytest -q -m integration --timeout=600 --durations=15
 
 bench: venv
 	$(BIN)/python benchmarks/estimators.py

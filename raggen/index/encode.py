@@ -59,8 +59,6 @@ from raggen.index.work_dir import (  # noqa: F401 - moved there, importable from
     WORK_MARKER,
     EncodedCorpus,
     EncodedShard,
-    _encoder_config,
-    _model_fingerprint,
     _read_json,
     _write_json,
     check_run_signature,

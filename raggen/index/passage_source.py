@@ -13,23 +13,6 @@ import pyarrow as pa
 
 from raggen.corpus.readers import FORMAT_SUFFIXES, canonical_format, check_passage, format_from_name, missing_column
 from raggen.errors import ConfigError, DataError
-from raggen.index.work_dir import (  # noqa: F401 - moved there, importable from here as before
-    WORK_LOCK,
-    WORK_MARKER,
-    EncodedCorpus,
-    EncodedShard,
-    _encoder_config,
-    _model_fingerprint,
-    _read_json,
-    _write_json,
-    check_run_signature,
-    encoded_shard_done,
-    encoder_dim,
-    lock_work_dir,
-    remove_work_dir,
-    resolved_passage_format,
-    run_signature,
-)
 from raggen.storage import (
     is_s3_uri,
     open_store,
