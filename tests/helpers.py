@@ -69,3 +69,42 @@ def three_versions(root: str, tmp: Path, s3_options=None) -> None:
         publish_random_version(
             root, tmp, f"v{i}", f"2026-01-0{i}T00:00:00.000000Z", n=20 + 10 * i, seed=i, s3_options=s3_options
         )
+
+
+def wait_for(predicate, timeout_s: float, what: str, *, poll_s: float = 0.25, retry_on: tuple = ()):
+    """``predicate()``'s first truthy value, polled every ``poll_s``; exceptions in ``retry_on`` count as
+    "not yet". Past ``timeout_s`` an AssertionError names ``what`` and the last value or exception."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except retry_on as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def copy_version(root: str, src: str, dst: str, tamper: bool) -> None:
+    """``dst``: a copy of the published version ``src`` renamed in its manifest and created now (LATEST
+    moves only forward, by created time); ``tamper`` flips one byte of its first shard (bad bytes)."""
+    import json
+    import shutil
+    from datetime import datetime, timezone
+
+    shutil.copytree(Path(root, src), Path(root, dst))
+    manifest_path = Path(root, dst, "manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["version"] = dst
+    manifest["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    manifest_path.write_text(json.dumps(manifest))
+    if tamper:
+        shard = Path(root, dst, manifest["shards"][0]["index"])
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))

@@ -12,12 +12,11 @@ request count and a wall-clock cap.
 
 from __future__ import annotations
 
+import functools
 import json
-import shutil
 import socket
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +30,9 @@ from raggen.errors import ConfigError  # noqa: E402
 from raggen.index import build_index, set_latest  # noqa: E402
 from raggen.models import make_tiny_reranker  # noqa: E402
 from raggen.serve.app import APP_NAME, deploy_config, serve_deploy_config, wait_until_running  # noqa: E402
+from tests.helpers import copy_version, wait_for
+
+_wait_for = functools.partial(wait_for, poll_s=0.5, retry_on=(httpx.HTTPError, ValueError, KeyError))
 
 pytestmark = pytest.mark.integration
 
@@ -45,36 +47,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
-
-
-def _copy_version(root: str, src: str, dst: str, tamper: bool) -> None:
-    """``dst``: ``src`` renamed, published later; ``tamper`` flips one byte of a shard (bad bytes)."""
-    shutil.copytree(Path(root, src), Path(root, dst))
-    path = Path(root, dst, "manifest.json")
-    manifest = json.loads(path.read_text())
-    manifest["version"] = dst
-    manifest["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    path.write_text(json.dumps(manifest))
-    if tamper:
-        shard = Path(root, dst, manifest["shards"][0]["index"])
-        data = bytearray(shard.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        shard.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +75,7 @@ def world(tmp_path_factory, ray_session):
         actor_num_cpus=0.5,
         work_dir=out / "work",
     )
-    _copy_version(root, "v1", "v2", tamper=False)
+    copy_version(root, "v1", "v2", tamper=False)
     set_latest(root, "v2")
     questions = [f.question for f in read_changed_facts(files.changed)][:6]
     return SimpleNamespace(out=out, root=root, questions=questions, reranker=make_tiny_reranker(str(out / "reranker")))
@@ -189,7 +161,7 @@ def test_corrupt_latest_while_scaling_serves_the_last_good_version(service):
     and serves the same v2; a good v4 published later is picked up by both (one version again)."""
     root = service.world.root
     _wait_for(lambda: service.http.get("/v1/index").json()["version"] == "v2", 60, "v2 served")
-    _copy_version(root, "v2", "v3", tamper=True)
+    copy_version(root, "v2", "v3", tamper=True)
     set_latest(root, "v3", verify=False)
     info = _wait_for(lambda: (i := service.http.get("/v1/index").json())["latest"] == "v3" and i, 60, "LATEST v3 seen")
     assert (info["version"], info["serving_fallback"]) == ("v2", True) and "sha256" in info["last_error"]
@@ -203,7 +175,7 @@ def test_corrupt_latest_while_scaling_serves_the_last_good_version(service):
         r = service.http.post("/v1/answer", json={"question": question})
         assert r.status_code == 200 and r.json()["index_version"] == "v2", r.text
 
-    _copy_version(root, "v1", "v4", tamper=False)
+    copy_version(root, "v1", "v4", tamper=False)
     set_latest(root, "v4")
 
     def converged() -> bool:

@@ -14,6 +14,7 @@ Every replica and actor asks for a fraction of a CPU (2 cores in all).
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -38,6 +39,9 @@ from raggen.index.actors import REGISTRY_NAME, REGISTRY_NAMESPACE  # noqa: E402
 from raggen.index.shard import build_shard_index, write_index_file  # noqa: E402
 from raggen.models import TextEncoder, make_tiny_encoder, make_tiny_generator  # noqa: E402
 from raggen.serve.app import deploy_config, serve_deploy_config, wait_until_running, with_index  # noqa: E402
+from tests.helpers import wait_for
+
+_wait_for = functools.partial(wait_for, poll_s=0.25, retry_on=(Exception,))
 
 pytestmark = pytest.mark.integration
 
@@ -52,18 +56,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if value := predicate():
-                return value
-        except Exception:  # noqa: BLE001 - not there yet
-            pass
-        time.sleep(poll_s)
-    pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def _rss(pid: int) -> int:

@@ -10,12 +10,11 @@ The tests share one deployed app (module scope) and each first puts it in the st
 
 from __future__ import annotations
 
+import functools
 import json
-import shutil
 import socket
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,6 +31,9 @@ from raggen.models import TextEncoder  # noqa: E402
 from raggen.serve.app import deploy_config, serve_deploy_config, wait_until_running, with_index  # noqa: E402
 from raggen.serve.client import ServiceError, ask  # noqa: E402
 from raggen.train.qa_scores import exact_match  # noqa: E402
+from tests.helpers import copy_version, wait_for
+
+_wait_for = functools.partial(wait_for, poll_s=0.25, retry_on=(httpx.HTTPError,))
 
 pytestmark = pytest.mark.integration
 
@@ -47,21 +49,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except httpx.HTTPError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")
@@ -302,26 +289,10 @@ def test_hot_swap_to_an_index_on_s3(service, world, exact, s3_bucket):
     assert next(p["text"] for p in body["passages"] if p["id"] == probe.gold) == world.texts["v2"][probe.gold]
 
 
-def _copy_version(root: str, src: str, dst: str, tamper: bool) -> None:
-    """``dst``: a copy of ``src`` renamed in its manifest; ``tamper`` flips one byte of a shard."""
-    shutil.copytree(Path(root, src), Path(root, dst))
-    manifest_path = Path(root, dst, "manifest.json")
-    manifest = json.loads(manifest_path.read_text())
-    manifest["version"] = dst
-    # a new version is published later than the one it copies: LATEST only moves forward (by created)
-    manifest["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    manifest_path.write_text(json.dumps(manifest))
-    if tamper:
-        shard = Path(root, dst, manifest["shards"][0]["index"])
-        data = bytearray(shard.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        shard.write_bytes(bytes(data))
-
-
 def test_corrupt_version_is_refused_and_the_old_keeps_serving(service, world, exact):
     _use(service, with_index(service.config, world.root, "v2"), world.root, "v2")
     probe = _probe(world, exact)
-    _copy_version(world.root, "v2", "v3", tamper=True)
+    copy_version(world.root, "v2", "v3", tamper=True)
 
     # 1. pinned through user_config: refused, visible, v2 keeps answering
     deploy_config(with_index(service.config, world.root, "v3"))
@@ -342,7 +313,7 @@ def test_corrupt_version_is_refused_and_the_old_keeps_serving(service, world, ex
         "the watcher to read LATEST -> v3 and refuse it",
     )
     assert info["version"] == "v2" and info["serving_fallback"] and "v3" in (info["last_error"] or "")
-    _copy_version(world.root, "v1", "v4", tamper=False)
+    copy_version(world.root, "v1", "v4", tamper=False)
     set_latest(world.root, "v4")
     _wait_for(lambda: service.http.get("/v1/index").json()["version"] == "v4", 60, "the watcher to load v4")
     body = _answer(service, probe.question).json()

@@ -10,13 +10,11 @@ Tests run in file order; the metrics test relies on the requests the earlier tes
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
-import shutil
 import socket
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +33,9 @@ from raggen.serve.app import (  # noqa: E402
     wait_until_running,
     with_index,
 )
+from tests.helpers import copy_version, wait_for
+
+_wait_for = functools.partial(wait_for, poll_s=0.5, retry_on=(httpx.HTTPError, ValueError))
 
 pytestmark = pytest.mark.integration
 
@@ -56,37 +57,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (httpx.HTTPError, ValueError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
-
-
-def _copy_version(root: str, src: str, dst: str, tamper: bool) -> None:
-    """``dst``: ``src`` renamed in its manifest; ``tamper`` flips one byte of a shard (a refused upload)."""
-    shutil.copytree(Path(root, src), Path(root, dst))
-    manifest_path = Path(root, dst, "manifest.json")
-    manifest = json.loads(manifest_path.read_text())
-    manifest["version"] = dst
-    # a new version is published later than the one it copies: LATEST only moves forward (by created)
-    manifest["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    manifest_path.write_text(json.dumps(manifest))
-    if tamper:
-        shard = Path(root, dst, manifest["shards"][0]["index"])
-        data = bytearray(shard.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        shard.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +85,8 @@ def service(tmp_path_factory):
             actor_num_cpus=0.5,
             work_dir=out / "work",
         )
-        _copy_version(root, "v1", "v2", tamper=False)
-        _copy_version(root, "v1", "v3", tamper=True)
+        copy_version(root, "v1", "v2", tamper=False)
+        copy_version(root, "v1", "v3", tamper=True)
         port = _free_port()
         args = {
             "index": root,
