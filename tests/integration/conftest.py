@@ -5,6 +5,7 @@ Nothing is patched: boto3 and pyarrow talk HTTP to the moto server at 127.0.0.1:
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -53,3 +54,26 @@ def ray_cluster():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_with_credentials(moto_s3):
+    """A local Ray whose workers inherit the moto S3 credentials (as cluster nodes have theirs: encoder
+    actors and Train workers read S3 themselves)."""
+    import ray
+
+    keys = {
+        "AWS_ACCESS_KEY_ID": moto_s3["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": moto_s3["aws_secret_access_key"],
+    }
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -8,7 +8,6 @@ Serve config (configs/serve.yaml) is deployed as it is, on the quickstart rehear
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 from pathlib import Path
@@ -33,28 +32,6 @@ SERVE_CONFIGS = [p for p in CONFIGS if p not in RAGGEN_CONFIGS]
 
 def _buckets(path: Path) -> set[str]:
     return set(re.findall(r"s3://([a-z0-9.-]+)/", path.read_text()))
-
-
-@pytest.fixture(scope="module")
-def ray_with_credentials(moto_s3):
-    """A local Ray whose workers inherit the S3 credentials (as cluster nodes have theirs)."""
-    import ray
-
-    keys = {
-        "AWS_ACCESS_KEY_ID": moto_s3["aws_access_key_id"],
-        "AWS_SECRET_ACCESS_KEY": moto_s3["aws_secret_access_key"],
-    }
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")

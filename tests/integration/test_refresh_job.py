@@ -17,28 +17,6 @@ from raggen.errors import ConfigError
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_with_credentials(moto_s3):
-    """A local Ray whose workers inherit the S3 credentials (the encoder actors read S3 themselves)."""
-    import ray
-
-    keys = {
-        "AWS_ACCESS_KEY_ID": moto_s3["aws_access_key_id"],
-        "AWS_SECRET_ACCESS_KEY": moto_s3["aws_secret_access_key"],
-    }
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
 def _checkpoint(path, models: dict[str, str], config: dict | None = None) -> str:
     """A training checkpoint folder holding ``models`` ({name: tiny encoder folder})."""
     from raggen.models import TextEncoder
