@@ -51,7 +51,6 @@ from raggen.serve.live_index import (
 )
 from raggen.serve.metrics import BatchMetrics, HttpMetrics, IndexMetrics, StageMetrics
 from raggen.serve.pipeline import (
-    DECODERS,
     Hit,
     TextDeltas,
     decode_answers,
@@ -69,7 +68,6 @@ from raggen.serve.schemas import AnswerRequest, RequestLimits, summarize_issues,
 log = logging.getLogger("ray.serve").getChild(__name__)
 
 __all__ = [
-    "DECODERS",
     "Generator",
     "Hit",
     "IndexHolder",

@@ -19,7 +19,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from raggen.decoding import DECODERS, generate_tokens  # noqa: F401 - DECODERS re-exported for callers
+from raggen.decoding import generate_tokens
 from raggen.models import Generator as GeneratorModel
 from raggen.models import Reranker as RerankerModel
 from raggen.models import TextEncoder, passage_text
