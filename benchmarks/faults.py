@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import socket
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import numpy as np
 from _common import format_table, machine  # noqa: E402
+
+from raggen.testing import copy_version
+from raggen.testing import wait_for as poll
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 READER = str(Path(__file__).resolve().parents[1] / "raggen" / "assets" / "reader")
@@ -62,20 +63,6 @@ def parse_args() -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------ setup
-
-
-def copy_version(root: str, src: str, dst: str, tamper: bool) -> None:
-    """``dst``: ``src`` renamed and published later; ``tamper`` flips one byte of a shard."""
-    shutil.copytree(Path(root, src), Path(root, dst))
-    path = Path(root, dst, "manifest.json")
-    manifest = json.loads(path.read_text())
-    manifest["version"], manifest["created"] = dst, datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    path.write_text(json.dumps(manifest))
-    if tamper:
-        shard = Path(root, dst, manifest["shards"][0]["index"])
-        data = bytearray(shard.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        shard.write_bytes(bytes(data))
 
 
 def setup(work: Path, entities: int) -> dict:
@@ -149,15 +136,10 @@ def running(name: str) -> int:
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if result := predicate():
-                return result
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(poll_s)
-    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+    """``raggen.testing.wait_for`` with the service's transient errors counted as "not yet"."""
+    return poll(
+        predicate, timeout_s, what, poll_s=poll_s, retry_on=(httpx.HTTPError, ValueError, KeyError), error=TimeoutError
+    )
 
 
 # ------------------------------------------------------------------------------------ load

@@ -118,6 +118,7 @@ def make_version(out: Path, version: str, *, n: int = 40, d: int = 8, seed: int 
     """Two Flat shards of random vectors written to ``out``; returns their manifest."""
     from raggen.index import manifest as M
     from raggen.index import shard as S
+    from raggen.index.passage_table import passages_table, write_parquet_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -127,10 +128,10 @@ def make_version(out: Path, version: str, *, n: int = 40, d: int = 8, seed: int 
         ids = (np.int64(s) << 40) + np.arange(len(rows), dtype=np.int64)
         index_name, passages_name = M.shard_file_names(s)
         S.write_index_file(S.build_shard_index(xb[rows], ids), out / index_name)
-        table = M.passages_table(
+        table = passages_table(
             ids, [f"{seed}-{r}" for r in rows], [""] * len(rows), [f"text {r}" for r in rows], xb[rows]
         )
-        M.write_parquet_atomic(table, out / passages_name)
+        write_parquet_atomic(table, out / passages_name)
         files.append((out / index_name, out / passages_name, len(rows)))
     m = M.make_manifest(
         version, encoder_name_or_path="e", pooling="mean", dim=d, metric="ip", faiss_factory="Flat", shard_files=files
@@ -146,21 +147,22 @@ def new_root(kind: str, work: Path, s3: MotoS3) -> tuple[str, dict | None]:
 
 def seed_root(root: str, options, work: Path) -> None:
     """v0, published (an old ``created``): what LATEST names before each trial."""
-    from raggen.index import manifest as M
+    from raggen.index.publish import publish_version
 
     local = work / "v0"
     m = make_version(local, "v0", created="2026-01-01T00:00:00Z")
-    M.publish_version(root, m, local, s3_options=options)
+    publish_version(root, m, local, s3_options=options)
 
 
 def all_verify(root: str, options, cache: Path) -> bool:
-    from raggen.index import manifest as M
+    from raggen.index.latest import list_versions, read_latest
+    from raggen.index.loading import verify_version
 
     try:
-        for version in M.list_versions(root, options):
-            M.verify_version(root, version, s3_options=options, cache_dir=cache)
-        latest = M.read_latest(root, options)
-        return latest is not None and M.verify_version(root, s3_options=options, cache_dir=cache).version == latest
+        for version in list_versions(root, options):
+            verify_version(root, version, s3_options=options, cache_dir=cache)
+        latest = read_latest(root, options)
+        return latest is not None and verify_version(root, s3_options=options, cache_dir=cache).version == latest
     except Exception:  # noqa: BLE001 - any failure is a "no" in the table
         return False
 
@@ -171,6 +173,8 @@ def all_verify(root: str, options, cache: Path) -> bool:
 def killed_publisher(kind: str, work: Path, s3: MotoS3, big: tuple[Path, object], trials: int) -> dict:
     """SIGKILL a publisher once it has claimed the version (uploads under way), then rerun it."""
     from raggen.index import manifest as M
+    from raggen.index.latest import list_versions, read_latest
+    from raggen.index.publish import publish_version
     from raggen.storage import open_store
 
     local, manifest = big
@@ -183,7 +187,7 @@ def killed_publisher(kind: str, work: Path, s3: MotoS3, big: tuple[Path, object]
         root, options = new_root(kind, work, s3)
         seed_root(root, options, work)
         start = time.monotonic()
-        M.publish_version(root, manifest, local, s3_options=options)
+        publish_version(root, manifest, local, s3_options=options)
         base_s.append(time.monotonic() - start)
 
         root, options = new_root(kind, work, s3)
@@ -206,19 +210,19 @@ def killed_publisher(kind: str, work: Path, s3: MotoS3, big: tuple[Path, object]
                 proc.kill()
                 proc.wait(30)
         counts["killed"] += proc.returncode == -signal.SIGKILL
-        after_kill = M.list_versions(root, options) == ["v0"] and not store.exists(
+        after_kill = list_versions(root, options) == ["v0"] and not store.exists(
             f"{manifest.version}/{M.MANIFEST_NAME}"
         )
-        latest_ok = M.read_latest(root, options) == "v0" and all_verify(root, options, work / f"cache-{kind}-{t}a")
+        latest_ok = read_latest(root, options) == "v0" and all_verify(root, options, work / f"cache-{kind}-{t}a")
         start = time.monotonic()
-        M.publish_version(root, manifest, local, s3_options=options)  # takes the dead one's claim over
+        publish_version(root, manifest, local, s3_options=options)  # takes the dead one's claim over
         rerun_s.append(time.monotonic() - start)
-        versions = M.list_versions(root, options)
+        versions = list_versions(root, options)
         complete = versions == sorted(["v0", manifest.version]) and all_verify(
             root, options, work / f"cache-{kind}-{t}b"
         )
         counts["only_complete"] += after_kill and complete
-        counts["latest_valid"] += latest_ok and M.read_latest(root, options) == manifest.version
+        counts["latest_valid"] += latest_ok and read_latest(root, options) == manifest.version
         counts["rerun_ok"] += not store.exists(f"{manifest.version}/{M.CLAIM_NAME}")
     size_mb = sum(Path(local, s.index).stat().st_size + Path(local, s.passages).stat().st_size for s in manifest.shards)
     return {
@@ -240,6 +244,9 @@ def concurrent_publishers(kind: str, work: Path, s3: MotoS3, n: int, trials: int
     """``n`` threads publish one version name (different contents) at once; a reader polls LATEST."""
     from raggen.errors import ConfigError
     from raggen.index import manifest as M
+    from raggen.index.latest import list_versions, read_latest
+    from raggen.index.loading import verify_version
+    from raggen.index.publish import publish_version
 
     contents = [
         make_version(work / f"same-{i}", "v-same", seed=10 + i, n=3000, created="2026-02-01T00:00:00Z")
@@ -252,7 +259,7 @@ def concurrent_publishers(kind: str, work: Path, s3: MotoS3, n: int, trials: int
         root, options = new_root(kind, work, s3)
         seed_root(root, options, work)
         start = time.monotonic()
-        M.publish_version(root, contents[0], work / "same-0", s3_options=options)
+        publish_version(root, contents[0], work / "same-0", s3_options=options)
         base_s.append(time.monotonic() - start)
 
         root, options = new_root(kind, work, s3)
@@ -261,7 +268,7 @@ def concurrent_publishers(kind: str, work: Path, s3: MotoS3, n: int, trials: int
 
         def watch(root=root, options=options, seen=seen, stop=stop) -> None:
             while not stop.is_set():
-                seen.append(M.read_latest(root, options))
+                seen.append(read_latest(root, options))
                 time.sleep(0.002)
 
         results: list = [None] * (n + 1)
@@ -271,7 +278,7 @@ def concurrent_publishers(kind: str, work: Path, s3: MotoS3, n: int, trials: int
             m, local = (contents[i], work / f"same-{i}") if i < n else (newer, work / "v9")
             barrier.wait()
             try:
-                results[i] = M.publish_version(root, m, local, s3_options=options)
+                results[i] = publish_version(root, m, local, s3_options=options)
             except Exception as exc:  # noqa: BLE001 - counted below
                 results[i] = exc
 
@@ -290,17 +297,17 @@ def concurrent_publishers(kind: str, work: Path, s3: MotoS3, n: int, trials: int
         same = results[:n]
         won = [r for r in same if isinstance(r, M.Manifest)]
         lost = [r for r in same if isinstance(r, ConfigError) and "'v-same'" in str(r)]
-        counts["one_winner"] += len(won) == 1 and M.list_versions(root, options) == ["v-same", "v0", "v9"]
+        counts["one_winner"] += len(won) == 1 and list_versions(root, options) == ["v-same", "v0", "v9"]
         counts["refused"] += len(lost) == n - 1
         try:
             counts["verifies"] += (
                 bool(won)
-                and M.verify_version(root, "v-same", s3_options=options, cache_dir=work / "race-cache") == won[0]
+                and verify_version(root, "v-same", s3_options=options, cache_dir=work / "race-cache") == won[0]
             )
         except Exception:  # noqa: BLE001
             pass
         order = [{"v0": 0, "v-same": 1, "v9": 2}[v] for v in seen if v]
-        counts["never_back"] += order == sorted(order) and M.read_latest(root, options) == "v9"
+        counts["never_back"] += order == sorted(order) and read_latest(root, options) == "v9"
     return {
         "scenario": f"{n} publishers of one version name at once (+1 newer) ({kind} root)",
         "trials": trials,
@@ -318,7 +325,8 @@ def concurrent_publishers(kind: str, work: Path, s3: MotoS3, n: int, trials: int
 def flipped_byte(work: Path, s3: MotoS3, trials: int) -> dict:
     """Verify (filling the cache), flip one byte of a stored shard on S3, verify again."""
     from raggen.errors import IndexIntegrityError
-    from raggen.index import manifest as M
+    from raggen.index.loading import verify_version
+    from raggen.index.publish import publish_version
     from raggen.storage import s3_client
 
     client = s3_client(s3.options)
@@ -328,10 +336,10 @@ def flipped_byte(work: Path, s3: MotoS3, trials: int) -> dict:
         bucket = s3.bucket()
         root = f"s3://{bucket}/index"
         local = work / "flip"
-        M.publish_version(root, make_version(local, "v1", n=3000, d=64, seed=t), local, s3_options=s3.options)
+        publish_version(root, make_version(local, "v1", n=3000, d=64, seed=t), local, s3_options=s3.options)
         cache = work / f"flip-cache-{t}"
         start = time.monotonic()
-        M.verify_version(root, s3_options=s3.options, cache_dir=cache)
+        verify_version(root, s3_options=s3.options, cache_dir=cache)
         base_s.append(time.monotonic() - start)
         name = f"shard-0000{t % 2}.{'faiss' if t % 2 == 0 else 'parquet'}"
         key = f"index/v1/{name}"
@@ -340,7 +348,7 @@ def flipped_byte(work: Path, s3: MotoS3, trials: int) -> dict:
         client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
         start = time.monotonic()
         try:
-            M.verify_version(root, s3_options=s3.options, cache_dir=cache)
+            verify_version(root, s3_options=s3.options, cache_dir=cache)
         except IndexIntegrityError as exc:
             counts["refused"] += 1
             counts["named"] += f"s3://{bucket}/{key}" in str(exc) and "sha256 mismatch" in str(exc)
@@ -408,6 +416,7 @@ def train_rows(work: Path, args) -> list[dict]:
     from raggen.corpus import read_passages, write_qa_jsonl
     from raggen.corpus.world import WorldConfig, build_world, write_world
     from raggen.models import make_tiny_encoder, make_tiny_generator, make_tiny_reranker
+    from raggen.train.job import FailureInjection
     from raggen.train.metrics import read_metrics
     from raggen.train.trainer import local_metrics_path
 
@@ -462,9 +471,7 @@ def train_rows(work: Path, args) -> list[dict]:
         start = time.monotonic()
         error = None
         try:
-            result = run_training(
-                cfg, extra_loop_config={"inject_failure": {"rank": 1, "step": 3, "marker": str(marker)}}
-            )
+            result = run_training(cfg, inject_failure=FailureInjection(rank=1, step=3, marker=str(marker)))
         except Exception as exc:  # noqa: BLE001 - reported in the table
             result, error = None, exc
         killed_s = time.monotonic() - start

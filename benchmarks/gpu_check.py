@@ -187,7 +187,9 @@ def write_tsv(path: Path, ids: list[str], titles: list[str], texts: list[str]) -
 
 def pipeline_rate(tsv: Path, work: Path, encoder: str, s: Sizes, gpus: int) -> dict:
     """Stage 2 of ``encode_passages`` timed end to end and in steady state (stage 1 done first)."""
-    from raggen.index.encode import encode_passages, lock_work_dir, split_by_shard
+    from raggen.index.encode import encode_passages
+    from raggen.index.shard_split import split_by_shard
+    from raggen.index.work_dir import lock_work_dir
 
     info, lock = lock_work_dir(work)  # the work dir encode_passages then finds split and resumes
     try:
@@ -222,7 +224,8 @@ def plain_rates(encoder: str, titles: list[str], texts: list[str], s: Sizes) -> 
     """The plain loop (tokenise + model per batch, one process) and the model alone on
     pre-tokenised, length-bucketed batches; same model, dtype and batch size as the actor."""
     from raggen.devices import pick_device, pick_dtype
-    from raggen.index.encode import NUM_TOKENS, TOKEN_COLUMNS, embed_bucketed, tokenize_batch
+    from raggen.index.encoder_actor import embed_bucketed
+    from raggen.index.passage_tokens import NUM_TOKENS, TOKEN_COLUMNS, tokenize_batch
     from raggen.models.retriever import TextEncoder
 
     device, threads = pick_device(), torch.get_num_threads()

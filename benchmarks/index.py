@@ -33,8 +33,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from raggen.index import shard as S  # noqa: E402
-from raggen.index.manifest import EncoderInfo, Manifest, ShardEntry, passages_table  # noqa: E402
-from raggen.index.sharded import ShardedIndex, ShardSearcher, _LocalBackend  # noqa: E402
+from raggen.index.manifest import EncoderInfo, Manifest, ShardEntry  # noqa: E402
+from raggen.index.passage_table import passages_table  # noqa: E402
+from raggen.index.shard_searcher import ShardSearcher, _LocalBackend  # noqa: E402
+from raggen.index.sharded import ShardedIndex  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -67,7 +69,9 @@ def bench_encoding(num_passages: int, batch_size: int, max_length: int, work: Pa
     import torch
 
     from raggen.corpus.world import WorldConfig, write_world
-    from raggen.index.encode import check_run_signature, encode_passages, lock_work_dir, run_signature, split_by_shard
+    from raggen.index.encode import encode_passages
+    from raggen.index.shard_split import split_by_shard
+    from raggen.index.work_dir import check_run_signature, lock_work_dir, run_signature
     from raggen.models.retriever import TextEncoder, passage_text
 
     files = write_world(work / "world", WorldConfig(num_entities=max(10, num_passages // 2), seed=0))

@@ -119,12 +119,11 @@ def config_for(paths: dict, estimator: str, args, work: Path):
 
 
 def evaluate(cfg, model_dirs: dict | None, decoding: str, examples) -> dict:
-    from raggen.app.training import model_spec
     from raggen.index import open_index
     from raggen.models.build import build_models
     from raggen.train.evaluate import evaluate_rag
 
-    models = build_models(model_spec(cfg.model), cfg.train.estimator, model_dirs)
+    models = build_models(cfg.model, cfg.train.estimator, model_dirs)
     for m in models.values():
         m.eval()
     index = open_index(cfg.train.index)
@@ -141,13 +140,13 @@ def evaluate(cfg, model_dirs: dict | None, decoding: str, examples) -> dict:
 
 def grad_variance(cfg, state, batches: int, seed: int) -> dict:
     """tr Cov of the query encoder's mini-batch gradient, and relative to the mean's squared norm."""
-    from raggen.app.training import train_loop_config
+    from raggen.app.training import train_job
     from raggen.objectives import JSAChainCache
     from raggen.train.loop import BatchSchedule, example_rows, setup_worker
     from raggen.train.step import run_step
     from raggen.train.trainer import qa_items
 
-    worker = setup_worker(train_loop_config(cfg), 0, 1, torch.device("cpu"), state)
+    worker = setup_worker(train_job(cfg), 0, 1, torch.device("cpu"), state)
     worker.train_mode(False)
     params = [p for p in worker.models["query_encoder"].parameters() if p.requires_grad]
     schedule = BatchSchedule(example_rows(qa_items(cfg.train.train_file)), cfg.train.batch_size, seed=seed + 991)

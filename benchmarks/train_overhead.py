@@ -77,8 +77,8 @@ def prepare(work: Path, num_entities: int, generator: str | None) -> dict:
     return {"train": str(files.train_jsonl), "index": str(index), "generator": generator}
 
 
-def loop_config(paths: dict, estimator: str, args, metrics_path: str | None) -> dict:
-    from raggen.app.training import train_loop_config
+def loop_config(paths: dict, estimator: str, args, metrics_path: str | None):
+    from raggen.app.training import train_job
     from raggen.config import load_config
 
     cfg = load_config(
@@ -97,9 +97,7 @@ def loop_config(paths: dict, estimator: str, args, metrics_path: str | None) -> 
             "model.max_target_length=16",
         ],
     )
-    out = train_loop_config(cfg, metrics_path=metrics_path)
-    out["num_threads"] = args.threads
-    return out
+    return train_job(cfg, metrics_path=metrics_path).replace(num_threads=args.threads)
 
 
 def plain_loop(paths: dict, estimator: str, args) -> dict[int, dict]:
@@ -152,9 +150,9 @@ def ray_loop(paths: dict, estimator: str, args, workers: int, work: Path, report
 
     name = f"overhead-{estimator}-{workers}w-r{report_every}-{int(time.time())}"
     metrics_path = str(work / "runs" / name / "metrics.jsonl")
-    config = {**loop_config(paths, estimator, args, metrics_path), "report_every": report_every}
+    job = loop_config(paths, estimator, args, metrics_path).replace(report_every=report_every)
     trainer = make_trainer(
-        config,
+        job,
         qa_items(paths["train"]),
         name=name,
         storage_path=str(work / "runs"),

@@ -2,7 +2,9 @@
 
 A config file has one section per flow (``world``, ``index``, ``model``, ``train``, ``serve``); each
 command reads the sections it needs. CLI overrides use dotted paths: ``--set train.lr=3e-5``.
-Builders turn these fields into plain keyword arguments; library modules never import this file.
+Sections that a library uses are that library's own frozen settings classes (``EncoderSpec``,
+``ModelSpec``, ``LoopSettings``, ``StepSettings``, ``SearchSettings``, ``ServingSettings``), embedded or
+inherited here, so each setting is declared once; library modules never import this file.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from raggen.errors import ConfigError
 from raggen.index.settings import SearchSettings
+from raggen.models.build import ModelSpec
 from raggen.models.retriever import EncoderSpec
-from raggen.names import EstimatorName
 from raggen.retrieval.settings import RetrievalSettings
 from raggen.serve.settings import (  # noqa: F401 - the serve section embeds them; re-exported
     AutoscalingOverride,
@@ -26,6 +28,7 @@ from raggen.serve.settings import (  # noqa: F401 - the serve section embeds the
     ServeDeploymentsSection,
     ServingSettings,
 )
+from raggen.train.settings import GumbelSettings, JSASettings, LoopSettings, StepSettings
 
 
 class _Strict(BaseModel):
@@ -148,83 +151,39 @@ class IndexSection(_Strict):
         )
 
 
-class ModelSection(_Strict):
-    """The models a RAG system is made of; every path is an HF id or a local folder."""
-
-    query_encoder: EncoderSection = EncoderSection()
-    posterior_encoder: EncoderSection | None = None
-    generator: str = "artifacts/models/reader"
-    reranker: str | None = None
-    max_source_length: int = Field(192, ge=8)
-    max_target_length: int = Field(24, ge=1)
+ModelSection = ModelSpec
+JSASection = JSASettings  # the library's own settings objects are the config sections
+GumbelSection = GumbelSettings
 
 
-class JSASection(_Strict):
-    """Defaults keep the exact estimator; the official JSA-RAG code used temperature 0.1 and 50 proposals."""
+class TrainSection(LoopSettings, StepSettings):
+    """``raggen train``: the loop's and the estimator's settings (``raggen.train.settings``, declared
+    there once) plus where the data, the index and the run live and how Ray Train runs it."""
 
-    num_proposals: int = Field(8, ge=1)
-    retriever_temperature: float = Field(1.0, gt=0)
-    length_normalize: bool = False
-    restart_chains: bool = False
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
-
-class GumbelSection(_Strict):
-    k: int = Field(2, ge=1)
-    tau: float = Field(0.5, gt=0)
-    method: Literal["subset", "max"] = "subset"
-    train_reader: bool = False
-    candidates: int = Field(10, ge=1)
-
-
-class TrainSection(_Strict):
     name: str = "quickstart"
     storage_path: str = "runs"
     train_file: str = "artifacts/world/train.jsonl"
     dev_file: str = "artifacts/world/dev.jsonl"
     index: str = "artifacts/index"
-    estimator: EstimatorName = "jsa"
-    top_k: int = Field(5, ge=1, le=100)
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(3e-5, gt=0)
-    retriever_lr: float | None = Field(None, gt=0)
-    # lr schedule per parameter group: linear warm-up over warmup_steps, then constant (today's
-    # behaviour, the default), linear or cosine decay; a function of the global step (resume-safe)
-    warmup_steps: int = Field(0, ge=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    vrag_beta: float = Field(1.0, ge=0)
-    pdist_temperature: float = Field(1.0, gt=0)
     train_passage_encoder: bool = False
-    train_generator: bool = True
-    jsa: JSASection = JSASection()
-    gumbel: GumbelSection = GumbelSection()
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool | None = None
     max_failures: int = Field(0, ge=-1)
-    checkpoint_every: int = Field(50, ge=1)
-    eval_every: int = Field(0, ge=0)
-    eval_examples: int = Field(200, ge=1)
-    log_every: int = Field(10, ge=0)  # rank 0 logs a progress line every N steps (0: never)
     tensorboard: bool = False  # scalars to <run>/tensorboard (torch.utils.tensorboard or tensorboardX)
     mlflow_tracking_uri: str | None = None  # set: log to MLflow (pip install mlflow) through Ray's setup_mlflow
     mlflow_experiment: str = "raggen"
     refresh_index_every: int = Field(0, ge=0)
-    seed: int = 0
     s3: S3Config = S3Config()
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSection:
-        if self.estimator == "gumbel-rerank" and self.gumbel.k > self.gumbel.candidates:
-            raise ValueError("gumbel.k must not exceed gumbel.candidates")
         if self.refresh_index_every and not self.train_passage_encoder:
             raise ValueError(
                 "refresh_index_every needs train_passage_encoder: true (a frozen encoder never changes the index)"
             )
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
         return self
 
 
@@ -334,12 +293,15 @@ def with_absolute_paths(cfg: RaggenConfig) -> RaggenConfig:
     c.index.passages, c.index.output = _absolute(c.index.passages, False), _absolute(c.index.output, False)
     c.index.chunk_dir = _absolute(c.index.chunk_dir, False)
     c.index.encoder = c.index.encoder.model_copy(update={"name_or_path": _absolute(c.index.encoder.name_or_path, True)})
-    for section in ("query_encoder", "posterior_encoder"):
-        enc = getattr(c.model, section)
-        if enc is not None:
-            setattr(c.model, section, enc.model_copy(update={"name_or_path": _absolute(enc.name_or_path, True)}))
-    c.model.generator = _absolute(c.model.generator, True)
-    c.model.reranker = _absolute(c.model.reranker, True)
+    m = c.model  # frozen (the library's ModelSpec): replaced, not edited
+    encoders = {
+        name: enc.model_copy(update={"name_or_path": _absolute(enc.name_or_path, True)})
+        for name in ("query_encoder", "posterior_encoder")
+        if (enc := getattr(m, name)) is not None
+    }
+    c.model = m.model_copy(
+        update={**encoders, "generator": _absolute(m.generator, True), "reranker": _absolute(m.reranker, True)}
+    )
     t = c.train
     t.storage_path, t.index = _absolute(t.storage_path, False), _absolute(t.index, False)
     t.train_file, t.dev_file = _absolute(t.train_file, False), _absolute(t.dev_file, False)

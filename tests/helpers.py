@@ -23,6 +23,7 @@ def write_random_shards(
 
     from raggen.index import manifest as M
     from raggen.index import shard as S
+    from raggen.index.passage_table import passages_table, write_parquet_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     xb = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
@@ -31,14 +32,14 @@ def write_random_shards(
         ids = (np.int64(s) << 40) + np.arange(len(rows), dtype=np.int64)
         index_name, passages_name = M.shard_file_names(s)
         S.write_index_file(S.build_shard_index(xb[rows], ids), out / index_name)
-        table = M.passages_table(
+        table = passages_table(
             ids,
             [f"{seed}-{r}" for r in rows],
             [""] * len(rows),
             [text.format(seed=seed, r=r) for r in rows],
             xb[rows] if store_embeddings else None,
         )
-        M.write_parquet_atomic(table, out / passages_name)
+        write_parquet_atomic(table, out / passages_name)
         files.append((out / index_name, out / passages_name, len(rows)))
     return files
 
@@ -48,6 +49,7 @@ def publish_random_version(
 ):
     """A two-shard Flat version of random vectors, published to ``root`` (LATEST moves forward)."""
     from raggen.index import manifest as M
+    from raggen.index.publish import publish_version
 
     out = tmp / f"build-{version}"
     files = write_random_shards(out, n=n, dim=dim, seed=seed)
@@ -60,7 +62,7 @@ def publish_random_version(
         faiss_factory="Flat",
         shard_files=files,
     ).model_copy(update={"created": created})
-    return M.publish_version(root, m, out, s3_options=s3_options)
+    return publish_version(root, m, out, s3_options=s3_options)
 
 
 def three_versions(root: str, tmp: Path, s3_options=None) -> None:
@@ -69,42 +71,3 @@ def three_versions(root: str, tmp: Path, s3_options=None) -> None:
         publish_random_version(
             root, tmp, f"v{i}", f"2026-01-0{i}T00:00:00.000000Z", n=20 + 10 * i, seed=i, s3_options=s3_options
         )
-
-
-def wait_for(predicate, timeout_s: float, what: str, *, poll_s: float = 0.25, retry_on: tuple = ()):
-    """``predicate()``'s first truthy value, polled every ``poll_s``; exceptions in ``retry_on`` count as
-    "not yet". Past ``timeout_s`` an AssertionError names ``what`` and the last value or exception."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except retry_on as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
-
-
-def copy_version(root: str, src: str, dst: str, tamper: bool) -> None:
-    """``dst``: a copy of the published version ``src`` renamed in its manifest and created now (LATEST
-    moves only forward, by created time); ``tamper`` flips one byte of its first shard (bad bytes)."""
-    import json
-    import shutil
-    from datetime import datetime, timezone
-
-    shutil.copytree(Path(root, src), Path(root, dst))
-    manifest_path = Path(root, dst, "manifest.json")
-    manifest = json.loads(manifest_path.read_text())
-    manifest["version"] = dst
-    manifest["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    manifest_path.write_text(json.dumps(manifest))
-    if tamper:
-        shard = Path(root, dst, manifest["shards"][0]["index"])
-        data = bytearray(shard.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        shard.write_bytes(bytes(data))

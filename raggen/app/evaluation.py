@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raggen.app.training import model_spec, s3_options
+from raggen.app.training import s3_options
 from raggen.train.evaluate import evaluate_rag, local_checkpoint, progress_bar, split_examples
 
 
@@ -19,7 +19,7 @@ def evaluate_from_config(
     t = cfg.train
     with local_checkpoint(checkpoint, s3_options(t.s3)) as folder:
         restored = read_checkpoint(folder).model_dirs if folder else None
-        models = build_models(model_spec(cfg.model), t.estimator, restored)
+        models = build_models(cfg.model, t.estimator, restored)
     for m in models.values():
         m.eval()
     from raggen.retrieval import with_retrieval

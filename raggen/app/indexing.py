@@ -75,7 +75,7 @@ def index_build_kwargs(index) -> dict[str, Any]:
 def _preflight(kwargs: dict[str, Any]) -> None:
     """A bad factory, an existing version or an unreachable store fails before any chunking or encoding."""
     from raggen.index.build import preflight_build
-    from raggen.index.encode import encoder_dim
+    from raggen.index.work_dir import encoder_dim
 
     preflight_build(kwargs["output_uri"], kwargs["version"], faiss_factory=kwargs["faiss_factory"],
                     metric=kwargs["metric"], dim=encoder_dim(kwargs["encoder_name_or_path"], kwargs["s3_options"]),

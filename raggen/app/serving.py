@@ -31,7 +31,7 @@ def app_args_from_config(cfg: Any) -> dict[str, Any]:
     if s.model_dir:
         served = ("query_encoder", "generator", "reranker")
         if is_s3_uri(s.model_dir):
-            held = [r for r in trainable_roles(t.estimator, t.train_generator, t.train_passage_encoder) if r in served]
+            held = [r for r in trainable_roles(t.estimator, t.trains_generator, t.train_passage_encoder) if r in served]
         else:
             from raggen.models.exports import model_folders  # an export through its LATEST, or a plain folder
 

@@ -1,4 +1,4 @@
-"""``raggen train``: a config -> the plain ``train_loop_config`` that ``raggen.train.loop.train_func``
+"""``raggen train``: a config -> the typed ``TrainJob`` that ``raggen.train.loop.train_func``
 reads -> a ``TorchTrainer`` run (``raggen.train.trainer``) -> the exported final checkpoint."""
 
 from __future__ import annotations
@@ -8,6 +8,10 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from raggen.errors import ConfigError, RaggenError
+from raggen.models.build import PassageEncoderSpec
+from raggen.train.job import FailureInjection, IndexTarget, TrainJob
+from raggen.train.refresh import RefreshSpec
+from raggen.train.settings import LoopSettings, StepSettings, section_part
 from raggen.train.sinks import TENSORBOARD_DIR, require_mlflow, summary_writer_class
 from raggen.train.trainer import (
     export_final,
@@ -24,7 +28,7 @@ from raggen.train.trainer import (
 )
 
 if TYPE_CHECKING:
-    from raggen.config import ModelSection, RaggenConfig, S3Config, TrainSection
+    from raggen.config import RaggenConfig, S3Config, TrainSection
 
 log = logging.getLogger(__name__)
 
@@ -32,43 +36,6 @@ log = logging.getLogger(__name__)
 def s3_options(s3: S3Config | None) -> dict[str, Any] | None:
     """The config's S3 section as ``raggen.storage.S3Options`` fields (None when all unset)."""
     return s3.storage_options() if s3 is not None else None
-
-
-def _encoder_spec(section) -> dict[str, Any] | None:
-    if section is None:
-        return None
-    return section.model_dump()
-
-
-def model_spec(model: ModelSection) -> dict[str, Any]:
-    return {
-        "query_encoder": _encoder_spec(model.query_encoder),
-        "posterior_encoder": _encoder_spec(model.posterior_encoder),
-        "generator": model.generator,
-        "reranker": model.reranker,
-        "max_source_length": model.max_source_length,
-        "max_target_length": model.max_target_length,
-    }
-
-
-def step_spec(train: TrainSection) -> dict[str, Any]:
-    """``raggen.train.step.StepSettings`` fields. The JSA temperature also scales VRAG's p and q,
-    so the two posterior-retriever estimators are compared at the same temperature."""
-    gumbel = train.estimator == "gumbel-rerank"
-    return {
-        "estimator": train.estimator,
-        "top_k": train.top_k,
-        "retriever_temperature": train.jsa.retriever_temperature,
-        "num_proposals": train.jsa.num_proposals,
-        "length_normalize": train.jsa.length_normalize,
-        "train_generator": train.gumbel.train_reader if gumbel else train.train_generator,
-        "vrag_beta": train.vrag_beta,
-        "pdist_temperature": train.pdist_temperature,
-        "gumbel_k": train.gumbel.k,
-        "gumbel_tau": train.gumbel.tau,
-        "gumbel_method": train.gumbel.method,
-        "gumbel_candidates": train.gumbel.candidates,
-    }
 
 
 def config_yaml(cfg: RaggenConfig) -> str:
@@ -95,86 +62,63 @@ def sinks_spec(t: TrainSection) -> dict[str, Any]:
     return spec
 
 
-def train_loop_config(cfg: RaggenConfig, metrics_path: str | None = None, use_gpu: bool = False) -> dict[str, Any]:
-    """Everything ``raggen.train.loop.train_func`` reads, as plain JSON-able values."""
+def train_job(cfg: RaggenConfig, metrics_path: str | None = None, use_gpu: bool = False) -> TrainJob:
+    """Everything ``raggen.train.loop.train_func`` reads: the validated settings objects of the
+    ``train`` and ``model`` sections themselves, plus what the driver resolves (paths, the index's
+    passage encoder, sinks)."""
     t = cfg.train
     if t.train_passage_encoder and t.estimator == "gumbel-rerank":
         raise ConfigError("train.train_passage_encoder: gumbel-rerank keeps the retriever fixed; set it to false")
     passage_encoder = passage_encoder_spec(cfg) if t.train_passage_encoder else None  # reads the manifest once
-    return {
-        "steps": t.steps,
-        "batch_size": t.batch_size,
-        "lr": t.lr,
-        "retriever_lr": t.retriever_lr,
-        "warmup_steps": t.warmup_steps,
-        "lr_schedule": t.lr_schedule,
-        "log_every": t.log_every,
-        "weight_decay": t.weight_decay,
-        "grad_clip": t.grad_clip,
-        "seed": t.seed,
-        "checkpoint_every": t.checkpoint_every,
-        "eval_every": t.eval_every,
-        "eval_examples": t.eval_examples,
-        "dev_file": t.dev_file if t.eval_every else None,
-        "metrics_path": metrics_path,
-        "run_uri": run_uri(t.storage_path, t.name),
-        "run_s3": s3_options(t.s3),
-        "config_yaml": config_yaml(cfg),
-        "sinks": sinks_spec(t),
-        "use_gpu": use_gpu,
-        "num_threads": max(1, int(t.cpus_per_worker)),
-        "jsa_restart_chains": t.jsa.restart_chains,
-        "step": step_spec(t),
-        "models": {**model_spec(cfg.model), "passage_encoder": passage_encoder},
-        "index": index_spec(cfg),
-        "train_passage_encoder": t.train_passage_encoder,
-        "refresh": refresh_spec(cfg, passage_encoder) if t.refresh_index_every else None,
-    }
+    return TrainJob(
+        loop=section_part(t, LoopSettings),
+        step=section_part(t, StepSettings),
+        models=cfg.model,
+        index=IndexTarget(uri=t.index, search=cfg.index.search, s3=s3_options(t.s3)),
+        run_uri=run_uri(t.storage_path, t.name),
+        run_s3=s3_options(t.s3),
+        config_yaml=config_yaml(cfg),
+        metrics_path=metrics_path,
+        passage_encoder=passage_encoder,
+        refresh=refresh_spec(cfg, passage_encoder) if passage_encoder is not None and t.refresh_index_every else None,
+        sinks=sinks_spec(t),
+        dev_file=t.dev_file if t.eval_every else None,
+        use_gpu=use_gpu,
+        num_threads=max(1, int(t.cpus_per_worker)),
+    )
 
 
-def index_spec(cfg: RaggenConfig) -> dict[str, Any]:
-    """How workers open ``train.index``: with the ``index.search`` settings (local, shard actors,
-    nprobe / efSearch); ``run_training`` adds ``group`` (the shard actors it started) when the
-    settings ask for actors."""
-    return {
-        "uri": cfg.train.index,
-        "version": None,
-        "s3": s3_options(cfg.train.s3),
-        "search": cfg.index.search.model_dump(mode="json"),
-    }
-
-
-def passage_encoder_spec(cfg: RaggenConfig) -> dict[str, Any]:
+def passage_encoder_spec(cfg: RaggenConfig) -> PassageEncoderSpec:
     """d(z) as the searched index was computed: encoder, pooling and normalisation from the manifest of
     ``train.index`` (so trained d(z) starts equal to the stored vectors even if ``index.encoder`` names
     another model), ``max_length`` from ``index.encoder`` (refreshes encode with that section)."""
     from raggen.index import read_manifest
 
-    spec = _encoder_spec(cfg.index.encoder)
+    spec = cfg.index.encoder
     try:
         encoder = read_manifest(cfg.train.index, s3_options=s3_options(cfg.train.s3)).encoder
     except (RaggenError, FileNotFoundError) as exc:
         raise ConfigError(f"train.index: {cfg.train.index}: cannot read its manifest ({exc})") from None
-    if encoder.name_or_path != spec["name_or_path"]:
+    if encoder.name_or_path != spec.name_or_path:
         log.warning(
             "train.index was encoded with %s, index.encoder names %s: the trained passage encoder "
             "starts from the index's",
             encoder.name_or_path,
-            spec["name_or_path"],
+            spec.name_or_path,
         )
-    return {
-        **spec,
-        "name_or_path": encoder.name_or_path,
-        "pooling": encoder.pooling,
-        "normalize": encoder.normalize,
-        "passage_format": encoder.passage_format,
-        "s3": s3_options(cfg.train.s3),
-    }
+    return PassageEncoderSpec(
+        name_or_path=encoder.name_or_path,
+        pooling=encoder.pooling,
+        max_length=spec.max_length,
+        normalize=encoder.normalize,
+        passage_format=encoder.passage_format,
+        s3=s3_options(cfg.train.s3),
+    )
 
 
-def refresh_spec(cfg: RaggenConfig, passage_encoder: dict[str, Any]) -> dict[str, Any]:
-    """``raggen.train.refresh.RefreshSpec`` fields: the index section's build settings, publishing
-    into the run's own index root; ``passage_encoder`` is ``passage_encoder_spec(cfg)``."""
+def refresh_spec(cfg: RaggenConfig, passage_encoder: PassageEncoderSpec) -> RefreshSpec:
+    """Where a refreshed index goes and how it is built: the index section's build settings,
+    publishing into the run's own index root; ``passage_encoder`` is ``passage_encoder_spec(cfg)``."""
     t = cfg.train
     from raggen.app.indexing import index_build_kwargs
 
@@ -184,24 +128,24 @@ def refresh_spec(cfg: RaggenConfig, passage_encoder: dict[str, Any]) -> dict[str
         build.pop(key)
     # the refreshed vectors are d(z) as the trained encoder computes it
     build.update(
-        pooling=passage_encoder["pooling"],
-        normalize=passage_encoder["normalize"],
-        passage_format=passage_encoder["passage_format"],
+        pooling=passage_encoder.pooling,
+        normalize=passage_encoder.normalize,
+        passage_format=passage_encoder.passage_format,
     )
     staging = os.path.join(local_run_dir(t.storage_path, t.name), "refresh")  # encoder snapshots: local folders
     snapshots = f"{t.storage_path.rstrip('/')}/{t.name}/refresh" if t.storage_path.startswith("s3://") else None
-    return {
-        "every": t.refresh_index_every,
-        "passages_uri": passages_uri,
-        "output_uri": run_index_uri(t.storage_path, t.name),
-        "staging_dir": staging,
-        "build": build,
-        "s3": s3_options(t.s3),
-        "snapshot_uri": snapshots,
-    }
+    return RefreshSpec(
+        every=t.refresh_index_every,
+        passages_uri=passages_uri,
+        output_uri=run_index_uri(t.storage_path, t.name),
+        staging_dir=staging,
+        build=build,
+        s3=s3_options(t.s3),
+        snapshot_uri=snapshots,
+    )
 
 
-def run_training(cfg: RaggenConfig, extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_training(cfg: RaggenConfig, inject_failure: FailureInjection | None = None) -> dict[str, Any]:
     """Train as the config says (starting Ray if needed); returns a JSON-able summary."""
     from raggen.ray_utils import ensure_ray
     from raggen.train.heldout import check_dev_file
@@ -209,17 +153,19 @@ def run_training(cfg: RaggenConfig, extra_loop_config: dict[str, Any] | None = N
     t = cfg.train
     s3 = s3_options(t.s3)
     metrics_path = local_metrics_path(t.storage_path, t.name)
-    loop_config = {**train_loop_config(cfg, metrics_path=metrics_path), **(extra_loop_config or {})}
+    job = train_job(cfg, metrics_path=metrics_path).replace(inject_failure=inject_failure)
     items = qa_items(t.train_file, s3=s3)  # config and data errors surface before Ray starts
     # held out means held out: dev questions that are also training questions are not scored
-    loop_config["dev_exclude_ids"] = tuple(check_dev_file(items, loop_config.get("dev_file"), None, s3))
-    config_uri = save_run_config(loop_config["config_yaml"], t.storage_path, t.name, s3)
+    job = job.replace(dev_exclude_ids=tuple(check_dev_file(items, job.dev_file, None, s3)))
+    config_uri = save_run_config(job.config_yaml, t.storage_path, t.name, s3)
     ensure_ray()
-    use_gpu = loop_config["use_gpu"] = resolve_use_gpu(t.use_gpu)
-    group = start_index_group(loop_config)  # one group of shard actors for every worker (index.search)
+    use_gpu = resolve_use_gpu(t.use_gpu)
+    group = start_index_group(job.index)  # one group of shard actors for every worker (index.search)
+    if group is not None:
+        job = job.replace(index=job.index.replace(version=group.version, group=group))
     try:
         trainer = make_trainer(
-            loop_config,
+            job.replace(use_gpu=use_gpu),
             items,
             name=t.name,
             storage_path=t.storage_path,

@@ -11,7 +11,6 @@ from raggen.corpus.readers import (
 )
 from raggen.corpus.world import (
     ChangedFact,
-    Entity,
     Fact,
     World,
     WorldConfig,
@@ -21,6 +20,7 @@ from raggen.corpus.world import (
     reader_examples,
     write_world,
 )
+from raggen.corpus.world_passages import Entity
 
 __all__ = [
     "ChangedFact",

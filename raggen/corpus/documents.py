@@ -166,7 +166,7 @@ def _table_document(source: str, where: str, obj: Mapping[str, Any]) -> Document
 
 
 def _jsonl_documents(path: Path, source: str) -> Iterator[Document]:
-    from raggen.corpus.readers import iter_jsonl_objects
+    from raggen.corpus.text_files import iter_jsonl_objects
 
     for lineno, obj in iter_jsonl_objects(path):
         yield _table_document(source, f"line {lineno}", obj)

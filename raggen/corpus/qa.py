@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raggen.corpus.readers import atomic_writer, iter_jsonl_objects, iter_tsv_rows, local_path
+from raggen.corpus.readers import atomic_writer
+from raggen.corpus.text_files import iter_jsonl_objects, iter_tsv_rows, local_path
 from raggen.errors import DataError
 from raggen.storage import is_s3_uri, read_bytes
 

@@ -16,27 +16,33 @@ from __future__ import annotations
 
 import json
 import random
-import re
-import string
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from raggen.corpus import world_templates as T
 from raggen.corpus.qa import QAExample, write_qa_csv, write_qa_jsonl
-from raggen.corpus.readers import atomic_writer, iter_jsonl_objects, write_passages
+from raggen.corpus.readers import atomic_writer, write_passages
+from raggen.corpus.text_files import iter_jsonl_objects
+from raggen.corpus.world_names import KIND_SHARES, FreshNames, NoValue, invent_world_names
+from raggen.corpus.world_passages import (
+    Entity,
+    PassageSpec,
+    build_passage,
+    count_mentions,
+    draw_value,
+    entity_passages,
+    new_entity,
+    question_for,
+)
 from raggen.errors import ConfigError, DataError
 
 SPLITS = ("train", "dev", "test")
 KINDS = ("person", "town", "company")
-KIND_SHARES = {"town": 0.2, "company": 0.25}  # the rest are people
-NAME_KINDS = ("person", "town", "company", "river", "province")
-FILLER_YEARS = {"person": (1790, 1999), "town": (1050, 1990), "company": (1780, 1999)}
 TITLE_SEP = " . "  # as raggen.models.retriever.passage_text joins title and text
-_FORMATTER = string.Formatter()
 
 
 @dataclass
@@ -64,15 +70,6 @@ class WorldConfig:
             raise ConfigError(f"world.facts_per_passage must be in [1, 6], got {self.facts_per_passage}")
         if not 20 <= self.passage_words <= 400:
             raise ConfigError(f"world.passage_words must be in [20, 400], got {self.passage_words}")
-
-
-@dataclass
-class Entity:
-    id: str
-    kind: str  # person | town | company
-    name: str
-    pronoun: str  # key of world_templates.PRONOUNS
-    attributes: dict[str, str]  # attribute -> value (version 1)
 
 
 @dataclass
@@ -163,292 +160,19 @@ class WorldFiles:
         return getattr(self, f"{split}_jsonl")
 
 
-# --------------------------------------------------------------------------- names
-
-
-def _word(rng: random.Random, syllables: int, coda: bool = True) -> str:
-    """An invented word: a first syllable, ``syllables - 1`` inner ones, maybe a closing consonant."""
-    w = rng.choice(T.ONSETS_FIRST) + rng.choice(T.VOWELS_FIRST)
-    for _ in range(syllables - 1):
-        w += rng.choice(T.ONSETS_INNER) + rng.choice(T.VOWELS_INNER)
-    if coda:
-        w += rng.choice(T.CODAS)
-    return w.capitalize()
-
-
-class _UniqueWords:
-    """Hands out invented words, each to one role only (a surname is never also a town)."""
-
-    def __init__(self, rng: random.Random):
-        self.rng = rng
-        self.used: set[str] = set()
-
-    def take(self, make) -> str:
-        for _ in range(1000):
-            w = make(self.rng)
-            if w.lower() not in self.used:
-                self.used.add(w.lower())
-                return w
-        raise RuntimeError("ran out of invented words; widen the syllable inventory")
-
-    def families(self, make, n: int, size: int = 2) -> list[str]:
-        """``n`` words in families of ``size`` look-alikes (Marsk, Marska): near-miss distractors."""
-        out: list[str] = []
-        while len(out) < n:
-            stem = self.take(make)
-            out.append(stem)
-            for ending in self.rng.sample(T.NAME_ENDINGS, k=size - 1):
-                if len(out) < n and (stem + ending).lower() not in self.used:
-                    self.used.add((stem + ending).lower())
-                    out.append(stem + ending)
-        return out
-
-
-def _town_name(stem: str, rng: random.Random) -> str:
-    return stem + rng.choice(T.TOWN_SUFFIXES)
-
-
-class _WorldNames:
-    """Names of a fixed world: references point at real entities; rivers and provinces are shared."""
-
-    def __init__(self, by_kind: dict[str, list[str]], rivers: list[str], provinces: list[str]):
-        self.lists = {**by_kind, "river": rivers, "province": provinces}
-
-    def draw(self, kind: str, rng: random.Random, exclude: set[str]) -> str:
-        options = self.lists[kind]
-        for _ in range(50):
-            name = rng.choice(options)
-            if name not in exclude:
-                return name
-        rest = [n for n in options if n not in exclude]
-        if not rest:
-            raise _NoValue(kind)
-        return rng.choice(rest)
-
-
-class _FreshNames:
-    """Names invented on demand, never repeating within a long window (for reader pre-training)."""
-
-    def __init__(self, rng: random.Random, window: int = 200_000):
-        self.rng = rng
-        self.recent: OrderedDict[str, None] = OrderedDict()
-        self.window = window
-
-    def _invent(self, kind: str) -> str:
-        r = self.rng
-        if kind == "person":
-            return f"{_word(r, 2, coda=r.random() < 0.5)} {_word(r, 2)}"
-        if kind == "town":
-            return _town_name(_word(r, r.choice((1, 2))), r) if r.random() < 0.7 else _word(r, 3)
-        if kind == "company":
-            return f"{_word(r, 2)} {r.choice(T.COMPANY_KINDS)}"
-        return _word(r, 2 if kind == "river" else 3)
-
-    def draw(self, kind: str, rng: random.Random, exclude: set[str]) -> str:
-        """Like ``_WorldNames.draw``; invents with its own generator (the stream's), not ``rng``."""
-        while True:
-            name = self._invent(kind)
-            if name not in self.recent and name not in exclude:
-                self.recent[name] = None
-                if len(self.recent) > self.window:
-                    self.recent.popitem(last=False)
-                return name
-
-
-def _world_names(cfg: WorldConfig, rng: random.Random) -> tuple[dict[str, list[str]], _WorldNames]:
-    """Entity names by kind, built so that many names share a part with others."""
-    n_towns = max(4, round(cfg.num_entities * KIND_SHARES["town"]))
-    n_companies = max(4, round(cfg.num_entities * KIND_SHARES["company"]))
-    n_people = cfg.num_entities - n_towns - n_companies
-    words = _UniqueWords(rng)
-    firsts = words.families(lambda r: _word(r, 2, coda=r.random() < 0.5), max(6, n_people // 5))
-    surnames = words.families(lambda r: _word(r, 2), max(6, n_people // 4))
-    people = _distinct(rng, n_people, lambda: f"{rng.choice(firsts)} {rng.choice(surnames)}")
-    town_stems = [words.take(lambda r: _word(r, r.choice((1, 2)))) for _ in range(max(2, n_towns // 2))]
-    towns = _distinct(rng, n_towns, lambda: _town_name(rng.choice(town_stems), rng))
-    company_stems = [words.take(lambda r: _word(r, 2)) for _ in range(max(2, n_companies // 3))]
-    company_stems += rng.sample(surnames, k=min(len(surnames), max(1, len(company_stems) // 3)))
-    companies = _distinct(rng, n_companies, lambda: f"{rng.choice(company_stems)} {rng.choice(T.COMPANY_KINDS)}")
-    rivers = [words.take(lambda r: _word(r, 2)) for _ in range(max(4, n_towns // 4))]
-    provinces = [words.take(lambda r: _word(r, 3)) for _ in range(max(3, n_towns // 12))]
-    by_kind = {"person": people, "town": towns, "company": companies}
-    return by_kind, _WorldNames(by_kind, rivers, provinces)
-
-
-def _distinct(rng: random.Random, n: int, make) -> list[str]:
-    out: dict[str, None] = {}
-    for _ in range(100 * n + 1000):
-        if len(out) == n:
-            break
-        out[make()] = None
-    if len(out) < n:
-        raise RuntimeError(f"could not invent {n} distinct names")
-    return list(out)
-
-
-# --------------------------------------------------------------------------- values and sentences
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
-
-
-class _NoValue(Exception):
-    """Every value of a type is already used in this passage (only in tiny worlds)."""
-
-
-def _draw_value(vtype: str, rng: random.Random, names, exclude: set[str], years: tuple[int, int] = (1050, 1999)) -> str:
-    """A value of a type ("year" within ``years``, a pool, or a name kind) not in ``exclude``."""
-    for _ in range(200):
-        if vtype == "year":
-            value = str(rng.randint(*years))
-        elif vtype in T.POOLS:
-            value = rng.choice(T.POOLS[vtype])
-        else:
-            value = names.draw(vtype, rng, exclude)
-        if value not in exclude:
-            return value
-    raise _NoValue(vtype)
-
-
-@dataclass
-class _Sentence:
-    template: str
-    slots: dict[str, str]
-    attribute: str | None = None  # set for the sentence that states a fact
-
-
-@dataclass
-class _PassageSpec:
-    id: str
-    entity: Entity
-    sentences: list[_Sentence] = field(default_factory=list)
-
-    def render(self, values: dict[str, str]) -> str:
-        """The passage text with the given attribute values (v1 or v2) in its fact sentences."""
-        return " ".join(_render_sentence(s, values) for s in self.sentences)
-
-
-def _render_sentence(s: _Sentence, values: dict[str, str]) -> str:
-    if s.attribute is None:
-        return s.template.format(**s.slots)
-    v = values[s.attribute]
-    return s.template.format(**s.slots, v=v, a=_article(v))
-
-
-def _subject_slots(entity: Entity, rng: random.Random) -> dict[str, str]:
-    """Subject and possessive forms for one sentence: the name, or a pronoun half the time."""
-    subj_pron, poss_pron = T.PRONOUNS[entity.pronoun]
-    if rng.random() < 0.5:
-        subj, poss = entity.name, f"{entity.name}'s"
-    else:
-        subj, poss = subj_pron, poss_pron
-    return {
-        "name": entity.name,
-        "subj": subj,
-        "Subj": subj[0].upper() + subj[1:],
-        "poss": poss,
-        "Poss": poss[0].upper() + poss[1:],
-        "pron": poss_pron,
-        "Pron": poss_pron.capitalize(),
-    }
-
-
-def _filler(entity: Entity, template: str, rng: random.Random, names, used: set[str]) -> _Sentence:
-    slots = _subject_slots(entity, rng)
-    for _, key, _, _ in _FORMATTER.parse(template):
-        if key is None or key in slots or key.startswith("a_"):
-            continue
-        value = _draw_value(key, rng, names, used, FILLER_YEARS[entity.kind])
-        used.add(value)
-        slots[key] = value
-        slots[f"a_{key}"] = _article(value)
-    return _Sentence(template, slots)
-
-
-def _count_words(s: _Sentence, values: dict[str, str]) -> int:
-    return len(_render_sentence(s, values).split())
-
-
-def _build_passage(
-    pid: str, entity: Entity, attributes: list[str], first: bool, rng: random.Random, names, target_words: int
-) -> _PassageSpec:
-    """One passage: an opening, the facts, distractor sentences up to ~target_words, shuffled."""
-    values = entity.attributes
-    used = set(values.values()) | {entity.name}
-    opening = T.INTRO_TEMPLATES if first else T.CONTINUATION_TEMPLATES
-    head = _Sentence(rng.choice(opening[entity.kind]), {"name": entity.name})
-    body = [_Sentence(rng.choice(T.FACT_TEMPLATES[a]), _subject_slots(entity, rng), a) for a in attributes]
-    words = sum(_count_words(s, values) for s in [head, *body])
-    fillers = rng.sample(T.FILLER_TEMPLATES[entity.kind], k=len(T.FILLER_TEMPLATES[entity.kind]))
-    for template in fillers:
-        if words >= target_words - 6:
-            break
-        try:
-            s = _filler(entity, template, rng, names, used)
-        except _NoValue:  # a tiny world has run out of, say, towns: use another sentence
-            continue
-        body.append(s)
-        words += _count_words(s, values)
-    rng.shuffle(body)
-    return _PassageSpec(pid, entity, [head, *body])
-
-
-def count_mentions(value: str, text: str) -> int:
-    """How often ``value`` occurs in ``text`` as whole words (not inside a longer word)."""
-    return len(re.findall(rf"(?<!\w){re.escape(value)}(?!\w)", text))
-
-
-def _new_entity(eid: str, kind: str, name: str, rng: random.Random, names) -> Entity:
-    pronoun = rng.choice(("she", "he")) if kind == "person" else kind
-    attributes: dict[str, str] = {}
-    for attribute, vtype in T.ATTRIBUTES[kind].items():
-        attributes[attribute] = _draw_value(
-            vtype, rng, names, set(attributes.values()) | {name}, T.YEAR_RANGES.get(attribute, FILLER_YEARS[kind])
-        )
-    return Entity(eid, kind, name, pronoun, attributes)
-
-
-def _entity_passages(
-    entity: Entity, rng: random.Random, names, facts_per_passage: int, target_words: int
-) -> list[_PassageSpec]:
-    """The entity's facts spread over passages; each fact's value occurs once in its passage."""
-    attributes = list(entity.attributes)
-    rng.shuffle(attributes)
-    groups = [attributes[i : i + facts_per_passage] for i in range(0, len(attributes), facts_per_passage)]
-    specs = []
-    for k, group in enumerate(groups):
-        for _ in range(50):
-            spec = _build_passage(f"{entity.id}-{k}", entity, group, k == 0, rng, names, target_words)
-            text = spec.render(entity.attributes)
-            if all(count_mentions(entity.attributes[a], text) == 1 for a in group):
-                break
-        else:
-            raise RuntimeError(f"could not state the facts of {entity.id} unambiguously")
-        specs.append(spec)
-    return specs
-
-
-def _question(entity: Entity, attribute: str, rng: random.Random) -> str:
-    return rng.choice(T.QUESTION_TEMPLATES[attribute]).format(name=entity.name)
-
-
-# --------------------------------------------------------------------------- the world
-
-
 def build_world(cfg: WorldConfig) -> World:
     """The whole world in memory; the same config always gives the same world."""
     rng = random.Random(cfg.seed)
-    by_kind, names = _world_names(cfg, rng)
+    by_kind, names = invent_world_names(cfg.num_entities, rng)
     width = max(5, len(str(cfg.num_entities - 1)))
     entities: list[Entity] = []
     for kind in KINDS:
         for name in by_kind[kind]:
-            entities.append(_new_entity(f"e{len(entities):0{width}d}", kind, name, rng, names))
-    specs: list[_PassageSpec] = []
+            entities.append(new_entity(f"e{len(entities):0{width}d}", kind, name, rng, names))
+    specs: list[PassageSpec] = []
     facts: list[Fact] = []
     for e in entities:
-        for spec in _entity_passages(e, rng, names, cfg.facts_per_passage, cfg.passage_words):
+        for spec in entity_passages(e, rng, names, cfg.facts_per_passage, cfg.passage_words):
             specs.append(spec)
             for s in spec.sentences:
                 if s.attribute is not None:
@@ -461,7 +185,7 @@ def build_world(cfg: WorldConfig) -> World:
                             e.attributes[s.attribute],
                             spec.id,
                             "train",
-                            _question(e, s.attribute, rng),
+                            question_for(e, s.attribute, rng),
                         )
                     )
     facts.sort(key=lambda f: f.id)
@@ -491,7 +215,7 @@ def _assign_splits(facts: list[Fact], cfg: WorldConfig, rng: random.Random) -> N
 
 
 def _change_facts(
-    facts: list[Fact], specs: list[_PassageSpec], texts_v1: dict[str, str], cfg: WorldConfig, rng: random.Random, names
+    facts: list[Fact], specs: list[PassageSpec], texts_v1: dict[str, str], cfg: WorldConfig, rng: random.Random, names
 ) -> dict[str, str]:
     """Give ``changed_fraction`` of the facts a new value; return the v2 passage texts."""
     by_id = {s.id: s for s in specs}
@@ -515,14 +239,14 @@ def _change_facts(
     return texts_v2
 
 
-def _new_value(f: Fact, spec: _PassageSpec, text_v1: str, rng: random.Random, names) -> str | None:
+def _new_value(f: Fact, spec: PassageSpec, text_v1: str, rng: random.Random, names) -> str | None:
     """A value for the fact that its v1 passage never mentions, so v1 and v2 answers differ."""
     vtype = T.ATTRIBUTES[spec.entity.kind][f.attribute]
     exclude = {f.value, spec.entity.name, *spec.entity.attributes.values()}
     for _ in range(100):
         try:
-            new = _draw_value(vtype, rng, names, exclude, T.YEAR_RANGES.get(f.attribute, (1050, 1999)))
-        except _NoValue:
+            new = draw_value(vtype, rng, names, exclude, T.YEAR_RANGES.get(f.attribute, (1050, 1999)))
+        except NoValue:
             return None
         if count_mentions(new, text_v1) == 0:
             return new
@@ -530,7 +254,7 @@ def _new_value(f: Fact, spec: _PassageSpec, text_v1: str, rng: random.Random, na
     return None
 
 
-def _passage_frame(specs: list[_PassageSpec], texts: dict[str, str]) -> pd.DataFrame:
+def _passage_frame(specs: list[PassageSpec], texts: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame(
         {"id": [s.id for s in specs], "text": [texts[s.id] for s in specs], "title": [s.entity.name for s in specs]},
         columns=["id", "text", "title"],
@@ -604,20 +328,20 @@ def reader_examples(seed: int, facts_per_passage: int = 3, passage_words: int = 
     to find and copy the span, and cannot memorise facts of the world built by ``build_world``.
     """
     rng = random.Random(f"raggen-reader-{seed}")
-    names = _FreshNames(rng)
+    names = FreshNames(rng)
     weights = [1.0 - sum(KIND_SHARES.values()), KIND_SHARES["town"], KIND_SHARES["company"]]
     n = 0
     while True:
         kind = rng.choices(KINDS, weights=weights)[0]
-        entity = _new_entity(f"r{n}", kind, names.draw(kind, rng, set()), rng, names)
+        entity = new_entity(f"r{n}", kind, names.draw(kind, rng, set()), rng, names)
         n += 1
         attributes = rng.sample(list(entity.attributes), k=min(facts_per_passage, len(entity.attributes)))
         for _ in range(50):
-            spec = _build_passage(entity.id, entity, attributes, rng.random() < 0.5, rng, names, passage_words)
+            spec = build_passage(entity.id, entity, attributes, rng.random() < 0.5, rng, names, passage_words)
             text = spec.render(entity.attributes)
             if all(count_mentions(entity.attributes[a], text) == 1 for a in attributes):
                 break
         else:
             continue
         asked = rng.choice(attributes)
-        yield _question(entity, asked, rng), f"{entity.name}{TITLE_SEP}{text}", entity.attributes[asked]
+        yield question_for(entity, asked, rng), f"{entity.name}{TITLE_SEP}{text}", entity.attributes[asked]

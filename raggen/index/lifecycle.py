@@ -19,16 +19,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from raggen.errors import ConfigError, IndexIntegrityError
+from raggen.index.latest import _read_latest, list_versions
 from raggen.index.manifest import (
     CLAIM_NAME,
     MANIFEST_NAME,
     Manifest,
-    _read_latest,
     _read_manifest_at,
     check_version_name,
-    list_versions,
-    set_latest,
 )
+from raggen.index.publish import set_latest
 from raggen.storage import LocalStore, Store, join_uri, open_store
 
 logger = logging.getLogger(__name__)
@@ -170,7 +169,7 @@ def _require_published(root: Store, version: str, s3_options: Mapping[str, Any] 
 def set_latest_version(
     uri: str, version: str, *, rollback: bool = False, s3_options: Mapping[str, Any] | None = None
 ) -> Manifest:
-    """Point LATEST at ``version`` after :func:`~raggen.index.manifest.verify_version` (every file
+    """Point LATEST at ``version`` after :func:`~raggen.index.loading.verify_version` (every file
     hashed from the store). A version that does not verify raises IndexIntegrityError; moving to a
     version older than LATEST's (by ``created``, then name) needs ``rollback`` (else ConfigError)."""
     _require_published(open_store(uri, s3_options), version, s3_options)

@@ -6,7 +6,7 @@ exact indexes; approximate indexes merge their approximate lists). Passages for 
 fetched in a second step, so only k payloads per query cross process boundaries.
 
 Two backends behind the same ``search``:
-- in-process (``_LocalBackend``): the shards live in this process (small indexes, tests, one
+- in-process (``shard_searcher._LocalBackend``): the shards live in this process (small indexes, tests, one
   serving replica), searched by a thread pool;
 - shard actors (``raggen.index.actors.ShardActorGroup``): a group of Ray actors, each serving
   consecutive shards it loaded itself from the store (memory-mapped), placed over the nodes by a
@@ -21,19 +21,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
-import pyarrow as pa
 
-from raggen.index.manifest import LoadedVersion, Manifest, embeddings_of
-from raggen.index.shard import (
-    as_float32_matrix,
-    deserialize_index,
-    reconstruct,
-    search,
-    set_search_params,
-    to_gpu,
-)
+from raggen.index.loading import LoadedVersion
+from raggen.index.manifest import Manifest
+from raggen.index.shard import as_float32_matrix
+from raggen.index.shard_searcher import ShardSearcher, _LocalBackend
 
 logger = logging.getLogger(__name__)
 
@@ -50,131 +43,6 @@ class SearchResult:
     titles: list[list[str]]
     texts: list[list[str]]
     embeddings: np.ndarray  # (b, k, d) float32
-
-
-class ShardSearcher:
-    """One shard: a FAISS index plus its passage table; search -> (D, I), fetch(row_ids) -> payload.
-
-    ``index``: an opened FAISS index (``LoadedShard.index()``, used as it is: never copied) or its
-    serialized bytes. ``nprobe`` / ``ef_search`` become the index's defaults; ``search`` takes
-    per-call values that leave the index unchanged (safe under concurrent calls)."""
-
-    def __init__(
-        self,
-        index,
-        passages: pa.Table,
-        *,
-        metric: str,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        use_gpu: bool = False,
-        num_threads: int | None = None,
-    ):
-        if num_threads:
-            faiss.omp_set_num_threads(int(num_threads))
-        if not isinstance(index, faiss.Index):
-            index = deserialize_index(index)
-        set_search_params(index, nprobe=nprobe, ef_search=ef_search)
-        self.cpu_index = index
-        self.index = to_gpu(index) if use_gpu else index
-        self.dim = int(index.d)
-        self.sign = 1.0 if metric == "ip" else -1.0  # l2 distances -> higher-is-better scores
-        row_ids = passages.column("row_id").to_numpy()
-        self._order = np.argsort(row_ids, kind="stable")
-        self._sorted_ids = row_ids[self._order]
-        self._pid = passages.column("id").combine_chunks()
-        self._title = passages.column("title").combine_chunks()
-        self._text = passages.column("text").combine_chunks()
-        self._emb = embeddings_of(passages)
-
-    def search(
-        self,
-        xq: np.ndarray,
-        k: int,
-        coarse: tuple[np.ndarray, np.ndarray] | None = None,
-        *,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(b, d), k -> scores (b, k) higher-is-better, row ids (b, k), -1 where no hit.
-
-        ``coarse`` = (Dq, Iq) (b, nprobe): the IVF list assignment computed once for all shards
-        that share one coarse quantizer (see ``shared_quantizer``)."""
-        if coarse is not None:
-            D, I = _search_preassigned(self.index, as_float32_matrix(xq, "xq", self.dim), int(k), *coarse)
-        else:
-            D, I = search(self.index, xq, k, nprobe=nprobe, ef_search=ef_search)
-        scores = (self.sign * D).astype(np.float32)
-        scores[I < 0] = -np.inf
-        return scores, I
-
-    def positions(self, row_ids: np.ndarray) -> np.ndarray:
-        pos = np.searchsorted(self._sorted_ids, row_ids)
-        pos = np.minimum(pos, len(self._sorted_ids) - 1)
-        if not np.array_equal(self._sorted_ids[pos], row_ids):
-            raise KeyError("row id not in this shard's passage table")
-        return self._order[pos]
-
-    def fetch(
-        self, row_ids: np.ndarray, embeddings: bool = True
-    ) -> tuple[list[str], list[str], list[str], np.ndarray | None]:
-        """Passage id, title, text and (``embeddings``) the stored vector (n, d) for ``row_ids`` (n,):
-        the ``embedding`` column when loaded, else reconstructed from the index."""
-        row_ids = np.asarray(row_ids, dtype=np.int64)
-        if len(row_ids) == 0:
-            return [], [], [], np.zeros((0, self.dim), np.float32) if embeddings else None
-        pos = self.positions(row_ids)
-        take = pa.array(pos, type=pa.int64())
-        emb = None
-        if embeddings:
-            emb = np.asarray(
-                self._emb[pos] if self._emb is not None else reconstruct(self.cpu_index, row_ids), dtype=np.float32
-            )
-        return (
-            self._pid.take(take).to_pylist(),
-            self._title.take(take).to_pylist(),
-            self._text.take(take).to_pylist(),
-            emb,
-        )
-
-    def ready(self) -> bool:
-        return True
-
-
-def _search_preassigned(index, xq: np.ndarray, k: int, Dq: np.ndarray, Iq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """IVF search over the lists ``Iq`` (b, nprobe) given for each query; nprobe per call (the
-    Python wrapper takes neither per-call params nor an nprobe other than the index's)."""
-    n = xq.shape[0]
-    D, I = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
-    Iq, Dq = np.ascontiguousarray(Iq, dtype=np.int64), np.ascontiguousarray(Dq, dtype=np.float32)
-    params = faiss.SearchParametersIVF(nprobe=int(Iq.shape[1]))
-    index.search_preassigned_c(n, faiss.swig_ptr(xq), k, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq), faiss.swig_ptr(D),
-                               faiss.swig_ptr(I), False, params)  # fmt: skip
-    return D, I
-
-
-def shared_quantizer(searchers: list[ShardSearcher]):
-    """The coarse quantizer, when every shard is a bare IVF index over the same trained one
-    (build_index trains once and shares), else None. Then the list assignment of a query is the
-    same for every shard and is computed once instead of once per shard."""
-    import hashlib
-
-    import faiss
-
-    if len(searchers) < 2:
-        return None
-    digests, nprobes = set(), set()
-    for s in searchers:
-        ivf = faiss.downcast_index(s.index)
-        if not isinstance(ivf, faiss.IndexIVF):
-            return None  # Flat/HNSW, OPQ in front of the IVF (the transform comes first), a GPU clone
-        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)  # (nlist, d)
-        digests.add(hashlib.sha256(np.ascontiguousarray(centroids).tobytes()).hexdigest())
-        nprobes.add(int(ivf.nprobe))
-    if len(digests) != 1 or len(nprobes) != 1:
-        return None
-    ivf0 = faiss.downcast_index(searchers[0].index)
-    return ivf0.quantizer, int(ivf0.nprobe)
 
 
 def merge_topk(per_shard: list[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -201,67 +69,6 @@ def merge_topk(per_shard: list[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndar
             np.concatenate([top[2], np.full((b, pad), -1, np.int64)], 1),
         )
     return top
-
-
-class _LocalBackend:
-    """Shards in this process, searched concurrently by a thread pool (FAISS releases the GIL).
-
-    Each pool thread gets ``cpus // workers`` OpenMP threads, so shards x OpenMP never
-    oversubscribe the cores: latency is about one shard's, not the sum over shards.
-    ``search`` returns one (scores, ids) per shard, in shard order (``merge_topk`` merges them).
-    """
-
-    # below this many queries per call, thread hand-off costs more than the shards' search itself
-    PARALLEL_MIN_QUERIES = 16
-
-    kind = "local"
-
-    def __init__(self, searchers: list[ShardSearcher], max_workers: int | None = None, cpus: int | None = None):
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.searchers = searchers
-        self.coarse = shared_quantizer(searchers)
-        cpus = cpus or os.cpu_count() or 1  # a shard actor passes its own CPU share, not the node's
-        workers = min(len(searchers), max_workers or cpus)
-        self.pool = None
-        if workers > 1:
-            per_thread = max(1, cpus // workers)
-            self.pool = ThreadPoolExecutor(
-                workers, thread_name_prefix="shard-search", initializer=_set_omp_threads, initargs=(per_thread,)
-            )
-
-    def _map(self, fn, items, parallel: bool):
-        if parallel and self.pool is not None:
-            return list(self.pool.map(fn, items))
-        return [fn(item) for item in items]
-
-    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
-        assignment = None
-        if self.coarse is not None:
-            quantizer, default_nprobe = self.coarse
-            nlist = quantizer.ntotal
-            probe = max(1, min(int(nprobe or default_nprobe), nlist))
-            assignment = quantizer.search(xq, probe)  # (Dq, Iq): (b, nprobe) each
-        return self._map(
-            lambda s: s.search(xq, k, assignment, nprobe=nprobe, ef_search=ef_search),
-            self.searchers,
-            len(xq) >= self.PARALLEL_MIN_QUERIES,
-        )
-
-    def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True):
-        shards = list(requests)
-        many = sum(len(r) for r in requests.values()) >= 10 * self.PARALLEL_MIN_QUERIES
-        return dict(zip(shards, self._map(lambda s: self.searchers[s].fetch(requests[s], embeddings), shards, many)))
-
-    def close(self, release_shared: bool = False) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False)
-        self.searchers = []
-
-
-def _set_omp_threads(n: int) -> None:
-    faiss.omp_set_num_threads(n)  # per calling thread (OpenMP's nthreads-var is a per-thread setting)
 
 
 def resolve_search_params(

@@ -155,7 +155,8 @@ def load_sparse(
     """The version's BM25 index (None when it has none), every file's sha256 checked first (an S3
     version's files through the local cache, as ``load_version`` does). ``uri``: a root (then
     ``version``, LATEST when None) or a version folder (then ``version``, if given, must match)."""
-    from raggen.index.manifest import MANIFEST_NAME, _fetch_verified, _read_manifest_at, _version_store
+    from raggen.index.loading import _fetch_verified, _version_store
+    from raggen.index.manifest import MANIFEST_NAME, _read_manifest_at
     from raggen.storage import default_cache_dir, is_s3_uri, open_store
 
     in_version = version is not None and open_store(uri, s3_options).exists(MANIFEST_NAME)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import secrets
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ from raggen.errors import ConfigError
 from raggen.index.manifest import shard_file_names
 from raggen.storage import (
     FileLock,
+    StoreBusy,
     atomic_write_bytes,
     claim_folder,
     content_fingerprint,
@@ -131,6 +135,29 @@ def lock_work_dir(work_dir: str | os.PathLike, *, what: str = "work_dir") -> tup
 def remove_work_dir(work_dir: str | os.PathLike) -> bool:
     """Delete a work dir raggen made (its marker inside); anything else is left alone."""
     return release_folder(work_dir, WORK_MARKER)
+
+
+def default_work_dir(**signature: Any) -> Path:
+    """A stable work dir per (inputs and their content, settings), so rerunning the same build
+    resumes it, and a changed corpus gets a new one."""
+    key = hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "raggen-index-work" / key
+
+
+def open_work_dir(work_dir: str | os.PathLike | None, signature: dict):
+    """(work dir, its marker, its lock) for one build: ``work_dir`` as given (claimed: refused if
+    not empty and not raggen's; locked: refused if another run uses it), or the default derived
+    from ``signature``; when another build holds that one, a fresh one of this run's own."""
+    if work_dir is not None:
+        path = Path(os.path.expanduser(str(work_dir)))
+        return (path, *lock_work_dir(path))
+    path = default_work_dir(**signature)
+    try:
+        return (path, *lock_work_dir(path))
+    except StoreBusy:
+        fresh = path.with_name(f"{path.name}-{os.getpid()}-{secrets.token_hex(3)}")
+        logger.info("work dir %s is in use by another build; this one works in %s", path, fresh)
+        return (fresh, *lock_work_dir(fresh))
 
 
 def encoded_shard_done(work_dir: Path, shard: int) -> EncodedShard | None:

@@ -4,15 +4,9 @@ All load through transformers' Auto classes from an HF id or a local folder (``r
 and save with ``save_pretrained`` (safetensors + tokenizer); ``tiny`` builds test-size checkpoints.
 """
 
-from raggen.models.generator import (
-    SOURCE_TEMPLATE,
-    EncodedRows,
-    Generator,
-    check_batch,
-    gather_logprobs,
-    source_text,
-    target_mask,
-)
+from raggen.models.generator import Generator
+from raggen.models.generator_cache import EncodedRows
+from raggen.models.generator_inputs import SOURCE_TEMPLATE, check_batch, gather_logprobs, source_text, target_mask
 from raggen.models.loading import MINILM_ID, bundled_minilm_path, resolve_model_path
 from raggen.models.posterior import PosteriorRetriever, posterior_query_text
 from raggen.models.reranker import Reranker

@@ -1,4 +1,4 @@
-"""The models an estimator trains, built from their specs (plain dicts of ``EncoderSpec`` fields,
+"""The models an estimator trains, built from their specs (``ModelSpec``: ``EncoderSpec`` s,
 HF ids or folders) or restored from a checkpoint's folders: the one place that knows which roles
 each estimator needs. Train workers, ``raggen eval`` and the benchmarks call it."""
 
@@ -6,65 +6,81 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from raggen.errors import ConfigError
+from raggen.models.retriever import EncoderSpec
 
 
-def _encoder_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "pooling": spec.get("pooling", "mean"),
-        "max_length": int(spec.get("max_length", 128)),
-        "normalize": bool(spec.get("normalize", False)),
-        "passage_format": spec.get("passage_format"),
-    }
+class ModelSpec(BaseModel):
+    """The models a RAG system is made of (the config's ``model`` section is this class); every path
+    is an HF id, a local folder or an ``s3://`` folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    query_encoder: EncoderSpec = EncoderSpec()
+    posterior_encoder: EncoderSpec | None = Field(None, description="q(z|x,y); unset: a copy of the query encoder")
+    generator: str = Field("artifacts/models/reader", description="the reader (BART, T5 or decoder-only)")
+    reranker: str | None = Field(None, description="gumbel-rerank's cross-encoder")
+    max_source_length: int = Field(192, ge=8, description="reader input tokens (question + passage)")
+    max_target_length: int = Field(24, ge=1, description="answer tokens")
+
+
+class PassageEncoderSpec(EncoderSpec):
+    """d(z) when training updates it: the searched index's encoder (a hub id, a folder or a refreshed
+    run's ``s3://`` snapshot, read with ``s3``)."""
+
+    s3: dict[str, Any] | None = None
 
 
 def build_models(
-    model_cfg: dict[str, Any],
+    spec: ModelSpec,
     estimator: str,
     restored: dict[str, str] | None = None,
-    train_passage_encoder: bool = False,
+    passage_encoder: PassageEncoderSpec | None = None,
 ) -> dict[str, nn.Module]:
     """The models an estimator needs, each from its checkpoint folder when restored, else from the
-    configured id/path. Built on CPU in float32 (autocast handles bf16 on GPU)."""
-    from raggen.models import Generator, PosteriorRetriever, Reranker, TextEncoder
+    configured id/path; the trained passage encoder only when ``passage_encoder`` is given. Built on
+    CPU in float32 (autocast handles bf16 on GPU)."""
+    from raggen.models import Generator, PosteriorRetriever, Reranker
 
     restored = restored or {}
-    qspec = model_cfg["query_encoder"]
+    qspec = spec.query_encoder
     models: dict[str, nn.Module] = {}
-    models["query_encoder"] = TextEncoder.from_pretrained(
-        restored.get("query_encoder", qspec["name_or_path"]), **_encoder_kwargs(qspec)
-    )
+    models["query_encoder"] = qspec.load(name_or_path=restored.get("query_encoder"))
     models["generator"] = Generator.from_pretrained(
-        restored.get("generator", model_cfg["generator"]),
-        max_source_length=int(model_cfg.get("max_source_length", 192)),
-        max_target_length=int(model_cfg.get("max_target_length", 24)),
+        restored.get("generator", spec.generator),
+        max_source_length=spec.max_source_length,
+        max_target_length=spec.max_target_length,
     )
     if estimator in ("vrag", "jsa"):
-        pspec = model_cfg.get("posterior_encoder")
-        if "posterior_encoder" in restored:
+        pspec = spec.posterior_encoder
+        if "posterior_encoder" in restored or pspec is not None:
+            source = pspec or qspec
             models["posterior_encoder"] = PosteriorRetriever.from_pretrained(
-                restored["posterior_encoder"], **_encoder_kwargs(pspec or qspec)
-            )
-        elif pspec:
-            models["posterior_encoder"] = PosteriorRetriever.from_pretrained(
-                pspec["name_or_path"], **_encoder_kwargs(pspec)
+                restored.get("posterior_encoder", source.name_or_path), **_encoder_kwargs(source)
             )
         else:  # DESIGN: the posterior starts as a copy of the prior query encoder
             models["posterior_encoder"] = PosteriorRetriever.from_query_encoder(models["query_encoder"])
-    if train_passage_encoder:
-        dspec = model_cfg.get("passage_encoder")
-        if not dspec:
-            raise ConfigError("train.train_passage_encoder: needs the index's passage encoder (index.encoder)")
+    if passage_encoder is not None:
         from raggen.models.loading import fetch_model_dir
 
         # the searched index's encoder: a hub id, a folder, or a refreshed run's s3:// snapshot
-        source = restored.get("passage_encoder") or fetch_model_dir(dspec["name_or_path"], dspec.get("s3"))
-        models["passage_encoder"] = TextEncoder.from_pretrained(source, **_encoder_kwargs(dspec))
+        source = restored.get("passage_encoder") or fetch_model_dir(passage_encoder.name_or_path, passage_encoder.s3)
+        models["passage_encoder"] = passage_encoder.load(name_or_path=source)
     if estimator == "gumbel-rerank":
-        path = restored.get("reranker", model_cfg.get("reranker"))
+        path = restored.get("reranker", spec.reranker)
         if not path:
             raise ConfigError("model.reranker: gumbel-rerank needs a reranker (an HF id or folder)")
         models["reranker"] = Reranker.from_pretrained(path)
     return models
+
+
+def _encoder_kwargs(spec: EncoderSpec) -> dict[str, Any]:
+    return {
+        "pooling": spec.pooling,
+        "max_length": spec.max_length,
+        "normalize": spec.normalize,
+        "passage_format": spec.passage_format,
+    }

@@ -1,194 +1,50 @@
 """The reader: an HF seq2seq (BART, T5) or decoder-only (GPT-2, Llama, Qwen2 ...) LM scoring answers given passages.
 
-Input format (one row per (question, passage) pair; ``x`` = ``"question: {q} context: {passage}"``):
-
-* encoder-decoder: the encoder reads ``x`` (with the tokenizer's own special tokens); the decoder
-  reads ``[start] y_1 .. y_n`` and predicts ``y_1 .. y_n [eos]``.
-* decoder-only, tokenizer without a chat template (the documented default): the model reads ``x``
-  (no special tokens) followed by ``[start] y_1 .. y_n`` and predicts ``y_1 .. y_n [eos]``.
-* decoder-only, tokenizer with a ``chat_template``: the prompt is
-  ``tokenizer.apply_chat_template([{"role": "user", "content": x}], tokenize=False,
-  add_generation_prompt=True)`` tokenised without adding special tokens (the template writes its
-  own), so it ends with the assistant header. No BOS is put before the answer, as chat models are
-  trained: the prompt's last token takes the place of ``[start]`` (the ``[start]`` column of a
-  prefix is a placeholder for it), and ``[eos]`` is the special token the template closes an
-  assistant turn with (Qwen's ``<|im_end|>``, Llama 3's ``<|eot_id|>``), else the model's EOS.
-
-Decoder-only prompts are left-padded and never scored; one longer than ``max_source_length``
-loses the end of its passage (a chat prompt keeps its closing assistant header). Positions count
-real tokens only, so padding changes nothing.
-
-``[start]`` is :attr:`Generator.bos_id` (the decoder start token, or the LM's BOS). A *target* is
-``y_1 .. y_n [eos]`` right-padded with :attr:`pad_id`; for BART checkpoints whose generation config
-forces a BOS (``facebook/bart-large``), ``y_1`` is that forced token, as HF fine-tunes them.
-A *prefix* in decoding is ``[start] y_1 .. y_t``: ``next_logprobs`` on it scores ``y_{t+1}``, so
-teacher forcing and step-wise decoding agree token for token.
-
-Decoding (no grad) computes the passages' keys/values once per :class:`EncodedRows`: the
-cross-attention of an encoder-decoder, the prompt of a decoder-only LM (full-attention models;
-sliding-window ones recompute the prompt). Each step then runs the model over the prefix only,
-from a fresh cache of the chosen rows, so beams may be reordered or duplicated freely.
+The input format (source rows, chat prompts, targets and prefixes) is described and built in
+:mod:`raggen.models.generator_inputs`; the decoding state that is computed once and reused by
+every step (:class:`~raggen.models.generator_cache.EncodedRows`) in :mod:`raggen.models.generator_cache`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from raggen.errors import ConfigError
+from raggen.models.generator_cache import (
+    EncodedRows,
+    cross_attention_cache,
+    full_attention_only,
+    lm_head_on_last,
+    prompt_cache,
+)
+from raggen.models.generator_inputs import (
+    at_least_fp32,
+    chat_prompt,
+    chat_prompt_tail,
+    chat_turn_end_id,
+    check_batch,
+    gather_logprobs,
+    left_pad,
+    source_text,
+    target_mask,
+)
 from raggen.models.loading import load_pretrained_strict, resolve_model_path
 from raggen.models.retriever import save_pretrained_atomic
 
-SOURCE_TEMPLATE = "question: {question} context: {passage}"
-# stands in for the user text when a chat template is rendered to find what it writes after it
-_CONTENT_MARK = "RAGGENCONTENTMARK"
-
 NextLogprobs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def source_text(question: str, passage: str) -> str:
-    """The text the reader sees for one (question, passage) pair."""
-    return SOURCE_TEMPLATE.format(question=question, passage=passage)
-
-
-def check_batch(questions: list[str], passages: list[list[str]], targets: list[str] | None = None) -> tuple[int, int]:
-    """(b, k) of a rectangular batch; a ragged or mistyped one is refused with the row named."""
-    b = len(questions)
-    if b == 0:
-        raise ValueError("empty batch: no questions")
-    if len(passages) != b:
-        raise ValueError(f"{b} questions but {len(passages)} passage lists")
-    if targets is not None and len(targets) != b:
-        raise ValueError(f"{b} questions but {len(targets)} targets")
-    k = len(passages[0])
-    if k == 0:
-        raise ValueError("passages[0] is empty: every question needs at least one passage")
-    for row, group in enumerate(passages):
-        if isinstance(group, str) or len(group) != k:
-            raise ValueError(f"passages[{row}] must be a list of {k} strings (as passages[0]), got {group!r:.80}")
-        for col, passage in enumerate(group):
-            if not isinstance(passage, str):
-                raise ValueError(f"passages[{row}][{col}] must be a str, got {type(passage).__name__}")
-    return b, k
-
-
-def target_mask(target_ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
-    """(n, t) ids -> (n, t) float mask: 1 up to and including the first EOS, 0 for padding after it.
-
-    Works when pad == eos (GPT-2) because only the first EOS counts.
-    """
-    is_eos = target_ids == eos_id  # (n, t)
-    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS strictly before t
-    keep = (eos_before == 0) & ((target_ids != pad_id) | is_eos)
-    return keep.to(torch.float32)
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 logits are upcast before a softmax over the vocabulary; fp64 stays fp64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(n, t, v) logits, (n, t) ids -> (n, t) log-softmax of each id, in at least float32."""
-    return torch.log_softmax(_at_least_fp32(logits), dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
 def _first_int(value) -> int | None:
     if isinstance(value, (list, tuple)):
         return int(value[0]) if value else None
     return None if value is None else int(value)
-
-
-def chat_prompt(tokenizer, text: str) -> str:
-    """``text`` as the user turn of the tokenizer's chat template, ending with the assistant header."""
-    messages = [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def _chat_prompt_tail(tokenizer) -> list[int]:
-    """Ids the chat template writes after the user text (kept when a long prompt is cut)."""
-    rendered = chat_prompt(tokenizer, _CONTENT_MARK)
-    if _CONTENT_MARK not in rendered:
-        return []
-    return list(tokenizer(rendered.split(_CONTENT_MARK, 1)[1], add_special_tokens=False)["input_ids"])
-
-
-def _chat_turn_end_id(tokenizer) -> int | None:
-    """The special token the chat template closes an assistant turn with, or None.
-
-    Llama 3 generation configs list ``<|end_of_text|>`` first, but its answers end with ``<|eot_id|>``.
-    """
-    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _CONTENT_MARK}]
-    try:
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # templates may refuse this conversation; fall back to the model's EOS
-        return None
-    if _CONTENT_MARK not in rendered:
-        return None
-    after = tokenizer(rendered.split(_CONTENT_MARK, 1)[1].lstrip(), add_special_tokens=False)["input_ids"]
-    if not after:
-        return None
-    added = getattr(tokenizer, "added_tokens_decoder", {}).get(after[0])
-    special = after[0] in tokenizer.all_special_ids or bool(added is not None and added.special)
-    return int(after[0]) if special else None
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged id lists -> ids (n, p) left-padded with ``pad_id``, mask (n, p) 1 on real tokens."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-def _full_attention_only(config) -> bool:
-    """Every layer caches all past keys (no sliding window), so a cached prompt can be reused as is."""
-    try:
-        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
-    except Exception:  # a config this transformers cannot size a cache for: recompute the prompt
-        return False
-
-
-@dataclass
-class EncodedRows:
-    """Reader inputs encoded once and reused by every decoding step.
-
-    Rows are ``b * k + j`` for question b and passage j (``rows_per_question = k``); FiD rows hold
-    one question each with its k passages' encoder states concatenated.
-    """
-
-    num_questions: int
-    rows_per_question: int
-    attention_mask: torch.Tensor  # (n, s) 0/1, or (n, 1, 1, s) additive float (FiD with a passage mask)
-    hidden: torch.Tensor | None = None  # (n, s, h) encoder outputs (encoder-decoder models)
-    input_ids: torch.Tensor | None = None  # (n, s) the token ids ``hidden`` was computed from
-    prompt_ids: torch.Tensor | None = None  # (n, p) left-padded prompts (decoder-only models)
-    # (n, 1) chat prompts only: each prompt's last token, read in place of [start] (prompt_ids
-    # and attention_mask then hold the tokens before it)
-    prompt_start: torch.Tensor | None = None
-    # per decoder layer (n, heads, s, head_dim) cross-attention keys and values, filled by the
-    # first decoding step so later steps skip re-projecting the encoder states of every beam
-    cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
-    # per layer (n, kv_heads, p, head_dim) keys and values of prompt_ids (decoder-only models),
-    # filled by the first decoding step so later steps run over the answer prefix only
-    prompt_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.attention_mask.shape[0])
 
 
 class Generator(nn.Module):
@@ -207,13 +63,13 @@ class Generator(nn.Module):
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
         self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        #: decoder-only with a tokenizer chat template: prompts are chat turns (module docstring)
+        #: decoder-only with a tokenizer chat template: prompts are chat turns (see generator_inputs)
         self.uses_chat_template = not self.is_encoder_decoder and bool(getattr(tokenizer, "chat_template", None))
         params = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in params
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
-        self._reuses_prompt = not self.is_encoder_decoder and _full_attention_only(model.config)
-        self._chat_tail = _chat_prompt_tail(tokenizer) if self.uses_chat_template else []
+        self._reuses_prompt = not self.is_encoder_decoder and full_attention_only(model.config)
+        self._chat_tail = chat_prompt_tail(tokenizer) if self.uses_chat_template else []
         if len(self._chat_tail) >= max_source_length:
             raise ValueError(
                 f"max_source_length ({max_source_length}) leaves no room for the question: the chat template "
@@ -235,7 +91,7 @@ class Generator(nn.Module):
             return next((int(v) for v in values if v is not None), None)
 
         tok = self.tokenizer
-        turn_end = _chat_turn_end_id(tok) if self.uses_chat_template else None
+        turn_end = chat_turn_end_id(tok) if self.uses_chat_template else None
         eos = first_set(turn_end, pick("eos_token_id"), tok.eos_token_id, tok.sep_token_id)
         if eos is None:
             raise ConfigError("generator: neither the model config nor the tokenizer defines an EOS token")
@@ -318,7 +174,7 @@ class Generator(nn.Module):
         tail = self._chat_tail
         head = max(self.max_source_length - len(tail), 1)
         rows = [list(r) if len(r) <= self.max_source_length else list(r[:head]) + tail for r in rows]
-        ids, mask = _left_pad(rows, self.tokenizer.pad_token_id)  # (b*k, p)
+        ids, mask = left_pad(rows, self.tokenizer.pad_token_id)  # (b*k, p)
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def tokenize_targets(self, targets: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,67 +247,6 @@ class Generator(nn.Module):
 
     # ---- scoring ------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _lm_head_on_last(self, keep: int):
-        """Apply the LM head to the last ``keep`` positions only (seq2seq forwards lack logits_to_keep).
-
-        Decoding needs one position out of t; the full (n, t, vocab) product would dominate a step.
-        """
-        if self._keeps_logits:
-            yield {"logits_to_keep": keep}
-            return
-        head = self.model.get_output_embeddings()
-
-        def slice_input(module, args):
-            if not args:  # called with keywords: leave it whole, the caller slices the logits
-                return None
-            return (args[0][:, -keep:],) + tuple(args[1:])
-
-        handle = head.register_forward_pre_hook(slice_input)
-        try:
-            yield {}
-        finally:
-            handle.remove()
-
-    def _cross_attention_cache(self, encoded: EncodedRows, rows: torch.Tensor) -> EncoderDecoderCache:
-        """A cache holding only the cross-attention keys/values of ``rows``, computed once per ``encoded``.
-
-        No gradient flows through it: decoding only.
-        """
-        if encoded.cross_kv is None:
-            with torch.no_grad():
-                start = torch.full((encoded.num_rows, 1), self.bos_id, dtype=torch.long, device=self.device)
-                out = self.model(
-                    encoder_outputs=BaseModelOutput(last_hidden_state=encoded.hidden),
-                    attention_mask=encoded.attention_mask,
-                    decoder_input_ids=start,
-                    use_cache=True,
-                )
-            layers = out[self._cache_arg].cross_attention_cache.layers
-            encoded.cross_kv = [(layer.keys.contiguous(), layer.values.contiguous()) for layer in layers]
-        cross = [(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in encoded.cross_kv]
-        return EncoderDecoderCache(DynamicCache(), DynamicCache(cross))
-
-    def _prompt_cache(self, encoded: EncodedRows, rows: torch.Tensor) -> DynamicCache:
-        """A fresh cache of the prompt keys/values of ``rows``, the prompts run once per ``encoded``.
-
-        Fresh per call because a DynamicCache grows in place. No gradient flows through it: decoding only.
-        """
-        if encoded.prompt_kv is None:
-            mask = encoded.attention_mask  # (n, p)
-            with torch.no_grad(), self._lm_head_on_last(1) as extra:
-                out = self.model(
-                    input_ids=encoded.prompt_ids,
-                    attention_mask=mask,
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # left padding: real tokens from 0
-                    use_cache=True,
-                    **extra,
-                )
-            layers = out[self._cache_arg].layers
-            encoded.prompt_kv = [(layer.keys.contiguous(), layer.values.contiguous()) for layer in layers]
-        chosen = [(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in encoded.prompt_kv]
-        return DynamicCache(chosen)
-
     def _causal_inputs(self, encoded: EncodedRows, rows: torch.Tensor, decoder_ids: torch.Tensor, reuse: bool) -> dict:
         """Forward arguments of a decoder-only LM: prompt + decoder ids, or the decoder ids over the cached prompt."""
         if encoded.prompt_start is not None:  # chat prompts: their last token stands for [start]
@@ -465,7 +260,9 @@ class Generator(nn.Module):
                 "input_ids": decoder_ids,
                 "attention_mask": full_mask,
                 "position_ids": mask.sum(-1, keepdim=True) + steps,  # (n, t): after each row's real prompt tokens
-                self._cache_arg: self._prompt_cache(encoded, rows),
+                self._cache_arg: prompt_cache(
+                    self.model, encoded, rows, cache_arg=self._cache_arg, keeps_logits=self._keeps_logits
+                ),
                 "use_cache": True,
             }
         return {
@@ -481,7 +278,8 @@ class Generator(nn.Module):
         """Logits (n, keep, v) at the last ``keep`` positions of ``decoder_ids`` (n, t) = [start] ....
 
         ``reuse_cache`` (decoding, no grad) takes the passages' keys/values from
-        :meth:`_cross_attention_cache` or :meth:`_prompt_cache` instead of recomputing them.
+        :func:`~raggen.models.generator_cache.cross_attention_cache` or
+        :func:`~raggen.models.generator_cache.prompt_cache` instead of recomputing them.
         """
         rows = rows.to(device=self.device, dtype=torch.long)
         if rows.dim() != 1 or rows.shape[0] != decoder_ids.shape[0]:
@@ -496,10 +294,13 @@ class Generator(nn.Module):
                 "use_cache": False,
             }
             if reuse_cache:
-                inputs.update({self._cache_arg: self._cross_attention_cache(encoded, rows), "use_cache": True})
+                cache = cross_attention_cache(
+                    self.model, encoded, rows, start_id=self.bos_id, cache_arg=self._cache_arg
+                )
+                inputs.update({self._cache_arg: cache, "use_cache": True})
         else:
             inputs = self._causal_inputs(encoded, rows, decoder_ids, reuse_cache)
-        with self._lm_head_on_last(keep) as extra:
+        with lm_head_on_last(self.model, keep, self._keeps_logits) as extra:
             out = self.model(**inputs, **extra)
         return out.logits[:, -keep:]
 
@@ -574,7 +375,7 @@ class Generator(nn.Module):
             raise ValueError(f"prefixes must be (n, t >= 1) starting with bos_id, got {tuple(prefixes.shape)}")
         reuse = not torch.is_grad_enabled()
         logits = self._decoder_logits(encoded, rows, prefixes, keep=1, reuse_cache=reuse)[:, -1]  # (n, v)
-        return torch.log_softmax(_at_least_fp32(logits), dim=-1)
+        return torch.log_softmax(at_least_fp32(logits), dim=-1)
 
     def step_fn(self, encoded: EncodedRows) -> NextLogprobs:
         """``next_logprobs(rows, prefixes)`` bound to ``encoded``, without grad, for beam searches."""

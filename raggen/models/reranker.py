@@ -7,7 +7,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from raggen.errors import ConfigError
-from raggen.models.generator import check_batch
+from raggen.models.generator_inputs import check_batch
 from raggen.models.loading import load_pretrained_strict, resolve_model_path
 from raggen.models.retriever import save_pretrained_atomic
 

@@ -1,10 +1,11 @@
 """Serving: HTTP ingress -> Retriever -> [Reranker] -> Generator on Ray Serve, with index hot-swap.
 
 The schemas, auth and client import without Ray; the rest loads on first use, so ``raggen ask``
-stays quick: ``live_index`` (the hot-swappable index), ``pipeline`` (the stages as functions),
+stays quick: ``live_index`` (a loaded index version) and ``index_holder`` (its hot swap),
+``pipeline`` (the stages as functions),
 ``http_api`` + ``openai_api`` (the FastAPI app), ``metrics`` (Prometheus, through Ray),
 ``resilience`` (retries of model calls whose replica died, 503 on overload, exposure rules), and the
-Serve side: ``deployments`` (Ingress, Retriever, Reranker, Generator) and ``app`` (builders).
+Serve side: ``deployments`` (Retriever, Reranker, Generator), ``ingress`` (Ingress) and ``app`` (builders).
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ _LAZY = {
     "deploy_config": "raggen.serve.app",
     "wait_until_running": "raggen.serve.app",
     "AppArgs": "raggen.serve.app",
-    "Ingress": "raggen.serve.deployments",
+    "Ingress": "raggen.serve.ingress",
     "Retriever": "raggen.serve.deployments",
     "Reranker": "raggen.serve.deployments",
     "Generator": "raggen.serve.deployments",
-    "IndexHolder": "raggen.serve.live_index",
+    "IndexHolder": "raggen.serve.index_holder",
     "IndexUserConfig": "raggen.serve.live_index",
     "LiveIndex": "raggen.serve.live_index",
     "NoIndexError": "raggen.serve.live_index",

@@ -29,7 +29,8 @@ from raggen.errors import ConfigError, RaggenError
 from raggen.index.settings import SearchSettings
 from raggen.models.retriever import EncoderSpec
 from raggen.retrieval.settings import RetrievalSettings
-from raggen.serve.deployments import Generator, IndexUserConfig, Ingress, Reranker, Retriever
+from raggen.serve.deployments import Generator, IndexUserConfig, Reranker, Retriever
+from raggen.serve.ingress import Ingress
 from raggen.serve.schemas import RequestLimits
 
 # one definition for the raggen config and Serve args

@@ -17,7 +17,7 @@ name (as scraped)                                     type         labels (besid
 ====================================================  ===========  =======================================
 
 The recorders are created in each replica (``__init__``), where Serve's labels are known; the
-plain-Python parts (the HTTP app, :class:`~raggen.serve.live_index.IndexHolder`) take them as
+plain-Python parts (the HTTP app, :class:`~raggen.serve.index_holder.IndexHolder`) take them as
 optional hooks, so they run and test without Ray.
 """
 
@@ -105,7 +105,7 @@ class BatchMetrics:
 class IndexMetrics:
     """The live index version as a labelled gauge, and swap / refusal counters (the Retriever).
 
-    Hooks for :class:`~raggen.serve.live_index.IndexHolder` (``on_swap``, ``on_refuse``).
+    Hooks for :class:`~raggen.serve.index_holder.IndexHolder` (``on_swap``, ``on_refuse``).
     """
 
     def __init__(self) -> None:

@@ -23,9 +23,8 @@ from raggen.decoding import generate_tokens
 from raggen.models import Generator as GeneratorModel
 from raggen.models import Reranker as RerankerModel
 from raggen.models import TextEncoder, passage_text
+from raggen.retrieval.search import Hit, hits, search_passages
 from raggen.serve.live_index import LiveIndex
-
-Hit = dict[str, Any]  # {"id", "title", "text", "score"}: one passage of evidence
 
 
 class Generation(TypedDict):
@@ -53,38 +52,19 @@ def retrieve_batch(
     default = retrieval.mode if retrieval is not None else "dense"
     wanted = [m or default for m in (modes or [None] * len(questions))]
     if set(wanted) == {"dense"}:  # any index's plain search
-        return _hits(live.index.search(xq, max(top_ks), embeddings=False), top_ks)
+        return hits(search_passages(live.index, xq, max(top_ks), mode="dense"), top_ks)
     out: list[list[Hit]] = [[] for _ in questions]
     for mode, rows in _groups(wanted).items():
-        result = live.index.search(
+        result = search_passages(
+            live.index,
             xq[rows],
             max(top_ks[r] for r in rows),
             questions=[questions[r] for r in rows],
             mode=mode,
-            embeddings=False,
             settings=retrieval,
         )
-        for r, hits in zip(rows, _hits(result, [top_ks[r] for r in rows])):
-            out[r] = hits
-    return out
-
-
-def _hits(result: Any, top_ks: list[int]) -> list[list[Hit]]:
-    out = []
-    for i, k in enumerate(top_ks):
-        hits = []
-        for j in range(min(k, result.row_ids.shape[1])):
-            if result.row_ids[i, j] < 0:  # the index holds fewer than k passages
-                continue
-            hits.append(
-                {
-                    "id": str(result.ids[i][j]),
-                    "title": str(result.titles[i][j]),
-                    "text": str(result.texts[i][j]),
-                    "score": float(result.scores[i][j]),
-                }
-            )
-        out.append(hits)
+        for r, row_hits in zip(rows, hits(result, [top_ks[r] for r in rows])):
+            out[r] = row_hits
     return out
 
 

@@ -86,18 +86,12 @@ class RetrievalBatch:
 
 def retrieve_for_eval(query_encoder, index, questions: list[str], depth: int, reranker=None) -> RetrievalBatch:
     """Top-``depth`` passages per question; with a reranker, those candidates re-sorted by it."""
-    from raggen.models.retriever import passage_text
-    from raggen.retrieval import HybridIndex
+    from raggen.retrieval.search import encode_and_search, reader_passages
 
-    xq = query_encoder.encode(list(questions)).numpy()  # (b, d) float32
-    # a HybridIndex searches by its mode (dense | sparse | hybrid): it needs the questions' text too
-    res = (
-        index.search(xq, depth, questions=list(questions))
-        if isinstance(index, HybridIndex)
-        else index.search(xq, depth)
-    )
+    # a HybridIndex searches by its mode (dense | sparse | hybrid), with the questions' text
+    res = encode_and_search(query_encoder, index, list(questions), depth)
     ids, texts, titles = [list(r) for r in res.ids], [list(r) for r in res.texts], [list(r) for r in res.titles]
-    passages = [[passage_text(t, x) for t, x in zip(tr, xr)] for tr, xr in zip(titles, texts)]
+    passages = reader_passages(res)
     scores = torch.as_tensor(res.scores, dtype=torch.float32)  # (b, depth)
     if reranker is not None:
         scores = reranker.score(list(questions), passages).float()  # (b, depth)

@@ -10,8 +10,8 @@ rank 0 uploads its local run files (``sinks.RunUpload``); with a trained passage
 ``refresh.every`` steps a re-encoded index (``refresh.py``). Each step's learning rates follow
 ``schedule.lr_multiplier`` of the global step, so a resumed run continues the same schedule.
 
-``config`` is a plain dict (``raggen.app.training.train_loop_config`` builds it from the YAML
-config); this module never imports ``raggen.config``.
+``config`` carries one typed ``TrainJob`` (``raggen.app.training.train_job`` builds it from the
+YAML config); this module never imports ``raggen.config``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,71 +37,18 @@ from raggen.errors import ConfigError
 from raggen.models.build import build_models
 from raggen.objectives import JSAChainCache
 from raggen.train.checkpointing import TrainingState, read_checkpoint, write_checkpoint
+from raggen.train.job import FailureInjection, IndexTarget, TrainJob
 from raggen.train.metrics import METRICS_FILE, MetricsWriter
 from raggen.train.progress import ProgressLog, ensure_log_handler
 from raggen.train.refresh import RefreshSpec, agree_on_version, build_refreshed_index, refresh_due
-from raggen.train.schedule import LR_SCHEDULES, lr_multiplier
+from raggen.train.schedule import lr_multiplier
+from raggen.train.settings import LoopSettings, StepSettings
 from raggen.train.sinks import RunUpload, open_sinks
-from raggen.train.step import Batch, StepModels, StepSettings, run_step, trainable_roles
+from raggen.train.step import Batch, StepModels, run_step, trainable_roles
 
 log = logging.getLogger(__name__)
 
 RETRIEVER_ROLES = ("query_encoder", "posterior_encoder", "passage_encoder")
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoopSettings:
-    """The loop's own settings (the estimator's are ``StepSettings`` under ``config["step"]``)."""
-
-    steps: int = 100
-    batch_size: int = 8  # per worker
-    lr: float = 3e-5
-    retriever_lr: float | None = None
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # one of schedule.LR_SCHEDULES
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 50
-    # ray.train.report runs a cross-worker barrier (Train V2), and V2 keeps only metrics that
-    # come with a checkpoint: by default report with checkpoints only (0); the JSONL has every step.
-    report_every: int = 0
-    eval_every: int = 0
-    eval_examples: int = 200
-    eval_decoding: str = "rag-token"
-    dev_file: str | None = None
-    dev_exclude_ids: tuple[str, ...] = ()  # dev questions that are also training questions: not scored
-    metrics_path: str | None = None
-    use_gpu: bool = False
-    num_threads: int | None = None  # torch intra-op threads per worker (Ray sets OMP_NUM_THREADS)
-    log_every: int = 10  # rank 0's progress line (0: none)
-    config_yaml: str | None = None  # the resolved RaggenConfig, saved in every checkpoint
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> LoopSettings:
-        names = {f.name for f in fields(cls)}
-        settings = cls(**{k: v for k, v in config.items() if k in names})
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(settings, name) < 1:
-                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(settings, name)}")
-        for name in ("report_every", "warmup_steps", "log_every"):
-            if getattr(settings, name) < 0:
-                raise ConfigError(f"train.{name}: must be >= 0, got {getattr(settings, name)}")
-        if settings.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"train.lr_schedule: expected one of {LR_SCHEDULES}, got {settings.lr_schedule!r}")
-        return settings
-
-
-def step_settings(config: dict[str, Any]) -> StepSettings:
-    try:
-        return StepSettings(**config.get("step", {}))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"train: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,29 +82,25 @@ def apply_lr_schedule(optimizer: torch.optim.Optimizer, settings: LoopSettings, 
     return scale
 
 
-def load_index(index_cfg: dict[str, Any], rank: int = 0, world_size: int = 1):
+def load_index(target: IndexTarget, rank: int = 0, world_size: int = 1):
     """The published index the loop searches (every checksum verified on load), opened with the
-    ``index.search`` settings (``index_cfg["search"]``):
+    ``index.search`` settings:
 
-    * through the shard-actor group the driver started for this index (``index_cfg["group"]``,
-      shared by every worker: one group, not one copy per worker);
+    * through the shard-actor group the driver started for this index (``target.group``, shared by
+      every worker: one group, not one copy per worker);
     * else, when the settings ask for actors (a refreshed version, a resumed run), rank 0 starts a
       group and hands it to the other ranks (a collective: every rank calls this at the same point);
     * else in this process (small indexes).
     Stored vectors for the hits come back from wherever the shards live."""
-    from raggen.index import SearchSettings, ShardActorGroup, open_index
-    from raggen.index.build import search_plan
+    from raggen.index import ShardActorGroup, open_index
+    from raggen.index.open_search import search_plan
 
-    settings = SearchSettings(**(index_cfg.get("search") or {}))
-    if index_cfg.get("use_actors"):
-        settings = settings.model_copy(update={"mode": "actors"})
-    s3 = index_cfg.get("s3")
-    group = index_cfg.get("group")
-    if group is not None and group.source_uri == index_cfg["uri"] and index_cfg.get("version") in (None, group.version):
-        return open_index(index_cfg["uri"], group=group)
+    settings, s3, group = target.search, target.s3, target.group
+    if group is not None and group.source_uri == target.uri and target.version in (None, group.version):
+        return open_index(target.uri, group=group)
 
     def plan():
-        vuri, manifest, actors = search_plan(index_cfg["uri"], index_cfg.get("version"), settings, s3)
+        vuri, manifest, actors = search_plan(target.uri, target.version, settings, s3)
         return ShardActorGroup.start(vuri, settings=settings, s3_options=s3, manifest=manifest) if actors else vuri
 
     where = _from_rank_zero(plan, rank, world_size)
@@ -186,10 +129,14 @@ def _from_rank_zero(fn, rank: int, world_size: int):
     return value
 
 
-def searched_index(config: dict[str, Any], state: TrainingState | None) -> dict[str, Any]:
-    """The index config to open: the refreshed version a checkpoint recorded, else the configured one."""
+def searched_index(job: TrainJob, state: TrainingState | None) -> IndexTarget:
+    """The index to open: the refreshed version a checkpoint recorded, else the configured one."""
     recorded = (state.extra.get("index") if state is not None else None) or {}
-    return {**config["index"], **recorded}
+    if not recorded:
+        return job.index
+    return job.index.replace(
+        uri=recorded["uri"], version=recorded.get("version"), refreshed=bool(recorded.get("refreshed"))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,18 +247,25 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 class Worker:
     """Everything one worker trains with (kept together so the loop body stays short)."""
 
-    settings: LoopSettings
-    step_cfg: StepSettings
+    job: TrainJob
     models: dict[str, nn.Module]  # bare modules
     wrapped: dict[str, nn.Module]  # DDP-wrapped where trained with world_size > 1
     roles: tuple[str, ...]
     optimizer: torch.optim.Optimizer
     cache: JSAChainCache
     index: Any
-    index_cfg: dict[str, Any]  # what ``index`` was opened from (a checkpoint records it)
+    target: IndexTarget  # what ``index`` was opened from (a checkpoint records a refreshed one)
     device: torch.device
     rank: int
     world_size: int
+
+    @property
+    def settings(self) -> LoopSettings:
+        return self.job.loop
+
+    @property
+    def step_cfg(self) -> StepSettings:
+        return self.job.step
 
     def step_models(self) -> StepModels:
         w, m = self.wrapped, self.models
@@ -334,16 +288,16 @@ class Worker:
 
 
 def setup_worker(
-    config: dict[str, Any], rank: int, world_size: int, device: torch.device, state: TrainingState | None
+    job: TrainJob, rank: int, world_size: int, device: torch.device, state: TrainingState | None
 ) -> Worker:
-    settings, step_cfg = LoopSettings.from_dict(config), step_settings(config)
+    settings, step_cfg = job.loop, job.step
     torch.manual_seed(settings.seed + rank)
-    train_d = bool(config.get("train_passage_encoder", False))
+    train_d = job.passage_encoder is not None
     try:
-        roles = trainable_roles(step_cfg.estimator, step_cfg.train_generator, train_d)
+        roles = trainable_roles(step_cfg.estimator, step_cfg.trains_generator, train_d)
     except ValueError as e:
         raise ConfigError(f"train.train_passage_encoder: {e}") from None
-    models = build_models(config["models"], step_cfg.estimator, state.model_dirs if state else None, train_d)
+    models = build_models(job.models, step_cfg.estimator, state.model_dirs if state else None, job.passage_encoder)
     for role, model in models.items():
         model.requires_grad_(role in roles)
         model.to(device)
@@ -357,14 +311,12 @@ def setup_worker(
     optimizer = make_optimizer(models, roles, settings)
     if state is not None and state.optimizer_state is not None:
         optimizer.load_state_dict(state.optimizer_state)
-    cache = JSAChainCache(restart_chains=bool(config.get("jsa_restart_chains", False)))
+    cache = JSAChainCache(restart_chains=step_cfg.jsa.restart_chains)
     if state is not None and state.jsa_cache_state is not None:
         cache.load_state_dict(state.jsa_cache_state)
-    index_cfg = searched_index(config, state)
-    index = load_index(index_cfg, rank, world_size)
-    return Worker(
-        settings, step_cfg, models, wrapped, roles, optimizer, cache, index, index_cfg, device, rank, world_size
-    )
+    target = searched_index(job, state)
+    index = load_index(target, rank, world_size)
+    return Worker(job, models, wrapped, roles, optimizer, cache, index, target, device, rank, world_size)
 
 
 def train_step(worker: Worker, batch: Batch, step: int) -> dict[str, float]:
@@ -396,8 +348,8 @@ def save_checkpoint(
     """Rank 0 writes the checkpoint folder: trained models, optimizer, merged JSA cache, step."""
     models = {role: unwrap(worker.models[role]) for role in worker.roles}
     extra: dict[str, Any] = {"estimator": worker.step_cfg.estimator, "world_size": worker.world_size}
-    if worker.index_cfg.get("refreshed"):  # else a resume opens the configured index (its LATEST)
-        extra["index"] = {"uri": worker.index_cfg["uri"], "version": worker.index.version, "refreshed": True}
+    if worker.target.refreshed:  # else a resume opens the configured index (its LATEST)
+        extra["index"] = {"uri": worker.target.uri, "version": worker.index.version, "refreshed": True}
     write_checkpoint(
         directory,
         models=models,
@@ -406,19 +358,18 @@ def save_checkpoint(
         optimizer=worker.optimizer,
         jsa_cache_state=cache_state,
         extra=extra,
-        config_yaml=worker.settings.config_yaml,
+        config_yaml=worker.job.config_yaml,
     )
     if metrics_path and os.path.exists(metrics_path):
         shutil.copyfile(metrics_path, os.path.join(directory, METRICS_FILE))
 
 
-def maybe_inject_failure(config: dict[str, Any], rank: int, step: int) -> None:
-    """Test hook: ``inject_failure = {"rank", "step", "marker"}`` kills that worker process once
-    (the marker file records that it happened, so the restarted worker carries on)."""
-    spec = config.get("inject_failure")
-    if not spec or rank != int(spec["rank"]) or step != int(spec["step"]):
+def maybe_inject_failure(spec: FailureInjection | None, rank: int, step: int) -> None:
+    """Test hook: kills worker ``spec.rank`` once before step ``spec.step`` (the marker file records
+    that it happened, so the restarted worker carries on)."""
+    if spec is None or rank != spec.rank or step != spec.step:
         return
-    marker = Path(spec["marker"])
+    marker = Path(spec.marker)
     if marker.exists():
         return
     import ray.train
@@ -468,28 +419,29 @@ def _checkpoint_directory(checkpoint) -> Iterator[str]:
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point (see the module docstring)."""
+    """Ray Train's per-worker entry point (see the module docstring); ``config`` holds the ``TrainJob``."""
     t_enter = time.time()
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    settings = LoopSettings.from_dict(config)
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
-    device = ray.train.torch.get_device() if settings.use_gpu else torch.device("cpu")
+    job = TrainJob.from_loop_config(config)
+    settings = job.loop
+    if job.num_threads:
+        torch.set_num_threads(job.num_threads)
+    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     state, stack = restore_state()
     with stack:
-        worker = setup_worker(config, rank, world_size, device, state)
+        worker = setup_worker(job, rank, world_size, device, state)
     start = state.step if state else 0
     sinks, upload, progress = [], None, None
     if rank == 0:  # rank 0 alone logs progress, feeds the sinks and uploads the run files
         ensure_log_handler()
-        sinks = open_sinks(config.get("sinks"), start, settings.config_yaml)
-        upload = RunUpload.from_loop_config(config)
+        sinks = open_sinks(job.sinks, start, job.config_yaml)
+        upload = RunUpload.from_job(job.metrics_path, job.run_uri, job.run_s3)
         progress = ProgressLog(settings.steps, settings.log_every, settings.batch_size * world_size, start)
-    writer = MetricsWriter(settings.metrics_path, enabled=rank == 0, fresh=state is None, sinks=sinks)
+    writer = MetricsWriter(job.metrics_path, enabled=rank == 0, fresh=state is None, sinks=sinks)
     if state is not None:
         writer.write(
             {
@@ -503,15 +455,15 @@ def train_func(config: dict[str, Any]) -> None:
     t_setup = time.time()
     shard = ray.train.get_dataset_shard("train")
     schedule = BatchSchedule(example_rows(list(shard.iter_rows())), settings.batch_size, settings.seed * 31 + rank)
-    dev = _dev_examples(settings, config["index"].get("s3")) if rank == 0 and settings.eval_every else None
-    refresh = RefreshSpec.from_config(config) if "passage_encoder" in worker.roles else None
+    dev = _dev_examples(job) if rank == 0 and settings.eval_every else None
+    refresh = job.refresh if "passage_encoder" in worker.roles and job.refresh and job.refresh.every > 0 else None
     writer.write(
         {
             "event": "started",
             "step": start,
             "world_size": world_size,
             "examples": len(schedule.examples),
-            "index_uri": worker.index_cfg["uri"],
+            "index_uri": worker.target.uri,
             "index_version": worker.index.version,
             "setup_s": t_setup - t_enter,
             "data_s": time.time() - t_setup,
@@ -521,7 +473,7 @@ def train_func(config: dict[str, Any]) -> None:
     t_last = time.perf_counter()
     try:
         for step in range(start, settings.steps):
-            maybe_inject_failure(config, rank, step + 1)
+            maybe_inject_failure(job.inject_failure, rank, step + 1)
             t0, cpu0 = time.perf_counter(), time.process_time()
             local = train_step(worker, schedule.batch(step), step)
             elapsed = time.perf_counter() - t0
@@ -543,7 +495,7 @@ def train_func(config: dict[str, Any]) -> None:
             writer.write({**metrics, "time": time.time()})
             if progress is not None:
                 progress.update(done, metrics)
-            if _report(worker, metrics, done, schedule.epoch_of(step), settings, final=done == settings.steps):
+            if _report(worker, metrics, done, schedule.epoch_of(step), final=done == settings.steps):
                 _sync_run_files(writer, upload)
     finally:
         writer.close()
@@ -557,16 +509,15 @@ def _sync_run_files(writer: MetricsWriter, upload: RunUpload | None) -> None:
         upload.try_upload()
 
 
-def _report(
-    worker: Worker, metrics: dict[str, float], step: int, epoch: int, settings: LoopSettings, final: bool
-) -> bool:
+def _report(worker: Worker, metrics: dict[str, float], step: int, epoch: int, final: bool) -> bool:
     """``ray.train.report`` with a checkpoint every ``checkpoint_every`` steps and at the end, and
     without one every ``report_every`` steps (0: never). Every worker calls it (it is collective).
     True on the worker that wrote a checkpoint (rank 0)."""
     import ray.train
 
-    want_checkpoint = final or step % settings.checkpoint_every == 0
-    if not want_checkpoint and (not settings.report_every or step % settings.report_every):
+    every = worker.job.report_every
+    want_checkpoint = final or step % worker.settings.checkpoint_every == 0
+    if not want_checkpoint and (not every or step % every):
         return False
     if not want_checkpoint:
         ray.train.report(metrics)
@@ -576,20 +527,21 @@ def _report(
         ray.train.report(metrics, checkpoint=None)
         return False
     with tempfile.TemporaryDirectory(prefix="raggen-ckpt-") as tmp:
-        save_checkpoint(worker, tmp, step, epoch, cache_state, settings.metrics_path)
+        save_checkpoint(worker, tmp, step, epoch, cache_state, worker.job.metrics_path)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     return True
 
 
-def _dev_examples(settings: LoopSettings, s3: dict[str, Any] | None) -> list[Any] | None:
+def _dev_examples(job: TrainJob) -> list[Any] | None:
     """The dev file (local or ``s3://``, with the run's S3 settings) without the questions the run
     trains on (``dev_exclude_ids``, found on the driver), cut to ``eval_examples``."""
-    if not settings.dev_file:
+    if not job.dev_file:
         return None
     from raggen.corpus.qa import read_qa
 
-    excluded = set(settings.dev_exclude_ids)
-    return [ex for ex in read_qa(settings.dev_file, s3_options=s3) if ex.id not in excluded][: settings.eval_examples]
+    excluded = set(job.dev_exclude_ids)
+    examples = read_qa(job.dev_file, s3_options=job.index.s3)
+    return [ex for ex in examples if ex.id not in excluded][: job.loop.eval_examples]
 
 
 def _evaluate(worker: Worker, dev: list[Any], step: int, writer: MetricsWriter) -> dict[str, float]:
@@ -606,10 +558,10 @@ def _evaluate(worker: Worker, dev: list[Any], step: int, writer: MetricsWriter) 
             query_encoder=worker.models["query_encoder"],
             generator=worker.models["generator"],
             index=worker.index,
-            top_k=cfg.gumbel_k if gumbel else cfg.top_k,
-            decoding=worker.settings.eval_decoding,
+            top_k=cfg.retrieved_k,
+            decoding=worker.job.eval_decoding,
             reranker=worker.models.get("reranker"),
-            rerank_candidates=cfg.gumbel_candidates if gumbel else None,
+            rerank_candidates=cfg.gumbel.candidates if gumbel else None,
         )
     out = {f"eval_{k}": float(v) for k, v in scores.items()}
     writer.write({"event": "eval", "step": step, **out, "time": time.time()})
@@ -622,9 +574,9 @@ def _refresh(worker: Worker, spec: RefreshSpec, step: int, writer: MetricsWriter
     t0 = time.perf_counter()
     encoder = unwrap(worker.models["passage_encoder"])
     version = agree_on_version(lambda: build_refreshed_index(encoder, spec, step), worker.rank)
-    index_cfg = {**worker.index_cfg, "uri": spec.output_uri, "version": version, "s3": spec.s3, "refreshed": True}
-    new_index = load_index(index_cfg, worker.rank, worker.world_size)
-    old, worker.index, worker.index_cfg = worker.index, new_index, index_cfg
+    target = worker.target.replace(uri=spec.output_uri, version=version, s3=spec.s3, refreshed=True)
+    new_index = load_index(target, worker.rank, worker.world_size)
+    old, worker.index, worker.target = worker.index, new_index, target
     # every rank has switched (load_index is a collective): rank 0 also ends an old actor group
     # that the driver started, which nobody searches any more
     old.close(release_shared=worker.rank == 0)

@@ -39,11 +39,6 @@ class RefreshSpec:
     s3: dict[str, Any] | None = None
     snapshot_uri: str | None = None  # s3:// prefix for the encoder snapshots (None: use staging_dir)
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> RefreshSpec | None:
-        spec = config.get("refresh")
-        return cls(**spec) if spec and int(spec.get("every", 0)) > 0 else None
-
 
 def refresh_due(step: int, every: int, total_steps: int) -> bool:
     """After step ``step`` (1-based): every ``every`` steps, but not after the last one (nothing

@@ -165,11 +165,13 @@ class RunUpload:
     names: tuple[str, ...] = (METRICS_FILE, TENSORBOARD_DIR)
 
     @classmethod
-    def from_loop_config(cls, config: Mapping[str, Any]) -> RunUpload | None:
-        """From the folder of ``config["metrics_path"]`` to ``config["run_uri"]``; None unless both are set."""
-        if not config.get("metrics_path") or not config.get("run_uri"):
+    def from_job(
+        cls, metrics_path: str | None, run_uri: str | None, s3: dict[str, Any] | None = None
+    ) -> RunUpload | None:
+        """From the folder of ``metrics_path`` to ``run_uri``; None unless both are set."""
+        if not metrics_path or not run_uri:
             return None
-        return cls(os.path.dirname(config["metrics_path"]), config["run_uri"], config.get("run_s3"))
+        return cls(os.path.dirname(metrics_path), run_uri, s3)
 
     def needed(self) -> bool:
         from raggen.storage import is_s3_uri

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raggen.models.retriever import inner_product_scores, passage_text
-from raggen.names import ESTIMATORS
+from raggen.models.retriever import inner_product_scores
 from raggen.objectives import (
     JSAChainCache,
     emdr2_loss,
@@ -41,6 +40,8 @@ from raggen.objectives import (
     visited_mask,
     vrag_loss,
 )
+from raggen.retrieval.search import reader_passages, search_passages
+from raggen.train.settings import StepSettings
 
 
 class Index(Protocol):
@@ -93,34 +94,6 @@ class StepModels:
 
 
 @dataclass
-class StepSettings:
-    """Estimator settings as plain values (the loop builds them from the config dict)."""
-
-    estimator: str = "jsa"
-    top_k: int = 5
-    retriever_temperature: float = 1.0  # JSA and VRAG: p and q are softmax(scores / T)
-    num_proposals: int = 8  # JSA: MIS steps per example
-    length_normalize: bool = False  # JSA: mean over target tokens instead of the sum
-    train_generator: bool = True
-    vrag_beta: float = 1.0
-    pdist_temperature: float = 1.0
-    gumbel_k: int = 2
-    gumbel_tau: float = 0.5
-    gumbel_method: str = "subset"
-    gumbel_candidates: int = 10
-
-    def __post_init__(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {self.estimator!r}")
-        if self.top_k < 1 or self.num_proposals < 1 or self.gumbel_candidates < 1:
-            raise ValueError("top_k, num_proposals and gumbel_candidates must be >= 1")
-        if self.estimator == "gumbel-rerank" and not 1 <= self.gumbel_k <= self.gumbel_candidates:
-            raise ValueError(
-                f"gumbel_k must be in [1, gumbel_candidates={self.gumbel_candidates}], got {self.gumbel_k}"
-            )
-
-
-@dataclass
 class StepOutput:
     loss: torch.Tensor
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -146,12 +119,12 @@ class Retrieved:
 def retrieve(index: Index, queries: torch.Tensor, k: int) -> Retrieved:
     """Search with the detached query vectors (b, d); vectors come back on the queries' device."""
     xq = np.ascontiguousarray(queries.detach().float().cpu().numpy(), dtype=np.float32)
-    res = index.search(xq, k)
+    res = search_passages(index, xq, k, embeddings=True)
     ids = _as_lists(res.ids)
     titles, texts = _as_lists(res.titles), _as_lists(res.texts)
     if any(len(row) < k or "" in row or None in row for row in ids):
         raise ValueError(f"the index returned fewer than k={k} passages for some query (index too small for top_k?)")
-    passages = [[passage_text(t, x) for t, x in zip(tr, xr)] for tr, xr in zip(titles, texts)]
+    passages = reader_passages(res)
     sources = [list(zip(tr, xr)) for tr, xr in zip(titles, texts)]
     emb = torch.as_tensor(np.asarray(res.embeddings), dtype=torch.float32, device=queries.device)  # (b, k, d)
     return Retrieved(ids, passages, emb, sources=sources)
@@ -297,7 +270,7 @@ def vrag_step(models: StepModels, index: Index, batch: Batch, settings: StepSett
         gen,
         posterior_topk=settings.top_k,
         beta=settings.vrag_beta,
-        temperature=settings.retriever_temperature,
+        temperature=settings.jsa.retriever_temperature,
         candidate_mask=cands.valid,
     )
     return StepOutput(loss, diag)
@@ -332,22 +305,24 @@ def jsa_step(
     q, qp, cands = _prior_posterior_candidates(models, index, batch, settings.top_k)
     prior_logits, post_logits = _scores(q, cands), _scores(qp, cands)  # (b, c)
     with torch.no_grad():
-        seq_all = _seq_logprob(models.generator_raw, batch, cands.passages, settings.length_normalize)  # (b, c)
+        seq_all = _seq_logprob(models.generator_raw, batch, cands.passages, settings.jsa.length_normalize)  # (b, c)
     log_target, log_proposal = jsa_mis_inputs(
         seq_all.float(),
         prior_logits,
         post_logits,
-        temperature=settings.retriever_temperature,
+        temperature=settings.jsa.retriever_temperature,
         candidate_mask=cands.valid,
     )
     init = cache.get(batch.ids, cands.ids).to(log_target.device) if cache is not None else None
-    states, accepted = mis_sample(log_target, log_proposal, settings.num_proposals, init=init, generator=rng)
+    states, accepted = mis_sample(log_target, log_proposal, settings.jsa.num_proposals, init=init, generator=rng)
     if cache is not None:
         cache.update(batch.ids, cands.ids, states[:, -1].cpu())
     seq = seq_all.float()
     if settings.train_generator:
         cols = _visited_columns(states, seq.shape[1])  # (b, m)
-        seq_visited = _seq_logprob(models.generator, batch, _select(cands.passages, cols), settings.length_normalize)
+        seq_visited = _seq_logprob(
+            models.generator, batch, _select(cands.passages, cols), settings.jsa.length_normalize
+        )
         seq = seq.scatter(1, cols, seq_visited.float())  # grad only at visited (and padding) columns
     loss, diag = jsa_loss(
         seq,
@@ -355,7 +330,7 @@ def jsa_step(
         post_logits,
         states,
         accepted=accepted,
-        temperature=settings.retriever_temperature,
+        temperature=settings.jsa.retriever_temperature,
         candidate_mask=cands.valid,
     )
     return StepOutput(loss, _merge(diag, union_size=cands.valid.float().sum(-1)))
@@ -373,9 +348,9 @@ def gumbel_rerank_step(
         raise ValueError("gumbel-rerank needs a reranker (model.reranker)")
     with torch.no_grad():
         q = models.query_encoder_raw(batch.questions)
-    cands = retrieve(index, q, settings.gumbel_candidates)
+    cands = retrieve(index, q, settings.gumbel.candidates)
     w = models.reranker(batch.questions, cands.passages).float()  # (b, c)
-    mask = relaxed_topk_mask(w, settings.gumbel_k, settings.gumbel_tau, generator=rng, method=settings.gumbel_method)
+    mask = relaxed_topk_mask(w, settings.gumbel.k, settings.gumbel.tau, generator=rng, method=settings.gumbel.method)
     bias = passage_attention_bias(mask)  # (b, c)
     tok, tmask = models.generator(batch.questions, cands.passages, batch.targets, fid=True, passage_log_mask=bias)
     loss, diag = gumbel_rerank_loss(tok, tmask, passage_mask=mask)

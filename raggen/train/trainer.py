@@ -1,4 +1,4 @@
-"""Ray Train wiring: a plain ``train_loop_config`` (``raggen.app.training`` makes it from a config) -> ``TorchTrainer.fit()``.
+"""Ray Train wiring: a ``TrainJob`` (``raggen.app.training`` makes it from a config) -> ``TorchTrainer.fit()``.
 
 Runs are named: ``RunConfig(name, storage_path)`` puts checkpoints under
 ``storage_path/name/``; starting a run again with the same name and storage path resumes from
@@ -25,6 +25,7 @@ from typing import Any
 from raggen.errors import ConfigError
 from raggen.storage import check_relative_name, split_s3_uri
 from raggen.train.checkpointing import CONFIG_FILE, export_checkpoint
+from raggen.train.job import IndexTarget, TrainJob
 from raggen.train.metrics import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -32,27 +33,23 @@ log = logging.getLogger(__name__)
 FINAL_DIR = "final"
 
 
-def start_index_group(loop_config: dict[str, Any]):
-    """On the driver: when ``train.index`` is to be searched through shard actors, start ONE group
-    for every worker (its handles go into the loop config) and return it; else None."""
-    from raggen.index import SearchSettings, ShardActorGroup
-    from raggen.index.build import search_plan
+def start_index_group(target: IndexTarget):
+    """On the driver: when ``target`` is to be searched through shard actors (``index.search``),
+    start ONE group for every worker (the caller puts it into the job) and return it; else None."""
+    from raggen.index import ShardActorGroup
+    from raggen.index.open_search import search_plan
 
-    spec = loop_config["index"]
-    settings = SearchSettings(**spec["search"])
-    vuri, manifest, actors = search_plan(spec["uri"], spec.get("version"), settings, spec.get("s3"))
+    vuri, manifest, actors = search_plan(target.uri, target.version, target.search, target.s3)
     if not actors:
         return None
-    group = ShardActorGroup.start(
+    return ShardActorGroup.start(
         vuri,
-        settings=settings,
-        s3_options=spec.get("s3"),
+        settings=target.search,
+        s3_options=target.s3,
         manifest=manifest,
         name=f"raggen-train-{manifest.version}-{os.getpid()}",
-        source_uri=spec["uri"],
+        source_uri=target.uri,
     )
-    loop_config["index"] = {**spec, "version": group.version, "group": group}
-    return group
 
 
 def group_summary(group) -> dict[str, Any] | None:
@@ -142,7 +139,7 @@ def local_metrics_path(storage_path: str, name: str) -> str:
 
 
 def make_trainer(
-    loop_config: dict[str, Any],
+    job: TrainJob,
     items: list[dict[str, Any]],
     *,
     name: str,
@@ -175,7 +172,7 @@ def make_trainer(
     )
     return TorchTrainer(
         train_func,
-        train_loop_config=loop_config,
+        train_loop_config=job.as_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),

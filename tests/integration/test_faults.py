@@ -30,7 +30,7 @@ from raggen.errors import ConfigError  # noqa: E402
 from raggen.index import build_index, set_latest  # noqa: E402
 from raggen.models import make_tiny_reranker  # noqa: E402
 from raggen.serve.app import APP_NAME, deploy_config, serve_deploy_config, wait_until_running  # noqa: E402
-from tests.helpers import copy_version, wait_for
+from raggen.testing import copy_version, wait_for
 
 _wait_for = functools.partial(wait_for, poll_s=0.5, retry_on=(httpx.HTTPError, ValueError, KeyError))
 
@@ -387,21 +387,21 @@ def test_an_internal_error_is_500_with_a_request_id_and_no_internals(service):
 def test_non_loopback_without_a_token_is_refused_at_start(service, monkeypatch):
     from raggen.app.serving import serve_from_config
     from raggen.config import load_config
-    from raggen.serve import deployments
+    from raggen.serve import ingress as serve_ingress
 
     monkeypatch.delenv("RAGGEN_API_TOKEN", raising=False)
     with pytest.raises(ConfigError, match=r"serve\.host.*serve\.allow_unauthenticated"):
         serve_from_config(load_config(None, ["serve.host=0.0.0.0"]), blocking=False)
-    assert deployments.serving_host() == "127.0.0.1"  # what the Ingress asks Serve's controller
+    assert serve_ingress.serving_host() == "127.0.0.1"  # what the Ingress asks Serve's controller
 
     class Handle:
         def options(self, **kw):
             return self
 
     # the class as written (Serve's ingress wrapper subclasses it with an async __init__)
-    ingress = next(c for c in deployments.Ingress.func_or_class.__mro__ if "__serve_build_asgi_app__" in vars(c))
+    ingress = next(c for c in serve_ingress.Ingress.func_or_class.__mro__ if "__serve_build_asgi_app__" in vars(c))
     ingress(Handle(), Handle())  # loopback (this Serve): starts without a token
-    monkeypatch.setattr(deployments, "serving_host", lambda: "0.0.0.0")
+    monkeypatch.setattr(serve_ingress, "serving_host", lambda: "0.0.0.0")
     with pytest.raises(ConfigError, match=r"serve\.host.*'0\.0\.0\.0'.*RAGGEN_API_TOKEN"):
         ingress(Handle(), Handle())
     ingress(Handle(), Handle(), allow_unauthenticated=True)  # explicitly open: a warning, not an error

@@ -304,9 +304,9 @@ def test_quantizer_training_and_shards_are_built_in_ray_tasks_with_tuned_default
 
     from raggen.index import embeddings_of
     from raggen.index import tuning as T
-    from raggen.index.build import build_shards_in_tasks
-    from raggen.index.encode import EncodedShard
     from raggen.index.shard import read_index_file
+    from raggen.index.shard_files import build_shards_in_tasks
+    from raggen.index.work_dir import EncodedShard
 
     rng = np.random.default_rng(3)
     centers = rng.standard_normal((30, D)).astype(np.float32) * 2

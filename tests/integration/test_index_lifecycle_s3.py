@@ -7,6 +7,9 @@ import pytest
 from raggen.errors import ConfigError, IndexIntegrityError
 from raggen.index import lifecycle as L
 from raggen.index import manifest as M
+from raggen.index.latest import list_versions, read_latest
+from raggen.index.loading import verify_version
+from raggen.index.publish import set_latest
 from raggen.storage import open_store, s3_client
 from tests.helpers import three_versions
 
@@ -36,21 +39,21 @@ def test_list_set_latest_rm_on_s3(s3_bucket, tmp_path):
     with pytest.raises(ConfigError, match="rollback"):
         L.set_latest_version(root, "v1", s3_options=opts)
     L.set_latest_version(root, "v1", rollback=True, s3_options=opts)
-    assert M.read_latest(root, opts) == "v1"
+    assert read_latest(root, opts) == "v1"
 
     before = [k for k in _keys(bucket, opts) if not k.startswith("idx/v2/")]
     L.remove_version(root, "v2", s3_options=opts)
     assert [k for k in _keys(bucket, opts) if k.startswith("idx/v2/")] == []
     assert _keys(bucket, opts) == before
-    assert M.list_versions(root, opts) == ["v1", "v3"]
-    M.verify_version(root, "v3", s3_options=opts)
+    assert list_versions(root, opts) == ["v1", "v3"]
+    verify_version(root, "v3", s3_options=opts)
 
 
 def test_refusals_on_s3(s3_bucket, tmp_path):
     bucket, opts = s3_bucket
     root = f"s3://{bucket}/idx"
     three_versions(root, tmp_path, s3_options=opts)
-    M.set_latest(root, "v1", rollback=True, s3_options=opts)
+    set_latest(root, "v1", rollback=True, s3_options=opts)
     client = s3_client(opts)
     key = "idx/v2/shard-00001.parquet"
     body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -68,4 +71,4 @@ def test_refusals_on_s3(s3_bucket, tmp_path):
     with pytest.raises(ConfigError, match="being published"):
         L.remove_version(root, "v3", s3_options=opts)
     client.delete_object(Bucket=bucket, Key=f"idx/v3/{M.CLAIM_NAME}")
-    assert _keys(bucket, opts) == keys and M.read_latest(root, opts) == "v1"
+    assert _keys(bucket, opts) == keys and read_latest(root, opts) == "v1"

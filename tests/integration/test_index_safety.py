@@ -28,6 +28,10 @@ import pytest
 from raggen.errors import ConfigError, DataError, IndexIntegrityError
 from raggen.index import manifest as M
 from raggen.index import shard as S
+from raggen.index.latest import list_versions, read_latest
+from raggen.index.loading import load_version, verify_version
+from raggen.index.passage_table import passages_table, write_parquet_atomic
+from raggen.index.publish import publish_version, set_latest
 from raggen.storage import download, open_store, s3_client
 
 pytestmark = pytest.mark.integration
@@ -77,8 +81,8 @@ def make_version(out: Path, version: str, *, n: int = 40, d: int = 8, seed: int 
         ids = (np.int64(s) << 40) + np.arange(len(rows), dtype=np.int64)
         index_name, passages_name = M.shard_file_names(s)
         S.write_index_file(S.build_shard_index(xb[rows], ids), out / index_name)
-        M.write_parquet_atomic(M.passages_table(ids, [f"{seed}-{r}" for r in rows], [""] * len(rows),
-                                                [f"text {r}" for r in rows], xb[rows]), out / passages_name)  # fmt: skip
+        write_parquet_atomic(passages_table(ids, [f"{seed}-{r}" for r in rows], [""] * len(rows),
+                                            [f"text {r}" for r in rows], xb[rows]), out / passages_name)  # fmt: skip
         files.append((out / index_name, out / passages_name, len(rows)))
     m = M.make_manifest(version, encoder_name_or_path="e", pooling="mean", dim=d, metric="ip", faiss_factory="Flat",
                         shard_files=files)  # fmt: skip
@@ -150,7 +154,7 @@ def test_user_folders_survive_and_verify_reads_the_s3_object_not_the_cache(
     shared.mkdir()
     (shared / "other-job.parquet").write_bytes(b"not raggen's")
     manifest = build_index(str(corpus), root, work_dir=empty, split_uri=str(shared), **kwargs)
-    assert manifest.num_passages == 30 and M.read_latest(root, options) == "v1"
+    assert manifest.num_passages == 30 and read_latest(root, options) == "v1"
     assert empty.is_dir() and list(empty.iterdir()) == []  # raggen's files gone, the user's folder kept
     assert sorted(p.name for p in shared.iterdir()) == ["other-job.parquet"]
     assert (shared / "other-job.parquet").read_bytes() == b"not raggen's"
@@ -168,7 +172,7 @@ def test_user_folders_survive_and_verify_reads_the_s3_object_not_the_cache(
     with pytest.raises(IndexIntegrityError, match=rf"s3://{bucket}/index/v1/shard-00001\.faiss: sha256 mismatch"):
         verify_index(root, s3_options=options, cache_dir=cache)
     with pytest.raises(IndexIntegrityError, match=r"shard-00001\.faiss: sha256 mismatch"):
-        M.set_latest(root, "v1", s3_options=options)  # set_latest verifies the store too
+        set_latest(root, "v1", s3_options=options)  # set_latest verifies the store too
 
     # the CLI, through its own config and the AWS environment, says the same in one line
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
@@ -204,8 +208,8 @@ def big_version(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_a_publisher_killed_mid_upload_leaves_only_complete_versions(kind, tmp_path, s3_bucket, big_version):
     root, options = root_uri(kind, tmp_path, s3_bucket)
-    M.publish_version(root, make_version(tmp_path / "v0", "v0", created="2026-01-01T00:00:00Z"), tmp_path / "v0",
-                      s3_options=options)  # fmt: skip
+    publish_version(root, make_version(tmp_path / "v0", "v0", created="2026-01-01T00:00:00Z"), tmp_path / "v0",
+                    s3_options=options)  # fmt: skip
     local, manifest = big_version
     (tmp_path / "m.json").write_text(manifest.to_json())
     store = open_store(root, options)
@@ -224,16 +228,16 @@ def test_a_publisher_killed_mid_upload_leaves_only_complete_versions(kind, tmp_p
             proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
     assert not store.exists(f"v-big/{M.MANIFEST_NAME}")  # killed before its commit point
-    assert M.list_versions(root, options) == ["v0"]  # the unfinished upload is not a version
-    assert M.read_latest(root, options) == "v0" and M.verify_version(root, s3_options=options).version == "v0"
+    assert list_versions(root, options) == ["v0"]  # the unfinished upload is not a version
+    assert read_latest(root, options) == "v0" and verify_version(root, s3_options=options).version == "v0"
     with pytest.raises(IndexIntegrityError, match=r"v-big/manifest\.json: missing"):
-        M.load_version(root, "v-big", s3_options=options)
+        load_version(root, "v-big", s3_options=options)
 
     # the rerun takes the dead publisher's claim over (same host, its pid is gone) and finishes
-    M.publish_version(root, manifest, local, s3_options=options)
-    assert M.list_versions(root, options) == ["v-big", "v0"] and M.read_latest(root, options) == "v-big"
-    for version in M.list_versions(root, options):
-        M.verify_version(root, version, s3_options=options, cache_dir=tmp_path / "cache")
+    publish_version(root, manifest, local, s3_options=options)
+    assert list_versions(root, options) == ["v-big", "v0"] and read_latest(root, options) == "v-big"
+    for version in list_versions(root, options):
+        verify_version(root, version, s3_options=options, cache_dir=tmp_path / "cache")
     assert not store.exists(f"v-big/{M.CLAIM_NAME}")
 
 
@@ -261,13 +265,13 @@ def _together(fns):
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_concurrent_publishers_one_version_per_name_latest_never_back(kind, tmp_path, s3_bucket, atomic_moto):
     root, options = root_uri(kind, tmp_path, s3_bucket)
-    M.publish_version(root, make_version(tmp_path / "v0", "v0", created="2026-01-01T00:00:00Z"), tmp_path / "v0",
-                      s3_options=options)  # fmt: skip
+    publish_version(root, make_version(tmp_path / "v0", "v0", created="2026-01-01T00:00:00Z"), tmp_path / "v0",
+                    s3_options=options)  # fmt: skip
     seen, stop = [], threading.Event()
 
     def watch():
         while not stop.is_set():
-            seen.append(M.read_latest(root, options))
+            seen.append(read_latest(root, options))
             time.sleep(0.002)
 
     watcher = threading.Thread(target=watch)
@@ -277,13 +281,13 @@ def test_concurrent_publishers_one_version_per_name_latest_never_back(kind, tmp_
         news = [
             make_version(tmp_path / f"v{i}", f"v{i}", seed=i, created=f"2026-01-0{i + 1}T00:00:00Z") for i in (1, 2, 3)
         ]
-        results = _together([lambda m=m: M.publish_version(root, m, tmp_path / m.version, s3_options=options)
+        results = _together([lambda m=m: publish_version(root, m, tmp_path / m.version, s3_options=options)
                              for m in reversed(news)])  # fmt: skip
         assert all(isinstance(r, M.Manifest) for r in results), results
         # one name, two different contents, at once
         same = [make_version(tmp_path / f"s{i}", "v-same", seed=10 + i, n=3000, created="2025-06-01T00:00:00Z")
                 for i in range(2)]  # fmt: skip
-        results = _together([lambda i=i: M.publish_version(root, same[i], tmp_path / f"s{i}", s3_options=options)
+        results = _together([lambda i=i: publish_version(root, same[i], tmp_path / f"s{i}", s3_options=options)
                              for i in range(2)])  # fmt: skip
     finally:
         stop.set()
@@ -291,9 +295,9 @@ def test_concurrent_publishers_one_version_per_name_latest_never_back(kind, tmp_
     won = [r for r in results if isinstance(r, M.Manifest)]
     lost = [r for r in results if isinstance(r, Exception)]
     assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], ConfigError) and "'v-same'" in str(lost[0]), results
-    assert M.verify_version(root, "v-same", s3_options=options, cache_dir=tmp_path / "c") == won[0]
-    assert M.list_versions(root, options) == ["v-same", "v0", "v1", "v2", "v3"]
-    assert M.read_latest(root, options) == "v3"  # v-same is older (created): LATEST did not move back to it
+    assert verify_version(root, "v-same", s3_options=options, cache_dir=tmp_path / "c") == won[0]
+    assert list_versions(root, options) == ["v-same", "v0", "v1", "v2", "v3"]
+    assert read_latest(root, options) == "v3"  # v-same is older (created): LATEST did not move back to it
     order = [int(v[1:]) for v in seen if v]
     assert order == sorted(order) and order[0] >= 0, order  # every reader saw LATEST move forward only
 

@@ -35,11 +35,11 @@ from raggen.index import (  # noqa: E402
     publish_version,
     write_parquet_atomic,
 )
-from raggen.index.actors import REGISTRY_NAME, REGISTRY_NAMESPACE  # noqa: E402
 from raggen.index.shard import build_shard_index, write_index_file  # noqa: E402
+from raggen.index.shared_groups import REGISTRY_NAME, REGISTRY_NAMESPACE  # noqa: E402
 from raggen.models import TextEncoder, make_tiny_encoder, make_tiny_generator  # noqa: E402
 from raggen.serve.app import deploy_config, serve_deploy_config, wait_until_running, with_index  # noqa: E402
-from tests.helpers import wait_for
+from raggen.testing import wait_for
 
 _wait_for = functools.partial(wait_for, poll_s=0.25, retry_on=(Exception,))
 

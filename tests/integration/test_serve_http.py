@@ -30,8 +30,8 @@ from raggen.index import build_index, embeddings_of, load_version, set_latest  #
 from raggen.models import TextEncoder  # noqa: E402
 from raggen.serve.app import deploy_config, serve_deploy_config, wait_until_running, with_index  # noqa: E402
 from raggen.serve.client import ServiceError, ask  # noqa: E402
+from raggen.testing import copy_version, wait_for
 from raggen.train.qa_scores import exact_match  # noqa: E402
-from tests.helpers import copy_version, wait_for
 
 _wait_for = functools.partial(wait_for, poll_s=0.25, retry_on=(httpx.HTTPError,))
 

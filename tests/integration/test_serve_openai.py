@@ -33,7 +33,7 @@ from raggen.serve.app import (  # noqa: E402
     wait_until_running,
     with_index,
 )
-from tests.helpers import copy_version, wait_for
+from raggen.testing import copy_version, wait_for
 
 _wait_for = functools.partial(wait_for, poll_s=0.5, retry_on=(httpx.HTTPError, ValueError))
 

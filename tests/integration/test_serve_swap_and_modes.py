@@ -18,7 +18,10 @@ from ray import serve
 from raggen.cli import main  # noqa: E402
 from raggen.index import manifest as M  # noqa: E402
 from raggen.index import shard as S  # noqa: E402
-from raggen.index.build import build_sparse_files  # noqa: E402
+from raggen.index.latest import read_latest
+from raggen.index.passage_table import passages_table, write_parquet_atomic
+from raggen.index.publish import publish_version
+from raggen.index.shard_files import build_sparse_files  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +41,8 @@ def _publish(
     out.mkdir(parents=True)
     index_name, passages_name = M.shard_file_names(0)
     S.write_index_file(S.build_shard_index(xb, ids), out / index_name)
-    M.write_parquet_atomic(
-        M.passages_table(ids, [f"{version}-{i}" for i in ids], [""] * len(texts), texts), out / passages_name
+    write_parquet_atomic(
+        passages_table(ids, [f"{version}-{i}" for i in ids], [""] * len(texts), texts), out / passages_name
     )
     files = [(out / index_name, out / passages_name, len(texts))]
     sparse_files, params = build_sparse_files(files, out) if sparse else (None, None)
@@ -54,7 +57,7 @@ def _publish(
         sparse_files=sparse_files,
         sparse_params=params,
     )
-    M.publish_version(root, m.model_copy(update={"created": created}), out)
+    publish_version(root, m.model_copy(update={"created": created}), out)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +117,7 @@ def test_pin_then_unpin_then_a_refused_version(running, capsys):
     code, info, err = _swap(capsys, config, "--version", "v1")
     assert code == 0 and info["version"] == "v1", err
     code, info, err = _swap(capsys, config, "--latest")
-    assert code == 0 and info["version"] == "v2" == M.read_latest(root), err
+    assert code == 0 and info["version"] == "v2" == read_latest(root), err
     code, info, err = _swap(capsys, config, "--version", "v3", "--timeout", "60")
     assert code == 2 and info["version"] == "v2" and info["last_error"]
     assert len(err.splitlines()) == 1 and "refused version 'v3' and keeps serving 'v2'" in err

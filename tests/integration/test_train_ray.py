@@ -186,12 +186,12 @@ def _estimators_train_func(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     rows = example_rows(list(ray.train.get_dataset_shard("train").iter_rows()))
     results = {}
-    for estimator, loop_cfg in config["runs"].items():
-        worker = setup_worker(loop_cfg, rank, world, torch.device("cpu"), None)
+    for estimator, job in config["runs"].items():
+        worker = setup_worker(job, rank, world, torch.device("cpu"), None)
         start = {r: {k: v.clone() for k, v in m.state_dict().items()} for r, m in worker.models.items()}
         before = heldout_nll(worker.models, estimator, worker.index, config["eval"])
-        schedule = BatchSchedule(rows, loop_cfg["batch_size"], seed=rank)
-        losses = [train_step(worker, schedule.batch(s), s)["loss"] for s in range(loop_cfg["steps"])]
+        schedule = BatchSchedule(rows, job.loop.batch_size, seed=rank)
+        losses = [train_step(worker, schedule.batch(s), s)["loss"] for s in range(job.loop.steps)]
         after = heldout_nll(worker.models, estimator, worker.index, config["eval"])
         moved = sorted(
             r
@@ -232,11 +232,11 @@ def grouped_results(setup):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raggen.app.training import train_loop_config
+    from raggen.app.training import train_job
     from raggen.train.trainer import qa_items
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    runs = {est: train_loop_config(_config(setup, f"grouped-{est}", est)) for est in GROUPED}
+    runs = {est: train_job(_config(setup, f"grouped-{est}", est)) for est in GROUPED}
     eval_rows = [{"id": e.id, "question": e.question, "answers": e.answers} for e in setup["eval"]]
     trainer = TorchTrainer(
         _estimators_train_func,
@@ -263,11 +263,12 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
     """Checkpoints on S3 (a moto server, through Ray Train's pyarrow filesystem). Run 1: rank 1
     dies at step 3 (max_failures=1); the group restarts from the step-2 checkpoint and finishes.
     Run 2 under the same name continues from step 4 with the same JSA chain cache."""
-    from raggen.app.training import model_spec, run_training
+    from raggen.app.training import run_training
     from raggen.index import open_index
     from raggen.models.exports import resolve_export
     from raggen.storage import download
     from raggen.train.checkpointing import JSA_CACHE_FILE, read_checkpoint
+    from raggen.train.job import FailureInjection
     from raggen.train.loop import build_models, cache_digest
     from raggen.train.metrics import plot_metrics, read_metrics
     from raggen.train.trainer import local_metrics_path
@@ -282,7 +283,7 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
     ]
     marker = setup["root"] / "killed.marker"
     cfg = _config(setup, "jsa", "jsa", "train.max_failures=1", *on_s3)
-    first = run_training(cfg, extra_loop_config={"inject_failure": {"rank": 1, "step": 3, "marker": str(marker)}})
+    first = run_training(cfg, inject_failure=FailureInjection(rank=1, step=3, marker=str(marker)))
     assert marker.exists(), "the failure was never injected"
     assert first["final"] == f"s3://{bucket}/runs/jsa/final" and first["metrics"]["step"] == STEPS
     download(first["final"], tmp_path / "final1", s3)
@@ -296,7 +297,7 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
     assert all(0.0 <= s["acceptance_rate"] <= 1.0 and np.isfinite(s["loss"]) for s in steps)
     assert read_metrics(final1 / "metrics.jsonl")[0] == steps  # the JSONL travels with checkpoints
 
-    spec, index = model_spec(cfg.model), open_index(cfg.train.index)
+    spec, index = cfg.model, open_index(cfg.train.index)
     eval_rows = [{"id": e.id, "question": e.question, "answers": e.answers} for e in setup["eval"]]
     before = heldout_nll(build_models(spec, "jsa"), "jsa", index, eval_rows)
     after = heldout_nll(build_models(spec, "jsa", state.model_dirs), "jsa", index, eval_rows)
@@ -322,12 +323,12 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
 
 
 def test_config_errors_name_the_field(setup):
-    from raggen.app.training import run_training, train_loop_config
+    from raggen.app.training import run_training, train_job
     from raggen.errors import ConfigError
 
     cfg = _config(setup, "bad", "gumbel-rerank", "train.train_passage_encoder=true")
     with pytest.raises(ConfigError, match="train.train_passage_encoder"):
-        train_loop_config(cfg)
+        train_job(cfg)
     with pytest.raises(ConfigError, match="train.train_file"):
         run_training(_config(setup, "bad", "jsa", f"train.train_file={setup['root'] / 'missing.jsonl'}"))
 
@@ -339,7 +340,7 @@ def test_trained_passage_encoder_refreshes_the_index_on_schedule_and_resumes_on_
     refreshed index the checkpoint recorded."""
     from raggen.app.training import run_training
     from raggen.index import load_version, verify_index
-    from raggen.index.manifest import read_latest
+    from raggen.index.latest import read_latest
     from raggen.models import TextEncoder, passage_text
     from raggen.train.checkpointing import read_checkpoint
     from raggen.train.metrics import read_metrics

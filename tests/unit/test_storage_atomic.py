@@ -36,7 +36,7 @@ def mode(path) -> int:
 @pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
 def test_published_files_get_the_umask_mode_not_0600(tmp_path, umask, mask, expected):
     from raggen.corpus.readers import write_passages
-    from raggen.index.manifest import passages_table, write_parquet_atomic
+    from raggen.index.passage_table import passages_table, write_parquet_atomic
 
     umask(mask)
     atomic_write_bytes(tmp_path / "a.bin", b"x")

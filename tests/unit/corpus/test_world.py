@@ -21,7 +21,7 @@ from raggen.corpus import (
     write_world,
 )
 from raggen.corpus import world_templates as T
-from raggen.corpus.world import count_mentions
+from raggen.corpus.world_passages import count_mentions
 from raggen.errors import ConfigError
 
 SMALL = WorldConfig(num_entities=300, seed=3)

@@ -6,16 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raggen.index.encode import (
-    NUM_TOKENS,
-    PassageEncoderActor,
-    embed_bucketed,
-    length_buckets,
-    load_passage_tokenizer,
-    resolved_passage_format,
-    tokenize_batch,
-    trim_padding,
-)
+from raggen.index.encoder_actor import PassageEncoderActor, embed_bucketed, length_buckets, trim_padding
+from raggen.index.passage_tokens import NUM_TOKENS, load_passage_tokenizer, tokenize_batch
+from raggen.index.work_dir import resolved_passage_format
 from raggen.models.loading import MINILM_ID
 from raggen.models.retriever import TextEncoder, tokenize_passages
 

@@ -5,6 +5,7 @@ raggen.corpus.readers."""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 
@@ -15,6 +16,17 @@ import pytest
 from raggen.errors import ConfigError, DataError
 from raggen.index import build as B
 from raggen.index import encode as E
+from raggen.index.passage_source import detect_format, normalize_passages
+from raggen.index.shard_split import split_folder_uri
+from raggen.index.work_dir import (
+    WORK_MARKER,
+    check_run_signature,
+    default_work_dir,
+    lock_work_dir,
+    open_work_dir,
+    remove_work_dir,
+    run_signature,
+)
 from raggen.storage import StoreBusy
 
 SIGNATURE = dict(encoder_name_or_path="enc", passages_format="auto", num_shards=2, pooling="mean", max_length=32,
@@ -37,22 +49,22 @@ def test_a_users_non_empty_folder_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"work_dir: .*data is not empty and was not created by raggen"):
         B.preflight_build(str(tmp_path / "ix"), None, faiss_factory="Flat", metric="ip", dim=4, work_dir=home)
     with pytest.raises(ConfigError, match="not created by raggen"):
-        E.lock_work_dir(home)
-    assert not E.remove_work_dir(home)
+        lock_work_dir(home)
+    assert not remove_work_dir(home)
     assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
 
 
 def test_a_work_dir_is_locked_while_a_run_uses_it(tmp_path):
     work = tmp_path / "work"
-    info, lock = E.lock_work_dir(work)
+    info, lock = lock_work_dir(work)
     try:
-        assert E.lock_work_dir(work)[0] == info  # the same thread again: reentrant (build -> encode)
+        assert lock_work_dir(work)[0] == info  # the same thread again: reentrant (build -> encode)
         lock.release()
         failures = []
 
         def second_run():
             try:
-                E.lock_work_dir(work)
+                lock_work_dir(work)
             except StoreBusy as exc:
                 failures.append(str(exc))
 
@@ -65,32 +77,32 @@ def test_a_work_dir_is_locked_while_a_run_uses_it(tmp_path):
 
 
 def test_the_default_work_dir_in_use_gives_a_second_build_its_own(tmp_path, monkeypatch):
-    monkeypatch.setattr(B.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     signature = {"corpus": [["a", 1, 2]]}
-    first, _, lock = B.open_work_dir(None, signature)
+    first, _, lock = open_work_dir(None, signature)
     try:
         got = []
-        t = threading.Thread(target=lambda: got.append(B.open_work_dir(None, signature)))
+        t = threading.Thread(target=lambda: got.append(open_work_dir(None, signature)))
         t.start()
         t.join()
         second, _, lock2 = got[0]
-        assert second != first and second.name.startswith(first.name + "-") and (second / E.WORK_MARKER).is_file()
+        assert second != first and second.name.startswith(first.name + "-") and (second / WORK_MARKER).is_file()
         lock2.release()
     finally:
         lock.release()
-    assert first == B.default_work_dir(**signature)  # free again: a rerun resumes the same one
+    assert first == default_work_dir(**signature)  # free again: a rerun resumes the same one
 
 
 def test_removal_deletes_what_raggen_made_and_keeps_a_users_empty_folder(tmp_path):
     made = tmp_path / "made"
-    E.lock_work_dir(made)[1].release()
+    lock_work_dir(made)[1].release()
     (made / "encoded").mkdir()
-    assert E.remove_work_dir(made) and not made.exists()
+    assert remove_work_dir(made) and not made.exists()
     given = tmp_path / "given"
     given.mkdir()
-    E.lock_work_dir(given)[1].release()
+    lock_work_dir(given)[1].release()
     (given / "split.json").write_text("{}")
-    assert E.remove_work_dir(given) and given.is_dir() and list(given.iterdir()) == []
+    assert remove_work_dir(given) and given.is_dir() and list(given.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------ run signatures
@@ -98,19 +110,19 @@ def test_removal_deletes_what_raggen_made_and_keeps_a_users_empty_folder(tmp_pat
 
 def test_the_run_signature_follows_the_corpus_content(tmp_path):
     path = corpus(tmp_path)
-    before = E.run_signature(str(path), **SIGNATURE)
+    before = run_signature(str(path), **SIGNATURE)
     assert before["corpus"][0][0] == "passages.tsv"
     time.sleep(0.01)
     corpus(tmp_path, "new text")  # fixed after a failed run: same URI, same size
-    after = E.run_signature(str(path), **SIGNATURE)
+    after = run_signature(str(path), **SIGNATURE)
     assert after["passages_uri"] == before["passages_uri"] and after != before
-    assert B.default_work_dir(**before) != B.default_work_dir(**after)  # the default work dir is a fresh one
+    assert default_work_dir(**before) != default_work_dir(**after)  # the default work dir is a fresh one
     work = tmp_path / "work"
-    E.lock_work_dir(work)[1].release()
-    E.check_run_signature(work, before)
-    E.check_run_signature(work, before)  # same content: resumes
+    lock_work_dir(work)[1].release()
+    check_run_signature(work, before)
+    check_run_signature(work, before)  # same content: resumes
     with pytest.raises(ConfigError, match=r"holds work for another version of the corpus .* use a fresh work_dir"):
-        E.check_run_signature(work, after)
+        check_run_signature(work, after)
 
 
 @pytest.mark.parametrize("key, value", [("encoder_name_or_path", "other"), ("pooling", "cls"), ("max_length", 64),
@@ -118,12 +130,12 @@ def test_the_run_signature_follows_the_corpus_content(tmp_path):
                                         ("passages_format", "jsonl")])  # fmt: skip
 def test_every_setting_that_changes_the_output_is_in_the_signature(tmp_path, key, value):
     path = corpus(tmp_path)
-    assert E.run_signature(str(path), **{**SIGNATURE, key: value}) != E.run_signature(str(path), **SIGNATURE)
+    assert run_signature(str(path), **{**SIGNATURE, key: value}) != run_signature(str(path), **SIGNATURE)
 
 
 def test_aliases_of_one_format_give_one_signature(tmp_path):
     path = corpus(tmp_path)
-    sigs = [E.run_signature(str(path), **{**SIGNATURE, "passages_format": f}) for f in ("tsv", "dpr", "dpr-tsv")]
+    sigs = [run_signature(str(path), **{**SIGNATURE, "passages_format": f}) for f in ("tsv", "dpr", "dpr-tsv")]
     assert sigs[0] == sigs[1] == sigs[2] and sigs[0]["format"] == "dpr-tsv"
 
 
@@ -132,10 +144,10 @@ def test_a_local_encoder_folders_files_are_in_the_signature(tmp_path):
     enc = tmp_path / "enc"
     enc.mkdir()
     (enc / "model.safetensors").write_bytes(b"weights v1")
-    before = E.run_signature(str(path), **{**SIGNATURE, "encoder_name_or_path": str(enc)})
+    before = run_signature(str(path), **{**SIGNATURE, "encoder_name_or_path": str(enc)})
     time.sleep(0.01)
     (enc / "model.safetensors").write_bytes(b"weights v2")  # retrained in place
-    assert E.run_signature(str(path), **{**SIGNATURE, "encoder_name_or_path": str(enc)}) != before
+    assert run_signature(str(path), **{**SIGNATURE, "encoder_name_or_path": str(enc)}) != before
 
 
 # ------------------------------------------------------------------------------------------ splits, temporary files
@@ -143,12 +155,12 @@ def test_a_local_encoder_folders_files_are_in_the_signature(tmp_path):
 
 def test_runs_sharing_a_split_uri_get_folders_of_their_own(tmp_path):
     shared = tmp_path / "shared"
-    a = E.split_folder_uri(tmp_path / "wa", str(shared), "aaaa")
-    b = E.split_folder_uri(tmp_path / "wb", str(shared), "bbbb")
+    a = split_folder_uri(tmp_path / "wa", str(shared), "aaaa")
+    b = split_folder_uri(tmp_path / "wb", str(shared), "bbbb")
     assert a != b and a.startswith(str(shared) + "/") and b.startswith(str(shared) + "/")
-    assert E.split_folder_uri(tmp_path / "wa", None, "aaaa") == str(tmp_path / "wa" / "split")
+    assert split_folder_uri(tmp_path / "wa", None, "aaaa") == str(tmp_path / "wa" / "split")
     assert (
-        E.split_folder_uri(tmp_path / "w", "s3://bucket/tmp/split", "ab12") == "s3://bucket/tmp/split/raggen-split-ab12"
+        split_folder_uri(tmp_path / "w", "s3://bucket/tmp/split", "ab12") == "s3://bucket/tmp/split/raggen-split-ab12"
     )
 
 
@@ -187,7 +199,7 @@ def test_one_format_vocabulary_for_readers_the_ray_path_and_the_config():
     ]
     with pytest.raises(ConfigError, match="format: must be auto, dpr-tsv, jsonl, parquet"):
         canonical_format("csv")
-    assert E.detect_format("s3://b/psgs_w100.tsv.gz") == "dpr-tsv" and E.detect_format("x/p.json") == "jsonl"
+    assert detect_format("s3://b/psgs_w100.tsv.gz") == "dpr-tsv" and detect_format("x/p.json") == "jsonl"
 
 
 def _block(ids, texts, lines=None, path="s3://b/passages.tsv"):
@@ -208,7 +220,7 @@ def test_the_ray_path_rejects_empty_passages_with_the_readers_message(tmp_path, 
     from raggen.corpus.readers import read_passages
 
     with pytest.raises(DataError, match=message):
-        E.normalize_passages(_block(ids, texts, lines=[7, 8]), num_shards=2)
+        normalize_passages(_block(ids, texts, lines=[7, 8]), num_shards=2)
     if all(t is not None for t in texts) and all(i is not None for i in ids):  # the same rows, read by the readers
         bad = tmp_path / "passages.tsv"
         bad.write_text("id\ttext\ttitle\n" + "".join(f"{i}\t{t}\t\n" for i, t in zip(ids, texts)))
@@ -222,11 +234,11 @@ def test_the_ray_path_rejects_empty_passages_with_the_readers_message(tmp_path, 
 def test_a_block_without_line_numbers_names_the_row_and_good_blocks_pass():
     table = pa.table({"id": ["a", "b", ""], "text": ["x", "y", "z"]})
     with pytest.raises(DataError, match=r"passages: row 3: empty passage id"):
-        E.normalize_passages(table)
-    out = E.normalize_passages(_block([" a ", "b"], ["x", "y"], lines=[2, 3]), num_shards=4)
+        normalize_passages(table)
+    out = normalize_passages(_block([" a ", "b"], ["x", "y"], lines=[2, 3]), num_shards=4)
     assert out.column_names == ["id", "title", "text", "shard"] and out.column("id").to_pylist() == ["a", "b"]
     with pytest.raises(DataError, match=r"passages\.tsv: missing column 'text'"):
-        E.normalize_passages(pa.table({"id": ["a"], "path": ["s3://b/passages.tsv"]}))
+        normalize_passages(pa.table({"id": ["a"], "path": ["s3://b/passages.tsv"]}))
 
 
 def test_the_datasource_parser_is_the_readers_parser(tmp_path):

@@ -14,6 +14,11 @@ from raggen.errors import ConfigError, IndexIntegrityError
 from raggen.index import lifecycle as L
 from raggen.index import manifest as M
 from raggen.index import shard as S
+from raggen.index.latest import list_versions, read_latest
+from raggen.index.loading import verify_version
+from raggen.index.passage_table import passages_table, write_parquet_atomic
+from raggen.index.publish import publish_version, set_latest
+from raggen.storage import open_store
 from tests.helpers import three_versions
 
 D = 8
@@ -60,17 +65,17 @@ def test_set_latest_verifies_and_needs_rollback_to_move_back(tmp_path):
     three_versions(root, tmp_path)
     with pytest.raises(ConfigError, match="rollback"):
         L.set_latest_version(root, "v1")
-    assert M.read_latest(root) == "v3"
+    assert read_latest(root) == "v3"
     assert L.set_latest_version(root, "v1", rollback=True).version == "v1"
-    assert M.read_latest(root) == "v1"
+    assert read_latest(root) == "v1"
     assert L.set_latest_version(root, "v2").version == "v2"  # forward needs nothing
-    assert M.read_latest(root) == "v2"
+    assert read_latest(root) == "v2"
 
 
 def test_set_latest_refuses_a_version_that_does_not_verify(tmp_path):
     root = str(tmp_path / "root")
     three_versions(root, tmp_path)
-    M.set_latest(root, "v1", rollback=True)
+    set_latest(root, "v1", rollback=True)
     shard = Path(root, "v2", "shard-00001.parquet")
     shard.write_bytes(shard.read_bytes()[:-1] + b"x")  # one byte changed
     with pytest.raises(IndexIntegrityError, match=r"v2/shard-00001.parquet: sha256 mismatch"):
@@ -78,7 +83,7 @@ def test_set_latest_refuses_a_version_that_does_not_verify(tmp_path):
     Path(root, "v3", "shard-00000.faiss").unlink()
     with pytest.raises(IndexIntegrityError, match=r"shard-00000.faiss: missing"):
         L.set_latest_version(root, "v3")
-    assert M.read_latest(root) == "v1"
+    assert read_latest(root) == "v1"
 
 
 def test_set_latest_refuses_an_unknown_or_invalid_version(tmp_path):
@@ -90,7 +95,7 @@ def test_set_latest_refuses_an_unknown_or_invalid_version(tmp_path):
         L.set_latest_version(root, "../v1")
     with pytest.raises(ConfigError, match="is not published"):
         L.set_latest_version(str(tmp_path / "empty"), "v1")
-    assert M.read_latest(root) == "v3"
+    assert read_latest(root) == "v3"
 
 
 def test_rm_deletes_only_that_versions_files(tmp_path):
@@ -100,14 +105,14 @@ def test_rm_deletes_only_that_versions_files(tmp_path):
     removed = L.remove_version(root, "v2")
     assert removed[0] == "manifest.json" and len(removed) == 5
     assert not Path(root, "v2").exists()
-    assert M.list_versions(root) == ["v1", "v3"] and M.read_latest(root) == "v3"
+    assert list_versions(root) == ["v1", "v3"] and read_latest(root) == "v3"
     assert {v: sorted(p.name for p in Path(root, v).iterdir()) for v in ("v1", "v3")} == before
-    M.verify_version(root, "v1")
+    verify_version(root, "v1")
     # a file the manifest did not name is somebody else's: it stays (and so does the folder)
     Path(root, "v1", "notes.txt").write_text("mine")
     L.remove_version(root, "v1")
     assert [p.name for p in Path(root, "v1").iterdir()] == ["notes.txt"]
-    assert M.list_versions(root) == ["v3"]
+    assert list_versions(root) == ["v3"]
 
 
 def test_rm_refusals_delete_nothing(tmp_path):
@@ -131,7 +136,7 @@ def test_rm_refusals_delete_nothing(tmp_path):
 def test_rm_puts_the_manifest_back_when_latest_moves_to_it_meanwhile(tmp_path, monkeypatch):
     root = str(tmp_path / "root")
     three_versions(root, tmp_path)
-    store = M.open_store(root)
+    store = open_store(root)
     real_delete = type(store).delete_file
 
     def delete_then_move_latest(self, rel):
@@ -143,7 +148,7 @@ def test_rm_puts_the_manifest_back_when_latest_moves_to_it_meanwhile(tmp_path, m
     with pytest.raises(ConfigError, match="became the version LATEST names"):
         L.remove_version(root, "v2")
     monkeypatch.undo()
-    assert M.verify_version(root, "v2").version == "v2"
+    assert verify_version(root, "v2").version == "v2"
 
 
 def test_an_unreadable_manifest_is_removed_alone(tmp_path):
@@ -179,11 +184,11 @@ def test_cli_list_set_latest_rm(tmp_path, capsys):
     code, out, _ = _cli(capsys, "index", "list", root, "--json")
     assert code == 0 and json.loads(out)["latest"] == "v3"
     code, out, _ = _cli(capsys, "index", "set-latest", root, "v1", "--rollback")
-    assert code == 0 and "now names v1" in out and M.read_latest(root) == "v1"
+    assert code == 0 and "now names v1" in out and read_latest(root) == "v1"
     code, out, _ = _cli(capsys, "index", "set-latest", root, "v3")
-    assert code == 0 and M.read_latest(root) == "v3"
+    assert code == 0 and read_latest(root) == "v3"
     code, out, _ = _cli(capsys, "index", "rm", root, "v2")
-    assert code == 0 and "removed" in out and M.list_versions(root) == ["v1", "v3"]
+    assert code == 0 and "removed" in out and list_versions(root) == ["v1", "v3"]
 
 
 @pytest.mark.parametrize(
@@ -203,11 +208,11 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, capsys, argv, expected):
     shard.write_bytes(shard.read_bytes() + b"\0")
     code, _, err = _cli(capsys, *(a.format(root=root) for a in argv))
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("raggen: error: ") and expected in err
-    assert M.read_latest(root) == "v3" and M.list_versions(root) == ["v1", "v2", "v3"]
+    assert read_latest(root) == "v3" and list_versions(root) == ["v1", "v2", "v3"]
 
 
 def test_serve_swap_parses_as_its_own_command():
-    from raggen.cli import _aliases, build_parser
+    from raggen.cli.parser import _aliases, build_parser
 
     args = build_parser().parse_args(_aliases(["-v", "serve", "swap", "c.yaml", "--version", "v2"]))
     assert args.command == "serve-swap" and args.config == "c.yaml" and args.version == "v2" and not args.latest
@@ -239,9 +244,9 @@ def test_serve_swap_without_a_cluster_is_one_line(tmp_path, capsys, monkeypatch)
 
 
 def test_index_search_uses_the_manifests_encoder_pooling_and_normalisation(tmp_path, capsys):
-    from raggen.index import search_index
     from raggen.models.retriever import TextEncoder
     from raggen.models.tiny import make_tiny_encoder
+    from raggen.retrieval.search import search_index
 
     enc_path = make_tiny_encoder(str(tmp_path / "enc"))
     encoder = TextEncoder.from_pretrained(enc_path, pooling="cls", normalize=True)
@@ -252,7 +257,7 @@ def test_index_search_uses_the_manifests_encoder_pooling_and_normalisation(tmp_p
     out.mkdir()
     index_name, passages_name = M.shard_file_names(0)
     S.write_index_file(S.build_shard_index(xb, ids), out / index_name)
-    M.write_parquet_atomic(M.passages_table(ids, [f"p{i}" for i in ids], [""] * len(texts), texts), out / passages_name)
+    write_parquet_atomic(passages_table(ids, [f"p{i}" for i in ids], [""] * len(texts), texts), out / passages_name)
     m = M.make_manifest(
         "v1",
         encoder_name_or_path=enc_path,
@@ -264,7 +269,7 @@ def test_index_search_uses_the_manifests_encoder_pooling_and_normalisation(tmp_p
         shard_files=[(out / index_name, out / passages_name, len(texts))],
     )
     root = str(tmp_path / "root")
-    M.publish_version(root, m, out)
+    publish_version(root, m, out)
 
     result = search_index(root, [texts[5]], k=3)  # nothing told: the manifest's cls + normalize
     assert result.ids[0][0] == "p5" and result.scores[0][0] == pytest.approx(1.0, abs=1e-4)

@@ -12,6 +12,10 @@ import pytest
 from raggen.errors import ConfigError, IndexIntegrityError
 from raggen.index import manifest as M
 from raggen.index import shard as S
+from raggen.index.latest import list_versions, read_latest
+from raggen.index.loading import load_version
+from raggen.index.passage_table import passages_table, write_parquet_atomic
+from raggen.index.publish import publish_version, set_latest
 from raggen.index.sharded import ShardedIndex
 
 D = 16
@@ -32,9 +36,9 @@ def make_version(out: Path, version: str, *, n: int = 310, num_shards: int = 3, 
         index_name, passages_name = M.shard_file_names(s)
         index = S.build_shard_index(xb[rows], row_ids, factory=factory, metric=metric)
         S.write_index_file(index, out / index_name)
-        table = M.passages_table(row_ids, pids[rows], [f"title {p}" for p in pids[rows]], [f"text of {p}" for p in pids[rows]],
-                                 xb[rows] if store_embeddings else None)  # fmt: skip
-        M.write_parquet_atomic(table, out / passages_name)
+        table = passages_table(row_ids, pids[rows], [f"title {p}" for p in pids[rows]], [f"text of {p}" for p in pids[rows]],
+                               xb[rows] if store_embeddings else None)  # fmt: skip
+        write_parquet_atomic(table, out / passages_name)
         files.append((out / index_name, out / passages_name, len(rows)))
     manifest = M.make_manifest(version, encoder_name_or_path="test-encoder", pooling="mean", dim=D,
                                metric=metric, faiss_factory=factory, shard_files=files)  # fmt: skip
@@ -45,7 +49,7 @@ def publish(tmp_path: Path, root: Path, version: str, **kwargs):
     local = tmp_path / f"build-{version}"
     local.mkdir()
     manifest, xb, pids = make_version(local, version, **kwargs)
-    M.publish_version(str(root), manifest, local)
+    publish_version(str(root), manifest, local)
     return manifest, xb, pids
 
 
@@ -72,22 +76,22 @@ def test_publish_then_load_latest_by_version_and_by_folder(tmp_path):
     assert set(on_disk["shards"][0]) == {"index", "index_sha256", "passages", "passages_sha256", "count"}
     assert [s["count"] for s in on_disk["shards"]] == [104, 103, 103] and on_disk["num_passages"] == 310
     for uri, version in ((str(root), None), (str(root), "v1"), (str(root / "v1"), None)):
-        loaded = M.load_version(uri, version)
+        loaded = load_version(uri, version)
         assert loaded.manifest == manifest and len(loaded.shards) == 3
         assert [s.passages.num_rows for s in loaded.shards] == [104, 103, 103]
-    assert M.list_versions(str(root)) == ["v1"] and M.read_latest(str(root)) == "v1"
+    assert list_versions(str(root)) == ["v1"] and read_latest(str(root)) == "v1"
 
 
 def test_nothing_published_yet(tmp_path):
     with pytest.raises(IndexIntegrityError, match="LATEST: missing"):
-        M.load_version(str(tmp_path))
+        load_version(str(tmp_path))
 
 
 def test_same_version_cannot_be_published_twice(tmp_path):
     root = tmp_path / "index"
     manifest, _, _ = publish(tmp_path, root, "v1")
     with pytest.raises(ConfigError, match="'v1' is already published"):
-        M.publish_version(str(root), manifest, tmp_path / "build-v1")
+        publish_version(str(root), manifest, tmp_path / "build-v1")
 
 
 def test_tampered_upload_is_refused_and_latest_stays(tmp_path):
@@ -99,12 +103,12 @@ def test_tampered_upload_is_refused_and_latest_stays(tmp_path):
     with open(local / "shard-00001.parquet", "ab") as f:  # changed after the manifest was made
         f.write(b"garbage")
     with pytest.raises(IndexIntegrityError, match=r"v2/shard-00001\.parquet: sha256 .* LATEST not moved"):
-        M.publish_version(str(root), manifest, local)
-    assert M.read_latest(str(root)) == "v1"
-    assert M.load_version(str(root)).version == "v1"
+        publish_version(str(root), manifest, local)
+    assert read_latest(str(root)) == "v1"
+    assert load_version(str(root)).version == "v1"
     with pytest.raises(IndexIntegrityError, match=r"v2/manifest\.json: missing"):
-        M.load_version(str(root), "v2")  # the half-published folder has no manifest: never loadable
-    assert M.list_versions(str(root)) == ["v1"]
+        load_version(str(root), "v2")  # the half-published folder has no manifest: never loadable
+    assert list_versions(str(root)) == ["v1"]
 
 
 def test_truncated_shard_is_refused_previous_version_still_loads(tmp_path):
@@ -114,17 +118,17 @@ def test_truncated_shard_is_refused_previous_version_still_loads(tmp_path):
     shard = root / "v2" / "shard-00001.faiss"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(IndexIntegrityError, match=r"v2/shard-00001\.faiss: sha256 mismatch") as err:
-        M.load_version(str(root))
+        load_version(str(root))
     assert "\n" not in str(err.value)
-    assert M.load_version(str(root), "v1").version == "v1"
+    assert load_version(str(root), "v1").version == "v1"
     with pytest.raises(ConfigError, match=r"LATEST: 'v1' is older than 'v2'.*rollback=True"):
-        M.set_latest(str(root), "v1")  # LATEST only moves forward unless a rollback is asked for
-    assert M.read_latest(str(root)) == "v2"
-    M.set_latest(str(root), "v1", rollback=True)  # a rollback verifies first
-    assert M.load_version(str(root)).version == "v1"
+        set_latest(str(root), "v1")  # LATEST only moves forward unless a rollback is asked for
+    assert read_latest(str(root)) == "v2"
+    set_latest(str(root), "v1", rollback=True)  # a rollback verifies first
+    assert load_version(str(root)).version == "v1"
     with pytest.raises(IndexIntegrityError, match="shard-00001.faiss"):
-        M.set_latest(str(root), "v2")
-    assert M.read_latest(str(root)) == "v1"
+        set_latest(str(root), "v2")
+    assert read_latest(str(root)) == "v1"
 
 
 def test_missing_shard_file_is_refused(tmp_path):
@@ -132,7 +136,7 @@ def test_missing_shard_file_is_refused(tmp_path):
     publish(tmp_path, root, "v1")
     (root / "v1" / "shard-00002.parquet").unlink()
     with pytest.raises(IndexIntegrityError, match=r"v1/shard-00002\.parquet: missing"):
-        M.load_version(str(root))
+        load_version(str(root))
 
 
 def _edit_manifest(root: Path, version: str, edit) -> None:
@@ -147,7 +151,7 @@ def test_wrong_checksum_in_manifest_is_refused(tmp_path):
     publish(tmp_path, root, "v1")
     _edit_manifest(root, "v1", lambda m: m["shards"][0].update(passages_sha256="0" * 64))
     with pytest.raises(IndexIntegrityError, match=r"v1/shard-00000\.parquet: sha256 mismatch"):
-        M.load_version(str(root))
+        load_version(str(root))
 
 
 def test_counts_that_disagree_with_the_files_are_refused(tmp_path):
@@ -159,7 +163,7 @@ def test_counts_that_disagree_with_the_files_are_refused(tmp_path):
 
     _edit_manifest(root, "v1", swap)
     with pytest.raises(IndexIntegrityError, match=r"shard-00000\.parquet: 104 rows, manifest count is 103"):
-        M.load_version(str(root))
+        load_version(str(root))
 
 
 @pytest.mark.parametrize(
@@ -179,7 +183,7 @@ def test_bad_manifest_fields_are_named(tmp_path, edit, message):
     publish(tmp_path, root, "v1")
     _edit_manifest(root, "v1", edit)
     with pytest.raises(IndexIntegrityError, match=message):
-        M.load_version(str(root), "v1")
+        load_version(str(root), "v1")
 
 
 def test_latest_pointing_at_a_mislabelled_folder_is_refused(tmp_path):
@@ -188,8 +192,8 @@ def test_latest_pointing_at_a_mislabelled_folder_is_refused(tmp_path):
     (root / "v1").rename(root / "v2")
     (root / "LATEST").write_text("v2\n")
     with pytest.raises(IndexIntegrityError, match=r"v2/manifest\.json: field version is 'v1', expected 'v2'"):
-        M.load_version(str(root))
-    assert M.load_version(str(root / "v2")).version == "v1"  # a folder loaded directly is what it says
+        load_version(str(root))
+    assert load_version(str(root / "v2")).version == "v1"  # a folder loaded directly is what it says
 
 
 def test_manifest_that_is_not_json(tmp_path):
@@ -197,7 +201,7 @@ def test_manifest_that_is_not_json(tmp_path):
     publish(tmp_path, root, "v1")
     (root / "v1" / "manifest.json").write_text("{not json")
     with pytest.raises(IndexIntegrityError, match=r"manifest\.json: not valid JSON"):
-        M.load_version(str(root))
+        load_version(str(root))
 
 
 def test_bad_version_names_are_rejected(tmp_path):
@@ -223,7 +227,7 @@ def exact_topk(xq: np.ndarray, xb: np.ndarray, k: int, metric: str):
 def test_sharded_search_equals_one_exact_index(tmp_path, metric, store_embeddings):
     root = tmp_path / "index"
     _, xb, pids = publish(tmp_path, root, "v1", metric=metric, store_embeddings=store_embeddings, num_shards=4)
-    index = ShardedIndex.from_version(M.load_version(str(root)), query_batch_size=3)  # 3 batches for 7 queries
+    index = ShardedIndex.from_version(load_version(str(root)), query_batch_size=3)  # 3 batches for 7 queries
     xq = np.random.default_rng(9).standard_normal((7, D)).astype(np.float32)
     result = index.search(xq, 10)
     ref_scores, ref_rows = exact_topk(xq, xb, 10, metric)
@@ -240,7 +244,7 @@ def test_sharded_search_equals_one_exact_index(tmp_path, metric, store_embedding
 def test_more_k_than_passages_pads(tmp_path):
     root = tmp_path / "index"
     _, xb, _ = publish(tmp_path, root, "v1", n=5, num_shards=2)
-    index = ShardedIndex.from_version(M.load_version(str(root)))
+    index = ShardedIndex.from_version(load_version(str(root)))
     result = index.search(np.ones((2, D), np.float32), 8)
     assert [row[5:] for row in result.ids] == [["", "", ""]] * 2
     assert (result.row_ids[:, 5:] == -1).all() and np.isneginf(result.scores[:, 5:]).all()
@@ -252,8 +256,8 @@ def test_more_k_than_passages_pads(tmp_path):
 def test_build_path_shares_one_training_and_publishes_an_exact_ivf(tmp_path):
     """build.py without Ray: encoded shard parquet -> one shared IVF training -> shard files ->
     manifest -> publish -> load; nprobe = nlist makes IVF exhaustive, so the merge is exact."""
-    from raggen.index.build import build_shard_files, train_shared_index
-    from raggen.index.encode import EncodedShard
+    from raggen.index.shard_files import build_shard_files, train_shared_index
+    from raggen.index.work_dir import EncodedShard
 
     rng = np.random.default_rng(4)
     xb = rng.standard_normal((600, D)).astype(np.float32)
@@ -261,8 +265,8 @@ def test_build_path_shares_one_training_and_publishes_an_exact_ivf(tmp_path):
     for s, rows in enumerate(np.array_split(np.arange(600), 3)):
         path = tmp_path / "encoded" / f"shard-{s:05d}.parquet"
         row_ids = (np.int64(s) << 40) + np.arange(len(rows))
-        M.write_parquet_atomic(
-            M.passages_table(row_ids, [f"p{r}" for r in rows], [""] * len(rows), [f"t{r}" for r in rows], xb[rows]),
+        write_parquet_atomic(
+            passages_table(row_ids, [f"p{r}" for r in rows], [""] * len(rows), [f"t{r}" for r in rows], xb[rows]),
             path,
         )
         encoded.append(EncodedShard(shard=s, path=path, count=len(rows)))
@@ -275,8 +279,8 @@ def test_build_path_shares_one_training_and_publishes_an_exact_ivf(tmp_path):
                                store_embeddings=False) for e in encoded]  # fmt: skip
     manifest = M.make_manifest("v1", encoder_name_or_path="x", pooling="mean", dim=D, metric="ip",
                                faiss_factory="IVF8,Flat", shard_files=files)  # fmt: skip
-    M.publish_version(str(tmp_path / "root"), manifest, out)
-    loaded = M.load_version(str(tmp_path / "root"))
+    publish_version(str(tmp_path / "root"), manifest, out)
+    loaded = load_version(str(tmp_path / "root"))
     assert not loaded.shards[0].has_embeddings
     index = ShardedIndex.from_version(loaded, nprobe=8)
     assert index._backend.coarse is not None  # one shared quantizer: queries are assigned once
@@ -290,7 +294,8 @@ def test_build_path_shares_one_training_and_publishes_an_exact_ivf(tmp_path):
 def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
     """With a shared IVF quantizer and nprobe < nlist, assigning once (search_preassigned) must
     give exactly what every shard's own search gives."""
-    from raggen.index.sharded import ShardSearcher, _LocalBackend, merge_topk
+    from raggen.index.shard_searcher import ShardSearcher, _LocalBackend
+    from raggen.index.sharded import merge_topk
 
     rng = np.random.default_rng(5)
     xb = rng.standard_normal((800, D)).astype(np.float32)
@@ -302,7 +307,7 @@ def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
         shards.append(
             (
                 S.serialize_index(index),
-                M.passages_table(ids, [f"p{r}" for r in rows], [""] * len(rows), [""] * len(rows)),
+                passages_table(ids, [f"p{r}" for r in rows], [""] * len(rows), [""] * len(rows)),
             )
         )
     searchers = [ShardSearcher(b, t, metric="ip", nprobe=3) for b, t in shards]
@@ -314,7 +319,7 @@ def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
     np.testing.assert_array_equal(fast[1], slow[1])
     np.testing.assert_allclose(fast[0], slow[0], rtol=1e-6)
     other = S.build_shard_index(xb[:200], np.arange(200), factory="IVF16,Flat", train_sample=200, seed=7)
-    other_table = M.passages_table(np.arange(200), [f"q{r}" for r in range(200)], [""] * 200, [""] * 200)
+    other_table = passages_table(np.arange(200), [f"q{r}" for r in range(200)], [""] * 200, [""] * 200)
     mixed = _LocalBackend(
         searchers[:1] + [ShardSearcher(S.serialize_index(other), other_table, metric="ip", nprobe=3)], max_workers=1
     )

@@ -12,14 +12,21 @@ import time
 
 import faiss
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from raggen.index import manifest as M
 from raggen.index import shard as S
-from raggen.index.actors import SwappableIndex, assign_shards
-from raggen.index.build import encoder_pool, open_index
+from raggen.index.actors import assign_shards
+from raggen.index.encoder_actor import encoder_pool
+from raggen.index.hot_swap import SwappableIndex
+from raggen.index.loading import load_version, verify_version
+from raggen.index.open_search import open_index
+from raggen.index.passage_table import passages_table, write_parquet_atomic
+from raggen.index.publish import publish_version
 from raggen.index.settings import SearchSettings, wants_actors
 from raggen.index.sharded import ShardedIndex, merge_topk
+from raggen.index.version_cache import CACHE_MARKER, evict_cached_versions
 
 D = 16
 
@@ -36,14 +43,14 @@ def publish(tmp_path, factory: str = "Flat", n: int = 600, num_shards: int = 2, 
         index = S.build_shard_index(xb[rows], ids, factory=factory, trained_index=trained)
         ipath, ppath = out / f"shard-{s:05d}.faiss", out / f"shard-{s:05d}.parquet"
         S.write_index_file(index, ipath)
-        table = M.passages_table(ids, [f"p{r}" for r in rows], [f"t{r}" for r in rows], [f"x{r}" for r in rows],
-                                 xb[rows] if store_embeddings else None)  # fmt: skip
-        M.write_parquet_atomic(table, ppath)
+        table = passages_table(ids, [f"p{r}" for r in rows], [f"t{r}" for r in rows], [f"x{r}" for r in rows],
+                               xb[rows] if store_embeddings else None)  # fmt: skip
+        write_parquet_atomic(table, ppath)
         files.append((ipath, ppath, len(rows)))
         ids_all.append(ids)
     manifest = M.make_manifest("v1", encoder_name_or_path="x", pooling="mean", dim=D, metric="ip",
                                faiss_factory=factory, shard_files=files)  # fmt: skip
-    M.publish_version(str(tmp_path / "root"), manifest, out)
+    publish_version(str(tmp_path / "root"), manifest, out)
     return str(tmp_path / "root"), xb
 
 
@@ -58,7 +65,7 @@ def test_each_index_is_opened_once_and_memory_mapped(tmp_path, monkeypatch):
     real_open = S.open_index_file
     monkeypatch.setattr(S, "open_index_file", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
     monkeypatch.setattr(S, "deserialize_index", lambda *a, **k: deserialized.append(1) or pytest.fail("deserialized"))
-    loaded = M.load_version(root)
+    loaded = load_version(root)
     index = ShardedIndex.from_version(loaded)
     assert len(opened) == 2 and not deserialized  # one open per shard, load + wrap together
     assert loaded.shards[0].index() is loaded.shards[0].index()
@@ -74,11 +81,11 @@ def test_each_index_is_opened_once_and_memory_mapped(tmp_path, monkeypatch):
 @pytest.mark.parametrize("factory,auto_reads_column", [("Flat", False), ("IVF4,Flat", False), ("IVF4,PQ4", True)])
 def test_embedding_column_is_read_only_when_needed(tmp_path, factory, auto_reads_column):
     root, xb = publish(tmp_path, factory)
-    serving = M.load_version(root, load_embeddings=False)
+    serving = load_version(root, load_embeddings=False)
     assert not any(s.has_embeddings for s in serving.shards)
-    auto = M.load_version(root, load_embeddings="auto")
+    auto = load_version(root, load_embeddings="auto")
     assert all(s.has_embeddings == auto_reads_column for s in auto.shards)
-    assert all(s.has_embeddings for s in M.load_version(root).shards)  # the default keeps the old behaviour
+    assert all(s.has_embeddings for s in load_version(root).shards)  # the default keeps the old behaviour
     index = ShardedIndex.from_version(auto, nprobe=4)
     result = index.search(xb[:5], 3)
     # training gets the exact stored vectors either way: from the column, or from Flat codes
@@ -90,9 +97,9 @@ def test_embedding_column_is_read_only_when_needed(tmp_path, factory, auto_reads
 def test_verify_reads_no_passage_text(tmp_path, monkeypatch):
     root, _ = publish(tmp_path)
     seen = []
-    real = M.pq.read_table
-    monkeypatch.setattr(M.pq, "read_table", lambda *a, **k: seen.append(k.get("columns")) or real(*a, **k))
-    M.verify_version(root)
+    real = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: seen.append(k.get("columns")) or real(*a, **k))
+    verify_version(root)
     assert seen == [["row_id"], ["row_id"]]
 
 
@@ -101,11 +108,11 @@ def test_cache_keeps_the_newest_versions_it_made(tmp_path):
     now = time.time()
     for name, age in [("v1", 4000), ("v2", 3000), ("v3", 2000), ("v4", 1000)]:
         (root / name).mkdir(parents=True)
-        (root / name / M.CACHE_MARKER).write_text(json.dumps({"last_used": now - age}))
+        (root / name / CACHE_MARKER).write_text(json.dumps({"last_used": now - age}))
     (root / "foreign").mkdir()  # no marker: not raggen's
     (root / "recent").mkdir()
-    (root / "recent" / M.CACHE_MARKER).write_text(json.dumps({"last_used": now - 1}))  # being loaded elsewhere
-    evicted = M.evict_cached_versions(root, keep=2, keep_names={"v1"})
+    (root / "recent" / CACHE_MARKER).write_text(json.dumps({"last_used": now - 1}))  # being loaded elsewhere
+    evicted = evict_cached_versions(root, keep=2, keep_names={"v1"})
     assert sorted(evicted) == ["v2", "v3"]  # the newest two are recent and v4; v1 is in use here
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["foreign", "recent", "v1", "v4"]
 

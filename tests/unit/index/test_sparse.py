@@ -12,7 +12,12 @@ from raggen.errors import ConfigError, IndexIntegrityError
 from raggen.index import lifecycle as L
 from raggen.index import manifest as M
 from raggen.index import shard as S
-from raggen.index.build import build_sparse_files, check_sparse_kind, open_index
+from raggen.index.latest import read_latest
+from raggen.index.loading import read_manifest, verify_version
+from raggen.index.open_search import open_index
+from raggen.index.passage_table import passages_table, write_parquet_atomic
+from raggen.index.publish import publish_version
+from raggen.index.shard_files import build_sparse_files, check_sparse_kind
 from raggen.index.sparse import SparseIndex, load_sparse
 from raggen.retrieval import RetrievalSettings, rrf_fuse, with_retrieval
 
@@ -38,8 +43,8 @@ def publish(root: str, tmp: Path, version: str, *, n: int = 40, sparse: bool = T
         ids = (np.int64(s) << 40) + np.arange(len(rows), dtype=np.int64)
         index_name, passages_name = M.shard_file_names(s)
         S.write_index_file(S.build_shard_index(xb[rows], ids), out / index_name)
-        M.write_parquet_atomic(
-            M.passages_table(ids, [f"p{r}" for r in rows], [f"T{r}" for r in rows], [texts[r] for r in rows]),
+        write_parquet_atomic(
+            passages_table(ids, [f"p{r}" for r in rows], [f"T{r}" for r in rows], [texts[r] for r in rows]),
             out / passages_name,
         )
         files.append((out / index_name, out / passages_name, len(rows)))
@@ -55,7 +60,7 @@ def publish(root: str, tmp: Path, version: str, *, n: int = 40, sparse: bool = T
         sparse_files=sparse_files,
         sparse_params=params,
     )
-    return M.publish_version(root, m, out)
+    return publish_version(root, m, out)
 
 
 def test_the_sparse_files_are_files_of_the_version(tmp_path):
@@ -66,9 +71,9 @@ def test_the_sparse_files_are_files_of_the_version(tmp_path):
     assert "bm25-row-ids.npy" in names and all(n.startswith("bm25-") for n in names)
     assert set(names) <= {n for n, _ in m.files()}
     assert all(Path(root, "v1", n).is_file() for n in names)
-    again = M.read_manifest(root)  # round trip through manifest.json
+    again = read_manifest(root)  # round trip through manifest.json
     assert again.sparse == m.sparse
-    M.verify_version(root)
+    verify_version(root)
     # a manifest without the field reads as before (and writes no "sparse" key)
     plain = publish(root, tmp_path, "v0", sparse=False)
     assert plain.sparse is None and '"sparse"' not in plain.to_json()
@@ -81,7 +86,7 @@ def test_a_corrupt_sparse_file_is_refused(tmp_path):
     f = Path(root, "v1", "bm25-vocab.json")
     f.write_bytes(f.read_bytes().replace(b"river", b"rivet"))
     with pytest.raises(IndexIntegrityError, match="bm25-vocab.json: sha256 mismatch"):
-        M.verify_version(root, "v1")
+        verify_version(root, "v1")
     with pytest.raises(IndexIntegrityError, match="bm25-vocab.json: sha256 mismatch"):
         load_sparse(root, "v1")
     Path(root, "v1", "bm25-row-ids.npy").unlink()
@@ -93,7 +98,7 @@ def test_rm_removes_the_sparse_files_too(tmp_path):
     root = str(tmp_path / "root")
     publish(root, tmp_path, "v1")
     m2 = publish(root, tmp_path, "v2")
-    assert M.read_latest(root) == "v2"
+    assert read_latest(root) == "v2"
     removed = L.remove_version(root, "v1")
     assert set(removed) == {"manifest.json", *(n for n, _ in m2.files())}
     assert not Path(root, "v1").exists()

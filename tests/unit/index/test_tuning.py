@@ -13,6 +13,9 @@ import pytest
 from raggen.index import manifest as M
 from raggen.index import shard as S
 from raggen.index import tuning as T
+from raggen.index.loading import load_version
+from raggen.index.passage_table import passages_table, write_parquet_atomic
+from raggen.index.publish import publish_version
 from raggen.index.sharded import ShardedIndex
 
 D = 16
@@ -133,7 +136,7 @@ def publish_ivf(tmp_path, search_defaults=None):
     for s, (index, _x, ids) in enumerate(shards):
         ipath, ppath = out / f"shard-{s:05d}.faiss", out / f"shard-{s:05d}.parquet"
         S.write_index_file(index, ipath)
-        M.write_parquet_atomic(M.passages_table(ids, [f"p{i}" for i in ids], [""] * len(ids), [""] * len(ids)), ppath)
+        write_parquet_atomic(passages_table(ids, [f"p{i}" for i in ids], [""] * len(ids), [""] * len(ids)), ppath)
         files.append((ipath, ppath, len(ids)))
     manifest = M.make_manifest(
         "v1",
@@ -145,7 +148,7 @@ def publish_ivf(tmp_path, search_defaults=None):
         shard_files=files,
         search_defaults=search_defaults,
     )
-    M.publish_version(str(tmp_path / "root"), manifest, out)
+    publish_version(str(tmp_path / "root"), manifest, out)
     return xb, shards
 
 
@@ -153,7 +156,7 @@ def test_search_defaults_are_recorded_used_and_overridden_per_call(tmp_path):
     xb, shards = publish_ivf(tmp_path, search_defaults={"nprobe": 8, "recall": 0.99, "target_recall": 0.99})
     on_disk = json.loads((tmp_path / "root" / "v1" / "manifest.json").read_text())
     assert on_disk["search_defaults"] == {"nprobe": 8, "recall": 0.99, "target_recall": 0.99}
-    loaded = M.load_version(str(tmp_path / "root"))
+    loaded = load_version(str(tmp_path / "root"))
     assert loaded.manifest.search_defaults.nprobe == 8
     index = ShardedIndex.from_version(loaded)
     assert index.nprobe == 8
@@ -169,7 +172,7 @@ def test_search_defaults_are_recorded_used_and_overridden_per_call(tmp_path):
     np.testing.assert_array_equal(index.search(xq, 10, nprobe=64).row_ids, ids_at(nprobe=64))
     assert not np.array_equal(ids_at(nprobe=1), ids_at(nprobe=64))  # the override is visible
     np.testing.assert_array_equal(index.search(xq, 10).row_ids, ids_at(nprobe=8))  # and left nothing behind
-    opened = ShardedIndex.from_version(M.load_version(str(tmp_path / "root")), nprobe=64)  # the opener's setting wins
+    opened = ShardedIndex.from_version(load_version(str(tmp_path / "root")), nprobe=64)  # the opener's setting wins
     np.testing.assert_array_equal(opened.search(xq, 10).row_ids, ids_at(nprobe=64))
 
 
@@ -177,7 +180,7 @@ def test_manifests_without_search_defaults_stay_readable_and_unchanged(tmp_path)
     publish_ivf(tmp_path)
     text = (tmp_path / "root" / "v1" / "manifest.json").read_text()
     assert "search_defaults" not in text  # written exactly as before
-    loaded = M.load_version(str(tmp_path / "root"))
+    loaded = load_version(str(tmp_path / "root"))
     assert loaded.manifest.search_defaults is None
     assert ShardedIndex.from_version(loaded).nprobe is None  # FAISS's own default
     data = json.loads(text)

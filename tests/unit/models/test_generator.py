@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raggen.models.generator import Generator, source_text, target_mask
+from raggen.models.generator import Generator
+from raggen.models.generator_inputs import source_text, target_mask
 from raggen.models.tiny import BOS_ID, EOS_ID, GENERATOR_KINDS, PAD_ID, make_tiny_generator
 
 QUESTIONS = ["who wrote hamlet?", "what is the capital of france"]

@@ -20,7 +20,8 @@ from raggen.decoding import (
     rag_sequence_thorough_generate,
     rag_token_generate,
 )
-from raggen.models.generator import Generator, source_text
+from raggen.models.generator import Generator
+from raggen.models.generator_inputs import source_text
 from raggen.models.tiny import BOS_ID, EOS_ID, GENERATOR_KINDS, TINY_CHAT_TEMPLATE, make_tiny_generator
 
 QUESTIONS = ["who wrote hamlet?", "what is the capital of france"]

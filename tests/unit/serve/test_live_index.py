@@ -16,7 +16,11 @@ from raggen.index import SearchSettings
 from raggen.index import actors as A
 from raggen.index import manifest as M
 from raggen.index import shard as S
-from raggen.serve.live_index import IndexHolder, LiveIndex, load_live_index
+from raggen.index.passage_table import passages_table, write_parquet_atomic
+from raggen.index.publish import publish_version
+from raggen.index.shared_groups import ShardGroupRegistry, group_key
+from raggen.serve.index_holder import IndexHolder
+from raggen.serve.live_index import LiveIndex, load_live_index
 
 D = 16
 
@@ -32,12 +36,12 @@ def publish(tmp_path, factory: str = "IVF8,Flat", n: int = 800) -> tuple[str, np
         ids = (np.int64(s) << 40) + rows.astype(np.int64)
         ipath, ppath = out / f"shard-{s:05d}.faiss", out / f"shard-{s:05d}.parquet"
         S.write_index_file(S.build_shard_index(xb[rows], ids, factory=factory, trained_index=trained), ipath)
-        M.write_parquet_atomic(M.passages_table(ids, [f"p{r}" for r in rows], [f"t{r}" for r in rows],
-                                                [f"x{r}" for r in rows], xb[rows]), ppath)  # fmt: skip
+        write_parquet_atomic(passages_table(ids, [f"p{r}" for r in rows], [f"t{r}" for r in rows],
+                                            [f"x{r}" for r in rows], xb[rows]), ppath)  # fmt: skip
         files.append((ipath, ppath, len(rows)))
     manifest = M.make_manifest("v1", encoder_name_or_path="x", pooling="mean", dim=D, metric="ip", faiss_factory=factory,
                                shard_files=files, search_defaults={"nprobe": 2})  # fmt: skip
-    M.publish_version(str(tmp_path / "root"), manifest, out)
+    publish_version(str(tmp_path / "root"), manifest, out)
     return str(tmp_path / "root"), xb
 
 
@@ -104,8 +108,8 @@ class FakeGroup:
 def test_registry_starts_one_group_per_key_and_ends_it_with_the_last_lease(monkeypatch):
     monkeypatch.setattr(A.ShardActorGroup, "start", staticmethod(lambda **kw: FakeGroup(**kw)))
     FakeGroup.starts = 0
-    registry = A.ShardGroupRegistry()
-    key = A.group_key("/idx/v1", SearchSettings(mode="actors"), False)
+    registry = ShardGroupRegistry()
+    key = group_key("/idx/v1", SearchSettings(mode="actors"), False)
     got: list = []
     threads = [threading.Thread(target=lambda n=n: got.append(registry.acquire(key, f"r{n}", None, {"uri": "v1"})))
                for n in range(3)]  # fmt: skip
@@ -122,5 +126,5 @@ def test_registry_starts_one_group_per_key_and_ends_it_with_the_last_lease(monke
     again.ok = False  # its actors died: the next caller gets a fresh group, the broken one is ended
     fresh = registry.acquire(key, "r4", None, {"uri": "v1"})
     assert fresh is not again and again.closed and FakeGroup.starts == 3
-    other = A.group_key("/idx/v1", SearchSettings(mode="actors", nprobe=4), False)
+    other = group_key("/idx/v1", SearchSettings(mode="actors", nprobe=4), False)
     assert other != key  # settings that shape the actors are part of the key

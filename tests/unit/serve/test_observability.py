@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 import raggen.serve.metrics as serve_metrics
 from raggen.errors import IndexIntegrityError
 from raggen.serve.http_api import ACCESS_LOGGER, build_http_api
-from raggen.serve.live_index import IndexHolder, LiveIndex
+from raggen.serve.index_holder import IndexHolder
+from raggen.serve.live_index import LiveIndex
 from raggen.serve.schemas import AnswerRequest, RequestLimits
 
 LIMITS = RequestLimits(max_question_chars=50, default_top_k=3, max_top_k=5, max_new_tokens=8)

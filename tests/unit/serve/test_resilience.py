@@ -293,9 +293,9 @@ def test_client_resends_what_a_dead_ingress_or_a_full_queue_refused(monkeypatch)
 def test_a_stream_whose_generator_replica_dies_restarts_without_repeating_text():
     from ray.exceptions import ActorDiedError
 
-    from raggen.serve import deployments
+    from raggen.serve import ingress as serve_ingress
 
-    user_class = next(c for c in deployments.Ingress.func_or_class.__mro__ if "__serve_build_asgi_app__" in vars(c))
+    user_class = next(c for c in serve_ingress.Ingress.func_or_class.__mro__ if "__serve_build_asgi_app__" in vars(c))
     ingress = user_class.__new__(user_class)  # no __init__: it asks Serve's controller for the host
     attempts: list[int] = []
 

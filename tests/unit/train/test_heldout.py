@@ -64,7 +64,11 @@ def test_the_in_run_eval_leaves_out_dev_questions_that_are_trained_on(tmp_path):
     """The loop's dev subset skips the ids the driver found in the training file, then takes
     ``eval_examples``: a dev file that repeats training questions still gets held-out scores."""
     from raggen.corpus.qa import read_qa
-    from raggen.train.loop import LoopSettings, _dev_examples
+    from raggen.index.settings import SearchSettings
+    from raggen.models.build import ModelSpec
+    from raggen.train.job import IndexTarget, TrainJob
+    from raggen.train.loop import _dev_examples
+    from raggen.train.settings import LoopSettings, StepSettings
 
     files = write_world(tmp_path / "world", WorldConfig(num_entities=30, seed=0))
     dev = read_qa(str(files.dev_jsonl))
@@ -74,7 +78,12 @@ def test_the_in_run_eval_leaves_out_dev_questions_that_are_trained_on(tmp_path):
     items = [{"id": e.id, "question": e.question} for e in train]
     excluded = tuple(check_dev_file(items, str(mixed), None))
     assert excluded == (train[0].id, train[1].id)
-    settings = LoopSettings(dev_file=str(mixed), eval_examples=4, dev_exclude_ids=excluded)
-    assert [e.id for e in _dev_examples(settings, None)] == [e.id for e in dev[:4]]
-    unfiltered = LoopSettings(dev_file=str(mixed), eval_examples=4)
-    assert [e.id for e in _dev_examples(unfiltered, None)][:2] == [train[0].id, train[1].id]
+    job = TrainJob(
+        loop=LoopSettings(eval_examples=4),
+        step=StepSettings(),
+        models=ModelSpec(),
+        index=IndexTarget(uri="unused", search=SearchSettings()),
+        dev_file=str(mixed),
+    )
+    assert [e.id for e in _dev_examples(job.replace(dev_exclude_ids=excluded))] == [e.id for e in dev[:4]]
+    assert [e.id for e in _dev_examples(job)][:2] == [train[0].id, train[1].id]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from raggen.app.training import config_yaml, train_loop_config
+from raggen.app.training import config_yaml, train_job
 from raggen.config import load_config
 from raggen.train.checkpointing import CONFIG_FILE, export_checkpoint, write_checkpoint
 from raggen.train.trainer import save_run_config
@@ -30,16 +30,16 @@ def test_config_yaml_round_trips_to_the_same_config(tmp_path):
 
 def test_run_config_goes_to_the_run_folder_and_into_checkpoints(tmp_path):
     cfg = load_config(overrides=[*OVERRIDES, f"train.storage_path={tmp_path / 'runs'}", "train.tensorboard=true"])
-    loop = train_loop_config(cfg, metrics_path=str(tmp_path / "runs" / "exp1" / "metrics.jsonl"))
-    assert loop["config_yaml"] == config_yaml(cfg)
-    assert loop["run_uri"] == f"{tmp_path / 'runs'}/exp1"
-    assert (loop["warmup_steps"], loop["lr_schedule"], loop["log_every"]) == (5, "cosine", 10)
-    assert loop["sinks"] == {"tensorboard_dir": os.path.join(tmp_path, "runs", "exp1", "tensorboard"), "mlflow": None}
+    job = train_job(cfg, metrics_path=str(tmp_path / "runs" / "exp1" / "metrics.jsonl"))
+    assert job.config_yaml == config_yaml(cfg)
+    assert job.run_uri == f"{tmp_path / 'runs'}/exp1"
+    assert (job.loop.warmup_steps, job.loop.lr_schedule, job.loop.log_every) == (5, "cosine", 10)
+    assert job.sinks == {"tensorboard_dir": os.path.join(tmp_path, "runs", "exp1", "tensorboard"), "mlflow": None}
 
-    uri = save_run_config(loop["config_yaml"], cfg.train.storage_path, cfg.train.name)
+    uri = save_run_config(job.config_yaml, cfg.train.storage_path, cfg.train.name)
     assert load_config(uri) == cfg
 
-    write_checkpoint(tmp_path / "ckpt", models={}, step=3, config_yaml=loop["config_yaml"])
+    write_checkpoint(tmp_path / "ckpt", models={}, step=3, config_yaml=job.config_yaml)
     exported = export_checkpoint(tmp_path / "ckpt", str(tmp_path / "final"))
     assert load_config(os.path.join(exported, CONFIG_FILE)) == cfg
     write_checkpoint(tmp_path / "bare", models={}, step=3)

@@ -6,11 +6,13 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from raggen.config import load_config
 from raggen.errors import ConfigError
-from raggen.train.loop import LoopSettings, apply_lr_schedule, make_optimizer
+from raggen.train.loop import apply_lr_schedule, make_optimizer
 from raggen.train.schedule import lr_multiplier
+from raggen.train.settings import LoopSettings
 
 # total 10 steps, 4 of warm-up: the decay runs over steps 4..9 with progress (step - 4) / 6
 WARM = [(0, 0.25), (1, 0.5), (3, 1.0), (4, 1.0)]  # first step, mid warm-up, end of warm-up, decay start
@@ -51,9 +53,7 @@ def test_bad_arguments_are_refused():
 
 def test_each_group_gets_its_configured_rate_times_the_multiplier_even_after_a_restore():
     models = {"query_encoder": torch.nn.Linear(2, 2), "generator": torch.nn.Linear(2, 2)}
-    settings = LoopSettings.from_dict(
-        {"steps": 10, "lr": 1e-3, "retriever_lr": 1e-4, "warmup_steps": 4, "lr_schedule": "cosine"}
-    )
+    settings = LoopSettings(steps=10, lr=1e-3, retriever_lr=1e-4, warmup_steps=4, lr_schedule="cosine")
     opt = make_optimizer(models, ("query_encoder", "generator"), settings)
     assert apply_lr_schedule(opt, settings, 1) == pytest.approx(0.5)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-5, 5e-4])
@@ -67,10 +67,12 @@ def test_each_group_gets_its_configured_rate_times_the_multiplier_even_after_a_r
 
 
 def test_loop_settings_and_config_name_the_field():
-    with pytest.raises(ConfigError, match="train.lr_schedule"):
-        LoopSettings.from_dict({"lr_schedule": "exponential"})
-    with pytest.raises(ConfigError, match="train.warmup_steps"):
-        LoopSettings.from_dict({"warmup_steps": -1})
+    with pytest.raises(ValidationError, match="lr_schedule"):
+        LoopSettings(lr_schedule="exponential")
+    with pytest.raises(ValidationError, match="warmup_steps"):
+        LoopSettings(warmup_steps=-1)
+    with pytest.raises(ValidationError, match="frozen"):
+        LoopSettings().steps = 3  # what the workers get cannot drift from what was validated
     with pytest.raises(ConfigError, match="train.lr_schedule"):
         load_config(overrides=["train.lr_schedule=exponential"])
     with pytest.raises(ConfigError, match="warmup_steps"):

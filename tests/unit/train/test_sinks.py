@@ -84,12 +84,12 @@ def test_missing_optional_packages_are_config_errors_naming_the_field(monkeypatc
         summary_writer_class()
     with pytest.raises(ConfigError, match=r"train\.mlflow_tracking_uri: .*pip install mlflow"):
         require_mlflow()
-    from raggen.app.training import train_loop_config
+    from raggen.app.training import train_job
 
     with pytest.raises(ConfigError, match=r"train\.tensorboard"):  # on the driver, before Ray starts
-        train_loop_config(load_config(overrides=["train.tensorboard=true"]))
+        train_job(load_config(overrides=["train.tensorboard=true"]))
     with pytest.raises(ConfigError, match=r"train\.mlflow_tracking_uri"):
-        train_loop_config(load_config(overrides=["train.mlflow_tracking_uri=http://127.0.0.1:5000"]))
+        train_job(load_config(overrides=["train.mlflow_tracking_uri=http://127.0.0.1:5000"]))
 
 
 def test_run_upload_copies_metrics_and_tensorboard_and_skips_its_own_folder(tmp_path):
@@ -105,8 +105,8 @@ def test_run_upload_copies_metrics_and_tensorboard_and_skips_its_own_folder(tmp_
     assert (tmp_path / "store" / "run" / "tensorboard" / "sub" / "events.out.tfevents.1").read_bytes() == b"\x01\x02"
     assert not (tmp_path / "store" / "run" / "refresh").exists()
     assert RunUpload(str(local), str(local) + "/").upload() == []  # local storage: the file is already there
-    assert RunUpload.from_loop_config({"metrics_path": None, "run_uri": "s3://b/r"}) is None
-    made = RunUpload.from_loop_config({"metrics_path": str(local / "metrics.jsonl"), "run_uri": "s3://b/r"})
+    assert RunUpload.from_job(None, "s3://b/r") is None
+    made = RunUpload.from_job(str(local / "metrics.jsonl"), "s3://b/r")
     assert made == RunUpload(str(local), "s3://b/r", None)
 
 

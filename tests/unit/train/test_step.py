@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from raggen.models import make_tiny_encoder, make_tiny_generator, make_tiny_reranker, passage_text
-from raggen.models.build import build_models
-from raggen.train.step import ESTIMATORS, Batch, StepModels, StepSettings, run_step, trainable_roles
+from raggen.models.build import ModelSpec, build_models
+from raggen.models.retriever import EncoderSpec
+from raggen.names import ESTIMATORS
+from raggen.train.settings import GumbelSettings, JSASettings, StepSettings
+from raggen.train.step import Batch, StepModels, run_step, trainable_roles
 
 TITLES = [f"Town {i}" for i in range(12)]
 TEXTS = [f"Town {i} lies by the river {chr(97 + i)} and its mayor is Ann {i}." for i in range(12)]
@@ -48,15 +51,21 @@ def model_dirs(tmp_path_factory):
 
 
 def step_settings(estimator: str) -> StepSettings:
-    return StepSettings(estimator=estimator, top_k=3, num_proposals=4, gumbel_k=2, gumbel_candidates=4)
+    return StepSettings(
+        estimator=estimator, top_k=3, jsa=JSASettings(num_proposals=4), gumbel=GumbelSettings(k=2, candidates=4)
+    )
 
 
 def setup(model_dirs, estimator: str):
     torch.manual_seed(0)
-    spec = {"name_or_path": model_dirs["encoder"], "pooling": "mean", "max_length": 32}
-    models = build_models({"query_encoder": spec, "posterior_encoder": None, "generator": model_dirs["generator"],
-                           "reranker": model_dirs["reranker"], "max_source_length": 64, "max_target_length": 8},
-                          estimator)  # fmt: skip
+    spec = ModelSpec(
+        query_encoder=EncoderSpec(name_or_path=model_dirs["encoder"], pooling="mean", max_length=32),
+        generator=model_dirs["generator"],
+        reranker=model_dirs["reranker"],
+        max_source_length=64,
+        max_target_length=8,
+    )
+    models = build_models(spec, estimator)
     with torch.no_grad():
         vectors = models["query_encoder"]([passage_text(t, x) for t, x in zip(TITLES, TEXTS)]).numpy()
     step_models = StepModels(query_encoder=models["query_encoder"], generator=models["generator"],

@@ -4,252 +4,27 @@ one library function; errors a user can fix print as one line (exit 2), never a 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
 
-from raggen.config import RaggenConfig, load_config, with_absolute_paths
-from raggen.errors import ConfigError, RaggenError
+from raggen.cli.failures import failure_message
+from raggen.cli.index import (
+    cmd_index_build,
+    cmd_index_list,
+    cmd_index_publish,
+    cmd_index_refresh,
+    cmd_index_rm,
+    cmd_index_search,
+    cmd_index_set_latest,
+    cmd_index_verify,
+)
+from raggen.cli.rehearsal import cmd_dry_run, cmd_quickstart
+from raggen.cli.serve import cmd_ask, cmd_serve, cmd_serve_swap
+from raggen.cli.train import cmd_eval, cmd_pretrain_reader, cmd_report, cmd_retrieve, cmd_train
+from raggen.cli.world import cmd_world
 
 log = logging.getLogger("raggen")
-
-
-def _config(args: argparse.Namespace) -> RaggenConfig:
-    return with_absolute_paths(load_config(getattr(args, "config", None), getattr(args, "set", None) or []))
-
-
-def cmd_world(args: argparse.Namespace) -> None:
-    w = _config(args).world
-    from raggen.corpus.world import WorldConfig, write_world
-
-    files = write_world(
-        w.out_dir, WorldConfig(num_entities=w.num_entities, seed=w.seed, changed_fraction=w.changed_fraction)
-    )
-    print(json.dumps({k: str(v) for k, v in vars(files).items()}, indent=2))
-
-
-def cmd_index_build(args: argparse.Namespace) -> None:
-    from raggen.app.indexing import build_index_from_config
-
-    cfg = _config(args)
-    # a bad factory or an existing version fails before documents are chunked or anything is encoded
-    manifest = build_index_from_config(cfg)
-    print(
-        f"published {cfg.index.output} version {manifest.version}: {manifest.num_passages} passages in {len(manifest.shards)} shards"
-    )
-
-
-def cmd_index_refresh(args: argparse.Namespace) -> None:
-    """Re-encode index.passages with a trained (or any) passage encoder; a new version, LATEST moved."""
-    from raggen.app.indexing import refresh_index_from_config
-
-    cfg = _config(args)
-    manifest, encoder = refresh_index_from_config(
-        cfg, args.encoder, role=args.encoder_role, version=args.version, work_dir=args.work_dir
-    )
-    print(
-        f"published {cfg.index.output} version {manifest.version} (LATEST) encoded with {encoder.name_or_path}: "
-        f"{manifest.num_passages} passages in {len(manifest.shards)} shards"
-    )
-
-
-def cmd_retrieve(args: argparse.Namespace) -> None:
-    from raggen.app.retrieval import retrieve_from_config
-    from raggen.train.retrieve import format_accuracy
-
-    result = retrieve_from_config(
-        _config(args), args.qa, args.out, k=args.k, limit=args.limit, checkpoint=args.checkpoint, index_uri=args.index
-    )
-    print(format_accuracy({k: v for k, v in result.items() if k.startswith("top")}, result["questions"]))
-    print(f"wrote {result['out']} (index version {result['index_version']})")
-
-
-def cmd_index_search(args: argparse.Namespace) -> None:
-    from raggen.index import search_index
-
-    cfg = _config(args)
-    # the manifest's encoder, pooling and normalisation unless --encoder names another
-    result = search_index(
-        args.uri,
-        [args.question],
-        k=args.k,
-        encoder_name_or_path=args.encoder,
-        pooling=args.pooling,
-        max_length=cfg.index.encoder.max_length,
-        s3_options=cfg.index.s3.storage_options(),
-        nprobe=args.nprobe,
-        ef_search=args.ef_search,
-        settings=cfg.index.search,
-        start_ray=True,
-    )
-    for rank, (pid, score, title, text) in enumerate(
-        zip(result.ids[0], result.scores[0], result.titles[0], result.texts[0]), 1
-    ):
-        print(f"{rank:>2}. [{score:.3f}] {pid} {title}: {text[:120]}")
-
-
-def cmd_index_verify(args: argparse.Namespace) -> None:
-    from raggen.index import verify_index
-
-    # every file is hashed as it streams from the store named (a local cache is never trusted)
-    manifest = verify_index(args.uri, version=args.version, s3_options=_config(args).index.s3.storage_options())
-    print(
-        f"ok: {args.uri} version {manifest.version}, {manifest.num_passages} passages, {len(manifest.shards)} shards, all checksums match"
-    )
-
-
-def cmd_index_publish(args: argparse.Namespace) -> None:
-    from raggen.index import publish_index, read_latest
-
-    s3 = _config(args).index.s3.storage_options()
-    manifest = publish_index(args.src, args.dst, s3_options=s3, rollback=args.rollback)
-    latest = read_latest(args.dst, s3)
-    moved = (
-        "LATEST now names it"
-        if latest == manifest.version
-        else f"LATEST stays at the newer {latest} (--rollback moves it back)"
-    )
-    print(f"published {args.dst} version {manifest.version}; {moved}")
-
-
-def cmd_index_list(args: argparse.Namespace) -> None:
-    from raggen.index.lifecycle import format_versions, list_index
-
-    s3 = _config(args).index.s3.storage_options()
-    print(format_versions(args.uri, list_index(args.uri, s3_options=s3), as_json=args.json))
-
-
-def cmd_index_set_latest(args: argparse.Namespace) -> None:
-    from raggen.index.lifecycle import set_latest_version
-
-    s3 = _config(args).index.s3.storage_options()
-    manifest = set_latest_version(args.uri, args.version, rollback=args.rollback, s3_options=s3)
-    print(
-        f"LATEST under {args.uri} now names {manifest.version} (verified: {manifest.num_passages} passages, "
-        f"{len(manifest.shards)} shards)"
-    )
-
-
-def cmd_index_rm(args: argparse.Namespace) -> None:
-    from raggen.index.lifecycle import remove_version
-
-    removed = remove_version(args.uri, args.version, s3_options=_config(args).index.s3.storage_options())
-    print(f"removed {args.uri} version {args.version} ({len(removed)} files)")
-
-
-def cmd_serve_swap(args: argparse.Namespace) -> None:
-    """Pin (--version) or unpin (--latest) the running service's index; prints its /v1/index."""
-    from raggen.app.serving import swap_running_index
-
-    want, info = swap_running_index(_config(args), version=args.version, timeout_s=args.timeout)
-    print(json.dumps(info, indent=2))
-    if info.get("version") != want:
-        raise RaggenError(
-            f"serve swap: the service refused version {want!r} and keeps serving "
-            f"{info.get('version')!r} ({info.get('last_error')})"
-        )
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from raggen.app.training import run_training
-
-    result = run_training(_config(args))
-    print(json.dumps(result, indent=2, default=str))
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from raggen.app.evaluation import evaluate_from_config
-
-    print(
-        json.dumps(
-            evaluate_from_config(
-                _config(args), checkpoint=args.checkpoint, split=args.split, limit=args.limit, out=args.out
-            ),
-            indent=2,
-        )
-    )
-
-
-def cmd_report(args: argparse.Namespace) -> None:
-    """One run: the PNG goes next to its metrics.jsonl; several (or s3://): ./report.png unless --out."""
-    from raggen.train.report import metrics_file, plot_runs
-
-    if not 0.0 <= args.smooth < 1.0:
-        raise ConfigError(f"--smooth: expected a value in [0, 1), got {args.smooth}")
-    out = args.out
-    if out is None:
-        local = len(args.runs) == 1 and not args.runs[0].startswith("s3://")
-        out = metrics_file(args.runs[0]).parent / "metrics.png" if local else "report.png"
-    print(plot_runs(args.runs, out, smooth=args.smooth))
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    from raggen.app.serving import serve_from_config
-
-    serve_from_config(_config(args), blocking=not args.detach)
-
-
-def cmd_ask(args: argparse.Namespace) -> None:
-    from raggen.serve.client import ask
-
-    reply = ask(args.url, args.question, top_k=args.top_k, decoding=args.decoding, max_new_tokens=args.max_new_tokens)
-    print(json.dumps(reply, indent=2))
-
-
-def cmd_pretrain_reader(args: argparse.Namespace) -> None:
-    """The defaults are the shipped reader's recipe (``make reader`` adds ``--seed 3 --half``)."""
-    import torch
-
-    from raggen.train.reader import pretrain_reader
-
-    init_from = None  # --from-scratch: a random reader-size BART
-    if args.init_from:
-        init_from = args.init_from
-    elif not args.from_scratch:
-        from raggen.models.warm_start import bart_from_bert_encoder
-
-        try:
-            init_from = bart_from_bert_encoder(
-                args.warm_start_encoder, args.out + ".init", encoder_layers=args.encoder_layers, seed=args.seed
-            )
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"--warm-start-encoder / --encoder-layers: {e}") from None
-    print(
-        pretrain_reader(
-            out_dir=args.out,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            lr=args.lr,
-            encoder_lr=args.encoder_lr,
-            span_weight=args.span_weight,
-            warmup=args.warmup,
-            eval_examples=args.eval_examples,
-            init_from=init_from,
-            save_dtype=torch.float16 if args.half else None,
-        )
-    )
-
-
-def cmd_dry_run(args: argparse.Namespace) -> None:
-    """Print the --set lines of the rehearsal, or run it (index -> train -> eval -> serve one question)."""
-    from raggen.app.dry_run import dry_run_overrides, run_dry_run
-
-    overrides = getattr(args, "set", None) or []
-    if args.print_overrides:
-        for line in dry_run_overrides(args.config, args.out, s3_endpoint=args.s3_endpoint, overrides=overrides):
-            print(f"--set {line}")
-        return
-    report = run_dry_run(args.config, args.out, s3_endpoint=args.s3_endpoint, overrides=overrides)
-    print(json.dumps(report, indent=2, default=str))
-
-
-def cmd_quickstart(args: argparse.Namespace) -> None:
-    from raggen.app.quickstart import run_quickstart
-
-    run_quickstart(_config(args))
 
 
 def _positive_int(text: str) -> int:
@@ -487,51 +262,3 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("details", exc_info=True)
         return 2
     return 0
-
-
-def run_job(prefix: str, work: Callable[[], Any], show: Callable[[Any], str]) -> int:
-    """What every ``jobs/*.py`` entry point does with its work: print ``show(result)`` and return 0;
-    a failure a user can fix is one line on stderr (``<prefix>error: ...``) and exit code 2; a bug
-    keeps its traceback."""
-    try:
-        result = work()
-    except Exception as exc:  # noqa: BLE001 - one line for what a user can fix, a traceback for a bug
-        message = failure_message(exc)
-        if message is None:
-            raise
-        print(f"{prefix}error: {message}", file=sys.stderr)
-        return 2
-    print(show(result))
-    return 0
-
-
-def failure_message(exc: BaseException) -> str | None:
-    """One line naming the cause, or None for a bug (which keeps its traceback).
-
-    Ray wraps what failed inside a task, an actor or a Train worker: the user's own error is dug
-    out of the chain (or of the remote traceback's text) first.
-    """
-    from raggen.errors import find_user_error
-
-    if isinstance(exc, RaggenError):
-        return str(exc)
-    inner = find_user_error(exc)
-    if inner is not None:
-        return str(inner)
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:  # pragma: no cover - boto3 is a dependency
-        BotoCoreError = ClientError = ()  # type: ignore[assignment]
-    if isinstance(exc, (BotoCoreError, ClientError)):
-        return f"S3: {exc}"
-    if isinstance(exc, IsADirectoryError):
-        return f"{exc.filename}: is a folder, expected a file"
-    if isinstance(exc, (FileNotFoundError, PermissionError)):
-        return f"{exc.filename or exc}: {exc.strerror or exc}"
-    if isinstance(exc, (ValueError, OSError)):
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return None
-
-
-if __name__ == "__main__":
-    sys.exit(main())
