@@ -142,7 +142,8 @@ def grad_variance(cfg, state, batches: int, seed: int) -> dict:
     """tr Cov of the query encoder's mini-batch gradient, and relative to the mean's squared norm."""
     from raggen.app.training import train_job
     from raggen.objectives import JSAChainCache
-    from raggen.train.loop import BatchSchedule, example_rows, setup_worker
+    from raggen.train.batches import BatchSchedule, example_rows
+    from raggen.train.loop import setup_worker
     from raggen.train.step import run_step
     from raggen.train.trainer import qa_items
 

@@ -102,7 +102,8 @@ def loop_config(paths: dict, estimator: str, args, metrics_path: str | None):
 
 def plain_loop(paths: dict, estimator: str, args) -> dict[int, dict]:
     """{step: seconds} of the bare loop (run in this process; see ``plain_loop_subprocess``)."""
-    from raggen.train.loop import BatchSchedule, example_rows, setup_worker, train_step
+    from raggen.train.batches import BatchSchedule, example_rows
+    from raggen.train.loop import setup_worker, train_step
     from raggen.train.trainer import qa_items
 
     torch.set_num_threads(args.threads)

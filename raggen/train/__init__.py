@@ -5,10 +5,12 @@ runs; ``step`` holds one training step per estimator; ``checkpointing``, ``metri
 ``evaluate`` are the run's outputs and their scores. Importing this package does not import Ray.
 """
 
+from raggen.models.build import build_models
+from raggen.train.batches import BatchSchedule
 from raggen.train.checkpointing import TrainingState, export_checkpoint, read_checkpoint, write_checkpoint
 from raggen.train.evaluate import evaluate_rag, generate_answers
 from raggen.train.job import IndexTarget, TrainJob
-from raggen.train.loop import BatchSchedule, build_models, train_func
+from raggen.train.loop import train_func
 from raggen.train.metrics import MetricsWriter, plot_metrics, read_metrics
 from raggen.train.qa_scores import exact_match, f1_score, has_answer, normalize_answer, recall_at_k
 from raggen.train.settings import GumbelSettings, JSASettings, LoopSettings, StepSettings

@@ -20,9 +20,12 @@ The run's final export (:func:`export_checkpoint`) is a versioned model export o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,3 +159,36 @@ def export_checkpoint(src: str | os.PathLike, root: str, s3_options=None) -> str
         extra={"models": sorted(state.get("models") or [])},
     )
     return ref.uri
+
+
+def restore_state() -> tuple[TrainingState | None, contextlib.ExitStack]:
+    """The latest checkpoint Ray hands back (resume after a failure or a rerun of the same name).
+
+    The checkpoint folder stays available until the returned stack closes (after models load).
+    """
+    import ray.train
+
+    stack = contextlib.ExitStack()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, stack
+    directory = stack.enter_context(_checkpoint_directory(checkpoint))
+    return read_checkpoint(directory), stack
+
+
+@contextlib.contextmanager
+def _checkpoint_directory(checkpoint) -> Iterator[str]:
+    """A local folder holding the checkpoint. A remote (S3) one is downloaded into this worker's own
+    temporary folder: ``Checkpoint.as_directory()`` shares one folder among a node's workers, and a
+    worker that takes the download lock after another finished downloads again over the files the
+    first is reading (seen as a corrupt optimizer.pt on resume)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    tmp = tempfile.mkdtemp(prefix="raggen-restore-")
+    try:
+        yield checkpoint.to_directory(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -17,15 +17,11 @@ YAML config); this module never imports ``raggen.config``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,194 +32,20 @@ from torch import nn
 from raggen.errors import ConfigError
 from raggen.models.build import build_models
 from raggen.objectives import JSAChainCache
-from raggen.train.checkpointing import TrainingState, read_checkpoint, write_checkpoint
+from raggen.train.batches import BatchSchedule, example_rows
+from raggen.train.checkpointing import TrainingState, restore_state, write_checkpoint
+from raggen.train.distributed import average_metrics, cache_digest, gather_cache_state, unwrap
 from raggen.train.job import FailureInjection, IndexTarget, TrainJob
 from raggen.train.metrics import METRICS_FILE, MetricsWriter
+from raggen.train.optim import apply_lr_schedule, make_optimizer
 from raggen.train.progress import ProgressLog, ensure_log_handler
 from raggen.train.refresh import RefreshSpec, agree_on_version, build_refreshed_index, refresh_due
-from raggen.train.schedule import lr_multiplier
+from raggen.train.searched_index import load_index, searched_index
 from raggen.train.settings import LoopSettings, StepSettings
 from raggen.train.sinks import RunUpload, open_sinks
 from raggen.train.step import Batch, StepModels, run_step, trainable_roles
 
 log = logging.getLogger(__name__)
-
-RETRIEVER_ROLES = ("query_encoder", "posterior_encoder", "passage_encoder")
-
-
-# ---------------------------------------------------------------------------------------------
-# Models, optimizer, index
-# ---------------------------------------------------------------------------------------------
-
-
-def role_lr(role: str, settings: LoopSettings) -> float:
-    """The configured (peak) rate of a model: retrievers use ``retriever_lr`` when set."""
-    return settings.retriever_lr if role in RETRIEVER_ROLES and settings.retriever_lr else settings.lr
-
-
-def make_optimizer(
-    models: dict[str, nn.Module], roles: tuple[str, ...], settings: LoopSettings
-) -> torch.optim.Optimizer:
-    """AdamW with one param group per trained model, in ``roles`` order (stable across restarts,
-    so a saved optimizer state lines up), each at ``role_lr``."""
-    groups = []
-    for role in roles:
-        params = [p for p in models[role].parameters() if p.requires_grad]
-        groups.append({"params": params, "lr": role_lr(role, settings), "name": role})
-    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
-
-
-def apply_lr_schedule(optimizer: torch.optim.Optimizer, settings: LoopSettings, step: int) -> float:
-    """Set every group's rate for ``step`` (0-based global step) from the settings, never from the
-    restored optimizer state (a resume may change ``train.lr``); returns the multiplier."""
-    scale = lr_multiplier(step, settings.steps, settings.warmup_steps, settings.lr_schedule)
-    for group in optimizer.param_groups:
-        group["lr"] = role_lr(group["name"], settings) * scale
-    return scale
-
-
-def load_index(target: IndexTarget, rank: int = 0, world_size: int = 1):
-    """The published index the loop searches (every checksum verified on load), opened with the
-    ``index.search`` settings:
-
-    * through the shard-actor group the driver started for this index (``target.group``, shared by
-      every worker: one group, not one copy per worker);
-    * else, when the settings ask for actors (a refreshed version, a resumed run), rank 0 starts a
-      group and hands it to the other ranks (a collective: every rank calls this at the same point);
-    * else in this process (small indexes).
-    Stored vectors for the hits come back from wherever the shards live."""
-    from raggen.index import ShardActorGroup, open_index
-    from raggen.index.open_search import search_plan
-
-    settings, s3, group = target.search, target.s3, target.group
-    if group is not None and group.source_uri == target.uri and target.version in (None, group.version):
-        return open_index(target.uri, group=group)
-
-    def plan():
-        vuri, manifest, actors = search_plan(target.uri, target.version, settings, s3)
-        return ShardActorGroup.start(vuri, settings=settings, s3_options=s3, manifest=manifest) if actors else vuri
-
-    where = _from_rank_zero(plan, rank, world_size)
-    if isinstance(where, ShardActorGroup):
-        return where.sharded_index(owned=rank == 0)
-    return open_index(where, settings=settings.model_copy(update={"mode": "local"}), s3_options=s3)
-
-
-def _from_rank_zero(fn, rank: int, world_size: int):
-    """``fn()`` on rank 0, its result (pickled) on every rank; an error there raises everywhere."""
-    import torch.distributed as dist
-
-    distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
-    if not distributed:
-        return fn()
-    box: list[Any] = [None]
-    if rank == 0:
-        try:
-            box[0] = ("ok", fn())
-        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-            box[0] = ("error", f"{type(exc).__name__}: {exc}")
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status != "ok":
-        raise RuntimeError(f"opening the index failed on rank 0: {value}")
-    return value
-
-
-def searched_index(job: TrainJob, state: TrainingState | None) -> IndexTarget:
-    """The index to open: the refreshed version a checkpoint recorded, else the configured one."""
-    recorded = (state.extra.get("index") if state is not None else None) or {}
-    if not recorded:
-        return job.index
-    return job.index.replace(
-        uri=recorded["uri"], version=recorded.get("version"), refreshed=bool(recorded.get("refreshed"))
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-def example_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows from Ray Data (answers/gold ids JSON-encoded, so ragged lists stay one column) sorted by
-    id: the order the batch schedule permutes does not depend on how Ray Data split the data."""
-    out = []
-    for r in rows:
-        answers = json.loads(r["answers"]) if isinstance(r["answers"], str) else list(r["answers"])
-        out.append({"id": str(r["id"]), "question": str(r["question"]), "answers": answers})
-    if not out:
-        raise ConfigError("train.train_file: this worker's dataset shard is empty (fewer examples than workers?)")
-    return sorted(out, key=lambda r: r["id"])
-
-
-class BatchSchedule:
-    """Batch ``step`` is a pure function of (examples, seed, step): epochs are seeded permutations,
-    so a restored run sees exactly the batches the lost one would have seen."""
-
-    def __init__(self, examples: list[dict[str, Any]], batch_size: int, seed: int):
-        self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self._perms: dict[int, list[int]] = {}
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            order = list(range(len(self.examples)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # a batch spans <= 2 epochs
-            self._perms[epoch] = order
-        return self._perms[epoch]
-
-    def epoch_of(self, step: int) -> int:
-        return step * self.batch_size // len(self.examples)
-
-    def batch(self, step: int) -> Batch:
-        n = len(self.examples)
-        rows = []
-        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
-            rows.append(self.examples[self._perm(pos // n)[pos % n]])
-        return Batch.from_rows(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _dist() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def average_metrics(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Mean of each scalar over workers (one all-reduce); keys must agree across workers."""
-    if not _dist() or torch.distributed.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    t /= torch.distributed.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-def gather_cache_state(cache: JSAChainCache) -> dict[str, Any]:
-    """Every worker's chain states merged (the shards hold disjoint example ids)."""
-    state = cache.state_dict()
-    if not _dist() or torch.distributed.get_world_size() == 1:
-        return state
-    parts: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, state["states"])
-    merged: dict[Any, Any] = {}
-    for part in parts:
-        merged.update(part)
-    return {**state, "states": merged}
-
-
-def cache_digest(state: dict[str, Any] | None) -> str:
-    """A fingerprint of a JSA cache state (tests compare a restored cache with the saved one)."""
-    items = sorted((str(k), str(v)) for k, v in ((state or {}).get("states") or {}).items())
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 def _autocast(device: torch.device):
@@ -236,11 +58,6 @@ def _autocast(device: torch.device):
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -383,39 +200,6 @@ def maybe_inject_failure(spec: FailureInjection | None, rank: int, step: int) ->
     marker.write_text(f"rank {rank} killed at step {step}\n")
     log.warning("inject_failure: rank %d exits at step %d", rank, step)
     os._exit(1)
-
-
-def restore_state() -> tuple[TrainingState | None, contextlib.ExitStack]:
-    """The latest checkpoint Ray hands back (resume after a failure or a rerun of the same name).
-
-    The checkpoint folder stays available until the returned stack closes (after models load).
-    """
-    import ray.train
-
-    stack = contextlib.ExitStack()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None, stack
-    directory = stack.enter_context(_checkpoint_directory(checkpoint))
-    return read_checkpoint(directory), stack
-
-
-@contextlib.contextmanager
-def _checkpoint_directory(checkpoint) -> Iterator[str]:
-    """A local folder holding the checkpoint. A remote (S3) one is downloaded into this worker's own
-    temporary folder: ``Checkpoint.as_directory()`` shares one folder among a node's workers, and a
-    worker that takes the download lock after another finished downloads again over the files the
-    first is reading (seen as a corrupt optimizer.pt on resume)."""
-    import pyarrow.fs
-
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        yield checkpoint.path
-        return
-    tmp = tempfile.mkdtemp(prefix="raggen-restore-")
-    try:
-        yield checkpoint.to_directory(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_func(config: dict[str, Any]) -> None:

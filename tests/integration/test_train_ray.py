@@ -180,7 +180,8 @@ def _estimators_train_func(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from raggen.train.loop import BatchSchedule, example_rows, setup_worker, train_step
+    from raggen.train.batches import BatchSchedule, example_rows
+    from raggen.train.loop import setup_worker, train_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -265,11 +266,12 @@ def test_jsa_on_s3_survives_a_killed_worker_then_resumes_with_its_chain_cache(se
     Run 2 under the same name continues from step 4 with the same JSA chain cache."""
     from raggen.app.training import run_training
     from raggen.index import open_index
+    from raggen.models.build import build_models
     from raggen.models.exports import resolve_export
     from raggen.storage import download
     from raggen.train.checkpointing import JSA_CACHE_FILE, read_checkpoint
+    from raggen.train.distributed import cache_digest
     from raggen.train.job import FailureInjection
-    from raggen.train.loop import build_models, cache_digest
     from raggen.train.metrics import plot_metrics, read_metrics
     from raggen.train.trainer import local_metrics_path
 

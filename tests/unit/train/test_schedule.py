@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from raggen.config import load_config
 from raggen.errors import ConfigError
-from raggen.train.loop import apply_lr_schedule, make_optimizer
+from raggen.train.optim import apply_lr_schedule, make_optimizer
 from raggen.train.schedule import lr_multiplier
 from raggen.train.settings import LoopSettings
 

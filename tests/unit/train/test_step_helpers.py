@@ -48,7 +48,7 @@ def test_visited_columns_are_distinct_and_cover_the_visits():
 
 
 def test_batch_schedule_is_a_pure_function_of_the_step():
-    from raggen.train.loop import BatchSchedule
+    from raggen.train.batches import BatchSchedule
 
     rows = [{"id": str(i), "question": f"q{i}", "answers": [f"a{i}"]} for i in range(7)]
     a, b = BatchSchedule(rows, 3, seed=5), BatchSchedule(rows, 3, seed=5)
@@ -62,7 +62,7 @@ def test_batch_schedule_is_a_pure_function_of_the_step():
 
 
 def test_example_rows_decode_json_answers_and_sort():
-    from raggen.train.loop import example_rows
+    from raggen.train.batches import example_rows
 
     rows = example_rows(
         [
