@@ -371,7 +371,7 @@ def test_dockerignore_keeps_local_state_out_of_the_context():
         "raggen.egg-info/PKG-INFO",
     ):
         assert ignored(path, rules), f"{path} would be sent to the Docker daemon"
-    for path in ("pyproject.toml", "raggen/cli.py", "jobs/train.py", "configs/quickstart.yaml"):
+    for path in ("pyproject.toml", "raggen/cli/parser.py", "jobs/train.py", "configs/quickstart.yaml"):
         assert not ignored(path, rules), path
 
 
