@@ -77,7 +77,7 @@ def prepare(work: Path, num_entities: int, generator: str | None) -> dict:
     return {"train": str(files.train_jsonl), "index": str(index), "generator": generator}
 
 
-def loop_config(paths: dict, estimator: str, args, metrics_path: str | None):
+def loop_config(paths: dict, estimator: str, args, metrics_path: str | None, *overrides: str):
     from raggen.app.training import train_job
     from raggen.config import load_config
 
@@ -95,6 +95,7 @@ def loop_config(paths: dict, estimator: str, args, metrics_path: str | None):
             "model.query_encoder.max_length=64",
             "model.max_source_length=160",
             "model.max_target_length=16",
+            *overrides,
         ],
     )
     return train_job(cfg, metrics_path=metrics_path).replace(num_threads=args.threads)
@@ -151,7 +152,7 @@ def ray_loop(paths: dict, estimator: str, args, workers: int, work: Path, report
 
     name = f"overhead-{estimator}-{workers}w-r{report_every}-{int(time.time())}"
     metrics_path = str(work / "runs" / name / "metrics.jsonl")
-    job = loop_config(paths, estimator, args, metrics_path).replace(report_every=report_every)
+    job = loop_config(paths, estimator, args, metrics_path, f"train.report_every={report_every}")
     trainer = make_trainer(
         job,
         qa_items(paths["train"]),

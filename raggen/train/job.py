@@ -61,9 +61,6 @@ class TrainJob:
     use_gpu: bool = False
     num_threads: int | None = None  # torch intra-op threads per worker (Ray sets OMP_NUM_THREADS)
     eval_decoding: str = "rag-token"
-    # ray.train.report runs a cross-worker barrier (Train V2), and V2 keeps only metrics that come
-    # with a checkpoint: by default report with checkpoints only (0); the JSONL has every step
-    report_every: int = 0
     inject_failure: FailureInjection | None = None
 
     def replace(self, **changes: Any) -> TrainJob:

@@ -299,7 +299,7 @@ def _report(worker: Worker, metrics: dict[str, float], step: int, epoch: int, fi
     True on the worker that wrote a checkpoint (rank 0)."""
     import ray.train
 
-    every = worker.job.report_every
+    every = worker.settings.report_every
     want_checkpoint = final or step % worker.settings.checkpoint_every == 0
     if not want_checkpoint and (not every or step % every):
         return False

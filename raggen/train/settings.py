@@ -85,6 +85,9 @@ class LoopSettings(_Frozen):
     eval_every: int = Field(0, ge=0, description="steps between dev evaluations on rank 0 (0: none)")
     eval_examples: int = Field(200, ge=1, description="dev questions scored per evaluation")
     log_every: int = Field(10, ge=0, description="steps between rank 0's progress lines (0: none)")
+    report_every: int = Field(
+        0, ge=0, description="also ray.train.report without a checkpoint every N steps (a barrier; 0: never)"
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> LoopSettings:
