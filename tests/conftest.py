@@ -8,9 +8,15 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (``make test`` runs unit tests on two processes) each process gets one
-    torch and one FAISS thread: two processes x all cores would oversubscribe the machine."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    """Under pytest-xdist (``make test`` runs tests on two processes) each process gets one torch and
+    one FAISS thread (two processes x all cores would oversubscribe the machine) and its own Ray
+    temp dir: a Ray cluster's processes find "their" cluster through ``<RAY_TMPDIR>/ray``'s
+    ``ray_current_cluster``, and with one shared folder a Ray Train controller check in one process's
+    cluster would look up the other's (and, not finding its controller there, end the run)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        os.environ["RAY_TMPDIR"] = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), f"raggen-{worker}")
+        os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
         import faiss
         import torch
 

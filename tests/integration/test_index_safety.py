@@ -190,7 +190,8 @@ def test_user_folders_survive_and_verify_reads_the_s3_object_not_the_cache(
 
 DRIVER = textwrap.dedent("""
     import json, sys
-    from raggen.index.manifest import Manifest, publish_version
+    from raggen.index.manifest import Manifest
+    from raggen.index.publish import publish_version
     root, local, manifest, options = sys.argv[1:5]
     publish_version(root, Manifest.model_validate_json(open(manifest).read()), local,
                     s3_options=json.loads(options) or None)
