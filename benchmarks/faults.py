@@ -67,20 +67,18 @@ def parse_args() -> argparse.Namespace:
 
 def setup(work: Path, entities: int) -> dict:
     from raggen.corpus.world import WorldConfig, read_changed_facts, write_world
-    from raggen.index import build_index, set_latest
+    from raggen.index import IndexBuildSettings, build_index, set_latest
     from raggen.models import make_tiny_reranker
+    from raggen.models.retriever import EncoderSpec
 
     files = write_world(work / "world", WorldConfig(num_entities=entities, seed=1, changed_fraction=0.3))
     root = str(work / "index")
     build_index(
         str(files.passages_v1),
         root,
-        encoder_name_or_path=MINILM,
-        max_length=128,
-        num_shards=1,
-        num_actors=1,
+        encoder=EncoderSpec(name_or_path=MINILM, max_length=128),
+        settings=IndexBuildSettings(num_shards=1, num_actors=1, actor_num_cpus=0.5, actor_num_gpus=None),
         version="v1",
-        actor_num_cpus=0.5,
         work_dir=work / "build",
     )
     copy_version(root, "v1", "v2", tamper=False)

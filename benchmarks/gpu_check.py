@@ -187,9 +187,11 @@ def write_tsv(path: Path, ids: list[str], titles: list[str], texts: list[str]) -
 
 def pipeline_rate(tsv: Path, work: Path, encoder: str, s: Sizes, gpus: int) -> dict:
     """Stage 2 of ``encode_passages`` timed end to end and in steady state (stage 1 done first)."""
+    from raggen.index.build_settings import IndexBuildSettings
     from raggen.index.encode import encode_passages
     from raggen.index.shard_split import split_by_shard
     from raggen.index.work_dir import lock_work_dir
+    from raggen.models.retriever import EncoderSpec
 
     info, lock = lock_work_dir(work)  # the work dir encode_passages then finds split and resumes
     try:
@@ -201,8 +203,9 @@ def pipeline_rate(tsv: Path, work: Path, encoder: str, s: Sizes, gpus: int) -> d
     marks: list[tuple[float, int]] = []
     t0 = time.perf_counter()
     encoded = encode_passages(
-        str(tsv), work, encoder_name_or_path=encoder, pooling="cls", max_length=s.max_length, batch_size=s.batch_size,
-        num_shards=1, num_actors=max(1, gpus), actor_num_cpus=1.0 if gpus else 0.5, actor_num_gpus=1.0 if gpus else 0.0,
+        str(tsv), work, encoder=EncoderSpec(name_or_path=encoder, pooling="cls", max_length=s.max_length),
+        settings=IndexBuildSettings(batch_size=s.batch_size, num_shards=1, num_actors=max(1, gpus),
+                                    actor_num_cpus=1.0 if gpus else 0.5, actor_num_gpus=1.0 if gpus else 0.0),
         tokenize_num_cpus=1.0 if gpus else 0.25, sub_batch_tokens=s.sub_batch_tokens,
         progress=lambda rows: marks.append((time.perf_counter(), rows)),
     )  # fmt: skip

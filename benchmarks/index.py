@@ -69,10 +69,11 @@ def bench_encoding(num_passages: int, batch_size: int, max_length: int, work: Pa
     import torch
 
     from raggen.corpus.world import WorldConfig, write_world
+    from raggen.index.build_settings import IndexBuildSettings
     from raggen.index.encode import encode_passages
     from raggen.index.shard_split import split_by_shard
     from raggen.index.work_dir import check_run_signature, lock_work_dir, run_signature
-    from raggen.models.retriever import TextEncoder, passage_text
+    from raggen.models.retriever import EncoderSpec, TextEncoder, passage_text
 
     files = write_world(work / "world", WorldConfig(num_entities=max(10, num_passages // 2), seed=0))
     df = pd.read_csv(files.passages_v1, sep="\t", dtype=str, keep_default_na=False).head(num_passages)
@@ -88,8 +89,9 @@ def bench_encoding(num_passages: int, batch_size: int, max_length: int, work: Pa
         t2 = time.perf_counter()
         return n / (t2 - t0), n / (t2 - t1)
 
-    kwargs = dict(encoder_name_or_path=MINILM, max_length=max_length, batch_size=batch_size, num_shards=1,
-                  num_actors=1, actor_num_cpus=1.0, torch_threads=1)  # fmt: skip
+    kwargs = dict(encoder=EncoderSpec(name_or_path=MINILM, max_length=max_length), torch_threads=1,
+                  settings=IndexBuildSettings(batch_size=batch_size, num_shards=1, num_actors=1, actor_num_cpus=1.0,
+                                              actor_num_gpus=None))  # fmt: skip
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     plain_runs, ray_runs = [], {half: [], n: []}
     try:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/retrieval_modes.py                   # world of 400 entities + real text
     .venv/bin/python benchmarks/retrieval_modes.py --entities 100    # quicker
 
-Two corpora, each published once with ``build_index(..., sparse="bm25")`` (MiniLM, Ray, 2 shards):
+Two corpora, each published once with ``build_index`` and ``IndexBuildSettings(sparse="bm25")`` (MiniLM, Ray, 2 shards):
 - the generated world (``raggen.corpus.world``, passages v1) with its test questions;
 - real English text on this machine: the Python language reference that ships with Python
   (``pydoc_data.topics``) and the licence texts under /usr/share/common-licenses, cut into
@@ -128,8 +128,8 @@ def cross_validated(per_setting: dict[str, list], folds: int = 2) -> tuple[list,
 
 
 def run_corpus(name: str, passages_tsv: Path, qa: list[tuple[str, list[str]]], out: Path, note: str) -> list[list[str]]:
-    from raggen.index import build_index, open_index
-    from raggen.models.retriever import TextEncoder
+    from raggen.index import IndexBuildSettings, SearchSettings, build_index, open_index
+    from raggen.models.retriever import EncoderSpec, TextEncoder
     from raggen.retrieval import RetrievalSettings, with_retrieval
 
     root = str(out / f"index-{name}")
@@ -137,16 +137,11 @@ def run_corpus(name: str, passages_tsv: Path, qa: list[tuple[str, list[str]]], o
     manifest = build_index(
         str(passages_tsv),
         root,
-        encoder_name_or_path=MINILM,
-        max_length=128,
-        normalize=True,
-        num_shards=2,
-        num_actors=1,
-        actor_num_cpus=0.5,
+        encoder=EncoderSpec(name_or_path=MINILM, max_length=128, normalize=True),
+        settings=IndexBuildSettings(num_shards=2, num_actors=1, actor_num_cpus=0.5, actor_num_gpus=None, sparse="bm25"),
+        search=SearchSettings(target_recall=None),
         version="v1",
-        sparse="bm25",
         work_dir=out / f"work-{name}",
-        target_recall=None,
     )
     build_s = time.perf_counter() - t
     enc = manifest.encoder

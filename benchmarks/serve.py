@@ -80,8 +80,9 @@ def setup(work: Path, args: argparse.Namespace) -> dict:
     """World -> index (Ray Data build) -> reader; returns paths and the benchmark questions."""
     from raggen.corpus.qa import read_qa
     from raggen.corpus.world import WorldConfig, write_world
-    from raggen.index import build_index, read_latest
+    from raggen.index import IndexBuildSettings, build_index, read_latest
     from raggen.models import make_tiny_generator
+    from raggen.models.retriever import EncoderSpec
 
     files = write_world(work / "world", WorldConfig(num_entities=args.entities, seed=0))
     root = str(work / "index")
@@ -89,11 +90,9 @@ def setup(work: Path, args: argparse.Namespace) -> dict:
         build_index(
             str(files.passages_v1),
             root,
-            encoder_name_or_path=MINILM,
-            max_length=128,
-            num_shards=2,
+            encoder=EncoderSpec(name_or_path=MINILM, max_length=128),
+            settings=IndexBuildSettings(num_shards=2, actor_num_cpus=1.0, actor_num_gpus=None),
             version="v1",
-            actor_num_cpus=1.0,
         )
     generator = args.generator
     if generator is None:

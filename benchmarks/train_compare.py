@@ -60,8 +60,9 @@ def find_reader(args, work: Path) -> tuple[str, str]:
 
 def prepare(args, work: Path) -> dict:
     from raggen.corpus.world import WorldConfig, write_world
-    from raggen.index import build_index
+    from raggen.index import IndexBuildSettings, build_index
     from raggen.models import MINILM_ID
+    from raggen.models.retriever import EncoderSpec
 
     files = write_world(work / "world", WorldConfig(num_entities=args.num_entities, seed=0))
     index = work / "index"
@@ -69,10 +70,8 @@ def prepare(args, work: Path) -> dict:
         build_index(
             str(files.passages_v1),
             str(index),
-            encoder_name_or_path=MINILM_ID,
-            max_length=128,
-            num_shards=2,
-            actor_num_cpus=1.0,
+            encoder=EncoderSpec(name_or_path=MINILM_ID, max_length=128),
+            settings=IndexBuildSettings(num_shards=2, actor_num_cpus=1.0, actor_num_gpus=None),
         )
     reader, how = find_reader(args, work)
     return {

@@ -55,8 +55,9 @@ def machine() -> str:
 def prepare(work: Path, num_entities: int, generator: str | None) -> dict:
     """World -> index (Ray Data + MiniLM) -> reader; returns paths. Cached in ``work``."""
     from raggen.corpus.world import WorldConfig, write_world
-    from raggen.index import build_index
+    from raggen.index import IndexBuildSettings, build_index
     from raggen.models import MINILM_ID, make_tiny_generator
+    from raggen.models.retriever import EncoderSpec
 
     files = write_world(work / "world", WorldConfig(num_entities=num_entities, seed=0))
     index = work / "index"
@@ -64,10 +65,8 @@ def prepare(work: Path, num_entities: int, generator: str | None) -> dict:
         build_index(
             str(files.passages_v1),
             str(index),
-            encoder_name_or_path=MINILM_ID,
-            max_length=128,
-            num_shards=2,
-            actor_num_cpus=1.0,
+            encoder=EncoderSpec(name_or_path=MINILM_ID, max_length=128),
+            settings=IndexBuildSettings(num_shards=2, actor_num_cpus=1.0, actor_num_gpus=None),
         )
     if generator is None:
         shipped = [

@@ -95,39 +95,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_kwargs(args: argparse.Namespace) -> dict:
-    """``raggen.index.build_index`` keyword arguments from the config or from the flags."""
-    common = dict(work_dir=args.work_dir, split_uri=args.split_uri)
-    if args.no_embeddings:  # else the config's index.store_embeddings (default true) rules
-        common["store_embeddings"] = False
-    if args.config:
-        from raggen.app.indexing import index_build_kwargs
-        from raggen.config import load_config, with_absolute_paths
+def index_config(args: argparse.Namespace):
+    """CONFIG mode: the validated config (paths absolute) whose ``index`` section is built;
+    ``--no-embeddings`` overrides ``index.store_embeddings`` (else the config rules, true by default)."""
+    from raggen.config import load_config, with_absolute_paths
 
-        return {**index_build_kwargs(with_absolute_paths(load_config(args.config, args.set)).index), **common}
+    cfg = with_absolute_paths(load_config(args.config, args.set))
+    if args.no_embeddings:
+        cfg.index.store_embeddings = False
+    return cfg
+
+
+def flag_settings(args: argparse.Namespace):
+    """Flag mode: the encoder and the build settings the flags name, as ``build_index`` takes them
+    (``EncoderSpec``, ``IndexBuildSettings``); a bad value is a ConfigError naming the field."""
+    from pydantic import ValidationError
+
+    from raggen.config import format_validation_error
+    from raggen.errors import ConfigError
+    from raggen.index.build_settings import IndexBuildSettings
+    from raggen.models.retriever import EncoderSpec
+
+    try:
+        encoder = EncoderSpec(name_or_path=args.encoder, pooling=args.pooling, max_length=args.max_length,
+                              normalize=args.normalize)  # fmt: skip
+        settings = IndexBuildSettings(
+            batch_size=args.batch_size, num_shards=args.num_shards, faiss_factory=args.faiss_factory,
+            metric=args.metric, train_sample=args.train_sample, num_actors=args.num_actors,
+            actor_num_cpus=args.actor_num_cpus, actor_num_gpus=args.actor_num_gpus,
+            store_embeddings=not args.no_embeddings,
+        )  # fmt: skip
+    except ValidationError as e:
+        raise ConfigError(format_validation_error("flags", e)) from None
+    return encoder, settings
+
+
+def flag_s3_options(args: argparse.Namespace) -> dict | None:
     s3 = {k: v for k, v in {"endpoint_url": args.s3_endpoint_url, "region_name": args.s3_region}.items() if v}
-    return {**dict(
-        passages_uri=args.passages, output_uri=args.output, encoder_name_or_path=args.encoder, pooling=args.pooling,
-        max_length=args.max_length, normalize=args.normalize, batch_size=args.batch_size, num_shards=args.num_shards,
-        faiss_factory=args.faiss_factory, metric=args.metric, train_sample=args.train_sample,
-        num_actors=args.num_actors, actor_num_cpus=args.actor_num_cpus, actor_num_gpus=args.actor_num_gpus,
-        passages_format=args.passages_format, version=args.version, s3_options=s3 or None, store_embeddings=True,
-    ), **common}  # fmt: skip
+    return s3 or None
+
+
+def build(args: argparse.Namespace):
+    """The config's index section (or the flags' settings) built and published; config and flag
+    errors are reported before Ray starts."""
+    from raggen.index import build_index
+    from raggen.ray_utils import ensure_ray
+
+    if args.config:
+        from raggen.app.indexing import build_index_from_config
+
+        return build_index_from_config(
+            index_config(args), address=args.address, work_dir=args.work_dir, split_uri=args.split_uri
+        )
+    encoder, settings = flag_settings(args)
+    ensure_ray(address=args.address)
+    return build_index(
+        args.passages, args.output, encoder=encoder, settings=settings, passages_format=args.passages_format,
+        version=args.version, s3_options=flag_s3_options(args), work_dir=args.work_dir, split_uri=args.split_uri,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     from raggen.cli import run_job
-    from raggen.index import build_index
-    from raggen.ray_utils import ensure_ray
 
-    def work():
-        kwargs = build_kwargs(args)  # a config error is reported before Ray starts
-        ensure_ray(address=args.address)
-        return build_index(**kwargs)
-
-    return run_job("", work, lambda manifest: manifest.to_json())
+    return run_job("", lambda: build(args), lambda manifest: manifest.to_json())
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A config file has one section per flow (``world``, ``index``, ``model``, ``train``, ``serve``); each
 command reads the sections it needs. CLI overrides use dotted paths: ``--set train.lr=3e-5``.
 Sections that a library uses are that library's own frozen settings classes (``EncoderSpec``,
-``ModelSpec``, ``LoopSettings``, ``StepSettings``, ``SearchSettings``, ``ServingSettings``), embedded or
+``ModelSpec``, ``LoopSettings``, ``StepSettings``, ``IndexBuildSettings``, ``SearchSettings``,
+``ServingSettings``), embedded or
 inherited here, so each setting is declared once; library modules never import this file.
 """
 
@@ -17,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raggen.errors import ConfigError
+from raggen.index.build_settings import IndexBuildSettings
 from raggen.index.settings import SearchSettings
 from raggen.models.build import ModelSpec
 from raggen.models.retriever import EncoderSpec
@@ -63,8 +65,12 @@ class WorldSection(_Strict):
 EncoderSection = EncoderSpec  # the library's own settings object is the config section
 
 
-class IndexSection(_Strict):
-    """Corpus -> Ray Data encoding -> FAISS shards -> a published, versioned index."""
+class IndexSection(IndexBuildSettings):
+    """Corpus -> Ray Data encoding -> FAISS shards -> a published, versioned index. The build's
+    settings come from ``IndexBuildSettings`` (``raggen.index.build_settings``, declared there once);
+    the section adds the corpus, the output root, the encoder, the search settings and S3."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
     passages: str = "artifacts/world/passages.tsv"
     format: Literal["auto", "dpr-tsv", "jsonl", "parquet"] = "auto"
@@ -79,55 +85,8 @@ class IndexSection(_Strict):
     output: str = "artifacts/index"
     version: str | None = None
     encoder: EncoderSection = EncoderSection()
-    batch_size: int = Field(64, ge=1)
-    num_shards: int = Field(2, ge=1)
-    faiss_factory: str = "Flat"
-    metric: Literal["ip", "l2"] = "ip"
-    train_sample: int = Field(100_000, ge=1)
-    # encoder actors: num_actors null = sized from the cluster's free resources (GPU actors: one per
-    # GPU; CPU actors: CPUs // actor_num_cpus - 1); actor_num_gpus null = 1 per actor when the
-    # cluster has GPUs (0: encode on CPUs)
-    num_actors: int | None = Field(None, ge=1)
-    actor_num_cpus: float = Field(1.0, gt=0)
-    actor_num_gpus: float | None = Field(0.0, ge=0)
-    build_num_cpus: float = Field(1.0, gt=0)  # each FAISS training / shard-building Ray task
-    work_dir_shared: bool = False  # the build's work dir is on a filesystem all nodes mount: its tasks may run anywhere
-    # the passages' vectors in the version's parquet: training reads them (q(x).d(z) with exact d(z));
-    # a serving-only copy may leave them out (Serve never loads them)
-    store_embeddings: bool = True
     search: SearchSettings = SearchSettings()  # how train / eval / serve search this index (raggen.index.settings)
-    sparse: Literal["bm25"] | None = None  # bm25: a BM25 index beside the shards, in the same version (null: none)
     s3: S3Config = S3Config()
-
-    def build_kwargs(self) -> dict:
-        """This section as the keyword arguments of ``raggen.index.build_index``."""
-        return dict(
-            passages_uri=self.passages,
-            output_uri=self.output,
-            passages_format=self.format,
-            encoder_name_or_path=self.encoder.name_or_path,
-            pooling=self.encoder.pooling,
-            max_length=self.encoder.max_length,
-            normalize=self.encoder.normalize,
-            passage_format=self.encoder.passage_format,
-            batch_size=self.batch_size,
-            num_shards=self.num_shards,
-            faiss_factory=self.faiss_factory,
-            metric=self.metric,
-            train_sample=self.train_sample,
-            num_actors=self.num_actors,
-            actor_num_cpus=self.actor_num_cpus,
-            actor_num_gpus=self.actor_num_gpus,
-            version=self.version,
-            s3_options=self.s3.storage_options(),
-            build_num_cpus=self.build_num_cpus,
-            work_dir_shared=self.work_dir_shared,
-            target_recall=self.search.target_recall,
-            tune_queries=self.search.tune_queries,
-            tune_k=self.search.tune_k,
-            sparse=self.sparse,
-            store_embeddings=self.store_embeddings,
-        )
 
     @model_validator(mode="after")
     def _chunking(self) -> IndexSection:

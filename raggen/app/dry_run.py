@@ -210,10 +210,9 @@ def run_dry_run(
 ) -> dict[str, Any]:
     """The whole rehearsal; returns what each stage produced and how long it took."""
     from raggen.app.evaluation import evaluate_from_config
-    from raggen.app.indexing import index_build_kwargs
+    from raggen.app.indexing import build_index_from_config
     from raggen.app.training import run_training
     from raggen.corpus.qa import read_qa
-    from raggen.index import build_index
     from raggen.ray_utils import ensure_ray
 
     lines = dry_run_overrides(config, out_dir, s3_endpoint=s3_endpoint, num_passages=num_passages, overrides=overrides)
@@ -229,7 +228,7 @@ def run_dry_run(
 
     stage("inputs", write_inputs, cfg, num_passages)
     ensure_ray()
-    manifest = stage("index", lambda: build_index(**index_build_kwargs(cfg.index)))  # documents chunked first
+    manifest = stage("index", build_index_from_config, cfg)  # documents chunked first
     report["index"] = {
         "version": manifest.version,
         "passages": manifest.num_passages,

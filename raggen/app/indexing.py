@@ -33,11 +33,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from raggen.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raggen.index.build_settings import IndexBuildSettings
+    from raggen.index.manifest import Manifest
+    from raggen.models.retriever import EncoderSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,35 +69,56 @@ def corpus_passages(index) -> tuple[str, str]:
     return prepare_documents(index.passages, index.document_settings(), s3), "parquet"
 
 
-def index_build_kwargs(index) -> dict[str, Any]:
-    """``raggen.index.build_index`` keyword arguments of the config's ``index`` section, documents
-    chunked first (what ``raggen index build``, the dry run and the jobs encode)."""
-    kwargs = index.build_kwargs()
-    kwargs["passages_uri"], kwargs["passages_format"] = corpus_passages(index)
-    return kwargs
+def index_build_settings(index) -> IndexBuildSettings:
+    """The ``IndexBuildSettings`` part of the config's ``index`` section (which inherits the class)."""
+    from raggen.index.build_settings import IndexBuildSettings
+    from raggen.settings_util import section_part
+
+    return section_part(index, IndexBuildSettings)
 
 
-def _preflight(kwargs: dict[str, Any]) -> None:
+def _preflight(index, encoder: EncoderSpec, version: str | None, work_dir) -> None:
     """A bad factory, an existing version or an unreachable store fails before any chunking or encoding."""
     from raggen.index.build import preflight_build
     from raggen.index.work_dir import encoder_dim
 
-    preflight_build(kwargs["output_uri"], kwargs["version"], faiss_factory=kwargs["faiss_factory"],
-                    metric=kwargs["metric"], dim=encoder_dim(kwargs["encoder_name_or_path"], kwargs["s3_options"]),
-                    s3_options=kwargs["s3_options"], work_dir=kwargs.get("work_dir"))  # fmt: skip
+    s3 = index.s3.storage_options()
+    preflight_build(index.output, version, faiss_factory=index.faiss_factory, metric=index.metric,
+                    dim=encoder_dim(encoder.name_or_path, s3), s3_options=s3, work_dir=work_dir)  # fmt: skip
 
 
-def build_index_from_config(cfg, *, address: str | None = None, **overrides: Any):
-    """Chunk documents if the corpus is documents, encode, publish; ``overrides`` replace
-    ``build_index`` arguments (``encoder_name_or_path``, ``version``, ``work_dir`` ...)."""
+def build_index_from_config(
+    cfg,
+    *,
+    address: str | None = None,
+    encoder: EncoderSpec | None = None,
+    passages_uri: str | None = None,
+    **call: Any,
+) -> Manifest:
+    """``raggen.index.build_index`` over the config's ``index`` section: its corpus (documents
+    chunked first, after a preflight), output root, ``index.encoder``, build settings and search
+    settings. ``encoder`` replaces ``index.encoder`` (a refresh); ``passages_uri`` replaces the
+    corpus (read as ``index.format``, never chunked); ``call``: ``build_index``'s per-call keyword
+    arguments (``version``, default ``index.version``; ``work_dir``, ``split_uri``, ``move_latest`` ...)."""
     from raggen.index import build_index
     from raggen.ray_utils import ensure_ray
 
-    kwargs = {**cfg.index.build_kwargs(), **overrides}
-    _preflight(kwargs)
-    kwargs["passages_uri"], kwargs["passages_format"] = corpus_passages(cfg.index)
+    index = cfg.index
+    encoder = encoder if encoder is not None else index.encoder
+    call.setdefault("version", index.version)
+    _preflight(index, encoder, call["version"], call.get("work_dir"))
+    passages = (passages_uri, index.format) if passages_uri is not None else corpus_passages(index)
     ensure_ray(address=address)
-    return build_index(**kwargs)
+    return build_index(
+        passages[0],
+        index.output,
+        encoder=encoder,
+        settings=index_build_settings(index),
+        search=index.search,
+        passages_format=passages[1],
+        s3_options=index.s3.storage_options(),
+        **call,
+    )
 
 
 # --------------------------------------------------------------------------- refresh
@@ -215,7 +241,7 @@ def refresh_index_from_config(
     manifest = build_index_from_config(
         cfg,
         address=address,
-        encoder_name_or_path=picked.name_or_path,
+        encoder=cfg.index.encoder.model_copy(update={"name_or_path": picked.name_or_path}),
         version=version,
         work_dir=work_dir,
         split_uri=split_uri,

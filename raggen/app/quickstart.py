@@ -54,10 +54,9 @@ def build_v2_unpublished(cfg: RaggenConfig, world_files, v1: str, v2: str) -> No
     Built before Serve starts because on 2 cores Ray Data's read tasks (1 CPU each) cannot get a
     CPU beside the encoder actor and the Serve replicas.
     """
-    from raggen.index import build_index
+    from raggen.app.indexing import build_index_from_config
 
-    kwargs = cfg.index.build_kwargs()
-    build_index(**{**kwargs, "passages_uri": str(world_files.passages_v2), "version": v2, "move_latest": False})
+    build_index_from_config(cfg, passages_uri=str(world_files.passages_v2), version=v2, move_latest=False)
 
 
 def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2: str, num_questions: int = 5) -> dict:
@@ -110,9 +109,9 @@ def hot_swap_demo(cfg: RaggenConfig, world_files, timings: dict[str, float], v2:
 
 def run_quickstart(cfg: RaggenConfig) -> dict:
     from raggen.app.evaluation import evaluate_from_config
+    from raggen.app.indexing import build_index_from_config
     from raggen.app.training import run_training
     from raggen.corpus.world import WorldConfig, write_world
-    from raggen.index import build_index
     from raggen.ray_utils import ensure_ray
     from raggen.train.metrics import plot_metrics
 
@@ -128,7 +127,7 @@ def run_quickstart(cfg: RaggenConfig) -> dict:
     run_id = time.strftime("%Y%m%d-%H%M%S")  # published versions are immutable: a rerun adds new ones
     v1, v2 = f"v1-{run_id}", f"v2-{run_id}"
     with stage("index v1 (Ray Data -> FAISS shards -> publish)", timings):
-        manifest = build_index(**{**cfg.index.build_kwargs(), "passages_uri": str(files.passages_v1), "version": v1})
+        manifest = build_index_from_config(cfg, passages_uri=str(files.passages_v1), version=v1)
     print(f"index {manifest.version}: {manifest.num_passages} passages, {len(manifest.shards)} shards")
     with stage("index v2 (changed facts) uploaded, LATEST kept on v1", timings):
         build_v2_unpublished(cfg, files, v1, v2)

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from raggen.errors import ConfigError, RaggenError
 from raggen.models.build import PassageEncoderSpec
+from raggen.settings_util import section_part
 from raggen.train.job import FailureInjection, IndexTarget, TrainJob
 from raggen.train.refresh import RefreshSpec
-from raggen.train.settings import LoopSettings, StepSettings, section_part
+from raggen.train.settings import LoopSettings, StepSettings
 from raggen.train.sinks import TENSORBOARD_DIR, require_mlflow, summary_writer_class
 from raggen.train.trainer import (
     export_final,
@@ -120,15 +121,15 @@ def refresh_spec(cfg: RaggenConfig, passage_encoder: PassageEncoderSpec) -> Refr
     """Where a refreshed index goes and how it is built: the index section's build settings,
     publishing into the run's own index root; ``passage_encoder`` is ``passage_encoder_spec(cfg)``."""
     t = cfg.train
-    from raggen.app.indexing import index_build_kwargs
+    from raggen.app.indexing import corpus_passages, index_build_settings
+    from raggen.models.retriever import EncoderSpec
 
-    build = index_build_kwargs(cfg.index)  # documents are chunked once; the refresh reads the passages
-    passages_uri = build["passages_uri"]
-    for key in ("passages_uri", "output_uri", "encoder_name_or_path", "version", "s3_options"):
-        build.pop(key)
+    passages_uri, passages_format = corpus_passages(cfg.index)  # documents are chunked once; refreshes read passages
     # the refreshed vectors are d(z) as the trained encoder computes it
-    build.update(
+    encoder = EncoderSpec(
+        name_or_path=passage_encoder.name_or_path,
         pooling=passage_encoder.pooling,
+        max_length=cfg.index.encoder.max_length,
         normalize=passage_encoder.normalize,
         passage_format=passage_encoder.passage_format,
     )
@@ -139,7 +140,10 @@ def refresh_spec(cfg: RaggenConfig, passage_encoder: PassageEncoderSpec) -> Refr
         passages_uri=passages_uri,
         output_uri=run_index_uri(t.storage_path, t.name),
         staging_dir=staging,
-        build=build,
+        encoder=encoder,
+        settings=index_build_settings(cfg.index),
+        search=cfg.index.search,
+        passages_format=passages_format,
         s3=s3_options(t.s3),
         snapshot_uri=snapshots,
     )

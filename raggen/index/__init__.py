@@ -2,7 +2,7 @@
 (publish.py), the LATEST pointer (latest.py), verify/load (loading.py), the S3 cache
 (version_cache.py) and passage parquet (passage_table.py); search (sharded.py over
 shard_searcher.py), shard actors (actors.py), hot swap (hot_swap.py) and shared groups
-(shared_groups.py); search settings (settings.py), search defaults from a recall target
+(shared_groups.py); search settings (settings.py), build settings (build_settings.py), search defaults from a recall target
 (tuning.py); encode with Ray Data (encode.py: shard_split.py, passage_tokens.py,
 encoder_actor.py, work_dir.py), the shard files (shard_files.py), the end-to-end build (build.py)
 and opening a version for search (open_search.py).
@@ -12,6 +12,7 @@ Importing this package does not import Ray or start anything; encode/build/actor
 
 from raggen.index.actors import ShardActor, ShardActorGroup, ShardServer
 from raggen.index.build import build_index
+from raggen.index.build_settings import IndexBuildSettings
 from raggen.index.encode import encode_passages
 from raggen.index.encoder_actor import PassageEncoderActor
 from raggen.index.hot_swap import SwappableIndex
@@ -56,7 +57,7 @@ from raggen.index.sharded import SearchResult, ShardedIndex, merge_topk
 from raggen.index.work_dir import EncodedCorpus, EncodedShard
 
 __all__ = [
-    "EncodedCorpus", "EncodedShard", "EncoderInfo", "LoadedShard", "LoadedVersion", "Manifest",
+    "EncodedCorpus", "EncodedShard", "EncoderInfo", "IndexBuildSettings", "LoadedShard", "LoadedVersion", "Manifest",
     "PassageEncoderActor", "SearchDefaults", "SearchResult", "SearchSettings", "ShardActor", "ShardActorGroup",
     "ShardEntry", "ShardSearcher", "ShardServer", "ShardedIndex", "SwappableIndex",
     "advance_latest", "build_index", "build_shard_files", "build_shard_index", "deserialize_index", "embeddings_of",

@@ -1,8 +1,9 @@
 """Orchestration: corpus URI -> encode (Ray Data) -> one FAISS index per shard -> publish.
 
-Plain keyword arguments only (the CLI / configs turn their fields into these). Every stage leaves
-its result in the work dir with a done marker, so a rerun with the same arguments (and the same
-corpus content) resumes.
+Settings arrive as typed objects (``EncoderSpec``, ``IndexBuildSettings``, ``SearchSettings``: the
+config's ``index`` section embeds or inherits them); what changes per call (corpus, output root,
+version, work dir) is a keyword argument. Every stage leaves its result in the work dir with a done
+marker, so a rerun with the same arguments (and the same corpus content) resumes.
 
 Work dirs: raggen uses and deletes only folders it created (a ``.raggen-work`` marker inside); a
 ``work_dir`` given that is not empty and has no marker is refused with a ConfigError, never
@@ -19,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from raggen.errors import ConfigError
+from raggen.index.build_settings import IndexBuildSettings
 from raggen.index.encode import encode_passages
-from raggen.index.encoder_actor import encoder_pool
 from raggen.index.manifest import Manifest, make_manifest, new_version_name
 from raggen.index.publish import publish_version
+from raggen.index.settings import SearchSettings
 from raggen.index.shard import new_index, normalize_metric
 from raggen.index.shard_files import build_shards_in_tasks, build_sparse_files, build_task_options, check_sparse_kind
 from raggen.index.shard_split import SPLIT_MARKER, split_folder_uri
@@ -34,6 +36,7 @@ from raggen.index.work_dir import (
     resolved_passage_format,
     run_signature,
 )
+from raggen.models.retriever import EncoderSpec
 from raggen.storage import check_claimable, owns_folder, release_folder
 
 logger = logging.getLogger(__name__)
@@ -68,22 +71,10 @@ def build_index(
     passages_uri: str,
     output_uri: str,
     *,
-    encoder_name_or_path: str,
-    pooling: str = "mean",
-    max_length: int = 256,
-    normalize: bool = False,
-    passage_format: str | None = None,
-    batch_size: int = 64,
-    num_shards: int = 1,
-    faiss_factory: str = "Flat",
-    metric: str = "ip",
-    train_sample: int = 100_000,
-    num_actors: int | None = None,
-    actor_num_cpus: float = 1.0,
-    actor_num_gpus: float | None = None,
-    torch_threads: int | None = None,
+    encoder: EncoderSpec,
+    settings: IndexBuildSettings | None = None,
+    search: SearchSettings | None = None,
     passages_format: str = "auto",
-    store_embeddings: bool = True,
     version: str | None = None,
     work_dir: str | os.PathLike | None = None,
     keep_work_dir: bool = False,
@@ -91,27 +82,26 @@ def build_index(
     s3_options: Mapping[str, Any] | None = None,
     move_latest: bool = True,
     rollback: bool = False,
-    build_num_cpus: float = 1.0,
-    target_recall: float | None = 0.99,
-    tune_queries: int = 200,
-    tune_k: int = 100,
-    work_dir_shared: bool = False,
-    sparse: str | None = None,
+    torch_threads: int | None = None,
 ) -> Manifest:
-    """Encode ``passages_uri``, build ``num_shards`` FAISS shards and publish them under ``output_uri``.
+    """Encode ``passages_uri`` with ``encoder``, build ``settings.num_shards`` FAISS shards and
+    publish them under ``output_uri`` (``settings`` None: ``IndexBuildSettings()``, the config's
+    defaults).
 
-    Off the driver: encoding runs in Ray Data's actor pool (``num_actors`` None: sized from the
-    cluster, see ``encoder_pool``); quantizer training and the shards run in Ray tasks of
-    ``build_num_cpus`` CPUs (and a GPU when there is one and faiss has GPU support), the shards in
-    parallel; the driver plans and publishes. The work dir is this machine's, so those tasks run on
-    the driver's node; ``work_dir_shared=True`` (the work dir on a filesystem every node mounts at
-    the same path) lets them run anywhere. Search defaults: for IVF / HNSW factories, the smallest
-    nprobe / efSearch within ``1 - target_recall`` of exhaustive recall@``tune_k`` on
-    ``tune_queries`` held-out queries (``raggen.index.tuning``) go into the manifest
-    (``target_recall=None``: none). ``sparse="bm25"``: a BM25 index over every passage is built
-    (in a Ray task, from the shards' passage files) and published in the same version.
+    Off the driver: encoding runs in Ray Data's actor pool (``settings.num_actors`` None: sized from
+    the cluster, see ``encoder_pool``; ``torch_threads``: each actor's, default from
+    ``settings.actor_num_cpus``); quantizer training and the shards run in Ray tasks of
+    ``settings.build_num_cpus`` CPUs (and a GPU when there is one and faiss has GPU support), the
+    shards in parallel; the driver plans and publishes. The work dir is this machine's, so those
+    tasks run on the driver's node; ``settings.work_dir_shared`` (the work dir on a filesystem every
+    node mounts at the same path) lets them run anywhere. Search defaults: for IVF / HNSW factories,
+    the smallest nprobe / efSearch within ``1 - search.target_recall`` of exhaustive
+    recall@``search.tune_k`` on ``search.tune_queries`` held-out queries (``raggen.index.tuning``; the
+    other ``SearchSettings`` fields are not used here; ``search`` None: ``SearchSettings()``) go into
+    the manifest (``target_recall=None``: none). ``settings.sparse="bm25"``: a BM25 index over every
+    passage is built (in a Ray task, from the shards' passage files) and published in the same version.
 
-    An index that needs training is trained once, on ``train_sample`` vectors drawn from all
+    An index that needs training is trained once, on ``settings.train_sample`` vectors drawn from all
     shards, and every shard starts from it: IVF shards then split each inverted list between them,
     so searching every shard with the same ``nprobe`` scans exactly the lists one unsharded index
     with the same ``faiss_factory`` would, and their approximate scores are comparable.
@@ -124,49 +114,50 @@ def build_index(
     where Ray Data's tasks write the per-shard split (shared storage on multi-node clusters): a
     folder of this build's own is made under it and removed with the work dir.
     """
-    metric = normalize_metric(metric)
-    check_sparse_kind(sparse)
+    settings = settings if settings is not None else IndexBuildSettings()
+    search = search if search is not None else SearchSettings()
+    metric = normalize_metric(settings.metric)
+    check_sparse_kind(settings.sparse)
     preflight_build(
         output_uri,
         version,
-        faiss_factory=faiss_factory,
+        faiss_factory=settings.faiss_factory,
         metric=metric,
-        dim=encoder_dim(encoder_name_or_path, s3_options),
+        dim=encoder_dim(encoder.name_or_path, s3_options),
         s3_options=s3_options,
         work_dir=work_dir,
     )
-    signature = run_signature(passages_uri, encoder_name_or_path=encoder_name_or_path, passages_format=passages_format,
-                              num_shards=num_shards, pooling=pooling, max_length=max_length, normalize=normalize,
-                              passage_format=passage_format, s3_options=s3_options)  # fmt: skip
+    signature = run_signature(passages_uri, encoder_name_or_path=encoder.name_or_path, passages_format=passages_format,
+                              num_shards=settings.num_shards, pooling=encoder.pooling, max_length=encoder.max_length,
+                              normalize=encoder.normalize, passage_format=encoder.passage_format,
+                              s3_options=s3_options)  # fmt: skip
     work, marker, lock = open_work_dir(work_dir, {**signature, "output_uri": output_uri})
     try:
-        pool = encoder_pool(num_actors, actor_num_cpus, actor_num_gpus, torch_threads)
         encoded = encode_passages(
-            passages_uri, work, encoder_name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length,
-            normalize=normalize, passage_format=passage_format, batch_size=batch_size, num_shards=num_shards,
-            actor_num_cpus=actor_num_cpus, passages_format=passages_format, s3_options=s3_options, split_uri=split_uri, **pool,
+            passages_uri, work, encoder=encoder, settings=settings, passages_format=passages_format,
+            s3_options=s3_options, split_uri=split_uri, torch_threads=torch_threads,
         )  # fmt: skip
-        out_dir = (
-            work / "index" / f"{faiss_factory.replace(',', '_')}-{metric}-{'emb' if store_embeddings else 'noemb'}"
-        )
+        factory, store_embeddings = settings.faiss_factory, settings.store_embeddings
+        out_dir = work / "index" / f"{factory.replace(',', '_')}-{metric}-{'emb' if store_embeddings else 'noemb'}"
         out_dir.mkdir(parents=True, exist_ok=True)
         files, defaults = build_shards_in_tasks(
-            encoded.shards, out_dir, faiss_factory=faiss_factory, metric=metric, dim=encoded.dim, train_sample=train_sample,
-            store_embeddings=store_embeddings, target_recall=target_recall, tune_queries=tune_queries, tune_k=tune_k,
-            num_cpus=build_num_cpus, work_dir_shared=work_dir_shared,
+            encoded.shards, out_dir, faiss_factory=factory, metric=metric, dim=encoded.dim,
+            train_sample=settings.train_sample, store_embeddings=store_embeddings, target_recall=search.target_recall,
+            tune_queries=search.tune_queries, tune_k=search.tune_k, num_cpus=settings.build_num_cpus,
+            work_dir_shared=settings.work_dir_shared,
         )  # fmt: skip
         sparse_files, sparse_params = None, None
-        if sparse is not None:
+        if settings.sparse is not None:
             import ray
 
-            opts = build_task_options(build_num_cpus, pin_to_driver_node=not work_dir_shared)
+            opts = build_task_options(settings.build_num_cpus, pin_to_driver_node=not settings.work_dir_shared)
             opts.pop("num_gpus", None)
             sparse_files, sparse_params = ray.get(ray.remote(build_sparse_files).options(**opts).remote(
-                files, out_dir, kind=sparse))  # fmt: skip
+                files, out_dir, kind=settings.sparse))  # fmt: skip
         manifest = make_manifest(
-            version or new_version_name(), encoder_name_or_path=encoder_name_or_path, pooling=pooling, dim=encoded.dim,
-            normalize=normalize, metric=metric, faiss_factory=faiss_factory, shard_files=files,
-            passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options),
+            version or new_version_name(), encoder_name_or_path=encoder.name_or_path, pooling=encoder.pooling,
+            dim=encoded.dim, normalize=encoder.normalize, metric=metric, faiss_factory=factory, shard_files=files,
+            passage_format=resolved_passage_format(encoder.name_or_path, encoder.passage_format, s3_options),
             search_defaults=defaults, sparse_files=sparse_files, sparse_params=sparse_params,
         )  # fmt: skip
         publish_version(

@@ -43,7 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raggen.errors import ConfigError, DataError
-from raggen.index.encoder_actor import PassageEncoderActor
+from raggen.index.build_settings import IndexBuildSettings
+from raggen.index.encoder_actor import PassageEncoderActor, encoder_pool
 from raggen.index.manifest import shard_file_names
 from raggen.index.passage_table import passages_table
 from raggen.index.passage_tokens import load_passage_tokenizer, tokenize_batch
@@ -59,6 +60,7 @@ from raggen.index.work_dir import (
     resolved_passage_format,
     run_signature,
 )
+from raggen.models.retriever import EncoderSpec
 from raggen.storage import AtomicFile, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -120,27 +122,25 @@ def encode_passages(
     passages_uri: str,
     work_dir: str | os.PathLike,
     *,
-    encoder_name_or_path: str,
-    pooling: str = "mean",
-    max_length: int = 256,
-    normalize: bool = False,
-    passage_format: str | None = None,
-    batch_size: int = 64,
-    num_shards: int = 1,
-    num_actors: int = 1,
-    actor_num_cpus: float = 1.0,
-    actor_num_gpus: float | None = None,
-    torch_threads: int | None = None,
+    encoder: EncoderSpec,
+    settings: IndexBuildSettings | None = None,
     passages_format: str = "auto",
     s3_options: Mapping[str, Any] | None = None,
     split_uri: str | None = None,
+    torch_threads: int | None = None,
     tokenize_num_cpus: float = 0.25,
     sub_batch_tokens: int = 16384,
     progress: Callable[[int], None] | None = None,
 ) -> EncodedCorpus:
     """Encode every passage once into ``work_dir/encoded/shard-K.parquet``; resumes unfinished runs.
 
-    ``actor_num_gpus=None`` gives each actor one GPU when the cluster has GPUs, none otherwise.
+    ``encoder``: the model and how it turns a passage into a vector. From ``settings`` (None:
+    ``IndexBuildSettings()``):
+    ``batch_size``, ``num_shards`` and the encoder actor pool (``num_actors``, ``actor_num_cpus``,
+    ``actor_num_gpus``; sized by ``encoder_pool``: ``num_actors=None`` from the cluster's free
+    resources, ``actor_num_gpus=None`` one GPU per actor when the cluster has GPUs, none otherwise);
+    ``torch_threads``: each actor's (default: from ``actor_num_cpus``); the other fields are
+    ``build_index``'s.
     ``work_dir``: new, empty or made by raggen (``.raggen-work`` marker); locked while this runs;
     refused when it holds work of another run signature (:func:`run_signature`).
     ``split_uri``: where stage 1 writes (default ``work_dir/split``; on a multi-node cluster a
@@ -151,22 +151,25 @@ def encode_passages(
     ``progress(rows)`` is called on the driver after each batch of encoded rows is written.
     Needs a running Ray (``ray.init()`` in the entry point).
     """
-    if num_shards < 1 or num_actors < 1 or batch_size < 1:
-        raise ConfigError("num_shards, num_actors and batch_size: must all be >= 1")
     if tokenize_num_cpus <= 0 or sub_batch_tokens < 1:
         raise ConfigError("tokenize_num_cpus and sub_batch_tokens: must be > 0")
+    settings = settings if settings is not None else IndexBuildSettings()
     work_dir = Path(work_dir)
-    signature = run_signature(passages_uri, encoder_name_or_path=encoder_name_or_path, passages_format=passages_format,
-                              num_shards=num_shards, pooling=pooling, max_length=max_length, normalize=normalize,
-                              passage_format=passage_format, s3_options=s3_options)  # fmt: skip
+    num_shards, name_or_path = settings.num_shards, encoder.name_or_path
+    signature = run_signature(passages_uri, encoder_name_or_path=name_or_path, passages_format=passages_format,
+                              num_shards=num_shards, pooling=encoder.pooling, max_length=encoder.max_length,
+                              normalize=encoder.normalize, passage_format=encoder.passage_format,
+                              s3_options=s3_options)  # fmt: skip
     info, lock = lock_work_dir(work_dir)
     try:
         check_run_signature(work_dir, signature)
-        dim = encoder_dim(encoder_name_or_path, s3_options)
+        dim = encoder_dim(name_or_path, s3_options)
         finished = {s: e for s in range(num_shards) if (e := encoded_shard_done(work_dir, s)) is not None}
         pending = [s for s in range(num_shards) if s not in finished]
         if pending:
             logger.info("encoding shards %s (%d already done)", pending, len(finished))
+            # sized from what the cluster has free before this run's own read tasks take any of it
+            pool = encoder_pool(settings.num_actors, settings.actor_num_cpus, settings.actor_num_gpus, torch_threads)
             counts = split_by_shard(
                 str(passages_uri),
                 work_dir,
@@ -178,19 +181,20 @@ def encode_passages(
             )
             split = split_location(split_folder_uri(work_dir, split_uri, info["id"]), s3_options)
             tokenize_kwargs = dict(
-                tokenizer=load_passage_tokenizer(encoder_name_or_path, s3_options),
-                max_length=max_length,
-                passage_format=resolved_passage_format(encoder_name_or_path, passage_format, s3_options),
+                tokenizer=load_passage_tokenizer(name_or_path, s3_options),
+                max_length=encoder.max_length,
+                passage_format=resolved_passage_format(name_or_path, encoder.passage_format, s3_options),
             )
             finished.update(
                 _encode_pending(
                     str(passages_uri), work_dir, pending, counts, dim,
-                    actor_kwargs=dict(name_or_path=encoder_name_or_path, pooling=pooling, max_length=max_length, normalize=normalize,
-                                      passage_format=passage_format, s3_options=s3_options, sub_batch_tokens=sub_batch_tokens,
-                                      torch_threads=torch_threads or max(1, int(round(actor_num_cpus)))),
-                    tokenize_kwargs=tokenize_kwargs, batch_size=batch_size, num_actors=num_actors,
-                    actor_num_cpus=actor_num_cpus, actor_num_gpus=actor_num_gpus, tokenize_num_cpus=tokenize_num_cpus,
-                    split=split, progress=progress,
+                    actor_kwargs=dict(name_or_path=name_or_path, pooling=encoder.pooling, max_length=encoder.max_length,
+                                      normalize=encoder.normalize, passage_format=encoder.passage_format,
+                                      s3_options=s3_options, sub_batch_tokens=sub_batch_tokens,
+                                      torch_threads=pool["torch_threads"]),
+                    tokenize_kwargs=tokenize_kwargs, batch_size=settings.batch_size, num_actors=pool["num_actors"],
+                    actor_num_cpus=settings.actor_num_cpus, actor_num_gpus=pool["actor_num_gpus"],
+                    tokenize_num_cpus=tokenize_num_cpus, split=split, progress=progress,
                 )
             )  # fmt: skip
     finally:
@@ -211,7 +215,7 @@ def _encode_pending(
     num_actors: int,
     actor_num_cpus: float,
     tokenize_num_cpus: float,
-    actor_num_gpus: float | None,
+    actor_num_gpus: float,
     split: tuple[str, Any],
     progress: Callable[[int], None] | None = None,
 ) -> dict[int, EncodedShard]:
@@ -223,8 +227,6 @@ def _encode_pending(
     todo = [s for s in pending if counts[s] > 0]
     if not todo:
         return done
-    if actor_num_gpus is None:
-        actor_num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     split_path, split_fs = split
     split_dirs = [f"{split_path}/shard={s}" for s in todo]  # in shard order: with preserve_order, shards finish in turn
     ds = ray.data.read_parquet(split_dirs, filesystem=split_fs,

@@ -19,23 +19,31 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from raggen.index.build_settings import IndexBuildSettings
+from raggen.index.settings import SearchSettings
+from raggen.models.retriever import EncoderSpec
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RefreshSpec:
-    """Where the refreshed index goes and how to build it (``raggen.index.build_index`` kwargs)."""
+    """Where the refreshed index goes and how ``raggen.index.build_index`` builds it (its settings
+    objects; the encoder's ``name_or_path`` is replaced by each snapshot)."""
 
     every: int
     passages_uri: str
     output_uri: str  # the run's own index root, e.g. runs/<name>/index
     staging_dir: str  # passage-encoder snapshots, readable by the encoder actors
-    build: dict[str, Any] = field(default_factory=dict)
+    encoder: EncoderSpec  # pooling, max_length, normalisation and passage format of the refreshed d(z)
+    settings: IndexBuildSettings = IndexBuildSettings()
+    search: SearchSettings | None = None  # its build-time tuning (target_recall ...); None: SearchSettings()
+    passages_format: str = "auto"
     s3: dict[str, Any] | None = None
     snapshot_uri: str | None = None  # s3:// prefix for the encoder snapshots (None: use staging_dir)
 
@@ -70,11 +78,13 @@ def build_refreshed_index(passage_encoder: torch.nn.Module, spec: RefreshSpec, s
     manifest = build_index(
         spec.passages_uri,
         spec.output_uri,
-        encoder_name_or_path=snapshot,
+        encoder=spec.encoder.model_copy(update={"name_or_path": snapshot}),
+        settings=spec.settings,
+        search=spec.search,
+        passages_format=spec.passages_format,
         version=version,
         work_dir=os.path.join(spec.staging_dir, f"work-{version}"),
         s3_options=spec.s3,
-        **spec.build,
     )
     return manifest.version
 

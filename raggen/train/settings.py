@@ -94,9 +94,3 @@ class LoopSettings(_Frozen):
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
         return self
-
-
-def section_part(section: BaseModel, cls: type[_Frozen]) -> _Frozen:
-    """The ``cls`` part of a config section that inherits ``cls`` (as that frozen class: what the
-    workers receive). Values were validated when the section was."""
-    return cls.model_construct(**{name: getattr(section, name) for name in cls.model_fields})

@@ -27,8 +27,9 @@ from ray import serve
 
 from raggen.corpus.world import WorldConfig, read_changed_facts, write_world  # noqa: E402
 from raggen.errors import ConfigError  # noqa: E402
-from raggen.index import build_index, set_latest  # noqa: E402
+from raggen.index import IndexBuildSettings, build_index, set_latest  # noqa: E402
 from raggen.models import make_tiny_reranker  # noqa: E402
+from raggen.models.retriever import EncoderSpec  # noqa: E402
 from raggen.serve.app import APP_NAME, deploy_config, serve_deploy_config, wait_until_running  # noqa: E402
 from raggen.testing import copy_version, wait_for
 
@@ -67,12 +68,9 @@ def world(tmp_path_factory, ray_session):
     build_index(
         str(files.passages_v1),
         root,
-        encoder_name_or_path=MINILM,
-        max_length=128,
-        num_shards=1,
-        num_actors=1,
+        encoder=EncoderSpec(name_or_path=MINILM, max_length=128),
+        settings=IndexBuildSettings(num_shards=1, num_actors=1, actor_num_cpus=0.5),
         version="v1",
-        actor_num_cpus=0.5,
         work_dir=out / "work",
     )
     copy_version(root, "v1", "v2", tamper=False)

@@ -13,6 +13,7 @@ import pytest
 
 from raggen.errors import DataError, IndexIntegrityError
 from raggen.index import (
+    IndexBuildSettings,
     Manifest,
     ShardedIndex,
     build_index,
@@ -23,12 +24,17 @@ from raggen.index import (
     read_latest,
     set_latest,
 )
+from raggen.models.retriever import EncoderSpec
 from raggen.storage import download, s3_client
 
 pytestmark = pytest.mark.integration
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MAX_LENGTH = 64
+ENCODER = EncoderSpec(name_or_path=MINILM, max_length=MAX_LENGTH)
+BUILT = IndexBuildSettings(
+    batch_size=16, num_shards=3, num_actors=2, actor_num_cpus=0.5, faiss_factory="Flat", metric="ip"
+)
 QUESTIONS = ["Where was he born?", "Which company makes lanterns?", "What colour does his sister adore?",
              "Who plays the oboe?", "In which town does she live?"]  # fmt: skip
 
@@ -46,9 +52,7 @@ def built(tmp_path_factory, ray_cluster, moto_s3):
     client.upload_file(str(files.passages_v1), bucket, "corpus/passages.tsv")
     root = f"s3://{bucket}/index"
     manifest = build_index(
-        f"s3://{bucket}/corpus/passages.tsv", root, encoder_name_or_path=MINILM, max_length=MAX_LENGTH,
-        batch_size=16, num_shards=3, num_actors=2, actor_num_cpus=0.5, faiss_factory="Flat", metric="ip",
-        version="v1", work_dir=out / "work", keep_work_dir=True, split_uri=f"s3://{bucket}/tmp/split", s3_options=moto_s3,
+        f"s3://{bucket}/corpus/passages.tsv", root, encoder=ENCODER, settings=BUILT, version="v1", work_dir=out / "work", keep_work_dir=True, split_uri=f"s3://{bucket}/tmp/split", s3_options=moto_s3,
     )  # fmt: skip
     return dict(out=out, files=files, bucket=bucket, root=root, manifest=manifest, s3=moto_s3, client=client)
 
@@ -166,8 +170,7 @@ def test_interrupted_encode_redoes_only_unfinished_shards(built):
     (encoded / "shard-00001.parquet.done.json").unlink()  # as if the run died while writing shard 1
     (encoded / "shard-00001.parquet").unlink()
     result = encode_passages(
-        f"s3://{built['bucket']}/corpus/passages.tsv", work, encoder_name_or_path=MINILM, max_length=MAX_LENGTH,
-        batch_size=16, num_shards=3, num_actors=2, actor_num_cpus=0.5, s3_options=built["s3"],
+        f"s3://{built['bucket']}/corpus/passages.tsv", work, encoder=ENCODER, settings=BUILT, s3_options=built["s3"],
         split_uri=f"s3://{built['bucket']}/tmp/split",
     )  # fmt: skip
     after = {p.name: p.stat().st_mtime_ns for p in encoded.glob("shard-*.parquet")}
@@ -189,8 +192,8 @@ def test_passages_without_text_column_is_a_data_error(ray_cluster, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "title": "A"}\n{"id": "b", "title": "B"}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl: line 1: missing column 'text' \(columns: \['id', 'title'\]\)"):
-        encode_passages(str(bad), tmp_path / "work", encoder_name_or_path=MINILM, max_length=MAX_LENGTH,
-                        num_shards=2, actor_num_cpus=0.5)  # fmt: skip
+        encode_passages(str(bad), tmp_path / "work", encoder=ENCODER,
+                        settings=IndexBuildSettings(num_shards=2, num_actors=1, actor_num_cpus=0.5))  # fmt: skip
 
 
 def test_qa_files_read_from_s3_equal_the_local_ones(s3_bucket, tmp_path):
@@ -229,8 +232,9 @@ def test_normalize_reaches_the_encoder_actors_and_the_manifest(ray_cluster, tmp_
     )
     built = {}
     for normalize in (False, True):
-        manifest = build_index(str(passages), str(tmp_path / f"ix-{normalize}"), encoder_name_or_path=MINILM,
-                               max_length=MAX_LENGTH, normalize=normalize, num_shards=1, actor_num_cpus=0.5,
+        manifest = build_index(str(passages), str(tmp_path / f"ix-{normalize}"),
+                               encoder=ENCODER.model_copy(update={"normalize": normalize}),
+                               settings=IndexBuildSettings(num_shards=1, actor_num_cpus=0.5),
                                work_dir=tmp_path / f"work-{normalize}")  # fmt: skip
         assert manifest.encoder.normalize is normalize
         assert Manifest.model_validate_json(manifest.model_dump_json()).encoder.normalize is normalize
@@ -266,7 +270,8 @@ def test_refresh_with_s3_storage_publishes_the_encoder_snapshot_where_every_node
         staging_dir=str(tmp_path / "staging"),
         s3=options,
         snapshot_uri=f"s3://{bucket}/runs/r/refresh",
-        build={"num_shards": 1, "actor_num_cpus": 0.5, "max_length": 32, "pooling": "mean"},
+        encoder=EncoderSpec(name_or_path=str(tmp_path / "enc"), pooling="mean", max_length=32),  # each snapshot's
+        settings=IndexBuildSettings(num_shards=1, actor_num_cpus=0.5),
     )
     version = build_refreshed_index(encoder, spec, step=7)
     snapshot = f"s3://{bucket}/runs/r/refresh/passage-encoder-step-0000007"

@@ -101,7 +101,8 @@ def root_uri(kind: str, tmp_path: Path, s3_bucket) -> tuple[str, dict | None]:
 
 def test_ray_path_rejects_malformed_and_empty_rows_with_the_readers_messages(ray_cluster, tmp_path, tiny_encoder):
     from raggen.corpus.readers import read_passages
-    from raggen.index import encode_passages
+    from raggen.index import IndexBuildSettings, encode_passages
+    from raggen.models.retriever import EncoderSpec
 
     cases = {"fields.tsv": "id\ttext\ttitle\n1\ta\tt\n2\tb\n", "blank.tsv": "id\ttext\ttitle\n1\ta\tt\n2\t  \tt\n",
              "noid.jsonl": '{"id": "1", "text": "a"}\n{"id": " ", "text": "b"}\n'}  # fmt: skip
@@ -114,8 +115,8 @@ def test_ray_path_rejects_malformed_and_empty_rows_with_the_readers_messages(ray
         path = tmp_path / name
         path.write_text(content)
         with pytest.raises(DataError) as ray_err:
-            encode_passages(str(path), tmp_path / f"work-{name}", encoder_name_or_path=tiny_encoder, max_length=16,
-                            actor_num_cpus=0.25)  # fmt: skip
+            encode_passages(str(path), tmp_path / f"work-{name}", encoder=EncoderSpec(name_or_path=tiny_encoder,
+                            max_length=16), settings=IndexBuildSettings(num_shards=1, num_actors=1, actor_num_cpus=0.25))  # fmt: skip
         with pytest.raises(DataError) as reader_err:
             read_passages(path)
         assert str(ray_err.value) == str(reader_err.value) == f"{path}: {expected[name]}"
@@ -128,13 +129,14 @@ def test_user_folders_survive_and_verify_reads_the_s3_object_not_the_cache(
     ray_cluster, tmp_path, s3_bucket, tiny_encoder, monkeypatch, capsys
 ):
     from raggen.cli import main
-    from raggen.index import build_index, load_version, verify_index
+    from raggen.index import IndexBuildSettings, build_index, load_version, verify_index
+    from raggen.models.retriever import EncoderSpec
 
     bucket, options = s3_bucket
     corpus = write_corpus(tmp_path / "passages.tsv")
     root = f"s3://{bucket}/index"
-    kwargs = dict(encoder_name_or_path=tiny_encoder, max_length=16, num_shards=2, actor_num_cpus=0.25,
-                  s3_options=options, version="v1")  # fmt: skip
+    kwargs = dict(encoder=EncoderSpec(name_or_path=tiny_encoder, max_length=16),
+                  settings=IndexBuildSettings(num_shards=2, actor_num_cpus=0.25), s3_options=options, version="v1")  # fmt: skip
 
     # (d) a non-empty folder that raggen did not make: refused up front, every file kept
     home = tmp_path / "home"

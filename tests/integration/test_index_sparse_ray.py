@@ -1,4 +1,4 @@
-"""``build_index(..., sparse="bm25")`` end to end on Ray into an S3 root (moto): the BM25 files are
+"""``build_index`` with ``IndexBuildSettings(sparse="bm25")`` end to end on Ray into an S3 root (moto): the BM25 files are
 built in a Ray task, published and verified with the version, searched through ``raggen
 retrieve``'s path in every mode, refused when corrupt, and removed with the version."""
 
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from raggen.errors import IndexIntegrityError
-from raggen.index import build_index, open_index, verify_version
+from raggen.index import IndexBuildSettings, SearchSettings, build_index, open_index, verify_version
 from raggen.index import lifecycle as L
 from raggen.index.sparse import load_sparse
+from raggen.models.retriever import EncoderSpec
 from raggen.retrieval import RetrievalSettings, with_retrieval
 from raggen.storage import s3_client
 
@@ -43,16 +44,12 @@ def test_build_publish_search_and_remove_a_bm25_index_on_s3(ray_local, s3_bucket
         m = build_index(
             str(passages),
             root,
-            encoder_name_or_path=enc,
-            max_length=32,
-            num_shards=3,
-            num_actors=1,
-            actor_num_cpus=0.5,
+            encoder=EncoderSpec(name_or_path=enc, max_length=32),
+            settings=IndexBuildSettings(num_shards=3, num_actors=1, actor_num_cpus=0.5, sparse="bm25"),
+            search=SearchSettings(target_recall=None),
             version=version,
-            sparse="bm25",
             work_dir=tmp_path / f"work-{version}",
             s3_options=opts,
-            target_recall=None,
         )
         assert m.sparse is not None and m.sparse.count == 60
     verify_version(root, "v2", s3_options=opts, cache_dir=tmp_path / "cache")

@@ -26,8 +26,9 @@ import ray
 from ray import serve
 
 from raggen.corpus.world import WorldConfig, read_changed_facts, write_world  # noqa: E402
-from raggen.index import build_index, embeddings_of, load_version, set_latest  # noqa: E402
+from raggen.index import IndexBuildSettings, build_index, embeddings_of, load_version, set_latest  # noqa: E402
 from raggen.models import TextEncoder  # noqa: E402
+from raggen.models.retriever import EncoderSpec  # noqa: E402
 from raggen.serve.app import deploy_config, serve_deploy_config, wait_until_running, with_index  # noqa: E402
 from raggen.serve.client import ServiceError, ask  # noqa: E402
 from raggen.testing import copy_version, wait_for
@@ -71,12 +72,9 @@ def world(tmp_path_factory, ray_session):
         build_index(
             str(passages),
             root,
-            encoder_name_or_path=MINILM,
-            max_length=128,
-            num_shards=2,
-            num_actors=1,
+            encoder=EncoderSpec(name_or_path=MINILM, max_length=128),
+            settings=IndexBuildSettings(num_shards=2, num_actors=1, actor_num_cpus=0.5),
             version=version,
-            actor_num_cpus=0.5,
             work_dir=out / f"work-{version}",
         )
     texts = {

@@ -25,7 +25,8 @@ import ray
 from ray import serve
 
 from raggen.corpus.world import WorldConfig, read_changed_facts, write_world  # noqa: E402
-from raggen.index import build_index  # noqa: E402
+from raggen.index import IndexBuildSettings, build_index  # noqa: E402
+from raggen.models.retriever import EncoderSpec  # noqa: E402
 from raggen.serve.app import (  # noqa: E402
     APP_NAME,
     deploy_config,
@@ -78,11 +79,9 @@ def service(tmp_path_factory):
         build_index(
             str(files.passages_v1),
             root,
-            encoder_name_or_path=MINILM,
-            max_length=128,
-            num_shards=1,
+            encoder=EncoderSpec(name_or_path=MINILM, max_length=128),
+            settings=IndexBuildSettings(num_shards=1, actor_num_cpus=0.5),
             version="v1",
-            actor_num_cpus=0.5,
             work_dir=out / "work",
         )
         copy_version(root, "v1", "v2", tamper=False)

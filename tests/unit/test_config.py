@@ -37,6 +37,31 @@ def test_bad_values_name_the_field(override, field):
     assert "\n" not in message
 
 
+def test_index_section_is_the_build_settings_plus_its_own_fields():
+    """``index`` inherits ``IndexBuildSettings`` (declared once in raggen.index): the same YAML keys,
+    defaults and constraints; its build part is the frozen library object ``build_index`` takes."""
+    from pydantic import ValidationError
+
+    from raggen.app.indexing import index_build_settings
+    from raggen.config import IndexSection
+    from raggen.index import IndexBuildSettings
+
+    assert issubclass(IndexSection, IndexBuildSettings)
+    assert index_build_settings(load_config().index) == IndexBuildSettings()
+    cfg = load_config(overrides=["index.num_shards=4", "index.sparse=bm25", "index.actor_num_gpus=null"])
+    settings = index_build_settings(cfg.index)
+    assert type(settings) is IndexBuildSettings
+    assert (settings.num_shards, settings.sparse, settings.actor_num_gpus) == (4, "bm25", None)
+    with pytest.raises(ValidationError):
+        settings.num_shards = 3  # the library's object is frozen ...
+    cfg.index.num_shards = 3  # ... the config section is not (validated on assignment)
+    with pytest.raises(ValidationError):
+        cfg.index.num_shards = 0
+    with pytest.raises(ConfigError, match="index.batch_size"):
+        load_config(overrides=["index.batch_size=0"])
+    assert all(f.description for f in IndexBuildSettings.model_fields.values())
+
+
 def test_bad_yaml_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: [1,\n")

@@ -18,7 +18,7 @@ from tests.helpers import REPO
 PACKAGE = REPO / "raggen"
 APPLICATION = {"app", "cli"}  # the only nodes that may import the config (and each other)
 LIBRARIES = {"corpus", "models", "objectives", "index", "train", "serve", "decoding", "storage", "errors", "names", "retrieval",
-             "devices", "ray_utils"}  # fmt: skip
+             "devices", "ray_utils", "settings_util"}  # fmt: skip
 
 
 def module_name(path: Path) -> str:

@@ -19,30 +19,41 @@ def job():
 
 
 def test_config_mode_builds_what_the_index_section_says(job):
+    from raggen.app.indexing import index_build_settings
+
     config = str(REPO / "configs" / "wiki-dpr-21m.yaml")
     args = job.parse_args([config, "--set", "index.num_shards=4", "--work-dir", "/tmp/w", "--no-embeddings"])
-    kwargs = job.build_kwargs(args)
-    expected = load_config(config, ["index.num_shards=4"]).index.build_kwargs()
-    expected["store_embeddings"] = False  # --no-embeddings overrides the config's index.store_embeddings
-    assert {k: kwargs[k] for k in expected} == expected and kwargs["num_shards"] == 4
-    assert kwargs["work_dir"] == "/tmp/w"
+    index = job.index_config(args).index
+    expected = load_config(config, ["index.num_shards=4"]).index
+    # --no-embeddings overrides the config's index.store_embeddings; everything else is the config's
+    assert index_build_settings(index) == index_build_settings(expected).model_copy(update={"store_embeddings": False})
+    assert index.num_shards == 4 and index.encoder == expected.encoder and index.search == expected.search
+    assert args.work_dir == "/tmp/w"
     # without the flag the config rules: true by default, false when the config says so
-    assert job.build_kwargs(job.parse_args([config]))["store_embeddings"] is True
-    kept = job.build_kwargs(job.parse_args([config, "--set", "index.store_embeddings=false"]))
-    assert kept["store_embeddings"] is False
+    assert job.index_config(job.parse_args([config])).index.store_embeddings is True
+    kept = job.index_config(job.parse_args([config, "--set", "index.store_embeddings=false"]))
+    assert kept.index.store_embeddings is False
 
 
 def test_flag_mode_and_normalize(job):
-    kwargs = job.build_kwargs(
-        job.parse_args(["--passages", "p.tsv", "--output", "ix", "--normalize", "--num-shards", "3"])
-    )
-    assert (kwargs["passages_uri"], kwargs["output_uri"], kwargs["normalize"], kwargs["num_shards"]) == (
-        "p.tsv",
-        "ix",
+    args = job.parse_args(["--passages", "p.tsv", "--output", "ix", "--normalize", "--num-shards", "3"])
+    encoder, settings = job.flag_settings(args)
+    assert (args.passages, args.output, encoder.normalize, settings.num_shards) == ("p.tsv", "ix", True, 3)
+    # the flags' own defaults, not the config's
+    assert (encoder.max_length, settings.num_actors, settings.actor_num_gpus, settings.store_embeddings) == (
+        256,
+        1,
+        None,
         True,
-        3,
     )
-    assert kwargs["s3_options"] is None
+    assert job.flag_s3_options(args) is None
+
+
+def test_flag_mode_bad_value_is_a_config_error(job):
+    from raggen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size"):
+        job.flag_settings(job.parse_args(["--passages", "p", "--output", "o", "--batch-size", "0"]))
 
 
 @pytest.mark.parametrize(

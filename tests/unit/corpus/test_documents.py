@@ -175,12 +175,12 @@ def test_document_corpus_detection(doc_folder, tmp_path):
 
 
 def test_config_routes_documents_through_chunking_and_leaves_passages_alone(doc_folder, tmp_path):
-    from raggen.app.indexing import index_build_kwargs
+    from raggen.app.indexing import corpus_passages
     from raggen.config import load_config
 
     root, texts = doc_folder
     base = [f"index.chunk_dir={tmp_path / 'chunks'}"]
-    explicit = index_build_kwargs(
+    explicit_uri, explicit_format = corpus_passages(
         load_config(
             None,
             [
@@ -192,14 +192,14 @@ def test_config_routes_documents_through_chunking_and_leaves_passages_alone(doc_
             ],
         ).index
     )
-    assert explicit["passages_format"] == "parquet" and explicit["passages_uri"].startswith(str(tmp_path / "chunks"))
-    check_windows(passages_of(explicit["passages_uri"]), {r: t.split() for r, t in texts.items()}, 50, 10)
-    auto = index_build_kwargs(load_config(None, [*base, f"index.passages={root}"]).index)  # a folder of .md/.txt
-    assert auto["passages_format"] == "parquet" and len(passages_of(auto["passages_uri"])) > len(texts)
+    assert explicit_format == "parquet" and explicit_uri.startswith(str(tmp_path / "chunks"))
+    check_windows(passages_of(explicit_uri), {r: t.split() for r, t in texts.items()}, 50, 10)
+    auto_uri, auto_format = corpus_passages(load_config(None, [*base, f"index.passages={root}"]).index)  # .md/.txt
+    assert auto_format == "parquet" and len(passages_of(auto_uri)) > len(texts)
     tsv = tmp_path / "psgs_w100.tsv"
     tsv.write_text("id\ttext\ttitle\n1\thello\tT\n")
-    plain = index_build_kwargs(load_config(None, [*base, f"index.passages={tsv}"]).index)
-    assert plain["passages_uri"] == str(tsv) and plain["passages_format"] == "auto"  # DPR's TSV: untouched
+    plain = corpus_passages(load_config(None, [*base, f"index.passages={tsv}"]).index)
+    assert plain == (str(tsv), "auto")  # DPR's TSV: untouched
     with pytest.raises(ConfigError, match="chunk_overlap"):
         load_config(None, ["index.chunk_words=10", "index.chunk_overlap=10"])
     with pytest.raises(ConfigError, match="dpr-tsv"):
@@ -207,13 +207,13 @@ def test_config_routes_documents_through_chunking_and_leaves_passages_alone(doc_
 
 
 def test_shipped_example_documents_chunk_as_the_config_says(tmp_path):
-    from raggen.app.indexing import index_build_kwargs
+    from raggen.app.indexing import corpus_passages
     from raggen.config import load_config, with_absolute_paths
 
     cfg = load_config(REPO / "configs" / "documents.yaml", [f"index.chunk_dir={tmp_path}"])
     cfg.index.passages = str(REPO / cfg.index.passages)
     cfg = with_absolute_paths(cfg)
-    psg = passages_of(index_build_kwargs(cfg.index)["passages_uri"])
+    psg = passages_of(corpus_passages(cfg.index)[0])
     files = sorted(p for p in (REPO / "examples" / "docs").iterdir() if p.suffix in (".md", ".txt"))
     assert 5 <= len(files) <= 10 and set(psg.doc_id) == {p.name for p in files}
     check_windows(
