@@ -2,23 +2,54 @@
 
 All load through transformers' Auto classes from an HF id or a local folder (``resolve_model_path``)
 and save with ``save_pretrained`` (safetensors + tokenizer); ``tiny`` builds test-size checkpoints.
+
+Names load on first use (PEP 562): every Ray worker imports this package, and a worker that needs
+only the bi-encoder should not pay for importing the generator families and the tiny-model builders.
 """
 
-from raggen.models.generator import Generator
-from raggen.models.generator_cache import EncodedRows
-from raggen.models.generator_inputs import SOURCE_TEMPLATE, check_batch, gather_logprobs, source_text, target_mask
-from raggen.models.loading import MINILM_ID, bundled_minilm_path, resolve_model_path
-from raggen.models.posterior import PosteriorRetriever, posterior_query_text
-from raggen.models.reranker import Reranker
-from raggen.models.retriever import (
-    BiEncoder,
-    TextEncoder,
-    inner_product_scores,
-    passage_text,
-    pool,
-    save_pretrained_atomic,
-)
-from raggen.models.tiny import make_tiny_encoder, make_tiny_generator, make_tiny_reranker, tiny_tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "Generator": "generator",
+    "EncodedRows": "generator_cache",
+    "SOURCE_TEMPLATE": "generator_inputs",
+    "check_batch": "generator_inputs",
+    "gather_logprobs": "generator_inputs",
+    "source_text": "generator_inputs",
+    "target_mask": "generator_inputs",
+    "MINILM_ID": "loading",
+    "bundled_minilm_path": "loading",
+    "resolve_model_path": "loading",
+    "PosteriorRetriever": "posterior",
+    "posterior_query_text": "posterior",
+    "Reranker": "reranker",
+    "BiEncoder": "retriever",
+    "TextEncoder": "retriever",
+    "inner_product_scores": "retriever",
+    "passage_text": "retriever",
+    "pool": "retriever",
+    "save_pretrained_atomic": "retriever",
+    "make_tiny_encoder": "tiny",
+    "make_tiny_generator": "tiny",
+    "make_tiny_reranker": "tiny",
+    "tiny_tokenizer": "tiny",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
+
 
 __all__ = [
     "MINILM_ID",

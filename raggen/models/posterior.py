@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
-from raggen.models.retriever import PassageFormat, Pooling, TextEncoder
+from raggen.models.retriever import TextEncoder
 
 
 def posterior_query_text(question: str, answer: str, sep: str) -> str:
@@ -32,26 +33,9 @@ class PosteriorRetriever(nn.Module):
         return cls(copy.deepcopy(query_encoder))
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        pooling: Pooling = "mean",
-        max_length: int = 256,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        normalize: bool = False,
-        passage_format: PassageFormat | None = None,
-    ) -> PosteriorRetriever:
-        encoder = TextEncoder.from_pretrained(
-            name_or_path,
-            pooling=pooling,
-            max_length=max_length,
-            device=device,
-            dtype=dtype,
-            normalize=normalize,
-            passage_format=passage_format,
-        )
-        return cls(encoder)
+    def from_pretrained(cls, name_or_path: str, **encoder_options: Any) -> PosteriorRetriever:
+        """A bi-encoder checkpoint as q(z|x,y); ``encoder_options`` are ``TextEncoder.from_pretrained``'s."""
+        return cls(TextEncoder.from_pretrained(name_or_path, **encoder_options))
 
     @property
     def dim(self) -> int:

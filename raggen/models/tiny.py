@@ -251,12 +251,8 @@ def make_tiny_reranker(
     ffn: int | None = None,
 ) -> str:
     """A random-init BERT cross-encoder with one output (``Reranker.from_pretrained(out_dir)``)."""
-    dims = _dims(size, d_model, layers, heads, ffn)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BertForSequenceClassification(_bert_config(dims, num_labels=1))
-    save_pretrained_atomic(out_dir, model, tiny_tokenizer())
-    return out_dir
+    config = _bert_config(_dims(size, d_model, layers, heads, ffn), num_labels=1)
+    return _save_random_bert(out_dir, BertForSequenceClassification, config, seed)
 
 
 def make_tiny_encoder(
@@ -270,9 +266,14 @@ def make_tiny_encoder(
     ffn: int | None = None,
 ) -> str:
     """A random-init BERT encoder (``TextEncoder.from_pretrained(out_dir)``), dim = ``d_model``."""
-    dims = _dims(size, d_model, layers, heads, ffn)
+    return _save_random_bert(out_dir, BertModel, _bert_config(_dims(size, d_model, layers, heads, ffn)), seed)
+
+
+def _save_random_bert(out_dir: str, model_class, config: BertConfig, seed: int) -> str:
+    """``model_class(config)`` with weights drawn from ``seed`` (the caller's RNG untouched), saved
+    with the tiny tokenizer."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BertModel(_bert_config(dims))
+        model = model_class(config)
     save_pretrained_atomic(out_dir, model, tiny_tokenizer())
     return out_dir

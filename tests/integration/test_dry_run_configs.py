@@ -45,6 +45,7 @@ def rehearsals(tmp_path_factory, moto_s3, ray_with_credentials):
                 s3_client(moto_s3).create_bucket(Bucket=bucket)
             out = tmp_path_factory.mktemp(path.stem)
             done[path.name] = run_dry_run(str(path), out, s3_endpoint=moto_s3["endpoint_url"])
+            print(f"dry run of {path.name}: seconds per stage {done[path.name]['seconds']}")  # pytest -s shows it
         return done[path.name]
 
     return get
