@@ -32,17 +32,17 @@ format: venv
 	$(BIN)/ruff check --fix raggen jobs tests benchmarks
 	$(BIN)/ruff format raggen jobs tests benchmarks
 
-# Unit tests on two processes (pytest-xdist; each test is independent and Ray-free), then the
-# integration tests one at a time: each starts its own Ray, Serve or job cluster on the machine.
+# Every test on two processes (pytest-xdist), a test file at a time per process (--dist loadfile:
+# an integration module's Ray, Serve or job cluster lives in one process; each process has its own
+# RAY_TMPDIR, see tests/conftest.py); the 15 slowest tests are listed at the end.
 test: venv
-	$(BIN)/python -m pytest -q -n 2 -m "not integration" --timeout=600
-	$(BIN)/python -m pytest -q -m integration --timeout=600 --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout=600 --durations=15
 
 test-unit: venv
 	$(BIN)/python -m pytest -q -n 2 -m "not integration"
 
 test-integration: venv
-	$(BIN)/python -m pytest -q -m integration --timeout=600 --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m integration --timeout=600 --durations=15
 
 bench: venv
 	$(BIN)/python benchmarks/estimators.py
