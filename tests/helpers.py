@@ -71,3 +71,51 @@ def three_versions(root: str, tmp: Path, s3_options=None) -> None:
         publish_random_version(
             root, tmp, f"v{i}", f"2026-01-0{i}T00:00:00.000000Z", n=20 + 10 * i, seed=i, s3_options=s3_options
         )
+
+
+def publish_encoded_index(
+    passages,
+    root: str,
+    encoder,
+    encoder_name_or_path: str,
+    work: Path,
+    *,
+    version: str = "v1",
+    num_shards: int = 2,
+    s3_options=None,
+):
+    """``passages`` (a DataFrame with id, title, text) encoded in this process by ``encoder`` (a
+    ``TextEncoder``) and published to ``root`` as a Flat version with stored vectors: the same files
+    and manifest as ``build_index`` writes, without Ray Data (that path has its own tests), for tests
+    whose subject is what reads an index. Returns the vectors (n, d)."""
+    import numpy as np
+
+    from raggen.index import build_shard_index, make_manifest, passages_table, publish_version, write_parquet_atomic
+    from raggen.index.shard import write_index_file
+
+    xb = encoder.encode_passages(passages["title"].tolist(), passages["text"].tolist()).numpy()  # (n, d)
+    out = work / f"build-{version}"
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for shard in range(num_shards):
+        rows = np.arange(shard, len(passages), num_shards)
+        ids = (np.int64(shard) << 40) + np.arange(len(rows), dtype=np.int64)
+        ipath, ppath = out / f"shard-{shard:05d}.faiss", out / f"shard-{shard:05d}.parquet"
+        write_index_file(build_shard_index(xb[rows], ids, factory="Flat", metric="ip"), ipath)
+        sub = passages.iloc[rows]
+        table = passages_table(ids, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows])
+        write_parquet_atomic(table, ppath)
+        files.append((ipath, ppath, len(rows)))
+    manifest = make_manifest(
+        version,
+        encoder_name_or_path=encoder_name_or_path,
+        pooling=encoder.pooling,
+        normalize=encoder.normalize,
+        passage_format=encoder.passage_format or "joined",
+        dim=xb.shape[1],
+        metric="ip",
+        faiss_factory="Flat",
+        shard_files=files,
+    )
+    publish_version(root, manifest, out, s3_options=s3_options)
+    return xb

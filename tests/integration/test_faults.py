@@ -25,13 +25,17 @@ import pytest
 import ray
 from ray import serve
 
+from raggen.corpus import read_passages
 from raggen.corpus.world import WorldConfig, read_changed_facts, write_world  # noqa: E402
 from raggen.errors import ConfigError  # noqa: E402
-from raggen.index import IndexBuildSettings, build_index, set_latest  # noqa: E402
-from raggen.models import make_tiny_reranker  # noqa: E402
-from raggen.models.retriever import EncoderSpec  # noqa: E402
+from raggen.index import set_latest  # noqa: E402
+from raggen.models import (
+    TextEncoder,
+    make_tiny_reranker,  # noqa: E402
+)
 from raggen.serve.app import APP_NAME, deploy_config, serve_deploy_config, wait_until_running  # noqa: E402
 from raggen.testing import copy_version, wait_for
+from tests.helpers import publish_encoded_index
 
 _wait_for = functools.partial(wait_for, poll_s=0.5, retry_on=(httpx.HTTPError, ValueError, KeyError))
 
@@ -65,14 +69,9 @@ def world(tmp_path_factory, ray_session):
     out = tmp_path_factory.mktemp("faults")
     files = write_world(out / "world", WorldConfig(num_entities=20, seed=1, changed_fraction=0.3))
     root = str(out / "index")
-    build_index(
-        str(files.passages_v1),
-        root,
-        encoder=EncoderSpec(name_or_path=MINILM, max_length=128),
-        settings=IndexBuildSettings(num_shards=1, num_actors=1, actor_num_cpus=0.5),
-        version="v1",
-        work_dir=out / "work",
-    )
+    # in this process: the Ray Data build has its own tests; this one tests what serves the index
+    encoder = TextEncoder.from_pretrained(MINILM, pooling="mean", max_length=128)
+    publish_encoded_index(read_passages(files.passages_v1), root, encoder, MINILM, out, num_shards=1)
     copy_version(root, "v1", "v2", tamper=False)
     set_latest(root, "v2")
     questions = [f.question for f in read_changed_facts(files.changed)][:6]

@@ -1,7 +1,7 @@
 """The serve graph on a real Ray Serve, over real HTTP: evidence, validation, auth, index hot-swap.
 
-Two small MiniLM indexes are built with ``build_index`` from the generated world's passages v1 and
-v2; the reader is the shipped one (``raggen/assets/reader``, pre-trained to read answers out of
+Two small MiniLM indexes are published from the generated world's passages v1 and v2 (encoded in
+the test process: ``tests.helpers.publish_encoded_index``; the Ray Data build has its own tests); the reader is the shipped one (``raggen/assets/reader``, pre-trained to read answers out of
 passages). The tests assert on the evidence (passage ids/scores against exact search, the passage
 texts of v1 vs v2, index versions) and, across the hot-swap, on the answers themselves.
 
@@ -25,14 +25,15 @@ import pytest
 import ray
 from ray import serve
 
+from raggen.corpus import read_passages  # noqa: E402
 from raggen.corpus.world import WorldConfig, read_changed_facts, write_world  # noqa: E402
-from raggen.index import IndexBuildSettings, build_index, embeddings_of, load_version, set_latest  # noqa: E402
+from raggen.index import embeddings_of, load_version, set_latest  # noqa: E402
 from raggen.models import TextEncoder  # noqa: E402
-from raggen.models.retriever import EncoderSpec  # noqa: E402
 from raggen.serve.app import deploy_config, serve_deploy_config, wait_until_running, with_index  # noqa: E402
 from raggen.serve.client import ServiceError, ask  # noqa: E402
 from raggen.testing import copy_version, wait_for
 from raggen.train.qa_scores import exact_match  # noqa: E402
+from tests.helpers import publish_encoded_index
 
 _wait_for = functools.partial(wait_for, poll_s=0.25, retry_on=(httpx.HTTPError,))
 
@@ -68,15 +69,10 @@ def world(tmp_path_factory, ray_session):
     out = tmp_path_factory.mktemp("serve")
     files = write_world(out / "world", WorldConfig(num_entities=30, seed=0, changed_fraction=0.5))
     root = str(out / "index")
+    encoder = TextEncoder.from_pretrained(MINILM, pooling="mean", max_length=128)
     for version, passages in (("v1", files.passages_v1), ("v2", files.passages_v2)):
-        build_index(
-            str(passages),
-            root,
-            encoder=EncoderSpec(name_or_path=MINILM, max_length=128),
-            settings=IndexBuildSettings(num_shards=2, num_actors=1, actor_num_cpus=0.5),
-            version=version,
-            work_dir=out / f"work-{version}",
-        )
+        # in this process: the Ray Data build has its own tests; these test what serves the index
+        publish_encoded_index(read_passages(passages), root, encoder, MINILM, out, version=version)
     texts = {
         v: pd.read_csv(p, sep="\t", dtype=str).set_index("id")["text"].to_dict()
         for v, p in (("v1", files.passages_v1), ("v2", files.passages_v2))

@@ -24,9 +24,9 @@ import pytest
 import ray
 from ray import serve
 
+from raggen.corpus import read_passages
 from raggen.corpus.world import WorldConfig, read_changed_facts, write_world  # noqa: E402
-from raggen.index import IndexBuildSettings, build_index  # noqa: E402
-from raggen.models.retriever import EncoderSpec  # noqa: E402
+from raggen.models import TextEncoder
 from raggen.serve.app import (  # noqa: E402
     APP_NAME,
     deploy_config,
@@ -35,6 +35,7 @@ from raggen.serve.app import (  # noqa: E402
     with_index,
 )
 from raggen.testing import copy_version, wait_for
+from tests.helpers import publish_encoded_index
 
 _wait_for = functools.partial(wait_for, poll_s=0.5, retry_on=(httpx.HTTPError, ValueError))
 
@@ -76,14 +77,9 @@ def service(tmp_path_factory):
         out = tmp_path_factory.mktemp("serve-openai")
         files = write_world(out / "world", WorldConfig(num_entities=30, seed=0, changed_fraction=0.5))
         root = str(out / "index")
-        build_index(
-            str(files.passages_v1),
-            root,
-            encoder=EncoderSpec(name_or_path=MINILM, max_length=128),
-            settings=IndexBuildSettings(num_shards=1, actor_num_cpus=0.5),
-            version="v1",
-            work_dir=out / "work",
-        )
+        # in this process: the Ray Data build has its own tests; this one tests what serves the index
+        encoder = TextEncoder.from_pretrained(MINILM, pooling="mean", max_length=128)
+        publish_encoded_index(read_passages(files.passages_v1), root, encoder, MINILM, out, num_shards=1)
         copy_version(root, "v1", "v2", tamper=False)
         copy_version(root, "v1", "v3", tamper=True)
         port = _free_port()

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import publish_encoded_index
+
 pytestmark = pytest.mark.integration
 
 STEPS = 4
@@ -26,38 +28,12 @@ EVAL_EXAMPLES = 8
 # ----------------------------------------------------------------------------------- fixtures
 
 
-def _publish_tiny_index(passages, encoder_dir: str, out_uri: str, work: Path, num_shards: int = 2) -> None:
+def _publish_tiny_index(passages, encoder_dir: str, out_uri: str, work: Path) -> None:
     """Encode passages with the tiny encoder and publish a 2-shard Flat index (no Ray Data: the
     Ray Data build is tested with the index package)."""
-    from raggen.index import build_shard_index, make_manifest, passages_table, publish_version, write_parquet_atomic
-    from raggen.index.shard import write_index_file
-    from raggen.models import TextEncoder, passage_text
+    from raggen.models import TextEncoder
 
-    enc = TextEncoder.from_pretrained(encoder_dir, max_length=64)
-    texts = [passage_text(t, x) for t, x in zip(passages["title"], passages["text"])]
-    xb = enc.encode(texts).numpy()  # (n, d)
-    files = []
-    work.mkdir(parents=True, exist_ok=True)
-    for shard in range(num_shards):
-        rows = np.arange(shard, len(passages), num_shards)
-        index = build_shard_index(xb[rows], rows.astype(np.int64), factory="Flat", metric="ip")
-        ipath, ppath = work / f"shard-{shard:05d}.faiss", work / f"shard-{shard:05d}.parquet"
-        write_index_file(index, ipath)
-        sub = passages.iloc[rows]
-        write_parquet_atomic(
-            passages_table(rows, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows]), ppath
-        )
-        files.append((ipath, ppath, len(rows)))
-    manifest = make_manifest(
-        "v1",
-        encoder_name_or_path=encoder_dir,
-        pooling="mean",
-        dim=xb.shape[1],
-        metric="ip",
-        faiss_factory="Flat",
-        shard_files=files,
-    )
-    publish_version(out_uri, manifest, work)
+    publish_encoded_index(passages, out_uri, TextEncoder.from_pretrained(encoder_dir, max_length=64), encoder_dir, work)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_train_ray import _publish_tiny_index
+from tests.helpers import publish_encoded_index
 
 pytestmark = pytest.mark.integration
 
@@ -26,13 +26,14 @@ def world(tmp_path_factory, moto_s3):
 
     from raggen.corpus import read_passages, write_qa_jsonl
     from raggen.corpus.world import WorldConfig, build_world, write_world
-    from raggen.models import make_tiny_encoder, make_tiny_generator
+    from raggen.models import TextEncoder, make_tiny_encoder, make_tiny_generator
 
     root = tmp_path_factory.mktemp("watch")
     files = write_world(root / "world", WorldConfig(num_entities=30, seed=0))
     train_file = write_qa_jsonl(root / "train.jsonl", build_world(WorldConfig(num_entities=30, seed=0)).train[:16])
     encoder, generator = make_tiny_encoder(str(root / "enc")), make_tiny_generator(str(root / "gen"))
-    _publish_tiny_index(read_passages(files.passages_v1), encoder, str(root / "index"), root / "index-work")
+    tiny = TextEncoder.from_pretrained(encoder, max_length=64)
+    publish_encoded_index(read_passages(files.passages_v1), str(root / "index"), tiny, encoder, root / "index-work")
     with pytest.MonkeyPatch.context() as mp:
         # before ray.init: the workers' boto3 (rank 0 uploads the run files) reads them from its environment
         mp.setenv("AWS_ACCESS_KEY_ID", moto_s3["aws_access_key_id"])

@@ -18,6 +18,7 @@ from raggen.train.evaluate import (
     normalize_answer,
     recall_at_k,
 )
+from tests.helpers import publish_encoded_index
 
 # ----------------------------------------------------------------------------------- EM / F1
 
@@ -114,46 +115,17 @@ def test_answer_and_gold_hits():
 @pytest.fixture(scope="module")
 def tiny_rag(tmp_path_factory):
     """A tiny encoder + reader and a published 2-shard index over a 30-entity world."""
-    import numpy as np
 
     from raggen.corpus.world import WorldConfig, build_world
-    from raggen.index import (
-        build_shard_index,
-        make_manifest,
-        open_index,
-        passages_table,
-        publish_version,
-        write_parquet_atomic,
-    )
-    from raggen.index.shard import write_index_file
-    from raggen.models import Generator, TextEncoder, make_tiny_encoder, make_tiny_generator, passage_text
+    from raggen.index import open_index
+    from raggen.models import Generator, TextEncoder, make_tiny_encoder, make_tiny_generator
 
     root = tmp_path_factory.mktemp("eval")
     world = build_world(WorldConfig(num_entities=30, seed=0))
     enc = TextEncoder.from_pretrained(make_tiny_encoder(str(root / "enc")), max_length=64)
     gen = Generator.from_pretrained(make_tiny_generator(str(root / "gen")), max_source_length=96, max_target_length=6)
     psg = world.passages_v1
-    xb = enc.encode([passage_text(t, x) for t, x in zip(psg["title"], psg["text"])]).numpy()
-    files = []
-    for shard in range(2):
-        rows = np.arange(shard, len(psg), 2)
-        ipath, ppath = root / f"s{shard}.faiss", root / f"s{shard}.parquet"
-        write_index_file(build_shard_index(xb[rows], rows.astype(np.int64)), ipath)
-        sub = psg.iloc[rows]
-        write_parquet_atomic(
-            passages_table(rows, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows]), ppath
-        )
-        files.append((ipath, ppath, len(rows)))
-    manifest = make_manifest(
-        "v1",
-        encoder_name_or_path=str(root / "enc"),
-        pooling="mean",
-        dim=xb.shape[1],
-        metric="ip",
-        faiss_factory="Flat",
-        shard_files=files,
-    )
-    publish_version(str(root / "index"), manifest, root)
+    xb = publish_encoded_index(psg, str(root / "index"), enc, str(root / "enc"), root)
     enc.eval()
     gen.eval()
     return {"enc": enc, "gen": gen, "index": open_index(str(root / "index")), "xb": xb, "passages": psg, "world": world}

@@ -13,6 +13,7 @@ import pytest
 from raggen.cli import main
 from raggen.train.qa_scores import has_answer
 from raggen.train.retrieve import accuracy_ks
+from tests.helpers import publish_encoded_index
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -23,41 +24,13 @@ def world_index(tmp_path_factory):
     a tiny reader, and the --set lines of a config that names them."""
     from raggen.corpus.readers import read_passages
     from raggen.corpus.world import WorldConfig, write_world
-    from raggen.index import (
-        build_shard_index,
-        make_manifest,
-        passages_table,
-        publish_version,
-        write_parquet_atomic,
-    )
-    from raggen.index.shard import write_index_file
     from raggen.models import TextEncoder, make_tiny_generator
 
     root = tmp_path_factory.mktemp("retrieve")
     files = write_world(root / "world", WorldConfig(num_entities=30, seed=0))
-    psg = read_passages(files.passages_v1)
     enc = TextEncoder.from_pretrained(MINILM, pooling="mean", max_length=64)
-    xb = enc.encode_passages(psg["title"].tolist(), psg["text"].tolist()).numpy()  # (n, 384)
-    shard_files = []
-    for shard in range(2):
-        rows = np.arange(shard, len(psg), 2)
-        ipath, ppath = root / f"s{shard}.faiss", root / f"s{shard}.parquet"
-        write_index_file(build_shard_index(xb[rows], rows.astype(np.int64)), ipath)
-        sub = psg.iloc[rows]
-        write_parquet_atomic(
-            passages_table(rows, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows]), ppath
-        )
-        shard_files.append((ipath, ppath, len(rows)))
-    manifest = make_manifest(
-        "v1",
-        encoder_name_or_path=MINILM,
-        pooling="mean",
-        dim=xb.shape[1],
-        metric="ip",
-        faiss_factory="Flat",
-        shard_files=shard_files,
-    )
-    publish_version(str(root / "index"), manifest, root)
+    psg = read_passages(files.passages_v1)
+    xb = publish_encoded_index(psg, str(root / "index"), enc, MINILM, root)
     generator = make_tiny_generator(str(root / "gen"))
     sets = [
         f"world.out_dir={root / 'world'}",
