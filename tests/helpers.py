@@ -119,3 +119,12 @@ def publish_encoded_index(
     )
     publish_version(root, manifest, out, s3_options=s3_options)
     return xb
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a dashboard or HTTP server of a test's own)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

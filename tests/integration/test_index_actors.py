@@ -34,6 +34,7 @@ from raggen.index import (
 )
 from raggen.index.actors import rss_bytes
 from raggen.index.shard import build_shard_index, train_index, write_index_file
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,10 @@ def cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 200 * 1024**2})
+    # a dashboard port of its own: the state API (list_actors) reads it, and another test process's
+    # cluster may hold Ray's default port (make test runs two processes)
+    head = {"num_cpus": 1, "object_store_memory": 200 * 1024**2, "dashboard_port": free_port()}
+    c = Cluster(initialize_head=True, head_node_args=head)
     c.add_node(num_cpus=1, object_store_memory=200 * 1024**2)
     ray.init(address=c.address, log_to_driver=False)
     try:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import publish_encoded_index
+from tests.helpers import free_port, publish_encoded_index
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ def setup(tmp_path_factory):
     _publish_tiny_index(read_passages(files.passages_v1), models["encoder"], str(root / "index"), root / "index-work")
     # Keep the dashboard: Ray Train V2 checks its controller is alive through the State API it
     # serves, and a run without it can have its placement group removed while still training.
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(num_cpus=2, log_to_driver=False, dashboard_port=free_port())  # make test runs two clusters
     yield {
         "root": root,
         "train_file": str(train_file),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import publish_encoded_index
+from tests.helpers import free_port, publish_encoded_index
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ def world(tmp_path_factory, moto_s3):
         # before ray.init: the workers' boto3 (rank 0 uploads the run files) reads them from its environment
         mp.setenv("AWS_ACCESS_KEY_ID", moto_s3["aws_access_key_id"])
         mp.setenv("AWS_SECRET_ACCESS_KEY", moto_s3["aws_secret_access_key"])
-        ray.init(num_cpus=2, log_to_driver=False)
+        ray.init(num_cpus=2, log_to_driver=False, dashboard_port=free_port())  # make test runs two clusters
         try:
             yield {
                 "root": root,
