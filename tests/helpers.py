@@ -17,8 +17,28 @@ def write_random_shards(
     text: str = "text {r}",
     num_shards: int = 2,
 ) -> list[tuple[Path, Path, int]]:
-    """``num_shards`` Flat shards of ``n`` seeded random vectors in ``out`` (ids ``shard << 40 | row``,
+    """``num_shards`` Flat shards of ``n`` seeded random vectors in ``out`` (contiguous rows per shard,
     passage ids ``"{seed}-{row}"``): the ``shard_files`` of ``make_manifest``."""
+    import numpy as np
+
+    xb = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    texts = [text.format(seed=seed, r=r) for r in range(n)]
+    return write_shards(
+        out,
+        xb,
+        [f"{seed}-{r}" for r in range(n)],
+        [""] * n,
+        texts,
+        np.array_split(np.arange(n), num_shards),
+        store_embeddings=store_embeddings,
+    )
+
+
+def write_shards(
+    out: Path, xb, pids: list[str], titles: list[str], texts: list[str], row_sets, *, store_embeddings: bool
+) -> list[tuple[Path, Path, int]]:
+    """Shard ``s`` = the passages ``row_sets[s]`` (vectors ``xb``), written as a Flat FAISS file and a
+    passage parquet in ``out`` with ids ``s << 40 | position``: the ``shard_files`` of ``make_manifest``."""
     import numpy as np
 
     from raggen.index import manifest as M
@@ -26,17 +46,16 @@ def write_random_shards(
     from raggen.index.passage_table import passages_table, write_parquet_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    xb = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     files = []
-    for s, rows in enumerate(np.array_split(np.arange(n), num_shards)):
+    for s, rows in enumerate(row_sets):
         ids = (np.int64(s) << 40) + np.arange(len(rows), dtype=np.int64)
         index_name, passages_name = M.shard_file_names(s)
-        S.write_index_file(S.build_shard_index(xb[rows], ids), out / index_name)
+        S.write_index_file(S.build_shard_index(xb[rows], ids, factory="Flat", metric="ip"), out / index_name)
         table = passages_table(
             ids,
-            [f"{seed}-{r}" for r in rows],
-            [""] * len(rows),
-            [text.format(seed=seed, r=r) for r in rows],
+            [pids[r] for r in rows],
+            [titles[r] for r in rows],
+            [texts[r] for r in rows],
             xb[rows] if store_embeddings else None,
         )
         write_parquet_atomic(table, out / passages_name)
@@ -90,22 +109,21 @@ def publish_encoded_index(
     whose subject is what reads an index. Returns the vectors (n, d)."""
     import numpy as np
 
-    from raggen.index import build_shard_index, make_manifest, passages_table, publish_version, write_parquet_atomic
-    from raggen.index.shard import write_index_file
+    from raggen.index import make_manifest, publish_version
 
     xb = encoder.encode_passages(passages["title"].tolist(), passages["text"].tolist()).numpy()  # (n, d)
     out = work / f"build-{version}"
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for shard in range(num_shards):
-        rows = np.arange(shard, len(passages), num_shards)
-        ids = (np.int64(shard) << 40) + np.arange(len(rows), dtype=np.int64)
-        ipath, ppath = out / f"shard-{shard:05d}.faiss", out / f"shard-{shard:05d}.parquet"
-        write_index_file(build_shard_index(xb[rows], ids, factory="Flat", metric="ip"), ipath)
-        sub = passages.iloc[rows]
-        table = passages_table(ids, sub["id"].tolist(), sub["title"].tolist(), sub["text"].tolist(), xb[rows])
-        write_parquet_atomic(table, ppath)
-        files.append((ipath, ppath, len(rows)))
+    n = len(passages)
+    rows = [np.arange(shard, n, num_shards) for shard in range(num_shards)]  # round-robin
+    files = write_shards(
+        out,
+        xb,
+        passages["id"].tolist(),
+        passages["title"].tolist(),
+        passages["text"].tolist(),
+        rows,
+        store_embeddings=True,
+    )
     manifest = make_manifest(
         version,
         encoder_name_or_path=encoder_name_or_path,

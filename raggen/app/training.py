@@ -125,14 +125,8 @@ def refresh_spec(cfg: RaggenConfig, passage_encoder: PassageEncoderSpec) -> Refr
     from raggen.models.retriever import EncoderSpec
 
     passages_uri, passages_format = corpus_passages(cfg.index)  # documents are chunked once; refreshes read passages
-    # the refreshed vectors are d(z) as the trained encoder computes it
-    encoder = EncoderSpec(
-        name_or_path=passage_encoder.name_or_path,
-        pooling=passage_encoder.pooling,
-        max_length=cfg.index.encoder.max_length,
-        normalize=passage_encoder.normalize,
-        passage_format=passage_encoder.passage_format,
-    )
+    # the refreshed vectors are d(z) as the trained encoder computes it (its S3 settings travel as RefreshSpec.s3)
+    encoder = EncoderSpec(**passage_encoder.model_dump(exclude={"s3"}))
     staging = os.path.join(local_run_dir(t.storage_path, t.name), "refresh")  # encoder snapshots: local folders
     snapshots = f"{t.storage_path.rstrip('/')}/{t.name}/refresh" if t.storage_path.startswith("s3://") else None
     return RefreshSpec(

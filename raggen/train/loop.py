@@ -240,7 +240,7 @@ def train_func(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     schedule = BatchSchedule(example_rows(list(shard.iter_rows())), settings.batch_size, settings.seed * 31 + rank)
     dev = _dev_examples(job) if rank == 0 and settings.eval_every else None
-    refresh = job.refresh if "passage_encoder" in worker.roles and job.refresh and job.refresh.every > 0 else None
+    refresh = job.refresh if "passage_encoder" in worker.roles else None  # refresh_due skips every = 0
     writer.write(
         {
             "event": "started",
