@@ -139,7 +139,7 @@ def test_the_requests_retrieval_mode(running, capsys):
         assert got[mode]["index_version"] == "v2" and len(got[mode]["passages"]) == (1 if mode == "sparse" else 3)
     assert got["sparse"]["passages"][0]["id"] == "v2-4"  # BM25 finds the exact words
     assert [p["id"] for p in got[None]["passages"]] == [p["id"] for p in got["dense"]["passages"]]  # the default
-    assert got["hybrid"]["passages"][0]["score"] <= 1.0  # fused (RRF) scores
+    assert got["hybrid"]["passages"][0]["score"] <= 1.0  # fused scores (weighted: at most the weights' sum)
     r = httpx.post(f"{url}/v1/answer", json={**ask, "retrieval": "bm42"}, timeout=60)
     assert r.status_code == 422 and "retrieval" in r.json()["error"]
     assert _swap(capsys, config, "--version", "v0")[0] == 0  # a version without a BM25 index

@@ -19,7 +19,7 @@ from raggen.index.passage_table import passages_table, write_parquet_atomic
 from raggen.index.publish import publish_version
 from raggen.index.shard_files import build_sparse_files, check_sparse_kind
 from raggen.index.sparse import SparseIndex, load_sparse
-from raggen.retrieval import RetrievalSettings, rrf_fuse, with_retrieval
+from raggen.retrieval import RetrievalSettings, rrf_fuse, weighted_fuse, with_retrieval
 
 D = 8
 WORDS = ["river", "mountain", "castle", "harbour", "violin", "comet", "orchard", "glacier", "lantern", "canyon"]
@@ -124,7 +124,7 @@ def test_dense_sparse_and_hybrid_modes(tmp_path):
     xq = np.random.default_rng(1).standard_normal((2, D)).astype(np.float32)
     questions = ["where is item3", "glacier lantern"]
     dense_index = open_index(root, "v1", load_embeddings=False)
-    index = with_retrieval(dense_index, root, RetrievalSettings(mode="hybrid", candidates=10))
+    index = with_retrieval(dense_index, root, RetrievalSettings(mode="hybrid", fusion="rrf", candidates=10))
     dense = index.search(xq, 5, questions=questions, mode="dense")
     np.testing.assert_array_equal(dense.row_ids, dense_index.search(xq, 5, embeddings=False).row_ids)
     sparse = index.search(xq, 5, questions=questions, mode="sparse")
@@ -136,8 +136,16 @@ def test_dense_sparse_and_hybrid_modes(tmp_path):
     np.testing.assert_array_equal(hybrid.row_ids, want)
     np.testing.assert_allclose(hybrid.scores, want_scores)
     assert all(pid for row in hybrid.ids for pid in row)
-    weighted = with_retrieval(dense_index, root, RetrievalSettings(mode="hybrid", fusion="weighted", dense_weight=1.0))
+    weighted = with_retrieval(
+        dense_index, root, RetrievalSettings(mode="hybrid", dense_weight=1.0)
+    )  # the default fusion
     np.testing.assert_array_equal(weighted.search(xq, 5, questions=questions).row_ids, dense.row_ids)
+    default = with_retrieval(dense_index, root, RetrievalSettings(mode="hybrid", candidates=10))
+    sparse_scores, _ = index.sparse.search(questions, 10)
+    want, want_scores = weighted_fuse([d10.row_ids, s10], [d10.scores, sparse_scores], 5, (0.5, 0.5))
+    got = default.search(xq, 5, questions=questions)
+    np.testing.assert_array_equal(got.row_ids, want)
+    np.testing.assert_allclose(got.scores, want_scores, rtol=1e-6)
     # a mode the version cannot serve: one line naming the fix
     plain = open_index(root, "v0", load_embeddings=False)
     with pytest.raises(ConfigError, match=r"needs a sparse index, but version v0 .* index.sparse: bm25"):
