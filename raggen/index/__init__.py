@@ -7,54 +7,68 @@ shard_searcher.py), shard actors (actors.py), hot swap (hot_swap.py) and shared 
 encoder_actor.py, work_dir.py), the shard files (shard_files.py), the end-to-end build (build.py)
 and opening a version for search (open_search.py).
 
-Importing this package does not import Ray or start anything; encode/build/actors import Ray lazily.
+Names load on first use (PEP 562): a shard actor imports ``raggen.index.actors`` and must not pay
+for torch and transformers (which the encoding modules import) in its memory and start-up; nothing
+here imports Ray or starts anything.
 """
 
-from raggen.index.actors import ShardActor, ShardActorGroup, ShardServer
-from raggen.index.build import build_index
-from raggen.index.build_settings import IndexBuildSettings
-from raggen.index.encode import encode_passages
-from raggen.index.encoder_actor import PassageEncoderActor
-from raggen.index.hot_swap import SwappableIndex
-from raggen.index.latest import advance_latest, list_versions, read_latest
-from raggen.index.loading import (
-    LoadedShard,
-    LoadedVersion,
-    load_version,
-    read_manifest,
-    resolve_version_uri,
-    verify_index,
-    verify_version,
-)
-from raggen.index.manifest import (
-    EncoderInfo,
-    Manifest,
-    SearchDefaults,
-    ShardEntry,
-    make_manifest,
-    new_version_name,
-    shard_file_names,
-)
-from raggen.index.open_search import open_index
-from raggen.index.passage_source import read_passages_dataset
-from raggen.index.passage_table import embeddings_of, passages_table, write_parquet_atomic
-from raggen.index.publish import publish_index, publish_version, set_latest
-from raggen.index.settings import SearchSettings
-from raggen.index.shard import (
-    build_shard_index,
-    deserialize_index,
-    new_index,
-    normalize_metric,
-    reconstruct,
-    search,
-    serialize_index,
-    set_search_params,
-    train_index,
-)
-from raggen.index.shard_files import build_shard_files
-from raggen.index.shard_searcher import ShardSearcher
-from raggen.index.sharded import SearchResult, ShardedIndex, merge_topk
-from raggen.index.work_dir import EncodedCorpus, EncodedShard
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "ShardActor": "actors",
+    "ShardActorGroup": "actors",
+    "ShardServer": "actors",
+    "build_index": "build",
+    "IndexBuildSettings": "build_settings",
+    "encode_passages": "encode",
+    "PassageEncoderActor": "encoder_actor",
+    "SwappableIndex": "hot_swap",
+    "advance_latest": "latest",
+    "list_versions": "latest",
+    "read_latest": "latest",
+    "LoadedShard": "loading",
+    "LoadedVersion": "loading",
+    "load_version": "loading",
+    "read_manifest": "loading",
+    "resolve_version_uri": "loading",
+    "verify_index": "loading",
+    "verify_version": "loading",
+    "EncoderInfo": "manifest",
+    "Manifest": "manifest",
+    "SearchDefaults": "manifest",
+    "ShardEntry": "manifest",
+    "make_manifest": "manifest",
+    "new_version_name": "manifest",
+    "shard_file_names": "manifest",
+    "open_index": "open_search",
+    "read_passages_dataset": "passage_source",
+    "embeddings_of": "passage_table",
+    "passages_table": "passage_table",
+    "write_parquet_atomic": "passage_table",
+    "publish_index": "publish",
+    "publish_version": "publish",
+    "set_latest": "publish",
+    "SearchSettings": "settings",
+    "build_shard_index": "shard",
+    "deserialize_index": "shard",
+    "new_index": "shard",
+    "normalize_metric": "shard",
+    "reconstruct": "shard",
+    "search": "shard",
+    "serialize_index": "shard",
+    "set_search_params": "shard",
+    "train_index": "shard",
+    "build_shard_files": "shard_files",
+    "ShardSearcher": "shard_searcher",
+    "SearchResult": "sharded",
+    "ShardedIndex": "sharded",
+    "merge_topk": "sharded",
+    "EncodedCorpus": "work_dir",
+    "EncodedShard": "work_dir",
+}
 
 __all__ = [
     "EncodedCorpus", "EncodedShard", "EncoderInfo", "IndexBuildSettings", "LoadedShard", "LoadedVersion", "Manifest",
@@ -67,3 +81,16 @@ __all__ = [
     "serialize_index", "set_latest", "set_search_params", "shard_file_names", "train_index", "verify_index",
     "verify_version", "write_parquet_atomic",
 ]  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'raggen.index' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"raggen.index.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

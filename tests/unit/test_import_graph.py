@@ -128,3 +128,14 @@ def test_library_packages_do_not_read_the_config():
 def test_serve_imports_neither_train_nor_config():
     edges = node_graph()["serve"]
     assert not edges & {"train", "config", "app"}, sorted(edges)
+
+
+def test_a_shard_actor_imports_neither_torch_nor_transformers():
+    """A shard actor process imports ``raggen.index.actors``: torch and transformers there would add
+    ~400 MB to every actor's memory (the package names load on first use, PEP 562)."""
+    import subprocess
+    import sys
+
+    code = "import sys, raggen.index.actors; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
