@@ -9,18 +9,20 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from ray import serve
 
-from raggen.retrieval.search import Hit
 from raggen.serve.auth import DEFAULT_TOKEN_ENV, token_from_env
 from raggen.serve.http_api import build_http_api
 from raggen.serve.metrics import HttpMetrics, StageMetrics
 from raggen.serve.resilience import RetryPolicy, call_with_retry, check_exposure, is_loopback
 from raggen.serve.schemas import AnswerRequest, RequestLimits, validation_issue
+
+if TYPE_CHECKING:  # a type only: the HTTP replica imports neither torch nor transformers (~400 MB, seconds of start-up)
+    from raggen.retrieval.search import Hit
 
 log = logging.getLogger("ray.serve").getChild(__name__)
 

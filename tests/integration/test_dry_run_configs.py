@@ -44,7 +44,8 @@ def rehearsals(tmp_path_factory, moto_s3, ray_with_credentials):
             for bucket in _buckets(path):
                 s3_client(moto_s3).create_bucket(Bucket=bucket)
             out = tmp_path_factory.mktemp(path.stem)
-            done[path.name] = run_dry_run(str(path), out, s3_endpoint=moto_s3["endpoint_url"])
+            # 240 passages (120 world entities): "a few hundred", the least that keeps the checks below meaningful
+            done[path.name] = run_dry_run(str(path), out, s3_endpoint=moto_s3["endpoint_url"], num_passages=240)
             print(f"dry run of {path.name}: seconds per stage {done[path.name]['seconds']}")  # pytest -s shows it
         return done[path.name]
 

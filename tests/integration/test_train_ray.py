@@ -312,10 +312,10 @@ def test_config_errors_name_the_field(setup):
 
 
 def test_trained_passage_encoder_refreshes_the_index_on_schedule_and_resumes_on_it(setup, tmp_path):
-    """train_passage_encoder + refresh_index_every=2 over 5 steps: the Ray Data index pipeline runs
-    inside the run after steps 2 and 4 and publishes into the run's own index root; the refreshed
-    vectors are the step-4 encoder's; the starting index is untouched; a rerun resumes on the
-    refreshed index the checkpoint recorded."""
+    """train_passage_encoder + refresh_index_every=2 over 3 steps: the Ray Data index pipeline runs
+    inside the run after step 2 (not after 1 or 3) and publishes into the run's own index root; the
+    refreshed vectors are the step-2 encoder's; the starting index is untouched; a rerun resumes on
+    the refreshed index the checkpoint recorded."""
     from raggen.app.training import run_training
     from raggen.index import load_version, verify_index
     from raggen.index.latest import read_latest
@@ -328,7 +328,7 @@ def test_trained_passage_encoder_refreshes_the_index_on_schedule_and_resumes_on_
     refresh = [
         "train.train_passage_encoder=true",
         "train.refresh_index_every=2",
-        "train.steps=5",
+        "train.steps=3",
         "train.cpus_per_worker=0.25",
         f"index.passages={setup['passages']}",
         f"index.encoder.name_or_path={enc}",
@@ -344,14 +344,14 @@ def test_trained_passage_encoder_refreshes_the_index_on_schedule_and_resumes_on_
     assert run_index == str(setup["root"] / "runs" / "refresh" / "index")
     steps, events = read_metrics(local_metrics_path(cfg.train.storage_path, "refresh"))
     refreshes = [e for e in events if e["event"] == "index_refresh"]
-    assert [e["step"] for e in refreshes] == [2, 4]
+    assert [e["step"] for e in refreshes] == [2]
     assert read_latest(run_index) == refreshes[-1]["version"]
     assert verify_index(run_index, refreshes[0]["version"]).num_passages == before_start.num_passages
     assert verify_index(setup["index"]).version == before_start.version  # the starting index is untouched
-    assert all(np.isfinite(s["loss"]) for s in steps) and [s["step"] for s in steps] == [1, 2, 3, 4, 5]
+    assert all(np.isfinite(s["loss"]) for s in steps) and [s["step"] for s in steps] == [1, 2, 3]
 
-    # the step-4 index holds what the step-4 encoder snapshot computes, and not the start's vectors
-    snapshot = setup["root"] / "runs" / "refresh" / "refresh" / "passage-encoder-step-0000004"
+    # the refreshed index holds what the step-2 encoder snapshot computes, and not the start's vectors
+    snapshot = setup["root"] / "runs" / "refresh" / "refresh" / "passage-encoder-step-0000002"
     refreshed, start = load_version(run_index, refreshes[-1]["version"]), load_version(setup["index"])
     table = refreshed.shards[0].passages
     texts = [passage_text(t, x) for t, x in zip(table["title"].to_pylist(), table["text"].to_pylist())]
@@ -370,8 +370,8 @@ def test_trained_passage_encoder_refreshes_the_index_on_schedule_and_resumes_on_
 
     final = read_checkpoint(out["final"])
     assert "passage_encoder" in final.model_dirs and final.extra["index"]["version"] == refreshes[-1]["version"]
-    again = run_training(_config(setup, "refresh", "rag-sequence", *refresh[:2], "train.steps=6", *refresh[3:]))
+    again = run_training(_config(setup, "refresh", "rag-sequence", *refresh[:2], "train.steps=4", *refresh[3:]))
     _, events = read_metrics(local_metrics_path(cfg.train.storage_path, "refresh"))
     started = [e for e in events if e["event"] == "started"][-1]
-    assert started["step"] == 5 and started["index_version"] == refreshes[-1]["version"]
-    assert again["metrics"]["step"] == 6
+    assert started["step"] == 3 and started["index_version"] == refreshes[-1]["version"]
+    assert again["metrics"]["step"] == 4

@@ -10,8 +10,12 @@ count too: hiding an edge inside a function does not remove it).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import REPO
 
@@ -130,12 +134,11 @@ def test_serve_imports_neither_train_nor_config():
     assert not edges & {"train", "config", "app"}, sorted(edges)
 
 
-def test_a_shard_actor_imports_neither_torch_nor_transformers():
-    """A shard actor process imports ``raggen.index.actors``: torch and transformers there would add
-    ~400 MB to every actor's memory (the package names load on first use, PEP 562)."""
-    import subprocess
-    import sys
-
-    code = "import sys, raggen.index.actors; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+@pytest.mark.parametrize("module", ["raggen.index.actors", "raggen.serve.ingress"])
+def test_processes_without_a_model_import_neither_torch_nor_transformers(module):
+    """A shard actor (``raggen.index.actors``) and the HTTP replica (``raggen.serve.ingress``) hold no
+    model: torch and transformers there would add ~400 MB and seconds of start-up to every one of them
+    (``raggen.index`` names load on first use, PEP 562; the Ingress imports ``Hit`` for typing only)."""
+    code = f"import sys, {module}; print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
