@@ -96,14 +96,25 @@ def _walk(index: faiss.Index):
         yield from _walk(index.index)
     elif isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         yield from _walk(index.index)
+    elif isinstance(index, faiss.IndexRefine):  # "...,RFlat" / "...,Refine(SQ8)": search runs in the base
+        yield from _walk(index.base_index)
     ivf = ivf_of(index)
     if ivf is not None and ivf is not index:
         yield faiss.downcast_index(ivf)
 
 
 def _supports_ids(index: faiss.Index) -> bool:
-    """IVF indexes (also behind OPQ/PCA transforms) store ids themselves; others need IDMap2."""
-    return ivf_of(index) is not None
+    """IVF indexes (also behind OPQ/PCA transforms) store ids themselves; others need IDMap2 (also an
+    IVF inside a refine wrapper: ``IndexRefine`` has no ``add_with_ids``)."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return isinstance(index, faiss.IndexIVF)
+
+
+def refine_of(index: faiss.Index):
+    """The ``IndexRefine`` inside ``index`` (an IVF-PQ re-ranked with exact or SQ8 codes), or None."""
+    return next((obj for obj in _walk(index) if isinstance(obj, faiss.IndexRefine)), None)
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -307,11 +318,15 @@ def search_parameters(index: faiss.Index, *, nprobe: int | None = None, ef_searc
     nlist), HNSW ``efSearch``. Unlike ``set_search_params`` nothing in the index changes, so
     concurrent searches with different settings are safe."""
     ivf = ivf_of(index)
+    params = None
     if nprobe is not None and ivf is not None:
-        return faiss.SearchParametersIVF(nprobe=max(1, min(int(nprobe), int(ivf.nlist))))
-    if ef_search is not None and hnsw_of(index) is not None:
-        return faiss.SearchParametersHNSW(efSearch=max(1, int(ef_search)))
-    return None
+        params = faiss.SearchParametersIVF(nprobe=max(1, min(int(nprobe), int(ivf.nlist))))
+    elif ef_search is not None and hnsw_of(index) is not None:
+        params = faiss.SearchParametersHNSW(efSearch=max(1, int(ef_search)))
+    refine = refine_of(index)
+    if params is not None and refine is not None:  # a refine index takes its base's settings wrapped
+        params = faiss.IndexRefineSearchParameters(k_factor=float(refine.k_factor), base_index_params=params)
+    return params
 
 
 def hnsw_of(index: faiss.Index):
@@ -355,6 +370,8 @@ def exact_reconstruct(index: faiss.Index) -> bool:
     index = faiss.downcast_index(index)
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         return exact_reconstruct(index.index)
+    if isinstance(index, faiss.IndexRefine):  # reconstructs from the refine codes (RFlat: exact)
+        return exact_reconstruct(index.refine_index)
     if isinstance(index, faiss.IndexFlat):
         return True
     if isinstance(index, faiss.IndexIVFFlat):

@@ -38,6 +38,8 @@ FACTORIES = [
     ("IVF8,Flat", 500, 16, 500, 1.0),  # nprobe = nlist: exhaustive, hence exact
     ("IVF8,PQ4", 600, 16, 600, 0.3),
     ("OPQ4,IVF8,PQ4", 600, 16, 600, 0.3),
+    ("IVF8,PQ4,RFlat", 600, 16, 600, 0.3),  # PQ candidates re-scored exactly (IDMap2 holds the ids)
+    ("IVF8,PQ4,Refine(SQ8)", 600, 16, 600, 0.3),
 ]
 
 
@@ -72,7 +74,10 @@ def test_build_search_serialize(factory, n, d, train_sample, min_recall, metric)
     np.testing.assert_allclose(D2, D, rtol=1e-6)
 
 
-@pytest.mark.parametrize("factory,exact", [("Flat", True), ("HNSW16", True), ("IVF8,Flat", True), ("IVF8,PQ4", False)])
+@pytest.mark.parametrize(
+    "factory,exact",
+    [("Flat", True), ("HNSW16", True), ("IVF8,Flat", True), ("IVF8,PQ4", False), ("IVF8,PQ4,RFlat", True)],
+)
 def test_reconstruct_by_row_id(factory, exact):
     xb = clustered(600, 16)
     ids = np.arange(600, dtype=np.int64) * 7 + (3 << 40)  # shard-3 style ids
@@ -157,3 +162,23 @@ def test_shards_sharing_one_trained_quantizer_merge_to_the_exact_answer():
     _, merged_ids, _ = merge_topk(results, 5)
     assert trained.ntotal == 0  # cloned, never filled
     assert (merged_ids == brute_force(xq, xb, 5, "ip")).all()
+
+
+def test_a_refine_index_takes_nprobe_and_its_k_factor_re_ranks_more_candidates():
+    """IVF-PQ + exact re-ranking: nprobe reaches the base IVF through the refine wrapper, and with
+    k_factor 8 (re-score 8k PQ candidates) the top-10 is (nearly) the exact one where plain PQ's is not."""
+    import faiss
+
+    xb, xq = clustered(2000, 16), clustered(20, 16, seed=1)
+    ids = np.arange(2000, dtype=np.int64) + (1 << 40)
+    index = S.build_shard_index(xb, ids, factory="IVF8,PQ4,RFlat", train_sample=2000)
+    assert S.exact_reconstruct(index) and S.refine_of(index) is not None
+    truth = ids[brute_force(xq, xb, 10, "ip")]
+    one = recall(S.search(index, xq, 10, nprobe=1)[1], truth)
+    plain = recall(S.search(index, xq, 10, nprobe=8)[1], truth)
+    assert one < plain  # nprobe took effect
+    S.refine_of(index).k_factor = 8.0  # kept by serialization: a built index's own setting
+    again = S.deserialize_index(S.serialize_index(index).tobytes())
+    assert faiss.downcast_index(S.refine_of(again)).k_factor == 8.0
+    D, I = S.search(again, xq, 10, nprobe=8)
+    assert recall(I, truth) >= 0.98 and recall(I, truth) > plain + 0.2, (recall(I, truth), plain)
