@@ -24,8 +24,9 @@ p50/p99 (k=10, texts fetched) through the actors vs the same manifest opened loc
 interleaved; recall@10/@100 vs exact at the manifest's nprobe and with every list probed (the PQ
 ceiling). Acceptance ratios (PASS/FAIL): shard-actor peak RSS <= 1.3x its shards' bytes on disk;
 the caller's RSS growth < 5% of the index bytes; actor p50 <= 1.5x local p50; recall@100 at the
-tuned nprobe within 1 point of the exhaustive (every list probed) recall, which is what the tuning
-targets (exact search is 1.000 by definition; PQ codes cap what any nprobe reaches). Then the
+tuned nprobe within 1 point of exact search (>= 0.990; the issue's criterion), printed beside the
+gap to the exhaustive (every list probed) recall, which is what the tuning targets: PQ codes cap
+what any nprobe reaches, so plain IVF-PQ fails it (benchmarks/ann_quality.py measures re-ranking). Then the
 projection to 21M passages from the per-passage ratios: bytes, shard actors, RAM per node, build
 time on N workers.
 
@@ -506,8 +507,9 @@ def main(argv: list[str] | None = None) -> None:
             f"top-100 ids equal to local: {same:.3f}")  # fmt: skip
         gap = r["all"][1] - r["nprobe"][1]
         row("recall", f"recall@10 / @100 vs exact at the manifest's nprobe {nprobe}",
-            f"{r['nprobe'][0]:.3f} / {r['nprobe'][1]:.3f}", "", f"{gap * 100:+.1f} points below all lists",
-            "@100 within 1 point of all lists", gap <= 0.01 + 1e-9)  # fmt: skip
+            f"{r['nprobe'][0]:.3f} / {r['nprobe'][1]:.3f}", "",
+            f"{gap * 100:+.1f} points below all lists (the tuning's target)",
+            "@100 within 1 point of exact (>= 0.990)", r["nprobe"][1] >= 0.99 - 1e-9)  # fmt: skip
         row("recall", f"recall@10 / @100 vs exact, all {nlist} lists probed (the PQ ceiling)",
             f"{r['all'][0]:.3f} / {r['all'][1]:.3f}", "", "", "exact search: 1.000 / 1.000")  # fmt: skip
         log("latency + recall done")
