@@ -44,8 +44,9 @@ def rehearsals(tmp_path_factory, moto_s3, ray_with_credentials):
             for bucket in _buckets(path):
                 s3_client(moto_s3).create_bucket(Bucket=bucket)
             out = tmp_path_factory.mktemp(path.stem)
-            # 240 passages (120 world entities): "a few hundred", the least that keeps the checks below meaningful
-            done[path.name] = run_dry_run(str(path), out, s3_endpoint=moto_s3["endpoint_url"], num_passages=240)
+            # 260 passages (130 world entities): "a few hundred", over the 256 vectors that the shared
+            # quantizer of wiki-dpr's PQ64 (256 centroids per sub-space) needs to train
+            done[path.name] = run_dry_run(str(path), out, s3_endpoint=moto_s3["endpoint_url"], num_passages=260)
             print(f"dry run of {path.name}: seconds per stage {done[path.name]['seconds']}")  # pytest -s shows it
         return done[path.name]
 
