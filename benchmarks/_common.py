@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 
+import numpy as np
+
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
@@ -42,3 +44,21 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
 
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def make_vectors(n: int, d: int, seed: int, clusters: int = 1000, random_fraction: float = 0.2) -> np.ndarray:
+    """(n, d) unit vectors from a fixed seeded mixture: 80% around ``clusters`` centres (noise 0.6 of a
+    centre's norm), 20% uniform. The centres come from a fixed seed; ``seed`` draws the points, so
+    queries drawn with another seed are held-out draws of the same mixture (recall means something)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(12345).standard_normal((clusters, d), dtype=np.float32)
+    out = np.empty((n, d), np.float32)
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        x = rng.standard_normal((m, d), dtype=np.float32)
+        clustered = rng.random(m) >= random_fraction
+        labels = rng.integers(0, clusters, int(clustered.sum()))
+        x[clustered] = centres[labels] + 0.6 * x[clustered]
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[start : start + m] = x
+    return out

@@ -32,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from _common import make_vectors  # noqa: E402
+
 from raggen.index import shard as S  # noqa: E402
 from raggen.index.manifest import EncoderInfo, Manifest, ShardEntry  # noqa: E402
 from raggen.index.passage_table import passages_table  # noqa: E402
@@ -157,22 +159,6 @@ def bench_encoding(num_passages: int, batch_size: int, max_length: int, work: Pa
 
 
 # ------------------------------------------------------------------------------------------ vectors
-
-
-def make_vectors(n: int, d: int, seed: int, clusters: int = 1000, random_fraction: float = 0.2) -> np.ndarray:
-    """Unit vectors: 80% around 1000 random centres (noise 0.6 of the centre norm), 20% uniform."""
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(12345).standard_normal((clusters, d), dtype=np.float32)
-    out = np.empty((n, d), np.float32)
-    for start in range(0, n, 100_000):
-        m = min(100_000, n - start)
-        x = rng.standard_normal((m, d), dtype=np.float32)
-        clustered = rng.random(m) >= random_fraction
-        labels = rng.integers(0, clusters, int(clustered.sum()))
-        x[clustered] = centres[labels] + 0.6 * x[clustered]
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        out[start : start + m] = x
-    return out
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import format_table, machine  # noqa: E402
+from _common import format_table, machine, make_vectors  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = ROOT / "cluster" / "local-multinode.sh"
@@ -122,22 +122,6 @@ def mb(x: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------ data
-
-
-def mixture(n: int, d: int, seed: int, clusters: int = 1000, random_fraction: float = 0.2) -> np.ndarray:
-    """(n, d) unit vectors: 80% around ``clusters`` fixed centres (noise 0.6 of a centre's norm), 20%
-    uniform. The centres come from a fixed seed; ``seed`` draws the points (queries: another seed)."""
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(12345).standard_normal((clusters, d), dtype=np.float32)
-    out = np.empty((n, d), np.float32)
-    for start in range(0, n, 100_000):
-        m = min(100_000, n - start)
-        x = rng.standard_normal((m, d), dtype=np.float32)
-        clustered = rng.random(m) >= random_fraction
-        x[clustered] = centres[rng.integers(0, clusters, int(clustered.sum()))] + 0.6 * x[clustered]
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        out[start : start + m] = x
-    return out
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -361,8 +345,8 @@ def main(argv: list[str] | None = None) -> None:
 
         reset_peak()
         t0 = time.perf_counter()
-        xb = mixture(n, d, seed=args.seed)
-        xq = mixture(args.queries, d, seed=args.seed + 1_000_003)
+        xb = make_vectors(n, d, seed=args.seed)
+        xq = make_vectors(args.queries, d, seed=args.seed + 1_000_003)
         _, gt = faiss.knn(xq, xb, 100, metric=faiss.METRIC_INNER_PRODUCT)
         m["data_s"] = time.perf_counter() - t0
         m["driver_data_peak"] = proc_status()["VmHWM"]
