@@ -14,8 +14,7 @@ here imports Ray or starts anything.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from raggen.lazy import lazy_exports
 
 _HOMES = {
     "ShardActor": "actors",
@@ -83,14 +82,4 @@ __all__ = [
 ]  # fmt: skip
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'raggen.index' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"raggen.index.{home}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOMES])
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

@@ -9,8 +9,7 @@ only the bi-encoder should not pay for importing the generator families and the 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from raggen.lazy import lazy_exports
 
 _HOMES = {
     "Generator": "generator",
@@ -39,16 +38,7 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOMES])
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)
 
 
 __all__ = [

@@ -10,9 +10,7 @@ Serve side: ``deployments`` (Retriever, Reranker, Generator), ``ingress`` (Ingre
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from raggen.lazy import lazy_exports
 from raggen.serve.auth import install_bearer_auth, token_from_env
 from raggen.serve.client import ServiceError, ask, healthy, index_info
 from raggen.serve.resilience import RetryPolicy, ServiceUnavailable, check_exposure, is_loopback
@@ -26,34 +24,31 @@ from raggen.serve.schemas import (
 )
 
 _LAZY = {
-    "build_app": "raggen.serve.app",
-    "build_app_from_config": "raggen.serve.app",
-    "serve_deploy_config": "raggen.serve.app",
-    "with_index": "raggen.serve.app",
-    "deploy_config": "raggen.serve.app",
-    "wait_until_running": "raggen.serve.app",
-    "AppArgs": "raggen.serve.app",
-    "Ingress": "raggen.serve.ingress",
-    "Retriever": "raggen.serve.deployments",
-    "Reranker": "raggen.serve.deployments",
-    "Generator": "raggen.serve.deployments",
-    "IndexHolder": "raggen.serve.index_holder",
-    "IndexUserConfig": "raggen.serve.live_index",
-    "LiveIndex": "raggen.serve.live_index",
-    "NoIndexError": "raggen.serve.live_index",
-    "build_http_api": "raggen.serve.http_api",
-    "retrieve_batch": "raggen.serve.pipeline",
-    "rerank_batch": "raggen.serve.pipeline",
-    "generate_batch": "raggen.serve.pipeline",
-    "generate_outputs": "raggen.serve.pipeline",
-    "ChatCompletionRequest": "raggen.serve.openai_api",
+    "build_app": "app",
+    "build_app_from_config": "app",
+    "serve_deploy_config": "app",
+    "with_index": "app",
+    "deploy_config": "app",
+    "wait_until_running": "app",
+    "AppArgs": "app",
+    "Ingress": "ingress",
+    "Retriever": "deployments",
+    "Reranker": "deployments",
+    "Generator": "deployments",
+    "IndexHolder": "index_holder",
+    "IndexUserConfig": "live_index",
+    "LiveIndex": "live_index",
+    "NoIndexError": "live_index",
+    "build_http_api": "http_api",
+    "retrieve_batch": "pipeline",
+    "rerank_batch": "pipeline",
+    "generate_batch": "pipeline",
+    "generate_outputs": "pipeline",
+    "ChatCompletionRequest": "openai_api",
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'raggen.serve' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
