@@ -323,8 +323,7 @@ def search_parameters(index: faiss.Index, *, nprobe: int | None = None, ef_searc
         params = faiss.SearchParametersIVF(nprobe=max(1, min(int(nprobe), int(ivf.nlist))))
     elif ef_search is not None and hnsw_of(index) is not None:
         params = faiss.SearchParametersHNSW(efSearch=max(1, int(ef_search)))
-    refine = refine_of(index)
-    if params is not None and refine is not None:  # a refine index takes its base's settings wrapped
+    if params is not None and (refine := refine_of(index)) is not None:  # a refine index wraps its base's settings
         params = faiss.IndexRefineSearchParameters(k_factor=float(refine.k_factor), base_index_params=params)
     return params
 
