@@ -8,10 +8,16 @@
     group.sharded_index() -> ShardedIndex                    # search(xq, k) like a local index
 
 A caller (Train worker, eval, a Serve replica) keeps its query encoder and sends query vectors;
-each actor returns its shards' merged top-k (scores, row ids, shard numbers), the caller merges
-the actors' lists exactly (``merge_topk``) and fetches the k winners' payloads (id, title, text,
-stored vector for training) from their actors. Texts and vectors never enter the caller's process
-beyond those k hits per query.
+in ONE call per actor and query batch (``ShardServer.search_hits``) each actor returns its
+shards' merged top-k (scores, row ids, shard numbers) together with those hits' payloads (id,
+title, text; the stored vector only when asked for, for training), and the caller merges the
+actors' lists exactly (``merge_hits``: ``merge_topk``'s order and ties) keeping the winners'
+payloads. One round trip instead of search-then-fetch (two) halves the latency a query pays in
+Ray calls; the price is that each actor sends k payloads per query instead of only the winners
+among them (actors x k instead of k): for serving's k (<= 100 passages of ~100 words, vectors
+d x 4 bytes each when asked for) that is tens of KB per query, much less than a round trip costs.
+Texts and vectors never enter the caller's process beyond those hits. ``fetch`` (payloads of
+given row ids) remains for hits found elsewhere (``ShardedIndex.fetch``, e.g. BM25's).
 
 The group is picklable (handles + manifest): the driver starts one and passes it to N Train
 workers, which share it instead of loading N copies; a copy that was passed on never ends the
@@ -27,17 +33,20 @@ import contextlib
 import logging
 import os
 import secrets
+import threading
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from raggen.errors import IndexIntegrityError
+from raggen.index.hits import Hits, merge_hits
 from raggen.index.loading import load_version, read_manifest, resolve_version_uri
 from raggen.index.manifest import Manifest
 from raggen.index.settings import SearchSettings
 from raggen.index.shard_searcher import ShardSearcher, _LocalBackend
-from raggen.index.sharded import ShardedIndex, merge_topk, resolve_search_params
+from raggen.index.sharded import ShardedIndex, resolve_search_params
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +71,10 @@ class ShardServer:
     """One shard actor: serves shards ``shards`` (numbers in the manifest) of one version.
 
     Loads them from the store in ``__init__`` (every checksum verified; a version that does not
-    verify fails the actor, hence the group's start). ``search`` returns this actor's merged
-    top-k with global shard numbers; ``fetch`` the payloads of given row ids per shard."""
+    verify fails the actor, hence the group's start). ``search_hits`` returns this actor's merged
+    top-k with global shard numbers and the hits' payloads (what a ShardedIndex search calls);
+    ``search`` the top-k alone; ``fetch`` the payloads of given row ids per shard. ``info()``
+    counts queries and calls per method."""
 
     def __init__(
         self,
@@ -95,34 +106,45 @@ class ShardServer:
         if expect_version is not None and loaded.version != expect_version:
             raise IndexIntegrityError(f"{version_uri}: holds version {loaded.version!r}, expected {expect_version!r}")
         self.version, self.shards = loaded.version, [int(s) for s in shards]
-        self._local = {g: i for i, g in enumerate(self.shards)}
         metric = loaded.manifest.metric
         searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu,
                                    num_threads=threads) for s in loaded.shards]  # fmt: skip
-        self.backend = _LocalBackend(searchers, max_workers=threads, cpus=threads)
+        self.backend = _LocalBackend(searchers, max_workers=threads, cpus=threads, shard_numbers=self.shards)
         self.counts = [int(s.entry.count) for s in loaded.shards]
         self.embeddings_loaded = [s.has_embeddings for s in loaded.shards]
         self.queries = 0
+        self.calls: Counter[str] = Counter()  # method -> calls served (max_concurrency > 1: a lock)
+        self._count_lock = threading.Lock()
+
+    def _count(self, method: str, queries: int = 0) -> None:
+        with self._count_lock:
+            self.calls[method] += 1
+            self.queries += queries
 
     def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
         """(b, d), k -> scores (b, k), row ids (b, k), shard numbers (b, k) (-1: no hit)."""
-        scores, ids, local = merge_topk(self.backend.search(xq, k, nprobe, ef_search), k)
-        shards = np.asarray(self.shards, dtype=np.int64)
-        self.queries += len(xq)
-        return scores, ids, np.where(local >= 0, shards[np.maximum(local, 0)], -1)
+        self._count("search", len(xq))
+        return self.backend.topk(xq, k, nprobe, ef_search)
+
+    def search_hits(
+        self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None, embeddings: bool = True
+    ) -> Hits:
+        """(b, d), k -> this actor's top-k with payloads (k per query, see the module docstring)."""
+        self._count("search_hits", len(xq))
+        return self.backend.search_hits(xq, k, nprobe, ef_search, embeddings)
 
     def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True) -> dict[int, tuple]:
         """{shard number: row ids (n,)} -> {shard number: (ids, titles, texts, vectors (n, d) or None)}."""
-        return {
-            int(s): self.backend.searchers[self._local[int(s)]].fetch(rows, embeddings) for s, rows in requests.items()
-        }
+        self._count("fetch")
+        return {int(s): part for s, part in self.backend.fetch(requests, embeddings).items()}
 
     def info(self) -> dict[str, Any]:
         import ray
 
         return {"version": self.version, "shards": self.shards, "counts": self.counts, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "rss_bytes": rss_bytes(),
-                "queries": self.queries, "embeddings_loaded": self.embeddings_loaded}  # fmt: skip
+                "queries": self.queries, "calls": dict(self.calls),
+                "embeddings_loaded": self.embeddings_loaded}  # fmt: skip
 
     def ready(self) -> dict[str, Any]:
         return self.info()
@@ -332,9 +354,21 @@ class _ActorBackend:
         self.owned = owned
         self._on_close = on_close
 
+    def _query_arg(self, xq: np.ndarray):
+        return self.ray.put(xq) if xq.nbytes > 100_000 and len(self.group.handles) > 1 else xq  # one copy for all
+
     def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
-        xq_arg = self.ray.put(xq) if xq.nbytes > 100_000 and len(self.group.handles) > 1 else xq  # one copy for all
+        """Each actor's merged top-k (scores, row ids, shard numbers), in actor order."""
+        xq_arg = self._query_arg(xq)
         return self.ray.get([h.search.remote(xq_arg, k, nprobe, ef_search) for h in self.group.handles])
+
+    def search_hits(
+        self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None, embeddings: bool = True
+    ) -> Hits:
+        """The exact top-k over all actors with payloads: one call per actor, merged here."""
+        xq_arg = self._query_arg(xq)
+        refs = [h.search_hits.remote(xq_arg, k, nprobe, ef_search, embeddings) for h in self.group.handles]
+        return merge_hits(self.ray.get(refs), k)
 
     def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True):
         per_actor: dict[int, dict[int, np.ndarray]] = {}

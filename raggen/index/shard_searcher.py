@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from raggen.index.hits import Hits, fill_hits, merge_topk, requests_of
 from raggen.index.passage_table import embeddings_of
 from raggen.index.shard import (
     as_float32_matrix,
@@ -149,7 +150,9 @@ class _LocalBackend:
 
     Each pool thread gets ``cpus // workers`` OpenMP threads, so shards x OpenMP never
     oversubscribe the cores: latency is about one shard's, not the sum over shards.
-    ``search`` returns one (scores, ids) per shard, in shard order (``merge_topk`` merges them).
+    ``search`` returns one (scores, ids) per shard, in shard order (``merge_topk`` merges them);
+    ``search_hits`` the merged top-k with its payloads. ``shard_numbers``: the shards' numbers in
+    the version (a shard actor serves some of them; default 0..n-1), used in answers and ``fetch``.
     """
 
     # below this many queries per call, thread hand-off costs more than the shards' search itself
@@ -157,11 +160,22 @@ class _LocalBackend:
 
     kind = "local"
 
-    def __init__(self, searchers: list[ShardSearcher], max_workers: int | None = None, cpus: int | None = None):
+    def __init__(
+        self,
+        searchers: list[ShardSearcher],
+        max_workers: int | None = None,
+        cpus: int | None = None,
+        shard_numbers: list[int] | None = None,
+    ):
         import os
         from concurrent.futures import ThreadPoolExecutor
 
         self.searchers = searchers
+        numbers = range(len(searchers)) if shard_numbers is None else shard_numbers
+        self.shard_numbers = np.asarray(list(numbers), dtype=np.int64)
+        assert len(self.shard_numbers) == len(searchers), "one shard number per searcher"
+        self._position = {int(g): i for i, g in enumerate(self.shard_numbers)}  # shard number -> searcher
+        self.dim = searchers[0].dim if searchers else 0
         self.coarse = shared_quantizer(searchers)
         cpus = cpus or os.cpu_count() or 1  # a shard actor passes its own CPU share, not the node's
         workers = min(len(searchers), max_workers or cpus)
@@ -190,10 +204,25 @@ class _LocalBackend:
             len(xq) >= self.PARALLEL_MIN_QUERIES,
         )
 
-    def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True):
+    def topk(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
+        """(b, d), k -> merged scores (b, k), row ids (b, k), shard numbers (b, k) (-1: no hit)."""
+        scores, ids, local = merge_topk(self.search(xq, k, nprobe, ef_search), k)
+        return scores, ids, np.where(local >= 0, self.shard_numbers[np.maximum(local, 0)], -1)
+
+    def search_hits(
+        self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None, embeddings: bool = True
+    ) -> Hits:
+        """The merged top-k of (b, d) queries with the hits' payloads (vectors only if ``embeddings``)."""
+        scores, ids, shards = self.topk(xq, k, nprobe, ef_search)
+        fetched = self.fetch(requests_of(ids, shards), embeddings)
+        return fill_hits(scores, ids, shards, fetched, embeddings=embeddings, dim=self.dim)
+
+    def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True) -> dict[int, tuple]:
+        """{shard number: row ids (n,)} -> {shard number: (ids, titles, texts, vectors (n, d) or None)}."""
         shards = list(requests)
         many = sum(len(r) for r in requests.values()) >= 10 * self.PARALLEL_MIN_QUERIES
-        return dict(zip(shards, self._map(lambda s: self.searchers[s].fetch(requests[s], embeddings), shards, many)))
+        fetch_one = lambda s: self.searchers[self._position[int(s)]].fetch(requests[s], embeddings)  # noqa: E731
+        return dict(zip(shards, self._map(fetch_one, shards, many)))
 
     def close(self, release_shared: bool = False) -> None:
         if self.pool is not None:

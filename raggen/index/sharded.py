@@ -2,8 +2,9 @@
 
 Each shard returns its own top-k; the global top-k is a subset of their union, so sorting the
 union (B, S*k) and keeping k reproduces what one index over all passages returns (exactly so for
-exact indexes; approximate indexes merge their approximate lists). Passages for the winners are
-fetched in a second step, so only k payloads per query cross process boundaries.
+exact indexes; approximate indexes merge their approximate lists). Every backend answers a query
+batch with ``search_hits`` (``raggen.index.hits``): its merged top-k with the hits' payloads, in
+ONE call (one round trip per shard actor); ``fetch`` is for hits found elsewhere (e.g. BM25).
 
 Two backends behind the same ``search``:
 - in-process (``shard_searcher._LocalBackend``): the shards live in this process (small indexes, tests, one
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raggen.index.hits import Hits, fill_hits, requests_of
+from raggen.index.hits import merge_topk as merge_topk  # re-exported: tuning, tests, raggen.index
 from raggen.index.loading import LoadedVersion
 from raggen.index.manifest import Manifest
 from raggen.index.shard import as_float32_matrix
@@ -43,32 +46,6 @@ class SearchResult:
     titles: list[list[str]]
     texts: list[list[str]]
     embeddings: np.ndarray  # (b, k, d) float32
-
-
-def merge_topk(per_shard: list[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[(scores (b, k_s), ids (b, k_s)[, shard (b, k_s)])] -> scores (b, k), ids (b, k), shard (b, k);
-    higher is better. Without a shard array, part n's hits come from shard n; with one (a shard
-    actor's own merge of its shards) its numbers are kept.
-
-    Ties keep part order (stable sort), like a single index that holds the shards back to back.
-    """
-    scores = np.concatenate([p[0] for p in per_shard], axis=1)  # (b, S*k)
-    ids = np.concatenate([p[1] for p in per_shard], axis=1)  # (b, S*k)
-    shard = np.concatenate([p[2] if len(p) > 2 else np.full(p[1].shape, n, dtype=np.int64)
-                            for n, p in enumerate(per_shard)], axis=1)  # fmt: skip
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (b, k)
-    top_ids = np.take_along_axis(ids, order, 1)
-    top_shard = np.where(top_ids >= 0, np.take_along_axis(shard, order, 1), -1)  # a shard's "no hit" is no one's
-    top = np.take_along_axis(scores, order, 1), top_ids, top_shard
-    if top[0].shape[1] < k:  # fewer passages than k in total: pad
-        pad = k - top[0].shape[1]
-        b = top[0].shape[0]
-        top = (
-            np.concatenate([top[0], np.full((b, pad), -np.inf, np.float32)], 1),
-            np.concatenate([top[1], np.full((b, pad), -1, np.int64)], 1),
-            np.concatenate([top[2], np.full((b, pad), -1, np.int64)], 1),
-        )
-    return top
 
 
 def resolve_search_params(
@@ -200,8 +177,7 @@ class ShardedIndex:
         )
 
     def _search_batch(self, xq: np.ndarray, k: int, *, nprobe, ef_search, embeddings: bool) -> SearchResult:
-        scores, row_ids, shard = merge_topk(self._backend.search(xq, k, nprobe, ef_search), k)  # (b, k) each
-        return self._fill(scores, row_ids, shard, embeddings)
+        return self._result(self._backend.search_hits(xq, k, nprobe, ef_search, embeddings))
 
     def fetch(
         self, row_ids: np.ndarray, shards: np.ndarray, scores: np.ndarray | None = None, *, embeddings: bool = False
@@ -215,18 +191,14 @@ class ShardedIndex:
 
     def _fill(self, scores: np.ndarray, row_ids: np.ndarray, shard: np.ndarray, embeddings: bool) -> SearchResult:
         """A SearchResult of (b, k) ``scores`` / ``row_ids`` with their payloads fetched by shard."""
-        b, k = row_ids.shape
-        requests = {int(s): row_ids[shard == s] for s in np.unique(shard) if s >= 0}
-        fetched = self._backend.fetch(requests, embeddings)
-        result = _empty_result(b, k, self.dim)
-        result.scores, result.row_ids = scores, row_ids
-        for s, (pids, titles, texts, emb) in fetched.items():
-            rows, cols = np.nonzero(shard == s)  # same row-major order as row_ids[shard == s]
-            if emb is not None:
-                result.embeddings[rows, cols] = emb
-            for j, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
-                result.ids[r][c], result.titles[r][c], result.texts[r][c] = pids[j], titles[j], texts[j]
-        return result
+        fetched = self._backend.fetch(requests_of(row_ids, shard), embeddings)
+        return self._result(fill_hits(scores, row_ids, shard, fetched, embeddings=embeddings, dim=self.dim))
+
+    def _result(self, hits: Hits) -> SearchResult:
+        b, k = hits.row_ids.shape
+        emb = hits.embeddings if hits.embeddings is not None else np.zeros((b, k, self.dim), np.float32)
+        return SearchResult(ids=hits.ids, row_ids=hits.row_ids, scores=hits.scores, titles=hits.titles,
+                            texts=hits.texts, embeddings=emb)  # fmt: skip
 
     def close(self, *, release_shared: bool = False) -> None:
         """Release what this index holds: its thread pool; the shard actors of a group it owns

@@ -3,6 +3,8 @@
 - a version served by a group of shard actors (placement group SPREAD: one actor per node)
   returns exactly the single local index's top-k (ids, scores, texts, vectors), and exactly one
   IndexFlatIP's; IVF search defaults and per-call overrides hold through the actors;
+- a query batch costs ONE call per actor (``search_hits``: top-k and payloads together, no
+  second round trip to fetch them), and ``embeddings=False`` brings back no vectors;
 - a caller that opens the actor-backed index does not hold the passages: its RSS grows by much
   less than the shard's text (about 40 MB), while opening the same version locally grows by it;
 - a Ray Train run with 2 workers searches through ONE actor group (counted by actor name);
@@ -142,6 +144,40 @@ def test_actor_group_returns_exactly_the_local_index_top_k(cluster, version):
             f"2 shard actors on 2 nodes {actors_ms:.2f} ms"
         )
         assert sum(i["queries"] for i in group.info()) >= 2 * (2 * len(xq) + 1)
+    finally:
+        group.close()
+
+
+def test_one_call_per_actor_per_query_batch_and_no_vectors_unless_asked(cluster, version):
+    import ray
+
+    xb = version["xb"]
+    xq = xb[:6] + 0.1 * np.random.default_rng(4).standard_normal((6, D)).astype(np.float32)
+    group = ShardActorGroup.start(version["root"], settings=settings(shards_per_actor=2))
+    try:
+        index = group.sharded_index(query_batch_size=4)  # 6 queries: 2 batches
+
+        def calls() -> list[dict[str, int]]:
+            return [i["calls"] for i in group.info()]
+
+        before = calls()
+        result = index.search(xq, 5, embeddings=False)
+        after = calls()
+        for b, a in zip(before, after):
+            assert a.get("search_hits", 0) - b.get("search_hits", 0) == 2, (before, after)  # one per batch
+            assert a.get("fetch", 0) == b.get("fetch", 0) and a.get("search", 0) == b.get("search", 0)
+        assert not result.embeddings.any()
+        answers = ray.get([h.search_hits.remote(xq, 5, None, None, False) for h in group.handles])
+        assert all(a.embeddings is None and len(a.texts[0][0]) == TEXT_CHARS for a in answers)  # texts, no vectors
+        full = index.search(xq, 5)
+        assert full.ids == result.ids and full.texts == result.texts
+        np.testing.assert_array_equal(full.embeddings, xb[[[int(i[1:]) for i in row] for row in full.ids]])
+        # fetch (hits found elsewhere) still goes to the rows' actors: one call to each that holds some
+        before = calls()
+        again = index.fetch(full.row_ids, full.row_ids >> 40, full.scores, embeddings=True)
+        assert again.ids == full.ids and again.texts == full.texts
+        np.testing.assert_array_equal(again.embeddings, full.embeddings)
+        assert sum(a.get("fetch", 0) - b.get("fetch", 0) for b, a in zip(before, calls())) <= len(group.handles)
     finally:
         group.close()
 

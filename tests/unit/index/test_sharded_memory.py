@@ -1,7 +1,7 @@
 """Bounded memory when a version is loaded (no Ray): each FAISS index opened once and memory-mapped
 from its file, the embedding column read only when asked for (never for serving; "auto": only
 when the index cannot give the vectors back), the local cache keeping the newest N versions; the
-merge of per-actor merges; SwappableIndex closing a swapped-out index only once no search uses it;
+merge of per-actor merges (also with their payloads, one round trip); SwappableIndex closing a swapped-out index only once no search uses it;
 the search mode and encoder-pool sizing rules."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from raggen.index import manifest as M
 from raggen.index import shard as S
 from raggen.index.actors import assign_shards
 from raggen.index.encoder_actor import encoder_pool
+from raggen.index.hits import fill_hits, merge_hits, requests_of
 from raggen.index.hot_swap import SwappableIndex
 from raggen.index.loading import load_version, verify_version
 from raggen.index.open_search import open_index
@@ -131,6 +132,40 @@ def test_merging_per_actor_merges_equals_merging_all_shards():
     two_level = merge_topk(per_actor, 4)
     for a, b in zip(flat, two_level):
         np.testing.assert_array_equal(a, b)
+
+
+def test_merging_actors_hits_with_payloads_equals_search_then_fetch():
+    """Each actor's top-k with its payloads (one call), merged: the same winners, ties and payloads
+    as merging the bare lists and then fetching the winners; no vectors unless asked for."""
+    rng = np.random.default_rng(2)
+    parts = []
+    for s in range(5):
+        scores = np.sort(rng.integers(0, 6, (4, 3)).astype(np.float32), axis=1)[:, ::-1].copy()  # many ties
+        ids = rng.choice(1000, (4, 3), replace=False) + 1000 * s
+        ids[0, -1], scores[0, -1] = -1, -np.inf  # a shard with fewer hits than k
+        parts.append((scores, ids))
+
+    def fetch(requests, embeddings):  # a payload that names its shard and row
+        return {s: ([f"p{s}:{r}" for r in rows], [f"t{r}" for r in rows], [f"x{r}" for r in rows],
+                    np.stack([np.full(D, r, np.float32) for r in rows]).reshape(-1, D) if embeddings else None)
+                for s, rows in requests.items()}  # fmt: skip
+
+    def actor_hits(shards, embeddings):
+        sc, ids, local = merge_topk([parts[s] for s in shards], 4)
+        numbers = np.where(local >= 0, np.asarray(shards)[np.maximum(local, 0)], -1)
+        return fill_hits(sc, ids, numbers, fetch(requests_of(ids, numbers), embeddings), embeddings=embeddings, dim=D)
+
+    scores, ids, shards = merge_topk(parts, 4)
+    want = fill_hits(scores, ids, shards, fetch(requests_of(ids, shards), True), embeddings=True, dim=D)
+    got = merge_hits([actor_hits(a, True) for a in assign_shards(5, 2)], 4)
+    for field in ("scores", "row_ids", "shards", "embeddings"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    assert got.ids == want.ids and got.titles == want.titles and got.texts == want.texts
+    assert got.ids[1][0] == f"p{shards[1, 0]}:{ids[1, 0]}"
+    bare = merge_hits([actor_hits(a, False) for a in assign_shards(5, 2)], 4)
+    assert bare.embeddings is None and bare.ids == want.ids
+    few = merge_hits([actor_hits([0], True)], 6)  # fewer hits than k: padded like merge_topk
+    assert few.ids[0][2:] == [""] * 4 and (few.row_ids[0, 2:] == -1).all() and not few.embeddings[0, 2:].any()
 
 
 class FakeIndex:
