@@ -47,6 +47,7 @@ def cmd_index_search(args: argparse.Namespace) -> None:
         s3_options=cfg.index.s3.storage_options(),
         nprobe=args.nprobe,
         ef_search=args.ef_search,
+        refine_k_factor=args.refine_k_factor,
         settings=cfg.index.search,
         start_ray=True,
     )

@@ -37,6 +37,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_one(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     if required:
         p.add_argument("config", help="YAML config file (see configs/)")
@@ -82,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="HNSW efSearch (default: index.search.ef_search, else the version's tuned default)",
+    )
+    p.add_argument(
+        "--refine-k-factor",
+        type=_at_least_one,
+        default=None,
+        help="re-ranked indexes (...,RFlat): candidates re-scored per hit "
+        "(default: index.search.refine_k_factor, else the version's tuned default)",
     )
     p = add("verify", cmd_index_verify, "check every checksum of a published version", parent=isub, config=False)
     p.add_argument("uri")

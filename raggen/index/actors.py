@@ -86,6 +86,7 @@ class ShardServer:
         load_embeddings: bool | str = "auto",
         nprobe: int | None = None,
         ef_search: int | None = None,
+        refine_k_factor: float | None = None,
         num_cpus: float = 1.0,
         use_gpu: bool = False,
         keep_cached_versions: int | None = 2,
@@ -107,8 +108,9 @@ class ShardServer:
             raise IndexIntegrityError(f"{version_uri}: holds version {loaded.version!r}, expected {expect_version!r}")
         self.version, self.shards = loaded.version, [int(s) for s in shards]
         metric = loaded.manifest.metric
-        searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu,
-                                   num_threads=threads) for s in loaded.shards]  # fmt: skip
+        searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search,
+                                   refine_k_factor=refine_k_factor, use_gpu=use_gpu, num_threads=threads)
+                     for s in loaded.shards]  # fmt: skip
         self.backend = _LocalBackend(searchers, max_workers=threads, cpus=threads, shard_numbers=self.shards)
         self.counts = [int(s.entry.count) for s in loaded.shards]
         self.embeddings_loaded = [s.has_embeddings for s in loaded.shards]
@@ -121,17 +123,30 @@ class ShardServer:
             self.calls[method] += 1
             self.queries += queries
 
-    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
+    def search(
+        self,
+        xq: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        refine_k_factor: float | None = None,
+    ):
         """(b, d), k -> scores (b, k), row ids (b, k), shard numbers (b, k) (-1: no hit)."""
         self._count("search", len(xq))
-        return self.backend.topk(xq, k, nprobe, ef_search)
+        return self.backend.topk(xq, k, nprobe, ef_search, refine_k_factor)
 
     def search_hits(
-        self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None, embeddings: bool = True
+        self,
+        xq: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        refine_k_factor: float | None = None,
+        embeddings: bool = True,
     ) -> Hits:
         """(b, d), k -> this actor's top-k with payloads (k per query, see the module docstring)."""
         self._count("search_hits", len(xq))
-        return self.backend.search_hits(xq, k, nprobe, ef_search, embeddings)
+        return self.backend.search_hits(xq, k, nprobe, ef_search, refine_k_factor, embeddings)
 
     def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True) -> dict[int, tuple]:
         """{shard number: row ids (n,)} -> {shard number: (ids, titles, texts, vectors (n, d) or None)}."""
@@ -221,7 +236,9 @@ class ShardActorGroup:
         settings = settings or SearchSettings(mode="actors")
         vuri = resolve_version_uri(uri, version, s3_options=s3_options)  # a version folder: LATEST read once, here
         manifest = manifest if manifest is not None else read_manifest(vuri, s3_options=s3_options)
-        nprobe, ef_search = resolve_search_params(manifest, settings.nprobe, settings.ef_search)
+        nprobe, ef_search, refine_k_factor = resolve_search_params(
+            manifest, settings.nprobe, settings.ef_search, settings.refine_k_factor
+        )
         name = name or f"{ACTOR_NAME_PREFIX}-{manifest.version}-{secrets.token_hex(3)}"
         assignment = assign_shards(len(manifest.shards), settings.shards_per_actor)
         bundle = {"CPU": float(settings.actor_num_cpus)}
@@ -244,7 +261,8 @@ class ShardActorGroup:
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a),
                 ).remote(vuri, shards, s3_options=dict(s3_options) if s3_options else None,
                          cache_dir=None if cache_dir is None else str(cache_dir), load_embeddings=load_embeddings,
-                         nprobe=nprobe, ef_search=ef_search, num_cpus=settings.actor_num_cpus,
+                         nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor,
+                         num_cpus=settings.actor_num_cpus,
                          use_gpu=bool(settings.actor_num_gpus), keep_cached_versions=settings.cache_versions,
                          expect_version=manifest.version))  # fmt: skip
             infos = _get(ray, [h.ready.remote() for h in handles], timeout_s, vuri)
@@ -266,13 +284,14 @@ class ShardActorGroup:
         )
         nodes = {i["node_id"] for i in infos}
         logger.info(
-            "shard actors %s: version %s, %d actors over %d node(s), nprobe %s, efSearch %s",
+            "shard actors %s: version %s, %d actors over %d node(s), nprobe %s, efSearch %s, refine k_factor %s",
             name,
             manifest.version,
             len(handles),
             len(nodes),
             nprobe,
             ef_search,
+            refine_k_factor,
         )
         return group
 
@@ -281,7 +300,10 @@ class ShardActorGroup:
     ) -> ShardedIndex:
         """A ShardedIndex searching through this group; ``owned``: its ``close()`` ends the group;
         ``on_close``: called (once) by its ``close()`` instead, e.g. to return a shared group's lease."""
-        nprobe, ef_search = resolve_search_params(self.manifest, self.settings.nprobe, self.settings.ef_search)
+        s = self.settings
+        nprobe, ef_search, refine_k_factor = resolve_search_params(
+            self.manifest, s.nprobe, s.ef_search, s.refine_k_factor
+        )
         return ShardedIndex(
             _ActorBackend(self, owned=owned, on_close=on_close),
             manifest=self.manifest,
@@ -289,6 +311,7 @@ class ShardActorGroup:
             query_batch_size=query_batch_size,
             nprobe=nprobe,
             ef_search=ef_search,
+            refine_k_factor=refine_k_factor,
         )
 
     def alive(self, timeout_s: float = 30.0) -> bool:
@@ -357,17 +380,33 @@ class _ActorBackend:
     def _query_arg(self, xq: np.ndarray):
         return self.ray.put(xq) if xq.nbytes > 100_000 and len(self.group.handles) > 1 else xq  # one copy for all
 
-    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
+    def search(
+        self,
+        xq: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        refine_k_factor: float | None = None,
+    ):
         """Each actor's merged top-k (scores, row ids, shard numbers), in actor order."""
         xq_arg = self._query_arg(xq)
-        return self.ray.get([h.search.remote(xq_arg, k, nprobe, ef_search) for h in self.group.handles])
+        return self.ray.get(
+            [h.search.remote(xq_arg, k, nprobe, ef_search, refine_k_factor) for h in self.group.handles]
+        )
 
     def search_hits(
-        self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None, embeddings: bool = True
+        self,
+        xq: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        refine_k_factor: float | None = None,
+        embeddings: bool = True,
     ) -> Hits:
         """The exact top-k over all actors with payloads: one call per actor, merged here."""
         xq_arg = self._query_arg(xq)
-        refs = [h.search_hits.remote(xq_arg, k, nprobe, ef_search, embeddings) for h in self.group.handles]
+        args = (xq_arg, k, nprobe, ef_search, refine_k_factor, embeddings)
+        refs = [h.search_hits.remote(*args) for h in self.group.handles]
         return merge_hits(self.ray.get(refs), k)
 
     def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True):

@@ -125,6 +125,9 @@ class SearchDefaults(BaseModel):
 
     nprobe: int | None = Field(None, ge=1)  # IVF lists probed
     ef_search: int | None = Field(None, ge=1)  # HNSW efSearch
+    refine_k_factor: float | None = Field(
+        None, ge=1, description="re-ranked indexes ('...,RFlat'): PQ candidates re-scored per hit (k x this)"
+    )
     # how they were chosen: recall@k at that setting and at the exhaustive one, the target
     recall: float | None = None
     max_recall: float | None = None

@@ -35,6 +35,7 @@ def open_index(
     actor_num_cpus: float | None = None,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    refine_k_factor: float | None = None,
     s3_options: Mapping[str, Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
     load_embeddings: bool | str = "auto",
@@ -47,14 +48,16 @@ def open_index(
     for large versions, see ``SearchSettings``): in this process, or through a new
     ``ShardActorGroup`` that ``close()`` ends. ``group``: search through this (already started)
     group instead, e.g. one the driver passed to Train workers (``close()`` leaves it running).
-    ``use_actors`` / ``actor_num_cpus`` / ``nprobe`` / ``ef_search`` override the settings.
+    ``use_actors`` / ``actor_num_cpus`` / ``nprobe`` / ``ef_search`` / ``refine_k_factor`` override
+    the settings.
     ``load_embeddings``: "auto" (training: the stored vectors, read from the index when it holds
     them exactly), False (serving never reads them), True. ``start_ray``: an entry point's wish
     to start (or join) Ray when the version is to be served by actors and Ray is not running.
     """
     settings = settings or SearchSettings()
-    update = {k: v for k, v in {"nprobe": nprobe, "ef_search": ef_search, "actor_num_cpus": actor_num_cpus}.items()
-              if v is not None}  # fmt: skip
+    given = {"nprobe": nprobe, "ef_search": ef_search, "refine_k_factor": refine_k_factor,
+             "actor_num_cpus": actor_num_cpus}  # fmt: skip
+    update = {k: v for k, v in given.items() if v is not None}
     if use_actors is not None:
         update["mode"] = "actors" if use_actors else "local"
     settings = settings.model_copy(update=update) if update else settings
@@ -74,4 +77,5 @@ def open_index(
         return group.sharded_index(owned=True)
     loaded = load_version(vuri, s3_options=s3_options, cache_dir=cache_dir, load_embeddings=load_embeddings,
                           keep_cached_versions=settings.cache_versions)  # fmt: skip
-    return ShardedIndex.from_version(loaded, nprobe=settings.nprobe, ef_search=settings.ef_search)
+    return ShardedIndex.from_version(loaded, nprobe=settings.nprobe, ef_search=settings.ef_search,
+                                     refine_k_factor=settings.refine_k_factor)  # fmt: skip

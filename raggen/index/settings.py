@@ -37,8 +37,19 @@ class SearchSettings(BaseModel):
     # else FAISS's own (nprobe 1, efSearch 16); a per-call argument overrides both
     nprobe: int | None = Field(None, ge=1)
     ef_search: int | None = Field(None, ge=1)
+    refine_k_factor: float | None = Field(
+        None,
+        ge=1,
+        description=(
+            "re-ranked indexes ('IVF1024,PQ64,RFlat', '...,Refine(SQ8)'): the k x refine_k_factor "
+            "candidates of the compressed search that are re-scored with the refine codes; None = the "
+            "version's search_defaults (tuned at build time), else the index's own (FAISS: 1, i.e. only "
+            "the k hits re-scored); a per-call argument overrides both"
+        ),
+    )
     # build time: the smallest nprobe / efSearch (powers of 2) whose recall@tune_k on tune_queries
-    # held-out queries is within (1 - target_recall) of the exhaustive setting's; None: no tuning
+    # held-out queries is within (1 - target_recall) of the exhaustive setting's, then (re-ranked
+    # indexes) the smallest refine_k_factor that stays within it (raggen.index.tuning); None: no tuning
     target_recall: float | None = Field(0.99, gt=0, le=1)
     tune_queries: int = Field(200, ge=1)
     tune_k: int = Field(100, ge=1)

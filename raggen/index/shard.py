@@ -301,8 +301,15 @@ def open_index_file(path, *, mmap: bool = True, ivf: bool | None = None) -> fais
 # ------------------------------------------------------------------------------------------ search
 
 
-def set_search_params(index: faiss.Index, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-    """IVF ``nprobe`` and HNSW ``efSearch``; settings that do not apply to the type are ignored."""
+def set_search_params(
+    index: faiss.Index,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    refine_k_factor: float | None = None,
+) -> None:
+    """IVF ``nprobe``, HNSW ``efSearch`` and a refine index's ``k_factor`` (candidates re-scored
+    per hit); settings that do not apply to the type are ignored."""
     space = faiss.ParameterSpace()
     if nprobe is not None and ivf_of(index) is not None:
         space.set_index_parameter(index, "nprobe", int(nprobe))
@@ -311,20 +318,31 @@ def set_search_params(index: faiss.Index, *, nprobe: int | None = None, ef_searc
             hnsw = getattr(obj, "hnsw", None)
             if hnsw is not None:
                 hnsw.efSearch = int(ef_search)
+    if refine_k_factor is not None and (refine := refine_of(index)) is not None:
+        refine.k_factor = float(refine_k_factor)
 
 
-def search_parameters(index: faiss.Index, *, nprobe: int | None = None, ef_search: int | None = None):
+def search_parameters(
+    index: faiss.Index,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    refine_k_factor: float | None = None,
+):
     """Per-call ``faiss.SearchParameters`` (None when nothing applies): IVF ``nprobe`` (clamped to
-    nlist), HNSW ``efSearch``. Unlike ``set_search_params`` nothing in the index changes, so
-    concurrent searches with different settings are safe."""
+    nlist), HNSW ``efSearch``, a refine index's ``k_factor`` (None: the index's own, which the
+    wrapper's parameters must then carry). Unlike ``set_search_params`` nothing in the index
+    changes, so concurrent searches with different settings are safe."""
     ivf = ivf_of(index)
     params = None
     if nprobe is not None and ivf is not None:
         params = faiss.SearchParametersIVF(nprobe=max(1, min(int(nprobe), int(ivf.nlist))))
     elif ef_search is not None and hnsw_of(index) is not None:
         params = faiss.SearchParametersHNSW(efSearch=max(1, int(ef_search)))
-    if params is not None and (refine := refine_of(index)) is not None:  # a refine index wraps its base's settings
-        params = faiss.IndexRefineSearchParameters(k_factor=float(refine.k_factor), base_index_params=params)
+    refine = refine_of(index) if params is not None or refine_k_factor is not None else None
+    if refine is not None:  # a refine index wraps its base's settings
+        k_factor = float(refine.k_factor if refine_k_factor is None else refine_k_factor)
+        params = faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=params)
     return params
 
 
@@ -337,27 +355,37 @@ def hnsw_of(index: faiss.Index):
     return None
 
 
-def current_search_params(index: faiss.Index) -> dict[str, int]:
-    """The index's own defaults: {"nprobe": ...} for IVF, {"ef_search": ...} for HNSW."""
-    out = {}
+def current_search_params(index: faiss.Index) -> dict[str, float]:
+    """The index's own defaults: {"nprobe": ...} for IVF, {"ef_search": ...} for HNSW, and
+    {"refine_k_factor": ...} for a refine index."""
+    out: dict[str, float] = {}
     ivf = ivf_of(index)
     if ivf is not None:
         out["nprobe"] = int(ivf.nprobe)
     hnsw = hnsw_of(index)
     if hnsw is not None:
         out["ef_search"] = int(hnsw.efSearch)
+    refine = refine_of(index)
+    if refine is not None:
+        out["refine_k_factor"] = float(refine.k_factor)
     return out
 
 
 def search(
-    index: faiss.Index, xq: np.ndarray, k: int, *, nprobe: int | None = None, ef_search: int | None = None
+    index: faiss.Index,
+    xq: np.ndarray,
+    k: int,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    refine_k_factor: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(xq[nq, d], k) -> D[nq, k] float32 scores/distances, I[nq, k] int64 ids (-1 = no hit).
-    ``nprobe`` / ``ef_search`` override the index's settings for this call only."""
+    ``nprobe`` / ``ef_search`` / ``refine_k_factor`` override the index's settings for this call only."""
     xq = as_float32_matrix(xq, "xq", index.d)
     if k <= 0:
         raise ValueError(f"k: must be positive, got {k}")
-    params = search_parameters(index, nprobe=nprobe, ef_search=ef_search)
+    params = search_parameters(index, nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor)
     if params is None:
         return index.search(xq, int(k))
     return index.search(xq, int(k), params=params)

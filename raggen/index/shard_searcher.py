@@ -24,8 +24,9 @@ class ShardSearcher:
     """One shard: a FAISS index plus its passage table; search -> (D, I), fetch(row_ids) -> payload.
 
     ``index``: an opened FAISS index (``LoadedShard.index()``, used as it is: never copied) or its
-    serialized bytes. ``nprobe`` / ``ef_search`` become the index's defaults; ``search`` takes
-    per-call values that leave the index unchanged (safe under concurrent calls)."""
+    serialized bytes. ``nprobe`` / ``ef_search`` / ``refine_k_factor`` become the index's
+    defaults; ``search`` takes per-call values that leave the index unchanged (safe under
+    concurrent calls)."""
 
     def __init__(
         self,
@@ -35,6 +36,7 @@ class ShardSearcher:
         metric: str,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        refine_k_factor: float | None = None,
         use_gpu: bool = False,
         num_threads: int | None = None,
     ):
@@ -42,7 +44,7 @@ class ShardSearcher:
             faiss.omp_set_num_threads(int(num_threads))
         if not isinstance(index, faiss.Index):
             index = deserialize_index(index)
-        set_search_params(index, nprobe=nprobe, ef_search=ef_search)
+        set_search_params(index, nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor)
         self.cpu_index = index
         self.index = to_gpu(index) if use_gpu else index
         self.dim = int(index.d)
@@ -63,6 +65,7 @@ class ShardSearcher:
         *,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        refine_k_factor: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(b, d), k -> scores (b, k) higher-is-better, row ids (b, k), -1 where no hit.
 
@@ -71,7 +74,7 @@ class ShardSearcher:
         if coarse is not None:
             D, I = _search_preassigned(self.index, as_float32_matrix(xq, "xq", self.dim), int(k), *coarse)
         else:
-            D, I = search(self.index, xq, k, nprobe=nprobe, ef_search=ef_search)
+            D, I = search(self.index, xq, k, nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor)
         scores = (self.sign * D).astype(np.float32)
         scores[I < 0] = -np.inf
         return scores, I
@@ -191,7 +194,14 @@ class _LocalBackend:
             return list(self.pool.map(fn, items))
         return [fn(item) for item in items]
 
-    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
+    def search(
+        self,
+        xq: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        refine_k_factor: float | None = None,
+    ):
         assignment = None
         if self.coarse is not None:
             quantizer, default_nprobe = self.coarse
@@ -199,21 +209,34 @@ class _LocalBackend:
             probe = max(1, min(int(nprobe or default_nprobe), nlist))
             assignment = quantizer.search(xq, probe)  # (Dq, Iq): (b, nprobe) each
         return self._map(
-            lambda s: s.search(xq, k, assignment, nprobe=nprobe, ef_search=ef_search),
+            lambda s: s.search(xq, k, assignment, nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor),
             self.searchers,
             len(xq) >= self.PARALLEL_MIN_QUERIES,
         )
 
-    def topk(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None):
+    def topk(
+        self,
+        xq: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        refine_k_factor: float | None = None,
+    ):
         """(b, d), k -> merged scores (b, k), row ids (b, k), shard numbers (b, k) (-1: no hit)."""
-        scores, ids, local = merge_topk(self.search(xq, k, nprobe, ef_search), k)
+        scores, ids, local = merge_topk(self.search(xq, k, nprobe, ef_search, refine_k_factor), k)
         return scores, ids, np.where(local >= 0, self.shard_numbers[np.maximum(local, 0)], -1)
 
     def search_hits(
-        self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None, embeddings: bool = True
+        self,
+        xq: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        refine_k_factor: float | None = None,
+        embeddings: bool = True,
     ) -> Hits:
         """The merged top-k of (b, d) queries with the hits' payloads (vectors only if ``embeddings``)."""
-        scores, ids, shards = self.topk(xq, k, nprobe, ef_search)
+        scores, ids, shards = self.topk(xq, k, nprobe, ef_search, refine_k_factor)
         fetched = self.fetch(requests_of(ids, shards), embeddings)
         return fill_hits(scores, ids, shards, fetched, embeddings=embeddings, dim=self.dim)
 

@@ -13,7 +13,8 @@ Two backends behind the same ``search``:
   consecutive shards it loaded itself from the store (memory-mapped), placed over the nodes by a
   SPREAD placement group; callers hold only actor handles, never vectors or texts.
 Search parameters: the version's ``search_defaults`` (chosen at build time), unless the opener
-gives ``nprobe`` / ``ef_search``; ``search(..., nprobe=, ef_search=)`` overrides them per call.
+gives ``nprobe`` / ``ef_search`` / ``refine_k_factor``; ``search(..., nprobe=, ef_search=,
+refine_k_factor=)`` overrides them per call.
 ``ray.init`` is never called here; the caller (entry point, test fixture) owns the cluster.
 """
 
@@ -49,14 +50,16 @@ class SearchResult:
 
 
 def resolve_search_params(
-    manifest: Manifest, nprobe: int | None, ef_search: int | None
-) -> tuple[int | None, int | None]:
-    """What the opener gives, else the version's ``search_defaults``, else None (FAISS's own)."""
+    manifest: Manifest, nprobe: int | None, ef_search: int | None, refine_k_factor: float | None = None
+) -> tuple[int | None, int | None, float | None]:
+    """(nprobe, ef_search, refine_k_factor): what the opener gives, else the version's
+    ``search_defaults``, else None (the index's own)."""
     defaults = manifest.search_defaults
     if defaults is not None:
         nprobe = defaults.nprobe if nprobe is None else nprobe
         ef_search = defaults.ef_search if ef_search is None else ef_search
-    return nprobe, ef_search
+        refine_k_factor = defaults.refine_k_factor if refine_k_factor is None else refine_k_factor
+    return nprobe, ef_search, refine_k_factor
 
 
 class ShardedIndex:
@@ -71,12 +74,14 @@ class ShardedIndex:
         query_batch_size: int = 256,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        refine_k_factor: float | None = None,
     ):
         self._backend = backend
         self.manifest = manifest
         self.dim = dim
         self.query_batch_size = query_batch_size
         self.nprobe, self.ef_search = nprobe, ef_search  # the defaults in force (None: FAISS's)
+        self.refine_k_factor = refine_k_factor  # None: the index's own
 
     @property
     def version(self) -> str:
@@ -106,14 +111,15 @@ class ShardedIndex:
         actor_num_gpus: float = 0.0,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        refine_k_factor: float | None = None,
         query_batch_size: int = 256,
         max_threads: int | None = None,
     ) -> ShardedIndex:
         """In-process over the loaded shards (``max_threads`` shards searched at once, default: one
         per core), or (``use_actors``) through a new group of shard actors, one per shard, that
         load the version themselves from where ``loaded`` came from; ``close()`` ends the group.
-        ``nprobe`` / ``ef_search`` default to the manifest's ``search_defaults``."""
-        nprobe, ef_search = resolve_search_params(loaded.manifest, nprobe, ef_search)
+        ``nprobe`` / ``ef_search`` / ``refine_k_factor`` default to the manifest's ``search_defaults``."""
+        nprobe, ef_search, refine_k_factor = resolve_search_params(loaded.manifest, nprobe, ef_search, refine_k_factor)
         if use_actors:
             from raggen.index.actors import ShardActorGroup
             from raggen.index.settings import SearchSettings
@@ -124,6 +130,7 @@ class ShardedIndex:
                 actor_num_gpus=actor_num_gpus,
                 nprobe=nprobe,
                 ef_search=ef_search,
+                refine_k_factor=refine_k_factor,
             )
             group = ShardActorGroup.start(
                 loaded.uri,
@@ -134,8 +141,8 @@ class ShardedIndex:
             )
             return group.sharded_index(query_batch_size=query_batch_size, owned=True)
         metric = loaded.manifest.metric
-        searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search)
-                     for s in loaded.shards]  # fmt: skip
+        searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search,
+                                   refine_k_factor=refine_k_factor) for s in loaded.shards]  # fmt: skip
         backend = _LocalBackend(searchers, max_workers=max_threads)
         return cls(
             backend,
@@ -144,6 +151,7 @@ class ShardedIndex:
             query_batch_size=query_batch_size,
             nprobe=nprobe,
             ef_search=ef_search,
+            refine_k_factor=refine_k_factor,
         )
 
     def search(
@@ -153,14 +161,16 @@ class ShardedIndex:
         *,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        refine_k_factor: float | None = None,
         embeddings: bool = True,
     ) -> SearchResult:
-        """Top-k of every query over all shards. ``nprobe`` / ``ef_search`` override the defaults
-        for this call; ``embeddings=False`` skips the stored vectors (zeros; serving needs none)."""
+        """Top-k of every query over all shards. ``nprobe`` / ``ef_search`` / ``refine_k_factor``
+        override the defaults for this call; ``embeddings=False`` skips the stored vectors (zeros;
+        serving needs none)."""
         xq = as_float32_matrix(xq, "xq", self.dim)
         if k <= 0:
             raise ValueError(f"k: must be positive, got {k}")
-        kw = {"nprobe": nprobe, "ef_search": ef_search, "embeddings": embeddings}
+        kw = {"nprobe": nprobe, "ef_search": ef_search, "refine_k_factor": refine_k_factor, "embeddings": embeddings}
         parts = [
             self._search_batch(xq[i : i + self.query_batch_size], k, **kw)
             for i in range(0, len(xq), self.query_batch_size)
@@ -176,8 +186,8 @@ class ShardedIndex:
             embeddings=np.concatenate([p.embeddings for p in parts]),
         )
 
-    def _search_batch(self, xq: np.ndarray, k: int, *, nprobe, ef_search, embeddings: bool) -> SearchResult:
-        return self._result(self._backend.search_hits(xq, k, nprobe, ef_search, embeddings))
+    def _search_batch(self, xq: np.ndarray, k: int, *, nprobe, ef_search, refine_k_factor, embeddings) -> SearchResult:
+        return self._result(self._backend.search_hits(xq, k, nprobe, ef_search, refine_k_factor, embeddings))
 
     def fetch(
         self, row_ids: np.ndarray, shards: np.ndarray, scores: np.ndarray | None = None, *, embeddings: bool = False

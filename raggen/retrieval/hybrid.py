@@ -70,20 +70,22 @@ class HybridIndex:
         embeddings: bool = False,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        refine_k_factor: float | None = None,
         settings: RetrievalSettings | None = None,
     ) -> SearchResult:
         """Top-``k`` per query; ``xq`` (b, d) query vectors (unused by sparse), ``questions`` the
         texts (unused by dense); ``settings`` (default: this index's) for this call's fusion."""
         s = settings or self.settings
         mode = self.check_mode(mode or s.mode)
+        params = {"nprobe": nprobe, "ef_search": ef_search, "refine_k_factor": refine_k_factor}
         if mode == "dense":
-            return self.dense.search(xq, k, nprobe=nprobe, ef_search=ef_search, embeddings=embeddings)
+            return self.dense.search(xq, k, **params, embeddings=embeddings)
         assert questions is not None, "sparse / hybrid search needs the questions' text"
         if mode == "sparse":
             scores, rows = self.sparse.search(list(questions), k)  # (b, k) each
             return self.dense.fetch(rows, self.sparse.shard_of(rows), scores, embeddings=embeddings)
         c = max(int(k), s.candidates)
-        dense = self.dense.search(xq, c, nprobe=nprobe, ef_search=ef_search, embeddings=False)
+        dense = self.dense.search(xq, c, **params, embeddings=False)
         sparse_scores, sparse_rows = self.sparse.search(list(questions), c)
         weights = (s.dense_weight, 1.0 - s.dense_weight)
         if s.fusion == "rrf":

@@ -31,11 +31,12 @@ def search_passages(
     embeddings: bool = False,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    refine_k_factor: float | None = None,
 ) -> SearchResult:
     """Top-``k`` per query. A ``HybridIndex`` searches by ``mode`` (default: its settings'), which
     needs the ``questions``' text for sparse and hybrid; any other index is dense only.
     ``embeddings``: also return each hit's stored vector (training scores with them)."""
-    params = {"nprobe": nprobe, "ef_search": ef_search, "embeddings": embeddings}
+    params = {"nprobe": nprobe, "ef_search": ef_search, "refine_k_factor": refine_k_factor, "embeddings": embeddings}
     if isinstance(index, HybridIndex):
         return index.search(xq, k, questions=questions, mode=mode, settings=settings, **params)
     if mode not in (None, "dense"):
@@ -62,13 +63,15 @@ def search_index(
     version: str | None = None,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    refine_k_factor: float | None = None,
     settings: SearchSettings | None = None,
     s3_options: Mapping[str, Any] | None = None,
     start_ray: bool = False,
 ) -> SearchResult:
     """``raggen index search``: open a published version, encode ``questions`` with the encoder the
     manifest records (its pooling and normalisation; ``encoder_name_or_path`` / ``pooling`` override)
-    and search it once; ``nprobe`` / ``ef_search`` override the settings' and the version's defaults."""
+    and search it once; ``nprobe`` / ``ef_search`` / ``refine_k_factor`` override the settings' and
+    the version's defaults."""
     from raggen.index import open_index
     from raggen.models.retriever import TextEncoder
 
@@ -83,7 +86,8 @@ def search_index(
             max_length=max_length,
             normalize=enc.normalize,
         )
-        return encode_and_search(encoder, index, list(questions), k, nprobe=nprobe, ef_search=ef_search)
+        params = {"nprobe": nprobe, "ef_search": ef_search, "refine_k_factor": refine_k_factor}
+        return encode_and_search(encoder, index, list(questions), k, **params)
     finally:
         index.close()
 

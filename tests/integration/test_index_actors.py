@@ -167,7 +167,7 @@ def test_one_call_per_actor_per_query_batch_and_no_vectors_unless_asked(cluster,
             assert a.get("search_hits", 0) - b.get("search_hits", 0) == 2, (before, after)  # one per batch
             assert a.get("fetch", 0) == b.get("fetch", 0) and a.get("search", 0) == b.get("search", 0)
         assert not result.embeddings.any()
-        answers = ray.get([h.search_hits.remote(xq, 5, None, None, False) for h in group.handles])
+        answers = ray.get([h.search_hits.remote(xq, 5, embeddings=False) for h in group.handles])
         assert all(a.embeddings is None and len(a.texts[0][0]) == TEXT_CHARS for a in answers)  # texts, no vectors
         full = index.search(xq, 5)
         assert full.ids == result.ids and full.texts == result.texts

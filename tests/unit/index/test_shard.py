@@ -182,3 +182,10 @@ def test_a_refine_index_takes_nprobe_and_its_k_factor_re_ranks_more_candidates()
     assert faiss.downcast_index(S.refine_of(again)).k_factor == 8.0
     D, I = S.search(again, xq, 10, nprobe=8)
     assert recall(I, truth) >= 0.98 and recall(I, truth) > plain + 0.2, (recall(I, truth), plain)
+    _, I1 = S.search(again, xq, 10, nprobe=8, refine_k_factor=1)  # per call: the index keeps its own
+    np.testing.assert_array_equal(I1, S.search(index, xq, 10, nprobe=8, refine_k_factor=1.0)[1])
+    assert recall(I1, truth) < recall(I, truth) and faiss.downcast_index(S.refine_of(again)).k_factor == 8.0
+    assert S.search_parameters(again, refine_k_factor=2).k_factor == 2.0  # without nprobe too
+    S.set_search_params(again, refine_k_factor=1)
+    assert S.current_search_params(again)["refine_k_factor"] == 1.0
+    np.testing.assert_array_equal(S.search(again, xq, 10, nprobe=8)[1], I1)
