@@ -95,8 +95,9 @@ def build_index(
     shards in parallel; the driver plans and publishes. The work dir is this machine's, so those
     tasks run on the driver's node; ``settings.work_dir_shared`` (the work dir on a filesystem every
     node mounts at the same path) lets them run anywhere. Search defaults: for IVF / HNSW factories,
-    the smallest nprobe / efSearch within ``1 - search.target_recall`` of exhaustive
-    recall@``search.tune_k`` on ``search.tune_queries`` held-out queries (``raggen.index.tuning``; the
+    the smallest nprobe / efSearch (re-ranked factories: and refine k_factor) within
+    ``1 - search.target_recall`` of exhaustive recall@``search.tune_k`` on ``search.tune_queries``
+    held-out queries (``raggen.index.tuning``; the
     other ``SearchSettings`` fields are not used here; ``search`` None: ``SearchSettings()``) go into
     the manifest (``target_recall=None``: none). ``settings.sparse="bm25"``: a BM25 index over every
     passage is built (in a Ray task, from the shards' passage files) and published in the same version.

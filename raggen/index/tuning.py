@@ -1,5 +1,6 @@
-"""Search defaults from a recall target: the smallest IVF ``nprobe`` / HNSW ``efSearch`` that gets
-within ``1 - target_recall`` of the index's exhaustive setting, on held-out queries.
+"""Search defaults from a recall target: the smallest IVF ``nprobe`` / HNSW ``efSearch`` (and, for
+a re-ranked index, ``refine_k_factor``) that gets within ``1 - target_recall`` of the index's
+exhaustive setting, on held-out queries.
 
 FAISS searches IVF indexes at nprobe 1 and HNSW at efSearch 16 unless told otherwise, which loses
 much of the recall (MiniLM, 10k passages, IVF100,PQ32: answer recall@5 0.770 vs Flat's 0.963).
@@ -17,12 +18,24 @@ At build time (``build_index``):
    value: the compression (PQ) loses what no nprobe recovers, so the target is what probing more
    lists can still win.
 
+Re-ranked indexes (``IVF1024,PQ64,RFlat``, ``...,Refine(SQ8)``): the PQ search returns k x
+k_factor candidates that the refine codes re-score; FAISS's default k_factor 1 re-scores only the
+k PQ hits, so re-ranking changes their order but recovers none that PQ missed. Here every ladder
+value is measured at every k_factor of ``K_FACTORS`` (1, 2, 4, ..., 64; ``len(K_FACTORS)`` times
+the searches of a plain index, at build time only). nprobe is chosen as above at the most generous
+k_factor (64: what probing can win once re-ranking keeps nearly every true neighbour), then the
+smallest k_factor whose recall at that nprobe still reaches the same bound
+``max_recall - (1 - target_recall)``, ``max_recall`` being the recall at (exhaustive nprobe,
+k_factor 64). Both choices answer to one bound, so the pair is within the target of the most
+exhaustive setting, not twice it. A refine index without an nprobe/efSearch knob ("PQ16,RFlat")
+tunes its k_factor alone. The choice is recorded as ``search_defaults.refine_k_factor``.
+
 numpy in, numpy out (faiss/contrib style); no Ray here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -34,12 +47,14 @@ from raggen.index.shard import (
     hnsw_of,
     ivf_of,
     normalize_metric,
+    refine_of,
     search,
 )
 from raggen.index.sharded import merge_topk
 
 MAX_EF_SEARCH = 1024
 MIN_EF_SEARCH = 16
+K_FACTORS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]  # re-ranked indexes: candidates re-scored per hit
 
 
 def ladder(index: faiss.Index) -> tuple[str, list[int]] | None:
@@ -91,12 +106,15 @@ def _as_scores(D: np.ndarray, I: np.ndarray, metric: str) -> np.ndarray:
 
 @dataclass
 class ShardStats:
-    """One shard's part of the tuning: exact top-k and the index's top-k per ladder value."""
+    """One shard's part of the tuning: exact top-k and the index's top-k per ladder value (and,
+    for a re-ranked index, per k_factor)."""
 
-    param: str | None  # "nprobe" | "ef_search" | None (nothing to tune)
-    values: list[int]
+    param: str | None  # "nprobe" | "ef_search" | None (no such knob: nothing, or only k_factor, to tune)
+    values: list[int | None]  # the ladder; [None] for a refine index without a knob
     exact: tuple[np.ndarray, np.ndarray]  # scores (b, k), ids (b, k)
-    approx: list[tuple[np.ndarray, np.ndarray]]  # one (scores, ids) per value
+    approx: list[tuple[np.ndarray, np.ndarray]]  # one (scores, ids) per value (refine: at the largest k_factor)
+    k_factors: list[float] = field(default_factory=list)  # refine indexes: K_FACTORS, else []
+    refined: list[list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=list)  # [value][k_factor]
 
 
 def shard_stats(
@@ -105,14 +123,17 @@ def shard_stats(
     """What one shard contributes (computed where the shard is built: its vectors are there)."""
     exact = exact_topk(xb, ids, xq, k, metric)
     knob = ladder(index)
-    if knob is None:
+    k_factors = list(K_FACTORS) if refine_of(index) is not None else []
+    if knob is None and not k_factors:
         return ShardStats(None, [], exact, [])
-    param, values = knob
-    approx = []
-    for v in values:
-        D, I = search(index, xq, k, **{param: v})
-        approx.append((_as_scores(D, I, metric), I))
-    return ShardStats(param, values, exact, approx)
+    param, values = knob if knob is not None else (None, [None])
+
+    def measure(**params) -> tuple[np.ndarray, np.ndarray]:
+        D, I = search(index, xq, k, **params)
+        return _as_scores(D, I, metric), I
+
+    grid = [[measure(**({param: v} if param else {}), refine_k_factor=f) for f in k_factors or [None]] for v in values]
+    return ShardStats(param, values, exact, [row[-1] for row in grid], k_factors, grid if k_factors else [])
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -125,11 +146,11 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(per_query)) if per_query else 1.0
 
 
-def choose(values: list[int], recalls: list[float], target_recall: float) -> tuple[int, float, float]:
-    """(value, its recall, the exhaustive value's recall): the smallest value whose recall is at
-    least ``recalls[-1] - (1 - target_recall)``."""
+def choose(values: list, recalls: list[float], target_recall: float, ceiling: float | None = None) -> tuple:
+    """(value, its recall, the ceiling): the smallest value whose recall is at least
+    ``ceiling - (1 - target_recall)``; ``ceiling`` defaults to the last (exhaustive) value's recall."""
     assert len(values) == len(recalls) and values, "one recall per value"
-    ceiling = recalls[-1]
+    ceiling = recalls[-1] if ceiling is None else ceiling
     need = ceiling - (1.0 - target_recall) - 1e-9
     for v, r in zip(values, recalls):
         if r >= need:
@@ -139,20 +160,27 @@ def choose(values: list[int], recalls: list[float], target_recall: float) -> tup
 
 def combine(stats: list[ShardStats], *, k: int, target_recall: float) -> SearchDefaults | None:
     """The version's search defaults from every shard's stats (None: nothing to tune)."""
-    params = {s.param for s in stats}
-    if params == {None}:
-        return None
-    if len(params) != 1 or len({tuple(s.values) for s in stats}) != 1:
-        raise ValueError("shards differ in index type or ladder: cannot tune them together")
     first = stats[0]
+    if first.param is None and not first.k_factors:
+        return None
+    same = {(s.param, tuple(s.values), tuple(s.k_factors)) for s in stats}
+    if len(same) != 1:
+        raise ValueError("shards differ in index type or ladder: cannot tune them together")
     _, truth, _ = merge_topk([s.exact for s in stats], k)
-    recalls = []
-    for j in range(len(first.values)):
-        _, found, _ = merge_topk([s.approx[j] for s in stats], k)
-        recalls.append(recall_at_k(found, truth))
+
+    def merged_recall(parts: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        return recall_at_k(merge_topk(parts, k)[1], truth)
+
+    recalls = [merged_recall([s.approx[j] for s in stats]) for j in range(len(first.values))]
     value, recall, ceiling = choose(first.values, recalls, target_recall)
+    k_factor = None
+    if first.k_factors:  # at the chosen value, the smallest k_factor within the same bound
+        j = first.values.index(value)
+        by_factor = [merged_recall([s.refined[j][f] for s in stats]) for f in range(len(first.k_factors))]
+        k_factor, recall, _ = choose(first.k_factors, by_factor, target_recall, ceiling=ceiling)
     return SearchDefaults(
-        **{first.param: value},
+        **({first.param: value} if first.param else {}),
+        refine_k_factor=k_factor,
         recall=round(recall, 4),
         max_recall=round(ceiling, 4),
         target_recall=target_recall,

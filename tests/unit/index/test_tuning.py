@@ -1,7 +1,8 @@
 """Search defaults from a recall target (raggen.index.tuning): on synthetic clustered vectors the
 chosen nprobe / efSearch reaches the target recall@k against brute force and the next smaller
-value does not; the defaults are recorded in the manifest, used when a version is opened, and
-overridden per call; older manifests (no search_defaults) stay readable."""
+value does not; a re-ranked IVF-PQ index gets a refine k_factor that beats FAISS's 1; the defaults
+are recorded in the manifest, used when a version is opened, and overridden per call; older
+manifests (no search_defaults, no refine_k_factor) stay readable."""
 
 from __future__ import annotations
 
@@ -130,6 +131,11 @@ def test_choose_takes_the_smallest_value_within_the_margin():
 def publish_ivf(tmp_path, search_defaults=None):
     xb = clustered(3000, seed=8)
     shards = ivf_shards(xb, "IVF64,Flat")
+    publish_shards(tmp_path, shards, "IVF64,Flat", search_defaults)
+    return xb, shards
+
+
+def publish_shards(tmp_path, shards, factory: str, search_defaults=None) -> None:
     files = []
     out = tmp_path / "files"
     out.mkdir()
@@ -144,12 +150,11 @@ def publish_ivf(tmp_path, search_defaults=None):
         pooling="mean",
         dim=D,
         metric="ip",
-        faiss_factory="IVF64,Flat",
+        faiss_factory=factory,
         shard_files=files,
         search_defaults=search_defaults,
     )
     publish_version(str(tmp_path / "root"), manifest, out)
-    return xb, shards
 
 
 def test_search_defaults_are_recorded_used_and_overridden_per_call(tmp_path):
@@ -186,6 +191,48 @@ def test_manifests_without_search_defaults_stay_readable_and_unchanged(tmp_path)
     data = json.loads(text)
     data["search_defaults"] = {"nprobe": 4, "ef_search": None}
     assert M.Manifest.model_validate(data).search_defaults.nprobe == 4
+    assert M.Manifest.model_validate(data).search_defaults.refine_k_factor is None  # the index's own k_factor
     data["search_defaults"] = {"nprobe": 0}
     with pytest.raises(Exception, match="nprobe"):
         M.Manifest.from_json(json.dumps(data), "m.json")
+
+
+def test_refine_k_factor_is_tuned_recorded_used_and_overridden_per_call(tmp_path):
+    """IVF-PQ re-ranked with exact codes: FAISS's k_factor 1 re-scores only the k PQ hits; the tuned
+    k_factor re-scores more candidates and reaches a higher recall@10 against brute force on
+    held-out queries; the manifest records it, an opened index uses it, a per-call value overrides it."""
+    factory = "IVF32,PQ4,RFlat"
+    xb = clustered(4000, seed=10)
+    shards = ivf_shards(xb, factory)
+    xq = T.sample_queries(xb, 200, seed=11)
+    defaults = T.tune([s[0] for s in shards], [s[1] for s in shards], [s[2] for s in shards], xq, metric="ip",
+                      k=10, target_recall=0.99)  # fmt: skip
+    nprobe, k_factor = defaults.nprobe, defaults.refine_k_factor
+    assert nprobe is not None and k_factor in T.K_FACTORS and k_factor > 1, defaults
+    assert defaults.recall >= defaults.max_recall - 0.01
+    assert defaults.recall == pytest.approx(sharded_recall(shards, xq, 10, nprobe=nprobe, refine_k_factor=k_factor))
+    held_out = T.sample_queries(xb, 100, seed=12)
+    tuned = sharded_recall(shards, held_out, 10, nprobe=nprobe, refine_k_factor=k_factor)
+    plain = sharded_recall(shards, held_out, 10, nprobe=nprobe, refine_k_factor=1)
+    assert tuned > plain + 0.05, (tuned, plain)
+
+    publish_shards(tmp_path, shards, factory, defaults)
+    on_disk = json.loads((tmp_path / "root" / "v1" / "manifest.json").read_text())
+    assert on_disk["search_defaults"]["refine_k_factor"] == k_factor and on_disk["search_defaults"]["nprobe"] == nprobe
+    index = ShardedIndex.from_version(load_version(str(tmp_path / "root")))
+    assert index.refine_k_factor == k_factor and index.nprobe == nprobe
+
+    def ids_at(**params):
+        from raggen.index.sharded import merge_topk
+
+        return merge_topk([S.search(ix, held_out, 10, **params) for ix, _, _ in shards], 10)[1]
+
+    default_ids = index.search(held_out, 10).row_ids
+    np.testing.assert_array_equal(default_ids, ids_at(nprobe=nprobe, refine_k_factor=k_factor))  # the manifest's
+    one = index.search(held_out, 10, refine_k_factor=1).row_ids  # per call
+    np.testing.assert_array_equal(one, ids_at(nprobe=nprobe, refine_k_factor=1))
+    truth = brute_force_ids(held_out, xb, np.concatenate([i for _, _, i in shards]), 10)
+    assert recall(one, truth) < recall(default_ids, truth)
+    np.testing.assert_array_equal(index.search(held_out, 10).row_ids, default_ids)  # and left nothing behind
+    opened = ShardedIndex.from_version(load_version(str(tmp_path / "root")), refine_k_factor=1)  # the opener's wins
+    np.testing.assert_array_equal(opened.search(held_out, 10).row_ids, one)
