@@ -6,6 +6,15 @@ import os
 
 import pytest
 
+#: Ray settings for every cluster a test starts (in this process or by ``ray start``/a job, which
+#: inherit the environment): no usage-stats reporting thread, and no Ray Train preemption-watcher
+#: actor per run (a process that polls node drain state every 5 s; these runs are never preempted).
+#: The suite is CPU-bound on 2 cores, so background work of idle Ray processes costs test time.
+TEST_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test`` runs tests on two processes) each process gets one torch and
@@ -13,6 +22,8 @@ def pytest_configure(config: pytest.Config) -> None:
     temp dir: a Ray cluster's processes find "their" cluster through ``<RAY_TMPDIR>/ray``'s
     ``ray_current_cluster``, and with one shared folder a Ray Train controller check in one process's
     cluster would look up the other's (and, not finding its controller there, end the run)."""
+    for key, value in TEST_RAY_ENV.items():
+        os.environ.setdefault(key, value)
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
         os.environ["RAY_TMPDIR"] = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), f"raggen-{worker}")

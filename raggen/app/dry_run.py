@@ -42,6 +42,8 @@ PATH_FIELDS = (
     "train.dev_file", "train.index", "serve.index", "serve.model_dir",
 )  # fmt: skip
 S3_SECTIONS = ("index.s3", "train.s3", "serve.s3")
+#: the longest passage (in tokens) a dry run encodes
+DRY_RUN_MAX_TOKENS = 128
 
 
 def _get(cfg: RaggenConfig, dotted: str) -> Any:
@@ -92,11 +94,13 @@ def size_overrides(cfg: RaggenConfig, num_passages: int) -> list[str]:
     return [
         "index.num_shards=2", "index.num_actors=1", "index.actor_num_cpus=0.5", "index.actor_num_gpus=0",
         "index.batch_size=32", f"index.train_sample={num_passages}",
+        # passages at most 128 tokens (a real encoder such as MiniLM at 256 costs twice the CPU time)
+        f"index.encoder.max_length={min(cfg.index.encoder.max_length, DRY_RUN_MAX_TOKENS)}",
         # shard actors of a real recipe (index.search.mode: actors) sized for 2 cores
         "index.search.actor_num_cpus=0.25", "index.search.actor_num_gpus=0",
         f"index.faiss_factory={small_factory(cfg.index.faiss_factory)}",
         "train.steps=2", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.use_gpu=false",
-        "train.batch_size=2", "train.checkpoint_every=1", "train.eval_every=0", "train.eval_examples=8",
+        "train.batch_size=2", "train.checkpoint_every=2", "train.eval_every=0", "train.eval_examples=8",
         "train.max_failures=0", f"train.top_k={min(t.top_k, 4)}", f"train.jsa.num_proposals={min(t.jsa.num_proposals, 4)}",
         f"train.gumbel.candidates={min(t.gumbel.candidates, 6)}", f"train.gumbel.k={min(t.gumbel.k, 2)}",
         f"train.refresh_index_every={1 if t.refresh_index_every else 0}",

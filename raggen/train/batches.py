@@ -1,4 +1,4 @@
-"""Training batches: Ray Data rows -> examples in a fixed order -> seeded per-epoch permutations,
+"""Training batches: QA rows -> this rank's share in a fixed order -> seeded per-epoch permutations,
 so batch ``step`` is the same in a restored run as in the one it replaces."""
 
 from __future__ import annotations
@@ -11,15 +11,27 @@ from raggen.errors import ConfigError
 from raggen.train.step import Batch
 
 
+def rank_share(rows: list[dict[str, Any]], rank: int, world_size: int) -> list[dict[str, Any]]:
+    """Worker ``rank``'s share of the QA rows: every ``world_size``-th row by id, starting at ``rank``,
+    all shares the same size (the last ``len(rows) % world_size`` rows by id go unused, as in a
+    ``DistributedSampler`` that drops the remainder). A function of (rows, rank, world size) only,
+    so a replacement worker group gets exactly the shares of the one it replaces."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    ordered = sorted(rows, key=lambda r: str(r["id"]))
+    usable = len(ordered) - len(ordered) % world_size
+    return ordered[rank:usable:world_size]
+
+
 def example_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows from Ray Data (answers/gold ids JSON-encoded, so ragged lists stay one column) sorted by
-    id: the order the batch schedule permutes does not depend on how Ray Data split the data."""
+    """QA rows (``trainer.qa_items``: answers JSON-encoded) as examples sorted by id: the order the
+    batch schedule permutes does not depend on the order the rows came in."""
     out = []
     for r in rows:
         answers = json.loads(r["answers"]) if isinstance(r["answers"], str) else list(r["answers"])
         out.append({"id": str(r["id"]), "question": str(r["question"]), "answers": answers})
     if not out:
-        raise ConfigError("train.train_file: this worker's dataset shard is empty (fewer examples than workers?)")
+        raise ConfigError("train.train_file: this worker's share is empty (fewer examples than workers?)")
     return sorted(out, key=lambda r: r["id"])
 
 

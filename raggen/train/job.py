@@ -62,6 +62,10 @@ class TrainJob:
     num_threads: int | None = None  # torch intra-op threads per worker (Ray sets OMP_NUM_THREADS)
     eval_decoding: str = "rag-token"
     inject_failure: FailureInjection | None = None
+    # the QA rows (``trainer.qa_items``) as one object-store ref the driver puts once; every worker
+    # takes its ``batches.rank_share`` (a few MB even for NQ's 79k questions: no Ray Dataset, whose
+    # split costs two more actors per run, needed for a list the driver already holds)
+    train_rows: Any = None
 
     def replace(self, **changes: Any) -> TrainJob:
         return dataclasses.replace(self, **changes)

@@ -1,8 +1,8 @@
 """The per-worker training function that Ray Train runs: ``train_func(config)``.
 
 One readable loop (nanoGPT style): build models -> restore the latest checkpoint if Ray hands one
-back -> wrap the trained models in DDP -> for each step: a batch from this worker's dataset
-shard, the estimator's step (``raggen.train.step``), backward, clip, optimizer step -> metrics
+back -> wrap the trained models in DDP -> for each step: a batch from this worker's share of
+the QA rows (``batches.rank_share`` of the list the driver put in the object store once), the estimator's step (``raggen.train.step``), backward, clip, optimizer step -> metrics
 (averaged over workers; on rank 0: JSONL + optional TensorBoard/MLflow sinks, a progress line every
 ``log_every`` steps) -> every ``checkpoint_every`` steps a checkpoint (models, optimizer, the JSA
 chain cache of *all* workers, the step, the resolved config) via ``ray.train.report``, after which
@@ -32,7 +32,7 @@ from torch import nn
 from raggen.errors import ConfigError
 from raggen.models.build import build_models
 from raggen.objectives import JSAChainCache
-from raggen.train.batches import BatchSchedule, example_rows
+from raggen.train.batches import BatchSchedule, example_rows, rank_share
 from raggen.train.checkpointing import TrainingState, restore_state, write_checkpoint
 from raggen.train.distributed import average_metrics, cache_digest, gather_cache_state, unwrap
 from raggen.train.job import FailureInjection, IndexTarget, TrainJob
@@ -205,6 +205,7 @@ def maybe_inject_failure(spec: FailureInjection | None, rank: int, step: int) ->
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point (see the module docstring); ``config`` holds the ``TrainJob``."""
     t_enter = time.time()
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -237,8 +238,8 @@ def train_func(config: dict[str, Any]) -> None:
             }
         )
     t_setup = time.time()
-    shard = ray.train.get_dataset_shard("train")
-    schedule = BatchSchedule(example_rows(list(shard.iter_rows())), settings.batch_size, settings.seed * 31 + rank)
+    rows = rank_share(ray.get(job.train_rows), rank, world_size)
+    schedule = BatchSchedule(example_rows(rows), settings.batch_size, settings.seed * 31 + rank)
     dev = _dev_examples(job) if rank == 0 and settings.eval_every else None
     refresh = job.refresh if "passage_encoder" in worker.roles else None  # refresh_due skips every = 0
     writer.write(

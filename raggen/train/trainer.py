@@ -93,8 +93,8 @@ def run_index_uri(storage_path: str, name: str) -> str:
 
 
 def qa_items(path: str, limit: int | None = None, s3: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """QA examples (a local file or ``s3://`` object) as Ray Data rows; answer lists are JSON strings
-    so ragged lists stay one column."""
+    """QA examples (a local file or ``s3://`` object) as plain rows (what ``TrainJob.train_rows``
+    holds); answer lists are JSON strings so ragged lists stay one column."""
     from raggen.corpus.qa import read_qa
     from raggen.storage import is_s3_uri
 
@@ -151,8 +151,9 @@ def make_trainer(
     num_to_keep: int | None = 2,
     s3: dict[str, Any] | None = None,
 ):
-    """A TorchTrainer running ``train_func`` on ``num_workers`` workers over ``items``."""
-    import ray.data
+    """A TorchTrainer running ``train_func`` on ``num_workers`` workers over ``items`` (put in the
+    object store once; each worker reads its ``rank_share``)."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -172,12 +173,11 @@ def make_trainer(
     )
     return TorchTrainer(
         train_func,
-        train_loop_config=job.as_loop_config(),
+        train_loop_config=job.replace(train_rows=ray.put(items)).as_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
         ),
         run_config=run_config,
-        datasets={"train": ray.data.from_items(items)},
     )
 
 

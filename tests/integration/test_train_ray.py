@@ -153,15 +153,16 @@ def _estimators_train_func(config: dict) -> None:
     """Ray Train worker function of the grouped estimator test: for each estimator, the loop's own
     ``setup_worker`` (DDP over the 2 workers) and ``train_step``; rank 0 reports loss before/after,
     which models moved, and whether the DDP replicas ended identical."""
+    import ray
     import ray.train
     import torch.distributed as dist
 
-    from raggen.train.batches import BatchSchedule, example_rows
+    from raggen.train.batches import BatchSchedule, example_rows, rank_share
     from raggen.train.loop import setup_worker, train_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    rows = example_rows(list(ray.train.get_dataset_shard("train").iter_rows()))
+    rows = example_rows(rank_share(ray.get(config["rows"]), rank, world))  # as the loop takes its share
     results = {}
     for estimator, job in config["runs"].items():
         worker = setup_worker(job, rank, world, torch.device("cpu"), None)
@@ -204,8 +205,8 @@ TRAINS = {
 def grouped_results(setup):
     """One 2-worker TorchTrainer run that trains every non-JSA estimator in turn (worker-group
     start-up costs 10-40 s on 2 cores, so one run per estimator would be slow)."""
+    import ray
     import ray.cloudpickle
-    import ray.data
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -217,10 +218,14 @@ def grouped_results(setup):
     eval_rows = [{"id": e.id, "question": e.question, "answers": e.answers} for e in setup["eval"]]
     trainer = TorchTrainer(
         _estimators_train_func,
-        train_loop_config={"runs": runs, "eval": eval_rows, "out": str(setup["root"] / "grouped.json")},
+        train_loop_config={
+            "runs": runs,
+            "eval": eval_rows,
+            "out": str(setup["root"] / "grouped.json"),
+            "rows": ray.put(qa_items(setup["train_file"])),
+        },
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name="grouped", storage_path=str(setup["root"] / "runs")),
-        datasets={"train": ray.data.from_items(qa_items(setup["train_file"]))},
     )
     trainer.fit()
     return json.loads((setup["root"] / "grouped.json").read_text())
