@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         ratio = p["actors"][0] / p["local"][0]
         row("search", f"single query p50 / p99, k={k_lat} + texts: local (1 process, {args.shards} shards)",
             f"{p['local'][0]:.2f} / {p['local'][1]:.2f} ms")  # fmt: skip
-        row("search", f"  same through {len(infos)} shard actors (search + fetch round trips)",
+        row("search", f"  same through {len(infos)} shard actors (one round trip per actor)",
             f"{p['actors'][0]:.2f} / {p['actors'][1]:.2f} ms", "", f"{ratio:.2f}x local p50", "<= 1.5x", ratio <= 1.5)  # fmt: skip
 
         # recall vs exact, batch QPS
