@@ -220,31 +220,30 @@ def test_qa_files_read_from_s3_equal_the_local_ones(s3_bucket, tmp_path):
         read_qa(f"s3://{bucket}/qa/missing.jsonl", s3_options=options)
 
 
-def test_normalize_reaches_the_encoder_actors_and_the_manifest(ray_cluster, tmp_path):
+def _vectors_by_id(loaded) -> dict[str, np.ndarray]:
+    return {
+        i: v for sh in loaded.shards for i, v in zip(sh.passages.column("id").to_pylist(), embeddings_of(sh.passages))
+    }
+
+
+def test_normalize_reaches_the_encoder_actors_and_the_manifest(built, tmp_path):
     """``index.encoder.normalize`` (cosine, as MiniLM was trained): the Ray Data actors L2-normalise
-    the stored vectors, the manifest says so, and the unnormalised build differs only by norms."""
-    passages = tmp_path / "p.tsv"
-    passages.write_text(
-        "id\ttext\ttitle\n"
-        + "".join(
-            f"{i}\tpassage number {i} is about {w}\tT{i}\n" for i, w in enumerate(["oats", "rivers", "lutes", "amber"])
-        )
-    )
-    built = {}
-    for normalize in (False, True):
-        manifest = build_index(str(passages), str(tmp_path / f"ix-{normalize}"),
-                               encoder=ENCODER.model_copy(update={"normalize": normalize}),
-                               settings=IndexBuildSettings(num_shards=1, actor_num_cpus=0.5),
-                               work_dir=tmp_path / f"work-{normalize}")  # fmt: skip
-        assert manifest.encoder.normalize is normalize
-        assert Manifest.model_validate_json(manifest.model_dump_json()).encoder.normalize is normalize
-        table = load_version(str(tmp_path / f"ix-{normalize}")).shards[0].passages
-        built[normalize] = embeddings_of(table)[np.argsort(table.column("id").to_pylist())]
-    norms = np.linalg.norm(built[True], axis=1)
-    assert np.allclose(norms, 1.0, atol=1e-4)
-    assert not np.allclose(np.linalg.norm(built[False], axis=1), 1.0, atol=1e-2)
-    unit = built[False] / np.linalg.norm(built[False], axis=1, keepdims=True)
-    assert np.allclose(unit, built[True], atol=1e-4)
+    the stored vectors, the manifest says so, and the module's unnormalised build of the same
+    passages differs only by norms."""
+    manifest = build_index(str(built["files"].passages_v1), str(tmp_path / "ix-normalized"),
+                           encoder=ENCODER.model_copy(update={"normalize": True}),
+                           settings=IndexBuildSettings(num_shards=1, actor_num_cpus=0.5),
+                           work_dir=tmp_path / "work")  # fmt: skip
+    assert manifest.encoder.normalize is True and built["manifest"].encoder.normalize is False
+    assert Manifest.model_validate_json(manifest.model_dump_json()).encoder.normalize is True
+    normalized = _vectors_by_id(load_version(str(tmp_path / "ix-normalized")))
+    plain = _vectors_by_id(load_version(built["root"], s3_options=built["s3"], cache_dir=tmp_path / "cache"))
+    assert sorted(normalized) == sorted(plain) and len(plain) == built["manifest"].num_passages
+    ids = sorted(plain)
+    got, raw = np.stack([normalized[i] for i in ids]), np.stack([plain[i] for i in ids])
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-2)
+    assert np.allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), got, atol=1e-4)
 
 
 def test_refresh_with_s3_storage_publishes_the_encoder_snapshot_where_every_node_reads_it(
