@@ -1,8 +1,9 @@
 """The per-worker training function that Ray Train runs: ``train_func(config)``.
 
 One readable loop (nanoGPT style): build models -> restore the latest checkpoint if Ray hands one
-back -> wrap the trained models in DDP -> for each step: a batch from this worker's share of
-the QA rows (``batches.rank_share`` of the list the driver put in the object store once), the estimator's step (``raggen.train.step``), backward, clip, optimizer step -> metrics
+back -> wrap the trained models in DDP -> for each step: a batch from this worker's share of the
+QA rows (``batches.rank_share`` of the list the driver put in the object store once), the
+estimator's step (``raggen.train.step``), backward, clip, optimizer step -> metrics
 (averaged over workers; on rank 0: JSONL + optional TensorBoard/MLflow sinks, a progress line every
 ``log_every`` steps) -> every ``checkpoint_every`` steps a checkpoint (models, optimizer, the JSA
 chain cache of *all* workers, the step, the resolved config) via ``ray.train.report``, after which
@@ -238,6 +239,8 @@ def train_func(config: dict[str, Any]) -> None:
             }
         )
     t_setup = time.time()
+    if job.train_rows is None:
+        raise ConfigError("TrainJob.train_rows: no QA rows (make_trainer puts them in the object store)")
     rows = rank_share(ray.get(job.train_rows), rank, world_size)
     schedule = BatchSchedule(example_rows(rows), settings.batch_size, settings.seed * 31 + rank)
     dev = _dev_examples(job) if rank == 0 and settings.eval_every else None
