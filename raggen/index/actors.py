@@ -73,8 +73,8 @@ class ShardServer:
     Loads them from the store in ``__init__`` (every checksum verified; a version that does not
     verify fails the actor, hence the group's start). ``search_hits`` returns this actor's merged
     top-k with global shard numbers and the hits' payloads (what a ShardedIndex search calls);
-    ``search`` the top-k alone; ``fetch`` the payloads of given row ids per shard. ``info()``
-    counts queries and calls per method."""
+    ``fetch`` the payloads of given row ids per shard. ``info()`` counts queries and calls per
+    method."""
 
     def __init__(
         self,
@@ -122,18 +122,6 @@ class ShardServer:
         with self._count_lock:
             self.calls[method] += 1
             self.queries += queries
-
-    def search(
-        self,
-        xq: np.ndarray,
-        k: int,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
-    ):
-        """(b, d), k -> scores (b, k), row ids (b, k), shard numbers (b, k) (-1: no hit)."""
-        self._count("search", len(xq))
-        return self.backend.topk(xq, k, nprobe, ef_search, refine_k_factor)
 
     def search_hits(
         self,
@@ -377,23 +365,6 @@ class _ActorBackend:
         self.owned = owned
         self._on_close = on_close
 
-    def _query_arg(self, xq: np.ndarray):
-        return self.ray.put(xq) if xq.nbytes > 100_000 and len(self.group.handles) > 1 else xq  # one copy for all
-
-    def search(
-        self,
-        xq: np.ndarray,
-        k: int,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
-    ):
-        """Each actor's merged top-k (scores, row ids, shard numbers), in actor order."""
-        xq_arg = self._query_arg(xq)
-        return self.ray.get(
-            [h.search.remote(xq_arg, k, nprobe, ef_search, refine_k_factor) for h in self.group.handles]
-        )
-
     def search_hits(
         self,
         xq: np.ndarray,
@@ -404,7 +375,7 @@ class _ActorBackend:
         embeddings: bool = True,
     ) -> Hits:
         """The exact top-k over all actors with payloads: one call per actor, merged here."""
-        xq_arg = self._query_arg(xq)
+        xq_arg = self.ray.put(xq) if xq.nbytes > 100_000 and len(self.group.handles) > 1 else xq  # one copy for all
         args = (xq_arg, k, nprobe, ef_search, refine_k_factor, embeddings)
         refs = [h.search_hits.remote(*args) for h in self.group.handles]
         return merge_hits(self.ray.get(refs), k)
