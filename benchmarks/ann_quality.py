@@ -26,12 +26,12 @@ Indexes (FAISS, built with ``raggen.index.shard.build_shard_index`` as raggen's 
 every one against exact search (brute-force inner product over the same vectors), the baseline:
 - Flat (exact; the ratio columns' baseline);
 - IVF{nlist},PQ{m} at the nprobe raggen's build-time tuning chooses (``raggen.index.tuning.tune``
-  with ``SearchSettings()``'s defaults: 200 perturbed corpus vectors, recall@100 within 1 - 0.99 of
+  with ``SearchSettings()``'s defaults: 200 corpus vectors moved to cosine 0.6, recall@100 within 1 - 0.99 of
   the exhaustive nprobe), and at nprobe = nlist (what PQ alone can reach);
-- the same IVF-PQ with exact re-ranking: ``IndexRefineFlat`` (the float vectors kept beside the codes;
-  k_factor x 100 PQ candidates re-scored exactly) and ``IndexRefine`` with 8-bit scalar-quantised
-  vectors (a quarter of the bytes). k_factor: the smallest of 1..32 whose recall@100 at nprobe = nlist
-  on the same tuning queries is >= 0.99; then nprobe chosen by raggen's rule (``tuning.choose``);
+- the same IVF-PQ with re-ranking, the factories ``...,RFlat`` (the float vectors kept beside the
+  codes; k_factor x 100 PQ candidates re-scored exactly) and ``...,Refine(SQ8)`` (8-bit scalar-quantised
+  vectors, a quarter of the bytes), built and tuned exactly as ``raggen index build`` does: nprobe and
+  ``refine_k_factor`` both chosen by ``raggen.index.tuning.tune`` (the manifest's ``search_defaults``);
 - HNSW32 at the efSearch raggen's tuning chooses.
 
 Acceptance (issue #12): IVF-PQ recall@100 within 1 point of exact at the chosen nprobe, on real
@@ -67,7 +67,6 @@ MAX_LENGTH = 128
 CACHE = Path("~/.cache/raggen/bench/ann").expanduser()
 QA_FILE = ROOT / "benchmarks" / "data" / "real_text_qa.tsv"
 KS = (10, 100)
-K_FACTORS = (1, 2, 4, 8, 16, 32)
 HOLD_OUT_EVERY = 10  # real text: every 10th passage is a held-out query source, not indexed
 SKIP_DIRS = {"__pycache__", "site-packages", "idlelib", "turtledemo", "testing"}
 
@@ -293,51 +292,6 @@ def index_bytes(index: faiss.Index) -> int:
     return int(serialize_index(index).nbytes)
 
 
-def refine_params(nprobe: int, k_factor: float):
-    """IndexRefine search parameters; the IVF parameters ride along (kept alive by the caller)."""
-    base = faiss.SearchParametersIVF(nprobe=int(nprobe))
-    params = faiss.IndexRefineSearchParameters()
-    params.k_factor = float(k_factor)
-    params.base_index_params = base
-    return params, base
-
-
-def refine_search(index, xq: np.ndarray, k: int, nprobe: int, k_factor: float):
-    params, _base = refine_params(nprobe, k_factor)
-    return index.search(np.ascontiguousarray(xq, dtype=np.float32), k, params=params)
-
-
-def make_refined(base: faiss.Index, xb: np.ndarray, kind: str, seed: int = 0) -> faiss.Index:
-    """``base`` (an IVF-PQ whose ids are row numbers) with exact re-ranking by the float vectors
-    ("Flat") or by 8-bit scalar-quantised ones ("SQ8")."""
-    if kind == "Flat":
-        index = faiss.IndexRefineFlat(base, faiss.swig_ptr(xb))
-    else:
-        sq = faiss.IndexScalarQuantizer(xb.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-        rows = np.random.default_rng(seed).choice(len(xb), size=min(len(xb), 100_000), replace=False)
-        sq.train(xb[np.sort(rows)])
-        sq.add(xb)
-        index = faiss.IndexRefine(base, sq)  # faiss's wrapper keeps base and sq alive
-    return index
-
-
-def tune_refined(index, xb: np.ndarray, ids: np.ndarray, xt: np.ndarray, nlist: int, k: int, target: float):
-    """(nprobe, k_factor, recall on the tuning queries): k_factor the smallest of K_FACTORS whose
-    recall@k at nprobe = nlist is >= target (else the largest); then nprobe by raggen's rule."""
-    from raggen.index import tuning
-
-    _, truth = tuning.exact_topk(xb, ids, xt, k, "ip")
-    k_factor = K_FACTORS[-1]
-    for kf in K_FACTORS:
-        if tuning.recall_at_k(refine_search(index, xt, k, nlist, kf)[1], truth) >= target:
-            k_factor = kf
-            break
-    _, values = tuning.ladder(index)
-    recalls = [tuning.recall_at_k(refine_search(index, xt, k, v, k_factor)[1], truth) for v in values]
-    nprobe, recall, _ = tuning.choose(values, recalls, target)
-    return nprobe, k_factor, recall
-
-
 def measure(label: str, xb: np.ndarray, xq: np.ndarray, args) -> tuple[list[list[str]], list[str]]:
     """Table rows and notes for one corpus."""
     from raggen.index import tuning
@@ -348,7 +302,7 @@ def measure(label: str, xb: np.ndarray, xq: np.ndarray, args) -> tuple[list[list
     ids = np.arange(n, dtype=np.int64)
     kmax = max(KS)
     s = SearchSettings()  # raggen's build-time tuning defaults: target_recall, tune_queries, tune_k
-    xt = tuning.sample_queries(xb, s.tune_queries, seed=0)
+    xt = tuning.sample_queries(xb, s.tune_queries, seed=0, similarity=s.tune_query_similarity)
     _, truth = tuning.exact_topk(xb, ids, xq, kmax, "ip")
     results, notes = [], []
 
@@ -376,22 +330,21 @@ def measure(label: str, xb: np.ndarray, xq: np.ndarray, args) -> tuple[list[list
     r = row(factory, f"nprobe {tuned.nprobe} (tuned)", ivf, ivf_s, lambda q, k: search(ivf, q, k, nprobe=tuned.nprobe))
     verdicts.append((factory, tuned.nprobe, r[1]))
     notes.append(
-        f"{label}: {factory} tuned by raggen.index.tuning (target {s.target_recall}, {s.tune_queries} perturbed "
-        f"corpus vectors): nprobe {tuned.nprobe}, recall@{s.tune_k} {tuned.recall:.3f} of ceiling {tuned.max_recall:.3f}"
+        f"{label}: {factory} tuned by raggen.index.tuning (target {s.target_recall}, {s.tune_queries} corpus vectors "
+        f"moved to cosine {s.tune_query_similarity}): nprobe {tuned.nprobe}, recall@{s.tune_k} {tuned.recall:.3f} of ceiling {tuned.max_recall:.3f}"
     )
     row(factory, f"nprobe {nlist} (all lists)", ivf, ivf_s, lambda q, k: search(ivf, q, k, nprobe=nlist))
 
-    for kind, suffix in (("Flat", "RFlat"), ("SQ8", "Refine(SQ8)")):
-        start = time.perf_counter()
-        refined = make_refined(ivf, xb, kind)
-        ref_s = ivf_s + time.perf_counter() - start
-        np_, kf, tune_r = tune_refined(refined, xb, ids, xt, nlist, s.tune_k, s.target_recall)
+    for suffix in ("RFlat", "Refine(SQ8)"):
         name = f"{factory},{suffix}"
-        r = row(name, f"nprobe {np_}, k_factor {kf} (tuned)", refined, ref_s,
-                lambda q, k, ix=refined, a=np_, b=kf: refine_search(ix, q, k, a, b))  # fmt: skip
-        verdicts.append((name, np_, r[1]))
+        refined, ref_s = build(name)  # raggen's shard builder, as `raggen index build` makes it
+        t = tuning.tune([refined], [xb], [ids], xt, metric="ip", k=s.tune_k, target_recall=s.target_recall)
+        r = row(name, f"nprobe {t.nprobe}, k_factor {t.refine_k_factor:g} (tuned)", refined, ref_s,
+                lambda q, k, ix=refined, a=t.nprobe, b=t.refine_k_factor: search(ix, q, k, nprobe=a, refine_k_factor=b))  # fmt: skip
+        verdicts.append((name, t.nprobe, r[1]))
         notes.append(
-            f"{label}: {name} tuned: k_factor {kf}, nprobe {np_}, recall@{s.tune_k} {tune_r:.3f} on the tuning queries"
+            f"{label}: {name} tuned by raggen.index.tuning: nprobe {t.nprobe}, k_factor {t.refine_k_factor:g}, "
+            f"recall@{s.tune_k} {t.recall:.3f} of ceiling {t.max_recall:.3f} on the tuning queries"
         )
 
     hnsw_factory = f"HNSW{args.hnsw_m}"

@@ -152,7 +152,9 @@ def build(xb: np.ndarray, out: Path, args) -> tuple[object, dict]:
     t0 = time.perf_counter()
     trained = S.train_index(xb, factory=args.factory, metric="ip", train_sample=args.train_sample, seed=args.seed)
     times["train"] = time.perf_counter() - t0
-    xq_tune = tuning.sample_queries(xb, search.tune_queries, seed=args.seed)  # as prepare_build samples them
+    xq_tune = tuning.sample_queries(
+        xb, search.tune_queries, seed=args.seed, similarity=search.tune_query_similarity
+    )  # as prepare_build samples them
     times["add"] = times["write"] = times["tune"] = 0.0
     files, stats, bounds = [], [], np.linspace(0, n, args.shards + 1).astype(np.int64)
     for s in range(args.shards):

@@ -20,8 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from raggen.errors import ConfigError
 from raggen.index.build_settings import IndexBuildSettings
 from raggen.index.settings import SearchSettings
-from raggen.models.build import ModelSpec
-from raggen.models.retriever import EncoderSpec
+from raggen.models.specs import EncoderSpec, ModelSpec
 from raggen.retrieval.settings import RetrievalSettings
 from raggen.serve.settings import (  # noqa: F401 - the serve section embeds them; re-exported
     AutoscalingOverride,

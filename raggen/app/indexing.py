@@ -42,7 +42,7 @@ from raggen.errors import ConfigError
 if TYPE_CHECKING:
     from raggen.index.build_settings import IndexBuildSettings
     from raggen.index.manifest import Manifest
-    from raggen.models.retriever import EncoderSpec
+    from raggen.models.specs import EncoderSpec
 
 log = logging.getLogger(__name__)
 

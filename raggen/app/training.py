@@ -8,7 +8,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from raggen.errors import ConfigError, RaggenError
-from raggen.models.build import PassageEncoderSpec
+from raggen.models.specs import PassageEncoderSpec
 from raggen.settings_util import section_part
 from raggen.train.job import FailureInjection, IndexTarget, TrainJob
 from raggen.train.refresh import RefreshSpec
@@ -122,7 +122,7 @@ def refresh_spec(cfg: RaggenConfig, passage_encoder: PassageEncoderSpec) -> Refr
     publishing into the run's own index root; ``passage_encoder`` is ``passage_encoder_spec(cfg)``."""
     t = cfg.train
     from raggen.app.indexing import corpus_passages, index_build_settings
-    from raggen.models.retriever import EncoderSpec
+    from raggen.models.specs import EncoderSpec
 
     passages_uri, passages_format = corpus_passages(cfg.index)  # documents are chunked once; refreshes read passages
     # the refreshed vectors are d(z) as the trained encoder computes it (its S3 settings travel as RefreshSpec.s3)

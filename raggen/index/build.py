@@ -36,7 +36,7 @@ from raggen.index.work_dir import (
     resolved_passage_format,
     run_signature,
 )
-from raggen.models.retriever import EncoderSpec
+from raggen.models.specs import EncoderSpec
 from raggen.storage import check_claimable, owns_folder, release_folder
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def build_index(
             encoded.shards, out_dir, faiss_factory=factory, metric=metric, dim=encoded.dim,
             train_sample=settings.train_sample, store_embeddings=store_embeddings, target_recall=search.target_recall,
             tune_queries=search.tune_queries, tune_k=search.tune_k, num_cpus=settings.build_num_cpus,
-            work_dir_shared=settings.work_dir_shared,
+            work_dir_shared=settings.work_dir_shared, tune_query_similarity=search.tune_query_similarity,
         )  # fmt: skip
         sparse_files, sparse_params = None, None
         if settings.sparse is not None:

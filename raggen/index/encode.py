@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from raggen.errors import ConfigError, DataError
 from raggen.index.build_settings import IndexBuildSettings
-from raggen.index.encoder_actor import PassageEncoderActor, encoder_pool
+from raggen.index.encoder_actor import PassageEncoderActor, encoder_pool, tokenize_task_limit
 from raggen.index.manifest import shard_file_names
 from raggen.index.passage_table import passages_table
 from raggen.index.passage_tokens import load_passage_tokenizer, tokenize_batch
@@ -60,7 +60,7 @@ from raggen.index.work_dir import (
     resolved_passage_format,
     run_signature,
 )
-from raggen.models.retriever import EncoderSpec
+from raggen.models.specs import EncoderSpec
 from raggen.storage import AtomicFile, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -240,6 +240,7 @@ def _encode_pending(
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=tokenize_num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=tokenize_task_limit(num_actors, actor_num_gpus)),
     )
     ds = ds.map_batches(
         PassageEncoderActor,

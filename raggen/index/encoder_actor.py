@@ -168,3 +168,11 @@ def encoder_pool(
         "actor_num_gpus": float(actor_num_gpus),
         "torch_threads": int(torch_threads or max(1, int(actor_num_cpus))),
     }
+
+
+def tokenize_task_limit(num_actors: int, actor_num_gpus: float) -> int | None:
+    """How many tokenise tasks may run at once: on CPU actors one per actor plus one in reserve (a
+    CPU encoder is tens of times slower than the Rust tokenizer, and every further concurrent task
+    is one more Ray worker process that imports transformers' tokenizer code for nothing); on GPU
+    actors no limit (None: Ray Data scales the tasks to feed the GPUs)."""
+    return None if actor_num_gpus > 0 else int(num_actors) + 1

@@ -59,7 +59,7 @@ def tokenize_batch(
     A pure function of the tokenizer, run as plain CPU tasks, so the encoder actor (the GPU) only
     runs the model. Fixed width keeps every block's columns one shape; the actor trims the padding.
     """
-    from raggen.models.retriever import tokenize_passages
+    from raggen.models.passage_input import tokenize_passages
 
     titles, texts = [str(t) for t in batch["title"]], [str(t) for t in batch["text"]]
     out = dict(batch)
@@ -68,11 +68,13 @@ def tokenize_batch(
         out.update({c: np.zeros((0, max_length), np.int32) for c in names})
         out[NUM_TOKENS] = np.zeros(0, np.int32)
         return out
-    enc = tokenize_passages(tokenizer, titles, texts, passage_format=passage_format, max_length=max_length)
+    enc = tokenize_passages(
+        tokenizer, titles, texts, passage_format=passage_format, max_length=max_length, return_tensors="np"
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for name in TOKEN_COLUMNS:
         if name in enc:
             value = pad_id if name == "input_ids" else 0
-            out[name] = _pad_to_width(enc[name].numpy(), max_length, value, tokenizer.padding_side)
+            out[name] = _pad_to_width(np.asarray(enc[name]), max_length, value, tokenizer.padding_side)
     out[NUM_TOKENS] = out["attention_mask"].sum(axis=1, dtype=np.int32)
     return out

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from raggen.errors import ConfigError
 from raggen.index.manifest import shard_file_names
 from raggen.index.passage_table import embeddings_of, write_parquet_atomic
+from raggen.index.settings import QUERY_SIMILARITY
 from raggen.index.shard import (
     build_shard_index,
     new_index,
@@ -134,6 +135,7 @@ def prepare_build(
     dim: int,
     train_sample: int,
     tune_queries: int,
+    tune_query_similarity: float = QUERY_SIMILARITY,
     num_threads: int = 1,
     seed: int = 0,
 ) -> np.ndarray | None:
@@ -151,7 +153,7 @@ def prepare_build(
     # shards split the corpus by a hash of the passage id: one shard's vectors are a uniform sample
     first = max(shards, key=lambda e: e.count)
     xb = embeddings_of(pq.read_table(first.path, columns=["embedding"], memory_map=True))  # (count, d)
-    return sample_queries(xb, tune_queries, seed=seed) if len(xb) else None
+    return sample_queries(xb, tune_queries, seed=seed, similarity=tune_query_similarity) if len(xb) else None
 
 
 def build_and_measure_shard(
@@ -199,6 +201,7 @@ def build_shards_in_tasks(
     tune_k: int,
     num_cpus: float,
     work_dir_shared: bool,
+    tune_query_similarity: float = QUERY_SIMILARITY,
 ):
     """Quantizer training, then every shard in parallel, in Ray tasks (the driver only waits) ->
     (shard files, search defaults or None). The tasks read the encoded parquet files and write the
@@ -212,7 +215,8 @@ def build_shards_in_tasks(
     threads = max(1, int(num_cpus))
     xq = ray.get(ray.remote(prepare_build).options(**opts).remote(
         shards, out_dir, faiss_factory=faiss_factory, metric=metric, dim=dim, train_sample=train_sample,
-        tune_queries=tune_queries if target_recall else 0, num_threads=threads))  # fmt: skip
+        tune_queries=tune_queries if target_recall else 0, tune_query_similarity=tune_query_similarity,
+        num_threads=threads))  # fmt: skip
     xq_ref = ray.put(xq)
     task = ray.remote(build_and_measure_shard).options(**opts)
     results = ray.get([task.remote(e, out_dir, faiss_factory=faiss_factory, metric=metric, train_sample=train_sample,

@@ -7,8 +7,9 @@ much of the recall (MiniLM, 10k passages, IVF100,PQ32: answer recall@5 0.770 vs 
 At build time (``build_index``):
 
 1. ``xq``: ``num_queries`` stored vectors sampled from the corpus (shard 0's are a uniform sample:
-   shards split the corpus by a hash of the passage id), slightly perturbed so a query is not
-   exactly one of the indexed vectors;
+   shards split the corpus by a hash of the passage id), each moved by noise to cosine
+   ``tune_query_similarity`` (0.6) from its source, about as far as a real question is from its
+   best passage (:data:`QUERY_SIMILARITY`);
 2. per shard (in its build task): the exact top-k by a Flat search over the shard's vectors, and
    the index's top-k at every value of the ladder (powers of 2; IVF up to nlist, which scans every
    list; HNSW up to ``MAX_EF_SEARCH``), via ``shard_stats``;
@@ -41,6 +42,7 @@ import faiss
 import numpy as np
 
 from raggen.index.manifest import SearchDefaults
+from raggen.index.settings import QUERY_SIMILARITY
 from raggen.index.shard import (
     as_float32_matrix,
     faiss_metric,
@@ -74,16 +76,25 @@ def ladder(index: faiss.Index) -> tuple[str, list[int]] | None:
     return None
 
 
-def sample_queries(xb: np.ndarray, num: int, *, seed: int = 0, perturb: float = 0.1) -> np.ndarray:
-    """``num`` rows of ``xb`` (n, d) drawn without replacement, plus Gaussian noise of ``perturb``
-    times each row's RMS coordinate (0: the stored vectors themselves) -> (num, d) float32."""
+def query_noise(similarity: float) -> float:
+    """The Gaussian noise scale (times a row's RMS coordinate) that puts a perturbed row at cosine
+    ``similarity`` from the row, in high dimension: noise of norm r|x| gives cos = 1 / sqrt(1 + r^2)."""
+    if not 0 < similarity <= 1:
+        raise ValueError(f"similarity must be in (0, 1], got {similarity}")
+    return float(np.sqrt(1.0 / similarity**2 - 1.0))
+
+
+def sample_queries(xb: np.ndarray, num: int, *, seed: int = 0, similarity: float = QUERY_SIMILARITY) -> np.ndarray:
+    """``num`` rows of ``xb`` (n, d) drawn without replacement, each plus Gaussian noise that puts it
+    at cosine ``similarity`` from the row (1.0: the stored vectors themselves) -> (num, d) float32."""
     xb = as_float32_matrix(xb, "xb")
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(xb), size=min(int(num), len(xb)), replace=False)
     xq = xb[np.sort(rows)].copy()
-    if perturb:
+    noise = query_noise(similarity)
+    if noise:
         rms = np.sqrt((xq**2).mean(axis=1, keepdims=True))  # (num, 1)
-        xq += (perturb * rms * rng.standard_normal(xq.shape)).astype(np.float32)
+        xq += (noise * rms * rng.standard_normal(xq.shape)).astype(np.float32)
     return np.ascontiguousarray(xq, dtype=np.float32)
 
 

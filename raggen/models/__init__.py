@@ -28,7 +28,7 @@ _HOMES = {
     "BiEncoder": "retriever",
     "TextEncoder": "retriever",
     "inner_product_scores": "retriever",
-    "passage_text": "retriever",
+    "passage_text": "passage_input",
     "pool": "retriever",
     "save_pretrained_atomic": "retriever",
     "make_tiny_encoder": "tiny",

@@ -6,32 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from raggen.errors import ConfigError
-from raggen.models.retriever import EncoderSpec
+from raggen.models.specs import EncoderSpec, ModelSpec, PassageEncoderSpec
 
-
-class ModelSpec(BaseModel):
-    """The models a RAG system is made of (the config's ``model`` section is this class); every path
-    is an HF id, a local folder or an ``s3://`` folder."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    query_encoder: EncoderSpec = EncoderSpec()
-    posterior_encoder: EncoderSpec | None = Field(None, description="q(z|x,y); unset: a copy of the query encoder")
-    generator: str = Field("artifacts/models/reader", description="the reader (BART, T5 or decoder-only)")
-    reranker: str | None = Field(None, description="gumbel-rerank's cross-encoder")
-    max_source_length: int = Field(192, ge=8, description="reader input tokens (question + passage)")
-    max_target_length: int = Field(24, ge=1, description="answer tokens")
-
-
-class PassageEncoderSpec(EncoderSpec):
-    """d(z) when training updates it: the searched index's encoder (a hub id, a folder or a refreshed
-    run's ``s3://`` snapshot, read with ``s3``)."""
-
-    s3: dict[str, Any] | None = None
+__all__ = ["ModelSpec", "PassageEncoderSpec", "build_models"]  # the specs are re-exported (torch-free module)
 
 
 def build_models(

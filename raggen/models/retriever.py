@@ -5,19 +5,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from raggen.errors import ConfigError
-from raggen.models.loading import MINILM_ID, declared_architecture, load_pretrained_strict, resolve_model_path
+from raggen.models.loading import declared_architecture, load_pretrained_strict, resolve_model_path
+from raggen.models.passage_input import passage_text, tokenize_passages
+from raggen.models.specs import PASSAGE_FORMATS, POOLINGS, EncoderSpec, PassageFormat, Pooling
 
-Pooling = Literal["cls", "mean", "pooler"]
-POOLINGS: tuple[str, ...] = ("cls", "mean", "pooler")
+__all__ = [  # the settings and tokenisation live in torch-free modules; re-exported for callers
+    "EncoderSpec", "PassageFormat", "Pooling", "PASSAGE_FORMATS", "POOLINGS", "passage_text", "tokenize_passages",
+    "TextEncoder", "BiEncoder", "pool", "save_pretrained_atomic", "inner_product_scores", "default_passage_format",
+]  # fmt: skip
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
@@ -54,11 +56,6 @@ def save_pretrained_atomic(path: str, *parts) -> None:
         raise
 
 
-#: How a passage's title and text reach the passage encoder. ``pair``: the tokenizer's sentence
-#: pair ``[CLS] title [SEP] text [SEP]``, as DPR's context encoder was trained (and HF's RAG
-#: indexes); ``joined``: one string ``title . text`` (sentence-transformers models).
-PassageFormat = Literal["pair", "joined"]
-PASSAGE_FORMATS: tuple[str, ...] = ("pair", "joined")
 DPR_ARCHITECTURES = ("DPRContextEncoder", "DPRQuestionEncoder", "DPRReader")
 
 
@@ -81,69 +78,6 @@ def _encoder_class(path: str):
             f"{path}: a DPRReader is a span reader, not a bi-encoder; use a DPR context or question encoder"
         )
     return AutoModel
-
-
-def tokenize_passages(
-    tokenizer, titles: list[str], texts: list[str], *, passage_format: PassageFormat, max_length: int
-) -> dict[str, torch.Tensor]:
-    """Padded CPU tensors of passages: ``pair`` rows are the tokenizer's (title, text) sentence pair,
-    as DPR encoded them; a passage without a title is its text alone (DPR did the same); ``joined``
-    rows are ``title . text``. A pure function of the tokenizer, so a CPU stage can tokenise for a
-    GPU stage that only runs the model."""
-    if len(titles) != len(texts):
-        raise ValueError(f"{len(titles)} titles but {len(texts)} texts")
-    limit = dict(truncation=True, max_length=max_length)
-    if passage_format == "joined":
-        joined = [passage_text(t, x) for t, x in zip(titles, texts)]
-        return dict(tokenizer(joined, padding=True, return_tensors="pt", **limit))
-    if passage_format != "pair":
-        raise ValueError(f"passage_format must be one of {PASSAGE_FORMATS}, got {passage_format!r}")
-    rows: list = [None] * len(texts)
-    titled = [i for i, t in enumerate(titles) if t]
-    untitled = [i for i, t in enumerate(titles) if not t]
-    if titled:
-        pairs = tokenizer([titles[i] for i in titled], [texts[i] for i in titled], **limit)
-        for j, i in enumerate(titled):
-            rows[i] = {k: v[j] for k, v in pairs.items()}
-    if untitled:
-        singles = tokenizer([texts[i] for i in untitled], **limit)
-        for j, i in enumerate(untitled):
-            rows[i] = {k: v[j] for k, v in singles.items()}
-    if not rows:
-        return dict(tokenizer([], padding=True, return_tensors="pt", **limit))
-    return dict(tokenizer.pad(rows, padding=True, return_tensors="pt"))
-
-
-class EncoderSpec(BaseModel):
-    """Which bi-encoder and how it turns text into one vector: the one definition that the config's
-    ``index.encoder`` / ``model.query_encoder`` sections, Serve's app args and the training loop share."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name_or_path: str = Field(MINILM_ID, description="HF id, local folder or s3:// folder of the encoder")
-    pooling: Pooling = Field("mean", description="cls | mean | pooler (DPR checkpoints: cls = their pooler_output)")
-    max_length: int = Field(128, ge=8, le=8192, description="tokens per text; longer texts are truncated")
-    normalize: bool = Field(False, description="L2-normalise vectors (cosine); MiniLM was trained so, DPR was not")
-    passage_format: PassageFormat | None = Field(
-        None, description="pair: (title, text) as a sentence pair (DPR); joined: 'title . text'; null: the model's own"
-    )
-
-    def load(
-        self,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        name_or_path: str | None = None,
-    ) -> TextEncoder:
-        """The encoder this spec names (or ``name_or_path``, e.g. a downloaded copy of it)."""
-        return TextEncoder.from_pretrained(
-            name_or_path or self.name_or_path,
-            pooling=self.pooling,
-            max_length=self.max_length,
-            device=device,
-            dtype=dtype,
-            normalize=self.normalize,
-            passage_format=self.passage_format,
-        )
 
 
 class TextEncoder(nn.Module):
@@ -355,8 +289,3 @@ class BiEncoder(nn.Module):
         q = self.encode_queries(questions)  # (b, d)
         d = self.encode_passages([p for group in passages for p in group]).view(len(passages), k, -1)  # (b, k, d)
         return self.score(q, d)
-
-
-def passage_text(title: str, text: str, sep: str = " . ") -> str:
-    """How a passage is shown to encoders and readers: DPR joins title and text."""
-    return f"{title}{sep}{text}" if title else text

@@ -13,7 +13,7 @@ import numpy as np
 from raggen.errors import ConfigError
 from raggen.index.settings import SearchSettings
 from raggen.index.sharded import SearchResult
-from raggen.models.retriever import passage_text
+from raggen.models.passage_input import passage_text
 from raggen.retrieval.hybrid import HybridIndex
 from raggen.retrieval.settings import RetrievalSettings
 

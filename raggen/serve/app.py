@@ -27,7 +27,7 @@ from ray.serve import Application
 
 from raggen.errors import ConfigError, RaggenError
 from raggen.index.settings import SearchSettings
-from raggen.models.retriever import EncoderSpec
+from raggen.models.specs import EncoderSpec
 from raggen.retrieval.settings import RetrievalSettings
 from raggen.serve.deployments import Generator, IndexUserConfig, Reranker, Retriever
 from raggen.serve.ingress import Ingress

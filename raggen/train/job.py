@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raggen.index.settings import SearchSettings
-from raggen.models.build import ModelSpec, PassageEncoderSpec
+from raggen.models.specs import ModelSpec, PassageEncoderSpec
 from raggen.train.refresh import RefreshSpec
 from raggen.train.settings import LoopSettings, StepSettings
 

@@ -20,13 +20,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from raggen.index.build_settings import IndexBuildSettings
 from raggen.index.settings import SearchSettings
-from raggen.models.retriever import EncoderSpec
+from raggen.models.specs import EncoderSpec
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ def agree_on_version(build, rank: int) -> str:
             outcome = ("ok", build())
         except Exception as exc:  # re-raised on every rank below
             outcome = ("error", f"{type(exc).__name__}: {exc}")
+    import torch  # here, not at import: the Train controller unpickles RefreshSpec and needs no torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [outcome]
         torch.distributed.broadcast_object_list(box, src=0)

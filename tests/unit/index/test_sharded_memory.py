@@ -18,7 +18,7 @@ import pytest
 from raggen.index import manifest as M
 from raggen.index import shard as S
 from raggen.index.actors import assign_shards
-from raggen.index.encoder_actor import encoder_pool
+from raggen.index.encoder_actor import encoder_pool, tokenize_task_limit
 from raggen.index.hits import fill_hits, merge_hits, requests_of
 from raggen.index.hot_swap import SwappableIndex
 from raggen.index.loading import load_version, verify_version
@@ -241,6 +241,12 @@ def test_encoder_pool_is_sized_from_the_cluster():
         "actor_num_gpus": 0.0,
         "torch_threads": 1,
     }
+
+
+def test_tokenise_tasks_are_bounded_by_cpu_encoders_and_free_for_gpus():
+    assert tokenize_task_limit(1, 0.0) == 2  # a 2-CPU machine: 2 tokenise worker processes, not 4
+    assert tokenize_task_limit(14, 0.0) == 15
+    assert tokenize_task_limit(8, 1.0) is None  # GPUs out-encode a tokeniser core: Ray Data scales them
 
 
 def test_open_index_file_maps_ivf_and_flat_and_reads_small_files(tmp_path):

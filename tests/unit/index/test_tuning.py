@@ -107,7 +107,7 @@ def test_hnsw_ef_search_is_tuned_and_flat_has_nothing_to_tune():
     xb = clustered(3000, seed=6)
     ids = np.arange(3000, dtype=np.int64)
     hnsw = S.build_shard_index(xb, ids, factory="HNSW8")
-    xq = T.sample_queries(xb, 100, seed=7, perturb=0.5)
+    xq = T.sample_queries(xb, 100, seed=7, similarity=0.9)
     defaults = T.tune([hnsw], [xb], [ids], xq, metric="ip", k=10, target_recall=0.99)
     assert defaults.nprobe is None and defaults.ef_search >= T.MIN_EF_SEARCH
     truth = brute_force_ids(xq, xb, ids, 10)
@@ -165,7 +165,7 @@ def test_search_defaults_are_recorded_used_and_overridden_per_call(tmp_path):
     assert loaded.manifest.search_defaults.nprobe == 8
     index = ShardedIndex.from_version(loaded)
     assert index.nprobe == 8
-    xq = T.sample_queries(xb, 20, seed=9, perturb=1.0)
+    xq = T.sample_queries(xb, 20, seed=9, similarity=0.7)
 
     def ids_at(**params):
         from raggen.index.sharded import merge_topk
@@ -236,3 +236,18 @@ def test_refine_k_factor_is_tuned_recorded_used_and_overridden_per_call(tmp_path
     np.testing.assert_array_equal(index.search(held_out, 10).row_ids, default_ids)  # and left nothing behind
     opened = ShardedIndex.from_version(load_version(str(tmp_path / "root")), refine_k_factor=1)  # the opener's wins
     np.testing.assert_array_equal(opened.search(held_out, 10).row_ids, one)
+
+
+@pytest.mark.parametrize("similarity", [0.6, 0.9, 1.0])
+def test_tuning_queries_sit_at_the_asked_cosine_from_their_source(similarity):
+    """A tuning query is a stored vector moved to cosine ``similarity`` from it (0.6 by default: about
+    where real questions are from their best passage); 1.0 keeps the stored vectors."""
+    xb = np.random.default_rng(3).standard_normal((500, 384)).astype(np.float32) * 2.5
+    xq = T.sample_queries(xb, 200, seed=4, similarity=similarity)
+    rows = np.sort(np.random.default_rng(4).choice(500, size=200, replace=False))  # the rows it drew
+    src = xb[rows]
+    cos = (xq * src).sum(1) / np.linalg.norm(xq, axis=1) / np.linalg.norm(src, axis=1)
+    assert abs(float(np.median(cos)) - similarity) < 0.02, float(np.median(cos))
+    assert T.sample_queries(xb, 5, seed=4).shape == (5, 384)
+    with pytest.raises(ValueError, match="similarity"):
+        T.query_noise(0.0)
