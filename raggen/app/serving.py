@@ -167,6 +167,28 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
+#: an app in these states is on its way to RUNNING (a previous swap's or an autoscaling change's
+#: rollout): a swap waits for it instead of refusing
+SETTLING_STATUSES = ("DEPLOYING", "NOT_STARTED")
+
+
+def _app_status(name: str) -> str:
+    app = serve.status().applications.get(name)
+    return "absent" if app is None else str(getattr(app.status, "value", app.status))
+
+
+def settled_status(read_status: Any, *, timeout_s: float, poll_s: float = 0.5) -> str:
+    """``read_status()`` once it leaves :data:`SETTLING_STATUSES` (or its last value at ``timeout_s``):
+    a swap right after another finds the app DEPLOYING while the Retriever replicas take the new
+    ``user_config``, and must wait for it rather than report that no service runs."""
+    deadline = time.monotonic() + timeout_s
+    status = read_status()
+    while status in SETTLING_STATUSES and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        status = read_status()
+    return status
+
+
 def swap_running_index(cfg: Any, version: str | None = None, *, timeout_s: float = 120.0) -> tuple[str, dict[str, Any]]:
     """``raggen serve swap CONFIG --version V | --latest``: pin the running service (the app
     :func:`serve_from_config` deployed from ``cfg``) to ``version`` of ``serve.index``, or (None)
@@ -189,12 +211,9 @@ def swap_running_index(cfg: Any, version: str | None = None, *, timeout_s: float
                 "serve swap: no running Ray cluster found (start the service with `raggen serve CONFIG "
                 "--detach`, or set RAY_ADDRESS to its cluster)"
             ) from None
-    app = serve.status().applications.get(APP_NAME)
-    if app is None or app.status != "RUNNING":
-        raise RaggenError(
-            f"serve swap: no running raggen service on this Ray cluster (app {APP_NAME!r}: "
-            f"{'absent' if app is None else app.status})"
-        )
+    status = settled_status(lambda: _app_status(APP_NAME), timeout_s=timeout_s)
+    if status != "RUNNING":
+        raise RaggenError(f"serve swap: no running raggen service on this Ray cluster (app {APP_NAME!r}: {status})")
     want = version or read_latest(s.index, s.s3.storage_options())
     if want is None:
         raise ConfigError(f"serve.index: {s.index}: LATEST names no version (nothing published)")
