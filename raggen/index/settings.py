@@ -19,7 +19,7 @@ AUTO_ACTORS_PASSAGES = 1_000_000
 #: questions sit about this far from their best passage (MiniLM on real English text: median top-1
 #: cosine 0.61); queries much nearer their source (cosine 0.995, the earlier 0.1 noise) find their
 #: neighbours in the first lists probed and under-tune nprobe: IVF128,PQ48,RFlat tuned on them reached
-#: recall@100 0.966 on real questions, tuned at 0.6 it reaches 0.995 (benchmarks/ann_quality.py).
+#: recall@100 0.966 on real questions, tuned at 0.6 it reaches 0.990 (benchmarks/ann_quality.py).
 QUERY_SIMILARITY = 0.6
 
 
