@@ -152,6 +152,9 @@ class ShardServer:
     def ready(self) -> dict[str, Any]:
         return self.info()
 
+    def ping(self) -> None:
+        """Nothing: a call's cost through Ray alone (the floor under ``search_hits``' latency)."""
+
 
 ShardActor = ShardServer  # the class each Ray actor runs (wrapped with ray.remote at start-up)
 

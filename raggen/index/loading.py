@@ -25,6 +25,7 @@ from raggen.index.manifest import (
     _read_manifest_at,
     check_version_name,
 )
+from raggen.index.passage_table import int64_column
 from raggen.index.shard import index_ids
 from raggen.index.version_cache import cache_mark_used, evict_cached_versions
 from raggen.storage import (
@@ -194,11 +195,17 @@ def _open_index(vuri: str, manifest: Manifest, entry: ShardEntry, file: _Verifie
 def _read_passages(
     vuri: str, entry: ShardEntry, file: _Verified, columns: list[str] | None
 ) -> tuple[pa.Table, pa.Schema]:
-    """The verified parquet file read with a memory map, only ``columns`` (None: all)."""
+    """The verified parquet file read with a memory map, only ``columns`` (None: all).
+
+    Through ``pq.ParquetFile`` on one thread, not ``pq.read_table``: the latter goes through the
+    dataset layer, whose first use in a process costs ~55 MB of RSS (its thread pools and their
+    allocator arenas, libarrow_dataset's pages) whatever the file's size, measured in a shard
+    actor; a shard is one file, read once, so the dataset layer buys nothing here."""
     try:
-        schema = pq.read_schema(file.path, memory_map=True)
-        cols = None if columns is None else [c for c in columns if c in schema.names]
-        table = pq.read_table(file.path, columns=cols, memory_map=True)
+        with pq.ParquetFile(file.path, memory_map=True) as pf:
+            schema = pf.schema_arrow
+            cols = None if columns is None else [c for c in columns if c in schema.names]
+            table = pf.read(columns=cols, use_threads=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise IndexIntegrityError(f"{join_uri(vuri, entry.passages)}: not a readable parquet file ({exc})") from None
     file.check_unchanged()
@@ -220,7 +227,7 @@ def _check_shard(vuri: str, manifest: Manifest, entry: ShardEntry, index, table:
         raise IndexIntegrityError(
             f"{ipath}: index holds {index.ntotal} vectors of dim {index.d}, manifest says {entry.count} of dim {manifest.encoder.dim}"
         )
-    row_ids = table.column("row_id").to_numpy()
+    row_ids = int64_column(table, "row_id")
     if len(np.unique(row_ids)) != len(row_ids):
         raise IndexIntegrityError(f"{ppath}: column row_id has duplicates")
     stored = index_ids(index)

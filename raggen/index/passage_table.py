@@ -47,12 +47,62 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> None:
         pq.write_table(table, f)
 
 
+def one_chunk(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The column as one contiguous Array (the chunk itself when there is one)."""
+    if isinstance(column, pa.Array):
+        return column
+    if column.num_chunks == 1:
+        return column.chunk(0)
+    if column.num_chunks == 0:
+        return pa.nulls(0, type=column.type)
+    return pa.concat_arrays(column.chunks)
+
+
+def _fixed_width_values(arr: pa.Array, dtype: np.dtype, width: int = 1) -> np.ndarray:
+    """A read-only numpy view of a null-free fixed-width Array's values (``width`` per row).
+
+    Read from the buffers, not with ``to_numpy``: pyarrow's conversions check for pandas
+    objects, which imports pandas (~40 MB of RSS) into a process that otherwise never needs it,
+    e.g. a shard actor or a Serve replica."""
+    if arr.null_count:
+        raise ValueError(f"column of type {arr.type}: {arr.null_count} nulls where none may be")
+    itemsize = np.dtype(dtype).itemsize
+    buf = arr.buffers()[1]
+    if buf is None:
+        return np.zeros(0, dtype)
+    return np.frombuffer(buf, dtype=dtype, count=len(arr) * width, offset=arr.offset * width * itemsize)
+
+
+def int64_column(table: pa.Table, name: str) -> np.ndarray:
+    """Column ``name`` (int64, no nulls) as a numpy array, pandas never imported."""
+    return _fixed_width_values(one_chunk(table.column(name)), np.dtype(np.int64))
+
+
+def take_rows(arr: pa.Array, positions: np.ndarray) -> pa.Array:
+    """``arr`` at the row ``positions`` (n,) (an Arrow take; indices built from the numpy buffer,
+    which keeps pandas out of the process, see ``_fixed_width_values``)."""
+    pos = np.ascontiguousarray(positions, dtype=np.int64)
+    return arr.take(pa.Array.from_buffers(pa.int64(), len(pos), [None, pa.py_buffer(pos)]))
+
+
+_FLOAT_TYPES = {
+    pa.float16(): np.dtype(np.float16),
+    pa.float32(): np.dtype(np.float32),
+    pa.float64(): np.dtype(np.float64),
+}
+
+
 def embeddings_of(table: pa.Table) -> np.ndarray | None:
     """(n, d) float32 view of the ``embedding`` column, or None when it was not stored."""
     if "embedding" not in table.column_names:
         return None
-    col = table.column("embedding").combine_chunks()
-    if isinstance(col, pa.ChunkedArray):  # empty tables stay chunked
-        col = col.chunks[0] if col.num_chunks else pa.array([], type=col.type)
+    col = one_chunk(table.column("embedding"))
+    if col.null_count:
+        raise ValueError(f"column embedding: {col.null_count} null vectors")
     dim = col.type.list_size
-    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), dim).astype(np.float32, copy=False)
+    values = col.values.slice(col.offset * dim, len(col) * dim)  # the list array's own slice of its child
+    dtype = _FLOAT_TYPES.get(values.type)
+    if dtype is None:
+        raise ValueError(f"column embedding: values of type {values.type}, expected float16/32/64")
+    flat = _fixed_width_values(values, dtype)
+    return flat.reshape(len(col), dim).astype(np.float32, copy=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from raggen.index.hits import Hits, fill_hits, merge_topk, requests_of
-from raggen.index.passage_table import embeddings_of
+from raggen.index.passage_table import embeddings_of, int64_column, one_chunk, take_rows
 from raggen.index.shard import (
     as_float32_matrix,
     deserialize_index,
@@ -49,12 +49,12 @@ class ShardSearcher:
         self.index = to_gpu(index) if use_gpu else index
         self.dim = int(index.d)
         self.sign = 1.0 if metric == "ip" else -1.0  # l2 distances -> higher-is-better scores
-        row_ids = passages.column("row_id").to_numpy()
+        row_ids = int64_column(passages, "row_id")
         self._order = np.argsort(row_ids, kind="stable")
         self._sorted_ids = row_ids[self._order]
-        self._pid = passages.column("id").combine_chunks()
-        self._title = passages.column("title").combine_chunks()
-        self._text = passages.column("text").combine_chunks()
+        self._pid = one_chunk(passages.column("id"))
+        self._title = one_chunk(passages.column("title"))
+        self._text = one_chunk(passages.column("text"))
         self._emb = embeddings_of(passages)
 
     def search(
@@ -95,16 +95,15 @@ class ShardSearcher:
         if len(row_ids) == 0:
             return [], [], [], np.zeros((0, self.dim), np.float32) if embeddings else None
         pos = self.positions(row_ids)
-        take = pa.array(pos, type=pa.int64())
         emb = None
         if embeddings:
             emb = np.asarray(
                 self._emb[pos] if self._emb is not None else reconstruct(self.cpu_index, row_ids), dtype=np.float32
             )
         return (
-            self._pid.take(take).to_pylist(),
-            self._title.take(take).to_pylist(),
-            self._text.take(take).to_pylist(),
+            take_rows(self._pid, pos).to_pylist(),
+            take_rows(self._title, pos).to_pylist(),
+            take_rows(self._text, pos).to_pylist(),
             emb,
         )
 

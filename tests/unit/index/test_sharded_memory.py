@@ -2,16 +2,19 @@
 from its file, the embedding column read only when asked for (never for serving; "auto": only
 when the index cannot give the vectors back), the local cache keeping the newest N versions; the
 merge of per-actor merges (also with their payloads, one round trip); SwappableIndex closing a swapped-out index only once no search uses it;
-the search mode and encoder-pool sizing rules."""
+the search mode and encoder-pool sizing rules; the serving path's column reads without pandas."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -23,11 +26,19 @@ from raggen.index.hits import fill_hits, merge_hits, requests_of
 from raggen.index.hot_swap import SwappableIndex
 from raggen.index.loading import load_version, verify_version
 from raggen.index.open_search import open_index
-from raggen.index.passage_table import passages_table, write_parquet_atomic
+from raggen.index.passage_table import (
+    embeddings_of,
+    int64_column,
+    one_chunk,
+    passages_table,
+    take_rows,
+    write_parquet_atomic,
+)
 from raggen.index.publish import publish_version
 from raggen.index.settings import SearchSettings, wants_actors
 from raggen.index.sharded import ShardedIndex, merge_topk
 from raggen.index.version_cache import CACHE_MARKER, evict_cached_versions
+from tests.helpers import REPO
 
 D = 16
 
@@ -98,8 +109,10 @@ def test_embedding_column_is_read_only_when_needed(tmp_path, factory, auto_reads
 def test_verify_reads_no_passage_text(tmp_path, monkeypatch):
     root, _ = publish(tmp_path)
     seen = []
-    real = pq.read_table
-    monkeypatch.setattr(pq, "read_table", lambda *a, **k: seen.append(k.get("columns")) or real(*a, **k))
+    real = pq.ParquetFile.read
+    monkeypatch.setattr(
+        pq.ParquetFile, "read", lambda self, *a, **k: seen.append(k.get("columns")) or real(self, *a, **k)
+    )
     verify_version(root)
     assert seen == [["row_id"], ["row_id"]]
 
@@ -266,3 +279,44 @@ def test_open_index_file_maps_ivf_and_flat_and_reads_small_files(tmp_path):
     with pytest.raises(RuntimeError):
         S.open_index_file(tmp_path / "junk.faiss")
     assert faiss.omp_get_max_threads() >= 1
+
+
+def test_column_helpers_equal_pyarrow_conversions_on_chunked_and_sliced_columns():
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 10**12, 50).astype(np.int64)
+    emb = rng.standard_normal((50, 4)).astype(np.float32)
+    whole = passages_table(ids, [f"p{i}" for i in range(50)], ["t"] * 50, [f"x{i}" for i in range(50)], emb)
+    chunked = pa.concat_tables([whole.slice(3, 20), whole.slice(23, 17)])  # two chunks, both with offsets
+    assert chunked.column("row_id").num_chunks == 2
+    np.testing.assert_array_equal(int64_column(chunked, "row_id"), ids[3:40])
+    np.testing.assert_array_equal(embeddings_of(chunked), emb[3:40])
+    text = one_chunk(chunked.column("text"))
+    pos = np.array([5, 0, 36, 5], dtype=np.int64)
+    assert take_rows(text, pos).to_pylist() == [f"x{3 + p}" for p in pos]
+    assert take_rows(one_chunk(whole.slice(10, 5).column("id")), np.array([4, 1])).to_pylist() == ["p14", "p11"]
+    nulls = pa.table({"row_id": pa.array([1, None], type=pa.int64())})
+    with pytest.raises(ValueError, match="null"):
+        int64_column(nulls, "row_id")
+
+
+def test_loading_searching_and_fetching_never_import_pandas(tmp_path):
+    """A shard actor or Retriever replica loads, searches and fetches payloads with pyarrow and
+    numpy only: pandas (~40 MB of RSS a process) stays out (pyarrow imports it on ``to_numpy``,
+    ``pa.array`` and ``combine_chunks``)."""
+    root, xb = publish(tmp_path, factory="IVF4,Flat", store_embeddings=True)
+    code = f"""
+import sys
+import numpy as np
+from raggen.index.open_search import open_index
+index = open_index({root!r}, load_embeddings=True)
+xq = np.load({str(tmp_path / "xq.npy")!r})
+res = index.search(xq, 3)
+assert res.texts[0][0].startswith("x"), res.texts[0]
+assert res.embeddings.any()
+print("pandas" in sys.modules)
+"""
+    np.save(tmp_path / "xq.npy", xb[:4])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
