@@ -58,8 +58,8 @@ def one_chunk(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pa.concat_arrays(column.chunks)
 
 
-def _fixed_width_values(arr: pa.Array, dtype: np.dtype, width: int = 1) -> np.ndarray:
-    """A read-only numpy view of a null-free fixed-width Array's values (``width`` per row).
+def _fixed_width_values(arr: pa.Array, dtype: np.dtype) -> np.ndarray:
+    """A read-only numpy view of a null-free fixed-width Array's values (as ``to_numpy`` gives).
 
     Read from the buffers, not with ``to_numpy``: pyarrow's conversions check for pandas
     objects, which imports pandas (~40 MB of RSS) into a process that otherwise never needs it,
@@ -70,7 +70,7 @@ def _fixed_width_values(arr: pa.Array, dtype: np.dtype, width: int = 1) -> np.nd
     buf = arr.buffers()[1]
     if buf is None:
         return np.zeros(0, dtype)
-    return np.frombuffer(buf, dtype=dtype, count=len(arr) * width, offset=arr.offset * width * itemsize)
+    return np.frombuffer(buf, dtype=dtype, count=len(arr), offset=arr.offset * itemsize)
 
 
 def int64_column(table: pa.Table, name: str) -> np.ndarray:
