@@ -67,6 +67,33 @@ def rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 128 << 10  # glibc's initial value, kept fixed
+
+
+def hold_memory_tightly() -> bool:
+    """Make freed memory leave this process (a shard actor: loads once, then serves).
+
+    * Arrow allocates from the system allocator: its default (mimalloc) keeps much of the
+      parquet decoder's scratch resident after the shard's table is built.
+    * glibc's mmap threshold stays at 128 KiB: by default it rises to the largest block freed
+      (hashing reads 8 MiB chunks), after which every block below it comes from the heap and
+      stays there once freed.
+
+    Measured on an actor with two 250k-passage shards (60 MB of files): peak RSS 342 -> 280 MB,
+    anon above an idle actor 134 -> 71 MB. Returns False where glibc is absent (the Arrow part
+    still applies)."""
+    import ctypes
+
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 class ShardServer:
     """One shard actor: serves shards ``shards`` (numbers in the manifest) of one version.
 
@@ -94,6 +121,7 @@ class ShardServer:
     ):
         import faiss
 
+        hold_memory_tightly()  # this process loads its shards once, then only serves them
         threads = max(1, int(num_cpus))
         faiss.omp_set_num_threads(threads)
         loaded = load_version(

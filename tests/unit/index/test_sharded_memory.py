@@ -319,3 +319,39 @@ print("pandas" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_process_holding_memory_tightly_gives_freed_blocks_back():
+    """``hold_memory_tightly`` (called by every shard actor): Arrow on the system allocator, and
+    freed 1 MiB blocks leave the process even after a 16 MiB block was freed, which by default
+    raises glibc's mmap threshold so that later blocks stay in the heap."""
+    code = """
+import sys
+import numpy as np
+import pyarrow as pa
+from raggen.index.actors import hold_memory_tightly
+
+def anon_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+
+tight = sys.argv[1] == "tight"
+glibc = hold_memory_tightly() if tight else True
+big = np.ones(16 << 20, np.uint8); del big  # freed: raises the default threshold to 16 MiB
+before = anon_mb()
+blocks = [np.ones(1 << 20, np.uint8) for _ in range(64)]
+last = blocks.pop()  # still used: the heap cannot shrink below it
+del blocks
+print(pa.default_memory_pool().backend_name, glibc, round(anon_mb() - before))
+"""
+    out = {}
+    for mode in ("tight", "default"):
+        run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert run.returncode == 0, run.stderr[-2000:]
+        backend, glibc, kept = run.stdout.split()
+        out[mode] = (backend, glibc == "True", int(kept))
+    assert out["tight"][0] == "system" and out["default"][0] != "system"
+    if not out["tight"][1]:
+        pytest.skip("no glibc: the mmap threshold part does not apply")
+    assert out["tight"][2] < 8 <= out["default"][2], out  # 63 MiB freed: given back vs kept
