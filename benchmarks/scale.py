@@ -24,8 +24,8 @@ search (Ray's connections to the actors, a fixed cost per replica), its transien
 are held, and what it holds of its own once they are dropped (anon + file pages, the criterion
 below; the object-store pages it touched, shared memory of the node, printed apart); single-query
 p50/p99 (k=10, texts fetched) through the actors vs the same manifest opened locally, and a no-op
-call to the same actors (Ray's round trip alone), measured interleaved; recall@10/@100 vs exact at the manifest's nprobe and with every list probed (the PQ
-ceiling). Acceptance ratios (PASS/FAIL): shard-actor peak RSS <= 1.3x its shards' bytes on disk;
+call to the same actors (Ray's round trip alone), measured interleaved; recall@10/@100 vs exact at
+the manifest's nprobe and with every list probed (the PQ ceiling). Acceptance ratios (PASS/FAIL): shard-actor peak RSS <= 1.3x its shards' bytes on disk;
 what the warm caller holds < 5% of the index bytes; actor p50 <= 1.5x local p50; recall@100 at the
 tuned nprobe within 1 point of exact search (>= 0.990; the issue's criterion), printed beside the
 gap to the exhaustive (every list probed) recall, which is what the tuning targets: PQ codes cap

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from raggen.errors import ConfigError
 from raggen.index.manifest import shard_file_names
-from raggen.index.passage_table import embeddings_of, write_parquet_atomic
+from raggen.index.passage_table import embeddings_of, int64_column, write_parquet_atomic
 from raggen.index.settings import QUERY_SIMILARITY
 from raggen.index.shard import (
     build_shard_index,
@@ -89,7 +89,7 @@ def build_shard_files(
         return index_path, passages_path, encoded.count
     table = pq.read_table(encoded.path)
     xb = embeddings_of(table)  # (n, d)
-    ids = table.column("row_id").to_numpy()
+    ids = int64_column(table, "row_id")
     index = build_shard_index(xb, ids, factory=faiss_factory, metric=metric, train_sample=train_sample,
                               seed=seed + encoded.shard, trained_index=trained_index)  # fmt: skip
     write_index_file(index, index_path)
@@ -183,7 +183,7 @@ def build_and_measure_shard(
         return files, None
     index = open_index_file(files[0], ivf="IVF" in faiss_factory.upper())
     table = pq.read_table(encoded.path, columns=["row_id", "embedding"], memory_map=True)
-    stats = shard_stats(index, embeddings_of(table), table.column("row_id").to_numpy(), xq, k=tune_k, metric=metric)
+    stats = shard_stats(index, embeddings_of(table), int64_column(table, "row_id"), xq, k=tune_k, metric=metric)
     return files, stats
 
 
@@ -247,7 +247,7 @@ def build_sparse_files(files: list[tuple[Path, Path, int]], out_dir: Path, *, ki
 
     check_sparse_kind(kind)
     tables = [pq.read_table(px, columns=["row_id", "title", "text"], memory_map=True) for _, px, _ in files]
-    row_ids = np.concatenate([t.column("row_id").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
+    row_ids = np.concatenate([int64_column(t, "row_id") for t in tables]) if tables else np.zeros(0, np.int64)
     shards = np.concatenate([np.full(t.num_rows, s, np.int64) for s, t in enumerate(tables)]) if tables else row_ids
     titles = [x for t in tables for x in t.column("title").to_pylist()]
     texts = [x for t in tables for x in t.column("text").to_pylist()]
