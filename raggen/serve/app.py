@@ -124,10 +124,12 @@ def deployment_resources(a: AppArgs, role: str) -> dict[str, Any]:
 
 def _queue_options(a: AppArgs) -> dict[str, Any]:
     """A bounded queue in front of every deployment: past ``max_queued_requests`` waiting requests
-    a caller gets 503 + ``Retry-After`` at once (Serve's backpressure) instead of waiting forever."""
+    a caller gets 503 + ``Retry-After`` at once (Serve's backpressure) instead of waiting forever.
+    A stopping replica still drains its queue; it checks every ``drain_poll_s`` whether it is done."""
     return dict(
         max_queued_requests=a.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": a.retry_after_s},
+        graceful_shutdown_wait_loop_s=a.drain_poll_s,
     )
 
 

@@ -104,6 +104,13 @@ class ServingSettings(_Strict):
     max_queued_requests: int = Field(64, ge=1, description="requests a deployment's callers may queue; more: 503")
     retry_after_s: float = Field(1.0, ge=0, le=3600, description="the Retry-After of a 503")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies over this get 413")
+    drain_poll_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="how often a stopping replica checks that its requests are done (Serve's "
+        "graceful_shutdown_wait_loop_s, 2 s by default: every scale-down, redeploy and shutdown waits one)",
+    )
 
     @model_validator(mode="after")
     def _serving_consistent(self) -> ServingSettings:

@@ -6,9 +6,15 @@ Nothing is patched: boto3 and pyarrow talk HTTP to the moto server at 127.0.0.1:
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
+
+#: the credentials every moto server accepts (``moto_s3``'s); the shared cluster's workers start with
+#: them in their environment, as a real cluster's nodes have theirs (encoder actors and Train workers
+#: read S3 themselves)
+MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +28,8 @@ def moto_s3():
     options = {
         "endpoint_url": f"http://{host}:{port}",
         "region_name": "us-east-1",
-        "aws_access_key_id": "testing",
-        "aws_secret_access_key": "testing",
+        "aws_access_key_id": MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
         "max_attempts": 2,
     }
     try:
@@ -42,38 +48,82 @@ def s3_bucket(moto_s3):
     return name, moto_s3
 
 
+#: how long a module's teardown waits for its tasks, actors and placement groups to give back the CPUs
+RELEASE_TIMEOUT_S = 20.0
+_shared: dict[str, str | None] = {"gcs": None}
+
+
+def shared_ray():
+    """This test process's local Ray (2 CPUs, the dashboard on a free port), started on first use and
+    kept for the next module: a cluster start costs ~8 CPU-seconds and Ray's per-cluster actors (Ray
+    Data's stats and autoscaling actors, ...) more, on a 2-core machine where the suite is CPU-bound.
+
+    The dashboard is on because Ray Train's placement-group cleaner asks the State API whether its
+    controller lives; a cluster without it advertises 127.0.0.1:8265, where another test's cluster may
+    answer "no such actor" and have the run's placement group removed mid-training. A module that needs
+    a cluster of its own (2 nodes, special metrics settings) calls ``ray.shutdown()`` first; the next
+    module then starts a fresh shared one."""
+    import ray
+
+    from tests.helpers import free_port
+
+    if ray.is_initialized():
+        if ray.get_runtime_context().gcs_address == _shared["gcs"]:
+            return ray
+        ray.shutdown()
+    saved = {k: os.environ.get(k) for k in MOTO_CREDENTIALS}
+    os.environ.update(MOTO_CREDENTIALS)  # the raylet, and every worker it starts, inherit them
+    try:
+        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, dashboard_port=free_port())
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    _shared["gcs"] = ray.get_runtime_context().gcs_address
+    return ray
+
+
+def release_shared_ray() -> None:
+    """A module's end: Serve down, then wait until every CPU is free again. A module that left
+    something holding resources (a leaked actor or placement group) gets the cluster shut down, so
+    the next module starts clean instead of starving."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized() or ray.get_runtime_context().gcs_address != _shared["gcs"]:
+        return
+    serve.shutdown()
+    deadline = time.monotonic() + RELEASE_TIMEOUT_S
+    while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0):
+        if time.monotonic() > deadline:
+            ray.shutdown()
+            return
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_ray_ends_with_the_session():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local 2-CPU Ray for this module (actors in tests ask for fractional CPUs)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    """The shared local 2-CPU Ray for this module (actors in tests ask for fractional CPUs)."""
+    yield shared_ray()
+    release_shared_ray()
 
 
 @pytest.fixture(scope="module")
-def ray_with_credentials(moto_s3):
-    """A local Ray whose workers inherit the moto S3 credentials (as cluster nodes have theirs: encoder
-    actors and Train workers read S3 themselves)."""
-    import ray
-
-    keys = {
-        "AWS_ACCESS_KEY_ID": moto_s3["aws_access_key_id"],
-        "AWS_SECRET_ACCESS_KEY": moto_s3["aws_secret_access_key"],
-    }
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+def ray_with_credentials(moto_s3, ray_cluster):
+    """The shared Ray (its workers hold the moto credentials) and the same credentials in this
+    process's environment for the module (the driver's own S3 calls without explicit keys)."""
+    saved = {k: os.environ.get(k) for k in MOTO_CREDENTIALS}
+    os.environ.update(MOTO_CREDENTIALS)
     try:
         yield
     finally:
-        ray.shutdown()
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

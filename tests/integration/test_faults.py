@@ -55,17 +55,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, ray_session):
+def world(tmp_path_factory, ray_cluster):
     out = tmp_path_factory.mktemp("faults")
     files = write_world(out / "world", WorldConfig(num_entities=20, seed=1, changed_fraction=0.3))
     root = str(out / "index")

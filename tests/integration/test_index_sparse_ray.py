@@ -20,18 +20,7 @@ pytestmark = pytest.mark.integration
 WORDS = ["heron", "basalt", "juniper", "quasar", "marimba", "tundra", "sextant", "cobalt", "saffron", "fjord"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-def test_build_publish_search_and_remove_a_bm25_index_on_s3(ray_local, s3_bucket, tmp_path):
+def test_build_publish_search_and_remove_a_bm25_index_on_s3(ray_cluster, s3_bucket, tmp_path):
     from raggen.models.tiny import make_tiny_encoder
 
     bucket, opts = s3_bucket

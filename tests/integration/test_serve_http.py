@@ -22,7 +22,6 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 from ray import serve
 
 from raggen.corpus import read_passages  # noqa: E402
@@ -54,18 +53,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    serve.shutdown()
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, ray_session):
+def world(tmp_path_factory, ray_cluster):
     out = tmp_path_factory.mktemp("serve")
     files = write_world(out / "world", WorldConfig(num_entities=30, seed=0, changed_fraction=0.5))
     root = str(out / "index")

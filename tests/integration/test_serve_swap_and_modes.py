@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from ray import serve
 
 from raggen.cli import main  # noqa: E402
@@ -61,7 +60,7 @@ def _publish(
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory):
+def running(tmp_path_factory, ray_cluster):
     from raggen.app.serving import serve_from_config
     from raggen.config import load_config, with_absolute_paths
     from raggen.models.retriever import TextEncoder
@@ -94,16 +93,11 @@ serve:
   max_batch_size: 2
   autoscaling: {{min_replicas: 1, max_replicas: 1}}
 """)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve_from_config(with_absolute_paths(load_config(str(config), [])), blocking=False)
         yield str(config), root, f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        if started:
-            ray.shutdown()
 
 
 def _swap(capsys, *argv: str) -> tuple[int, dict, str]:

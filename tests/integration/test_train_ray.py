@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import free_port, publish_encoded_index
+from tests.helpers import publish_encoded_index
 
 pytestmark = pytest.mark.integration
 
@@ -37,9 +37,7 @@ def _publish_tiny_index(passages, encoder_dir: str, out_uri: str, work: Path) ->
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    import ray
-
+def setup(tmp_path_factory, ray_cluster):
     from raggen.corpus import read_passages, write_qa_jsonl
     from raggen.corpus.world import WorldConfig, build_world, write_world
     from raggen.models import make_tiny_encoder, make_tiny_generator, make_tiny_reranker
@@ -57,9 +55,6 @@ def setup(tmp_path_factory):
         "reranker": make_tiny_reranker(str(root / "rr")),
     }
     _publish_tiny_index(read_passages(files.passages_v1), models["encoder"], str(root / "index"), root / "index-work")
-    # Keep the dashboard: Ray Train V2 checks its controller is alive through the State API it
-    # serves, and a run without it can have its placement group removed while still training.
-    ray.init(num_cpus=2, log_to_driver=False, dashboard_port=free_port())  # make test runs two clusters
     yield {
         "root": root,
         "train_file": str(train_file),
@@ -69,7 +64,6 @@ def setup(tmp_path_factory):
         "eval": heldout,
         "passages": str(files.passages_v1),
     }
-    ray.shutdown()
 
 
 def _config(setup, name: str, estimator: str, *overrides: str):

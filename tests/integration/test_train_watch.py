@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, publish_encoded_index
+from tests.helpers import publish_encoded_index
 
 pytestmark = pytest.mark.integration
 
@@ -21,9 +21,9 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, moto_s3):
-    import ray
-
+def world(tmp_path_factory, moto_s3, ray_with_credentials):
+    """A tiny world and index; the shared Ray's workers hold the moto credentials (rank 0's boto3
+    uploads the run files)."""
     from raggen.corpus import read_passages, write_qa_jsonl
     from raggen.corpus.world import WorldConfig, build_world, write_world
     from raggen.models import TextEncoder, make_tiny_encoder, make_tiny_generator
@@ -34,32 +34,34 @@ def world(tmp_path_factory, moto_s3):
     encoder, generator = make_tiny_encoder(str(root / "enc")), make_tiny_generator(str(root / "gen"))
     tiny = TextEncoder.from_pretrained(encoder, max_length=64)
     publish_encoded_index(read_passages(files.passages_v1), str(root / "index"), tiny, encoder, root / "index-work")
-    with pytest.MonkeyPatch.context() as mp:
-        # before ray.init: the workers' boto3 (rank 0 uploads the run files) reads them from its environment
-        mp.setenv("AWS_ACCESS_KEY_ID", moto_s3["aws_access_key_id"])
-        mp.setenv("AWS_SECRET_ACCESS_KEY", moto_s3["aws_secret_access_key"])
-        ray.init(num_cpus=2, log_to_driver=False, dashboard_port=free_port())  # make test runs two clusters
-        try:
-            yield {
-                "root": root,
-                "train_file": str(train_file),
-                "dev_file": str(files.dev_jsonl),
-                "index": str(root / "index"),
-                "world": str(root / "world"),
-                "encoder": encoder,
-                "generator": generator,
-            }
-        finally:
-            ray.shutdown()
+    return {
+        "root": root,
+        "train_file": str(train_file),
+        "dev_file": str(files.dev_jsonl),
+        "index": str(root / "index"),
+        "world": str(root / "world"),
+        "encoder": encoder,
+        "generator": generator,
+    }
 
 
-def _worker_log_text() -> str:
-    """Everything the session's processes wrote to their log files (rank 0's progress lines among it)."""
+def _log_sizes() -> dict[Path, int]:
+    """The size of every log file of the Ray session (the shared cluster's: earlier modules' too)."""
     import ray._private.worker
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    files = [p for p in logs.rglob("*") if p.is_file() and p.suffix in (".err", ".out", ".log")]
-    return "\n".join(p.read_text(errors="replace") for p in files)
+    return {p: p.stat().st_size for p in logs.rglob("*") if p.is_file() and p.suffix in (".err", ".out", ".log")}
+
+
+def _worker_log_text(since: dict[Path, int]) -> str:
+    """What the session's processes wrote to their log files after ``since`` (rank 0's progress lines
+    among it)."""
+    parts = []
+    for path in _log_sizes():
+        with open(path, "rb") as f:
+            f.seek(since.get(path, 0))
+            parts.append(f.read().decode(errors="replace"))
+    return "\n".join(parts)
 
 
 def test_an_s3_run_keeps_config_metrics_and_tensorboard_and_shows_progress(world, s3_bucket, tmp_path, capfd):
@@ -108,6 +110,7 @@ def test_an_s3_run_keeps_config_metrics_and_tensorboard_and_shows_progress(world
         ],
     )
     run = f"s3://{bucket}/runs/watch"
+    logs_before = _log_sizes()
     out = run_training(cfg)
     assert out["config"] == f"{run}/config.yaml"
 
@@ -134,7 +137,7 @@ def test_an_s3_run_keeps_config_metrics_and_tensorboard_and_shows_progress(world
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
     # rank 0's progress lines went through logging to its log file
-    text = _worker_log_text()
+    text = _worker_log_text(since=logs_before)
     line = re.compile(r"step (\d)/4 loss \S+ acceptance [\d.]+ (?:\w+ \S+ )*ex/s [\d.]+ lr [\d.]+e-0\d eta \d+s")
     assert sorted({int(m.group(1)) for m in line.finditer(text)}) == [2, 4], "no progress lines in the worker logs"
 

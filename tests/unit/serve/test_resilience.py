@@ -223,6 +223,7 @@ def test_serve_args_refuse_s3_credentials_and_carry_the_fault_settings():
             "serve.max_body_bytes=4096",
             "serve.allow_unauthenticated=true",
             "serve.request_timeout_s=30",
+            "serve.drain_poll_s=0.25",
         ],
     )
     args = app_args_from_config(cfg)
@@ -246,6 +247,10 @@ def test_serve_args_refuse_s3_credentials_and_carry_the_fault_settings():
     assert ingress.init_kwargs["allow_unauthenticated"] is True and ingress.init_kwargs["max_body_bytes"] == 4096
     retriever = ingress.init_args[0]._bound_deployment
     assert retriever._deployment_config.max_queued_requests == 7 and retriever.init_kwargs["retry_attempts"] == 5
+    # every deployment polls its drain at the configured period (Serve's default is 2 s)
+    generator = ingress.init_args[1]._bound_deployment
+    for deployment in (ingress, retriever, generator):
+        assert deployment._deployment_config.graceful_shutdown_wait_loop_s == 0.25
 
 
 # ---------------------------------------------------------------------------------- client
