@@ -110,6 +110,16 @@ def _shared_ray_ends_with_the_session():
 
 
 @pytest.fixture(scope="module")
+def no_shared_ray():
+    """For a module that runs Ray in other processes only (``ray start`` + ``ray job submit``, a
+    benchmark script): the shared cluster is stopped, so its idle processes do not take CPU from them."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def ray_cluster():
     """The shared local 2-CPU Ray for this module (actors in tests ask for fractional CPUs)."""
     yield shared_ray()

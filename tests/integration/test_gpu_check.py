@@ -38,7 +38,7 @@ def _table(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(420)
-def test_tiny_gpu_check_prints_one_complete_table():
+def test_tiny_gpu_check_prints_one_complete_table(no_shared_ray):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny"], cwd=REPO,
                           capture_output=True, text=True, timeout=400)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -125,7 +125,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(no_shared_ray):
     assert RAY.exists(), f"no ray CLI beside {sys.executable}: ray[default] is a dependency; the install is broken"
     root = Path(tempfile.mkdtemp(prefix="rgj-", dir="/tmp"))  # short: Ray's unix sockets live below
     token = root / "auth_token"
