@@ -5,9 +5,9 @@ Nothing is patched: boto3 and pyarrow talk HTTP to the moto server at 127.0.0.1:
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 
@@ -53,6 +53,14 @@ RELEASE_TIMEOUT_S = 20.0
 _shared: dict[str, str | None] = {"gcs": None}
 
 
+@contextmanager
+def _moto_credentials_in_environment():
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in MOTO_CREDENTIALS.items():
+            mp.setenv(key, value)
+        yield
+
+
 def shared_ray():
     """This test process's local Ray (2 CPUs, the dashboard on a free port), started on first use and
     kept for the next module: a cluster start costs ~8 CPU-seconds and Ray's per-cluster actors (Ray
@@ -71,13 +79,8 @@ def shared_ray():
         if ray.get_runtime_context().gcs_address == _shared["gcs"]:
             return ray
         ray.shutdown()
-    saved = {k: os.environ.get(k) for k in MOTO_CREDENTIALS}
-    os.environ.update(MOTO_CREDENTIALS)  # the raylet, and every worker it starts, inherit them
-    try:
+    with _moto_credentials_in_environment():  # the raylet, and every worker it starts, inherit them
         ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, dashboard_port=free_port())
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     _shared["gcs"] = ray.get_runtime_context().gcs_address
     return ray
 
@@ -130,10 +133,5 @@ def ray_cluster():
 def ray_with_credentials(moto_s3, ray_cluster):
     """The shared Ray (its workers hold the moto credentials) and the same credentials in this
     process's environment for the module (the driver's own S3 calls without explicit keys)."""
-    saved = {k: os.environ.get(k) for k in MOTO_CREDENTIALS}
-    os.environ.update(MOTO_CREDENTIALS)
-    try:
+    with _moto_credentials_in_environment():
         yield
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
