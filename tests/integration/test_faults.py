@@ -150,7 +150,12 @@ def test_corrupt_latest_while_scaling_serves_the_last_good_version(service):
     _wait_for(lambda: service.http.get("/v1/index").json()["version"] == "v2", 60, "v2 served")
     copy_version(root, "v2", "v3", tamper=True)
     set_latest(root, "v3", verify=False)
-    info = _wait_for(lambda: (i := service.http.get("/v1/index").json())["latest"] == "v3" and i, 60, "LATEST v3 seen")
+    # the watcher reads LATEST, then verifies v3 (which takes a while under load): wait for its verdict
+    info = _wait_for(
+        lambda: (i := service.http.get("/v1/index").json())["latest"] == "v3" and i["last_error"] and i,
+        60,
+        "LATEST v3 seen and refused",
+    )
     assert (info["version"], info["serving_fallback"]) == ("v2", True) and "sha256" in info["last_error"]
 
     _deploy(service, retriever_replicas=2)
