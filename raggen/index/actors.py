@@ -3,8 +3,9 @@
     ShardActorGroup.start(uri, version, settings=...)      # verified: every actor checked its shards
       -> placement group, one bundle per actor, strategy SPREAD (over the nodes)
       -> ShardServer actors, each serving ``settings.shards_per_actor`` consecutive shards, which it
-         loads ONCE from the store itself (sha256 verified, FAISS file and parquet memory-mapped,
-         the ``embedding`` column only when the index cannot give the vectors back)
+         loads ONCE from the store itself (sha256 verified, FAISS file memory-mapped, the passage
+         texts as compressed blocks in a memory-mapped cache file (``passage_blocks``), the
+         ``embedding`` column only when the index cannot give the vectors back)
     group.sharded_index() -> ShardedIndex                    # search(xq, k) like a local index
 
 A caller (Train worker, eval, a Serve replica) keeps its query encoder and sends query vectors;
@@ -131,13 +132,15 @@ class ShardServer:
             load_embeddings=load_embeddings,
             shards=shards,
             keep_cached_versions=keep_cached_versions,
+            passage_texts="blocks",  # texts stay compressed in the node's page cache, not in this process
         )
         if expect_version is not None and loaded.version != expect_version:
             raise IndexIntegrityError(f"{version_uri}: holds version {loaded.version!r}, expected {expect_version!r}")
         self.version, self.shards = loaded.version, [int(s) for s in shards]
         metric = loaded.manifest.metric
         searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search,
-                                   refine_k_factor=refine_k_factor, use_gpu=use_gpu, num_threads=threads)
+                                   refine_k_factor=refine_k_factor, use_gpu=use_gpu, num_threads=threads,
+                                   texts=s.texts)
                      for s in loaded.shards]  # fmt: skip
         self.backend = _LocalBackend(searchers, max_workers=threads, cpus=threads, shard_numbers=self.shards)
         self.counts = [int(s.entry.count) for s in loaded.shards]

@@ -25,6 +25,7 @@ from raggen.index.manifest import (
     _read_manifest_at,
     check_version_name,
 )
+from raggen.index.passage_blocks import PassageBlocks, open_passage_blocks
 from raggen.index.passage_table import int64_column
 from raggen.index.shard import index_ids
 from raggen.index.version_cache import cache_mark_used, evict_cached_versions
@@ -55,6 +56,7 @@ class LoadedShard:
     passages: pa.Table
     index_path: Path
     faiss_index: Any = field(default=None, repr=False)
+    texts: PassageBlocks | None = field(default=None, repr=False)  # passage_texts="blocks": id/title/text here
 
     def index(self):
         """The opened FAISS index (the same object every call: never deserialized twice)."""
@@ -236,16 +238,30 @@ def _check_shard(vuri: str, manifest: Manifest, entry: ShardEntry, index, table:
 
 
 PASSAGE_COLUMNS = ["row_id", "id", "title", "text"]
+PASSAGE_TEXTS = ("table", "blocks")
 
 
-def _columns(load_embeddings: bool | str, index) -> list[str] | None:
-    """Which parquet columns to read: all with embeddings; without them when not asked for, or
-    ("auto") when the index gives the same vectors back (Flat codes)."""
+def _columns(load_embeddings: bool | str, index, passage_texts: str = "table") -> list[str]:
+    """Which parquet columns to read: the passage columns (only ``row_id`` when the texts come from
+    blocks), plus ``embedding`` when asked for, or ("auto") when the index cannot give the same
+    vectors back (PQ/SQ codes)."""
     from raggen.index.shard import exact_reconstruct
 
     if load_embeddings == "auto":
         load_embeddings = not exact_reconstruct(index)
-    return None if load_embeddings else PASSAGE_COLUMNS
+    columns = ["row_id"] if passage_texts == "blocks" else list(PASSAGE_COLUMNS)
+    return columns + ["embedding"] if load_embeddings else columns
+
+
+def _derived_dir(vuri: str, cache: Path | None, cache_dir) -> Path:
+    """Where files derived from a version's verified files live: the S3 version's cache folder, or
+    for a local version a folder of the cache named after its path (never the user's folder)."""
+    if cache is not None:
+        return cache
+    local = Path(cache_dir or default_cache_dir()) / "local" / os.path.abspath(vuri).lstrip(os.sep)
+    local.mkdir(parents=True, exist_ok=True)
+    cache_mark_used(local)
+    return local
 
 
 def _load(
@@ -258,9 +274,12 @@ def _load(
     load_embeddings: bool | str = True,
     shards: list[int] | None = None,
     keep_cached_versions: int | None = None,
+    passage_texts: str = "table",
 ) -> LoadedVersion:
     if load_embeddings not in (True, False, "auto"):
         raise ValueError(f"load_embeddings: True, False or 'auto', got {load_embeddings!r}")
+    if passage_texts not in PASSAGE_TEXTS:
+        raise ValueError(f"passage_texts: one of {PASSAGE_TEXTS}, got {passage_texts!r}")
     store, vuri, expected = _version_store(uri, version, s3_options)
     manifest = _read_manifest_at(store, vuri, expected)
     numbers = list(range(len(manifest.shards))) if shards is None else [int(n) for n in shards]
@@ -278,20 +297,28 @@ def _load(
         s3_options=s3_options,
         cache_dir=None if cache_dir is None else str(cache_dir),
     )
+    blocks = not from_store and passage_texts == "blocks"
+    derived = _derived_dir(vuri, cache, cache_dir) if blocks else None
     for n in numbers:
         entry = manifest.shards[n]
         ifile = _fetch_verified(store, vuri, entry.index, entry.index_sha256, cache, from_store=from_store)
         pfile = _fetch_verified(store, vuri, entry.passages, entry.passages_sha256, cache, from_store=from_store)
         index = _open_index(vuri, manifest, entry, ifile)
-        columns = ["row_id"] if from_store else _columns(load_embeddings, index)  # verify: the checks' column only
+        columns = ["row_id"] if from_store else _columns(load_embeddings, index, passage_texts)  # verify: ids only
         table, schema = _read_passages(vuri, entry, pfile, columns)
         _check_shard(vuri, manifest, entry, index, table, schema)
-        loaded.shards.append(LoadedShard(entry=entry, passages=table, index_path=ifile.path, faiss_index=index))
+        texts = open_passage_blocks(pfile.path, entry.passages_sha256, entry.count, derived) if blocks else None
+        if texts is not None:
+            pfile.check_unchanged()
+        loaded.shards.append(
+            LoadedShard(entry=entry, passages=table, index_path=ifile.path, faiss_index=index, texts=texts)
+        )
     if from_store and shards is None and manifest.sparse is not None:  # verify: the sparse files' bytes too
         for f in manifest.sparse.files:
             _fetch_verified(store, vuri, f.name, f.sha256, cache, from_store=True)
-    if cache is not None and keep_cached_versions:
-        evict_cached_versions(cache.parent, keep=keep_cached_versions, keep_names={cache.name})
+    for kept in {d for d in (cache, derived) if d is not None}:
+        if keep_cached_versions:
+            evict_cached_versions(kept.parent, keep=keep_cached_versions, keep_names={kept.name})
     return loaded
 
 
@@ -304,6 +331,7 @@ def load_version(
     load_embeddings: bool | str = True,
     shards: list[int] | None = None,
     keep_cached_versions: int | None = 2,
+    passage_texts: str = "table",
 ) -> LoadedVersion:
     """Load and verify a version: ``uri`` is a root (LATEST is read when ``version`` is None) or a
     version folder. Every sha256, row count, vector count and dimension is checked first; an S3
@@ -314,7 +342,10 @@ def load_version(
     True reads the stored ``embedding`` column, False never does (serving), "auto" only when the
     index cannot give the exact vectors back (PQ/SQ codes). ``shards``: only these shard numbers
     (a shard actor's share). ``keep_cached_versions``: after an S3 load, cached versions of the
-    same root beyond the newest N (by last use) are deleted (None: keep all)."""
+    same root beyond the newest N (by last use) are deleted (None: keep all). ``passage_texts``:
+    "table" reads id/title/text into each shard's table; "blocks" reads only ``row_id`` there and
+    serves the texts from compressed blocks derived into the cache (``passage_blocks``: the process
+    holds only the blocks it reads; what shard actors use)."""
     loaded = _load(
         uri,
         version,
@@ -324,6 +355,7 @@ def load_version(
         load_embeddings=load_embeddings,
         shards=shards,
         keep_cached_versions=keep_cached_versions,
+        passage_texts=passage_texts,
     )
     m = loaded.manifest
     logger.info(

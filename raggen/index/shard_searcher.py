@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from raggen.index.hits import Hits, fill_hits, merge_topk, requests_of
+from raggen.index.passage_blocks import PassageBlocks
 from raggen.index.passage_table import embeddings_of, int64_column, one_chunk, take_rows
 from raggen.index.shard import (
     as_float32_matrix,
@@ -24,7 +25,8 @@ class ShardSearcher:
     """One shard: a FAISS index plus its passage table; search -> (D, I), fetch(row_ids) -> payload.
 
     ``index``: an opened FAISS index (``LoadedShard.index()``, used as it is: never copied) or its
-    serialized bytes. ``nprobe`` / ``ef_search`` / ``refine_k_factor`` become the index's
+    serialized bytes. ``texts``: the shard's id/title/text as compressed blocks (then ``passages``
+    needs only ``row_id``, plus ``embedding`` when stored). ``nprobe`` / ``ef_search`` / ``refine_k_factor`` become the index's
     defaults; ``search`` takes per-call values that leave the index unchanged (safe under
     concurrent calls)."""
 
@@ -39,6 +41,7 @@ class ShardSearcher:
         refine_k_factor: float | None = None,
         use_gpu: bool = False,
         num_threads: int | None = None,
+        texts: PassageBlocks | None = None,
     ):
         if num_threads:
             faiss.omp_set_num_threads(int(num_threads))
@@ -52,9 +55,11 @@ class ShardSearcher:
         row_ids = int64_column(passages, "row_id")
         self._order = np.argsort(row_ids, kind="stable")
         self._sorted_ids = row_ids[self._order]
-        self._pid = one_chunk(passages.column("id"))
-        self._title = one_chunk(passages.column("title"))
-        self._text = one_chunk(passages.column("text"))
+        self._texts = texts
+        if texts is None:
+            self._pid = one_chunk(passages.column("id"))
+            self._title = one_chunk(passages.column("title"))
+            self._text = one_chunk(passages.column("text"))
         self._emb = embeddings_of(passages)
 
     def search(
@@ -100,6 +105,8 @@ class ShardSearcher:
             emb = np.asarray(
                 self._emb[pos] if self._emb is not None else reconstruct(self.cpu_index, row_ids), dtype=np.float32
             )
+        if self._texts is not None:
+            return (*self._texts.take(pos), emb)
         return (
             take_rows(self._pid, pos).to_pylist(),
             take_rows(self._title, pos).to_pylist(),

@@ -19,6 +19,7 @@ import time
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from raggen.errors import IndexIntegrityError
@@ -218,17 +219,20 @@ def test_caller_does_not_hold_the_passages(cluster, version):
     holders = index.actor_group.info()
     index.close()
     assert len(result.texts[0][0]) == TEXT_CHARS
-    before = rss_bytes()
+    before, arrow_before = rss_bytes(), pa.total_allocated_bytes()
     local = open_index(version["root"], settings=SearchSettings(mode="local"), load_embeddings=False)
     local.search(version["xb"][:4], 5)
-    local_growth = rss_bytes() - before
+    local_growth, local_arrow = rss_bytes() - before, pa.total_allocated_bytes() - arrow_before
     text = version["text_bytes"]
     print(
-        f"\ncaller RSS growth: actor-backed {actors_growth / 2**20:.1f} MiB, local {local_growth / 2**20:.1f} MiB; "
-        f"text {text / 2**20:.1f} MiB; shard actors' RSS {[round(h['rss_bytes'] / 2**20) for h in holders]} MiB"
+        f"\ncaller RSS growth: actor-backed {actors_growth / 2**20:.1f} MiB, local {local_growth / 2**20:.1f} MiB "
+        f"(Arrow holds {local_arrow / 2**20:.1f} MiB more); text {text / 2**20:.1f} MiB; "
+        f"shard actors' RSS {[round(h['rss_bytes'] / 2**20) for h in holders]} MiB"
     )
     assert actors_growth < 0.1 * text, "the caller must not hold the passages"
-    assert local_growth > 0.5 * text, "the local index holds them (the measurement can see them)"
+    # the local index holds them: Arrow's own count (RSS may not grow where the allocator reuses
+    # pages that an earlier test's index freed, as it does in a process that ran other tests)
+    assert local_arrow > 0.9 * text, "the local index holds the texts"
     local.close()
 
 

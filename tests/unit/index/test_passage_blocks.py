@@ -1,0 +1,133 @@
+"""Passage texts as compressed blocks (what shard actors serve texts from): the same rows as the
+parquet, made into the cache and checked on every open, and a process that loads a shard this way
+holds only the blocks it read, not the decoded text column."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raggen.errors import IndexIntegrityError
+from raggen.index.loading import load_version
+from raggen.index.passage_blocks import PassageBlocks, open_passage_blocks, write_passage_blocks
+from raggen.index.sharded import ShardedIndex
+from raggen.storage import sha256_file
+from tests.helpers import REPO
+from tests.unit.index.test_sharded_memory import publish
+
+
+def odd_table(n: int) -> pa.Table:
+    rng = np.random.default_rng(5)
+    texts = [("é→ " * int(rng.integers(0, 5))) + f"text {i}" if i % 7 else "" for i in range(n)]  # '' and UTF-8
+    titles = [None if i % 11 == 0 else f"title {i}" for i in range(n)]
+    return pa.table({"row_id": pa.array(np.arange(n) * 3, pa.int64()), "id": [f"p{i}" for i in range(n)],
+                     "title": pa.array(titles, pa.string()), "text": texts})  # fmt: skip
+
+
+def test_blocks_give_back_every_row_across_row_groups_and_batches(tmp_path):
+    table = odd_table(1000)
+    path = tmp_path / "p.parquet"
+    pq.write_table(table, path, row_group_size=37)  # batches end at row-group ends, not block multiples
+    sha = sha256_file(path)
+    out = tmp_path / "p.blocks"
+    assert write_passage_blocks(path, out, source_sha256=sha, rows_per_block=16, batch_rows=50) == 1000
+    blocks = PassageBlocks(out, source_sha256=sha, rows=1000)
+    pos = np.random.default_rng(0).integers(0, 1000, 300)
+    ids, titles, texts = blocks.take(pos)
+    assert ids == table.column("id").take(pos).to_pylist()
+    assert titles == [t or "" for t in table.column("title").take(pos).to_pylist()]  # a null title reads ''
+    assert texts == table.column("text").take(pos).to_pylist()
+    assert blocks.take(np.array([], np.int64)) == ([], [], [])
+    with pytest.raises(IndexError):
+        blocks.take(np.array([1000]))
+
+
+def test_a_damaged_or_foreign_blocks_file_is_refused_and_made_again(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(odd_table(200), path)
+    sha = sha256_file(path)
+    made = open_passage_blocks(path, sha, 200, tmp_path / "cache")
+    data = bytearray(made.path.read_bytes())
+    data[40] ^= 0xFF  # a flipped bit inside a block
+    made.path.write_bytes(bytes(data))
+    with pytest.raises(IndexIntegrityError, match="sha256 mismatch"):
+        PassageBlocks(made.path, source_sha256=sha, rows=200)
+    write_passage_blocks(path, tmp_path / "other.blocks", source_sha256="0" * 64)
+    with pytest.raises(IndexIntegrityError, match="made from another file"):
+        PassageBlocks(tmp_path / "other.blocks", source_sha256=sha, rows=200)
+    again = open_passage_blocks(path, sha, 200, tmp_path / "cache")  # rebuilt in place, atomically
+    assert again.path == made.path and again.take(np.array([199]))[0] == ["p199"]
+
+
+def test_a_version_loaded_with_blocks_searches_like_the_table_and_keeps_the_users_folder(tmp_path):
+    root, xb = publish(tmp_path, "IVF4,Flat", store_embeddings=False)
+    before = sorted(p.name for p in (tmp_path / "root").rglob("*"))
+    cache = tmp_path / "raggen-cache"
+    table = ShardedIndex.from_version(load_version(root), nprobe=4)
+    loaded = load_version(root, passage_texts="blocks", cache_dir=cache)
+    assert all(s.texts is not None and s.passages.column_names == ["row_id"] for s in loaded.shards)
+    blocks = ShardedIndex.from_version(loaded, nprobe=4)
+    a, b = table.search(xb[:6], 5), blocks.search(xb[:6], 5)
+    assert a.ids == b.ids and a.titles == b.titles and a.texts == b.texts and a.texts[0][0].startswith("x")
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)  # Flat codes: the exact vectors
+    assert sorted(p.name for p in (tmp_path / "root").rglob("*")) == before  # nothing written there
+    assert len(list(cache.rglob("*.blocks"))) == 2
+    with pytest.raises(ValueError, match="passage_texts"):
+        load_version(root, passage_texts="mmap")
+
+
+def test_a_process_serving_texts_from_blocks_does_not_hold_the_text_column(tmp_path):
+    """Anonymous memory after loading a shard of ~45 MB of text and fetching 200 passages: the
+    decoded column with "table", a small part of it with "blocks"."""
+    rng = np.random.default_rng(7)
+    words = np.array([f"w{i}" for i in range(5000)])
+    n = 40_000
+    texts = [" ".join(rng.choice(words, 200)) for _ in range(n)]  # ~1.2 KB each
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"row_id": pa.array(np.arange(n), pa.int64()), "id": [str(i) for i in range(n)],
+                             "title": [""] * n, "text": texts}), path)  # fmt: skip
+    text_mb = sum(map(len, texts)) / 2**20
+    code = f"""
+import sys
+import numpy as np
+import pyarrow.parquet as pq
+from raggen.index.actors import hold_memory_tightly
+from raggen.index.passage_blocks import open_passage_blocks
+from raggen.index.passage_table import one_chunk, take_rows
+from raggen.storage import sha256_file
+from pathlib import Path
+
+def anon_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+
+hold_memory_tightly()
+path = Path({str(path)!r})
+sha = sha256_file(path)
+pos = np.random.default_rng(0).integers(0, {n}, 200)
+if sys.argv[1] == "blocks":
+    open_passage_blocks(path, sha, {n}, path.parent / "cache")  # made once (as by the node's first actor)
+before = anon_mb()
+if sys.argv[1] == "blocks":
+    got = open_passage_blocks(path, sha, {n}, path.parent / "cache").take(pos)[2]
+else:
+    with pq.ParquetFile(path, memory_map=True) as pf:
+        text = one_chunk(pf.read(columns=["text"], use_threads=False).column("text"))
+    got = take_rows(text, pos).to_pylist()
+print(round(anon_mb() - before, 1), len(got[0]))
+"""
+    grown = {}
+    for mode in ("table", "blocks"):
+        run = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert run.returncode == 0, run.stderr[-2000:]
+        mb, length = run.stdout.split()
+        assert int(length) > 1000
+        grown[mode] = float(mb)
+    assert grown["table"] > 0.8 * text_mb, grown  # the decoded column lives in the process
+    assert grown["blocks"] < 0.15 * text_mb, grown  # the blocks read, their rows, the codec (~3 MB in all)
