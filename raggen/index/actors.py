@@ -4,8 +4,9 @@
       -> placement group, one bundle per actor, strategy SPREAD (over the nodes)
       -> ShardServer actors, each serving ``settings.shards_per_actor`` consecutive shards, which it
          loads ONCE from the store itself (sha256 verified, FAISS file memory-mapped, the passage
-         texts as compressed blocks in a memory-mapped cache file (``passage_blocks``), the
-         ``embedding`` column only when the index cannot give the vectors back)
+         texts as compressed blocks and the stored vectors as ``.npy`` in memory-mapped cache
+         files (``passage_blocks``, ``passage_vectors``), the vectors only when the index cannot
+         give them back)
     group.sharded_index() -> ShardedIndex                    # search(xq, k) like a local index
 
 A caller (Train worker, eval, a Serve replica) keeps its query encoder and sends query vectors;
@@ -132,7 +133,7 @@ class ShardServer:
             load_embeddings=load_embeddings,
             shards=shards,
             keep_cached_versions=keep_cached_versions,
-            passage_texts="blocks",  # texts stay compressed in the node's page cache, not in this process
+            passage_store="mapped",  # texts and vectors mapped from the node's cache, not decoded here
         )
         if expect_version is not None and loaded.version != expect_version:
             raise IndexIntegrityError(f"{version_uri}: holds version {loaded.version!r}, expected {expect_version!r}")
@@ -140,7 +141,7 @@ class ShardServer:
         metric = loaded.manifest.metric
         searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search,
                                    refine_k_factor=refine_k_factor, use_gpu=use_gpu, num_threads=threads,
-                                   texts=s.texts)
+                                   texts=s.texts, vectors=s.vectors)
                      for s in loaded.shards]  # fmt: skip
         self.backend = _LocalBackend(searchers, max_workers=threads, cpus=threads, shard_numbers=self.shards)
         self.counts = [int(s.entry.count) for s in loaded.shards]

@@ -25,7 +25,8 @@ from raggen.index.manifest import (
     _read_manifest_at,
     check_version_name,
 )
-from raggen.index.passage_blocks import PassageBlocks, open_passage_blocks
+from raggen.index.passage_blocks import PassageBlocks
+from raggen.index.passage_cache import derived_dir, open_blocks, open_vectors
 from raggen.index.passage_table import int64_column
 from raggen.index.shard import index_ids
 from raggen.index.version_cache import cache_mark_used, evict_cached_versions
@@ -56,7 +57,8 @@ class LoadedShard:
     passages: pa.Table
     index_path: Path
     faiss_index: Any = field(default=None, repr=False)
-    texts: PassageBlocks | None = field(default=None, repr=False)  # passage_texts="blocks": id/title/text here
+    texts: PassageBlocks | None = field(default=None, repr=False)  # passage_store="mapped": id/title/text
+    vectors: np.ndarray | None = field(default=None, repr=False)  # passage_store="mapped": stored embeddings
 
     def index(self):
         """The opened FAISS index (the same object every call: never deserialized twice)."""
@@ -69,7 +71,7 @@ class LoadedShard:
 
     @property
     def has_embeddings(self) -> bool:
-        return "embedding" in self.passages.column_names
+        return self.vectors is not None or "embedding" in self.passages.column_names
 
 
 @dataclass
@@ -238,30 +240,22 @@ def _check_shard(vuri: str, manifest: Manifest, entry: ShardEntry, index, table:
 
 
 PASSAGE_COLUMNS = ["row_id", "id", "title", "text"]
-PASSAGE_TEXTS = ("table", "blocks")
+PASSAGE_STORES = ("table", "mapped")
 
 
-def _columns(load_embeddings: bool | str, index, passage_texts: str = "table") -> list[str]:
-    """Which parquet columns to read: the passage columns (only ``row_id`` when the texts come from
-    blocks), plus ``embedding`` when asked for, or ("auto") when the index cannot give the same
-    vectors back (PQ/SQ codes)."""
+def _wants_embeddings(load_embeddings: bool | str, index) -> bool:
+    """Asked for, or ("auto") needed because the index cannot give the same vectors back (PQ/SQ codes)."""
     from raggen.index.shard import exact_reconstruct
 
-    if load_embeddings == "auto":
-        load_embeddings = not exact_reconstruct(index)
-    columns = ["row_id"] if passage_texts == "blocks" else list(PASSAGE_COLUMNS)
-    return columns + ["embedding"] if load_embeddings else columns
+    return not exact_reconstruct(index) if load_embeddings == "auto" else bool(load_embeddings)
 
 
-def _derived_dir(vuri: str, cache: Path | None, cache_dir) -> Path:
-    """Where files derived from a version's verified files live: the S3 version's cache folder, or
-    for a local version a folder of the cache named after its path (never the user's folder)."""
-    if cache is not None:
-        return cache
-    local = Path(cache_dir or default_cache_dir()) / "local" / os.path.abspath(vuri).lstrip(os.sep)
-    local.mkdir(parents=True, exist_ok=True)
-    cache_mark_used(local)
-    return local
+def _columns(embeddings: bool, passage_store: str = "table") -> list[str]:
+    """Which parquet columns to read into the shard's table: all passage columns, or only ``row_id``
+    when texts and vectors are mapped from the cache; ``embedding`` when wanted."""
+    if passage_store == "mapped":
+        return ["row_id"]
+    return PASSAGE_COLUMNS + ["embedding"] if embeddings else list(PASSAGE_COLUMNS)
 
 
 def _load(
@@ -274,12 +268,12 @@ def _load(
     load_embeddings: bool | str = True,
     shards: list[int] | None = None,
     keep_cached_versions: int | None = None,
-    passage_texts: str = "table",
+    passage_store: str = "table",
 ) -> LoadedVersion:
     if load_embeddings not in (True, False, "auto"):
         raise ValueError(f"load_embeddings: True, False or 'auto', got {load_embeddings!r}")
-    if passage_texts not in PASSAGE_TEXTS:
-        raise ValueError(f"passage_texts: one of {PASSAGE_TEXTS}, got {passage_texts!r}")
+    if passage_store not in PASSAGE_STORES:
+        raise ValueError(f"passage_store: one of {PASSAGE_STORES}, got {passage_store!r}")
     store, vuri, expected = _version_store(uri, version, s3_options)
     manifest = _read_manifest_at(store, vuri, expected)
     numbers = list(range(len(manifest.shards))) if shards is None else [int(n) for n in shards]
@@ -297,22 +291,24 @@ def _load(
         s3_options=s3_options,
         cache_dir=None if cache_dir is None else str(cache_dir),
     )
-    blocks = not from_store and passage_texts == "blocks"
-    derived = _derived_dir(vuri, cache, cache_dir) if blocks else None
+    mapped = not from_store and passage_store == "mapped"
+    derived = derived_dir(vuri, cache, Path(cache_dir or default_cache_dir())) if mapped else None
     for n in numbers:
         entry = manifest.shards[n]
         ifile = _fetch_verified(store, vuri, entry.index, entry.index_sha256, cache, from_store=from_store)
         pfile = _fetch_verified(store, vuri, entry.passages, entry.passages_sha256, cache, from_store=from_store)
         index = _open_index(vuri, manifest, entry, ifile)
-        columns = ["row_id"] if from_store else _columns(load_embeddings, index, passage_texts)  # verify: ids only
+        embeddings = not from_store and _wants_embeddings(load_embeddings, index)
+        columns = ["row_id"] if from_store else _columns(embeddings, passage_store)  # verify: ids only
         table, schema = _read_passages(vuri, entry, pfile, columns)
         _check_shard(vuri, manifest, entry, index, table, schema)
-        texts = open_passage_blocks(pfile.path, entry.passages_sha256, entry.count, derived) if blocks else None
-        if texts is not None:
+        shard = LoadedShard(entry=entry, passages=table, index_path=ifile.path, faiss_index=index)
+        if mapped:
+            shard.texts = open_blocks(pfile.path, entry.passages_sha256, entry.count, derived)
+            if embeddings and "embedding" in schema.names:
+                shard.vectors = open_vectors(pfile.path, entry.passages_sha256, entry.count, derived)
             pfile.check_unchanged()
-        loaded.shards.append(
-            LoadedShard(entry=entry, passages=table, index_path=ifile.path, faiss_index=index, texts=texts)
-        )
+        loaded.shards.append(shard)
     if from_store and shards is None and manifest.sparse is not None:  # verify: the sparse files' bytes too
         for f in manifest.sparse.files:
             _fetch_verified(store, vuri, f.name, f.sha256, cache, from_store=True)
@@ -331,7 +327,7 @@ def load_version(
     load_embeddings: bool | str = True,
     shards: list[int] | None = None,
     keep_cached_versions: int | None = 2,
-    passage_texts: str = "table",
+    passage_store: str = "table",
 ) -> LoadedVersion:
     """Load and verify a version: ``uri`` is a root (LATEST is read when ``version`` is None) or a
     version folder. Every sha256, row count, vector count and dimension is checked first; an S3
@@ -342,10 +338,11 @@ def load_version(
     True reads the stored ``embedding`` column, False never does (serving), "auto" only when the
     index cannot give the exact vectors back (PQ/SQ codes). ``shards``: only these shard numbers
     (a shard actor's share). ``keep_cached_versions``: after an S3 load, cached versions of the
-    same root beyond the newest N (by last use) are deleted (None: keep all). ``passage_texts``:
-    "table" reads id/title/text into each shard's table; "blocks" reads only ``row_id`` there and
-    serves the texts from compressed blocks derived into the cache (``passage_blocks``: the process
-    holds only the blocks it reads; what shard actors use)."""
+    same root beyond the newest N (by last use) are deleted (None: keep all). ``passage_store``:
+    "table" decodes id/title/text (and the embeddings) into each shard's table; "mapped" reads only
+    ``row_id`` there and maps the rest from files derived into the cache: texts as compressed
+    blocks (``passage_blocks``), embeddings as a ``.npy`` (``passage_vectors``); the process then
+    holds only what it reads (what shard actors use)."""
     loaded = _load(
         uri,
         version,
@@ -355,7 +352,7 @@ def load_version(
         load_embeddings=load_embeddings,
         shards=shards,
         keep_cached_versions=keep_cached_versions,
-        passage_texts=passage_texts,
+        passage_store=passage_store,
     )
     m = loaded.manifest
     logger.info(

@@ -151,8 +151,8 @@ def _read_footer(path: Path) -> tuple[int, dict]:
 
 class PassageBlocks:
     """Read side: ``take(positions)`` -> (ids, titles, texts) of those rows (positions in the parquet's
-    row order), decompressing each needed block once per call. Thread-safe (no shared state but the
-    read-only map)."""
+    row order), decompressing each needed block once per call and holding one at a time (a call
+    for 100k rows would otherwise hold most of the shard decompressed). Thread-safe."""
 
     def __init__(self, path: str | os.PathLike, *, source_sha256: str, rows: int):
         self.path = Path(path)
@@ -197,26 +197,14 @@ class PassageBlocks:
         if len(positions) and (positions.min() < 0 or positions.max() >= self.rows):
             raise IndexError(f"passage positions outside 0..{self.rows - 1}")
         blocks = np.searchsorted(self._row_starts, positions, side="right") - 1
-        decoded: dict[int, tuple] = {}
-        out: tuple[list[str], list[str], list[str]] = ([], [], [])
-        for p, b in zip(positions.tolist(), blocks.tolist()):
-            if b not in decoded:
-                decoded[b] = self._block(b)
-            raw, offsets, bases = decoded[b]
-            i = p - int(self._row_starts[b])
+        out: tuple[list, list, list] = ([None] * len(positions), [None] * len(positions), [None] * len(positions))
+        current, raw, offsets, bases = -1, b"", [], []
+        for j in np.argsort(blocks, kind="stable").tolist():  # block by block: one decompressed at a time
+            b = int(blocks[j])
+            if b != current:
+                current, (raw, offsets, bases) = b, self._block(b)
+            i = int(positions[j]) - int(self._row_starts[b])
             for f in range(3):
                 s, e = bases[f] + int(offsets[f][i]), bases[f] + int(offsets[f][i + 1])
-                out[f].append(raw[s:e].decode("utf-8"))
+                out[f][j] = raw[s:e].decode("utf-8")
         return out
-
-
-def open_passage_blocks(parquet_path: Path, source_sha256: str, rows: int, derived_dir: Path) -> PassageBlocks:
-    """The blocks of a verified parquet, from ``derived_dir`` (made there first if missing or stale)."""
-    path = derived_dir / f"{parquet_path.name}.{source_sha256[:16]}.blocks"
-    if path.exists():
-        try:
-            return PassageBlocks(path, source_sha256=source_sha256, rows=rows)
-        except IndexIntegrityError:
-            pass  # a stale or damaged copy: made again below, replaced atomically
-    write_passage_blocks(parquet_path, path, source_sha256=source_sha256)
-    return PassageBlocks(path, source_sha256=source_sha256, rows=rows)

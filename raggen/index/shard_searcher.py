@@ -25,8 +25,8 @@ class ShardSearcher:
     """One shard: a FAISS index plus its passage table; search -> (D, I), fetch(row_ids) -> payload.
 
     ``index``: an opened FAISS index (``LoadedShard.index()``, used as it is: never copied) or its
-    serialized bytes. ``texts``: the shard's id/title/text as compressed blocks (then ``passages``
-    needs only ``row_id``, plus ``embedding`` when stored). ``nprobe`` / ``ef_search`` / ``refine_k_factor`` become the index's
+    serialized bytes. ``texts`` / ``vectors``: the shard's id/title/text as compressed blocks and
+    its stored embeddings (n, d), both memory-mapped (then ``passages`` needs only ``row_id``). ``nprobe`` / ``ef_search`` / ``refine_k_factor`` become the index's
     defaults; ``search`` takes per-call values that leave the index unchanged (safe under
     concurrent calls)."""
 
@@ -42,6 +42,7 @@ class ShardSearcher:
         use_gpu: bool = False,
         num_threads: int | None = None,
         texts: PassageBlocks | None = None,
+        vectors: np.ndarray | None = None,
     ):
         if num_threads:
             faiss.omp_set_num_threads(int(num_threads))
@@ -60,7 +61,7 @@ class ShardSearcher:
             self._pid = one_chunk(passages.column("id"))
             self._title = one_chunk(passages.column("title"))
             self._text = one_chunk(passages.column("text"))
-        self._emb = embeddings_of(passages)
+        self._emb = vectors if vectors is not None else embeddings_of(passages)
 
     def search(
         self,

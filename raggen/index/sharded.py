@@ -142,7 +142,7 @@ class ShardedIndex:
             return group.sharded_index(query_batch_size=query_batch_size, owned=True)
         metric = loaded.manifest.metric
         searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search,
-                                   refine_k_factor=refine_k_factor, texts=s.texts)
+                                   refine_k_factor=refine_k_factor, texts=s.texts, vectors=s.vectors)
                      for s in loaded.shards]  # fmt: skip
         backend = _LocalBackend(searchers, max_workers=max_threads)
         return cls(

@@ -1,11 +1,12 @@
-"""Passage texts as compressed blocks (what shard actors serve texts from): the same rows as the
-parquet, made into the cache and checked on every open, and a process that loads a shard this way
-holds only the blocks it read, not the decoded text column."""
+"""Passages mapped from the cache (what shard actors serve from): texts as compressed blocks and
+stored vectors as a ``.npy``, the same rows as the parquet, made into the cache and checked on every
+open; a process that loads a shard this way holds only the blocks it read, not the decoded column."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,9 @@ import pytest
 
 from raggen.errors import IndexIntegrityError
 from raggen.index.loading import load_version
-from raggen.index.passage_blocks import PassageBlocks, open_passage_blocks, write_passage_blocks
+from raggen.index.passage_blocks import PassageBlocks, write_passage_blocks
+from raggen.index.passage_cache import open_blocks, open_vectors
+from raggen.index.passage_vectors import map_passage_vectors
 from raggen.index.sharded import ShardedIndex
 from raggen.storage import sha256_file
 from tests.helpers import REPO
@@ -51,7 +54,7 @@ def test_a_damaged_or_foreign_blocks_file_is_refused_and_made_again(tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(odd_table(200), path)
     sha = sha256_file(path)
-    made = open_passage_blocks(path, sha, 200, tmp_path / "cache")
+    made = open_blocks(path, sha, 200, tmp_path / "cache")
     data = bytearray(made.path.read_bytes())
     data[40] ^= 0xFF  # a flipped bit inside a block
     made.path.write_bytes(bytes(data))
@@ -60,25 +63,51 @@ def test_a_damaged_or_foreign_blocks_file_is_refused_and_made_again(tmp_path):
     write_passage_blocks(path, tmp_path / "other.blocks", source_sha256="0" * 64)
     with pytest.raises(IndexIntegrityError, match="made from another file"):
         PassageBlocks(tmp_path / "other.blocks", source_sha256=sha, rows=200)
-    again = open_passage_blocks(path, sha, 200, tmp_path / "cache")  # rebuilt in place, atomically
+    again = open_blocks(path, sha, 200, tmp_path / "cache")  # rebuilt in place, atomically
     assert again.path == made.path and again.take(np.array([199]))[0] == ["p199"]
 
 
-def test_a_version_loaded_with_blocks_searches_like_the_table_and_keeps_the_users_folder(tmp_path):
-    root, xb = publish(tmp_path, "IVF4,Flat", store_embeddings=False)
+@pytest.mark.parametrize("factory,stored", [("IVF4,Flat", False), ("IVF4,PQ4", True)])
+def test_a_mapped_version_searches_like_the_table_and_keeps_the_users_folder(tmp_path, factory, stored):
+    """IVF4,Flat: texts from blocks, vectors from the Flat codes; IVF4,PQ4 with stored embeddings
+    ("auto" wants them): the vectors from the mapped .npy, equal to the stored column."""
+    root, xb = publish(tmp_path, factory, store_embeddings=stored)
     before = sorted(p.name for p in (tmp_path / "root").rglob("*"))
     cache = tmp_path / "raggen-cache"
-    table = ShardedIndex.from_version(load_version(root), nprobe=4)
-    loaded = load_version(root, passage_texts="blocks", cache_dir=cache)
+    table = ShardedIndex.from_version(load_version(root, load_embeddings="auto"), nprobe=4)
+    loaded = load_version(root, load_embeddings="auto", passage_store="mapped", cache_dir=cache)
     assert all(s.texts is not None and s.passages.column_names == ["row_id"] for s in loaded.shards)
-    blocks = ShardedIndex.from_version(loaded, nprobe=4)
-    a, b = table.search(xb[:6], 5), blocks.search(xb[:6], 5)
+    assert all((s.vectors is not None) == stored == s.has_embeddings for s in loaded.shards)
+    if stored:
+        assert isinstance(loaded.shards[0].vectors, np.memmap) and not loaded.shards[0].vectors.flags.writeable
+    mapped = ShardedIndex.from_version(loaded, nprobe=4)
+    a, b = table.search(xb[:6], 5), mapped.search(xb[:6], 5)
     assert a.ids == b.ids and a.titles == b.titles and a.texts == b.texts and a.texts[0][0].startswith("x")
-    np.testing.assert_array_equal(a.embeddings, b.embeddings)  # Flat codes: the exact vectors
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    if stored:  # the stored vectors themselves, not PQ's approximation
+        np.testing.assert_array_equal(b.embeddings, xb[b.row_ids & ((1 << 40) - 1)])
     assert sorted(p.name for p in (tmp_path / "root").rglob("*")) == before  # nothing written there
-    assert len(list(cache.rglob("*.blocks"))) == 2
-    with pytest.raises(ValueError, match="passage_texts"):
-        load_version(root, passage_texts="mmap")
+    assert len(list(cache.rglob("*.blocks"))) == 2 and len(list(cache.rglob("*.vectors.npy"))) == (2 if stored else 0)
+    with pytest.raises(ValueError, match="passage_store"):
+        load_version(root, passage_store="mmap")
+
+
+def test_damaged_or_foreign_stored_vectors_are_refused_and_made_again(tmp_path):
+    root, xb = publish(tmp_path, "Flat", store_embeddings=True)
+    parquet = tmp_path / "root" / "v1" / "shard-00000.parquet"
+    sha = sha256_file(parquet)
+    vectors = open_vectors(parquet, sha, 300, tmp_path / "cache")
+    np.testing.assert_array_equal(vectors, xb[:300])
+    path = Path(vectors.filename)
+    del vectors
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexIntegrityError, match="sha256 mismatch"):
+        map_passage_vectors(path, source_sha256=sha, rows=300)
+    with pytest.raises(IndexIntegrityError, match="made from another file"):
+        map_passage_vectors(path, source_sha256="0" * 64, rows=300)
+    np.testing.assert_array_equal(open_vectors(parquet, sha, 300, tmp_path / "cache"), xb[:300])
 
 
 def test_a_process_serving_texts_from_blocks_does_not_hold_the_text_column(tmp_path):
@@ -97,7 +126,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 from raggen.index.actors import hold_memory_tightly
-from raggen.index.passage_blocks import open_passage_blocks
+from raggen.index.passage_cache import open_blocks
 from raggen.index.passage_table import one_chunk, take_rows
 from raggen.storage import sha256_file
 from pathlib import Path
@@ -112,10 +141,10 @@ path = Path({str(path)!r})
 sha = sha256_file(path)
 pos = np.random.default_rng(0).integers(0, {n}, 200)
 if sys.argv[1] == "blocks":
-    open_passage_blocks(path, sha, {n}, path.parent / "cache")  # made once (as by the node's first actor)
+    open_blocks(path, sha, {n}, path.parent / "cache")  # made once (as by the node's first actor)
 before = anon_mb()
 if sys.argv[1] == "blocks":
-    got = open_passage_blocks(path, sha, {n}, path.parent / "cache").take(pos)[2]
+    got = open_blocks(path, sha, {n}, path.parent / "cache").take(pos)[2]
 else:
     with pq.ParquetFile(path, memory_map=True) as pf:
         text = one_chunk(pf.read(columns=["text"], use_threads=False).column("text"))
