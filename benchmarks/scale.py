@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=1000, help="held-out queries for recall (and batch QPS)")
     p.add_argument("--latency-queries", type=int, default=200, help="single queries timed per backend")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--actor-passages", choices=["mapped", "table"], default="mapped",
+                   help="index.search.actor_passages: texts mapped from the cache, or decoded in each actor")  # fmt: skip
     p.add_argument("--text-words", type=int, default=100,
                    help="words per synthetic passage text (DPR's passages: 100; 0: a tiny 'passage N' text)")  # fmt: skip
     p.add_argument("--no-cluster", action="store_true", help="one local Ray node instead of local-multinode.sh")
@@ -493,7 +495,8 @@ def main(argv: list[str] | None = None) -> None:
 
         idle = ray.remote(num_cpus=0)(IdleProbe).remote()
         t0 = time.perf_counter()
-        actor_settings = SearchSettings(mode="actors", actor_num_cpus=1.0, shards_per_actor=per_actor)
+        actor_settings = SearchSettings(mode="actors", actor_num_cpus=1.0, shards_per_actor=per_actor,
+                                        actor_passages=args.actor_passages)  # fmt: skip
         actor_index = open_index(root, settings=actor_settings, s3_options=s3, cache_dir=work / "cache-actors",
                                  load_embeddings=False)  # fmt: skip
         m["actors_open_s"] = time.perf_counter() - t0

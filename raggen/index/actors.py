@@ -120,6 +120,7 @@ class ShardServer:
         use_gpu: bool = False,
         keep_cached_versions: int | None = 2,
         expect_version: str | None = None,
+        passage_store: str = "mapped",
     ):
         import faiss
 
@@ -133,7 +134,7 @@ class ShardServer:
             load_embeddings=load_embeddings,
             shards=shards,
             keep_cached_versions=keep_cached_versions,
-            passage_store="mapped",  # texts and vectors mapped from the node's cache, not decoded here
+            passage_store=passage_store,  # "mapped": texts and vectors mapped from the node's cache
         )
         if expect_version is not None and loaded.version != expect_version:
             raise IndexIntegrityError(f"{version_uri}: holds version {loaded.version!r}, expected {expect_version!r}")
@@ -287,7 +288,7 @@ class ShardActorGroup:
                          nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor,
                          num_cpus=settings.actor_num_cpus,
                          use_gpu=bool(settings.actor_num_gpus), keep_cached_versions=settings.cache_versions,
-                         expect_version=manifest.version))  # fmt: skip
+                         expect_version=manifest.version, passage_store=settings.actor_passages))  # fmt: skip
             infos = _get(ray, [h.ready.remote() for h in handles], timeout_s, vuri)
         except BaseException:
             for h in handles:

@@ -39,6 +39,10 @@ class SearchSettings(BaseModel):
     actor_num_gpus: float = Field(0.0, ge=0)
     shards_per_actor: int = Field(1, ge=1)  # consecutive shards served by one actor
     actor_max_concurrency: int = Field(4, ge=1)  # requests one actor serves at once (FAISS releases the GIL)
+    # how a shard actor keeps its passages: "mapped" (texts as zstd blocks, stored vectors as .npy,
+    # derived once per node into the cache and memory-mapped: the actor holds only what it reads;
+    # ~0.7x the parquet's bytes more on the cache disk) or "table" (decoded into the actor's memory)
+    actor_passages: Literal["mapped", "table"] = "mapped"
     # IVF lists probed / HNSW efSearch: None = the version's search_defaults (tuned at build time),
     # else FAISS's own (nprobe 1, efSearch 16); a per-call argument overrides both
     nprobe: int | None = Field(None, ge=1)

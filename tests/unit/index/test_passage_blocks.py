@@ -160,3 +160,23 @@ print(round(anon_mb() - before, 1), len(got[0]))
         grown[mode] = float(mb)
     assert grown["table"] > 0.8 * text_mb, grown  # the decoded column lives in the process
     assert grown["blocks"] < 0.15 * text_mb, grown  # the blocks read, their rows, the codec (~3 MB in all)
+
+
+def test_a_shard_server_answers_the_same_from_either_passage_store(tmp_path):
+    """``index.search.actor_passages``: a shard actor's class, built in this process (no Ray), gives
+    the same hits, texts and stored vectors from mapped files as from the decoded table."""
+    from raggen.index.actors import ShardServer
+
+    root, xb = publish(tmp_path, "IVF4,PQ4", store_embeddings=True)
+    servers = {
+        store: ShardServer(root, [0, 1], cache_dir=str(tmp_path / "cache"), nprobe=4, passage_store=store)
+        for store in ("mapped", "table")
+    }
+    assert servers["mapped"].embeddings_loaded == [True, True]  # PQ codes: "auto" wants the stored vectors
+    got = {store: s.search_hits(xb[:5], 4) for store, s in servers.items()}
+    a, b = got["mapped"], got["table"]
+    assert a.ids == b.ids and a.texts == b.texts and a.titles == b.titles
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    np.testing.assert_array_equal(a.embeddings, xb[a.row_ids & ((1 << 40) - 1)])  # stored, not PQ's
+    for s in servers.values():
+        s.backend.close()
