@@ -180,31 +180,35 @@ class PassageBlocks:
     def __len__(self) -> int:
         return self.rows
 
-    def _block(self, b: int) -> tuple[bytes, list[np.ndarray], list[int]]:
+    def _block(self, b: int) -> tuple[bytes, list[list[int]]]:
+        """Block ``b`` decompressed, and per field its rows' absolute (start, end) offsets in it."""
         start, end = int(self._block_starts[b]), int(self._block_starts[b + 1])
         with self._lock:
             raw = self._codec.decompress(pa.py_buffer(self._map[start:end]), int(self._raw_sizes[b]), asbytes=True)
         r = int(np.frombuffer(raw, dtype=np.uint32, count=1)[0])
-        offsets = np.frombuffer(raw, dtype=np.uint32, count=3 * (r + 1), offset=4).reshape(3, r + 1)
-        bases, pos = [], 4 + 12 * (r + 1)
-        for f in range(3):
-            bases.append(pos)
-            pos += int(offsets[f, -1])
-        return raw, list(offsets), bases
+        offsets = np.frombuffer(raw, dtype=np.uint32, count=3 * (r + 1), offset=4).reshape(3, r + 1).astype(np.int64)
+        base = 4 + 12 * (r + 1)
+        for f in range(3):  # each field's bytes follow the previous field's
+            offsets[f] += base
+            base = int(offsets[f, -1])
+        return raw, offsets.tolist()
 
     def take(self, positions: np.ndarray) -> tuple[list[str], list[str], list[str]]:
         positions = np.asarray(positions, dtype=np.int64)
         if len(positions) and (positions.min() < 0 or positions.max() >= self.rows):
             raise IndexError(f"passage positions outside 0..{self.rows - 1}")
         blocks = np.searchsorted(self._row_starts, positions, side="right") - 1
-        out: tuple[list, list, list] = ([None] * len(positions), [None] * len(positions), [None] * len(positions))
-        current, raw, offsets, bases = -1, b"", [], []
+        rows = (positions - self._row_starts[blocks].astype(np.int64)).tolist()  # row within its block
+        block_of = blocks.tolist()
+        out: tuple[list, list, list] = ([None] * len(rows), [None] * len(rows), [None] * len(rows))
+        ids, titles, texts = out
+        current, raw, (o_id, o_title, o_text) = -1, b"", ([], [], [])
         for j in np.argsort(blocks, kind="stable").tolist():  # block by block: one decompressed at a time
-            b = int(blocks[j])
-            if b != current:
-                current, (raw, offsets, bases) = b, self._block(b)
-            i = int(positions[j]) - int(self._row_starts[b])
-            for f in range(3):
-                s, e = bases[f] + int(offsets[f][i]), bases[f] + int(offsets[f][i + 1])
-                out[f][j] = raw[s:e].decode("utf-8")
+            if block_of[j] != current:
+                current = block_of[j]
+                raw, (o_id, o_title, o_text) = self._block(current)
+            i = rows[j]
+            ids[j] = raw[o_id[i] : o_id[i + 1]].decode("utf-8")
+            titles[j] = raw[o_title[i] : o_title[i + 1]].decode("utf-8")
+            texts[j] = raw[o_text[i] : o_text[i + 1]].decode("utf-8")
         return out

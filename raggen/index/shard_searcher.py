@@ -26,9 +26,9 @@ class ShardSearcher:
 
     ``index``: an opened FAISS index (``LoadedShard.index()``, used as it is: never copied) or its
     serialized bytes. ``texts`` / ``vectors``: the shard's id/title/text as compressed blocks and
-    its stored embeddings (n, d), both memory-mapped (then ``passages`` needs only ``row_id``). ``nprobe`` / ``ef_search`` / ``refine_k_factor`` become the index's
-    defaults; ``search`` takes per-call values that leave the index unchanged (safe under
-    concurrent calls)."""
+    its stored embeddings (n, d), both memory-mapped (then ``passages`` needs only ``row_id``).
+    ``nprobe`` / ``ef_search`` / ``refine_k_factor`` become the index's defaults; ``search`` takes
+    per-call values that leave the index unchanged (safe under concurrent calls)."""
 
     def __init__(
         self,
