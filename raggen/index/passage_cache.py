@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raggen.errors import IndexIntegrityError
+from raggen.errors import IndexIntegrityError, RaggenError
 from raggen.index.passage_blocks import PassageBlocks, write_passage_blocks
 from raggen.index.passage_vectors import map_passage_vectors, write_passage_vectors
 from raggen.index.version_cache import cache_mark_used
@@ -44,9 +44,9 @@ def _derive(kind: str, parquet_path: Path, out_path: Path, source_sha256: str) -
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "raggen.index.passage_cache", kind, str(parquet_path), str(out_path), source_sha256]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if run.returncode != 0:
+    if run.returncode != 0:  # e.g. a full or read-only cache disk: the child's last line says which
         last = (run.stderr.strip().splitlines() or ["no message"])[-1]
-        raise IndexIntegrityError(f"{parquet_path}: making {out_path.name} failed ({last})")
+        raise RaggenError(f"{parquet_path}: could not make {out_path.name} in {out_path.parent} ({last})")
 
 
 def open_blocks(parquet_path: Path, source_sha256: str, rows: int, folder: Path) -> PassageBlocks:

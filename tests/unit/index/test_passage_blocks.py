@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raggen.errors import IndexIntegrityError
+from raggen.errors import IndexIntegrityError, RaggenError
 from raggen.index.loading import load_version
 from raggen.index.passage_blocks import PassageBlocks, write_passage_blocks
 from raggen.index.passage_cache import open_blocks, open_vectors
@@ -65,6 +65,9 @@ def test_a_damaged_or_foreign_blocks_file_is_refused_and_made_again(tmp_path):
         PassageBlocks(tmp_path / "other.blocks", source_sha256=sha, rows=200)
     again = open_blocks(path, sha, 200, tmp_path / "cache")  # rebuilt in place, atomically
     assert again.path == made.path and again.take(np.array([199]))[0] == ["p199"]
+    (tmp_path / "full").write_text("a file where the cache folder should be")
+    with pytest.raises(RaggenError, match=r"could not make p\.parquet\..*\.blocks in .*full"):
+        open_blocks(path, sha, 200, tmp_path / "full")  # the child's error, named; nothing half-written
 
 
 @pytest.mark.parametrize("factory,stored", [("IVF4,Flat", False), ("IVF4,PQ4", True)])
