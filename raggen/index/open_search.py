@@ -76,6 +76,6 @@ def open_index(
                                       manifest=manifest, load_embeddings=load_embeddings)  # fmt: skip
         return group.sharded_index(owned=True)
     loaded = load_version(vuri, s3_options=s3_options, cache_dir=cache_dir, load_embeddings=load_embeddings,
-                          keep_cached_versions=settings.cache_versions)  # fmt: skip
+                          keep_cached_versions=settings.cache_versions, passage_store=settings.local_passages)  # fmt: skip
     return ShardedIndex.from_version(loaded, nprobe=settings.nprobe, ef_search=settings.ef_search,
                                      refine_k_factor=settings.refine_k_factor)  # fmt: skip

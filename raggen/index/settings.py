@@ -43,6 +43,10 @@ class SearchSettings(BaseModel):
     # derived once per node into the cache and memory-mapped: the actor holds only what it reads;
     # ~0.7x the parquet's bytes more on the cache disk) or "table" (decoded into the actor's memory)
     actor_passages: Literal["mapped", "table"] = "mapped"
+    # the same choice for a caller that searches in its own process (mode local): "mapped" lets the
+    # processes of a node (Train workers, Serve replicas) share one page-cached copy instead of each
+    # decoding the passages; "table" (default) keeps small indexes free of the cache files
+    local_passages: Literal["mapped", "table"] = "table"
     # IVF lists probed / HNSW efSearch: None = the version's search_defaults (tuned at build time),
     # else FAISS's own (nprobe 1, efSearch 16); a per-call argument overrides both
     nprobe: int | None = Field(None, ge=1)

@@ -183,3 +183,21 @@ def test_a_shard_server_answers_the_same_from_either_passage_store(tmp_path):
     np.testing.assert_array_equal(a.embeddings, xb[a.row_ids & ((1 << 40) - 1)])  # stored, not PQ's
     for s in servers.values():
         s.backend.close()
+
+
+def test_local_mode_can_map_the_passages_too(tmp_path):
+    """``index.search.local_passages: mapped``: a caller searching in its own process (Train worker,
+    Serve replica) maps the same cache files, and answers as with the decoded table."""
+    from raggen.index.open_search import open_index
+    from raggen.index.settings import SearchSettings
+
+    root, xb = publish(tmp_path, "IVF4,PQ4", store_embeddings=True)
+    table = open_index(root, settings=SearchSettings(mode="local"), cache_dir=tmp_path / "cache")
+    mapped = open_index(
+        root, settings=SearchSettings(mode="local", local_passages="mapped"), cache_dir=tmp_path / "cache"
+    )
+    assert all(s._texts is not None and isinstance(s._emb, np.memmap) for s in mapped._backend.searchers)
+    assert all(s._texts is None for s in table._backend.searchers)
+    a, b = table.search(xb[:5], 4), mapped.search(xb[:5], 4)
+    assert a.ids == b.ids and a.texts == b.texts
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
