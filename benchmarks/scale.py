@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--actor-passages", choices=["mapped", "table"], default="mapped",
                    help="index.search.actor_passages: texts mapped from the cache, or decoded in each actor")  # fmt: skip
+    p.add_argument("--no-table-baseline", dest="table_baseline", action="store_false",
+                   help="skip the same-run baseline group with actor_passages: table")  # fmt: skip
     p.add_argument("--text-words", type=int, default=100,
                    help="words per synthetic passage text (DPR's passages: 100; 0: a tiny 'passage N' text)")  # fmt: skip
     p.add_argument("--no-cluster", action="store_true", help="one local Ray node instead of local-multinode.sh")
@@ -620,6 +622,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"{mb(st.get('VmHWM', 0))}", f"{peak / sum(info['counts']):.0f} B",
                 f"{total:.2f}x its shards' {mb(sb)}; {above:.2f}x above idle", "<= 1.3x", total <= 1.3)  # fmt: skip
         ray.kill(idle)
+        if args.table_baseline and args.actor_passages == "mapped":
+            m["table_baseline"] = table_baseline(ray, actor_index, actor_settings, root, s3, work, xq[:L], k_lat,
+                                                 file_bytes, worst)  # fmt: skip
+            actor_index = None  # closed there: the baseline group needs the same CPUs
+            tb = m["table_baseline"]
+            row("memory", "same shards in a new group with actor_passages: table (decoded, as before): peak RSS",
+                f"{mb(min(tb['peaks']))}-{mb(max(tb['peaks']))}", "",
+                f"{tb['worst_ratio']:.2f}x its shards' bytes; mapped / table {worst / tb['worst_ratio']:.2f}x",
+                "same run")  # fmt: skip
         row("memory", "driver peak RSS: data / build / publish", " / ".join(mb(m[f"driver_{s}_peak"]) for s in ("data", "build", "publish")),
             "", f"holds the vectors: {mb(xb.nbytes + xq.nbytes)}")  # fmt: skip
         local_after = proc_status()
@@ -661,6 +672,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows,
                                               "projection": proj, "raw": m}, indent=2, default=float))  # fmt: skip
+
+
+def table_baseline(ray, actor_index, settings, root, s3, work, xq, k, file_bytes, mapped_worst) -> dict:
+    """Close the mapped group, start the same shards with ``actor_passages: table``, serve the same
+    single queries, and return each actor's peak RSS (the same-run baseline of the passage store)."""
+    from raggen.index.open_search import open_index
+
+    actor_index.close()
+    index = open_index(root, settings=settings.model_copy(update={"actor_passages": "table"}), s3_options=s3,
+                       cache_dir=work / "cache-actors", load_embeddings=False)  # fmt: skip
+    try:
+        for q in xq:
+            index.search(q[None], k, embeddings=False)
+        group = index.actor_group
+        peaks, ratios = [], []
+        for h, info in zip(group.handles, group.info()):
+            peak = ray.get(h.__ray_call__.remote(_actor_status))["VmHWM"]
+            peaks.append(peak)
+            ratios.append(peak / sum(file_bytes[s] for s in info["shards"]))
+    finally:
+        index.close()
+    return {"peaks": peaks, "worst_ratio": max(ratios), "mapped_worst_ratio": mapped_worst}
 
 
 def projection(m: dict, n: int, args) -> list[list[str]]:
