@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 class LoadedShard:
     """One verified shard: its FAISS index, opened once (memory-mapped from the store's folder or
     the local cache where the type allows, see ``shard.open_index_file``), and its passage table
-    (read with a memory map; without the ``embedding`` column unless it was asked for)."""
+    (its columns decoded into this process, without the ``embedding`` column unless it was asked
+    for; with ``passage_store="mapped"`` only ``row_id``, the rest in ``texts`` / ``vectors``)."""
 
     entry: ShardEntry
     passages: pa.Table
@@ -334,7 +335,8 @@ def load_version(
     version is served from the local cache (``cache_dir``) when the cached file's sha256 matches.
 
     Memory: each FAISS index is opened once, memory-mapped from its verified file (the store's
-    folder or the cache), and each parquet file is read with a memory map. ``load_embeddings``:
+    folder or the cache), and each parquet file is read through a memory map (the columns read are
+    decoded into this process; see ``passage_store`` for keeping them out). ``load_embeddings``:
     True reads the stored ``embedding`` column, False never does (serving), "auto" only when the
     index cannot give the exact vectors back (PQ/SQ codes). ``shards``: only these shard numbers
     (a shard actor's share). ``keep_cached_versions``: after an S3 load, cached versions of the
