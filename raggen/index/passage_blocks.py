@@ -176,8 +176,7 @@ class PassageBlocks:
             index[m + 1 : 2 * m + 2],
             index[2 * m + 2 :],
         )
-        self._codec = pa.Codec(CODEC)
-        self._lock = threading.Lock()  # pa.Codec's context is not documented as thread-safe
+        self._local = threading.local()  # one pa.Codec per thread (not documented as thread-safe)
 
     def __len__(self) -> int:
         return self.rows
@@ -185,8 +184,10 @@ class PassageBlocks:
     def _block(self, b: int) -> tuple[bytes, list[list[int]]]:
         """Block ``b`` decompressed, and per field its rows' absolute (start, end) offsets in it."""
         start, end = int(self._block_starts[b]), int(self._block_starts[b + 1])
-        with self._lock:
-            raw = self._codec.decompress(pa.py_buffer(self._map[start:end]), int(self._raw_sizes[b]), asbytes=True)
+        codec = getattr(self._local, "codec", None)
+        if codec is None:
+            codec = self._local.codec = pa.Codec(CODEC)
+        raw = codec.decompress(pa.py_buffer(self._map[start:end]), int(self._raw_sizes[b]), asbytes=True)
         r = int(np.frombuffer(raw, dtype=np.uint32, count=1)[0])
         offsets = np.frombuffer(raw, dtype=np.uint32, count=3 * (r + 1), offset=4).reshape(3, r + 1).astype(np.int64)
         base = 4 + 12 * (r + 1)

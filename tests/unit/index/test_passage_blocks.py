@@ -201,3 +201,21 @@ def test_local_mode_can_map_the_passages_too(tmp_path):
     a, b = table.search(xb[:5], 4), mapped.search(xb[:5], 4)
     assert a.ids == b.ids and a.texts == b.texts
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
+
+
+def test_blocks_are_read_from_many_threads_at_once(tmp_path):
+    """A shard actor serves several requests at once (``actor_max_concurrency``): concurrent takes
+    give the same rows as one thread does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    table = odd_table(3000)
+    path = tmp_path / "p.parquet"
+    pq.write_table(table, path)
+    sha = sha256_file(path)
+    blocks = open_blocks(path, sha, 3000, tmp_path / "cache")
+    draws = [np.random.default_rng(s).integers(0, 3000, 400) for s in range(16)]
+    want = [blocks.take(pos) for pos in draws]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(blocks.take, draws))
+    assert got == want
+    assert got[3][2] == table.column("text").take(draws[3]).to_pylist()
