@@ -20,7 +20,6 @@ offsets (uint32[r+1] each, relative to that field's bytes), then the id, title a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -33,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raggen.errors import IndexIntegrityError
-from raggen.storage import AtomicFile
+from raggen.storage import AtomicFile, HashingWriter, iter_file_chunks, sha256_chunks
 
 MAGIC = b"RGPBLK01"
 FIELDS = ("id", "title", "text")
@@ -42,7 +41,6 @@ FIELDS = ("id", "title", "text")
 ROWS_PER_BLOCK = 16
 CODEC = "zstd"
 _TRAILER = struct.Struct("<QQ8s")
-_HASH_CHUNK = 8 << 20
 
 
 def _string_parts(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -67,18 +65,6 @@ def _block_payload(fields: list[tuple[np.ndarray, np.ndarray]], start: int, end:
     return b"".join(h.tobytes() for h in heads) + b"".join(b.tobytes() for b in bodies)
 
 
-class _HashingWriter:
-    """Writes through to ``f`` and hashes what it writes (the footer's check of the whole file)."""
-
-    def __init__(self, file):
-        self.f, self.sha, self.pos = file, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> None:
-        self.f.write(data)
-        self.sha.update(data)
-        self.pos += len(data)
-
-
 def write_passage_blocks(
     parquet_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -95,7 +81,7 @@ def write_passage_blocks(
     codec = pa.Codec(CODEC)
     row_starts, block_starts, raw_sizes = [0], [len(MAGIC)], []
     with pq.ParquetFile(parquet_path, memory_map=False) as pf, AtomicFile(out_path, "wb", compress=False) as f:
-        out = _HashingWriter(f)
+        out = HashingWriter(f)
         out.write(MAGIC)
         batches = pf.iter_batches(batch_size=max(rows_per_block, batch_rows), columns=list(FIELDS), use_threads=False)
         for batch in batches:
@@ -137,16 +123,9 @@ def _read_footer(path: Path) -> tuple[int, dict]:
             raise ValueError("not a passage blocks file")
         f.seek(size - _TRAILER.size - meta_len)
         meta = json.loads(f.read(meta_len))
-        meta_start = size - _TRAILER.size - meta_len
-        f.seek(0)
-        sha, left = hashlib.sha256(), meta_start
-        while left > 0:  # read(), not a map: hashing adds nothing to this process's RSS
-            chunk = f.read(min(_HASH_CHUNK, left))
-            if not chunk:
-                break
-            sha.update(chunk)
-            left -= len(chunk)
-    if sha.hexdigest() != meta.get("sha256"):
+        f.seek(0)  # read(), not a map: hashing adds nothing to this process's RSS
+        digest = sha256_chunks(iter_file_chunks(f, limit=size - _TRAILER.size - meta_len))
+    if digest != meta.get("sha256"):
         raise ValueError("sha256 mismatch")
     return index_pos, meta
 
@@ -168,7 +147,7 @@ class PassageBlocks:
                 f"{meta.get('rows')} rows; expected {source_sha256[:16]}..., {rows} rows)"
             )
         m = int(meta["blocks"])
-        self.rows, self.rows_per_block = rows, int(meta["rows_per_block"])
+        self.rows = rows
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         index = np.frombuffer(self._map, dtype="<u8", count=3 * m + 2, offset=index_pos)
         self._row_starts, self._block_starts, self._raw_sizes = (

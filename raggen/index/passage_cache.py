@@ -49,29 +49,27 @@ def _derive(kind: str, parquet_path: Path, out_path: Path, source_sha256: str) -
         raise RaggenError(f"{parquet_path}: could not make {out_path.name} in {out_path.parent} ({last})")
 
 
-def open_blocks(parquet_path: Path, source_sha256: str, rows: int, folder: Path) -> PassageBlocks:
-    """The texts of a verified parquet as blocks in ``folder`` (made first if missing or stale)."""
-    path = folder / f"{parquet_path.name}.{source_sha256[:16]}.blocks"
+def _open_derived(kind: str, suffix: str, opener, parquet_path: Path, source_sha256: str, rows: int, folder: Path):
+    """``opener`` on the ``kind`` file of a verified parquet in ``folder``, made there first (in a
+    child process) when it is missing or does not verify (stale or damaged: replaced atomically)."""
+    path = folder / f"{parquet_path.name}.{source_sha256[:16]}{suffix}"
     if path.exists():
         try:
-            return PassageBlocks(path, source_sha256=source_sha256, rows=rows)
+            return opener(path, source_sha256=source_sha256, rows=rows)
         except IndexIntegrityError:
-            pass  # stale or damaged: made again, replaced atomically
-    _derive("blocks", parquet_path, path, source_sha256)
-    return PassageBlocks(path, source_sha256=source_sha256, rows=rows)
+            pass
+    _derive(kind, parquet_path, path, source_sha256)
+    return opener(path, source_sha256=source_sha256, rows=rows)
+
+
+def open_blocks(parquet_path: Path, source_sha256: str, rows: int, folder: Path) -> PassageBlocks:
+    """The texts of a verified parquet as blocks in ``folder``."""
+    return _open_derived("blocks", ".blocks", PassageBlocks, parquet_path, source_sha256, rows, folder)
 
 
 def open_vectors(parquet_path: Path, source_sha256: str, rows: int, folder: Path) -> np.ndarray:
-    """The stored embeddings of a verified parquet, mapped from ``folder`` (made first if missing or
-    stale)."""
-    path = folder / f"{parquet_path.name}.{source_sha256[:16]}.vectors.npy"
-    if path.exists():
-        try:
-            return map_passage_vectors(path, source_sha256=source_sha256, rows=rows)
-        except IndexIntegrityError:
-            pass
-    _derive("vectors", parquet_path, path, source_sha256)
-    return map_passage_vectors(path, source_sha256=source_sha256, rows=rows)
+    """The stored embeddings of a verified parquet, memory-mapped from ``folder``."""
+    return _open_derived("vectors", ".vectors.npy", map_passage_vectors, parquet_path, source_sha256, rows, folder)
 
 
 def main(argv: list[str]) -> None:

@@ -10,7 +10,6 @@ sidecar JSON: the parquet's sha256 it was made from, its shape, and its own sha2
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 
 from raggen.errors import IndexIntegrityError
 from raggen.index.passage_table import embeddings_of
-from raggen.storage import AtomicFile, atomic_write_bytes, sha256_file
+from raggen.storage import AtomicFile, HashingWriter, atomic_write_bytes, sha256_file
 
 
 def _sidecar(path: Path) -> Path:
@@ -39,21 +38,17 @@ def write_passage_vectors(
         if not dim or dim < 1:
             raise IndexIntegrityError(f"{parquet_path}: column embedding is not a fixed-size list")
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False, "shape": (n, dim)}
-        sha = hashlib.sha256()
         with AtomicFile(out_path, "wb", compress=False) as f:
-            head = _npy_header(header)
-            f.write(head)
-            sha.update(head)
+            out = HashingWriter(f)
+            out.write(_npy_header(header))
             written = 0
             for batch in pf.iter_batches(batch_size=batch_rows, columns=["embedding"], use_threads=False):
                 rows = embeddings_of(batch)
-                data = np.ascontiguousarray(rows, dtype="<f4").tobytes()
-                f.write(data)
-                sha.update(data)
+                out.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
                 written += len(rows)
             if written != n:
                 raise IndexIntegrityError(f"{parquet_path}: read {written} embeddings of {n} rows")
-    meta = {"source_sha256": source_sha256, "shape": [n, dim], "sha256": sha.hexdigest()}
+    meta = {"source_sha256": source_sha256, "shape": [n, dim], "sha256": out.sha.hexdigest()}
     atomic_write_bytes(_sidecar(out_path), json.dumps(meta, sort_keys=True).encode())
     return n, dim
 

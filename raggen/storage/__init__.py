@@ -38,7 +38,13 @@ from raggen.storage.atomic import (  # noqa: F401
 )
 from raggen.storage.common import CHUNK, LOCK_NAME, ChecksumMismatch, PreconditionFailed, StoreBusy  # noqa: F401
 from raggen.storage.folders import check_claimable, claim_folder, owns_folder, release_folder  # noqa: F401
-from raggen.storage.hashing import iter_file_chunks, sha256_bytes, sha256_chunks, sha256_file  # noqa: F401
+from raggen.storage.hashing import (  # noqa: F401
+    HashingWriter,
+    iter_file_chunks,
+    sha256_bytes,
+    sha256_chunks,
+    sha256_file,
+)
 from raggen.storage.locks import FileLock  # noqa: F401
 from raggen.storage.names import check_relative_name, is_s3_uri, join_uri, split_s3_uri  # noqa: F401
 from raggen.storage.s3 import S3Options, pyarrow_s3_filesystem, s3_client  # noqa: F401

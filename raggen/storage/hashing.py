@@ -24,8 +24,27 @@ def sha256_chunks(chunks: Iterable[bytes]) -> str:
     return digest.hexdigest()
 
 
-def iter_file_chunks(f: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
-    yield from iter(lambda: f.read(size), b"")
+def iter_file_chunks(f: IO[bytes], size: int = CHUNK, limit: int | None = None) -> Iterator[bytes]:
+    """``f``'s bytes from its position in chunks of ``size``; only the first ``limit`` when given."""
+    if limit is None:
+        yield from iter(lambda: f.read(size), b"")
+        return
+    while limit > 0 and (chunk := f.read(min(size, limit))):
+        limit -= len(chunk)
+        yield chunk
+
+
+class HashingWriter:
+    """Writes through to a binary file and hashes what it writes (a file checked by its own sha256
+    without reading it back); ``pos`` counts the bytes written."""
+
+    def __init__(self, file: IO[bytes]):
+        self.file, self.sha, self.pos = file, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.pos += len(data)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

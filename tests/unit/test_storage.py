@@ -117,3 +117,24 @@ def test_s3_options_from_kwargs_and_environment(monkeypatch):
     assert client.meta.config.retries["total_max_attempts"] == 3
     fs = storage.pyarrow_s3_filesystem({"endpoint_url": "http://127.0.0.1:1234", "region_name": "us-west-2"})
     assert fs.region == "us-west-2"
+
+
+def test_file_chunks_stop_at_the_limit_and_the_hashing_writer_hashes_what_it_wrote(tmp_path):
+    import hashlib
+    import io
+
+    from raggen.storage import HashingWriter, iter_file_chunks
+
+    data = bytes(range(256)) * 40  # 10240 bytes
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        assert b"".join(iter_file_chunks(f, size=1000, limit=2500)) == data[:2500]
+        assert b"".join(iter_file_chunks(f, size=1000)) == data[2500:]  # the rest, from where it stopped
+    with open(path, "rb") as f:
+        assert b"".join(iter_file_chunks(f, size=1000, limit=10**6)) == data  # a limit past the end
+    buf = io.BytesIO()
+    out = HashingWriter(buf)
+    out.write(data[:100])
+    out.write(data[100:])
+    assert buf.getvalue() == data and out.pos == len(data) and out.sha.hexdigest() == hashlib.sha256(data).hexdigest()
