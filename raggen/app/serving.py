@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -128,12 +127,17 @@ def swap_index_from_config(
 
 
 def serve_from_config(cfg: Any, blocking: bool = True) -> str:
-    """``raggen serve CONFIG``: start Ray locally if no cluster, deploy, print the URL, block until ^C."""
-    from raggen.ray_utils import ensure_ray
+    """``raggen serve CONFIG``: start Ray locally if no cluster, deploy, print the URL, block until ^C.
+    ``blocking=False`` (``--detach``) returns after deploying, so the app needs a cluster that outlives
+    this process: the running one (or the caller's Ray, as the dry run's), never one started here."""
+    from raggen.ray_utils import ensure_ray, join_running_cluster
 
     s = cfg.serve
     check_serve_exposure(cfg)  # before anything starts
-    ensure_ray()
+    if blocking:
+        ensure_ray()
+    else:
+        join_running_cluster("serve --detach")
     deploy_config(_deploy_config_of(cfg))
     wait_until_running(APP_NAME)
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
@@ -194,23 +198,16 @@ def swap_running_index(cfg: Any, version: str | None = None, *, timeout_s: float
     :func:`serve_from_config` deployed from ``cfg``) to ``version`` of ``serve.index``, or (None)
     unpin it: serve the version LATEST names, following it when ``serve.watch_latest``.
 
-    Connects to the Ray cluster that runs it (``RAY_ADDRESS``, else the local one), redeploys with
+    Connects to the Ray cluster that runs it (``RAY_ADDRESS``, else the one ``ray start`` left on this
+    machine: :func:`raggen.ray_utils.join_running_cluster`), redeploys with
     only the Retriever's ``user_config`` changed and returns the service's ``/v1/index`` once it
     reports the version or a refusal of it: (the version asked for, that info); the service refused
     it (and keeps serving the old one) when ``info["version"]`` differs."""
-    import ray
-
     from raggen.index import read_latest
+    from raggen.ray_utils import join_running_cluster
 
     s = cfg.serve
-    if not ray.is_initialized():
-        try:
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
-        except ConnectionError:
-            raise RaggenError(
-                "serve swap: no running Ray cluster found (start the service with `raggen serve CONFIG "
-                "--detach`, or set RAY_ADDRESS to its cluster)"
-            ) from None
+    join_running_cluster("serve swap")
     status = settled_status(lambda: _app_status(APP_NAME), timeout_s=timeout_s)
     if status != "RUNNING":
         raise RaggenError(f"serve swap: no running raggen service on this Ray cluster (app {APP_NAME!r}: {status})")

@@ -184,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default: next to a single run's metrics, else ./report.png)")
     p.add_argument("--smooth", type=float, default=0.9, help="EMA weight in [0, 1) of the smoothed curves (0: raw)")
     p = add("serve", cmd_serve, "deploy the Serve graph (starts Ray locally if no cluster)")
-    p.add_argument("--detach", action="store_true", help="return after deploying instead of blocking")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="return after deploying, leaving the service on the running Ray cluster (RAY_ADDRESS or `ray start --head`)",
+    )
     p = add(
         "serve-swap",
         cmd_serve_swap,

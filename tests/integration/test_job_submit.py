@@ -43,6 +43,7 @@ EXCLUDES = [".venv", ".git", "artifacts", "runs", "**/__pycache__", "*.egg-info"
 @dataclass
 class Cluster:
     address: str  # the dashboard / job API: http://127.0.0.1:PORT
+    gcs_address: str  # what ray.init / RAY_ADDRESS take: 127.0.0.1:PORT
     env: dict[str, str]
     root: Path
     log: Path
@@ -153,7 +154,7 @@ def cluster(no_shared_ray):
     ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    c = Cluster(address=f"http://127.0.0.1:{dash}", env=env, root=root, log=log)
+    c = Cluster(address=f"http://127.0.0.1:{dash}", gcs_address=f"127.0.0.1:{gcs}", env=env, root=root, log=log)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -304,3 +305,44 @@ def test_train_job_with_the_quickstart_config_and_its_relative_reader_path(clust
     exported = Path(fetch_model_dir(str(final / "query_encoder")))  # through final/LATEST, verified
     assert (exported / "config.json").is_file(), "the trained retriever was exported"
     assert "Repo id must be in the form" not in proc.stdout + proc.stderr
+
+
+def test_serve_detach_leaves_a_service_on_the_cluster_that_answers_after_the_command_exits(cluster):
+    """The documents quickstart on a running cluster: `raggen serve CONFIG --detach` deploys and
+    returns; the service then answers `raggen ask` from another process, and `raggen serve swap`
+    (another process again) finds it there. Serve is shut down at the end."""
+    import pandas as pd
+
+    from raggen.models import TextEncoder
+    from tests.helpers import publish_encoded_index
+
+    index, port = cluster.root / "docs-index", _free_ports(1)[0]
+    passages = pd.DataFrame({
+        "id": ["tea.md#0", "kettle.md#0", "ferry.txt#0"],
+        "title": ["Brewing tea", "The Brass Kettle Cafe", "ferry"],
+        "text": ["Green tea is best brewed with water at about 75 to 80 degrees Celsius.",
+                 "The Brass Kettle cafe on Harbour Street was opened in 1987 by Agnes Pell.",
+                 "The ferry to Skarra takes fifty minutes and runs four times a day in summer."],
+    })  # fmt: skip
+    minilm = "sentence-transformers/all-MiniLM-L6-v2"
+    encoder = TextEncoder.from_pretrained(minilm, pooling="mean", max_length=64)  # as configs/documents.yaml
+    publish_encoded_index(passages, str(index), encoder, minilm, cluster.root / "docs-work", num_shards=1)
+    env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
+    sets = [f"serve.index={index}", f"serve.port={port}", "serve.watch_latest=false", "serve.replica_num_cpus=0.2"]
+    overrides = [arg for item in sets for arg in ("--set", item)]
+    raggen = str(BIN / "raggen")
+    try:
+        served = subprocess.run([raggen, "serve", "configs/documents.yaml", "--detach", *overrides], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert served.returncode == 0, served.stderr[-3000:]
+        asked = subprocess.run([raggen, "ask", "Who opened the Brass Kettle cafe?", "--url", f"http://127.0.0.1:{port}"],
+                               env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert asked.returncode == 0, asked.stderr[-3000:]
+        answer = json.loads(asked.stdout)
+        assert answer["passages"][0]["id"] == "kettle.md#0" and answer["index_version"] == "v1", answer
+        swapped = subprocess.run([raggen, "serve", "swap", "configs/documents.yaml", "--latest", *overrides],
+                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert swapped.returncode == 0 and "v1" in swapped.stdout, swapped.stderr[-3000:]
+    finally:
+        subprocess.run([sys.executable, "-c", "import ray; from ray import serve; ray.init(); serve.shutdown()"],
+                       env=env, capture_output=True, timeout=120)  # fmt: skip
