@@ -65,6 +65,17 @@ def _deploy_config_of(cfg: Any) -> dict[str, Any]:
     )
 
 
+def check_served_models(args: dict[str, Any]) -> None:
+    """The models the replicas will load, checked where the user typed them (see
+    :func:`raggen.models.loading.check_model_reference`)."""
+    from raggen.models.loading import check_model_reference
+
+    check_model_reference("model.query_encoder.name_or_path", args["query_encoder"]["name_or_path"])
+    check_model_reference("model.generator", args["generator"])
+    if args["reranker"]:
+        check_model_reference("model.reranker", args["reranker"])
+
+
 def check_serve_exposure(cfg: Any) -> None:
     """``raggen serve``'s early check: a non-loopback ``serve.host`` needs the token in this
     environment (what a local Ray's replicas inherit) or ``serve.allow_unauthenticated: true``.
@@ -134,6 +145,7 @@ def serve_from_config(cfg: Any, blocking: bool = True) -> str:
 
     s = cfg.serve
     check_serve_exposure(cfg)  # before anything starts
+    check_served_models(app_args_from_config(cfg))
     if blocking:
         ensure_ray()
     else:

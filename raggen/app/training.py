@@ -143,11 +143,28 @@ def refresh_spec(cfg: RaggenConfig, passage_encoder: PassageEncoderSpec) -> Refr
     )
 
 
+def check_trained_models(cfg: RaggenConfig) -> None:
+    """The models the Train workers will load, checked where the user typed them (see
+    :func:`raggen.models.loading.check_model_reference`)."""
+    from raggen.models.loading import check_model_reference
+
+    m = cfg.model
+    fields = {"model.query_encoder.name_or_path": m.query_encoder.name_or_path, "model.generator": m.generator,
+              "model.posterior_encoder.name_or_path": m.posterior_encoder and m.posterior_encoder.name_or_path,
+              "model.reranker": m.reranker}  # fmt: skip
+    if cfg.train.train_passage_encoder:
+        fields["index.encoder.name_or_path"] = cfg.index.encoder.name_or_path
+    for field, value in fields.items():
+        if value:
+            check_model_reference(field, value)
+
+
 def run_training(cfg: RaggenConfig, inject_failure: FailureInjection | None = None) -> dict[str, Any]:
     """Train as the config says (starting Ray if needed); returns a JSON-able summary."""
     from raggen.ray_utils import ensure_ray
     from raggen.train.heldout import check_dev_file
 
+    check_trained_models(cfg)
     t = cfg.train
     s3 = s3_options(t.s3)
     metrics_path = local_metrics_path(t.storage_path, t.name)

