@@ -7,11 +7,18 @@ from raggen.train.evaluate import evaluate_rag, local_checkpoint, progress_bar, 
 
 
 def evaluate_from_config(
-    cfg, checkpoint: str | None = None, split: str = "test", *, limit: int | None = None, out: str | None = None
+    cfg,
+    checkpoint: str | None = None,
+    split: str = "test",
+    *,
+    qa: str | None = None,
+    limit: int | None = None,
+    out: str | None = None,
 ) -> dict[str, float]:
     """``raggen eval``: models from a checkpoint folder (e.g. ``runs/NAME/final``) or the config,
-    the config's index, ``limit`` (default ``train.eval_examples``) examples of the split; ``out``
-    (a path or s3:// URI) gets one JSON line per question (``raggen.train.retrieve.write_jsonl``)."""
+    the config's index, ``limit`` (default ``train.eval_examples``) examples of the split, or of the
+    QA file ``qa`` instead (the user's own questions: DPR ``.qa.csv`` or JSONL, a path or s3://);
+    ``out`` (a path or s3:// URI) gets one JSON line per question (``raggen.train.retrieve.write_jsonl``)."""
     from raggen.index import open_index
     from raggen.models.build import build_models
     from raggen.train.checkpointing import read_checkpoint
@@ -32,13 +39,14 @@ def evaluate_from_config(
         split,
         dev_file=t.dev_file,
         world_dir=cfg.world.out_dir,
+        qa_file=qa,
         limit=limit or t.eval_examples,
         s3_options=s3_options(t.s3),
     )
     records: list | None = [] if out else None
     gumbel = t.estimator == "gumbel-rerank"
     decoding = "rag-token" if t.estimator == "rag-token" else "rag-sequence-fast"
-    with progress_bar(len(examples), f"eval {split}") as bar:
+    with progress_bar(len(examples), f"eval {qa or split}") as bar:
         scores = evaluate_rag(
             examples,
             query_encoder=models["query_encoder"],
@@ -56,4 +64,10 @@ def evaluate_from_config(
         from raggen.train.retrieve import write_jsonl
 
         write_jsonl(out, records, s3_options(t.s3))
-    return {"split": split, "checkpoint": checkpoint, "index_version": index.version, **scores}
+    return {
+        "split": None if qa else split,
+        "qa": qa,
+        "checkpoint": checkpoint,
+        "index_version": index.version,
+        **scores,
+    }

@@ -157,7 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("train", cmd_train, "train end to end with Ray Train")
     p = add("eval", cmd_eval, "EM/F1 and retrieval recall of a checkpoint")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--split", default="test", choices=["dev", "test", "changed"])
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--split",
+        default=None,
+        choices=["dev", "test", "changed"],
+        help="train.dev_file or the world's (default: test)",
+    )
+    which.add_argument("--qa", default=None, help="these questions instead: DPR .qa.csv or QA JSONL (path or s3://)")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N questions (default: train.eval_examples)")
     p.add_argument(
         "--out",

@@ -22,7 +22,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(
         json.dumps(
             evaluate_from_config(
-                config_from_args(args), checkpoint=args.checkpoint, split=args.split, limit=args.limit, out=args.out
+                config_from_args(args),
+                checkpoint=args.checkpoint,
+                split=args.split or "test",
+                qa=args.qa,
+                limit=args.limit,
+                out=args.out,
             ),
             indent=2,
         )

@@ -180,24 +180,39 @@ def evaluate_rag(
     return out
 
 
-def split_examples(split: str, *, dev_file: str, world_dir: str, limit: int | None = None, s3_options=None) -> list:
+def split_examples(
+    split: str,
+    *,
+    dev_file: str,
+    world_dir: str,
+    qa_file: str | None = None,
+    limit: int | None = None,
+    s3_options=None,
+) -> list:
     """QA examples of a split: ``dev`` is train.dev_file, ``test`` the world's test.jsonl, and
-    ``changed`` the world's v2-changed facts with their *new* answers (to score after a swap)."""
+    ``changed`` the world's v2-changed facts with their *new* answers (to score after a swap);
+    ``qa_file`` (a QA file of the user's) replaces the split."""
     import os
 
     from raggen.corpus.qa import QAExample, read_qa
     from raggen.errors import ConfigError
+    from raggen.storage import is_s3_uri
 
+    if qa_file is not None:
+        if not is_s3_uri(qa_file) and not os.path.exists(qa_file):
+            raise ConfigError(f"--qa: {qa_file}: no such file")
+        examples = read_qa(qa_file, s3_options=s3_options)
+        return examples[:limit] if limit else examples
     if split == "dev":
         path = dev_file
     elif split in ("test", "changed"):
         path = os.path.join(world_dir, "test.jsonl" if split == "test" else "changed_v2.jsonl")
     else:
         raise ConfigError(f"split: expected dev, test or changed, got {split!r}")
-    from raggen.storage import is_s3_uri
-
     if not is_s3_uri(path) and not os.path.exists(path):
-        raise ConfigError(f"split {split}: {path}: no such file (run `raggen world` first)")
+        raise ConfigError(
+            f"split {split}: {path}: no such file (run `raggen world` first, or pass --qa FILE: your own questions)"
+        )
     if split == "changed":
         from raggen.corpus.world import read_changed_facts
 

@@ -27,8 +27,10 @@ def question_key(question: str) -> str:
     return normalize_answer(question)
 
 
-def seen_in(train: Iterable[Any], heldout: Iterable[Any]) -> list[str]:
-    """Ids of the ``heldout`` examples whose id or normalised question is among ``train``'s."""
+def seen_in(train: Iterable[Any], heldout: Iterable[Any], *, match_ids: bool = True) -> list[str]:
+    """Ids of the ``heldout`` examples whose id or normalised question is among ``train``'s.
+    ``match_ids=False`` compares questions only: for positional ids (a DPR ``.qa.csv`` numbers its
+    rows 0, 1, ...), equal ids across two files say nothing."""
     ids, questions = set(), set()
     for ex in train:
         i, q = _id_and_question(ex)
@@ -37,7 +39,7 @@ def seen_in(train: Iterable[Any], heldout: Iterable[Any]) -> list[str]:
     out = []
     for ex in heldout:
         i, q = _id_and_question(ex)
-        if i in ids or question_key(q) in questions:
+        if (match_ids and i in ids) or question_key(q) in questions:
             out.append(i)
     return out
 
@@ -68,16 +70,40 @@ def split_heldout(examples: Sequence[Any], num_train: int, num_heldout: int) -> 
     return train, heldout
 
 
-def check_dev_file(train_items: Iterable[Any], dev_file: str | None, limit: int | None, s3_options=None) -> list[str]:
+def check_dev_file(
+    train_items: Iterable[Any],
+    dev_file: str | None,
+    limit: int | None,
+    s3_options=None,
+    *,
+    train_file: str | None = None,
+) -> list[str]:
     """Ids of ``train.dev_file``'s questions (its first ``limit``; None: all) that are also training
     questions, logged as a WARNING: the in-run eval leaves them out (public data sets such as NQ
-    repeat a few training questions in dev; the generated world's splits are disjoint by construction)."""
+    repeat a few training questions in dev; the generated world's splits are disjoint by construction).
+    A dev file made only of training questions is a ConfigError: the eval would have nothing to score.
+    Ids are compared only when both files carry their own (JSONL; ``train_file`` names the training
+    file): a ``.qa.csv``'s ids are row numbers."""
     if not dev_file:
         return []
-    from raggen.corpus.qa import read_qa
+    from raggen.corpus.qa import detect_qa_format, read_qa
 
     dev = read_qa(dev_file, s3_options=s3_options)
-    overlap = seen_in(train_items, dev[:limit] if limit else dev)
+    match_ids = detect_qa_format(dev_file) == "jsonl" and (
+        train_file is None or detect_qa_format(train_file) == "jsonl"
+    )
+    scored = dev[:limit] if limit else dev
+    overlap = seen_in(train_items, scored, match_ids=match_ids)
+    if (
+        dev
+        and len(overlap) == len(scored)
+        and (scored is dev or len(seen_in(train_items, dev, match_ids=match_ids)) == len(dev))
+    ):
+        raise ConfigError(
+            f"train.dev_file: {dev_file}: all {len(dev)} of its questions are also training questions "
+            "(train.train_file), so the in-run eval has nothing held out to score; name a dev file of other "
+            "questions, or set train.eval_every: 0"
+        )
     if overlap:
         log.warning(
             "train.dev_file %s: %d of the scored questions are also training questions (%s): they are left "

@@ -56,8 +56,22 @@ def test_a_dev_file_sharing_training_questions_is_reported(tmp_path, caplog):
     items = [{"id": e.id, "question": e.question} for e in world.train]
     assert check_dev_file(items, str(files.dev_jsonl), 8) == []
     with caplog.at_level(logging.WARNING, logger="raggen.train.heldout"):
-        overlap = check_dev_file(items, str(files.train_jsonl), 5)
+        overlap = check_dev_file(items[:-1], str(files.train_jsonl), 5)  # one question of the file is not trained on
     assert len(overlap) == 5 and "also training questions" in caplog.text
+
+
+def test_a_dev_file_of_training_questions_only_is_refused(tmp_path):
+    """train.dev_file = train.train_file (a user's first try): the in-run eval would score nothing,
+    so the driver says so, naming the field, before Ray starts (was: a ValueError in the Train worker
+    at the first eval, after the first steps)."""
+    files = write_world(tmp_path / "world", WorldConfig(num_entities=30, seed=0))
+    world = build_world(WorldConfig(num_entities=30, seed=0))
+    items = [{"id": e.id, "question": e.question} for e in world.train]
+    with pytest.raises(ConfigError, match=r"train.dev_file: .*train.jsonl: all \d+ of its questions .*eval_every: 0"):
+        check_dev_file(items, str(files.train_jsonl), None)
+    with pytest.raises(ConfigError, match=f"all {len(world.train)} of its questions"):
+        check_dev_file(items, str(files.train_jsonl), 5)  # its first 5 are scored, and so is every other
+    assert check_dev_file(items[:-1], str(files.train_jsonl), None) == [e.id for e in world.train[:-1]]
 
 
 def test_the_in_run_eval_leaves_out_dev_questions_that_are_trained_on(tmp_path):
@@ -87,3 +101,21 @@ def test_the_in_run_eval_leaves_out_dev_questions_that_are_trained_on(tmp_path):
     )
     assert [e.id for e in _dev_examples(job.replace(dev_exclude_ids=excluded))] == [e.id for e in dev[:4]]
     assert [e.id for e in _dev_examples(job)][:2] == [train[0].id, train[1].id]
+
+
+def test_dpr_csv_row_numbers_are_not_identities(tmp_path):
+    """A DPR ``.qa.csv`` has no ids (its rows are numbered 0, 1, ...): a train and a dev CSV of
+    different questions share every row number, and must not be taken for the same questions
+    (was: all of dev 'seen', the in-run eval left with nothing). A question in both still is."""
+    from raggen.corpus.qa import read_qa
+    from raggen.train.trainer import qa_items
+
+    train_csv, dev_csv, dev_jsonl = tmp_path / "train.qa.csv", tmp_path / "dev.qa.csv", tmp_path / "dev.jsonl"
+    train_csv.write_text("".join(f"Where is mill {i}?\t['{i}']\n" for i in range(6)))
+    dev_csv.write_text("Who built the bridge?\t['Ann']\nWHERE is mill 4\t['4']\nWhen did it open?\t['1900']\n")
+    items = qa_items(str(train_csv))
+    assert [e.id for e in read_qa(str(dev_csv))] == ["0", "1", "2"]  # the row numbers train also has
+    assert check_dev_file(items, str(dev_csv), None, train_file=str(train_csv)) == ["1"]  # by question only
+    dev_jsonl.write_text('{"id": "3", "question": "Who built the bridge?", "answers": ["Ann"]}\n')
+    assert check_dev_file(items, str(dev_jsonl), None, train_file=str(train_csv)) == []  # train's ids are rows
+    assert seen_in(items, read_qa(str(dev_jsonl))) == ["3"]  # ids compared: what JSONL with real ids gets

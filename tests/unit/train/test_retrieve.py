@@ -226,3 +226,18 @@ def test_s3_questions_outputs_and_checkpoint(world_index, moto, tmp_path, capsys
     )
     rows = read_bytes("s3://raggen-qa/out/preds.jsonl", moto).decode().splitlines()
     assert len(rows) == 4 and scores["checkpoint"] == "s3://raggen-qa/runs/x/final"
+
+
+def test_eval_qa_scores_a_users_question_file(world_index, capsys):
+    """`raggen eval --qa FILE`: the user's own questions instead of a split; the world's test
+    questions as DPR's .qa.csv score as the test split does (same questions, same answers)."""
+    args = ["eval", world_index["config"], *_args(world_index["sets"]), "--limit", "5"]
+    assert main([*args, "--qa", str(world_index["files"].test_csv)]) == 0
+    from_csv = json.loads(capsys.readouterr().out)
+    by_split = _eval(world_index, capsys, "--limit", "5")
+    assert from_csv["qa"] == str(world_index["files"].test_csv) and from_csv["split"] is None
+    shared = {"em", "f1", "recall@1", "recall@5", "num_examples", "index_version", "checkpoint"}
+    assert shared <= set(from_csv) and {k: from_csv[k] for k in shared} == {k: by_split[k] for k in shared}
+    assert "gold_recall@5" in by_split and "gold_recall@5" not in from_csv  # a .qa.csv names no gold passages
+    assert main([*args, "--qa", str(world_index["files"].test_csv) + ".missing"]) == 2
+    assert "--qa: " in capsys.readouterr().err
