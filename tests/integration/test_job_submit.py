@@ -248,10 +248,11 @@ def test_client_without_auth_mode_is_refused(cluster):
     assert "Missing authentication token" in proc.stdout + proc.stderr
 
 
-def test_train_job_with_the_quickstart_config_and_its_relative_reader_path(cluster):
+def test_train_job_with_the_quickstart_config_and_its_relative_reader_path_then_serve_detached(cluster):
     """`jobs/encode.py` and `jobs/train.py configs/quickstart.yaml` as submitted jobs, with size and
     data-path overrides only: the config's relative `model.generator: raggen/assets/reader` must
-    resolve in the job's working dir on the driver (Train workers start elsewhere)."""
+    resolve in the job's working dir on the driver (Train workers start elsewhere). Then the trained
+    models are served with `raggen serve --detach` on the same cluster."""
     world, index, runs = cluster.root / "qs-world", cluster.root / "qs-index", cluster.root / "qs-runs"
     made = subprocess.run(
         [
@@ -300,49 +301,30 @@ def test_train_job_with_the_quickstart_config_and_its_relative_reader_path(clust
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert _status(cluster, sub_id) == "SUCCEEDED"
     final = runs / "quickstart" / "final"
+    from raggen.index import read_latest
     from raggen.models.loading import fetch_model_dir
 
     exported = Path(fetch_model_dir(str(final / "query_encoder")))  # through final/LATEST, verified
     assert (exported / "config.json").is_file(), "the trained retriever was exported"
     assert "Repo id must be in the form" not in proc.stdout + proc.stderr
 
-
-def test_serve_detach_leaves_a_service_on_the_cluster_that_answers_after_the_command_exits(cluster):
-    """The documents quickstart on a running cluster: `raggen serve CONFIG --detach` deploys and
-    returns; the service then answers `raggen ask` from another process, and `raggen serve swap`
-    (another process again) finds it there. Serve is shut down at the end."""
-    import pandas as pd
-
-    from raggen.models import TextEncoder
-    from tests.helpers import publish_encoded_index
-
-    index, port = cluster.root / "docs-index", _free_ports(1)[0]
-    passages = pd.DataFrame({
-        "id": ["tea.md#0", "kettle.md#0", "ferry.txt#0"],
-        "title": ["Brewing tea", "The Brass Kettle Cafe", "ferry"],
-        "text": ["Green tea is best brewed with water at about 75 to 80 degrees Celsius.",
-                 "The Brass Kettle cafe on Harbour Street was opened in 1987 by Agnes Pell.",
-                 "The ferry to Skarra takes fifty minutes and runs four times a day in summer."],
-    })  # fmt: skip
-    minilm = "sentence-transformers/all-MiniLM-L6-v2"
-    encoder = TextEncoder.from_pretrained(minilm, pooling="mean", max_length=64)  # as configs/documents.yaml
-    publish_encoded_index(passages, str(index), encoder, minilm, cluster.root / "docs-work", num_shards=1)
+    # then serve what was trained as a user does: `raggen serve --detach` on the running cluster returns,
+    # and the service answers `raggen ask` from another process after that command has exited
+    port = _free_ports(1)[0]
     env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
-    sets = [f"serve.index={index}", f"serve.port={port}", "serve.watch_latest=false", "serve.replica_num_cpus=0.2"]
-    overrides = [arg for item in sets for arg in ("--set", item)]
+    sets = [f"serve.index={index}", f"serve.model_dir={final}", f"serve.port={port}", "serve.replica_num_cpus=0.2"]
+    serve_args = [arg for item in sets for arg in ("--set", item)]
     raggen = str(BIN / "raggen")
     try:
-        served = subprocess.run([raggen, "serve", "configs/documents.yaml", "--detach", *overrides], cwd=REPO,
+        served = subprocess.run([raggen, "serve", "configs/quickstart.yaml", "--detach", *serve_args], cwd=REPO,
                                 env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
         assert served.returncode == 0, served.stderr[-3000:]
-        asked = subprocess.run([raggen, "ask", "Who opened the Brass Kettle cafe?", "--url", f"http://127.0.0.1:{port}"],
-                               env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        question = json.loads((world / "dev.jsonl").read_text().splitlines()[0])["question"]
+        asked = subprocess.run([raggen, "ask", question, "--url", f"http://127.0.0.1:{port}"], env=env,
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert asked.returncode == 0, asked.stderr[-3000:]
         answer = json.loads(asked.stdout)
-        assert answer["passages"][0]["id"] == "kettle.md#0" and answer["index_version"] == "v1", answer
-        swapped = subprocess.run([raggen, "serve", "swap", "configs/documents.yaml", "--latest", *overrides],
-                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
-        assert swapped.returncode == 0 and "v1" in swapped.stdout, swapped.stderr[-3000:]
+        assert answer["passages"] and answer["index_version"] == read_latest(str(index)), answer
     finally:
         subprocess.run([sys.executable, "-c", "import ray; from ray import serve; ray.init(); serve.shutdown()"],
                        env=env, capture_output=True, timeout=120)  # fmt: skip
