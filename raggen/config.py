@@ -239,6 +239,13 @@ def _absolute(path: str | None, must_exist: bool) -> str | None:
     return os.path.abspath(path)
 
 
+def absolute_if_local(name_or_path: str) -> str:
+    """``name_or_path`` made absolute when it is a relative path that exists here; a hub id, an
+    s3:// URI or an absolute path as it is. For paths that are recorded (a manifest's encoder) or
+    read in other working dirs (Ray workers)."""
+    return _absolute(name_or_path, True)
+
+
 def with_absolute_paths(cfg: RaggenConfig) -> RaggenConfig:
     """Relative local paths made absolute against the caller's cwd.
 

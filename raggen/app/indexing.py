@@ -192,8 +192,11 @@ def resolve_refresh_encoder(encoder: str, cfg, *, role: EncoderRole = "auto", s3
     encoder, or ``role="query"``) ``query_encoder/``; anything else (an id, a model folder) as it is."""
     if role not in ("auto", "passage", "query"):
         raise ConfigError(f"--encoder-role: expected auto, passage or query, got {role!r}")
+    from raggen.config import absolute_if_local
     from raggen.models.exports import resolve_export
 
+    # the manifest records it: a cwd-relative path would not load from another folder (or a Serve replica)
+    encoder = absolute_if_local(encoder)
     # a model export (runs/NAME/final): the export LATEST names now, so the index records that exact export
     encoder = resolve_export(encoder, s3_options, verify=False)
     state = read_checkpoint_state(encoder, s3_options)

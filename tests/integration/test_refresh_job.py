@@ -122,7 +122,7 @@ def test_refresh_on_s3_publishes_a_new_latest_encoded_with_the_checkpoints_passa
         assert np.allclose(xb, want, atol=1e-4) == close, name
 
 
-def test_a_checkpoint_gives_its_passage_encoder_or_a_shared_runs_query_encoder(tmp_path):
+def test_a_checkpoint_gives_its_passage_encoder_or_a_shared_runs_query_encoder(tmp_path, monkeypatch):
     from raggen.app.indexing import resolve_refresh_encoder
     from raggen.config import load_config
     from raggen.models import make_tiny_encoder
@@ -154,6 +154,12 @@ def test_a_checkpoint_gives_its_passage_encoder_or_a_shared_runs_query_encoder(t
         resolve_refresh_encoder(enc, cfg).name_or_path == enc and resolve_refresh_encoder(enc, cfg).checkpoint is None
     )
     assert resolve_refresh_encoder("org/some-encoder", cfg).name_or_path == "org/some-encoder"
+    # a relative path, as typed after `cd`: recorded absolute (the manifest is read from other folders)
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        assert resolve_refresh_encoder("enc", cfg).name_or_path == enc
+        got = resolve_refresh_encoder("a", cfg)
+        assert got.checkpoint == with_passage and got.name_or_path == os.path.join(with_passage, "passage_encoder")
     with pytest.raises(ConfigError, match="not a training checkpoint"):
         resolve_refresh_encoder(enc, cfg, role="passage")
 
