@@ -7,7 +7,8 @@ A document corpus is a file or a folder (local or ``s3://``) of:
 * ``.md`` / ``.markdown`` / ``.txt`` files, one document each: the id is the file's path relative
   to the folder (``guides/setup.md``), the text is the whole file, the title is the first Markdown
   heading of a ``.md`` file (ATX ``# Title`` or setext, outside code fences and front matter), else
-  the file name without its suffix.
+  the file name without its suffix. A ``.md`` file's text loses its front matter, that heading and
+  the other headings' ``#`` marks (:func:`markdown_parts`): word offsets count the words that remain.
 
 Names starting with ``.`` or ``_`` are skipped (``.DS_Store``, ``_SUCCESS``). Any other file is a
 DataError naming it. :func:`prepare_documents` chunks the corpus (``raggen.corpus.chunking``:
@@ -44,7 +45,7 @@ TABLE_SUFFIXES = ((".jsonl.gz", "jsonl"), (".jsonl", "jsonl"), (".json.gz", "jso
 PASSAGE_SUFFIXES = (".tsv", ".tsv.gz")  # passage-only formats: never documents
 DOCUMENT_FORMATS = ("auto", "jsonl", "parquet")
 PREPARED_NAME = "passages.parquet"
-_PREPARE_VERSION = 1  # bump when the chunked output of the same input and settings changes
+_PREPARE_VERSION = 2  # bump when the chunked output of the same input and settings changes
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,21 @@ _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 def markdown_title(text: str) -> str | None:
     """The text of the first Markdown heading (``# Title`` or a setext ``Title`` over ``===``/``---``),
     skipping YAML front matter and fenced code; None when there is none."""
+    return markdown_parts(text)[0]
+
+
+def markdown_parts(text: str) -> tuple[str | None, str]:
+    """(title, body) of a Markdown document: the title as :func:`markdown_title` finds it, and the
+    text passages should hold: without the YAML front matter (metadata, not content), without the
+    title's heading (the passage's title field carries it), other headings with their words but not
+    their ``#`` marks, setext underlines and ``---`` rules dropped. Fenced code stays as it is."""
     lines = text.splitlines()
     start = 0
     if lines and lines[0].strip() == "---":  # front matter: up to the next --- line
         end = next((i for i in range(1, len(lines)) if lines[i].strip() in ("---", "...")), None)
         start = end + 1 if end is not None else 0
+    title: str | None = None
+    body: list[str] = []
     fence = None
     previous = ""
     for line in lines[start:]:
@@ -97,16 +108,28 @@ def markdown_title(text: str) -> str | None:
         if marker:
             fence = None if fence == marker.group(1) else (fence or marker.group(1))
             previous = ""
+            body.append(line)
             continue
         if fence:
+            body.append(line)
             continue
         atx = _ATX.match(line)
         if atx and atx.group(1).strip():
-            return atx.group(1).strip()
-        if _SETEXT.match(line) and previous.strip() and not previous.startswith((" " * 4, "\t")):
-            return previous.strip()
+            if title is None:
+                title = atx.group(1).strip()
+            else:
+                body.append(atx.group(1).strip())
+            previous = ""
+            continue
+        if _SETEXT.match(line):
+            if previous.strip() and not previous.startswith((" " * 4, "\t")) and title is None:
+                title = previous.strip()
+                body.pop()  # the title's own line
+            previous = ""
+            continue  # an underline or a --- rule: markup, no words
+        body.append(line)
         previous = line
-    return None
+    return title, "\n".join(body)
 
 
 # --------------------------------------------------------------------------- reading
@@ -138,7 +161,9 @@ def _read_text_file(path: Path, source: str) -> str:
 def _text_document(path: Path, rel: str, source: str) -> Document:
     text = _read_text_file(path, source)
     name = PurePosixPath(rel).name
-    title = markdown_title(text) if name.lower().endswith(MARKDOWN_SUFFIXES) else None
+    title = None
+    if name.lower().endswith(MARKDOWN_SUFFIXES):
+        title, text = markdown_parts(text)
     stem = name[: -len(PurePosixPath(name).suffix)] if PurePosixPath(name).suffix else name
     return Document(id=rel, title=title or stem, text=text)
 

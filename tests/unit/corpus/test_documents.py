@@ -14,6 +14,7 @@ from raggen.corpus.documents import (
     DocumentSettings,
     is_document_corpus,
     iter_documents,
+    markdown_parts,
     markdown_title,
     prepare_documents,
     write_markdown_documents,
@@ -47,6 +48,11 @@ def check_windows(passages: pd.DataFrame, doc_words: dict[str, list[str]], size:
             assert text.split() == ws[off : off + size]
 
 
+def _body_words(rel: str, text: str) -> list[str]:
+    """The words a document's passages hold: a .md file's without its markup (tested on its own below)."""
+    return (markdown_parts(text)[1] if rel.endswith(".md") else text).split()
+
+
 @pytest.fixture()
 def doc_folder(tmp_path):
     root = tmp_path / "docs"
@@ -67,7 +73,9 @@ def test_folder_of_text_and_markdown_becomes_100_word_passages(doc_folder, tmp_p
     out = prepare_documents(str(root), DocumentSettings(chunk_dir=str(tmp_path / "chunks")), None)
     psg = passages_of(out)
     assert set(psg.doc_id) == set(texts)
-    check_windows(psg, {rel: text.split() for rel, text in texts.items()}, 100, 0)
+    body = {rel: text.split() for rel, text in texts.items()}
+    body["guides/setup.md"] = words("s", 230)  # its heading is the title, not passage words
+    check_windows(psg, body, 100, 0)
     titles = dict(zip(psg.doc_id, psg.title))
     assert titles == {"guides/setup.md": "Setting up", "notes.txt": "notes", "plain.md": "plain"}
     assert psg[psg.doc_id == "guides/setup.md"].id.tolist() == [
@@ -138,6 +146,31 @@ def test_markdown_title(text, title):
     assert markdown_title(text) == title
 
 
+def test_markdown_passages_hold_words_not_markup():
+    """Front matter is metadata and the title heading is the title field: neither is passage text;
+    other headings keep their words without their marks; fenced code is kept verbatim."""
+    doc = (
+        "---\ntitle: Tea notes\ndraft: true\n---\n# Brewing tea\n\nGreen tea wants 80 degrees.\n\n"
+        "## Black tea ##\nBoiling water.\n\nOolong\n------\nIn between.\n\n---\n\n```\n# a shell comment\n```\n"
+    )
+    title, body = markdown_parts(doc)
+    assert title == "Brewing tea"
+    assert body.split() == ("Green tea wants 80 degrees. Black tea Boiling water. Oolong In between. "
+                            "``` # a shell comment ```").split()  # fmt: skip
+    setext_title, setext_body = markdown_parts("Tea\n===\n\nbody words\n")
+    assert (setext_title, setext_body.split()) == ("Tea", ["body", "words"])
+    assert markdown_parts("no heading, # not one\n") == (None, "no heading, # not one")
+
+
+def test_a_markdown_documents_passages_and_their_offsets_skip_its_markup(tmp_path):
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "tea.md").write_text("---\nauthor: x\n---\n# Tea\n\n" + " ".join(words("t", 120)), encoding="utf-8")
+    psg = passages_of(prepare_documents(str(root), DocumentSettings(chunk_dir=str(tmp_path / "chunks"))))
+    assert psg.id.tolist() == ["tea.md#0", "tea.md#100"] and set(psg.title) == {"Tea"}
+    assert psg.text.iloc[0].split() == words("t", 120)[:100]  # offsets count the body's words
+
+
 def test_bad_inputs_are_named(tmp_path):
     dup = tmp_path / "dup.jsonl"
     dup.write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
@@ -193,7 +226,7 @@ def test_config_routes_documents_through_chunking_and_leaves_passages_alone(doc_
         ).index
     )
     assert explicit_format == "parquet" and explicit_uri.startswith(str(tmp_path / "chunks"))
-    check_windows(passages_of(explicit_uri), {r: t.split() for r, t in texts.items()}, 50, 10)
+    check_windows(passages_of(explicit_uri), {r: _body_words(r, t) for r, t in texts.items()}, 50, 10)
     auto_uri, auto_format = corpus_passages(load_config(None, [*base, f"index.passages={root}"]).index)  # .md/.txt
     assert auto_format == "parquet" and len(passages_of(auto_uri)) > len(texts)
     tsv = tmp_path / "psgs_w100.tsv"
@@ -218,7 +251,7 @@ def test_shipped_example_documents_chunk_as_the_config_says(tmp_path):
     assert 5 <= len(files) <= 10 and set(psg.doc_id) == {p.name for p in files}
     check_windows(
         psg,
-        {p.name: p.read_text(encoding="utf-8").split() for p in files},
+        {p.name: _body_words(p.name, p.read_text(encoding="utf-8")) for p in files},
         cfg.index.chunk_words,
         cfg.index.chunk_overlap,
     )
@@ -229,4 +262,4 @@ def test_write_markdown_documents_round_trips_titles(tmp_path):
     table = pd.DataFrame({"id": ["a/1", "b"], "title": ["Alpha", "Beta"], "text": ["one two", "three"]})
     folder = write_markdown_documents(table, tmp_path / "md")
     docs = {d.id: d for d in iter_documents(str(folder))}
-    assert {d.title for d in docs.values()} == {"Alpha", "Beta"} and docs["b.md"].text.split() == ["#", "Beta", "three"]
+    assert {d.title for d in docs.values()} == {"Alpha", "Beta"} and docs["b.md"].text.split() == ["three"]
