@@ -101,12 +101,14 @@ def build_index_from_config(
     corpus (read as ``index.format``, never chunked); ``call``: ``build_index``'s per-call keyword
     arguments (``version``, default ``index.version``; ``work_dir``, ``split_uri``, ``move_latest`` ...)."""
     from raggen.index import build_index
+    from raggen.models.sentence_transformers_setup import warn_on_setup_mismatch
     from raggen.ray_utils import ensure_ray
 
     index = cfg.index
     encoder = encoder if encoder is not None else index.encoder
     call.setdefault("version", index.version)
     _preflight(index, encoder, call["version"], call.get("work_dir"))
+    warn_on_setup_mismatch("index.encoder", encoder, index.s3.storage_options())  # before 21M passages are encoded
     passages = (passages_uri, index.format) if passages_uri is not None else corpus_passages(index)
     ensure_ray(address=address)
     return build_index(

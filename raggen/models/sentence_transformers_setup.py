@@ -1,0 +1,111 @@
+"""What a sentence-transformers checkpoint says about its own vectors: pooling and normalisation.
+
+A sentence-transformers folder (``modules.json``, ``1_Pooling/config.json``, a ``Normalize``
+module) records how it was trained to turn token states into one vector. raggen's encoder settings
+(``pooling``, ``normalize``) default to mean pooling, unnormalised; a BGE-style model (CLS pooling,
+normalised) left at those defaults encodes differently from how it was trained, with no error.
+:func:`setup_mismatch` names the settings a config left at their defaults that the checkpoint
+contradicts, so the index build can warn before encoding 21M passages that way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: sentence-transformers' pooling modes -> raggen's pooling (modes raggen lacks map to None)
+_POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
+_OTHER_MODES = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
+                "pooling_mode_lasttoken")  # fmt: skip
+
+
+def own_setup(read: Callable[[str], bytes | None]) -> dict[str, Any] | None:
+    """{"pooling": "cls" | "mean" | "other: <mode>", "normalize": bool} from a checkpoint's files
+    (``read(relative path)``: the bytes, or None when absent); None without ``modules.json``."""
+    modules_raw = read("modules.json")
+    if modules_raw is None:
+        return None
+    modules = json.loads(modules_raw)
+    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules}
+    setup: dict[str, Any] = {"pooling": None, "normalize": "Normalize" in kinds}
+    if "Pooling" in kinds:
+        raw = read(os.path.join(kinds["Pooling"].get("path", ""), "config.json"))
+        config = json.loads(raw) if raw is not None else {}
+        on = [mode for mode in (*_POOLING_MODES, *_OTHER_MODES) if config.get(mode)]
+        if len(on) == 1:
+            setup["pooling"] = _POOLING_MODES.get(on[0], f"other: {on[0]}")
+    return setup
+
+
+def setup_mismatch(spec: Any, setup: dict[str, Any] | None) -> list[str]:
+    """The settings of ``spec`` (an EncoderSpec) left at raggen's defaults (not set in the config)
+    that contradict the checkpoint's own ``setup``, each as "field: raggen's value, the model's"."""
+    if setup is None:
+        return []
+    unset = {"pooling", "normalize"} - set(spec.model_fields_set)
+    out = []
+    if "pooling" in unset and setup["pooling"] is not None and setup["pooling"] != spec.pooling:
+        out.append(f"pooling: {spec.pooling} (the model pools {setup['pooling']})")
+    if "normalize" in unset and setup["normalize"] != spec.normalize:
+        out.append(
+            f"normalize: {str(spec.normalize).lower()} (the model {'normalises' if setup['normalize'] else 'does not normalise'})"
+        )
+    return out
+
+
+def local_reader(folder: str) -> Callable[[str], bytes | None]:
+    def read(rel: str) -> bytes | None:
+        path = os.path.join(folder, rel)
+        return open(path, "rb").read() if os.path.isfile(path) else None
+
+    return read
+
+
+def warn_on_setup_mismatch(field: str, spec: Any, s3_options=None) -> list[str]:
+    """Log a WARNING naming ``field`` when :func:`setup_mismatch` finds any; returns them. Best effort:
+    a checkpoint whose files cannot be read here (a hub id offline) is not checked."""
+    from raggen.models.loading import resolve_model_path
+    from raggen.storage import is_s3_uri, join_uri, read_bytes
+
+    name = spec.name_or_path
+    try:
+        if is_s3_uri(name):
+
+            def read(rel: str) -> bytes | None:
+                try:
+                    return read_bytes(join_uri(name, rel), s3_options)
+                except FileNotFoundError:
+                    return None
+
+        else:
+            path = resolve_model_path(name)
+            read = local_reader(path) if os.path.isdir(path) else _hub_reader(path)
+        found = setup_mismatch(spec, own_setup(read))
+    except Exception as exc:  # noqa: BLE001 - a warning's check must never fail the build
+        log.debug("%s: no sentence-transformers check of %s (%s)", field, name, exc)
+        return []
+    if found:
+        log.warning(
+            "%s: %s is a sentence-transformers model; this config leaves %s at raggen's default, which "
+            "differs from how the model was trained: %s. Set them in %s (the index records them)",
+            field, name, " and ".join(m.split(":")[0] for m in found), "; ".join(found), field,
+        )  # fmt: skip
+    return found
+
+
+def _hub_reader(repo: str) -> Callable[[str], bytes | None]:
+    def read(rel: str) -> bytes | None:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return open(hf_hub_download(repo, rel), "rb").read()
+        except EntryNotFoundError:
+            return None
+
+    return read
