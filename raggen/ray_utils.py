@@ -34,7 +34,7 @@ def running_cluster_address() -> str | None:
     return get_ray_address_from_environment(None, None)
 
 
-def join_running_cluster(purpose: str) -> None:
+def join_running_cluster(purpose: str, *, log_to_driver: bool = True) -> None:
     """Connect to the running cluster (:func:`running_cluster_address`) and never start one: what
     ``purpose`` leaves on it (a detached Serve app) must outlive this process, and a Ray instance
     this process started would end with it. Idempotent, as :func:`ensure_ray`."""
@@ -51,5 +51,5 @@ def join_running_cluster(purpose: str) -> None:
             "(`ray stop` ends it) or set RAY_ADDRESS to a cluster's address (a Ray instance that raggen "
             "started itself would stop when this command exits)"
         )
-    ray.init(address=address, log_to_driver=True)
+    ray.init(address=address, log_to_driver=log_to_driver)
     log.info("ray: %s", ray.cluster_resources())

@@ -219,7 +219,7 @@ def swap_running_index(cfg: Any, version: str | None = None, *, timeout_s: float
     from raggen.ray_utils import join_running_cluster
 
     s = cfg.serve
-    join_running_cluster("serve swap")
+    join_running_cluster("serve swap", log_to_driver=False)  # stdout: the /v1/index JSON only
     status = settled_status(lambda: _app_status(APP_NAME), timeout_s=timeout_s)
     if status != "RUNNING":
         raise RaggenError(f"serve swap: no running raggen service on this Ray cluster (app {APP_NAME!r}: {status})")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,11 @@ def setup_mismatch(spec: Any, setup: dict[str, Any] | None) -> list[str]:
 
 
 def local_reader(folder: str) -> Callable[[str], bytes | None]:
+    """``read`` for :func:`own_setup` over a local model folder."""
+
     def read(rel: str) -> bytes | None:
-        path = os.path.join(folder, rel)
-        return open(path, "rb").read() if os.path.isfile(path) else None
+        path = Path(folder, rel)
+        return path.read_bytes() if path.is_file() else None
 
     return read
 
@@ -104,7 +107,7 @@ def _hub_reader(repo: str) -> Callable[[str], bytes | None]:
         from huggingface_hub.errors import EntryNotFoundError
 
         try:
-            return open(hf_hub_download(repo, rel), "rb").read()
+            return Path(hf_hub_download(repo, rel)).read_bytes()
         except EntryNotFoundError:
             return None
 
