@@ -196,7 +196,7 @@ def test_documents_on_s3_are_chunked_into_an_s3_chunk_dir(tmp_path, s3_bucket):
     psg = pd.read_parquet(tmp_path / "got" / "passages.parquet")
     assert psg.id.tolist() == ["a.md#0", "a.md#100", "sub/b.txt#0"]
     assert psg.title.tolist() == ["Alpha", "Alpha", "b"]
-    assert psg.text[1].split() == text.split()[98:]  # "#", "Alpha" and w0..w97 precede it
+    assert psg.text[1].split() == text.split()[100:]  # the "# Alpha" heading is the title, not passage words
     assert prepare_documents(f"s3://{bucket}/docs", settings, s3) == out  # reused
 
 
