@@ -45,7 +45,7 @@ TABLE_SUFFIXES = ((".jsonl.gz", "jsonl"), (".jsonl", "jsonl"), (".json.gz", "jso
 PASSAGE_SUFFIXES = (".tsv", ".tsv.gz")  # passage-only formats: never documents
 DOCUMENT_FORMATS = ("auto", "jsonl", "parquet")
 PREPARED_NAME = "passages.parquet"
-_PREPARE_VERSION = 2  # bump when the chunked output of the same input and settings changes
+_PREPARE_VERSION = 3  # bump when the chunked output of the same input and settings changes
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ class Document:
 _ATX = re.compile(r"^ {0,3}#{1,6}[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
 _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
+#: ``[text](target)`` links and ``![alt](src)`` images, inline (no nested brackets): their text is the content
+_LINK = re.compile(r"!?\[([^\[\]]*)\]\([^()\s]*(?:\s+\"[^\"]*\")?\)")
 
 
 def markdown_title(text: str) -> str | None:
@@ -93,7 +95,8 @@ def markdown_parts(text: str) -> tuple[str | None, str]:
     """(title, body) of a Markdown document: the title as :func:`markdown_title` finds it, and the
     text passages should hold: without the YAML front matter (metadata, not content), without the
     title's heading (the passage's title field carries it), other headings with their words but not
-    their ``#`` marks, setext underlines and ``---`` rules dropped. Fenced code stays as it is."""
+    their ``#`` marks, setext underlines and ``---`` rules dropped, links and images as their text
+    (``[Ray](https://ray.io)`` -> ``Ray``). Fenced code stays as it is."""
     lines = text.splitlines()
     start = 0
     if lines and lines[0].strip() == "---":  # front matter: up to the next --- line
@@ -116,9 +119,9 @@ def markdown_parts(text: str) -> tuple[str | None, str]:
         atx = _ATX.match(line)
         if atx and atx.group(1).strip():
             if title is None:
-                title = atx.group(1).strip()
+                title = _LINK.sub(r"\1", atx.group(1)).strip()
             else:
-                body.append(atx.group(1).strip())
+                body.append(_LINK.sub(r"\1", atx.group(1)).strip())
             previous = ""
             continue
         if _SETEXT.match(line):
@@ -127,7 +130,7 @@ def markdown_parts(text: str) -> tuple[str | None, str]:
                 body.pop()  # the title's own line
             previous = ""
             continue  # an underline or a --- rule: markup, no words
-        body.append(line)
+        body.append(_LINK.sub(r"\1", line))
         previous = line
     return title, "\n".join(body)
 

@@ -157,6 +157,11 @@ def test_markdown_passages_hold_words_not_markup():
     assert title == "Brewing tea"
     assert body.split() == ("Green tea wants 80 degrees. Black tea Boiling water. Oolong In between. "
                             "``` # a shell comment ```").split()  # fmt: skip
+    linked = (
+        '# About [Ray](https://ray.io)\n\nSee [the docs](https://docs.ray.io/en/latest "Docs") and ![a logo](l.png).\n'
+    )
+    assert markdown_parts(linked) == ("About Ray", "\nSee the docs and a logo.")  # links and images: their text
+    assert markdown_parts("x\n\n[not a link] (at all)\n")[1] == "x\n\n[not a link] (at all)"
     setext_title, setext_body = markdown_parts("Tea\n===\n\nbody words\n")
     assert (setext_title, setext_body.split()) == ("Tea", ["body", "words"])
     assert markdown_parts("no heading, # not one\n") == (None, "no heading, # not one")
