@@ -172,7 +172,7 @@ def run_training(cfg: RaggenConfig, inject_failure: FailureInjection | None = No
     items = qa_items(t.train_file, s3=s3)  # config and data errors surface before Ray starts
     # held out means held out: dev questions that are also training questions are not scored
     if t.eval_every:  # the dev file is read only by the in-run eval
-        job = job.replace(dev_exclude_ids=tuple(check_dev_file(items, job.dev_file, None, s3, train_file=t.train_file)))
+        job = job.replace(dev_exclude_ids=tuple(check_dev_file(items, job.dev_file, None, s3)))
     config_uri = save_run_config(job.config_yaml, t.storage_path, t.name, s3)
     ensure_ray()
     use_gpu = resolve_use_gpu(t.use_gpu)

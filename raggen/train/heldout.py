@@ -70,28 +70,24 @@ def split_heldout(examples: Sequence[Any], num_train: int, num_heldout: int) -> 
     return train, heldout
 
 
-def check_dev_file(
-    train_items: Iterable[Any],
-    dev_file: str | None,
-    limit: int | None,
-    s3_options=None,
-    *,
-    train_file: str | None = None,
-) -> list[str]:
+def positional_ids(examples: Sequence[Any]) -> bool:
+    """True when the ids are the row numbers ("0", "1", ...): what a DPR ``.qa.csv`` or a JSONL
+    without ids gets (``raggen.corpus.qa``), so they name no question."""
+    return all(_id_and_question(ex)[0] == str(i) for i, ex in enumerate(examples))
+
+
+def check_dev_file(train_items: Sequence[Any], dev_file: str | None, limit: int | None, s3_options=None) -> list[str]:
     """Ids of ``train.dev_file``'s questions (its first ``limit``; None: all) that are also training
     questions, logged as a WARNING: the in-run eval leaves them out (public data sets such as NQ
     repeat a few training questions in dev; the generated world's splits are disjoint by construction).
     A dev file made only of training questions is a ConfigError: the eval would have nothing to score.
-    Ids are compared only when both files carry their own (JSONL; ``train_file`` names the training
-    file): a ``.qa.csv``'s ids are row numbers."""
+    Ids are compared only when both files carry their own, not row numbers (:func:`positional_ids`)."""
     if not dev_file:
         return []
-    from raggen.corpus.qa import detect_qa_format, read_qa
+    from raggen.corpus.qa import read_qa
 
     dev = read_qa(dev_file, s3_options=s3_options)
-    match_ids = detect_qa_format(dev_file) == "jsonl" and (
-        train_file is None or detect_qa_format(train_file) == "jsonl"
-    )
+    match_ids = not positional_ids(dev) and not positional_ids(train_items)
     scored = dev[:limit] if limit else dev
     overlap = seen_in(train_items, scored, match_ids=match_ids)
     if (

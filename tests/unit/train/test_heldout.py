@@ -10,7 +10,7 @@ import pytest
 from raggen.corpus.qa import QAExample
 from raggen.corpus.world import WorldConfig, build_world, write_world
 from raggen.errors import ConfigError
-from raggen.train.heldout import check_dev_file, check_heldout, seen_in, split_heldout
+from raggen.train.heldout import check_dev_file, check_heldout, positional_ids, seen_in, split_heldout
 
 
 def _keys(examples):
@@ -104,7 +104,7 @@ def test_the_in_run_eval_leaves_out_dev_questions_that_are_trained_on(tmp_path):
 
 
 def test_dpr_csv_row_numbers_are_not_identities(tmp_path):
-    """A DPR ``.qa.csv`` has no ids (its rows are numbered 0, 1, ...): a train and a dev CSV of
+    """A DPR ``.qa.csv`` (or a JSONL without ids) numbers its rows 0, 1, ...: a train and a dev CSV of
     different questions share every row number, and must not be taken for the same questions
     (was: all of dev 'seen', the in-run eval left with nothing). A question in both still is."""
     from raggen.corpus.qa import read_qa
@@ -115,7 +115,12 @@ def test_dpr_csv_row_numbers_are_not_identities(tmp_path):
     dev_csv.write_text("Who built the bridge?\t['Ann']\nWHERE is mill 4\t['4']\nWhen did it open?\t['1900']\n")
     items = qa_items(str(train_csv))
     assert [e.id for e in read_qa(str(dev_csv))] == ["0", "1", "2"]  # the row numbers train also has
-    assert check_dev_file(items, str(dev_csv), None, train_file=str(train_csv)) == ["1"]  # by question only
+    assert check_dev_file(items, str(dev_csv), None) == ["1"]  # by question only
     dev_jsonl.write_text('{"id": "3", "question": "Who built the bridge?", "answers": ["Ann"]}\n')
-    assert check_dev_file(items, str(dev_jsonl), None, train_file=str(train_csv)) == []  # train's ids are rows
-    assert seen_in(items, read_qa(str(dev_jsonl))) == ["3"]  # ids compared: what JSONL with real ids gets
+    assert check_dev_file(items, str(dev_jsonl), None) == []  # train's ids are its row numbers
+    assert seen_in(items, read_qa(str(dev_jsonl))) == ["3"]  # ids compared: what files with real ids get
+    no_ids = tmp_path / "no-ids.jsonl"  # a JSONL without ids is numbered by row too
+    no_ids.write_text(
+        '{"question": "Who built the bridge?", "answers": ["Ann"]}\n{"question": "Q2?", "answers": ["x"]}\n'
+    )
+    assert positional_ids(read_qa(str(no_ids))) and check_dev_file(items, str(no_ids), None) == []
