@@ -145,12 +145,13 @@ def serve_from_config(cfg: Any, blocking: bool = True) -> str:
 
     s = cfg.serve
     check_serve_exposure(cfg)  # before anything starts
-    check_served_models(app_args_from_config(cfg))
+    config = _deploy_config_of(cfg)
+    check_served_models(config["applications"][0]["args"])
     if blocking:
         ensure_ray()
     else:
         join_running_cluster("serve --detach")
-    deploy_config(_deploy_config_of(cfg))
+    deploy_config(config)
     wait_until_running(APP_NAME)
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
     print(

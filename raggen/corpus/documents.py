@@ -118,10 +118,11 @@ def markdown_parts(text: str) -> tuple[str | None, str]:
             continue
         atx = _ATX.match(line)
         if atx and atx.group(1).strip():
+            heading = _LINK.sub(r"\1", atx.group(1)).strip()
             if title is None:
-                title = _LINK.sub(r"\1", atx.group(1)).strip()
+                title = heading
             else:
-                body.append(_LINK.sub(r"\1", atx.group(1)).strip())
+                body.append(heading)
             previous = ""
             continue
         if _SETEXT.match(line):

@@ -88,18 +88,14 @@ def check_dev_file(train_items: Sequence[Any], dev_file: str | None, limit: int 
 
     dev = read_qa(dev_file, s3_options=s3_options)
     match_ids = not positional_ids(dev) and not positional_ids(train_items)
-    scored = dev[:limit] if limit else dev
-    overlap = seen_in(train_items, scored, match_ids=match_ids)
-    if (
-        dev
-        and len(overlap) == len(scored)
-        and (scored is dev or len(seen_in(train_items, dev, match_ids=match_ids)) == len(dev))
-    ):
+    seen = seen_in(train_items, dev, match_ids=match_ids)
+    if dev and len(seen) == len(dev):
         raise ConfigError(
             f"train.dev_file: {dev_file}: all {len(dev)} of its questions are also training questions "
             "(train.train_file), so the in-run eval has nothing held out to score; name a dev file of other "
             "questions, or set train.eval_every: 0"
         )
+    overlap = seen_in(train_items, dev[:limit], match_ids=match_ids) if limit else seen
     if overlap:
         log.warning(
             "train.dev_file %s: %d of the scored questions are also training questions (%s): they are left "
