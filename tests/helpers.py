@@ -130,6 +130,8 @@ def publish_encoded_index(
         pooling=encoder.pooling,
         normalize=encoder.normalize,
         passage_format=encoder.passage_format or "joined",
+        query_prefix=encoder.query_prefix or "",
+        passage_prefix=encoder.passage_prefix,
         dim=xb.shape[1],
         metric="ip",
         faiss_factory="Flat",

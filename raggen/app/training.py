@@ -90,7 +90,7 @@ def train_job(cfg: RaggenConfig, metrics_path: str | None = None, use_gpu: bool 
 
 
 def passage_encoder_spec(cfg: RaggenConfig) -> PassageEncoderSpec:
-    """d(z) as the searched index was computed: encoder, pooling and normalisation from the manifest of
+    """d(z) as the searched index was computed: encoder, pooling, normalisation and prompts from the manifest of
     ``train.index`` (so trained d(z) starts equal to the stored vectors even if ``index.encoder`` names
     another model), ``max_length`` from ``index.encoder`` (refreshes encode with that section)."""
     from raggen.index import read_manifest
@@ -113,6 +113,8 @@ def passage_encoder_spec(cfg: RaggenConfig) -> PassageEncoderSpec:
         max_length=spec.max_length,
         normalize=encoder.normalize,
         passage_format=encoder.passage_format,
+        query_prefix=encoder.query_prefix,
+        passage_prefix=encoder.passage_prefix,
         s3=s3_options(cfg.train.s3),
     )
 

@@ -131,7 +131,7 @@ def build_index(
     signature = run_signature(passages_uri, encoder_name_or_path=encoder.name_or_path, passages_format=passages_format,
                               num_shards=settings.num_shards, pooling=encoder.pooling, max_length=encoder.max_length,
                               normalize=encoder.normalize, passage_format=encoder.passage_format,
-                              s3_options=s3_options)  # fmt: skip
+                              passage_prefix=encoder.passage_prefix, s3_options=s3_options)  # fmt: skip
     work, marker, lock = open_work_dir(work_dir, {**signature, "output_uri": output_uri})
     try:
         encoded = encode_passages(
@@ -159,6 +159,7 @@ def build_index(
             version or new_version_name(), encoder_name_or_path=encoder.name_or_path, pooling=encoder.pooling,
             dim=encoded.dim, normalize=encoder.normalize, metric=metric, faiss_factory=factory, shard_files=files,
             passage_format=resolved_passage_format(encoder.name_or_path, encoder.passage_format, s3_options),
+            query_prefix=encoder.query_prefix or "", passage_prefix=encoder.passage_prefix,
             search_defaults=defaults, sparse_files=sparse_files, sparse_params=sparse_params,
         )  # fmt: skip
         publish_version(

@@ -159,7 +159,7 @@ def encode_passages(
     signature = run_signature(passages_uri, encoder_name_or_path=name_or_path, passages_format=passages_format,
                               num_shards=num_shards, pooling=encoder.pooling, max_length=encoder.max_length,
                               normalize=encoder.normalize, passage_format=encoder.passage_format,
-                              s3_options=s3_options)  # fmt: skip
+                              passage_prefix=encoder.passage_prefix, s3_options=s3_options)  # fmt: skip
     info, lock = lock_work_dir(work_dir)
     try:
         check_run_signature(work_dir, signature)
@@ -184,12 +184,14 @@ def encode_passages(
                 tokenizer=load_passage_tokenizer(name_or_path, s3_options),
                 max_length=encoder.max_length,
                 passage_format=resolved_passage_format(name_or_path, encoder.passage_format, s3_options),
+                prefix=encoder.passage_prefix,
             )
             finished.update(
                 _encode_pending(
                     str(passages_uri), work_dir, pending, counts, dim,
                     actor_kwargs=dict(name_or_path=name_or_path, pooling=encoder.pooling, max_length=encoder.max_length,
                                       normalize=encoder.normalize, passage_format=encoder.passage_format,
+                                      passage_prefix=encoder.passage_prefix,
                                       s3_options=s3_options, sub_batch_tokens=sub_batch_tokens,
                                       torch_threads=pool["torch_threads"]),
                     tokenize_kwargs=tokenize_kwargs, batch_size=settings.batch_size, num_actors=pool["num_actors"],

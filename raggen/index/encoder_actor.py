@@ -89,6 +89,7 @@ class PassageEncoderActor:
         s3_options: Mapping[str, Any] | None = None,
         passage_format: str | None = None,
         sub_batch_tokens: int = 16384,
+        passage_prefix: str = "",
     ):
         import torch
 
@@ -107,6 +108,7 @@ class PassageEncoderActor:
             device=device,
             dtype=pick_dtype(device),
             passage_format=passage_format,
+            passage_prefix=passage_prefix,
         ).eval()
         self.max_length, self.sub_batch_tokens = max_length, sub_batch_tokens
 
@@ -117,6 +119,7 @@ class PassageEncoderActor:
                 tokenizer=self.encoder.tokenizer,
                 passage_format=self.encoder.passage_format,
                 max_length=self.max_length,
+                prefix=self.encoder.passage_prefix,
             )
         tokens = {name: np.asarray(batch[name]) for name in TOKEN_COLUMNS if name in batch}
         num_tokens = np.asarray(batch[NUM_TOKENS])

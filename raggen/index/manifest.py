@@ -89,6 +89,10 @@ class EncoderInfo(BaseModel):
     normalize: bool = False  # L2-normalised vectors; the query encoder must match (absent in older manifests)
     # how passages were tokenised: "pair" (title, text) as DPR, or "joined" "title . text" (older manifests: joined)
     passage_format: str = "joined"
+    # the model's prompts: before every passage it encoded, and before every question searching it
+    # (callers whose query encoder sets no query_prefix use this one); older manifests: none
+    query_prefix: str = ""
+    passage_prefix: str = ""
 
 
 class ShardEntry(BaseModel):
@@ -224,6 +228,9 @@ class Manifest(BaseModel):
             data["search_defaults"] = {k: v for k, v in data["search_defaults"].items() if v is not None}
         if data.get("sparse") is None:
             data.pop("sparse", None)
+        for prompt in ("query_prefix", "passage_prefix"):  # optional: written only for a model with prompts
+            if not data["encoder"].get(prompt):
+                data["encoder"].pop(prompt, None)
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
@@ -257,6 +264,8 @@ def make_manifest(
     faiss_factory: str,
     shard_files: list[tuple[Path, Path, int]],
     passage_format: str = "joined",
+    query_prefix: str = "",
+    passage_prefix: str = "",
     search_defaults: SearchDefaults | Mapping[str, Any] | None = None,
     sparse_files: list[Path] | None = None,
     sparse_params: Mapping[str, Any] | None = None,
@@ -281,6 +290,8 @@ def make_manifest(
             dim=dim,
             normalize=normalize,
             passage_format=passage_format,
+            query_prefix=query_prefix,
+            passage_prefix=passage_prefix,
         ),
         metric=metric,
         faiss_factory=faiss_factory,

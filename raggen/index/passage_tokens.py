@@ -52,7 +52,7 @@ def _pad_to_width(x: np.ndarray, width: int, value: int, side: str) -> np.ndarra
 
 
 def tokenize_batch(
-    batch: dict[str, np.ndarray], *, tokenizer, passage_format: str, max_length: int
+    batch: dict[str, np.ndarray], *, tokenizer, passage_format: str, max_length: int, prefix: str = ""
 ) -> dict[str, np.ndarray]:
     """Stage 2a: title/text -> fixed-width token columns (b, max_length) int32 + ``num_tokens`` (b,).
 
@@ -69,8 +69,9 @@ def tokenize_batch(
         out[NUM_TOKENS] = np.zeros(0, np.int32)
         return out
     enc = tokenize_passages(
-        tokenizer, titles, texts, passage_format=passage_format, max_length=max_length, return_tensors="np"
-    )
+        tokenizer, titles, texts, passage_format=passage_format, max_length=max_length, return_tensors="np",
+        prefix=prefix,
+    )  # fmt: skip
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for name in TOKEN_COLUMNS:
         if name in enc:

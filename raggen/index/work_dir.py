@@ -85,6 +85,7 @@ def run_signature(
     max_length: int = 256,
     normalize: bool = False,
     passage_format: str | None = None,
+    passage_prefix: str = "",
     s3_options: Mapping[str, Any] | None = None,
 ) -> dict:
     """What an encoding run's output depends on: the corpus content (every input file: size +
@@ -95,6 +96,7 @@ def run_signature(
         format=canonical_format(passages_format), num_shards=int(num_shards), encoder=encoder_name_or_path,
         encoder_files=_model_fingerprint(encoder_name_or_path, s3_options), pooling=pooling,
         max_length=int(max_length), normalize=bool(normalize), passage_format=passage_format,
+        **({"passage_prefix": passage_prefix} if passage_prefix else {}),  # absent when none: older work dirs still match
     )  # fmt: skip
 
 

@@ -11,7 +11,8 @@ from torch import nn
 from raggen.errors import ConfigError
 from raggen.models.specs import EncoderSpec, ModelSpec, PassageEncoderSpec
 
-__all__ = ["ModelSpec", "PassageEncoderSpec", "build_models"]  # the specs are re-exported (torch-free module)
+# the specs are re-exported (torch-free module)
+__all__ = ["ModelSpec", "PassageEncoderSpec", "build_models", "use_index_prompts"]
 
 
 def build_models(
@@ -57,10 +58,21 @@ def build_models(
     return models
 
 
+def use_index_prompts(models: dict[str, nn.Module], query_prefix: str) -> None:
+    """The query-side encoders (prior and posterior) that have no ``query_prefix`` of their own take
+    the searched index's: a model's query prompt travels with the index its passages are in."""
+    for role in ("query_encoder", "posterior_encoder"):
+        encoder = getattr(models.get(role), "encoder", models.get(role))  # a PosteriorRetriever wraps one
+        if encoder is not None and encoder.query_prefix is None:
+            encoder.query_prefix = query_prefix
+
+
 def _encoder_kwargs(spec: EncoderSpec) -> dict[str, Any]:
     return {
         "pooling": spec.pooling,
         "max_length": spec.max_length,
         "normalize": spec.normalize,
         "passage_format": spec.passage_format,
+        "query_prefix": spec.query_prefix,
+        "passage_prefix": spec.passage_prefix,
     }

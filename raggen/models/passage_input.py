@@ -16,6 +16,16 @@ def passage_text(title: str, text: str, sep: str = " . ") -> str:
     return f"{title}{sep}{text}" if title else text
 
 
+def _with_prefix(prefix: str, titles: list[str], texts: list[str]) -> tuple[list[str], list[str]]:
+    """``prefix`` before what the encoder reads first: a titled row's title (joined and pair alike),
+    else its text."""
+    titled = [bool(t) for t in titles]
+    return (
+        [prefix + t if has else t for t, has in zip(titles, titled)],
+        [x if has else prefix + x for x, has in zip(texts, titled)],
+    )
+
+
 def tokenize_passages(
     tokenizer,
     titles: list[str],
@@ -24,14 +34,18 @@ def tokenize_passages(
     passage_format: PassageFormat,
     max_length: int,
     return_tensors: str = "pt",
+    prefix: str = "",
 ) -> dict[str, Any]:
     """Padded CPU tensors of passages (``return_tensors``: "pt" for torch, "np" for numpy):
     ``pair`` rows are the tokenizer's (title, text) sentence pair, as DPR encoded them; a passage
     without a title is its text alone (DPR did the same); ``joined`` rows are ``title . text``. A
     pure function of the tokenizer, so a CPU stage can tokenise for a GPU stage that only runs the
-    model."""
+    model. ``prefix`` (a model's passage prompt, E5's ``passage: ``) starts every row's first
+    segment: the joined string, the title of a pair, or the text of an untitled passage."""
     if len(titles) != len(texts):
         raise ValueError(f"{len(titles)} titles but {len(texts)} texts")
+    if prefix:
+        titles, texts = _with_prefix(prefix, titles, texts)
     limit = dict(truncation=True, max_length=max_length)
     if passage_format == "joined":
         joined = [passage_text(t, x) for t, x in zip(titles, texts)]

@@ -90,6 +90,9 @@ class TextEncoder(nn.Module):
     pooled vectors, as sentence-transformers' MiniLM was trained (inner product = cosine); DPR
     encoders are used unnormalised. ``passage_format`` says how passages are tokenised (see
     :data:`PassageFormat`; None = the model's own, :func:`default_passage_format`).
+    ``query_prefix`` / ``passage_prefix``: a model's prompts (E5's ``query: `` / ``passage: ``), put
+    before every query (any text given without titles) and every passage. ``query_prefix=None``:
+    none of its own; a search uses the index's (:meth:`query_prefix_for`).
     """
 
     def __init__(
@@ -100,6 +103,8 @@ class TextEncoder(nn.Module):
         max_length: int = 256,
         normalize: bool = False,
         passage_format: PassageFormat | None = None,
+        query_prefix: str | None = None,
+        passage_prefix: str = "",
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -118,6 +123,8 @@ class TextEncoder(nn.Module):
         self.max_length = max_length
         self.normalize = normalize
         self.passage_format: PassageFormat = passage_format
+        self.query_prefix = query_prefix
+        self.passage_prefix = passage_prefix or ""
 
     @classmethod
     def from_pretrained(
@@ -129,6 +136,8 @@ class TextEncoder(nn.Module):
         dtype: torch.dtype | None = None,
         normalize: bool = False,
         passage_format: PassageFormat | None = None,
+        query_prefix: str | None = None,
+        passage_prefix: str = "",
     ) -> TextEncoder:
         """Loads the class the checkpoint declares; a weight the checkpoint lacks is a ConfigError."""
         path = resolve_model_path(name_or_path)
@@ -140,8 +149,9 @@ class TextEncoder(nn.Module):
         kwargs = {"dtype": dtype} if dtype else {}
         model = load_pretrained_strict("encoder", model_class, path, name_or_path, **kwargs)
         encoder = cls(
-            model, tokenizer, pooling=pooling, max_length=max_length, normalize=normalize, passage_format=passage_format
-        )
+            model, tokenizer, pooling=pooling, max_length=max_length, normalize=normalize, passage_format=passage_format,
+            query_prefix=query_prefix, passage_prefix=passage_prefix,
+        )  # fmt: skip
         return encoder.to(device) if device is not None else encoder
 
     @property
@@ -156,19 +166,27 @@ class TextEncoder(nn.Module):
     def _to_device(self, batch) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def tokenize(self, texts: list[str], device: bool = True) -> dict[str, torch.Tensor]:
-        """Queries (or any single texts) -> padded tensors; ``device=False`` keeps them on the CPU
-        (tokenising in another process than the one that runs the model)."""
+    def query_prefix_for(self, index_prefix: str) -> str:
+        """The prefix of queries searching an index whose manifest records ``index_prefix``: this
+        encoder's own when it has one (a configured ``query_prefix``), else the index's."""
+        return self.query_prefix if self.query_prefix is not None else index_prefix
+
+    def tokenize(self, texts: list[str], device: bool = True, prefix: str | None = None) -> dict[str, torch.Tensor]:
+        """Queries (or any single texts, each after ``prefix``, default :attr:`query_prefix`) ->
+        padded tensors; ``device=False`` keeps them on the CPU (tokenising in another process than
+        the one that runs the model)."""
+        prefix = (self.query_prefix or "") if prefix is None else prefix
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            [prefix + t for t in texts], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return self._to_device(batch) if device else dict(batch)
 
     def tokenize_passages(self, titles: list[str], texts: list[str], device: bool = True) -> dict[str, torch.Tensor]:
         """Passages in this encoder's :attr:`passage_format` (see :func:`tokenize_passages`)."""
         batch = tokenize_passages(
-            self.tokenizer, titles, texts, passage_format=self.passage_format, max_length=self.max_length
-        )
+            self.tokenizer, titles, texts, passage_format=self.passage_format, max_length=self.max_length,
+            prefix=self.passage_prefix,
+        )  # fmt: skip
         return self._to_device(batch) if device else batch
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -207,9 +225,12 @@ class TextEncoder(nn.Module):
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.dim)
 
-    def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Inference helper for queries: (n, dim) float32 on CPU, in batches, no graph."""
-        return self._inference(lambda i, j: self(texts[i:j]), len(texts), batch_size)
+    def encode(self, texts: list[str], batch_size: int = 64, prefix: str | None = None) -> torch.Tensor:
+        """Inference helper for queries: (n, dim) float32 on CPU, in batches, no graph; ``prefix``
+        as :meth:`tokenize`'s (a search passes :meth:`query_prefix_for` its index's)."""
+        return self._inference(
+            lambda i, j: self.embed(self.tokenize(texts[i:j], prefix=prefix)), len(texts), batch_size
+        )
 
     def encode_passages(self, titles: list[str], texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """Inference helper for passages: (n, dim) float32 on CPU, in this encoder's passage format."""

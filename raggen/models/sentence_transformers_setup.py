@@ -1,9 +1,11 @@
-"""What a sentence-transformers checkpoint says about its own vectors: pooling and normalisation.
+"""What a sentence-transformers checkpoint says about its own vectors: pooling, normalisation, prompts.
 
 A sentence-transformers folder (``modules.json``, ``1_Pooling/config.json``, a ``Normalize``
-module) records how it was trained to turn token states into one vector. raggen's encoder settings
-(``pooling``, ``normalize``) default to mean pooling, unnormalised; a BGE-style model (CLS pooling,
-normalised) left at those defaults encodes differently from how it was trained, with no error.
+module, the ``prompts`` of ``config_sentence_transformers.json``) records how it was trained to
+turn text into one vector. raggen's encoder settings (``pooling``, ``normalize``,
+``query_prefix``, ``passage_prefix``) default to mean pooling, unnormalised, no prompts; a
+BGE-style model (CLS pooling, normalised, a query instruction) or an E5 one (``query: `` /
+``passage: ``) left at those defaults encodes differently from how it was trained, with no error.
 :func:`setup_mismatch` names the settings a config left at their defaults that the checkpoint
 contradicts, so the index build can warn before encoding 21M passages that way.
 """
@@ -23,11 +25,27 @@ log = logging.getLogger(__name__)
 _POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
 _OTHER_MODES = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
                 "pooling_mode_lasttoken")  # fmt: skip
+#: the names models give their query and passage prompts in ``config_sentence_transformers.json``
+QUERY_PROMPT_NAMES = ("query", "retrieval.query")
+PASSAGE_PROMPT_NAMES = ("passage", "document", "retrieval.passage")
+
+
+def own_prompts(read: Callable[[str], bytes | None]) -> dict[str, str]:
+    """{"query_prefix": ..., "passage_prefix": ...} from ``config_sentence_transformers.json``'s
+    ``prompts`` (the first of each role's known names; "" when the model has none)."""
+    raw = read("config_sentence_transformers.json")
+    prompts = (json.loads(raw).get("prompts") or {}) if raw is not None else {}
+
+    def first(names: tuple[str, ...]) -> str:
+        return next((str(prompts[n]) for n in names if prompts.get(n)), "")
+
+    return {"query_prefix": first(QUERY_PROMPT_NAMES), "passage_prefix": first(PASSAGE_PROMPT_NAMES)}
 
 
 def own_setup(read: Callable[[str], bytes | None]) -> dict[str, Any] | None:
-    """{"pooling": "cls" | "mean" | "other: <mode>", "normalize": bool} from a checkpoint's files
-    (``read(relative path)``: the bytes, or None when absent); None without ``modules.json``."""
+    """{"pooling": "cls" | "mean" | "other: <mode>", "normalize": bool, "query_prefix": str,
+    "passage_prefix": str} from a checkpoint's files (``read(relative path)``: the bytes, or None
+    when absent); None without ``modules.json``."""
     modules_raw = read("modules.json")
     if modules_raw is None:
         return None
@@ -40,7 +58,7 @@ def own_setup(read: Callable[[str], bytes | None]) -> dict[str, Any] | None:
         on = [mode for mode in (*_POOLING_MODES, *_OTHER_MODES) if config.get(mode)]
         if len(on) == 1:
             setup["pooling"] = _POOLING_MODES.get(on[0], f"other: {on[0]}")
-    return setup
+    return {**setup, **own_prompts(read)}
 
 
 def setup_mismatch(spec: Any, setup: dict[str, Any] | None) -> list[str]:
@@ -48,7 +66,7 @@ def setup_mismatch(spec: Any, setup: dict[str, Any] | None) -> list[str]:
     that contradict the checkpoint's own ``setup``, each as "field: raggen's value, the model's"."""
     if setup is None:
         return []
-    unset = {"pooling", "normalize"} - set(spec.model_fields_set)
+    unset = {"pooling", "normalize", "passage_prefix"} - set(spec.model_fields_set)
     out = []
     if "pooling" in unset and setup["pooling"] is not None and setup["pooling"] != spec.pooling:
         out.append(f"pooling: {spec.pooling} (the model pools {setup['pooling']})")
@@ -56,6 +74,10 @@ def setup_mismatch(spec: Any, setup: dict[str, Any] | None) -> list[str]:
         out.append(
             f"normalize: {str(spec.normalize).lower()} (the model {'normalises' if setup['normalize'] else 'does not normalise'})"
         )
+    if spec.query_prefix is None and setup.get("query_prefix"):  # None: unset, whatever the fields set says
+        out.append(f"query_prefix: none (the model's query prompt is {setup['query_prefix']!r})")
+    if "passage_prefix" in unset and setup.get("passage_prefix") and setup["passage_prefix"] != spec.passage_prefix:
+        out.append(f"passage_prefix: none (the model's passage prompt is {setup['passage_prefix']!r})")
     return out
 
 

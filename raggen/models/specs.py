@@ -39,6 +39,12 @@ class EncoderSpec(BaseModel):
     passage_format: PassageFormat | None = Field(
         None, description="pair: (title, text) as a sentence pair (DPR); joined: 'title . text'; null: the model's own"
     )
+    query_prefix: str | None = Field(
+        None,
+        description="text put before every question (E5: 'query: '; BGE v1.5: its search instruction); "
+        "null: the one the searched index's manifest records (its index.encoder.query_prefix), else none",
+    )
+    passage_prefix: str = Field("", description="text put before every passage's encoder input (E5: 'passage: ')")
 
     def load(self, device: Any = None, dtype: Any = None, name_or_path: str | None = None) -> TextEncoder:
         """The encoder this spec names (or ``name_or_path``, e.g. a downloaded copy of it); ``device``
@@ -53,7 +59,14 @@ class EncoderSpec(BaseModel):
             dtype=dtype,
             normalize=self.normalize,
             passage_format=self.passage_format,
+            query_prefix=self.query_prefix,
+            passage_prefix=self.passage_prefix,
         )
+
+    def with_index_prompts(self, query_prefix: str) -> EncoderSpec:
+        """This spec searching an index whose manifest records ``query_prefix``: its own prefix when
+        it sets one, else the index's (a model's query prompt travels with the index it built)."""
+        return self if self.query_prefix is not None else self.model_copy(update={"query_prefix": query_prefix})
 
 
 class ModelSpec(BaseModel):

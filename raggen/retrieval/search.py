@@ -48,7 +48,8 @@ def encode_and_search(query_encoder: Any, index: Any, questions: list[str], k: i
     """``search_passages`` with the questions encoded by ``query_encoder`` (no grad: the caller's
     training step encodes with grad itself and calls ``search_passages``)."""
     questions = list(questions)
-    xq = query_encoder.encode(questions).numpy()  # (b, d) float32
+    prefix = query_encoder.query_prefix_for(index.manifest.encoder.query_prefix)  # the index's unless the encoder's own
+    xq = query_encoder.encode(questions, prefix=prefix).numpy()  # (b, d) float32
     return search_passages(index, xq, k, questions=questions, **options)
 
 

@@ -62,6 +62,7 @@ class LiveIndex:
     index: Any  # raggen.index.ShardedIndex
     num_passages: int
     loaded_at: float
+    query_prefix: str = ""  # the version's recorded query prompt (used unless the query encoder sets one)
 
     @property
     def backend(self) -> str:
@@ -115,6 +116,7 @@ def load_live_index(
         index=index,
         num_passages=int(manifest.num_passages),
         loaded_at=time.time(),
+        query_prefix=manifest.encoder.query_prefix,
     )
 
 

@@ -48,7 +48,7 @@ def retrieve_batch(
     texts come back, no vectors). ``modes``: each row's dense | sparse | hybrid (None: the
     service's, ``retrieval``, a ``raggen.retrieval.RetrievalSettings``); they need ``live.index``
     to be a ``raggen.retrieval.HybridIndex`` (what :func:`load_live_index` makes)."""
-    xq = encoder.encode(list(questions)).numpy()  # (b, d) float32
+    xq = encoder.encode(list(questions), prefix=encoder.query_prefix_for(live.query_prefix)).numpy()  # (b, d) float32
     default = retrieval.mode if retrieval is not None else "dense"
     wanted = [m or default for m in (modes or [None] * len(questions))]
     if set(wanted) == {"dense"}:  # any index's plain search

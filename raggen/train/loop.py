@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from raggen.errors import ConfigError
-from raggen.models.build import build_models
+from raggen.models.build import build_models, use_index_prompts
 from raggen.objectives import JSAChainCache
 from raggen.train.batches import BatchSchedule, example_rows, rank_share
 from raggen.train.checkpointing import TrainingState, restore_state, write_checkpoint
@@ -134,6 +134,7 @@ def setup_worker(
         cache.load_state_dict(state.jsa_cache_state)
     target = searched_index(job, state)
     index = load_index(target, rank, world_size)
+    use_index_prompts(models, index.manifest.encoder.query_prefix)
     return Worker(job, models, wrapped, roles, optimizer, cache, index, target, device, rank, world_size)
 
 

@@ -226,24 +226,57 @@ def _vectors_by_id(loaded) -> dict[str, np.ndarray]:
     }
 
 
-def test_normalize_reaches_the_encoder_actors_and_the_manifest(built, tmp_path):
-    """``index.encoder.normalize`` (cosine, as MiniLM was trained): the Ray Data actors L2-normalise
-    the stored vectors, the manifest says so, and the module's unnormalised build of the same
-    passages differs only by norms."""
-    manifest = build_index(str(built["files"].passages_v1), str(tmp_path / "ix-normalized"),
-                           encoder=ENCODER.model_copy(update={"normalize": True}),
+def test_normalize_and_prompts_reach_the_encoder_actors_the_manifest_and_the_search(built, tmp_path):
+    """``index.encoder.normalize`` (cosine, as MiniLM was trained) and an E5-style model's prompts:
+    the Ray Data actors encode every passage after ``passage_prefix`` and L2-normalise it, exactly as
+    the spec's encoder does in this process; the manifest records both; ``raggen index search``
+    puts the recorded ``query_prefix`` before each question, unless the query encoder sets its own."""
+    from raggen.retrieval.search import search_index
+
+    spec = ENCODER.model_copy(update={"normalize": True, "query_prefix": "query: ", "passage_prefix": "passage: "})
+    root = str(tmp_path / "ix-normalized")
+    manifest = build_index(str(built["files"].passages_v1), root, encoder=spec,
                            settings=IndexBuildSettings(num_shards=1, actor_num_cpus=0.5),
                            work_dir=tmp_path / "work")  # fmt: skip
-    assert manifest.encoder.normalize is True and built["manifest"].encoder.normalize is False
-    assert Manifest.model_validate_json(manifest.model_dump_json()).encoder.normalize is True
-    normalized = _vectors_by_id(load_version(str(tmp_path / "ix-normalized")))
+    assert built["manifest"].encoder.normalize is False and built["manifest"].encoder.passage_prefix == ""
+    on_disk = Manifest.model_validate_json(manifest.to_json()).encoder
+    assert (on_disk.normalize, on_disk.query_prefix, on_disk.passage_prefix) == (True, "query: ", "passage: ")
+    assert "query_prefix" not in json.loads(built["manifest"].to_json())["encoder"]  # optional: absent when none
+
+    loaded = load_version(root)
+    normalized = _vectors_by_id(loaded)
     plain = _vectors_by_id(load_version(built["root"], s3_options=built["s3"], cache_dir=tmp_path / "cache"))
-    assert sorted(normalized) == sorted(plain) and len(plain) == built["manifest"].num_passages
     ids = sorted(plain)
-    got, raw = np.stack([normalized[i] for i in ids]), np.stack([plain[i] for i in ids])
+    assert sorted(normalized) == ids and len(ids) == built["manifest"].num_passages
+    got = np.stack([normalized[i] for i in ids])
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
-    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-2)
-    assert np.allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), got, atol=1e-4)
+    table = loaded.shards[0].passages
+    titles, texts, order = (table.column(c).to_pylist() for c in ("title", "text", "id"))
+    encoder = spec.load().eval()
+    want = encoder.encode_passages(titles, texts).numpy()
+    np.testing.assert_allclose(embeddings_of(table), want, atol=1e-5)
+    unprompted = ENCODER.model_copy(update={"normalize": True}).load().eval()
+    assert not np.allclose(unprompted.encode_passages(titles, texts).numpy(), want, atol=1e-3)
+
+    # the CLI search encodes "query: <question>" with the recorded prompt
+    result = search_index(root, QUESTIONS[:2], k=3, max_length=MAX_LENGTH)
+    xq = unprompted.encode([f"query: {q}" for q in QUESTIONS[:2]]).numpy()
+    scores, rows = exact_flat(embeddings_of(table), xq, 3)
+    assert [[order[r] for r in row] for row in rows] == result.ids
+    np.testing.assert_allclose(result.scores, scores, rtol=1e-5, atol=1e-5)
+    # a query encoder that sets its own prefix ("": none) keeps it
+    from raggen.index import open_index
+    from raggen.retrieval.search import encode_and_search
+
+    own = ENCODER.model_copy(update={"normalize": True, "query_prefix": ""}).load().eval()
+    index = open_index(root)
+    try:
+        mine = encode_and_search(own, index, QUESTIONS[:2], 3)
+    finally:
+        index.close()
+    np.testing.assert_allclose(mine.scores, exact_flat(embeddings_of(table), own.encode(QUESTIONS[:2]).numpy(), 3)[0],
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    assert not np.allclose(mine.scores, result.scores, atol=1e-3)
 
 
 def test_refresh_with_s3_storage_publishes_the_encoder_snapshot_where_every_node_reads_it(

@@ -162,7 +162,10 @@ def test_retrieve_results_follow_the_retrieval_mode(tmp_path):
     from raggen.train.retrieve import retrieve_results
 
     class ZeroEncoder:  # dense scores all tie: only the sparse side can find the passage
-        def encode(self, texts):
+        def query_prefix_for(self, index_prefix):
+            return index_prefix
+
+        def encode(self, texts, prefix=""):
             return torch.zeros(len(texts), D)
 
     class Ex:

@@ -30,7 +30,9 @@ def _st_folder(tmp_path, pooling_mode: str, normalize: bool) -> str:
 
 
 def test_the_bundled_minilm_says_mean_pooling_normalised():
-    assert own_setup(local_reader(str(bundled_minilm_path()))) == {"pooling": "mean", "normalize": True}
+    assert own_setup(local_reader(str(bundled_minilm_path()))) == {
+        "pooling": "mean", "normalize": True, "query_prefix": "", "passage_prefix": ""
+    }  # fmt: skip
 
 
 def test_a_bge_style_model_left_at_the_defaults_is_warned_about(tmp_path, caplog):
@@ -52,7 +54,9 @@ def test_a_bge_style_model_left_at_the_defaults_is_warned_about(tmp_path, caplog
 
 def test_modes_raggen_lacks_and_plain_hf_models(tmp_path):
     folder = _st_folder(tmp_path, "pooling_mode_max_tokens", normalize=False)
-    assert own_setup(local_reader(folder)) == {"pooling": "other: pooling_mode_max_tokens", "normalize": False}
+    assert own_setup(local_reader(folder)) == {
+        "pooling": "other: pooling_mode_max_tokens", "normalize": False, "query_prefix": "", "passage_prefix": ""
+    }  # fmt: skip
     assert setup_mismatch(EncoderSpec(name_or_path=folder), own_setup(local_reader(folder))) == [
         "pooling: mean (the model pools other: pooling_mode_max_tokens)"
     ]
@@ -62,3 +66,25 @@ def test_modes_raggen_lacks_and_plain_hf_models(tmp_path):
     assert own_setup(local_reader(plain)) is None and warn_on_setup_mismatch("x", EncoderSpec(name_or_path=plain)) == []
     # a hub id that cannot be fetched here (offline) is not checked, and never fails the caller
     assert warn_on_setup_mismatch("x", EncoderSpec(name_or_path="nobody/no-such-model-raggen")) == []
+
+
+def test_an_e5_style_model_s_prompts_are_read_and_their_absence_warned_about(tmp_path, caplog):
+    folder = _st_folder(tmp_path, "pooling_mode_mean_tokens", normalize=True)
+    settings = {"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": None}
+    (tmp_path / "st" / "config_sentence_transformers.json").write_text(json.dumps(settings))
+    setup = own_setup(local_reader(folder))
+    assert setup == {"pooling": "mean", "normalize": True, "query_prefix": "query: ", "passage_prefix": "passage: "}
+    with caplog.at_level(logging.WARNING, logger="raggen.models.sentence_transformers_setup"):
+        found = warn_on_setup_mismatch("index.encoder", EncoderSpec(name_or_path=folder, normalize=True))
+    assert found == [
+        "query_prefix: none (the model's query prompt is 'query: ')",
+        "passage_prefix: none (the model's passage prompt is 'passage: ')",
+    ]
+    assert "query_prefix and passage_prefix" in caplog.text
+    stated = EncoderSpec(name_or_path=folder, normalize=True, query_prefix="", passage_prefix="")  # "none", said so
+    assert setup_mismatch(stated, setup) == []
+    # retrieval.* names (jina-style) and a model with only a query instruction (BGE-style)
+    settings["prompts"] = {"retrieval.query": "Represent the query: ", "passage": ""}
+    (tmp_path / "st" / "config_sentence_transformers.json").write_text(json.dumps(settings))
+    assert own_setup(local_reader(folder))["query_prefix"] == "Represent the query: "
+    assert own_setup(local_reader(folder))["passage_prefix"] == ""
