@@ -9,10 +9,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
-from raggen.ray_utils import running_cluster_address
+import pytest
+
+from raggen.errors import RaggenError
+from raggen.ray_utils import check_cluster_answers, gcs_host_port, running_cluster_address
 from tests.helpers import REPO
 
 
@@ -52,3 +56,46 @@ def test_serve_detach_without_a_cluster_is_refused_before_ray_starts(tmp_path):
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "serve --detach: no running Ray cluster" in errors[0] and "ray start --head" in errors[0]
     assert not (tmp_path / "ray").exists(), "a Ray instance was started"
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:  # bound, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_addresses_that_are_host_and_port_are_probed_others_left_to_ray():
+    assert gcs_host_port("10.0.0.7:6379") == ("10.0.0.7", 6379)
+    assert gcs_host_port("ray://head:10001") == ("head", 10001)
+    assert gcs_host_port("[::1]:6379") == ("::1", 6379)
+    assert gcs_host_port("auto") is None and gcs_host_port("local") is None
+    assert gcs_host_port("http://127.0.0.1:8265") is None  # the dashboard's, for `ray job submit`
+
+
+def test_a_cluster_that_does_not_answer_is_refused_at_once_naming_where_its_address_came_from():
+    dead = f"127.0.0.1:{_dead_port()}"
+    with pytest.raises(RaggenError, match=rf"cluster at {dead} does not answer.*RAY_ADDRESS"):
+        check_cluster_answers(dead, explicit=True)
+    with pytest.raises(RaggenError, match="`ray stop` clears it"):
+        check_cluster_answers(dead, explicit=False)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        check_cluster_answers(f"127.0.0.1:{listening.getsockname()[1]}", explicit=True)  # answers: no error
+    check_cluster_answers(None, explicit=False)  # no cluster named: nothing to check
+
+
+def test_a_stale_ray_start_address_file_is_an_error_not_minutes_of_retries(tmp_path):
+    """A cluster that died without `ray stop` leaves its address file; `ray.init` would retry that
+    address for minutes. The command says what happened in one line instead."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_dead_port()}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["RAY_TMPDIR"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raggen.cli", "serve", "configs/documents.yaml", "--detach"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("raggen: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "does not answer" in errors[0] and "`ray stop` clears it" in errors[0]
