@@ -184,11 +184,22 @@ def format_validation_error(source: str, err: ValidationError) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``train.lr=3e-5`` -> (["train", "lr"], 3e-05); the value is parsed as YAML (numbers, bools, null)."""
+    """``train.lr=3e-5`` -> (["train", "lr"], 3e-05); the value is parsed as YAML (numbers, bools,
+    null, ``{...}`` / ``[...]``). A value that YAML reads as a block mapping or cannot read at all is
+    the text as typed: ``index.encoder.query_prefix=query: `` is the prompt ``"query: "``, not a
+    mapping ``{query: null}``."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-5")
     key, _, raw = text.partition("=")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return key.strip().split("."), ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return key.strip().split("."), raw
+    if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+        value = raw  # "query: " or "- x": only an explicit {...} / [...] is a collection
+    return key.strip().split("."), value
 
 
 def _apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:

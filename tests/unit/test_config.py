@@ -91,6 +91,21 @@ def test_override_parsing():
         parse_override("train.lr")
 
 
+def test_override_values_with_colons_are_text_unless_an_explicit_collection():
+    """A prompt such as E5's ``query: `` reads as YAML's block mapping {query: null}; a --set line
+    cannot hold a block mapping, so it is the text as typed. Unreadable YAML is text too (was a crash)."""
+    assert parse_override("index.encoder.query_prefix=query: ") == (["index", "encoder", "query_prefix"], "query: ")
+    assert parse_override("x=Represent this sentence: for: search: ")[1] == "Represent this sentence: for: search: "
+    assert parse_override("x=- item")[1] == "- item"
+    assert parse_override("x={a: 1}")[1] == {"a": 1} and parse_override("x=[1, 2]")[1] == [1, 2]
+    assert parse_override('x="quoted: "')[1] == "quoted: "
+    assert parse_override("x=0.5")[1] == 0.5 and parse_override("x=7")[1] == 7
+    cfg = load_config(
+        "configs/quickstart.yaml", ["index.encoder.query_prefix=query: ", "index.encoder.passage_prefix=passage: "]
+    )
+    assert (cfg.index.encoder.query_prefix, cfg.index.encoder.passage_prefix) == ("query: ", "passage: ")
+
+
 def test_cli_prints_one_line_and_exits_2():
     proc = subprocess.run(
         [sys.executable, "-m", "raggen.cli", "world", "--set", "world.num_entities=3"],
