@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -257,7 +258,11 @@ def _encode_pending(
     keep_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # shards finish one after another -> cheap resumes
     try:
-        with _user_errors():
+        with _user_errors(), warnings.catch_warnings():
+            # a corpus of one block: Ray Data says its tokenise tasks cannot all be busy, which is true and harmless
+            warnings.filterwarnings(
+                "ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(tokenize_batch\)'"
+            )
             for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
                 _route_batch(batch, writers, done, dim)
                 if progress is not None:
