@@ -43,18 +43,25 @@ def test_ray_address_wins(monkeypatch, tmp_path):
     assert running_cluster_address() == "10.0.0.7:6379"
 
 
-def test_serve_detach_without_a_cluster_is_refused_before_ray_starts(tmp_path):
-    """The documents quickstart's `raggen serve CONFIG --detach` in a fresh shell: one error line
-    that says to start a cluster, and no Ray instance started (none would outlive the command)."""
+def _serve_detach_error(ray_tmpdir) -> str:
+    """`raggen serve configs/documents.yaml --detach` with no RAY_ADDRESS and Ray's temp dir at
+    ``ray_tmpdir``: it must exit 2 with one error line, returned."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env["RAY_TMPDIR"] = str(tmp_path)
+    env["RAY_TMPDIR"] = str(ray_tmpdir)
     proc = subprocess.run(
         [sys.executable, "-m", "raggen.cli", "serve", "configs/documents.yaml", "--detach"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("raggen: error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert "serve --detach: no running Ray cluster" in errors[0] and "ray start --head" in errors[0]
+    return errors[0]
+
+
+def test_serve_detach_without_a_cluster_is_refused_before_ray_starts(tmp_path):
+    """The documents quickstart's `raggen serve CONFIG --detach` in a fresh shell: one error line
+    that says to start a cluster, and no Ray instance started (none would outlive the command)."""
+    error = _serve_detach_error(tmp_path)
+    assert "serve --detach: no running Ray cluster" in error and "ray start --head" in error
     assert not (tmp_path / "ray").exists(), "a Ray instance was started"
 
 
@@ -90,12 +97,5 @@ def test_a_stale_ray_start_address_file_is_an_error_not_minutes_of_retries(tmp_p
     address for minutes. The command says what happened in one line instead."""
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_dead_port()}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env["RAY_TMPDIR"] = str(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "raggen.cli", "serve", "configs/documents.yaml", "--detach"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("raggen: error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert "does not answer" in errors[0] and "`ray stop` clears it" in errors[0]
+    error = _serve_detach_error(tmp_path)
+    assert "does not answer" in error and "`ray stop` clears it" in error
