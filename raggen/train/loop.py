@@ -105,6 +105,18 @@ class Worker:
             model.train(on and role in self.roles)
 
 
+def _no_buffer_sync_per_forward() -> dict[str, bool]:
+    """DDP's switch for not re-broadcasting buffers before every forward (our buffers, position ids,
+    never change): ``forward_sync_buffers`` where torch has it (2.13 deprecates ``broadcast_buffers``
+    with a warning per worker), else the old name."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
+
+
 def setup_worker(
     job: TrainJob, rank: int, world_size: int, device: torch.device, state: TrainingState | None
 ) -> Worker:
@@ -123,7 +135,7 @@ def setup_worker(
     if world_size > 1:
         from ray.train.torch import prepare_model
 
-        ddp_kwargs = {"find_unused_parameters": True, "broadcast_buffers": False}
+        ddp_kwargs = {"find_unused_parameters": True, **_no_buffer_sync_per_forward()}
         for role in roles:
             wrapped[role] = prepare_model(models[role], move_to_device=device, parallel_strategy_kwargs=ddp_kwargs)
     optimizer = make_optimizer(models, roles, settings)
