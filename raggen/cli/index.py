@@ -36,13 +36,14 @@ def cmd_index_search(args: argparse.Namespace) -> None:
     from raggen.retrieval.search import search_index
 
     cfg = config_from_args(args)
-    # the manifest's encoder, pooling and normalisation unless --encoder names another
+    # the manifest's encoder, pooling, normalisation and query prompt unless --encoder / --pooling / --query-prefix
     result = search_index(
         args.uri,
         [args.question],
         k=args.k,
         encoder_name_or_path=args.encoder,
         pooling=args.pooling,
+        query_prefix=args.query_prefix,
         max_length=cfg.index.encoder.max_length,
         s3_options=cfg.index.s3.storage_options(),
         nprobe=args.nprobe,

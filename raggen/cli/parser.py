@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="query pooling: cls | mean | pooler (default: the manifest's; its normalisation always applies)",
     )
     p.add_argument(
+        "--query-prefix",
+        default=None,
+        help="text before the question, e.g. 'query: ' (default: the manifest's query prompt; '' for none)",
+    )
+    p.add_argument(
         "--nprobe",
         type=_positive_int,
         default=None,

@@ -60,6 +60,7 @@ def search_index(
     *,
     encoder_name_or_path: str | None = None,
     pooling: str | None = None,
+    query_prefix: str | None = None,
     max_length: int = 64,
     version: str | None = None,
     nprobe: int | None = None,
@@ -70,9 +71,9 @@ def search_index(
     start_ray: bool = False,
 ) -> SearchResult:
     """``raggen index search``: open a published version, encode ``questions`` with the encoder the
-    manifest records (its pooling and normalisation; ``encoder_name_or_path`` / ``pooling`` override)
-    and search it once; ``nprobe`` / ``ef_search`` / ``refine_k_factor`` override the settings' and
-    the version's defaults."""
+    manifest records (its pooling, normalisation and query prompt; ``encoder_name_or_path`` /
+    ``pooling`` / ``query_prefix`` override) and search it once; ``nprobe`` / ``ef_search`` /
+    ``refine_k_factor`` override the settings' and the version's defaults."""
     from raggen.index import open_index
     from raggen.models.retriever import TextEncoder
 
@@ -86,6 +87,7 @@ def search_index(
             pooling=pooling or enc.pooling,
             max_length=max_length,
             normalize=enc.normalize,
+            query_prefix=query_prefix,  # None: the manifest's (encode_and_search)
         )
         params = {"nprobe": nprobe, "ef_search": ef_search, "refine_k_factor": refine_k_factor}
         return encode_and_search(encoder, index, list(questions), k, **params)

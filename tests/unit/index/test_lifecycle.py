@@ -277,3 +277,13 @@ def test_index_search_uses_the_manifests_encoder_pooling_and_normalisation(tmp_p
     assert other.scores[0][0] < 0.9999
     code, out_text, _ = _cli(capsys, "index", "search", root, texts[5], "-k", "2")
     assert code == 0 and out_text.splitlines()[0].startswith(" 1. [1.000] p5 ")
+    # --query-prefix: another query text (the prompt before it), so no longer the passage's own vector
+    code, out_text, _ = _cli(capsys, "index", "search", root, texts[5], "-k", "2", "--query-prefix", "search: ")
+    prompted = search_index(root, [texts[5]], k=3, query_prefix="search: ")
+    want = (encoder.encode(["search: " + texts[5]], prefix="").numpy() @ xb.T)[0]  # (n,): the prompted question's
+    rows = [int(i[1:]) for i in prompted.ids[0]]
+    np.testing.assert_allclose(prompted.scores[0], want[rows], rtol=0, atol=1e-6)
+    assert not np.allclose(
+        prompted.scores[0], result.scores[0], rtol=0, atol=1e-6
+    )  # (a tiny model: cls states are close)
+    assert code == 0 and out_text.splitlines()[0].startswith(f" 1. [{prompted.scores[0][0]:.3f}] {prompted.ids[0][0]} ")
