@@ -63,11 +63,6 @@ class EncoderSpec(BaseModel):
             passage_prefix=self.passage_prefix,
         )
 
-    def with_index_prompts(self, query_prefix: str) -> EncoderSpec:
-        """This spec searching an index whose manifest records ``query_prefix``: its own prefix when
-        it sets one, else the index's (a model's query prompt travels with the index it built)."""
-        return self if self.query_prefix is not None else self.model_copy(update={"query_prefix": query_prefix})
-
 
 class ModelSpec(BaseModel):
     """The models a RAG system is made of (the config's ``model`` section is this class); every path

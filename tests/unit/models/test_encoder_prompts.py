@@ -59,8 +59,6 @@ def test_the_query_prompt_starts_every_question_with_and_without_grad(bert_dir):
     assert own.query_prefix_for("search: ") == "query: " and plain.query_prefix_for("search: ") == "search: "
     said_none = EncoderSpec(name_or_path=bert_dir, query_prefix="").load()
     assert said_none.query_prefix_for("search: ") == ""
-    assert EncoderSpec(query_prefix="q: ").with_index_prompts("x: ").query_prefix == "q: "
-    assert EncoderSpec().with_index_prompts("x: ").query_prefix == "x: "
 
 
 def test_training_s_query_side_encoders_take_the_index_prompt_unless_they_have_their_own(bert_dir):
