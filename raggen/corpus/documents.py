@@ -45,7 +45,7 @@ TABLE_SUFFIXES = ((".jsonl.gz", "jsonl"), (".jsonl", "jsonl"), (".json.gz", "jso
 PASSAGE_SUFFIXES = (".tsv", ".tsv.gz")  # passage-only formats: never documents
 DOCUMENT_FORMATS = ("auto", "jsonl", "parquet")
 PREPARED_NAME = "passages.parquet"
-_PREPARE_VERSION = 3  # bump when the chunked output of the same input and settings changes
+_PREPARE_VERSION = 4  # bump when the chunked output of the same input and settings changes
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,37 @@ _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 #: ``[text](target)`` links and ``![alt](src)`` images, inline (no nested brackets): their text is the content
 _LINK = re.compile(r"!?\[([^\[\]]*)\]\([^()\s]*(?:\s+\"[^\"]*\")?\)")
+#: inline marks whose words are the content (CommonMark's common cases, not its every corner)
+_INLINE_MARKS = (
+    (re.compile(r"<(https?://[^>\s]+)>"), r"\1"),  # an autolink: its address
+    (re.compile(r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>"), ""),  # HTML comments and tags
+    (re.compile(r"(`+)(.+?)\1"), r"\2"),  # inline code: its text
+    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # strong
+    (re.compile(r"(?<![\w*])\*(?=[^\s*])([^*]+?)(?<=\S)\*(?![\w*])"), r"\1"),  # *emphasis*
+    (re.compile(r"(?<!\w)_(?=[^\s_])([^_]+?)(?<=\S)_(?!\w)"), r"\1"),  # _emphasis_ (not snake_case)
+    (re.compile(r"~~(?=\S)(.+?)(?<=\S)~~"), r"\1"),  # strikethrough
+)
+#: at a line's start: a bullet (``-``, ``*``, ``+``) or block quote marks; numbered items keep their number
+_LINE_MARKS = re.compile(r"^(\s*)(?:>\s?)*(?:[-*+][ \t]+)?")
+#: lines that are markup only: a table's header rule (``|---|:---:|``) or a ``***`` / ``___`` rule
+_RULE_LINE = re.compile(r"^\s*\|?\s*:?-+:?\s*(?:\|\s*:?-+:?\s*)+\|?\s*$|^ {0,3}([*_])(?:[ \t]*\1){2,}[ \t]*$")
+
+
+def _inline_text(text: str) -> str:
+    """Links and images as their text; emphasis, inline code and HTML tags without their marks."""
+    text = _LINK.sub(r"\1", text)
+    for pattern, repl in _INLINE_MARKS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def _plain_line(line: str) -> str:
+    """A body line's words without its Markdown marks (:func:`_inline_text`), its bullet, quote
+    marks and table pipes dropped."""
+    line = _inline_text(_LINE_MARKS.sub(r"\1", line, count=1))
+    if line.lstrip().startswith("|"):
+        line = " ".join(cell.strip() for cell in line.strip().strip("|").split("|"))
+    return line
 
 
 def markdown_title(text: str) -> str | None:
@@ -96,7 +127,8 @@ def markdown_parts(text: str) -> tuple[str | None, str]:
     text passages should hold: without the YAML front matter (metadata, not content), without the
     title's heading (the passage's title field carries it), other headings with their words but not
     their ``#`` marks, setext underlines and ``---`` rules dropped, links and images as their text
-    (``[Ray](https://ray.io)`` -> ``Ray``). Fenced code stays as it is."""
+    (``[Ray](https://ray.io)`` -> ``Ray``), and emphasis, inline code, HTML tags, bullets, quote
+    marks and table pipes without their marks (:func:`_plain_line`). Fenced code stays as it is."""
     lines = text.splitlines()
     start = 0
     if lines and lines[0].strip() == "---":  # front matter: up to the next --- line
@@ -118,20 +150,20 @@ def markdown_parts(text: str) -> tuple[str | None, str]:
             continue
         atx = _ATX.match(line)
         if atx and atx.group(1).strip():
-            heading = _LINK.sub(r"\1", atx.group(1)).strip()
+            heading = _inline_text(atx.group(1)).strip()
             if title is None:
                 title = heading
             else:
                 body.append(heading)
             previous = ""
             continue
-        if _SETEXT.match(line):
-            if previous.strip() and not previous.startswith((" " * 4, "\t")) and title is None:
-                title = previous.strip()
+        if _SETEXT.match(line) or _RULE_LINE.match(line):
+            if _SETEXT.match(line) and previous.strip() and not previous.startswith((" " * 4, "\t")) and title is None:
+                title = _inline_text(previous).strip()
                 body.pop()  # the title's own line
             previous = ""
             continue  # an underline or a --- rule: markup, no words
-        body.append(_LINK.sub(r"\1", line))
+        body.append(_plain_line(line))
         previous = line
     return title, "\n".join(body)
 

@@ -167,6 +167,28 @@ def test_markdown_passages_hold_words_not_markup():
     assert markdown_parts("no heading, # not one\n") == (None, "no heading, # not one")
 
 
+def test_inline_markdown_marks_bullets_quotes_tables_and_html_leave_only_their_words():
+    doc = (
+        "# The `raggen` *guide*\n\nUse **bold**, *em*, _em2_, `ray start` and ~~old~~ words.\n"
+        "- first item\n* second item\n+ third\n1. numbered stays\n> quoted line\n>> nested quote\n\n"
+        "| col a | col b |\n|---|:---:|\n| x | y |\n\n***\n\n"
+        'A <br> break <span class="k">kept</span> text <!-- hidden --> and <https://ray.io>.\n'
+        "snake_case_name, 2*3*4 and -5 degrees stay.\n## A **bold** heading\n"
+        "```\n**kept** in code\n- and this\n```\n"
+    )
+    title, body = markdown_parts(doc)
+    assert title == "The raggen guide"
+    assert (
+        body.split()
+        == (
+            "Use bold, em, em2, ray start and old words. first item second item third 1. numbered stays "
+            "quoted line nested quote col a col b x y A break kept text and https://ray.io. "
+            "snake_case_name, 2*3*4 and -5 degrees stay. A bold heading ``` **kept** in code - and this ```"
+        ).split()
+    )
+    assert markdown_parts("Setext *title*\n===\nbody\n") == ("Setext title", "body")
+
+
 def test_a_markdown_documents_passages_and_their_offsets_skip_its_markup(tmp_path):
     root = tmp_path / "docs"
     root.mkdir()
