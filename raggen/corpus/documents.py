@@ -83,15 +83,19 @@ _SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 #: ``[text](target)`` links and ``![alt](src)`` images, inline (no nested brackets): their text is the content
 _LINK = re.compile(r"!?\[([^\[\]]*)\]\([^()\s]*(?:\s+\"[^\"]*\")?\)")
-#: inline marks whose words are the content (CommonMark's common cases, not its every corner)
-_INLINE_MARKS = (
-    (re.compile(r"<(https?://[^>\s]+)>"), r"\1"),  # an autolink: its address
-    (re.compile(r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>"), ""),  # HTML comments and tags
-    (re.compile(r"(`+)(.+?)\1"), r"\2"),  # inline code: its text
-    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # strong
-    (re.compile(r"(?<![\w*])\*(?=[^\s*])([^*]+?)(?<=\S)\*(?![\w*])"), r"\1"),  # *emphasis*
-    (re.compile(r"(?<!\w)_(?=[^\s_])([^_]+?)(?<=\S)_(?!\w)"), r"\1"),  # _emphasis_ (not snake_case)
-    (re.compile(r"~~(?=\S)(.+?)(?<=\S)~~"), r"\1"),  # strikethrough
+#: inline marks whose words are the content (CommonMark's common cases, not its every corner);
+#: matched over a whole paragraph, since a code span or emphasis may wrap onto the next line
+_INLINE_MARKS = tuple(
+    (re.compile(pattern, re.DOTALL), repl)
+    for pattern, repl in (
+        (r"<(https?://[^>\s]+)>", r"\1"),  # an autolink: its address
+        (r"<!--.*?-->|</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>", ""),  # HTML comments and tags
+        (r"(`+)(.+?)\1", r"\2"),  # inline code: its text
+        (r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1", r"\2"),  # strong
+        (r"(?<![\w*])\*(?=[^\s*])([^*]+?)(?<=\S)\*(?![\w*])", r"\1"),  # *emphasis*
+        (r"(?<!\w)_(?=[^\s_])([^_]+?)(?<=\S)_(?!\w)", r"\1"),  # _emphasis_ (not snake_case)
+        (r"~~(?=\S)(.+?)(?<=\S)~~", r"\1"),  # strikethrough
+    )
 )
 #: at a line's start: a bullet (``-``, ``*``, ``+``) or block quote marks; numbered items keep their number
 _LINE_MARKS = re.compile(r"^(\s*)(?:>\s?)*(?:[-*+][ \t]+)?")
@@ -107,10 +111,9 @@ def _inline_text(text: str) -> str:
     return text
 
 
-def _plain_line(line: str) -> str:
-    """A body line's words without its Markdown marks (:func:`_inline_text`), its bullet, quote
-    marks and table pipes dropped."""
-    line = _inline_text(_LINE_MARKS.sub(r"\1", line, count=1))
+def _without_line_marks(line: str) -> str:
+    """A body line without its bullet and quote marks; a table row's cells without their pipes."""
+    line = _LINE_MARKS.sub(r"\1", line, count=1)
     if line.lstrip().startswith("|"):
         line = " ".join(cell.strip() for cell in line.strip().strip("|").split("|"))
     return line
@@ -128,7 +131,7 @@ def markdown_parts(text: str) -> tuple[str | None, str]:
     title's heading (the passage's title field carries it), other headings with their words but not
     their ``#`` marks, setext underlines and ``---`` rules dropped, links and images as their text
     (``[Ray](https://ray.io)`` -> ``Ray``), and emphasis, inline code, HTML tags, bullets, quote
-    marks and table pipes without their marks (:func:`_plain_line`). Fenced code stays as it is."""
+    marks and table pipes without their marks (inline marks per paragraph). Fenced code stays as it is."""
     lines = text.splitlines()
     start = 0
     if lines and lines[0].strip() == "---":  # front matter: up to the next --- line
@@ -136,20 +139,27 @@ def markdown_parts(text: str) -> tuple[str | None, str]:
         start = end + 1 if end is not None else 0
     title: str | None = None
     body: list[str] = []
+    paragraph: list[str] = []  # prose lines, their inline marks removed together (they may wrap)
     fence = None
     previous = ""
+
+    def end_paragraph() -> None:
+        if paragraph:
+            body.append(_inline_text("\n".join(paragraph)))
+            paragraph.clear()
+
     for line in lines[start:]:
         marker = _FENCE.match(line)
-        if marker:
-            fence = None if fence == marker.group(1) else (fence or marker.group(1))
+        if marker or fence:
+            end_paragraph()
+            if marker:
+                fence = None if fence == marker.group(1) else (fence or marker.group(1))
             previous = ""
-            body.append(line)
-            continue
-        if fence:
             body.append(line)
             continue
         atx = _ATX.match(line)
         if atx and atx.group(1).strip():
+            end_paragraph()
             heading = _inline_text(atx.group(1)).strip()
             if title is None:
                 title = heading
@@ -160,11 +170,17 @@ def markdown_parts(text: str) -> tuple[str | None, str]:
         if _SETEXT.match(line) or _RULE_LINE.match(line):
             if _SETEXT.match(line) and previous.strip() and not previous.startswith((" " * 4, "\t")) and title is None:
                 title = _inline_text(previous).strip()
-                body.pop()  # the title's own line
+                paragraph.pop()  # the title's own line
+            end_paragraph()
             previous = ""
-            continue  # an underline or a --- rule: markup, no words
-        body.append(_plain_line(line))
+            continue  # an underline or a rule: markup, no words
+        if not line.strip():
+            end_paragraph()
+            body.append(line)
+        else:
+            paragraph.append(_without_line_marks(line))
         previous = line
+    end_paragraph()
     return title, "\n".join(body)
 
 

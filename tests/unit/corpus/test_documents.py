@@ -187,6 +187,9 @@ def test_inline_markdown_marks_bullets_quotes_tables_and_html_leave_only_their_w
         ).split()
     )
     assert markdown_parts("Setext *title*\n===\nbody\n") == ("Setext title", "body")
+    # a code span or emphasis that wraps onto the next line of its paragraph (not across paragraphs)
+    wrapped = markdown_parts("x\n\nRun `ray\nstart` and **keep\ngoing**.\n\nA lone ` stays.\n\nNext ` too.\n")[1]
+    assert wrapped.split() == "x Run ray start and keep going. A lone ` stays. Next ` too.".split()
 
 
 def test_a_markdown_documents_passages_and_their_offsets_skip_its_markup(tmp_path):
