@@ -30,6 +30,9 @@ INDEX_FLAGS = {
     "pooling",
     "max_length",
     "normalize",
+    "passage_format",
+    "query_prefix",
+    "passage_prefix",
     "batch_size",
     "num_shards",
     "faiss_factory",
@@ -59,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--normalize", action="store_true", help="L2-normalise the vectors (cosine; MiniLM was trained so)")
+    p.add_argument("--passage-format", default=None, choices=["pair", "joined"], help="default: the model's own")
+    p.add_argument(
+        "--query-prefix", default=None, help="the model's query prompt, recorded for searchers (E5: 'query: ')"
+    )
+    p.add_argument("--passage-prefix", default="", help="the model's passage prompt (E5: 'passage: ')")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument(
@@ -118,7 +126,8 @@ def flag_settings(args: argparse.Namespace):
 
     try:
         encoder = EncoderSpec(name_or_path=args.encoder, pooling=args.pooling, max_length=args.max_length,
-                              normalize=args.normalize)  # fmt: skip
+                              normalize=args.normalize, passage_format=args.passage_format,
+                              query_prefix=args.query_prefix, passage_prefix=args.passage_prefix)  # fmt: skip
         settings = IndexBuildSettings(
             batch_size=args.batch_size, num_shards=args.num_shards, faiss_factory=args.faiss_factory,
             metric=args.metric, train_sample=args.train_sample, num_actors=args.num_actors,

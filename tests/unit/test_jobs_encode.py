@@ -47,6 +47,13 @@ def test_flag_mode_and_normalize(job):
         True,
     )
     assert job.flag_s3_options(args) is None
+    assert (encoder.passage_format, encoder.query_prefix, encoder.passage_prefix) == (None, None, "")
+    prompted = job.parse_args(["--passages", "p", "--output", "o", "--query-prefix", "query: ", "--passage-prefix",
+                               "passage: ", "--passage-format", "pair"])  # fmt: skip
+    encoder, _ = job.flag_settings(prompted)
+    assert (encoder.passage_format, encoder.query_prefix, encoder.passage_prefix) == ("pair", "query: ", "passage: ")
+    with pytest.raises(SystemExit):  # with a CONFIG the prompts are the index section's
+        job.parse_args(["configs/quickstart.yaml", "--query-prefix", "query: "])
 
 
 def test_flag_mode_bad_value_is_a_config_error(job):
