@@ -169,6 +169,20 @@ class RaggenConfig(_Strict):
     serve: ServeSection = ServeSection()
     retrieval: RetrievalSettings = RetrievalSettings()  # dense | sparse | hybrid, read by eval, retrieve, serve
 
+    @model_validator(mode="after")
+    def _one_model_one_geometry(self) -> RaggenConfig:
+        """A model that encodes both the passages and the questions must turn both into vectors the
+        same way: mean-pooled questions against CLS-pooled passages score noise, with no error."""
+        q, i = self.model.query_encoder, self.index.encoder
+        if q.name_or_path == i.name_or_path:
+            for field in ("pooling", "normalize"):
+                if getattr(q, field) != getattr(i, field):
+                    raise ValueError(
+                        f"model.query_encoder.{field} is {getattr(q, field)!r} but index.encoder.{field} is "
+                        f"{getattr(i, field)!r}, for the same model {q.name_or_path}: set both alike"
+                    )
+        return self
+
 
 def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "<root>"
@@ -179,7 +193,9 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"{source}: {_field_path(e['loc'])}: {e['msg']}{got}")
+        where = _field_path(e["loc"])
+        message = e["msg"].removeprefix("Value error, ")  # a validator's own message names its fields
+        lines.append(f"{source}: {message}{got}" if where == "<root>" else f"{source}: {where}: {message}{got}")
     return "\n".join(lines)
 
 

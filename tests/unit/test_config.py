@@ -134,3 +134,19 @@ def test_relative_paths_become_absolute_but_hub_ids_stay(tmp_path, monkeypatch):
     assert cfg.train.index == "s3://bucket/index"
     assert cfg.train.storage_path == str(tmp_path / "runs")
     assert cfg.model.query_encoder.name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_one_model_for_questions_and_passages_must_pool_and_normalise_alike():
+    with pytest.raises(ConfigError, match=r"model.query_encoder.pooling is 'mean' but index.encoder.pooling is 'cls'"):
+        load_config("configs/quickstart.yaml", ["index.encoder.pooling=cls"])
+    with pytest.raises(
+        ConfigError, match=r"model.query_encoder.normalize is False but index.encoder.normalize is True"
+    ):
+        load_config("configs/quickstart.yaml", ["index.encoder.normalize=true"])
+    both = load_config(
+        "configs/quickstart.yaml", ["index.encoder.normalize=true", "model.query_encoder.normalize=true"]
+    )
+    assert both.index.encoder.normalize and both.model.query_encoder.normalize
+    # two models (DPR's question and context encoders) are the recipe's own business
+    two = load_config("configs/quickstart.yaml", ["index.encoder.name_or_path=other/ctx", "index.encoder.pooling=cls"])
+    assert two.index.encoder.pooling == "cls" and two.model.query_encoder.pooling == "mean"
