@@ -112,13 +112,16 @@ class Retriever:
         dev = pick_device(device)
         # the service's retrieval mode and fusion (``retrieval``); a request may ask for another mode
         self.retrieval = RetrievalSettings.model_validate(retrieval or {})
+        named = (encoder["name_or_path"], encoder.get("pooling", "mean"))  # as a manifest records it
         encoder = {**encoder, "name_or_path": fetch_model_dir(encoder["name_or_path"], s3)}
         self.encoder = TextEncoder.from_pretrained(**encoder, device=dev).eval()
         self.index_metrics = IndexMetrics()
         self.batch_metrics = BatchMetrics("retrieve")
         settings = SearchSettings.model_validate(search) if search is not None else None
         self.holder = IndexHolder(
-            loader=functools.partial(load_for_swap, s3=s3, expect_dim=self.encoder.dim, settings=settings),
+            loader=functools.partial(
+                load_for_swap, s3=s3, expect_dim=self.encoder.dim, expect_encoder=named, settings=settings
+            ),
             latest_reader=functools.partial(read_latest_version, s3=s3),
             versions_reader=functools.partial(versions_newest_first, s3=s3),
             on_swap=self.index_metrics.on_swap,

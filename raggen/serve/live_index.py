@@ -83,6 +83,7 @@ def load_live_index(
     *,
     s3: dict | None = None,
     expect_dim: int | None = None,
+    expect_encoder: tuple[str, str] | None = None,
     settings: SearchSettings | None = None,
 ) -> LiveIndex:
     """Load ``version`` (None: the one LATEST names) of the index at ``root``, every checksum verified.
@@ -91,7 +92,9 @@ def load_live_index(
     process, or (``actors``, ``auto`` above its thresholds) in the cluster's shared shard actor
     group of this version (started and verified on first use, see the module docstring). Raises
     IndexIntegrityError on a partial/corrupt version or one whose vectors the query encoder cannot
-    search (dimension mismatch); both are found before any shard is loaded or actor started.
+    search (dimension mismatch, or ``expect_encoder`` = (the query encoder's model, its pooling)
+    naming the model the passages were encoded with, pooled otherwise); all are found before any
+    shard is loaded or actor started.
     """
     settings = settings if settings is not None else SearchSettings(mode="local")
     vuri, manifest, actors = search_plan(root, version, settings, s3)  # LATEST read once, here
@@ -100,6 +103,12 @@ def load_live_index(
         raise IndexIntegrityError(
             f"{root} version {manifest.version}: index vectors are {dim}-d but the query encoder gives {expect_dim}-d"
         )
+    if expect_encoder is not None and expect_encoder[0] == manifest.encoder.name_or_path:
+        if expect_encoder[1] != manifest.encoder.pooling:  # one model, two geometries: scores would be noise
+            raise IndexIntegrityError(
+                f"{root} version {manifest.version}: passages were {manifest.encoder.pooling}-pooled by "
+                f"{expect_encoder[0]}, but the query encoder, the same model, pools {expect_encoder[1]}"
+            )
     if actors:
         index = open_shared_group(vuri, settings=settings, s3_options=s3, manifest=manifest, load_embeddings=False)
     else:
@@ -165,7 +174,15 @@ class IndexUserConfig(BaseModel):
 
 
 def load_for_swap(
-    root: str, version: str | None, *, s3: dict | None, expect_dim: int, settings: SearchSettings | None = None
+    root: str,
+    version: str | None,
+    *,
+    s3: dict | None,
+    expect_dim: int,
+    expect_encoder: tuple[str, str] | None = None,
+    settings: SearchSettings | None = None,
 ) -> LiveIndex:
     """:func:`load_live_index` with keyword-only settings, for ``functools.partial`` in a replica."""
-    return load_live_index(root, version, s3=s3, expect_dim=expect_dim, settings=settings)
+    return load_live_index(
+        root, version, s3=s3, expect_dim=expect_dim, expect_encoder=expect_encoder, settings=settings
+    )

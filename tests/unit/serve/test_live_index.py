@@ -57,6 +57,11 @@ def test_local_load_skips_embeddings_and_uses_the_tuned_nprobe(tmp_path):
     assert overridden.backend == "local" and overridden.index.nprobe == 8
     with pytest.raises(IndexIntegrityError, match="16-d but the query encoder gives 32-d"):
         load_live_index(root, None, expect_dim=32)
+    # the passages' own model (x, mean-pooled) asking with CLS states: refused; other models are theirs to pair
+    with pytest.raises(IndexIntegrityError, match="passages were mean-pooled by x, but the query encoder.*pools cls"):
+        load_live_index(root, None, expect_dim=D, expect_encoder=("x", "cls"))
+    for fits in (("x", "mean"), ("a-question-encoder", "cls")):
+        load_live_index(root, None, expect_dim=D, expect_encoder=fits).close()
     live.close()
     overridden.close()
 
