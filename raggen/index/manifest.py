@@ -94,6 +94,14 @@ class EncoderInfo(BaseModel):
     query_prefix: str = ""
     passage_prefix: str = ""
 
+    def pooling_conflict(self, name_or_path: str, pooling: str) -> str | None:
+        """Why a query encoder (``name_or_path``, ``pooling``) cannot search these vectors: it is the
+        model that encoded the passages, pooled otherwise (scores would be noise); None when it can
+        (another model, e.g. DPR's question encoder, pairs as its recipe says)."""
+        if name_or_path != self.name_or_path or pooling == self.pooling:
+            return None
+        return f"passages were {self.pooling}-pooled by {self.name_or_path}, but the query encoder, the same model, pools {pooling}"
+
 
 class ShardEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -103,12 +103,9 @@ def load_live_index(
         raise IndexIntegrityError(
             f"{root} version {manifest.version}: index vectors are {dim}-d but the query encoder gives {expect_dim}-d"
         )
-    if expect_encoder is not None and expect_encoder[0] == manifest.encoder.name_or_path:
-        if expect_encoder[1] != manifest.encoder.pooling:  # one model, two geometries: scores would be noise
-            raise IndexIntegrityError(
-                f"{root} version {manifest.version}: passages were {manifest.encoder.pooling}-pooled by "
-                f"{expect_encoder[0]}, but the query encoder, the same model, pools {expect_encoder[1]}"
-            )
+    conflict = manifest.encoder.pooling_conflict(*expect_encoder) if expect_encoder is not None else None
+    if conflict:
+        raise IndexIntegrityError(f"{root} version {manifest.version}: {conflict}")
     if actors:
         index = open_shared_group(vuri, settings=settings, s3_options=s3, manifest=manifest, load_embeddings=False)
     else:

@@ -146,6 +146,10 @@ def setup_worker(
         cache.load_state_dict(state.jsa_cache_state)
     target = searched_index(job, state)
     index = load_index(target, rank, world_size)
+    query = job.models.query_encoder
+    conflict = index.manifest.encoder.pooling_conflict(query.name_or_path, query.pooling)
+    if conflict:
+        raise ConfigError(f"model.query_encoder.pooling: {target.uri}: {conflict}")
     use_index_prompts(models, index.manifest.encoder.query_prefix)
     return Worker(job, models, wrapped, roles, optimizer, cache, index, target, device, rank, world_size)
 

@@ -331,3 +331,10 @@ def test_manifests_written_before_normalize_was_recorded_read_as_unnormalised():
 
     assert EncoderInfo.model_validate({"name_or_path": "m", "pooling": "mean", "dim": 4}).normalize is False
     assert EncoderInfo.model_validate({"name_or_path": "m", "pooling": "mean", "dim": 4, "normalize": True}).normalize
+
+
+def test_a_query_encoder_that_is_the_passages_model_must_pool_as_they_were():
+    info = M.EncoderInfo(name_or_path="BAAI/bge-base-en-v1.5", pooling="cls", dim=768)
+    assert "cls-pooled by BAAI/bge-base-en-v1.5" in info.pooling_conflict("BAAI/bge-base-en-v1.5", "mean")
+    assert info.pooling_conflict("BAAI/bge-base-en-v1.5", "cls") is None
+    assert info.pooling_conflict("facebook/dpr-question_encoder-single-nq-base", "mean") is None  # another model
