@@ -207,15 +207,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-5")
     key, _, raw = text.partition("=")
+    keys = key.strip().split(".")
     if not raw.strip():
-        return key.strip().split("."), ""
+        return keys, ""
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
-        return key.strip().split("."), raw
+        return keys, raw
     if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
         value = raw  # "query: " or "- x": only an explicit {...} / [...] is a collection
-    return key.strip().split("."), value
+    return keys, value
 
 
 def _apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:

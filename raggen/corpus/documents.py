@@ -167,8 +167,9 @@ def markdown_parts(text: str) -> tuple[str | None, str]:
                 body.append(heading)
             previous = ""
             continue
-        if _SETEXT.match(line) or _RULE_LINE.match(line):
-            if _SETEXT.match(line) and previous.strip() and not previous.startswith((" " * 4, "\t")) and title is None:
+        setext = _SETEXT.match(line)
+        if setext or _RULE_LINE.match(line):
+            if setext and previous.strip() and not previous.startswith((" " * 4, "\t")) and title is None:
                 title = _inline_text(previous).strip()
                 paragraph.pop()  # the title's own line
             end_paragraph()

@@ -112,7 +112,7 @@ class Retriever:
         dev = pick_device(device)
         # the service's retrieval mode and fusion (``retrieval``); a request may ask for another mode
         self.retrieval = RetrievalSettings.model_validate(retrieval or {})
-        named = (encoder["name_or_path"], encoder.get("pooling", "mean"))  # as a manifest records it
+        named = (encoder["name_or_path"], encoder["pooling"])  # as a manifest records it (args: a full EncoderSpec)
         encoder = {**encoder, "name_or_path": fetch_model_dir(encoder["name_or_path"], s3)}
         self.encoder = TextEncoder.from_pretrained(**encoder, device=dev).eval()
         self.index_metrics = IndexMetrics()
