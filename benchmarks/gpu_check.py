@@ -17,6 +17,7 @@ at most 5 minutes; a machine without CUDA runs the same code paths at tiny sizes
 
     .venv/bin/python benchmarks/gpu_check.py          # full size on CUDA (tiny sizes without CUDA)
     .venv/bin/python benchmarks/gpu_check.py --tiny   # tiny models and data: < 3 min on 2 CPU cores
+    .venv/bin/python benchmarks/gpu_check.py --address 127.0.0.1:6379   # on a running cluster
 
 Prints a header line naming the machine, then one table; rows that need a GPU read
 "n/a (no GPU)". All weights are random: speed is measured, not quality (recall is the index's).
@@ -462,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny models and data (automatic without CUDA)")
     p.add_argument("--passages", type=int, default=None, help="passages through the pipeline (default: by size)")
     p.add_argument("--work-dir", default=None, help="keep everything here (default: a temp folder, removed)")
+    p.add_argument("--address", default=None,
+                   help="join this running Ray cluster (host:port) instead of starting one on this machine; "
+                        "its other work then shares the numbers")  # fmt: skip
     args = p.parse_args(argv)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     s = TINY if (args.tiny or not gpus) else FULL
@@ -475,10 +479,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     print(f"machine: {machine()}; sizes: {s.name}" + ("" if gpus else " (no CUDA)"), flush=True)
-    # keep the dashboard: Ray Train V2 checks its controller through the State API it serves;
     # one tokenizer thread per tokenise task (each task holds its own CPU share)
-    ray.init(num_cpus=os.cpu_count() or 2, num_gpus=gpus, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
+    runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if args.address:  # a running cluster: its resources are what it has
+        ray.init(address=args.address, log_to_driver=False, runtime_env=runtime_env)
+    else:  # keep the dashboard: Ray Train V2 checks its controller through the State API it serves
+        ray.init(num_cpus=os.cpu_count() or 2, num_gpus=gpus, log_to_driver=False, runtime_env=runtime_env)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         models = work / "models"

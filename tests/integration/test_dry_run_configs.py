@@ -3,7 +3,11 @@
 ``raggen dry-run`` (``raggen.app.dry_run.run_dry_run``) against a real S3 server (moto on loopback):
 Ray Data encoding -> FAISS shards -> publish to the config's own s3:// URIs -> 2 Ray Train steps
 on 2 workers -> eval of the exported checkpoint -> Ray Serve answers one question over HTTP. The
-Serve config (configs/serve.yaml) is deployed as it is, on the quickstart rehearsal's index.
+Serve config (configs/serve.yaml) is deployed as it is, on the documents rehearsal's index.
+
+The quickstart config's rehearsal runs in ``test_job_submit`` instead, step by step with its
+``--print-overrides`` lines as submitted jobs (a rehearsal costs ~100 s of a CPU-bound suite, and
+that test submits the quickstart's encode and train jobs anyway).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 RAGGEN_CONFIGS = [p for p in CONFIGS if "applications" not in yaml.safe_load(p.read_text())]
 SERVE_CONFIGS = [p for p in CONFIGS if p not in RAGGEN_CONFIGS]
+REHEARSED_AS_JOBS = {"quickstart.yaml"}  # tests/integration/test_job_submit.py
+IN_PROCESS = [p for p in RAGGEN_CONFIGS if p.name not in REHEARSED_AS_JOBS]
+SERVED_INDEX_FROM = REPO / "configs" / "documents.yaml"  # a MiniLM (mean-pooled) index, as serve.yaml's encoder
 
 
 def _buckets(path: Path) -> set[str]:
@@ -59,7 +66,17 @@ def _cwd_and_no_token(monkeypatch):
     monkeypatch.delenv("RAGGEN_API_TOKEN", raising=False)
 
 
-@pytest.mark.parametrize("path", RAGGEN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_is_rehearsed_somewhere():
+    """A new config is rehearsed in process unless listed; a listed one must exist and be rehearsed
+    by the job test under its name."""
+    names = {p.name for p in RAGGEN_CONFIGS}
+    assert REHEARSED_AS_JOBS <= names
+    job_tests = (REPO / "tests" / "integration" / "test_job_submit.py").read_text()
+    assert all(f'"configs/{name}"' in job_tests and "--print-overrides" in job_tests for name in REHEARSED_AS_JOBS)
+    assert SERVED_INDEX_FROM in IN_PROCESS
+
+
+@pytest.mark.parametrize("path", IN_PROCESS, ids=lambda p: p.name)
 def test_shipped_config_runs_end_to_end_with_tiny_models_of_its_classes(path, rehearsals, moto_s3):
     report = rehearsals(path)
     cfg = load_config(path, report["overrides"])
@@ -109,9 +126,7 @@ def test_shipped_serve_config_deploys_as_it_is_and_answers(path, rehearsals):
     from raggen.serve.app import deploy_config, wait_until_running, with_index
     from raggen.serve.client import ask
 
-    index = load_config(
-        REPO / "configs" / "quickstart.yaml", rehearsals(REPO / "configs" / "quickstart.yaml")["overrides"]
-    ).index.output
+    index = load_config(SERVED_INDEX_FROM, rehearsals(SERVED_INDEX_FROM)["overrides"]).index.output
     config = yaml.safe_load(path.read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": _free_port()}
     for app in config["applications"]:

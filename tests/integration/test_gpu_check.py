@@ -38,9 +38,12 @@ def _table(stdout: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(420)
-def test_tiny_gpu_check_prints_one_complete_table(no_shared_ray):
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny"], cwd=REPO,
-                          capture_output=True, text=True, timeout=400)  # fmt: skip
+def test_tiny_gpu_check_prints_one_complete_table(ray_cluster):
+    """On this process's shared Ray (``--address``): a cluster of its own would cost two cluster
+    start-ups (its own, then the shared one again for the next module) on a CPU-bound suite."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--tiny", "--address", address],
+                          cwd=REPO, capture_output=True, text=True, timeout=400)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     first = proc.stdout.splitlines()[0]
     assert first.startswith("machine: ") and all(w in first for w in ("torch", "CUDA", "faiss", "cores")), first

@@ -37,6 +37,7 @@ BIN = Path(sys.executable).parent
 RAY = BIN / "ray"
 START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 180
+AGENT_WAIT_S = 60
 EXCLUDES = [".venv", ".git", "artifacts", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 
 
@@ -190,7 +191,13 @@ def _submit(c: Cluster, *job_args: str) -> tuple[str, subprocess.CompletedProces
         *job_args,
     ]
     try:
-        return sub_id, c.ray(*cmd, timeout=JOB_TIMEOUT_S)
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            proc = c.ray(*cmd, timeout=JOB_TIMEOUT_S)
+            # a head that has just started answers the job API before its job agent registers
+            if "No available agent to submit job" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+                return sub_id, proc
+            time.sleep(1)
     except subprocess.TimeoutExpired:
         c.ray("job", "stop", "--address", c.address, sub_id)
         logs = c.ray("job", "logs", "--address", c.address, sub_id).stdout
@@ -248,83 +255,73 @@ def test_client_without_auth_mode_is_refused(cluster):
     assert "Missing authentication token" in proc.stdout + proc.stderr
 
 
-def test_train_job_with_the_quickstart_config_and_its_relative_reader_path_then_serve_detached(cluster):
-    """`jobs/encode.py` and `jobs/train.py configs/quickstart.yaml` as submitted jobs, with size and
-    data-path overrides only: the config's relative `model.generator: raggen/assets/reader` must
-    resolve in the job's working dir on the driver (Train workers start elsewhere). Then the trained
-    models are served with `raggen serve --detach` on the same cluster."""
-    world, index, runs = cluster.root / "qs-world", cluster.root / "qs-index", cluster.root / "qs-runs"
-    made = subprocess.run(
-        [
-            str(BIN / "raggen"),
-            "world",
-            "--config",
-            "configs/quickstart.yaml",
-            "--set",
-            f"world.out_dir={world}",
-            "--set",
-            "world.num_entities=50",
-        ],
-        cwd=REPO,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def _raggen(cluster: Cluster, *args: str, env: dict[str, str] | None = None, timeout: float = 240):
+    """The raggen CLI from the repo root, as a user runs it beside the cluster."""
+    return subprocess.run([str(BIN / "raggen"), *args], cwd=REPO, env=env or cluster.env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def test_quickstart_rehearsal_step_by_step_as_jobs_then_serve_detached(cluster):
+    """The quickstart config's dry run (issue #11: encode with Ray Data -> index -> 2 training steps on 2
+    Ray Train workers -> eval -> Serve answers over HTTP) run the way the README's step-by-step
+    rehearsal runs it: the ``--set`` lines of ``raggen dry-run --print-overrides``, then
+    ``jobs/encode.py`` and ``jobs/train.py`` as submitted jobs, ``raggen eval`` and ``raggen serve
+    --detach`` + ``raggen ask`` on the running cluster. (``test_dry_run_configs`` runs the other
+    configs' rehearsals in process; the quickstart's is here, where its job path is tested too.)
+
+    The config's relative ``model.generator: raggen/assets/reader`` must resolve in the job's working
+    dir on the driver (Train workers start elsewhere); the served models are the trained ones."""
+    from raggen.config import load_config
+    from raggen.index import read_latest, verify_index
+    from raggen.models.loading import fetch_model_dir
+    from raggen.train.metrics import read_metrics
+
+    config = "configs/quickstart.yaml"
+    printed = _raggen(cluster, "dry-run", config, "--out", str(cluster.root / "qs"), "--print-overrides", timeout=120)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    lines = [line.removeprefix("--set ") for line in printed.stdout.splitlines() if line.startswith("--set ")]
+    assert "train.num_workers=2" in lines and "train.steps=2" in lines, printed.stdout
+    overrides = [arg for item in lines for arg in ("--set", item)]
+    cfg = load_config(REPO / config, lines)
+
+    made = _raggen(cluster, "world", "--config", config, *overrides, "--set", "world.num_entities=130", timeout=120)
     assert made.returncode == 0, made.stderr[-2000:]
-    data = [
-        f"world.out_dir={world}",
-        f"index.passages={world / 'passages.tsv'}",
-        f"index.output={index}",
-        f"train.index={index}",
-        f"train.train_file={world / 'train.jsonl'}",
-        f"train.dev_file={world / 'dev.jsonl'}",
-        f"train.storage_path={runs}",
-    ]
-    sizes = [
-        "index.num_shards=1",
-        "index.actor_num_cpus=0.5",
-        "train.steps=2",
-        "train.num_workers=1",
-        "train.cpus_per_worker=0.5",
-        "train.batch_size=2",
-        "train.checkpoint_every=2",
-        "train.eval_every=0",
-    ]
-    overrides = [arg for item in data + sizes for arg in ("--set", item)]
 
-    sub_id, proc = _submit(cluster, "jobs/encode.py", "configs/quickstart.yaml", *overrides)
+    sub_id, proc = _submit(cluster, "jobs/encode.py", config, *overrides)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert (index / "LATEST").is_file()
+    manifest = verify_index(cfg.index.output)
+    assert manifest.num_passages > 200 and len(manifest.shards) == 2, manifest
+    assert (manifest.encoder.pooling, manifest.encoder.passage_format) == ("mean", "joined")
 
-    sub_id, proc = _submit(cluster, "jobs/train.py", "configs/quickstart.yaml", *overrides)
+    sub_id, proc = _submit(cluster, "jobs/train.py", config, *overrides)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert _status(cluster, sub_id) == "SUCCEEDED"
-    final = runs / "quickstart" / "final"
-    from raggen.index import read_latest
-    from raggen.models.loading import fetch_model_dir
-
+    assert "Repo id must be in the form" not in proc.stdout + proc.stderr
+    final = Path(cfg.train.storage_path) / "quickstart" / "final"
     exported = Path(fetch_model_dir(str(final / "query_encoder")))  # through final/LATEST, verified
     assert (exported / "config.json").is_file(), "the trained retriever was exported"
-    assert "Repo id must be in the form" not in proc.stdout + proc.stderr
+    steps, _ = read_metrics(Path(cfg.train.storage_path) / "quickstart" / "metrics.jsonl")
+    assert [r["step"] for r in steps] == [1, 2]
+
+    evaluated = _raggen(cluster, "eval", config, *overrides, "--checkpoint", str(final), "--split", "dev")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    scores = json.loads(evaluated.stdout)
+    assert scores["index_version"] == manifest.version, scores
+    assert all(0.0 <= scores[k] <= 1.0 for k in scores if k.startswith(("em", "f1", "recall")))
 
     # then serve what was trained as a user does: `raggen serve --detach` on the running cluster returns,
     # and the service answers `raggen ask` from another process after that command has exited
     port = _free_ports(1)[0]
     env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
-    sets = [f"serve.index={index}", f"serve.model_dir={final}", f"serve.port={port}", "serve.replica_num_cpus=0.2"]
-    serve_args = [arg for item in sets for arg in ("--set", item)]
-    raggen = str(BIN / "raggen")
+    serve_args = ["--set", f"serve.model_dir={final}", "--set", f"serve.port={port}"]
     try:
-        served = subprocess.run([raggen, "serve", "configs/quickstart.yaml", "--detach", *serve_args], cwd=REPO,
-                                env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+        served = _raggen(cluster, "serve", config, "--detach", *overrides, *serve_args, env=env)
         assert served.returncode == 0, served.stderr[-3000:]
-        question = json.loads((world / "dev.jsonl").read_text().splitlines()[0])["question"]
-        asked = subprocess.run([raggen, "ask", question, "--url", f"http://127.0.0.1:{port}"], env=env,
-                               capture_output=True, text=True, timeout=120)  # fmt: skip
+        question = json.loads(Path(cfg.train.dev_file).read_text().splitlines()[0])["question"]
+        asked = _raggen(cluster, "ask", question, "--url", f"http://127.0.0.1:{port}", env=env, timeout=120)
         assert asked.returncode == 0, asked.stderr[-3000:]
         answer = json.loads(asked.stdout)
-        assert answer["passages"] and answer["index_version"] == read_latest(str(index)), answer
+        assert answer["passages"] and answer["index_version"] == read_latest(cfg.index.output) == manifest.version
     finally:
         subprocess.run([sys.executable, "-c", "import ray; from ray import serve; ray.init(); serve.shutdown()"],
                        env=env, capture_output=True, timeout=120)  # fmt: skip
