@@ -36,13 +36,13 @@ format: venv
 # an integration module's Ray, Serve or job cluster lives in one process; each process has its own
 # RAY_TMPDIR, see tests/conftest.py); the 15 slowest tests are listed at the end.
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout=600 --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --timeout=600 --durations=15
 
 test-unit: venv
 	$(BIN)/python -m pytest -q -n 2 -m "not integration"
 
 test-integration: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m integration --timeout=600 --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m integration --timeout=600 --durations=15
 
 bench: venv
 	$(BIN)/python benchmarks/estimators.py
