@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default=None, help="keep everything here (default: a temp folder, removed)")
     p.add_argument("--address", default=None,
                    help="join this running Ray cluster (host:port) instead of starting one on this machine; "
-                        "its other work then shares the numbers")  # fmt: skip
+                        "its other work then shares the numbers, and the GPU checks still use this machine's "
+                        "GPUs (the driver's)")  # fmt: skip
     args = p.parse_args(argv)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     s = TINY if (args.tiny or not gpus) else FULL
@@ -478,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray.data
 
     t_start = time.perf_counter()
-    print(f"machine: {machine()}; sizes: {s.name}" + ("" if gpus else " (no CUDA)"), flush=True)
+    where = f"; on the Ray cluster at {args.address}" if args.address else ""
+    print(f"machine: {machine()}; sizes: {s.name}" + ("" if gpus else " (no CUDA)") + where, flush=True)
     # one tokenizer thread per tokenise task (each task holds its own CPU share)
     runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if args.address:  # a running cluster: its resources are what it has
