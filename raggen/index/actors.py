@@ -282,6 +282,8 @@ class ShardActorGroup:
                 handles.append(remote.options(
                     name=f"{name}/{a}", num_cpus=settings.actor_num_cpus, num_gpus=settings.actor_num_gpus or 0,
                     max_concurrency=settings.actor_max_concurrency,
+                    max_restarts=settings.actor_max_restarts,
+                    max_task_retries=settings.actor_search_retries if settings.actor_max_restarts else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a),
                 ).remote(vuri, shards, s3_options=dict(s3_options) if s3_options else None,
                          cache_dir=None if cache_dir is None else str(cache_dir), load_embeddings=load_embeddings,

@@ -39,6 +39,14 @@ class SearchSettings(BaseModel):
     actor_num_gpus: float = Field(0.0, ge=0)
     shards_per_actor: int = Field(1, ge=1)  # consecutive shards served by one actor
     actor_max_concurrency: int = Field(4, ge=1)  # requests one actor serves at once (FAISS releases the GIL)
+    # a shard actor whose process or node died is started again by Ray in its placement-group bundle
+    # (it reloads its shards from its node's cache, or the store on a new node), at most
+    # actor_max_restarts times (-1: always; 0: never, and every later search fails until the
+    # version is started again). A search the dead actor held is sent again once it is back, at
+    # most actor_search_retries times (searches only read), so callers see a slower answer, not an
+    # error; the bound keeps a search that itself kills the actor from looping
+    actor_max_restarts: int = Field(-1, ge=-1)
+    actor_search_retries: int = Field(3, ge=0)
     # how a shard actor keeps its passages: "mapped" (texts as zstd blocks, stored vectors as .npy,
     # derived once per node into the cache and memory-mapped: the actor holds only what it reads;
     # ~0.7x the parquet's bytes more on the cache disk) or "table" (decoded into the actor's memory)

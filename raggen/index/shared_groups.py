@@ -34,6 +34,7 @@ def group_key(version_uri: str, settings: SearchSettings, load_embeddings: bool 
     """What callers that may share one group must agree on: the version folder and every setting
     that shapes its actors (resources, shards per actor, search defaults, embeddings)."""
     shaping = settings.model_dump(include={"actor_num_cpus", "actor_num_gpus", "shards_per_actor", "actor_max_concurrency",
+                                           "actor_max_restarts", "actor_search_retries",
                                            "nprobe", "ef_search", "refine_k_factor", "cache_versions"})  # fmt: skip
     return json.dumps({"uri": version_uri, "load_embeddings": load_embeddings, **shaping}, sort_keys=True)
 

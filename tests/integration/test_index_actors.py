@@ -9,7 +9,8 @@
   less than the shard's text (about 40 MB), while opening the same version locally grows by it;
 - a Ray Train run with 2 workers searches through ONE actor group (counted by actor name);
 - a version that does not verify fails the group's start and leaves nothing running;
-  ``SwappableIndex`` moves callers to a newly started group and ends the old one.
+  ``SwappableIndex`` moves callers to a newly started group and ends the old one;
+- a shard actor killed under a caller's searches is restarted by Ray and no search fails.
 """
 
 from __future__ import annotations
@@ -275,6 +276,67 @@ def test_swap_moves_callers_to_a_new_group_and_ends_the_old_one(cluster, version
         time.sleep(0.5)
     assert states == {"DEAD"}
     live.close()
+
+
+def test_a_killed_shard_actor_is_restarted_and_no_search_fails(cluster, version):
+    """SIGKILL one actor's process (a crash or the OOM killer) while a caller searches: Ray starts the
+    actor again in its bundle, it reloads its shards, and the searches it held are sent again, so
+    every search returns the exact top-k. With ``actor_max_restarts: 0`` the same kill fails searches."""
+    import signal
+    import threading
+
+    import ray
+
+    xq = np.random.default_rng(3).standard_normal((4, D)).astype(np.float32)
+    want = ShardedIndex.from_version(load_version(version["root"])).search(xq, 10).ids
+    group = ShardActorGroup.start(version["root"], settings=settings(shards_per_actor=2))
+    try:
+        index = group.sharded_index()
+        victim = group.info()[1]
+        results, errors, stop = [], [], threading.Event()
+
+        def caller():
+            while not stop.is_set():
+                try:
+                    results.append(index.search(xq, 10).ids)
+                except Exception as exc:  # noqa: BLE001 - any failed search fails the test
+                    errors.append(repr(exc))
+
+        thread = threading.Thread(target=caller)
+        thread.start()
+        try:
+            time.sleep(0.5)
+            before = len(results)
+            killed_at = time.time()
+            os.kill(victim["pid"], signal.SIGKILL)
+            deadline = killed_at + 60
+            while time.time() < deadline and ray.get(group.handles[1].info.remote())["pid"] == victim["pid"]:
+                time.sleep(0.2)
+            after_restart = len(results)
+            print(
+                f"\nshard actor back {time.time() - killed_at:.1f} s after SIGKILL; {after_restart - before} searches meanwhile"
+            )
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        assert errors == [], errors[:3]
+        assert group.info()[1]["pid"] != victim["pid"], "the killed actor was started again"
+        assert before > 0 and len(results) > after_restart, "searches ran before the kill and after the restart"
+        assert all(ids == want for ids in results)
+        assert group.alive()
+    finally:
+        group.close()
+
+    fragile = ShardActorGroup.start(version["root"], settings=settings(shards_per_actor=2, actor_max_restarts=0))
+    try:
+        os.kill(fragile.info()[0]["pid"], signal.SIGKILL)
+        with pytest.raises(ray.exceptions.RayActorError):
+            for _ in range(50):  # the kill may land after a search or two
+                fragile.sharded_index().search(xq, 10)
+                time.sleep(0.1)
+    finally:
+        fragile.close()
 
 
 # ------------------------------------------------------------------------------------------ training
