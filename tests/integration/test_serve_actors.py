@@ -7,7 +7,8 @@ with ~30 MB of incompressible passage text each, behind a Serve app with TWO Ret
   it, two leases), and ``/v1/answer`` returns exactly the top-k ids of the same version opened
   locally and searched with the same query encoder;
 - a hot swap to v2 under a client loop fails no request; afterwards the v1 group's actors are
-  gone and the replicas' RSS grew by much less than v2's passage text (it stays in the actors).
+  gone and the replicas' RSS grew by much less than v2's passage text (it stays in the actors);
+- a shard actor killed (SIGKILL) under a client loop is started again and fails no request.
 
 Every replica and actor asks for a fraction of a CPU (2 cores in all).
 """
@@ -145,6 +146,43 @@ def _groups() -> dict[str, dict]:
     return ray.get(registry.groups.remote(), timeout=30)
 
 
+class _ClientStream:
+    """Two client threads asking ``/v1/answer`` in a loop while the ``with`` block runs: the non-200
+    replies and transport errors in ``failures``, the index versions answered in ``versions``."""
+
+    def __init__(self, url: str):
+        self.url, self.stop = url, threading.Event()
+        self.failures: list[str] = []
+        self.versions: set[str] = set()
+        self.count = 0
+        self.threads = [threading.Thread(target=self._client) for _ in range(2)]
+
+    def _client(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            while not self.stop.is_set():
+                q = QUESTIONS[self.count % len(QUESTIONS)]
+                try:
+                    r = http.post("/v1/answer", json={"question": q, "top_k": TOP_K, "decoding": "rag-token",
+                                                      "max_new_tokens": 2, "num_beams": 1})  # fmt: skip
+                    if r.status_code != 200:
+                        self.failures.append(f"{r.status_code}: {r.text[:200]}")
+                    else:
+                        self.versions.add(r.json()["index_version"])
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                self.count += 1
+
+    def __enter__(self) -> _ClientStream:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
 def test_replicas_share_one_actor_group_and_answer_as_the_local_index(service, world):
     replicas = _replicas()
     assert {i["backend"] for i in replicas.values()} == {"actors"}
@@ -174,39 +212,15 @@ def test_hot_swap_under_load_fails_nothing_and_ends_the_old_group(service, world
     before = {pid: _rss(pid) for pid in _replicas()}
     (old,) = [g["group"] for g in _groups().values() if g["version"] == "v1"]
 
-    stop, failures, versions, count = threading.Event(), [], set(), [0]
-
-    def client() -> None:
-        with httpx.Client(base_url=service.url, timeout=60) as http:
-            while not stop.is_set():
-                q = QUESTIONS[count[0] % len(QUESTIONS)]
-                try:
-                    r = http.post("/v1/answer", json={"question": q, "top_k": TOP_K, "decoding": "rag-token",
-                                                      "max_new_tokens": 2, "num_beams": 1})  # fmt: skip
-                    if r.status_code != 200:
-                        failures.append(f"{r.status_code}: {r.text[:200]}")
-                    else:
-                        versions.add(r.json()["index_version"])
-                except httpx.HTTPError as exc:
-                    failures.append(repr(exc))
-                count[0] += 1
-
-    threads = [threading.Thread(target=client) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with _ClientStream(service.url) as stream:
         time.sleep(1.0)
         deploy_config(with_index(service.config, world.root, "v2"))
         _wait_for(lambda: [(g["version"], g["leases"]) for g in _groups().values()] == [("v2", 2)], 120,
                   "both replicas on the v2 group and the v1 group given back")  # fmt: skip
-        _wait_for(lambda: "v2" in versions, 30, "answers from v2")
+        _wait_for(lambda: "v2" in stream.versions, 30, "answers from v2")
         time.sleep(1.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-    assert failures == [], failures[:5]
-    assert versions == {"v1", "v2"} and count[0] > 10
+    assert stream.failures == [], stream.failures[:5]
+    assert stream.versions == {"v1", "v2"} and stream.count > 10
 
     def gone() -> bool:
         for h in old.handles:
@@ -227,3 +241,21 @@ def test_hot_swap_under_load_fails_nothing_and_ends_the_old_group(service, world
         f"v2 passage text {text / 2**20:.1f} MiB"
     )
     assert all(g < 0.5 * text for g in growth.values()), "a Retriever replica must not hold the passages"
+
+
+def test_a_killed_shard_actor_fails_no_request(service):
+    """SIGKILL one shard actor of the live group under a client stream: Ray starts it again in its
+    bundle, the searches it held are sent again, and no request fails."""
+    import signal
+
+    (entry,) = _groups().values()
+    group = entry["group"]
+    victim = group.info()[0]
+    with _ClientStream(service.url) as stream:
+        _wait_for(lambda: stream.count >= 4, 30, "answers before the kill")
+        os.kill(victim["pid"], signal.SIGKILL)
+        _wait_for(lambda: group.info()[0]["pid"] != victim["pid"], 60, "the shard actor started again")
+        answered = stream.count
+        _wait_for(lambda: stream.count >= answered + 4, 30, "answers after the restart")
+    assert stream.failures == [], stream.failures[:5]
+    assert [(g["version"], g["leases"]) for g in _groups().values()] == [(entry["version"], 2)], "the same group"
