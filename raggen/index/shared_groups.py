@@ -129,13 +129,22 @@ def _actor_dead(actor_id: str) -> bool:
     return isinstance(info, dict) and str(info.get("State", "")).upper() == "DEAD"
 
 
+#: the resource only the head node has (Ray's own name; Ray Serve places its controller with it)
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
 def shard_group_registry():
-    """The cluster's :class:`ShardGroupRegistry` actor (created on first use: detached, 0 CPUs)."""
+    """The cluster's :class:`ShardGroupRegistry` actor (created on first use: detached, 0 CPUs).
+
+    It lives on the head node, whichever process asks first: the shard actors of the groups it
+    starts are its own (they end with it, restarts or not), so it must not sit on a worker node
+    that the cluster may lose (a Serve replica's, a Train worker's); the head's loss ends the
+    cluster anyway."""
     import ray
 
     return ray.remote(ShardGroupRegistry).options(
         name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_concurrency=64).remote()  # fmt: skip
+        resources={HEAD_NODE_RESOURCE: 0.001}, max_concurrency=64).remote()  # fmt: skip
 
 
 def open_shared_group(

@@ -10,7 +10,8 @@
 - a Ray Train run with 2 workers searches through ONE actor group (counted by actor name);
 - a version that does not verify fails the group's start and leaves nothing running;
   ``SwappableIndex`` moves callers to a newly started group and ends the old one;
-- a shard actor killed under a caller's searches is restarted by Ray and no search fails.
+- a shard actor killed under a caller's searches is restarted by Ray and no search fails; the
+  registry of shared groups (their actors' owner) is placed on the head node.
 """
 
 from __future__ import annotations
@@ -337,6 +338,30 @@ def test_a_killed_shard_actor_is_restarted_and_no_search_fails(cluster, version)
                 time.sleep(0.1)
     finally:
         fragile.close()
+
+
+def test_the_group_registry_lives_on_the_head_node_whoever_creates_it(cluster):
+    """A Retriever replica on a worker node may be the first to ask for the registry; the registry
+    (whose shard actors end with it) is placed on the head node all the same."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from ray.util.state import list_actors
+
+    from raggen.index.shared_groups import REGISTRY_NAME, REGISTRY_NAMESPACE, shard_group_registry
+
+    head = ray.get_runtime_context().get_node_id()  # the driver joined the head node
+    (worker,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != head]
+
+    @ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(worker, soft=False))
+    def first_caller() -> str:
+        registry = shard_group_registry()
+        ray.get(registry.groups.remote())
+        return ray.get_runtime_context().get_node_id()
+
+    assert ray.get(first_caller.remote(), timeout=120) == worker
+    (entry,) = [a for a in list_actors(filters=[("name", "=", REGISTRY_NAME), ("state", "=", "ALIVE")])]
+    assert entry.node_id == head
+    ray.kill(ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE))
 
 
 # ------------------------------------------------------------------------------------------ training

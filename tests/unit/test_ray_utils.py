@@ -99,3 +99,13 @@ def test_a_stale_ray_start_address_file_is_an_error_not_minutes_of_retries(tmp_p
     (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_dead_port()}\n")
     error = _serve_detach_error(tmp_path)
     assert "does not answer" in error and "`ray stop` clears it" in error
+
+
+def test_the_head_node_resource_is_rays_own_name():
+    """The shard-group registry is placed with the head node's built-in resource; a name Ray does not
+    know would leave it pending forever (tests/integration/test_index_actors.py places it for real)."""
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    from raggen.index.shared_groups import HEAD_NODE_RESOURCE
+
+    assert HEAD_NODE_RESOURCE == HEAD_NODE_RESOURCE_NAME
