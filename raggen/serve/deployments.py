@@ -60,6 +60,7 @@ from raggen.serve.pipeline import (
     retrieve_batch,
     streams_while_decoding,
 )
+from raggen.serve.resilience import actor_lost
 from raggen.serve.schemas import summarize_issues
 
 __all__ = [
@@ -145,23 +146,32 @@ class Retriever:
         version cannot serve (no BM25 index) answers that request ``{"error": ...}``."""
         self.batch_metrics.observe(len(questions))
         wanted = [m or self.retrieval.mode for m in modes]
-        # one version for the whole batch, pinned: a swap meanwhile closes it only after this batch
-        with self.holder.use() as live:
-            errors = {m: _mode_error(live.index, m) for m in set(wanted)}
-            ok = [i for i, m in enumerate(wanted) if errors[m] is None]
-            hits = (
-                await asyncio.to_thread(
-                    retrieve_batch,
-                    self.encoder,
-                    live,
-                    [questions[i] for i in ok],
-                    [top_ks[i] for i in ok],
-                    [wanted[i] for i in ok],
-                    self.retrieval,
-                )
-                if ok
-                else []
-            )
+        for attempt in range(2):
+            # one version for the whole batch, pinned: a swap meanwhile closes it only after this batch
+            with self.holder.use() as live:
+                errors = {m: _mode_error(live.index, m) for m in set(wanted)}
+                ok = [i for i, m in enumerate(wanted) if errors[m] is None]
+                try:
+                    hits = (
+                        await asyncio.to_thread(
+                            retrieve_batch,
+                            self.encoder,
+                            live,
+                            [questions[i] for i in ok],
+                            [top_ks[i] for i in ok],
+                            [wanted[i] for i in ok],
+                            self.retrieval,
+                        )
+                        if ok
+                        else []
+                    )
+                    break
+                except Exception as exc:
+                    # shard actors gone for good (a restarting one only delays the search): borrow
+                    # a new group for the same version and search once more
+                    if attempt or live.backend != "actors" or not actor_lost(exc):
+                        raise
+            await asyncio.to_thread(self.holder.reopen, live)
         found = dict(zip(ok, hits))
         return [
             {"passages": found[i], "index_version": live.version}

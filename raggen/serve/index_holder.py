@@ -157,6 +157,22 @@ class IndexHolder:
             self._notify(self._on_swap, current, new)
             return True
 
+    def reopen(self, stale: LiveIndex) -> bool:
+        """Load the version ``stale`` serves once more and swap it in, if ``stale`` is still live.
+
+        For a version searched through shard actors that are gone for good (their owner, the
+        group registry, died, or their restarts ran out): every search through them fails, and a
+        new load borrows a freshly started group. Batches that hit the same failure at once reopen
+        it once: the later ones find another live index and return False. A failed load raises
+        and leaves ``stale`` live."""
+        with self._swap_lock:
+            if self._live is not stale:
+                return False
+            new = self._loader(stale.root, stale.version)
+            self._slot.swap(new)  # the stale one closes with its last reader
+            log.warning("index: %s version %s reopened (its shard actors were lost)", stale.root, stale.version)
+            return True
+
     def _failed(self, key: tuple[str, str], exc: BaseException) -> None:
         root, version = key
         if is_integrity_error(exc):

@@ -75,11 +75,17 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 def replica_failure(exc: BaseException) -> bool:
     """True when ``exc`` says the replica that took the call died or cannot be reached (retry it)."""
-    from ray.exceptions import RayActorError
     from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
-    kinds = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
-    return any(isinstance(e, kinds) for e in _chain(exc))
+    kinds = (ReplicaUnavailableError, DeploymentUnavailableError)
+    return actor_lost(exc) or any(isinstance(e, kinds) for e in _chain(exc))
+
+
+def actor_lost(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it wraps) says a Ray actor that was called is dead or unreachable."""
+    from ray.exceptions import RayActorError
+
+    return any(isinstance(e, RayActorError) for e in _chain(exc))
 
 
 def backpressure(exc: BaseException) -> float | None:

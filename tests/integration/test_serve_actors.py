@@ -8,7 +8,9 @@ with ~30 MB of incompressible passage text each, behind a Serve app with TWO Ret
   locally and searched with the same query encoder;
 - a hot swap to v2 under a client loop fails no request; afterwards the v1 group's actors are
   gone and the replicas' RSS grew by much less than v2's passage text (it stays in the actors);
-- a shard actor killed (SIGKILL) under a client loop is started again and fails no request.
+- a shard actor killed (SIGKILL) under a client loop is started again and fails no request;
+- when the group registry dies (and the group's actors with it), the replicas borrow a new group
+  from a new registry and no request fails.
 
 Every replica and actor asks for a fraction of a CPU (2 cores in all).
 """
@@ -259,3 +261,22 @@ def test_a_killed_shard_actor_fails_no_request(service):
         _wait_for(lambda: stream.count >= answered + 4, 30, "answers after the restart")
     assert stream.failures == [], stream.failures[:5]
     assert [(g["version"], g["leases"]) for g in _groups().values()] == [(entry["version"], 2)], "the same group"
+
+
+def test_groups_lost_with_their_registry_are_borrowed_again_and_no_request_fails(service):
+    """Kill the group registry (the owner of every shared group's actors, which end with it) under a
+    client stream: each Retriever replica whose search hit the lost actors borrows a new group for
+    the same version from a new registry and searches again; no request fails."""
+    (entry,) = _groups().values()
+    old = entry["group"]
+    with _ClientStream(service.url) as stream:
+        _wait_for(lambda: stream.count >= 4, 30, "answers before the kill")
+        ray.kill(ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE))
+        _wait_for(lambda: [(g["version"], g["leases"]) for g in _groups().values()] == [(entry["version"], 2)],
+                  120, "a new registry lending a new group to both replicas")  # fmt: skip
+        answered = stream.count
+        _wait_for(lambda: stream.count >= answered + 4, 30, "answers from the new group")
+    assert stream.failures == [], stream.failures[:5]
+    (new,) = [g["group"] for g in _groups().values()]
+    assert new.name != old.name and not old.alive(timeout_s=5)
+    assert {i["actor_group"] for i in _replicas().values()} == {new.name}

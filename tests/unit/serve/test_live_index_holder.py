@@ -69,6 +69,31 @@ def test_holder_swaps_refuses_and_follows_latest():
     assert holder.live.version == "v4" and holder.info()["last_error"] == "invalid user_config"
 
 
+def test_reopen_loads_the_live_version_again_once_and_keeps_it_when_the_load_fails():
+    store = Store()
+    holder = IndexHolder(store.load, lambda root: store.latest, retry_backoff_s=0.0)
+    holder.configure("/idx")
+    stale = holder.live
+    assert holder.reopen(stale) and holder.live is not stale and holder.live.version == "v1"
+    assert not holder.reopen(stale), "a batch that saw the same loss later finds the new one live"
+    assert store.loads == ["v1", "v1"]
+    fresh = holder.live
+    store.corrupt.add("v1")
+    with pytest.raises(IndexIntegrityError):
+        holder.reopen(fresh)
+    assert holder.live is fresh
+
+
+def test_only_a_lost_actor_in_the_chain_counts_as_lost():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from raggen.serve.resilience import actor_lost
+
+    assert actor_lost(ActorDiedError())
+    assert actor_lost(RayTaskError("search_hits", "traceback", ActorDiedError()))
+    assert not actor_lost(RuntimeError("faiss: k too large"))
+
+
 class Flaky(Store):
     """A store whose loads of the names in ``down`` time out (a transient error, not a bad upload),
     with versions listed newest first (what ``versions_newest_first`` reads from manifests)."""
