@@ -35,10 +35,19 @@ def write_random_shards(
 
 
 def write_shards(
-    out: Path, xb, pids: list[str], titles: list[str], texts: list[str], row_sets, *, store_embeddings: bool
+    out: Path,
+    xb,
+    pids: list[str],
+    titles: list[str],
+    texts: list[str],
+    row_sets,
+    *,
+    store_embeddings: bool,
+    factory: str = "Flat",
 ) -> list[tuple[Path, Path, int]]:
-    """Shard ``s`` = the passages ``row_sets[s]`` (vectors ``xb``), written as a Flat FAISS file and a
-    passage parquet in ``out`` with ids ``s << 40 | position``: the ``shard_files`` of ``make_manifest``."""
+    """Shard ``s`` = the passages ``row_sets[s]`` (vectors ``xb``), written as a FAISS file of
+    ``factory`` and a passage parquet in ``out`` with ids ``s << 40 | position``: the ``shard_files``
+    of ``make_manifest``."""
     import numpy as np
 
     from raggen.index import manifest as M
@@ -50,7 +59,7 @@ def write_shards(
     for s, rows in enumerate(row_sets):
         ids = (np.int64(s) << 40) + np.arange(len(rows), dtype=np.int64)
         index_name, passages_name = M.shard_file_names(s)
-        S.write_index_file(S.build_shard_index(xb[rows], ids, factory="Flat", metric="ip"), out / index_name)
+        S.write_index_file(S.build_shard_index(xb[rows], ids, factory=factory, metric="ip"), out / index_name)
         table = passages_table(
             ids,
             [pids[r] for r in rows],
@@ -102,9 +111,10 @@ def publish_encoded_index(
     version: str = "v1",
     num_shards: int = 2,
     s3_options=None,
+    factory: str = "Flat",
 ):
     """``passages`` (a DataFrame with id, title, text) encoded in this process by ``encoder`` (a
-    ``TextEncoder``) and published to ``root`` as a Flat version with stored vectors: the same files
+    ``TextEncoder``) and published to ``root`` as a version of ``factory`` with stored vectors: the same files
     and manifest as ``build_index`` writes, without Ray Data (that path has its own tests), for tests
     whose subject is what reads an index. Returns the vectors (n, d)."""
     import numpy as np
@@ -123,6 +133,7 @@ def publish_encoded_index(
         passages["text"].tolist(),
         rows,
         store_embeddings=True,
+        factory=factory,
     )
     manifest = make_manifest(
         version,
@@ -134,7 +145,7 @@ def publish_encoded_index(
         passage_prefix=encoder.passage_prefix,
         dim=xb.shape[1],
         metric="ip",
-        faiss_factory="Flat",
+        faiss_factory=factory,
         shard_files=files,
     )
     publish_version(root, manifest, out, s3_options=s3_options)

@@ -19,11 +19,22 @@ def evaluate_from_config(
     the config's index, ``limit`` (default ``train.eval_examples``) examples of the split, or of the
     QA file ``qa`` instead (the user's own questions: DPR ``.qa.csv`` or JSONL, a path or s3://);
     ``out`` (a path or s3:// URI) gets one JSON line per question (``raggen.train.retrieve.write_jsonl``)."""
+    from raggen.app.training import check_trained_models
     from raggen.index import open_index
     from raggen.models.build import build_models
     from raggen.train.checkpointing import read_checkpoint
 
     t = cfg.train
+    if checkpoint is None:  # the config's models: a path that cannot load is named before any loads
+        check_trained_models(cfg)
+    examples = split_examples(  # a missing or empty QA file is said before models load and Ray starts
+        split,
+        dev_file=t.dev_file,
+        world_dir=cfg.world.out_dir,
+        qa_file=qa,
+        limit=limit or t.eval_examples,
+        s3_options=s3_options(t.s3),
+    )
     with local_checkpoint(checkpoint, s3_options(t.s3)) as folder:
         restored = read_checkpoint(folder).model_dirs if folder else None
         models = build_models(cfg.model, t.estimator, restored)
@@ -35,14 +46,6 @@ def evaluate_from_config(
         t.index, settings=cfg.index.search, s3_options=s3_options(t.s3), load_embeddings=False, start_ray=True
     )  # shard actors for a large index (index.search.mode)
     index = with_retrieval(index, t.index, cfg.retrieval, s3_options=s3_options(t.s3))  # retrieval.mode
-    examples = split_examples(
-        split,
-        dev_file=t.dev_file,
-        world_dir=cfg.world.out_dir,
-        qa_file=qa,
-        limit=limit or t.eval_examples,
-        s3_options=s3_options(t.s3),
-    )
     records: list | None = [] if out else None
     gumbel = t.estimator == "gumbel-rerank"
     decoding = "rag-token" if t.estimator == "rag-token" else "rag-sequence-fast"

@@ -9,11 +9,13 @@ from raggen.train.retrieve import retrieve_results
 def load_query_encoder(cfg, checkpoint: str | None, s3_options=None):
     """``model.query_encoder``, or a checkpoint's ``query_encoder/`` (local or s3://) when it has one."""
     from raggen.app.indexing import read_checkpoint_state
-    from raggen.models.loading import fetch_model_dir
+    from raggen.models.loading import check_model_reference, fetch_model_dir
 
     spec = cfg.model.query_encoder
     path = spec.name_or_path
-    if checkpoint:
+    if not checkpoint:
+        check_model_reference("model.query_encoder.name_or_path", path)
+    else:
         state = read_checkpoint_state(checkpoint, s3_options)
         if state is None:
             raise ConfigError(f"--checkpoint {checkpoint}: not a training checkpoint (no train_state.json)")
@@ -44,11 +46,14 @@ def retrieve_from_config(
     examples = examples[:limit] if limit else examples
     from raggen.retrieval import with_retrieval
 
-    uri = index_uri or cfg.train.index
-    index = with_retrieval(open_index(uri, s3_options=s3), uri, cfg.retrieval, s3_options=s3)  # retrieval.mode
     encoder = load_query_encoder(cfg, checkpoint, s3)
+    uri = index_uri or cfg.train.index
+    # searched as `raggen eval` searches it (index.search: shard actors for a large index, nprobe ...)
+    index = open_index(uri, settings=cfg.index.search, s3_options=s3, load_embeddings=False, start_ray=True)
+    index = with_retrieval(index, uri, cfg.retrieval, s3_options=s3)  # retrieval.mode
     with progress_bar(len(examples), "retrieve") as bar:
         accuracy = retrieve_results(
             examples, query_encoder=encoder, index=index, k=k, out=out, s3_options=s3, progress=bar.update
         )
+    index.close()  # ends the shard actors it started, if any
     return {"questions": len(examples), "index_version": index.version, "out": out, **accuracy}

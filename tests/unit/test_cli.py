@@ -114,17 +114,23 @@ def test_hub_ids_and_paths_that_cannot_be_one():
 
 def test_a_repo_relative_reader_typed_in_another_folder_is_refused_before_ray_starts(capsys, tmp_path, monkeypatch):
     """The shipped configs name `raggen/assets/reader` relative to the repo: from any other folder it
-    is neither a folder nor a Hub id, and `raggen serve` / `raggen train` say so, naming the field,
-    instead of a replica or Train worker failing after Ray has started."""
+    is neither a folder nor a Hub id, and `raggen serve` / `train` / `eval` / `retrieve` say so, naming
+    the field, instead of a replica or Train worker failing after Ray has started."""
     import ray
 
     had_ray = ray.is_initialized()  # another test of this process may have started one
     monkeypatch.chdir(tmp_path)
     config = str(REPO / "configs" / "quickstart.yaml")
-    for argv in (("serve", config), ("train", config)):
+    for argv in (("serve", config), ("train", config), ("eval", config)):
         code, line = _run(capsys, *argv)
         assert code == 2 and line.startswith("raggen: error: model.generator: 'raggen/assets/reader'"), (argv, line)
         assert str(tmp_path) in line and "Hugging Face id" in line
+    # `raggen retrieve` loads only the query encoder: a run's relative export typed in the wrong folder
+    (tmp_path / "mine.qa.csv").write_text("who keeps the lighthouse?\t['Ada']\n")
+    argv = ("retrieve", config, "--qa", "mine.qa.csv", "--out", "r.json",
+            "--set", "model.query_encoder.name_or_path=runs/x/final/query_encoder")  # fmt: skip
+    code, line = _run(capsys, *argv)
+    assert code == 2 and line.startswith("raggen: error: model.query_encoder.name_or_path: 'runs/x/final/"), line
     assert ray.is_initialized() == had_ray, "the refusal came after Ray started"
     monkeypatch.chdir(REPO)  # where the path is a folder: no complaint (the check only, no serving here)
     from raggen.app.serving import app_args_from_config, check_served_models

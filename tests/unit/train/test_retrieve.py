@@ -123,6 +123,29 @@ def test_retrieve_writes_dpr_results_and_its_accuracy_equals_eval_recall(world_i
     assert 0 < from_file[20] and from_file[1] < 1  # the numbers are not all trivially equal
 
 
+def test_retrieve_searches_as_the_configs_index_search_says(world_index, tmp_path, capsys):
+    """``index.search`` (here an IVF version's nprobe) reaches ``raggen retrieve`` as it reaches
+    ``raggen eval``: all 4 lists probed give the exact ranking, one list (FAISS's default) does not."""
+    from raggen.corpus.qa import read_qa
+
+    psg, enc = world_index["passages"], world_index["encoder"]
+    ivf = tmp_path / "ivf"
+    publish_encoded_index(psg, str(ivf), enc, MINILM, tmp_path, factory="IVF4,Flat")
+    qa = world_index["files"].test_jsonl
+    questions = read_qa(qa)[:12]
+    xq = enc.encode([q.question for q in questions]).numpy()
+    exact = [psg["id"].iloc[row[:10]].tolist() for row in np.argsort(-(xq @ world_index["xb"].T), axis=1)]
+
+    def top10(nprobe: int) -> list[list[str]]:
+        out = tmp_path / f"nprobe{nprobe}.json"
+        args = ("--set", f"index.search.nprobe={nprobe}", "--set", f"train.index={ivf}")
+        _retrieve(world_index, capsys, *args, "--qa", str(qa), "--out", str(out), "-k", "10", "--limit", "12")
+        return [[c["id"] for c in entry["ctxs"]] for entry in json.loads(out.read_text())]
+
+    assert top10(4) == exact
+    assert top10(1) != exact
+
+
 def test_eval_out_writes_one_prediction_per_question(world_index, tmp_path, capsys):
     from raggen.corpus.qa import read_qa
 
