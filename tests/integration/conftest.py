@@ -135,3 +135,20 @@ def ray_with_credentials(moto_s3, ray_cluster):
     process's environment for the module (the driver's own S3 calls without explicit keys)."""
     with _moto_credentials_in_environment():
         yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """A failed test that used a started cluster (a fixture value with ``log_tails()``, e.g.
+    test_job_submit's) gets the cluster's log ends in its report: they are deleted at teardown."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for name, value in getattr(item, "funcargs", {}).items():
+        tails = getattr(value, "log_tails", None)
+        if callable(tails):
+            try:
+                report.sections.append((f"logs of fixture {name!r}", tails()))
+            except Exception as exc:  # the report must not fail on its extra section
+                report.sections.append((f"logs of fixture {name!r}", f"unreadable: {exc!r}"))

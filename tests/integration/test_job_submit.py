@@ -54,6 +54,21 @@ class Cluster:
             [str(RAY), *args], env=env or self.env, capture_output=True, text=True, timeout=timeout, cwd=self.root
         )
 
+    def log_tails(self, chars: int = 4000) -> str:
+        """The ends of the head's own output and of its dashboard's and raylet's logs: attached to a
+        failed test's report (tests/integration/conftest.py), since the fixture deletes them."""
+        logs = self.root / "ray" / "session_latest" / "logs"
+        names = ["dashboard.log", "dashboard.err", "dashboard_JobHead.log", "dashboard_agent.log", "raylet.out"]
+        parts = []
+        for path in [self.log, *(logs / name for name in names)]:
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            if text.strip():
+                parts.append(f"----- {path.name} (last {chars} chars)\n{text[-chars:]}")
+        return "\n".join(parts) or f"no logs under {logs}"
+
 
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
