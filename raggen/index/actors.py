@@ -4,9 +4,9 @@
       -> placement group, one bundle per actor, strategy SPREAD (over the nodes)
       -> ShardServer actors, each serving ``settings.shards_per_actor`` consecutive shards, which it
          loads ONCE from the store itself (sha256 verified, FAISS file memory-mapped, the passage
-         texts as compressed blocks and the stored vectors as ``.npy`` in memory-mapped cache
-         files (``passage_blocks``, ``passage_vectors``), the vectors only when the index cannot
-         give them back)
+         texts as compressed blocks read with ``pread`` and the stored vectors as a memory-mapped
+         ``.npy``, both cache files (``passage_blocks``, ``passage_vectors``), the vectors only
+         when the index cannot give them back)
     group.sharded_index() -> ShardedIndex                    # search(xq, k) like a local index
 
 A caller (Train worker, eval, a Serve replica) keeps its query encoder and sends query vectors;
@@ -134,7 +134,7 @@ class ShardServer:
             load_embeddings=load_embeddings,
             shards=shards,
             keep_cached_versions=keep_cached_versions,
-            passage_store=passage_store,  # "mapped": texts and vectors mapped from the node's cache
+            passage_store=passage_store,  # "mapped": texts and vectors read from the node's cache
         )
         if expect_version is not None and loaded.version != expect_version:
             raise IndexIntegrityError(f"{version_uri}: holds version {loaded.version!r}, expected {expect_version!r}")

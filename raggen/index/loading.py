@@ -253,7 +253,7 @@ def _wants_embeddings(load_embeddings: bool | str, index) -> bool:
 
 def _columns(embeddings: bool, passage_store: str = "table") -> list[str]:
     """Which parquet columns to read into the shard's table: all passage columns, or only ``row_id``
-    when texts and vectors are mapped from the cache; ``embedding`` when wanted."""
+    when texts and vectors are read from cache files; ``embedding`` when wanted."""
     if passage_store == "mapped":
         return ["row_id"]
     return PASSAGE_COLUMNS + ["embedding"] if embeddings else list(PASSAGE_COLUMNS)
@@ -342,8 +342,9 @@ def load_version(
     (a shard actor's share). ``keep_cached_versions``: after an S3 load, cached versions of the
     same root beyond the newest N (by last use) are deleted (None: keep all). ``passage_store``:
     "table" decodes id/title/text (and the embeddings) into each shard's table; "mapped" reads only
-    ``row_id`` there and maps the rest from files derived into the cache: texts as compressed
-    blocks (``passage_blocks``), embeddings as a ``.npy`` (``passage_vectors``); the process then
+    ``row_id`` there and reads the rest from files derived into the cache: texts as compressed
+    blocks (``passage_blocks``, read with ``pread``), embeddings as a memory-mapped ``.npy``
+    (``passage_vectors``); the process then
     holds only what it reads (what shard actors use)."""
     loaded = _load(
         uri,

@@ -149,7 +149,7 @@ class PassageBlocks:
                 f"{meta.get('rows')} rows; expected {source_sha256[:16]}..., {rows} rows)"
             )
         m = int(meta["blocks"])
-        self.rows = rows
+        self.rows, self._source_sha256 = rows, source_sha256
         self._fd = os.open(self.path, os.O_RDONLY)  # pread: thread-safe, no shared file position
         index = np.frombuffer(os.pread(self._fd, 8 * (3 * m + 2), index_pos), dtype="<u8")  # 24 B per block
         if len(index) != 3 * m + 2:
@@ -164,6 +164,10 @@ class PassageBlocks:
 
     def __len__(self) -> int:
         return self.rows
+
+    def __reduce__(self):
+        """A copy in another process opens (and checks) the file again: a descriptor is per process."""
+        return (_reopen, (str(self.path), self._source_sha256, self.rows))
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", -1), -1
@@ -207,3 +211,7 @@ class PassageBlocks:
             titles[j] = raw[o_title[i] : o_title[i + 1]].decode("utf-8")
             texts[j] = raw[o_text[i] : o_text[i + 1]].decode("utf-8")
         return out
+
+
+def _reopen(path: str, source_sha256: str, rows: int) -> PassageBlocks:
+    return PassageBlocks(path, source_sha256=source_sha256, rows=rows)

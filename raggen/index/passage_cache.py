@@ -1,6 +1,6 @@
 """Files derived from a version's verified passage parquet into the local cache (texts as compressed
-blocks, stored vectors as ``.npy``), made once per node and mapped by every process that serves
-the shard.
+blocks read with ``pread``, stored vectors as a memory-mapped ``.npy``), made once per node and
+shared through the page cache by every process that serves the shard.
 
 Each file is made in a short-lived child process: decoding the parquet costs the decoder's buffers
 (measured: ~100 MB kept by a process after streaming a 250k-passage text column, even on the

@@ -4,6 +4,7 @@ open; a process that loads a shard this way holds only the blocks it read, not t
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,47 @@ def test_blocks_give_back_every_row_across_row_groups_and_batches(tmp_path):
     assert blocks.take(np.array([], np.int64)) == ([], [], [])
     with pytest.raises(IndexError):
         blocks.take(np.array([1000]))
+
+
+def _mapped_resident_kb(path: Path) -> int | None:
+    """Resident KB of this process's mappings of ``path`` (/proc/self/smaps); None: not mapped."""
+    total, current = None, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                current = line.rstrip("\n").split(None, 5)[5:] == [str(path)]
+                if current and total is None:
+                    total = 0
+            elif current and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_reading_blocks_maps_none_of_the_file_and_leaves_no_descriptor_open(tmp_path):
+    """Blocks are read with pread: a mapped file faulted the pages around each random read into the
+    reader's RSS (44 MB of a 78 MB file after 200 single queries), a page-cache copy it need not own."""
+    path = tmp_path / "p.parquet"
+    pq.write_table(odd_table(5000), path)
+    sha = sha256_file(path)
+    out = tmp_path / "p.blocks"
+    write_passage_blocks(path, out, source_sha256=sha)
+    blocks = PassageBlocks(out, source_sha256=sha, rows=5000)
+    texts = blocks.take(np.random.default_rng(1).integers(0, 5000, 2000))[2]
+    assert len(texts) == 2000
+    assert _mapped_resident_kb(out) is None, "the blocks file is mapped into the reader"
+    fd = blocks._fd
+    assert Path(f"/proc/self/fd/{fd}").resolve() == out.resolve()
+    blocks.close()
+    assert not Path(f"/proc/self/fd/{fd}").exists() or Path(f"/proc/self/fd/{fd}").resolve() != out.resolve()
+    blocks.close()  # twice: nothing to close
+    copy = pickle.loads(pickle.dumps(PassageBlocks(out, source_sha256=sha, rows=5000)))  # opens its own
+    assert copy.take(np.array([7, 4999]))[2] == blocks_texts(path, [7, 4999])
+
+
+def blocks_texts(parquet: Path, rows: list[int]) -> list[str]:
+    return pq.read_table(parquet, columns=["text"]).column("text").take(rows).to_pylist()
 
 
 def test_a_damaged_or_foreign_blocks_file_is_refused_and_made_again(tmp_path):
