@@ -38,6 +38,8 @@ RAY = BIN / "ray"
 START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 180
 AGENT_WAIT_S = 60
+START_ATTEMPTS = 3
+STARTED_LINE = "This command will now block forever"  # what `ray start --block` prints once the node is up
 EXCLUDES = [".venv", ".git", "artifacts", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 
 
@@ -47,7 +49,8 @@ class Cluster:
     gcs_address: str  # what ray.init / RAY_ADDRESS take: 127.0.0.1:PORT
     env: dict[str, str]
     root: Path
-    log: Path
+    log: Path  # the `ray start` output
+    ray_dir: Path  # its --temp-dir
 
     def ray(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -57,7 +60,7 @@ class Cluster:
     def log_tails(self, chars: int = 4000) -> str:
         """The ends of the head's own output and of its dashboard's and raylet's logs: attached to a
         failed test's report (tests/integration/conftest.py), since the fixture deletes them."""
-        logs = self.root / "ray" / "session_latest" / "logs"
+        logs = self.ray_dir / "session_latest" / "logs"
         names = ["dashboard.log", "dashboard.err", "dashboard_JobHead.log", "dashboard_agent.log", "raylet.out"]
         parts = []
         for path in [self.log, *(logs / name for name in names)]:
@@ -141,16 +144,10 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def cluster(no_shared_ray):
-    assert RAY.exists(), f"no ray CLI beside {sys.executable}: ray[default] is a dependency; the install is broken"
-    root = Path(tempfile.mkdtemp(prefix="rgj-", dir="/tmp"))  # short: Ray's unix sockets live below
-    token = root / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    env = _cluster_env(token)
+def _start_head(root: Path, env: dict[str, str], attempt: int) -> tuple[subprocess.Popen, Cluster]:
+    """`ray start --head --block` on fresh ports and its own temp dir; returns at once."""
     gcs, dash, client, agent = _free_ports(4)
-    log = root / "head.log"
+    log = root / f"head-{attempt}.log"
     cmd = [
         str(RAY),
         "start",
@@ -166,24 +163,58 @@ def cluster(no_shared_ray):
         f"--ray-client-server-port={client}",
         f"--dashboard-agent-listen-port={agent}",
         f"--object-store-memory={200 * 1024 * 1024}",
-        f"--temp-dir={root / 'ray'}",
+        f"--temp-dir={root / f'ray-{attempt}'}",
     ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    c = Cluster(address=f"http://127.0.0.1:{dash}", gcs_address=f"127.0.0.1:{gcs}", env=env, root=root, log=log)
+    return proc, Cluster(address=f"http://127.0.0.1:{dash}", gcs_address=f"127.0.0.1:{gcs}", env=env, root=root,
+                         log=log, ray_dir=root / f"ray-{attempt}")  # fmt: skip
+
+
+def _wait_started(proc: subprocess.Popen, c: Cluster) -> str | None:
+    """None once the node is up and its job API answers; else why not (the start failed or timed out).
+
+    The head's job API answers before its raylet is up: `ray start` prints its block line only once
+    the whole node started. A raylet gives its dashboard agent 15 s per port file and then exits
+    (Ray 2.60: not configurable); on this CPU-bound suite an agent took 36 s to start while the
+    other test process deployed Serve apps, so the node died after its job API had answered."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            return f"ray start exited with {proc.returncode}"
+        started = STARTED_LINE in c.log.read_text(errors="replace")
+        if started and _job_api_answers(c.address) and c.ray("job", "list", "--address", c.address).returncode == 0:
+            return None
+        if time.monotonic() > deadline:
+            return f"the node or its job API did not come up in {START_TIMEOUT_S}s"
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def cluster(no_shared_ray):
+    """A token-auth head on this machine; a start that fails (see ``_wait_started``) is retried on
+    new ports, up to ``START_ATTEMPTS`` times, each failure's logs printed if all fail."""
+    assert RAY.exists(), f"no ray CLI beside {sys.executable}: ray[default] is a dependency; the install is broken"
+    root = Path(tempfile.mkdtemp(prefix="rgj-", dir="/tmp"))  # short: Ray's unix sockets live below
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = _cluster_env(token)
+    proc, failures = None, []
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if _job_api_answers(c.address) and c.ray("job", "list", "--address", c.address).returncode == 0:
+        for attempt in range(START_ATTEMPTS):
+            proc, c = _start_head(root, env, attempt)
+            why = _wait_started(proc, c)
+            if why is None:
                 break
-            if time.monotonic() > deadline:
-                pytest.fail(f"the job API did not come up in {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+            _stop(proc)
+            failures.append(f"attempt {attempt + 1}: {why}\n{c.log_tails(2000)}")
+        else:
+            pytest.fail("\n\n".join(failures))
         yield c
     finally:
-        _stop(proc)
+        if proc is not None:
+            _stop(proc)
         shutil.rmtree(root, ignore_errors=True)
 
 
