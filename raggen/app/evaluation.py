@@ -49,20 +49,22 @@ def evaluate_from_config(
     records: list | None = [] if out else None
     gumbel = t.estimator == "gumbel-rerank"
     decoding = "rag-token" if t.estimator == "rag-token" else "rag-sequence-fast"
-    with progress_bar(len(examples), f"eval {qa or split}") as bar:
-        scores = evaluate_rag(
-            examples,
-            query_encoder=models["query_encoder"],
-            generator=models["generator"],
-            index=index,
-            top_k=t.gumbel.k if gumbel else t.top_k,
-            decoding=decoding,
-            reranker=models.get("reranker"),
-            rerank_candidates=t.gumbel.candidates if gumbel else None,
-            progress=bar.update,
-            records=records,
-        )
-    index.close()  # ends the shard actors it started, if any
+    try:
+        with progress_bar(len(examples), f"eval {qa or split}") as bar:
+            scores = evaluate_rag(
+                examples,
+                query_encoder=models["query_encoder"],
+                generator=models["generator"],
+                index=index,
+                top_k=t.gumbel.k if gumbel else t.top_k,
+                decoding=decoding,
+                reranker=models.get("reranker"),
+                rerank_candidates=t.gumbel.candidates if gumbel else None,
+                progress=bar.update,
+                records=records,
+            )
+    finally:
+        index.close()  # ends the shard actors it started, if any
     if out:
         from raggen.train.retrieve import write_jsonl
 

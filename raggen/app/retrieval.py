@@ -51,9 +51,11 @@ def retrieve_from_config(
     # searched as `raggen eval` searches it (index.search: shard actors for a large index, nprobe ...)
     index = open_index(uri, settings=cfg.index.search, s3_options=s3, load_embeddings=False, start_ray=True)
     index = with_retrieval(index, uri, cfg.retrieval, s3_options=s3)  # retrieval.mode
-    with progress_bar(len(examples), "retrieve") as bar:
-        accuracy = retrieve_results(
-            examples, query_encoder=encoder, index=index, k=k, out=out, s3_options=s3, progress=bar.update
-        )
-    index.close()  # ends the shard actors it started, if any
+    try:
+        with progress_bar(len(examples), "retrieve") as bar:
+            accuracy = retrieve_results(
+                examples, query_encoder=encoder, index=index, k=k, out=out, s3_options=s3, progress=bar.update
+            )
+    finally:
+        index.close()  # ends the shard actors it started, if any
     return {"questions": len(examples), "index_version": index.version, "out": out, **accuracy}
