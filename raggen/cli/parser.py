@@ -37,6 +37,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _index_uri(text: str) -> str:
+    """An index root, version folder or s3:// prefix. A file is refused by name: a config file,
+    which the other commands take first, otherwise failed as "Not a directory: 'x.yaml/LATEST'"."""
+    from pathlib import Path
+
+    path = Path(text)
+    if text.startswith("s3://") or not path.is_file():
+        return text
+    hint = ""
+    if path.suffix in (".yaml", ".yml"):
+        output = _config_index_output(path)
+        index = output or "the index folder or s3:// prefix it builds (index.output)"
+        hint = f"; it looks like a config: pass it as --config {text} and give {index} as the uri"
+    raise argparse.ArgumentTypeError(
+        f"{text} is a file, not an index (a folder holding LATEST or a manifest.json, or an s3:// prefix){hint}"
+    )
+
+
+def _config_index_output(path) -> str | None:
+    """A config's index.output, if the file reads as one (only to name it in a message)."""
+    import yaml
+
+    try:
+        output = (yaml.safe_load(path.read_text()) or {}).get("index", {}).get("output")
+    except Exception:  # noqa: BLE001 - a hint only: an unreadable file gets the general message
+        return None
+    return output if isinstance(output, str) else None
+
+
 def _at_least_one(text: str) -> float:
     try:
         value = float(text)
@@ -72,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     isub = index.add_subparsers(dest="index_command", required=True)
     add("build", cmd_index_build, "encode a corpus with Ray Data and publish shards", parent=isub)
     p = add("search", cmd_index_search, "search a published index", parent=isub, config=False)
-    p.add_argument("uri")
+    p.add_argument("uri", type=_index_uri)
     p.add_argument("question")
     p.add_argument("-k", type=_positive_int, default=5)
     p.add_argument("--encoder", default=None, help="query encoder (default: the one the index's manifest records)")
@@ -106,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: index.search.refine_k_factor, else the version's tuned default)",
     )
     p = add("verify", cmd_index_verify, "check every checksum of a published version", parent=isub, config=False)
-    p.add_argument("uri")
+    p.add_argument("uri", type=_index_uri)
     p.add_argument("--version", default=None)
     p = add(
         "refresh",
@@ -150,14 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         parent=isub,
         config=False,
     )
-    p.add_argument("uri")
+    p.add_argument("uri", type=_index_uri)
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
     p = add("set-latest", cmd_index_set_latest, "verify a version, then point LATEST at it", parent=isub, config=False)
-    p.add_argument("uri")
+    p.add_argument("uri", type=_index_uri)
     p.add_argument("version")
     p.add_argument("--rollback", action="store_true", help="allow moving LATEST to an older version")
     p = add("rm", cmd_index_rm, "delete a version (never the one LATEST names)", parent=isub, config=False)
-    p.add_argument("uri")
+    p.add_argument("uri", type=_index_uri)
     p.add_argument("version")
     add("train", cmd_train, "train end to end with Ray Train")
     p = add("eval", cmd_eval, "EM/F1 and retrieval recall of a checkpoint")

@@ -35,6 +35,22 @@ def test_a_missing_index(capsys, tmp_path):
     assert code == 2 and line.startswith("raggen: error: ") and "LATEST" in line
 
 
+def test_a_config_given_where_an_index_goes_is_named_with_the_index_it_builds(capsys, tmp_path):
+    """`raggen index search CONFIG q` (the other commands take a config first) said only
+    "Not a directory: 'CONFIG/LATEST'"; every index command now names the mistake and the fix."""
+    config = tmp_path / "mine.yaml"
+    config.write_text("index:\n  output: /data/my-index\n")
+    code, line = _run(capsys, "index", "search", str(config), "a question")
+    assert code == 2 and f"argument uri: {config} is a file, not an index" in line
+    assert f"pass it as --config {config} and give /data/my-index as the uri" in line
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    for command in (["verify"], ["list"], ["rm"], ["set-latest"]):
+        argv = ["index", *command, str(other)] + (["v1"] if command[0] in ("rm", "set-latest") else [])
+        code, line = _run(capsys, *argv)
+        assert code == 2 and f"argument uri: {other} is a file, not an index" in line and "--config" not in line
+
+
 def test_a_bad_faiss_factory_fails_before_any_encoding(capsys, tmp_path):
     passages = tmp_path / "p.tsv"
     passages.write_text("id\ttext\ttitle\n1\tsome text\tT\n")
