@@ -264,3 +264,28 @@ def test_eval_qa_scores_a_users_question_file(world_index, capsys):
     assert "gold_recall@5" in by_split and "gold_recall@5" not in from_csv  # a .qa.csv names no gold passages
     assert main([*args, "--qa", str(world_index["files"].test_csv) + ".missing"]) == 2
     assert "--qa: " in capsys.readouterr().err
+
+
+def test_retrieve_and_eval_close_the_index_when_the_run_fails(world_index, tmp_path, monkeypatch):
+    """A run that fails after the index opened still closes it: with ``mode: actors`` that ends the
+    shard actors the run started instead of leaving them to Ray. Here the output cannot be written:
+    retrieve fails inside its run (it fails without the ``finally``); eval writes after closing, so
+    for eval this checks only that the index is closed once."""
+    from raggen.index.sharded import ShardedIndex
+
+    closed: list[str] = []
+    original = ShardedIndex.close
+
+    def counting_close(self, *args, **kwargs):
+        closed.append(self.version)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardedIndex, "close", counting_close)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    qa = str(world_index["files"].test_jsonl)
+    for command in (["retrieve", "--qa", qa, "--limit", "3"], ["eval", "--qa", qa, "--limit", "3"]):
+        before = len(closed)
+        argv = [command[0], world_index["config"], *_args(world_index["sets"]), *command[1:]]
+        assert main([*argv, "--out", str(blocker / "out.json")]) == 2  # one line naming the path
+        assert len(closed) == before + 1, f"{command[0]}: the index was not closed"
