@@ -24,7 +24,9 @@ search (Ray's connections to the actors, a fixed cost per replica), its transien
 are held, and what it holds of its own once they are dropped (anon + file pages, the criterion
 below; the object-store pages it touched, shared memory of the node, printed apart); single-query
 p50/p99 (k=10, texts fetched) through the actors vs the same manifest opened locally, and a no-op
-call to the same actors (Ray's round trip alone), measured interleaved; recall@10/@100 vs exact at
+call to the same actors (Ray's round trip alone), measured interleaved, then local vs actors again at
+``--latency-nprobe`` (default 128: more of the index's work per query, as real embeddings need);
+recall@10/@100 vs exact at
 the manifest's nprobe and with every list probed (the PQ ceiling). Acceptance ratios (PASS/FAIL): shard-actor peak RSS (loading its shards and
 serving single queries; the peak after the k=100 batches, which adds their results, is printed
 beside it) <= 1.3x its shards' bytes on disk;
@@ -79,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-sample", type=int, default=65_536, help="vectors the shared quantizer is trained on")
     p.add_argument("--queries", type=int, default=1000, help="held-out queries for recall (and batch QPS)")
     p.add_argument("--latency-queries", type=int, default=200, help="single queries timed per backend")
+    p.add_argument("--latency-nprobe", type=int, action="append", default=None,
+                   help="also time single queries at this nprobe, local vs actors (repeatable; default 128: the "
+                        "tuned nprobe of IVF1024,PQ48 on real MiniLM embeddings, benchmarks/ann_quality.py)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--actor-passages", choices=["mapped", "table"], default="mapped",
                    help="index.search.actor_passages: texts mapped from the cache, or decoded in each actor")  # fmt: skip
@@ -543,6 +548,22 @@ def main(argv: list[str] | None = None) -> None:
             f"{p['actors'][0]:.2f} / {p['actors'][1]:.2f} ms", "", f"{ratio:.2f}x local p50", "<= 1.5x", ratio <= 1.5)  # fmt: skip
         row("search", f"  a no-op call to the same {len(infos)} actors (Ray's round trip alone: the floor)",
             f"{p['ping'][0]:.2f} / {p['ping'][1]:.2f} ms", "", f"{p['ping'][0] / p['local'][0]:.2f}x local p50")  # fmt: skip
+        for extra in args.latency_nprobe or [128]:  # the same, with more of the index's work per query
+            if extra == nprobe or extra > nlist:
+                continue
+            timed = {"local": [], "actors": []}
+            pair = (("local", local_index), ("actors", actor_index))
+            for i, q in enumerate(xq[: L + 10]):  # the first 10: warm-up (more lists' pages touched)
+                for kind, index in pair if i % 2 == 0 else pair[::-1]:
+                    t0 = time.perf_counter()
+                    index.search(q[None], k_lat, nprobe=extra, embeddings=False)
+                    if i >= 10:
+                        timed[kind].append(time.perf_counter() - t0)
+            pe = {kind: (np.percentile(v, 50) * 1e3, np.percentile(v, 99) * 1e3) for kind, v in timed.items()}
+            m[f"latency_nprobe_{extra}_ms"] = pe
+            row("search", f"  at nprobe {extra} of {nlist}: single query p50 / p99, local; through the actors",
+                f"{pe['local'][0]:.2f} / {pe['local'][1]:.2f} ms; {pe['actors'][0]:.2f} / {pe['actors'][1]:.2f} ms", "",
+                f"{pe['actors'][0] / pe['local'][0]:.2f}x local p50")  # fmt: skip
 
         # recall vs exact, batch QPS
         found = {}
