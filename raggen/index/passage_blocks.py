@@ -153,7 +153,7 @@ class PassageBlocks:
         self._fd = os.open(self.path, os.O_RDONLY)  # pread: thread-safe, no shared file position
         index = np.frombuffer(os.pread(self._fd, 8 * (3 * m + 2), index_pos), dtype="<u8")  # 24 B per block
         if len(index) != 3 * m + 2:
-            os.close(self._fd)
+            self.close()
             raise IndexIntegrityError(f"{self.path}: block index truncated")
         self._row_starts, self._block_starts, self._raw_sizes = (
             index[: m + 1],

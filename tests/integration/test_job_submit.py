@@ -176,8 +176,9 @@ def _wait_started(proc: subprocess.Popen, c: Cluster) -> str | None:
 
     The head's job API answers before its raylet is up: `ray start` prints its block line only once
     the whole node started. A raylet gives its dashboard agent 15 s per port file and then exits
-    (Ray 2.60: not configurable); on this CPU-bound suite an agent took 36 s to start while the
-    other test process deployed Serve apps, so the node died after its job API had answered."""
+    (Ray 2.60; `RAY_agent_register_timeout_ms` does not change it); on this CPU-bound suite an agent
+    took 36 s to start while the other test process deployed Serve apps, so the node died after its
+    job API had answered."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if proc.poll() is not None:
