@@ -4,8 +4,8 @@
       -> placement group, one bundle per actor, strategy SPREAD (over the nodes)
       -> ShardServer actors, each serving ``settings.shards_per_actor`` consecutive shards, which it
          loads ONCE from the store itself (sha256 verified, FAISS file memory-mapped, the passage
-         texts as compressed blocks read with ``pread`` and the stored vectors as a memory-mapped
-         ``.npy``, both cache files (``passage_blocks``, ``passage_vectors``), the vectors only
+         texts as compressed blocks and the stored vectors as a ``.npy``, both cache files read
+         with ``pread`` (``passage_blocks``, ``passage_vectors``), the vectors only
          when the index cannot give them back)
     group.sharded_index() -> ShardedIndex                    # search(xq, k) like a local index
 

@@ -28,6 +28,7 @@ from raggen.index.manifest import (
 from raggen.index.passage_blocks import PassageBlocks
 from raggen.index.passage_cache import derived_dir, open_blocks, open_vectors
 from raggen.index.passage_table import int64_column
+from raggen.index.passage_vectors import PassageVectors
 from raggen.index.shard import index_ids
 from raggen.index.version_cache import cache_mark_used, evict_cached_versions
 from raggen.storage import (
@@ -59,7 +60,7 @@ class LoadedShard:
     index_path: Path
     faiss_index: Any = field(default=None, repr=False)
     texts: PassageBlocks | None = field(default=None, repr=False)  # passage_store="mapped": id/title/text
-    vectors: np.ndarray | None = field(default=None, repr=False)  # passage_store="mapped": stored embeddings
+    vectors: PassageVectors | None = field(default=None, repr=False)  # passage_store="mapped": stored embeddings
 
     def index(self):
         """The opened FAISS index (the same object every call: never deserialized twice)."""
@@ -343,8 +344,8 @@ def load_version(
     same root beyond the newest N (by last use) are deleted (None: keep all). ``passage_store``:
     "table" decodes id/title/text (and the embeddings) into each shard's table; "mapped" reads only
     ``row_id`` there and reads the rest from files derived into the cache: texts as compressed
-    blocks (``passage_blocks``, read with ``pread``), embeddings as a memory-mapped ``.npy``
-    (``passage_vectors``); the process then
+    blocks (``passage_blocks``), embeddings as a ``.npy`` (``passage_vectors``), both read with
+    ``pread``; the process then
     holds only what it reads (what shard actors use)."""
     loaded = _load(
         uri,

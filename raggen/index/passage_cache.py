@@ -1,5 +1,5 @@
 """Files derived from a version's verified passage parquet into the local cache (texts as compressed
-blocks read with ``pread``, stored vectors as a memory-mapped ``.npy``), made once per node and
+blocks, stored vectors as a ``.npy``, both read with ``pread``), made once per node and
 shared through the page cache by every process that serves the shard.
 
 Each file is made in a short-lived child process: decoding the parquet costs the decoder's buffers
@@ -14,11 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from raggen.errors import IndexIntegrityError, RaggenError
 from raggen.index.passage_blocks import PassageBlocks, write_passage_blocks
-from raggen.index.passage_vectors import map_passage_vectors, write_passage_vectors
+from raggen.index.passage_vectors import PassageVectors, open_passage_vectors, write_passage_vectors
 from raggen.index.version_cache import cache_mark_used
 
 _WRITERS = {"blocks": write_passage_blocks, "vectors": write_passage_vectors}
@@ -67,9 +65,9 @@ def open_blocks(parquet_path: Path, source_sha256: str, rows: int, folder: Path)
     return _open_derived("blocks", ".blocks", PassageBlocks, parquet_path, source_sha256, rows, folder)
 
 
-def open_vectors(parquet_path: Path, source_sha256: str, rows: int, folder: Path) -> np.ndarray:
-    """The stored embeddings of a verified parquet, memory-mapped from ``folder``."""
-    return _open_derived("vectors", ".vectors.npy", map_passage_vectors, parquet_path, source_sha256, rows, folder)
+def open_vectors(parquet_path: Path, source_sha256: str, rows: int, folder: Path) -> PassageVectors:
+    """The stored embeddings of a verified parquet, read on demand from ``folder``."""
+    return _open_derived("vectors", ".vectors.npy", open_passage_vectors, parquet_path, source_sha256, rows, folder)
 
 
 def main(argv: list[str]) -> None:

@@ -48,7 +48,7 @@ class SearchSettings(BaseModel):
     actor_max_restarts: int = Field(-1, ge=-1)
     actor_search_retries: int = Field(3, ge=0)
     # how a shard actor keeps its passages: "mapped" (texts as zstd blocks, stored vectors as .npy,
-    # derived once per node into the cache, blocks read with pread, vectors memory-mapped: the actor
+    # derived once per node into the cache, both read with pread: the actor
     # holds only what it reads; ~0.7x the parquet's bytes more on the cache disk) or "table"
     # (decoded into the actor's memory)
     actor_passages: Literal["mapped", "table"] = "mapped"

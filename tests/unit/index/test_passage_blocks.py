@@ -18,7 +18,7 @@ from raggen.errors import IndexIntegrityError, RaggenError
 from raggen.index.loading import load_version
 from raggen.index.passage_blocks import PassageBlocks, write_passage_blocks
 from raggen.index.passage_cache import open_blocks, open_vectors
-from raggen.index.passage_vectors import map_passage_vectors
+from raggen.index.passage_vectors import PassageVectors, open_passage_vectors
 from raggen.index.sharded import ShardedIndex
 from raggen.storage import sha256_file
 from tests.helpers import REPO
@@ -124,7 +124,7 @@ def test_a_mapped_version_searches_like_the_table_and_keeps_the_users_folder(tmp
     assert all(s.texts is not None and s.passages.column_names == ["row_id"] for s in loaded.shards)
     assert all((s.vectors is not None) == stored == s.has_embeddings for s in loaded.shards)
     if stored:
-        assert isinstance(loaded.shards[0].vectors, np.memmap) and not loaded.shards[0].vectors.flags.writeable
+        assert isinstance(loaded.shards[0].vectors, PassageVectors)  # read on demand, never a decoded column
     mapped = ShardedIndex.from_version(loaded, nprobe=4)
     a, b = table.search(xb[:6], 5), mapped.search(xb[:6], 5)
     assert a.ids == b.ids and a.titles == b.titles and a.texts == b.texts and a.texts[0][0].startswith("x")
@@ -143,15 +143,21 @@ def test_damaged_or_foreign_stored_vectors_are_refused_and_made_again(tmp_path):
     sha = sha256_file(parquet)
     vectors = open_vectors(parquet, sha, 300, tmp_path / "cache")
     np.testing.assert_array_equal(vectors, xb[:300])
-    path = Path(vectors.filename)
-    del vectors
+    np.testing.assert_array_equal(vectors[np.array([299, 0, 7])], xb[[299, 0, 7]])
+    assert _mapped_resident_kb(vectors.path) is None  # read with pread: nothing of the file mapped
+    copy = pickle.loads(pickle.dumps(vectors))  # opens its own descriptor
+    np.testing.assert_array_equal(copy[np.array([5])], xb[[5]])
+    with pytest.raises(IndexError):
+        vectors[np.array([300])]
+    path = vectors.path
+    del vectors, copy
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(IndexIntegrityError, match="sha256 mismatch"):
-        map_passage_vectors(path, source_sha256=sha, rows=300)
+        open_passage_vectors(path, source_sha256=sha, rows=300)
     with pytest.raises(IndexIntegrityError, match="made from another file"):
-        map_passage_vectors(path, source_sha256="0" * 64, rows=300)
+        open_passage_vectors(path, source_sha256="0" * 64, rows=300)
     np.testing.assert_array_equal(open_vectors(parquet, sha, 300, tmp_path / "cache"), xb[:300])
 
 
@@ -238,7 +244,7 @@ def test_local_mode_can_map_the_passages_too(tmp_path):
     mapped = open_index(
         root, settings=SearchSettings(mode="local", local_passages="mapped"), cache_dir=tmp_path / "cache"
     )
-    assert all(s._texts is not None and isinstance(s._emb, np.memmap) for s in mapped._backend.searchers)
+    assert all(s._texts is not None and isinstance(s._emb, PassageVectors) for s in mapped._backend.searchers)
     assert all(s._texts is None for s in table._backend.searchers)
     a, b = table.search(xb[:5], 4), mapped.search(xb[:5], 4)
     assert a.ids == b.ids and a.texts == b.texts
