@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raggen.errors import IndexIntegrityError
+from raggen.index.pread_file import PreadFile
 from raggen.storage import AtomicFile, HashingWriter, iter_file_chunks, sha256_chunks
 
 MAGIC = b"RGPBLK01"
@@ -150,8 +151,8 @@ class PassageBlocks:
             )
         m = int(meta["blocks"])
         self.rows, self._source_sha256 = rows, source_sha256
-        self._fd = os.open(self.path, os.O_RDONLY)  # pread: thread-safe, no shared file position
-        index = np.frombuffer(os.pread(self._fd, 8 * (3 * m + 2), index_pos), dtype="<u8")  # 24 B per block
+        self._file = PreadFile(self.path)
+        index = np.frombuffer(self._file.read(8 * (3 * m + 2), index_pos), dtype="<u8")  # 24 B per block
         if len(index) != 3 * m + 2:
             self.close()
             raise IndexIntegrityError(f"{self.path}: block index truncated")
@@ -170,12 +171,8 @@ class PassageBlocks:
         return (_reopen, (str(self.path), self._source_sha256, self.rows))
 
     def close(self) -> None:
-        fd, self._fd = getattr(self, "_fd", -1), -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self.close()
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
 
     def _block(self, b: int) -> tuple[bytes, list[list[int]]]:
         """Block ``b`` decompressed, and per field its rows' absolute (start, end) offsets in it."""
@@ -183,7 +180,7 @@ class PassageBlocks:
         codec = getattr(self._local, "codec", None)
         if codec is None:
             codec = self._local.codec = pa.Codec(CODEC)
-        raw = codec.decompress(os.pread(self._fd, end - start, start), int(self._raw_sizes[b]), asbytes=True)
+        raw = codec.decompress(self._file.read(end - start, start), int(self._raw_sizes[b]), asbytes=True)
         r = int(np.frombuffer(raw, dtype=np.uint32, count=1)[0])
         offsets = np.frombuffer(raw, dtype=np.uint32, count=3 * (r + 1), offset=4).reshape(3, r + 1).astype(np.int64)
         base = 4 + 12 * (r + 1)

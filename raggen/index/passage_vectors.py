@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from raggen.errors import IndexIntegrityError
 from raggen.index.passage_table import embeddings_of
+from raggen.index.pread_file import PreadFile
 from raggen.storage import AtomicFile, HashingWriter, atomic_write_bytes, sha256_file
 
 
@@ -71,7 +72,7 @@ class PassageVectors:
     def __init__(self, path: Path, *, rows: int, dim: int, offset: int):
         self.path, self.shape, self.dtype = Path(path), (rows, dim), np.dtype(np.float32)
         self._offset, self._row_bytes = offset, 4 * dim
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._file = PreadFile(self.path)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -83,7 +84,7 @@ class PassageVectors:
         out = np.empty((len(pos), self.shape[1]), dtype="<f4")
         step = self._row_bytes
         for i, p in enumerate(pos.tolist()):
-            row = os.pread(self._fd, step, self._offset + p * step)
+            row = self._file.read(step, self._offset + p * step)
             if len(row) != step:
                 raise IndexIntegrityError(f"{self.path}: row {p} truncated")
             out[i] = np.frombuffer(row, dtype="<f4")
@@ -98,12 +99,7 @@ class PassageVectors:
         return (_reopen, (str(self.path), *self.shape, self._offset))
 
     def close(self) -> None:
-        fd, self._fd = getattr(self, "_fd", -1), -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self.close()
+        self._file.close()
 
 
 def open_passage_vectors(path: Path, *, source_sha256: str, rows: int) -> PassageVectors:

@@ -79,7 +79,7 @@ def test_reading_blocks_maps_none_of_the_file_and_leaves_no_descriptor_open(tmp_
     texts = blocks.take(np.random.default_rng(1).integers(0, 5000, 2000))[2]
     assert len(texts) == 2000
     assert _mapped_resident_kb(out) is None, "the blocks file is mapped into the reader"
-    fd = blocks._fd
+    fd = blocks._file.fd
     assert Path(f"/proc/self/fd/{fd}").resolve() == out.resolve()
     blocks.close()
     assert not Path(f"/proc/self/fd/{fd}").exists() or Path(f"/proc/self/fd/{fd}").resolve() != out.resolve()
