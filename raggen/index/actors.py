@@ -70,11 +70,24 @@ def rss_bytes() -> int:
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD_BYTES = 128 << 10  # glibc's initial value, kept fixed
+MMAP_THRESHOLD_BYTES = 128 << 10  # while loading: glibc's initial value, kept fixed
+SERVING_MMAP_THRESHOLD_BYTES = 32 << 20  # once loaded: the ceiling of glibc's own dynamic threshold (64-bit)
+
+
+def _set_mmap_threshold(nbytes: int) -> bool:
+    """glibc's M_MMAP_THRESHOLD (blocks of at least ``nbytes`` are mapped on their own and unmapped
+    when freed); False where glibc is absent."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        return False
 
 
 def hold_memory_tightly() -> bool:
-    """Make freed memory leave this process (a shard actor: loads once, then serves).
+    """Make freed memory leave this process while it loads (a shard actor: loads once, then serves;
+    ``serve_from_heap`` ends the glibc part once loaded).
 
     * Arrow allocates from the system allocator: its default (mimalloc) keeps much of the
       parquet decoder's scratch resident after the shard's table is built.
@@ -85,15 +98,21 @@ def hold_memory_tightly() -> bool:
     Measured on an actor with two 250k-passage shards (60 MB of files): peak RSS 342 -> 280 MB,
     anon above an idle actor 134 -> 71 MB. Returns False where glibc is absent (the Arrow part
     still applies)."""
-    import ctypes
-
     import pyarrow as pa
 
     pa.set_memory_pool(pa.system_memory_pool())
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):
-        return False
+    return _set_mmap_threshold(MMAP_THRESHOLD_BYTES)
+
+
+def serve_from_heap() -> bool:
+    """Once the shards are loaded: blocks below 32 MiB come from the heap again and are reused.
+
+    Kept at 128 KiB, every block of 128 KiB or more that a query allocates (FAISS's search scratch,
+    a batch's results) is a fresh mapping, faulted in page by page and unmapped when freed. Measured
+    in a shard actor with 4 IVF-PQ shards of 62.5k passages (its methods on a thread pool,
+    max_concurrency 4): one query's search 0.90 -> 0.39 ms, with its 10 texts 1.59 -> 1.07 ms;
+    RSS after 500 single and 600 batched k=100 queries the same (270 MB). False where glibc is absent."""
+    return _set_mmap_threshold(SERVING_MMAP_THRESHOLD_BYTES)
 
 
 class ShardServer:
@@ -138,6 +157,7 @@ class ShardServer:
         )
         if expect_version is not None and loaded.version != expect_version:
             raise IndexIntegrityError(f"{version_uri}: holds version {loaded.version!r}, expected {expect_version!r}")
+        serve_from_heap()  # loaded: what follows is per-query scratch, reused from the heap
         self.version, self.shards = loaded.version, [int(s) for s in shards]
         metric = loaded.manifest.metric
         searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search,
