@@ -10,7 +10,7 @@
     group.sharded_index() -> ShardedIndex                    # search(xq, k) like a local index
 
 A caller (Train worker, eval, a Serve replica) keeps its query encoder and sends query vectors;
-in ONE call per actor and query batch (``ShardServer.search_hits``) each actor returns its
+in ONE call per actor and query batch (``ShardServer.search_hits``; ``search_packed`` for a small one) each actor returns its
 shards' merged top-k (scores, row ids, shard numbers) together with those hits' payloads (id,
 title, text; the stored vector only when asked for, for training), and the caller merges the
 actors' lists exactly (``merge_hits``: ``merge_topk``'s order and ties) keeping the winners'
@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import secrets
 import threading
 from collections import Counter
@@ -53,6 +54,7 @@ from raggen.index.sharded import ShardedIndex, resolve_search_params
 logger = logging.getLogger(__name__)
 
 ACTOR_NAME_PREFIX = "raggen-shards"  # actors are named <group name>/<actor number>
+PACKED_MAX_HITS = 256  # queries x k of a request sent packed (one pickle each way; see search_packed)
 
 
 def rss_bytes() -> int:
@@ -188,6 +190,17 @@ class ShardServer:
         """(b, d), k -> this actor's top-k with payloads (k per query, see the module docstring)."""
         self._count("search_hits", len(xq))
         return self.backend.search_hits(xq, k, nprobe, ef_search, refine_k_factor, embeddings)
+
+    def search_packed(self, request: bytes) -> bytes:
+        """``search_hits`` for a small request: its arguments and its answer each travel as ONE
+        in-band pickle (``_ActorBackend.search_hits`` sends it). Ray handles every argument, and every
+        array in an answer, as an object of its own (designed for large zero-copy buffers); for a
+        single query that costs more than the search. Measured on 2 cores: a call with
+        ``search_hits``' 6 arguments and a 10-hit answer 1.19 ms, packed 0.83 ms, a no-op call 0.79."""
+        xq, k, nprobe, ef_search, refine_k_factor, embeddings = pickle.loads(request)
+        self._count("search_packed", len(xq))
+        hits = self.backend.search_hits(xq, k, nprobe, ef_search, refine_k_factor, embeddings)
+        return pickle.dumps(hits, protocol=pickle.HIGHEST_PROTOCOL)
 
     def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True) -> dict[int, tuple]:
         """{shard number: row ids (n,)} -> {shard number: (ids, titles, texts, vectors (n, d) or None)}."""
@@ -432,7 +445,13 @@ class _ActorBackend:
         refine_k_factor: float | None = None,
         embeddings: bool = True,
     ) -> Hits:
-        """The exact top-k over all actors with payloads: one call per actor, merged here."""
+        """The exact top-k over all actors with payloads: one call per actor, merged here. A small
+        request without vectors (<= PACKED_MAX_HITS hits per actor: serving's single queries) goes
+        packed (``ShardServer.search_packed``), anything larger as Ray objects (zero-copy arrays)."""
+        if len(xq) * k <= PACKED_MAX_HITS and not embeddings:
+            request = pickle.dumps((xq, k, nprobe, ef_search, refine_k_factor, embeddings), pickle.HIGHEST_PROTOCOL)
+            answers = self.ray.get([h.search_packed.remote(request) for h in self.group.handles])
+            return merge_hits([pickle.loads(a) for a in answers], k)
         xq_arg = self.ray.put(xq) if xq.nbytes > 100_000 and len(self.group.handles) > 1 else xq  # one copy for all
         args = (xq_arg, k, nprobe, ef_search, refine_k_factor, embeddings)
         refs = [h.search_hits.remote(*args) for h in self.group.handles]

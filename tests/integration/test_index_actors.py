@@ -4,7 +4,8 @@
   returns exactly the single local index's top-k (ids, scores, texts, vectors), and exactly one
   IndexFlatIP's; IVF search defaults and per-call overrides hold through the actors;
 - a query batch costs ONE call per actor (``search_hits``: top-k and payloads together, no
-  second round trip to fetch them), and ``embeddings=False`` brings back no vectors;
+  second round trip to fetch them; ``search_packed`` for a small batch without vectors, with the
+  same answer), and ``embeddings=False`` brings back no vectors;
 - a caller that opens the actor-backed index does not hold the passages: its RSS grows by much
   less than the shard's text (about 40 MB), while opening the same version locally grows by it;
 - a Ray Train run with 2 workers searches through ONE actor group (counted by actor name);
@@ -127,6 +128,9 @@ def test_actor_group_returns_exactly_the_local_index_top_k(cluster, version):
         np.testing.assert_array_equal(got.row_ids, want.row_ids)
         np.testing.assert_array_equal(got.scores, want.scores)
         np.testing.assert_array_equal(got.embeddings, want.embeddings)
+        small = through.search(xq[:2], 10, embeddings=False)  # 20 hits, no vectors: sent packed
+        assert small.ids == want.ids[:2] and small.texts == want.texts[:2] and not small.embeddings.any()
+        np.testing.assert_array_equal(small.scores, want.scores[:2])
         flat = faiss.IndexFlatIP(D)
         flat.add(xb)
         ref_scores, ref_rows = flat.search(xq, 10)
@@ -166,14 +170,17 @@ def test_one_call_per_actor_per_query_batch_and_no_vectors_unless_asked(cluster,
         before = calls()
         result = index.search(xq, 5, embeddings=False)
         after = calls()
-        for b, a in zip(before, after):
-            assert a.get("search_hits", 0) - b.get("search_hits", 0) == 2, (before, after)  # one per batch
-            assert a.get("fetch", 0) == b.get("fetch", 0) and a.get("search", 0) == b.get("search", 0)
+        for b, a in zip(before, after):  # small batches without vectors: packed (one pickle each way)
+            assert a.get("search_packed", 0) - b.get("search_packed", 0) == 2, (before, after)  # one per batch
+            assert a.get("search_hits", 0) == b.get("search_hits", 0) and a.get("fetch", 0) == b.get("fetch", 0)
         assert not result.embeddings.any()
         answers = ray.get([h.search_hits.remote(xq, 5, embeddings=False) for h in group.handles])
         assert all(a.embeddings is None and len(a.texts[0][0]) == TEXT_CHARS for a in answers)  # texts, no vectors
-        full = index.search(xq, 5)
+        before = calls()
+        full = index.search(xq, 5)  # with vectors: Ray objects, one search_hits call per actor and batch
+        assert all(a.get("search_hits", 0) - b.get("search_hits", 0) == 2 for b, a in zip(before, calls()))
         assert full.ids == result.ids and full.texts == result.texts
+        np.testing.assert_array_equal(full.scores, result.scores)
         np.testing.assert_array_equal(full.embeddings, xb[[[int(i[1:]) for i in row] for row in full.ids]])
         # fetch (hits found elsewhere) still goes to the rows' actors: one call to each that holds some
         before = calls()
