@@ -17,6 +17,10 @@
 # each node, and the same two variables printed by `env` for clients. RAY_AUTH_MODE=disabled in
 # the caller's environment opts out (anyone who reaches the ports can then run code).
 #
+# A node counts as up once its `ray start --block` prints that it will block (the node whole, its
+# dashboard agent included), not when the GCS first lists it; a node that exits while starting (under
+# load a raylet gives up waiting for its agent) is started again on fresh ports, up to 3 times.
+#
 # The nodes run $RAY_BIN (default: the repo's .venv/bin/ray), so workers and job drivers use that
 # venv's python; its bin/ leads PATH, so a job's `python` is that venv's too.
 # `stop` ends only the processes this script started (never `ray stop`, which would kill every
@@ -33,6 +37,8 @@ HEAD_CPUS=1
 WORKER_CPUS=1
 OBJECT_STORE_BYTES=$((300 * 1024 * 1024))
 TIMEOUT_S=90
+ATTEMPTS=3   # starts of one node before giving up (see start_node)
+STARTED_LINE="This command will now block forever"  # `ray start --block` prints it once its node is up
 
 die() { echo "local-multinode: $*" >&2; exit 1; }
 
@@ -75,17 +81,68 @@ print(sum(1 for n in ray.nodes() if n["Alive"]))
 EOF
 }
 
-wait_for_nodes() {  # wait_for_nodes N
+wait_started() {  # wait_started NAME: 0 once the node's `ray start` printed STARTED_LINE, 1 if it exited first
+  # Its GCS or job API can answer before the node is whole: under load a raylet gives up on its
+  # dashboard agent (15 s per port file in Ray 2.60) and the node dies after clients saw it.
+  local name="$1" pid deadline=$((SECONDS + TIMEOUT_S))
+  pid="$(node_pid "$name")"
+  while ((SECONDS < deadline)); do
+    grep -q "$STARTED_LINE" "$STATE/logs/$name.out" 2>/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || return 1
+    sleep 1
+  done
+  die "$name not up within ${TIMEOUT_S}s (logs: $STATE/logs)"
+}
+
+node_pid() { awk -v n="$1" '$2 == n {p = $1} END {print p}' "$STATE/pids"; }
+
+forget_node() {  # forget_node NAME: stop what is left of its session, drop it from the pid list
+  local name="$1" pid
+  pid="$(node_pid "$name")"
+  [[ -n "$pid" ]] && stop_node "$pid" "$name"
+  awk -v n="$name" '$2 != n' "$STATE/pids" >"$STATE/pids.tmp" && mv "$STATE/pids.tmp" "$STATE/pids"
+}
+
+start_node() {  # start_node NAME LAUNCHER: run LAUNCHER (NAME on fresh ports) until the node is up
+  local name="$1" launcher="$2" attempt
+  for attempt in $(seq 1 "$ATTEMPTS"); do
+    "$launcher"
+    wait_started "$name" && return 0
+    echo "local-multinode: $name exited while starting (attempt $attempt of $ATTEMPTS):" >&2
+    tail -n 20 "$STATE/logs/$name.out" >&2
+    mv "$STATE/logs/$name.out" "$STATE/logs/$name.attempt-$attempt.out"
+    forget_node "$name"
+  done
+  die "$name did not start in $ATTEMPTS attempts (logs: $STATE/logs)"
+}
+
+wait_for_nodes() {  # wait_for_nodes N: the GCS counts N live nodes
   local deadline=$((SECONDS + TIMEOUT_S)) n=0
   while ((SECONDS < deadline)); do
     n="$(alive_nodes | tail -n1)"
     ((n >= $1)) && return 0
-    while read -r pid name; do
-      kill -0 "$pid" 2>/dev/null || { tail -n 20 "$STATE/logs/$name.out" >&2; die "$name exited while starting"; }
-    done <"$STATE/pids"
     sleep 2
   done
   die "only $n of $1 nodes came up within ${TIMEOUT_S}s (logs: $STATE/logs)"
+}
+
+launch_head() {
+  local gcs dash client agent
+  read -r gcs dash client agent <<<"$(free_ports 4)"
+  launch head --head --port="$gcs" --dashboard-port="$dash" --include-dashboard=true \
+    --dashboard-host=127.0.0.1 --ray-client-server-port="$client" --dashboard-agent-listen-port="$agent" \
+    --num-cpus="$HEAD_CPUS" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" \
+    --temp-dir="$STATE/tmp"
+  echo "127.0.0.1:$gcs" >"$STATE/gcs_address"
+  echo "http://127.0.0.1:$dash" >"$STATE/dashboard_address"
+}
+
+launch_worker() {  # worker number $WORKER, joining the head in $STATE/gcs_address
+  local agent
+  read -r agent <<<"$(free_ports 1)"
+  launch "worker-$WORKER" --address="$(cat "$STATE/gcs_address")" --num-cpus="$WORKER_CPUS" --num-gpus=0 \
+    --object-store-memory="$OBJECT_STORE_BYTES" --dashboard-agent-listen-port="$agent" \
+    --resources="{\"raggen_worker\": 1, \"worker_$WORKER\": 1}"
 }
 
 cmd_start() {
@@ -113,23 +170,14 @@ cmd_start() {
   fi
   node_env
   trap 'echo "local-multinode: start failed, stopping what started" >&2; cmd_stop' EXIT
-  read -r gcs dash client agent <<<"$(free_ports 4)"
   cd "$REPO"  # a job submitted without --working-dir runs in the head's working directory
-  launch head --head --port="$gcs" --dashboard-port="$dash" --include-dashboard=true \
-    --dashboard-host=127.0.0.1 --ray-client-server-port="$client" --dashboard-agent-listen-port="$agent" \
-    --num-cpus="$HEAD_CPUS" --num-gpus=0 --object-store-memory="$OBJECT_STORE_BYTES" \
-    --temp-dir="$STATE/tmp"
-  echo "127.0.0.1:$gcs" >"$STATE/gcs_address"
-  echo "http://127.0.0.1:$dash" >"$STATE/dashboard_address"
+  start_node head launch_head
   wait_for_nodes 1
   # One at a time: nodes on one machine share the session's socket folder, and two raylets
   # starting together pick the same socket name (raylet.1) and one dies with "address in use".
-  for i in $(seq 1 "$WORKERS"); do
-    read -r agent <<<"$(free_ports 1)"
-    launch "worker-$i" --address="127.0.0.1:$gcs" --num-cpus="$WORKER_CPUS" --num-gpus=0 \
-      --object-store-memory="$OBJECT_STORE_BYTES" --dashboard-agent-listen-port="$agent" \
-      --resources="{\"raggen_worker\": 1, \"worker_$i\": 1}"
-    wait_for_nodes $((i + 1))
+  for WORKER in $(seq 1 "$WORKERS"); do
+    start_node "worker-$WORKER" launch_worker
+    wait_for_nodes $((WORKER + 1))
   done
   trap - EXIT
   echo "local-multinode: head + $WORKERS workers up (auth: $AUTH_MODE)"
