@@ -5,7 +5,8 @@
   IndexFlatIP's; IVF search defaults and per-call overrides hold through the actors;
 - a query batch costs ONE call per actor (``search_hits``: top-k and payloads together, no
   second round trip to fetch them; ``search_packed`` for a small batch without vectors, with the
-  same answer), and ``embeddings=False`` brings back no vectors;
+  same answer); a large batch costs two (``topk``, then ``fetch`` of the winners' payloads from the
+  actors that hold them), with the same answer; ``embeddings=False`` brings back no vectors;
 - a caller that opens the actor-backed index does not hold the passages: its RSS grows by much
   less than the shard's text (about 40 MB), while opening the same version locally grows by it;
 - a Ray Train run with 2 workers searches through ONE actor group (counted by actor name);
@@ -131,6 +132,11 @@ def test_actor_group_returns_exactly_the_local_index_top_k(cluster, version):
         small = through.search(xq[:2], 10, embeddings=False)  # 20 hits, no vectors: sent packed
         assert small.ids == want.ids[:2] and small.texts == want.texts[:2] and not small.embeddings.any()
         np.testing.assert_array_equal(small.scores, want.scores[:2])
+        want_big, big = local.search(xq, 30), through.search(xq, 30)  # 600 hits: top-k, then the winners' payloads
+        assert big.ids == want_big.ids and big.titles == want_big.titles and big.texts == want_big.texts
+        np.testing.assert_array_equal(big.row_ids, want_big.row_ids)
+        np.testing.assert_array_equal(big.scores, want_big.scores)
+        np.testing.assert_array_equal(big.embeddings, want_big.embeddings)
         flat = faiss.IndexFlatIP(D)
         flat.add(xb)
         ref_scores, ref_rows = flat.search(xq, 10)
@@ -181,6 +187,19 @@ def test_one_call_per_actor_per_query_batch_and_no_vectors_unless_asked(cluster,
         assert all(a.get("search_hits", 0) - b.get("search_hits", 0) == 2 for b, a in zip(before, calls()))
         assert full.ids == result.ids and full.texts == result.texts
         np.testing.assert_array_equal(full.scores, result.scores)
+        # a large batch (> PACKED_MAX_HITS hits): each actor's top-k without payloads, then the winners'
+        # payloads, one fetch call to each actor that holds some; the same answer
+        before = calls()
+        large = group.sharded_index(query_batch_size=6).search(xq, 50, embeddings=False)  # 300 hits
+        after = calls()
+        for b, a in zip(before, after):
+            assert a.get("topk", 0) - b.get("topk", 0) == 1 and a.get("fetch", 0) - b.get("fetch", 0) <= 1
+            assert a.get("search_hits", 0) == b.get("search_hits", 0) and a.get("search_packed", 0) == b.get(
+                "search_packed", 0
+            )
+        assert sum(a.get("fetch", 0) - b.get("fetch", 0) for b, a in zip(before, after)) >= 1
+        assert [row[:5] for row in large.ids] == result.ids and not large.embeddings.any()
+        assert all(len(t) == TEXT_CHARS for row in large.texts for t in row)
         np.testing.assert_array_equal(full.embeddings, xb[[[int(i[1:]) for i in row] for row in full.ids]])
         # fetch (hits found elsewhere) still goes to the rows' actors: one call to each that holds some
         before = calls()
