@@ -13,7 +13,7 @@ A caller (Train worker, eval, a Serve replica) keeps its query encoder and sends
 the caller merges the actors' lists exactly (``merge_hits`` / ``merge_topk``: the same order and
 ties) and keeps the winners' payloads (id, title, text; the stored vector only when asked for, for
 training). How many round trips a query batch costs depends on its size (queries x k):
-- up to ``PACKED_MAX_HITS`` (serving's single queries, a training step): ONE call per actor, each
+- up to ``ONE_ROUND_TRIP_MAX_HITS`` (serving's single queries, a training step): ONE call per actor, each
   answering its shards' merged top-k together with those hits' payloads (``search_hits``;
   ``search_packed`` without vectors: one in-band pickle each way). Each actor sends k payloads per
   query instead of only the winners among them, far less than a second round trip would cost.
@@ -56,7 +56,7 @@ from raggen.index.sharded import ShardedIndex, resolve_search_params
 logger = logging.getLogger(__name__)
 
 ACTOR_NAME_PREFIX = "raggen-shards"  # actors are named <group name>/<actor number>
-PACKED_MAX_HITS = 256  # queries x k up to which a request takes one round trip (see _ActorBackend.search_hits)
+ONE_ROUND_TRIP_MAX_HITS = 256  # queries x k up to which a request takes one round trip (see _ActorBackend.search_hits)
 
 
 def rss_bytes() -> int:
@@ -461,7 +461,7 @@ class _ActorBackend:
         embeddings: bool = True,
     ) -> Hits:
         """The exact top-k over all actors with payloads, merged here (``merge_hits`` / ``merge_topk``:
-        the same winners and ties either way). A request of at most PACKED_MAX_HITS hits per actor
+        the same winners and ties either way). A request of at most ONE_ROUND_TRIP_MAX_HITS hits per actor
         takes ONE round trip: each actor answers its top-k with their payloads (without vectors
         packed, ``ShardServer.search_packed``; with them as Ray objects, zero-copy arrays). A larger
         one takes two: every actor's top-k without payloads (``topk``), then the payloads of the
@@ -470,7 +470,7 @@ class _ActorBackend:
         k=100 (on 2 cores, 500k passages) two round trips gave 960-1010 instead of 570 queries/s
         with 2 actors and 1050-1150 instead of 350-420 with 4."""
         handles = self.group.handles
-        small = len(xq) * k <= PACKED_MAX_HITS
+        small = len(xq) * k <= ONE_ROUND_TRIP_MAX_HITS
         if small and not embeddings:
             request = pickle.dumps((xq, k, nprobe, ef_search, refine_k_factor, embeddings), pickle.HIGHEST_PROTOCOL)
             answers = self.ray.get([h.search_packed.remote(request) for h in handles])

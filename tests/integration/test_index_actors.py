@@ -187,7 +187,7 @@ def test_one_call_per_actor_per_query_batch_and_no_vectors_unless_asked(cluster,
         assert all(a.get("search_hits", 0) - b.get("search_hits", 0) == 2 for b, a in zip(before, calls()))
         assert full.ids == result.ids and full.texts == result.texts
         np.testing.assert_array_equal(full.scores, result.scores)
-        # a large batch (> PACKED_MAX_HITS hits): each actor's top-k without payloads, then the winners'
+        # a large batch (> ONE_ROUND_TRIP_MAX_HITS hits): each actor's top-k without payloads, then the winners'
         # payloads, one fetch call to each actor that holds some; the same answer
         before = calls()
         large = group.sharded_index(query_batch_size=6).search(xq, 50, embeddings=False)  # 300 hits
