@@ -375,6 +375,23 @@ class RetrieverLikeCaller:
                 "latencies": latencies, "texts": texts, "first_ms": first_ms}  # fmt: skip
 
 
+def interleaved_p50_p99(searches: dict, queries: np.ndarray, *, warmup: np.ndarray) -> dict[str, tuple[float, float]]:
+    """{name: search(one query)} -> {name: (p50, p99) ms} over ``queries``, the searches taken in turns
+    (their order reversed every other query: the machine's load drifts); each first runs the
+    ``warmup`` queries untimed (mapped pages touched, the actors' thread pools started)."""
+    for q in warmup:
+        for search in searches.values():
+            search(q)
+    names = list(searches)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i, q in enumerate(queries):
+        for name in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            searches[name](q)
+            times[name].append(time.perf_counter() - t0)
+    return {name: (np.percentile(v, 50) * 1e3, np.percentile(v, 99) * 1e3) for name, v in times.items()}
+
+
 def node_names(ray) -> dict[str, str]:
     """Node id -> "head" / "worker" (local-multinode.sh gives workers the raggen_worker resource)."""
     return {n["NodeID"]: ("worker" if "raggen_worker" in n["Resources"] else "head") for n in ray.nodes() if n["Alive"]}
@@ -524,19 +541,10 @@ def main(argv: list[str] | None = None) -> None:
 
         # latency: single queries, k=10, texts fetched; local and actors interleaved (the load drifts)
         k_lat, L = 10, min(args.latency_queries, args.queries)
-        for q in xq[:10]:  # warm-up: touch the mapped pages, start the actors' thread pools
-            local_index.search(q[None], k_lat, embeddings=False)
-            actor_index.search(q[None], k_lat, embeddings=False)
-        lat = {"local": [], "actors": [], "ping": []}
         searches = {"local": lambda q: local_index.search(q[None], k_lat, embeddings=False),
                     "actors": lambda q: actor_index.search(q[None], k_lat, embeddings=False),
                     "ping": lambda q: ray.get([h.ping.remote() for h in group.handles])}  # fmt: skip
-        for i, q in enumerate(xq[:L]):
-            for kind in ("local", "actors", "ping") if i % 2 == 0 else ("ping", "actors", "local"):
-                t0 = time.perf_counter()
-                searches[kind](q)
-                lat[kind].append(time.perf_counter() - t0)
-        p = {kind: (np.percentile(v, 50) * 1e3, np.percentile(v, 99) * 1e3) for kind, v in lat.items()}
+        p = interleaved_p50_p99(searches, xq[:L], warmup=xq[:10])
         m["latency_ms"] = p
         # each actor's peak so far: loading its shards and serving single queries (what holding the
         # index costs); the batch below adds request-sized results (100k texts per actor at once)
@@ -551,15 +559,10 @@ def main(argv: list[str] | None = None) -> None:
         for extra in args.latency_nprobe or [128]:  # the same, with more of the index's work per query
             if extra == nprobe or extra > nlist:
                 continue
-            timed = {"local": [], "actors": []}
-            pair = (("local", local_index), ("actors", actor_index))
-            for i, q in enumerate(xq[: L + 10]):  # the first 10: warm-up (more lists' pages touched)
-                for kind, index in pair if i % 2 == 0 else pair[::-1]:
-                    t0 = time.perf_counter()
-                    index.search(q[None], k_lat, nprobe=extra, embeddings=False)
-                    if i >= 10:
-                        timed[kind].append(time.perf_counter() - t0)
-            pe = {kind: (np.percentile(v, 50) * 1e3, np.percentile(v, 99) * 1e3) for kind, v in timed.items()}
+            at_nprobe = {kind: (lambda q, index=index, extra=extra:
+                                index.search(q[None], k_lat, nprobe=extra, embeddings=False))
+                         for kind, index in (("local", local_index), ("actors", actor_index))}  # fmt: skip
+            pe = interleaved_p50_p99(at_nprobe, xq[10 : L + 10], warmup=xq[:10])  # warm-up: more lists' pages
             m[f"latency_nprobe_{extra}_ms"] = pe
             row("search", f"  at nprobe {extra} of {nlist}: single query p50 / p99, local; through the actors",
                 f"{pe['local'][0]:.2f} / {pe['local'][1]:.2f} ms; {pe['actors'][0]:.2f} / {pe['actors'][1]:.2f} ms", "",
