@@ -44,6 +44,7 @@ FIELDS = ("id", "title", "text")
 ROWS_PER_BLOCK = 16
 CODEC = "zstd"
 _TRAILER = struct.Struct("<QQ8s")
+_U32 = struct.Struct("<I")
 
 
 def _string_parts(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -181,13 +182,14 @@ class PassageBlocks:
         if codec is None:
             codec = self._local.codec = pa.Codec(CODEC)
         raw = codec.decompress(self._file.read(end - start, start), int(self._raw_sizes[b]), asbytes=True)
-        r = int(np.frombuffer(raw, dtype=np.uint32, count=1)[0])
-        offsets = np.frombuffer(raw, dtype=np.uint32, count=3 * (r + 1), offset=4).reshape(3, r + 1).astype(np.int64)
-        base = 4 + 12 * (r + 1)
+        (r,) = _U32.unpack_from(raw)
+        flat = struct.unpack_from(f"<{3 * (r + 1)}I", raw, 4)  # a few us; numpy's set-up cost ~25 per block
+        offsets, base = [], 4 + 12 * (r + 1)
         for f in range(3):  # each field's bytes follow the previous field's
-            offsets[f] += base
-            base = int(offsets[f, -1])
-        return raw, offsets.tolist()
+            field = [base + o for o in flat[f * (r + 1) : (f + 1) * (r + 1)]]
+            offsets.append(field)
+            base = field[-1]
+        return raw, offsets
 
     def take(self, positions: np.ndarray) -> tuple[list[str], list[str], list[str]]:
         positions = np.asarray(positions, dtype=np.int64)

@@ -161,12 +161,13 @@ def test_actor_group_returns_exactly_the_local_index_top_k(cluster, version):
         group.close()
 
 
-def test_one_call_per_actor_per_query_batch_and_no_vectors_unless_asked(cluster, version):
+def test_one_ray_call_per_actor_per_query_batch_and_no_vectors_unless_asked(cluster, version):
+    """The Ray-call path (a group without direct calls, or after a failed direct call)."""
     import ray
 
     xb = version["xb"]
     xq = xb[:6] + 0.1 * np.random.default_rng(4).standard_normal((6, D)).astype(np.float32)
-    group = ShardActorGroup.start(version["root"], settings=settings(shards_per_actor=2))
+    group = ShardActorGroup.start(version["root"], settings=settings(shards_per_actor=2, direct_calls=False))
     try:
         index = group.sharded_index(query_batch_size=4)  # 6 queries: 2 batches
 
@@ -207,6 +208,55 @@ def test_one_call_per_actor_per_query_batch_and_no_vectors_unless_asked(cluster,
         assert again.ids == full.ids and again.texts == full.texts
         np.testing.assert_array_equal(again.embeddings, full.embeddings)
         assert sum(a.get("fetch", 0) - b.get("fetch", 0) for b, a in zip(before, calls())) <= len(group.handles)
+    finally:
+        group.close()
+
+
+def test_small_requests_go_as_direct_calls_with_the_same_answer(cluster, version):
+    """A small request (<= ONE_ROUND_TRIP_MAX_HITS hits) goes over the actors' own sockets: every actor's
+    top-k, then the winners' payloads from the actors holding them; no Ray search call. The answer is
+    the local index's, with and without vectors; a large batch still goes as Ray calls; a request that
+    fails in the actor falls back to a Ray call and raises as that does."""
+    xb = version["xb"]
+    xq = xb[:6] + 0.1 * np.random.default_rng(5).standard_normal((6, D)).astype(np.float32)
+    local = ShardedIndex.from_version(load_version(version["root"], load_embeddings="auto"))
+    group = ShardActorGroup.start(version["root"], settings=settings(shards_per_actor=2))
+    try:
+        infos = group.info()
+        assert all(i["direct_address"] is not None for i in infos) and group.direct_addresses == [
+            tuple(i["direct_address"]) for i in infos
+        ]
+        index = group.sharded_index(query_batch_size=4)  # 6 queries x k=5: 2 small batches
+
+        def calls() -> list[dict[str, int]]:
+            return [i["calls"] for i in group.info()]
+
+        ray_methods = ("search_hits", "search_packed", "topk", "fetch")
+        before = calls()
+        got, want = index.search(xq, 5, embeddings=False), local.search(xq, 5, embeddings=False)
+        after = calls()
+        assert got.ids == want.ids and got.titles == want.titles and got.texts == want.texts
+        np.testing.assert_array_equal(got.scores, want.scores)
+        np.testing.assert_array_equal(got.row_ids, want.row_ids)
+        assert not got.embeddings.any()
+        for b, a in zip(before, after):
+            assert a.get("direct_topk", 0) - b.get("direct_topk", 0) == 2, (before, after)  # one per batch
+            assert a.get("direct_fetch", 0) - b.get("direct_fetch", 0) <= 2
+            assert all(a.get(m, 0) == b.get(m, 0) for m in ray_methods), (before, after)
+        # winners only: at most one fetch per actor and batch, and at least one batch fetched from each actor
+        assert sum(a.get("direct_fetch", 0) - b.get("direct_fetch", 0) for b, a in zip(before, after)) >= 2
+        full = index.search(xq, 5)  # with vectors, still direct
+        np.testing.assert_array_equal(full.embeddings, local.search(xq, 5).embeddings)
+        assert all(a.get(m, 0) == b.get(m, 0) for b, a in zip(before, calls()) for m in ray_methods)
+        assert all(i["direct_connections"] >= 1 for i in group.info())  # kept open, not one per call
+        before = calls()
+        big = group.sharded_index(query_batch_size=6).search(xq, 50, embeddings=False)  # 300 hits: Ray calls
+        assert big.ids == local.search(xq, 50, embeddings=False).ids
+        assert all(a.get("topk", 0) - b.get("topk", 0) == 1 for b, a in zip(before, calls()))
+        with pytest.raises(ValueError):  # fails in the actor's FAISS call: the Ray call raises it as it does
+            index._backend.search_hits(xq[:1, : D // 2], 5, embeddings=False)
+        assert index.search(xq[:1], 5, embeddings=False).ids == want.ids[:1]  # direct calls still in use
+        assert index._backend._direct_ready()
     finally:
         group.close()
 
@@ -348,7 +398,11 @@ def test_a_killed_shard_actor_is_restarted_and_no_search_fails(cluster, version)
             stop.set()
             thread.join(timeout=60)
         assert errors == [], errors[:3]
-        assert group.info()[1]["pid"] != victim["pid"], "the killed actor was started again"
+        restarted = group.info()[1]
+        assert restarted["pid"] != victim["pid"], "the killed actor was started again"
+        # the caller found the restarted actor's new address and went back to direct calls
+        assert restarted["direct_address"] != victim["direct_address"]
+        assert restarted["calls"].get("direct_topk", 0) > 0, restarted["calls"]
         assert before > 0 and len(results) > after_restart, "searches ran before the kill and after the restart"
         assert all(ids == want for ids in results)
         assert group.alive()
