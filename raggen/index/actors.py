@@ -66,6 +66,7 @@ ACTOR_NAME_PREFIX = "raggen-shards"  # actors are named <group name>/<actor numb
 ONE_ROUND_TRIP_MAX_HITS = 256  # queries x k up to which a request is small (see _ActorBackend.search_hits)
 DIRECT_TOPK, DIRECT_FETCH, DIRECT_PING = b"t", b"f", b"p"  # ops of a shard actor's direct calls (direct_calls.py)
 DIRECT_RETRY_AFTER_S = 5.0  # after a failed direct call a caller uses Ray calls for this long
+PLACEMENT_WARN_AFTER_S = 20.0  # a group not placed by then logs what it waits for
 
 
 def rss_bytes() -> int:
@@ -364,11 +365,19 @@ class ShardActorGroup:
         pg = placement_group([dict(bundle) for _ in assignment], strategy="SPREAD", name=name)
         handles: list = []
         try:
-            ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+            ready, _ = ray.wait([pg.ready()], timeout=min(PLACEMENT_WARN_AFTER_S, timeout_s))
+            if not ready and timeout_s > PLACEMENT_WARN_AFTER_S:  # say so while waiting (a Serve replica
+                logger.warning(  # otherwise shows only "slow __init__" until the timeout)
+                    "shard actors %s: waiting up to %.0f s for the cluster to place %d actors of %s; free now: %s "
+                    "(index.search.actor_num_cpus / shards_per_actor)",
+                    name, timeout_s, len(assignment), bundle, _free_resources(ray),
+                )  # fmt: skip
+                ready, _ = ray.wait([pg.ready()], timeout=timeout_s - PLACEMENT_WARN_AFTER_S)
             if not ready:
                 raise RuntimeError(
                     f"shard actors: the cluster cannot place {len(assignment)} actors of {bundle} "
-                    f"within {timeout_s:.0f} s (index.search.actor_num_cpus / shards_per_actor)"
+                    f"within {timeout_s:.0f} s; free: {_free_resources(ray)} (index.search.actor_num_cpus / "
+                    "shards_per_actor)"
                 )
             remote = ray.remote(ShardServer)
             for a, shards in enumerate(assignment):
@@ -475,6 +484,15 @@ class ShardActorGroup:
             with contextlib.suppress(Exception):
                 remove_placement_group(self.placement_group)
         logger.info("shard actors %s (version %s) ended", self.name, self.version)
+
+
+def _free_resources(ray) -> dict[str, float]:
+    """The cluster's unreserved CPU / GPU, for a message."""
+    try:
+        free = ray.available_resources()
+    except Exception:  # noqa: BLE001 - only for a message
+        return {}
+    return {k: round(v, 2) for k, v in free.items() if k in ("CPU", "GPU")}
 
 
 def _get(ray, refs: list, timeout_s: float, vuri: str) -> list:

@@ -261,6 +261,25 @@ def test_small_requests_go_as_direct_calls_with_the_same_answer(cluster, version
         group.close()
 
 
+def test_a_group_the_cluster_cannot_place_says_so_while_waiting_then_fails(cluster, version, caplog, monkeypatch):
+    """4 CPUs per actor on nodes of 1 CPU: a warning naming what it waits for (a Serve replica otherwise
+    shows only its slow start), then a clear error; no placement group left behind."""
+    import logging
+
+    from ray.util import placement_group_table
+
+    import raggen.index.actors as actors_module
+
+    monkeypatch.setattr(actors_module, "PLACEMENT_WARN_AFTER_S", 0.5)
+    before = {p for p, t in placement_group_table().items() if t["state"] != "REMOVED"}
+    with caplog.at_level(logging.WARNING, logger="raggen.index.actors"):
+        with pytest.raises(RuntimeError, match="cannot place 2 actors .*actor_num_cpus"):
+            ShardActorGroup.start(version["root"], settings=SearchSettings(mode="actors", shards_per_actor=2,
+                                  actor_num_cpus=4), timeout_s=2.0)  # fmt: skip
+    assert any("waiting up to 2 s" in r.getMessage() and "'CPU': 4.0" in r.getMessage() for r in caplog.records)
+    assert {p for p, t in placement_group_table().items() if t["state"] != "REMOVED"} == before
+
+
 def test_ivf_defaults_and_per_call_overrides_hold_through_actors(cluster, tmp_path):
     rng = np.random.default_rng(2)
     xb = rng.standard_normal((2000, D)).astype(np.float32)
