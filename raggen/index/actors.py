@@ -192,8 +192,11 @@ class ShardServer:
             import ray
 
             host = ray.util.get_node_ip_address()
-            self.direct = DirectServer(self._direct_call, key=direct_key, identity=direct_identity, host=host,
-                                       max_concurrent_calls=max_concurrency)  # fmt: skip
+            try:
+                self.direct = DirectServer(self._direct_call, key=direct_key, identity=direct_identity, host=host,
+                                           max_concurrent_calls=max_concurrency)  # fmt: skip
+            except OSError as exc:  # never fail the actor for it: its callers use Ray calls
+                logger.warning("shard actor %s: no direct calls (cannot listen on %s: %s)", direct_identity, host, exc)
 
     def _direct_call(self, op: bytes, payload: bytes) -> bytes:
         """A direct call (a small request, see ``_ActorBackend.search_hits``): ``topk`` or ``fetch``,
@@ -531,7 +534,8 @@ class _ActorBackend:
         self.owned = owned
         self._on_close = on_close
         self.direct: DirectClient | None = None
-        if direct_calls and group.direct_key and group.direct_addresses:
+        addresses = group.direct_addresses or []
+        if direct_calls and group.direct_key and addresses and all(a is not None for a in addresses):
             identities = [f"{group.name}/{a}" for a in range(len(group.handles))]
             self.direct = DirectClient(group.direct_key, identities)
         self._addresses = list(group.direct_addresses or [])
@@ -635,7 +639,9 @@ class _ActorBackend:
         except Exception:  # noqa: BLE001 - an actor still restarting: try again after the next failure's wait
             self._direct_retry_at = time.monotonic() + DIRECT_RETRY_AFTER_S
             return
-        self._addresses, self._addresses_stale, self._direct_retry_at = list(addresses), False, 0.0
+        self._addresses, self._addresses_stale = list(addresses), False
+        # an actor started again without a socket (it could not listen): Ray calls from now on
+        self._direct_retry_at = 0.0 if all(a is not None for a in addresses) else float("inf")
 
     def _per_actor(self, requests: dict[int, np.ndarray]) -> dict[int, dict[int, np.ndarray]]:
         per_actor: dict[int, dict[int, np.ndarray]] = {}

@@ -249,6 +249,13 @@ def test_small_requests_go_as_direct_calls_with_the_same_answer(cluster, version
         np.testing.assert_array_equal(full.embeddings, local.search(xq, 5).embeddings)
         assert all(a.get(m, 0) == b.get(m, 0) for b, a in zip(before, calls()) for m in ray_methods)
         assert all(i["direct_connections"] >= 1 for i in group.info())  # kept open, not one per call
+        before = calls()  # hits found elsewhere (BM25's): their payloads by direct calls too
+        again = index.fetch(full.row_ids, full.row_ids >> 40, full.scores, embeddings=True)
+        assert again.ids == full.ids and again.texts == full.texts
+        np.testing.assert_array_equal(again.embeddings, full.embeddings)
+        after = calls()
+        assert sum(a.get("direct_fetch", 0) - b.get("direct_fetch", 0) for b, a in zip(before, after)) >= 1
+        assert all(a.get(m, 0) == b.get(m, 0) for b, a in zip(before, after) for m in ray_methods)
         before = calls()
         big = group.sharded_index(query_batch_size=6).search(xq, 50, embeddings=False)  # 300 hits: Ray calls
         assert big.ids == local.search(xq, 50, embeddings=False).ids
