@@ -538,7 +538,7 @@ class _ActorBackend:
         if direct_calls and group.direct_key and addresses and all(a is not None for a in addresses):
             identities = [f"{group.name}/{a}" for a in range(len(group.handles))]
             self.direct = DirectClient(group.direct_key, identities)
-        self._addresses = list(group.direct_addresses or [])
+        self._addresses = list(addresses)
         self._direct_retry_at = 0.0  # time.monotonic() before which small requests use Ray calls
         self._addresses_stale = False
 
@@ -587,18 +587,21 @@ class _ActorBackend:
         if small:
             args = (xq_arg, k, nprobe, ef_search, refine_k_factor, embeddings)
             return merge_hits(self.ray.get([h.search_hits.remote(*args) for h in handles]), k)
-        scores, ids, shards = merge_topk(self.ray.get([h.topk.remote(xq_arg, k, nprobe, ef_search, refine_k_factor)
-                                                       for h in handles]), k)  # fmt: skip
-        fetched = self._ray_fetch(self._per_actor(requests_of(ids, shards)), embeddings)
-        return fill_hits(scores, ids, shards, fetched, embeddings=embeddings, dim=self.group.manifest.encoder.dim)
+        parts = self.ray.get([h.topk.remote(xq_arg, k, nprobe, ef_search, refine_k_factor) for h in handles])
+        return self._winners(parts, k, self._ray_fetch, embeddings)
 
     def _direct_search_hits(self, xq, k, nprobe, ef_search, refine_k_factor, embeddings: bool) -> Hits:
         assert self.direct is not None
         actors = list(range(len(self.group.handles)))
         request = DIRECT_TOPK + pickle.dumps((xq, k, nprobe, ef_search, refine_k_factor), pickle.HIGHEST_PROTOCOL)
         answers = self.direct.call(self._addresses, actors, [request] * len(actors))
-        scores, ids, shards = merge_topk([pickle.loads(a) for a in answers], k)
-        fetched = self._direct_fetch(self._per_actor(requests_of(ids, shards)), embeddings)
+        return self._winners([pickle.loads(a) for a in answers], k, self._direct_fetch, embeddings)
+
+    def _winners(self, parts: list, k: int, fetch: Callable[..., dict[int, tuple]], embeddings: bool) -> Hits:
+        """The second round trip of either path: the actors' top-k lists (``ShardServer.topk``) merged
+        exactly, then the winners' payloads from the actors that hold them (``fetch(per_actor, embeddings)``)."""
+        scores, ids, shards = merge_topk(parts, k)
+        fetched = fetch(self._per_actor(requests_of(ids, shards)), embeddings)
         return fill_hits(scores, ids, shards, fetched, embeddings=embeddings, dim=self.group.manifest.encoder.dim)
 
     def _direct_fetch(self, per_actor: dict[int, dict[int, np.ndarray]], embeddings: bool) -> dict[int, tuple]:
