@@ -37,6 +37,7 @@ from _common import make_vectors  # noqa: E402
 from raggen.index import shard as S  # noqa: E402
 from raggen.index.manifest import EncoderInfo, Manifest, ShardEntry  # noqa: E402
 from raggen.index.passage_table import passages_table  # noqa: E402
+from raggen.index.search_params import SearchParams  # noqa: E402
 from raggen.index.shard_searcher import ShardSearcher, _LocalBackend  # noqa: E402
 from raggen.index.sharded import ShardedIndex  # noqa: E402
 
@@ -209,7 +210,9 @@ def as_sharded(indexes: list[faiss.Index], n: int, d: int, nprobe: int, max_thre
         offset += index.ntotal
         ids = (np.int64(s) << 40) + np.arange(len(rows), dtype=np.int64) if len(indexes) > 1 else rows.astype(np.int64)
         table = passages_table(ids, [f"p{r}" for r in rows], [""] * len(rows), [f"text {r}" for r in rows])
-        searchers.append(ShardSearcher(S.serialize_index(index), table, metric="ip", nprobe=nprobe))
+        searchers.append(
+            ShardSearcher(S.serialize_index(index), table, metric="ip", params=SearchParams(nprobe=nprobe))
+        )
         entries.append(ShardEntry(index=f"shard-{s:05d}.faiss", index_sha256="0" * 64, passages=f"shard-{s:05d}.parquet",
                                   passages_sha256="0" * 64, count=len(rows)))  # fmt: skip
     manifest = Manifest(version="bench", created="-", encoder=EncoderInfo(name_or_path="random", pooling="mean", dim=d),

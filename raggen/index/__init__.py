@@ -51,6 +51,7 @@ _HOMES = {
     "publish_version": "publish",
     "set_latest": "publish",
     "SearchSettings": "settings",
+    "SearchParams": "search_params",
     "build_shard_index": "shard",
     "deserialize_index": "shard",
     "new_index": "shard",
@@ -71,7 +72,7 @@ _HOMES = {
 
 __all__ = [
     "EncodedCorpus", "EncodedShard", "EncoderInfo", "IndexBuildSettings", "LoadedShard", "LoadedVersion", "Manifest",
-    "PassageEncoderActor", "SearchDefaults", "SearchResult", "SearchSettings", "ShardActor", "ShardActorGroup",
+    "PassageEncoderActor", "SearchDefaults", "SearchParams", "SearchResult", "SearchSettings", "ShardActor", "ShardActorGroup",
     "ShardEntry", "ShardSearcher", "ShardServer", "ShardedIndex", "SwappableIndex",
     "advance_latest", "build_index", "build_shard_files", "build_shard_index", "deserialize_index", "embeddings_of",
     "encode_passages", "list_versions", "load_version", "make_manifest", "merge_topk", "new_index",

@@ -56,6 +56,7 @@ from raggen.index.direct_calls import DirectCallError, DirectClient, DirectServe
 from raggen.index.hits import Hits, fill_hits, merge_hits, merge_topk, requests_of
 from raggen.index.loading import load_version, read_manifest, resolve_version_uri
 from raggen.index.manifest import Manifest
+from raggen.index.search_params import NO_OVERRIDES, SearchParams
 from raggen.index.settings import SearchSettings
 from raggen.index.shard_searcher import ShardSearcher, _LocalBackend
 from raggen.index.sharded import ShardedIndex, resolve_search_params
@@ -146,9 +147,7 @@ class ShardServer:
         s3_options=None,
         cache_dir=None,
         load_embeddings: bool | str = "auto",
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
+        params: SearchParams = NO_OVERRIDES,
         num_cpus: float = 1.0,
         use_gpu: bool = False,
         keep_cached_versions: int | None = 2,
@@ -177,9 +176,8 @@ class ShardServer:
         serve_from_heap()  # loaded: what follows is per-query scratch, reused from the heap
         self.version, self.shards = loaded.version, [int(s) for s in shards]
         metric = loaded.manifest.metric
-        searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search,
-                                   refine_k_factor=refine_k_factor, use_gpu=use_gpu, num_threads=threads,
-                                   texts=s.texts, vectors=s.vectors)
+        searchers = [ShardSearcher(s.index(), s.passages, metric=metric, params=params, use_gpu=use_gpu,
+                                   num_threads=threads, texts=s.texts, vectors=s.vectors)
                      for s in loaded.shards]  # fmt: skip
         self.backend = _LocalBackend(searchers, max_workers=threads, cpus=threads, shard_numbers=self.shards)
         self.counts = [int(s.entry.count) for s in loaded.shards]
@@ -202,13 +200,11 @@ class ShardServer:
         """A direct call (a small request, see ``_ActorBackend.search_hits``): ``topk`` or ``fetch``,
         arguments and answer pickled; or a ping (nothing: the round trip alone)."""
         if op == DIRECT_TOPK:
-            xq, k, nprobe, ef_search, refine_k_factor = pickle.loads(payload)
-            self._count("direct_topk", len(xq))
-            answer: Any = self.backend.topk(xq, k, nprobe, ef_search, refine_k_factor)
+            xq, k, params = pickle.loads(payload)
+            answer: Any = self._topk(xq, k, params, counter="direct_topk")
         elif op == DIRECT_FETCH:
             requests, embeddings = pickle.loads(payload)
-            self._count("direct_fetch")
-            answer = {int(s): part for s, part in self.backend.fetch(requests, embeddings).items()}
+            answer = self._fetch(requests, embeddings, counter="direct_fetch")
         elif op == DIRECT_PING:
             return b""
         else:
@@ -224,18 +220,10 @@ class ShardServer:
             self.calls[method] += 1
             self.queries += queries
 
-    def search_hits(
-        self,
-        xq: np.ndarray,
-        k: int,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
-        embeddings: bool = True,
-    ) -> Hits:
+    def search_hits(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES, embeddings: bool = True) -> Hits:
         """(b, d), k -> this actor's top-k with payloads (k per query, see the module docstring)."""
         self._count("search_hits", len(xq))
-        return self.backend.search_hits(xq, k, nprobe, ef_search, refine_k_factor, embeddings)
+        return self.backend.search_hits(xq, k, params, embeddings)
 
     def search_packed(self, request: bytes) -> bytes:
         """``search_hits`` for a small request: its arguments and its answer each travel as ONE
@@ -243,27 +231,29 @@ class ShardServer:
         array in an answer, as an object of its own (designed for large zero-copy buffers); for a
         single query that costs more than the search. Measured on 2 cores: a call with
         ``search_hits``' 6 arguments and a 10-hit answer 1.19 ms, packed 0.83 ms, a no-op call 0.79."""
-        xq, k, nprobe, ef_search, refine_k_factor, embeddings = pickle.loads(request)
+        xq, k, params, embeddings = pickle.loads(request)
         self._count("search_packed", len(xq))
-        hits = self.backend.search_hits(xq, k, nprobe, ef_search, refine_k_factor, embeddings)
+        hits = self.backend.search_hits(xq, k, params, embeddings)
         return pickle.dumps(hits, protocol=pickle.HIGHEST_PROTOCOL)
 
     def topk(
-        self,
-        xq: np.ndarray,
-        k: int,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
+        self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(b, d), k -> this actor's merged top-k without payloads: scores, row ids and global shard
         numbers, (b, k) each (a large batch then fetches only the winners' payloads)."""
-        self._count("topk", len(xq))
-        return self.backend.topk(xq, k, nprobe, ef_search, refine_k_factor)
+        return self._topk(xq, k, params, counter="topk")
 
     def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True) -> dict[int, tuple]:
         """{shard number: row ids (n,)} -> {shard number: (ids, titles, texts, vectors (n, d) or None)}."""
-        self._count("fetch")
+        return self._fetch(requests, embeddings, counter="fetch")
+
+    def _topk(self, xq: np.ndarray, k: int, params: SearchParams, *, counter: str):
+        """``topk``'s work, for a Ray call or a direct one (each counted under its own name)."""
+        self._count(counter, len(xq))
+        return self.backend.topk(xq, k, params)
+
+    def _fetch(self, requests: dict[int, np.ndarray], embeddings: bool, *, counter: str) -> dict[int, tuple]:
+        self._count(counter)
         return {int(s): part for s, part in self.backend.fetch(requests, embeddings).items()}
 
     def info(self) -> dict[str, Any]:
@@ -356,9 +346,7 @@ class ShardActorGroup:
         settings = settings or SearchSettings(mode="actors")
         vuri = resolve_version_uri(uri, version, s3_options=s3_options)  # a version folder: LATEST read once, here
         manifest = manifest if manifest is not None else read_manifest(vuri, s3_options=s3_options)
-        nprobe, ef_search, refine_k_factor = resolve_search_params(
-            manifest, settings.nprobe, settings.ef_search, settings.refine_k_factor
-        )
+        params = resolve_search_params(manifest, SearchParams.of(settings))
         name = name or f"{ACTOR_NAME_PREFIX}-{manifest.version}-{secrets.token_hex(3)}"
         assignment = assign_shards(len(manifest.shards), settings.shards_per_actor)
         bundle = {"CPU": float(settings.actor_num_cpus)}
@@ -392,8 +380,7 @@ class ShardActorGroup:
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a),
                 ).remote(vuri, shards, s3_options=dict(s3_options) if s3_options else None,
                          cache_dir=None if cache_dir is None else str(cache_dir), load_embeddings=load_embeddings,
-                         nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor,
-                         num_cpus=settings.actor_num_cpus,
+                         params=params, num_cpus=settings.actor_num_cpus,
                          use_gpu=bool(settings.actor_num_gpus), keep_cached_versions=settings.cache_versions,
                          expect_version=manifest.version, passage_store=settings.actor_passages,
                          direct_key=direct_key, direct_identity=f"{name}/{a}",
@@ -424,9 +411,9 @@ class ShardActorGroup:
             manifest.version,
             len(handles),
             len(nodes),
-            nprobe,
-            ef_search,
-            refine_k_factor,
+            params.nprobe,
+            params.ef_search,
+            params.refine_k_factor,
         )
         return group
 
@@ -441,18 +428,12 @@ class ShardActorGroup:
         """A ShardedIndex searching through this group; ``owned``: its ``close()`` ends the group;
         ``on_close``: called (once) by its ``close()`` instead, e.g. to return a shared group's lease;
         ``direct_calls=False``: Ray calls only, even where the group takes direct calls."""
-        s = self.settings
-        nprobe, ef_search, refine_k_factor = resolve_search_params(
-            self.manifest, s.nprobe, s.ef_search, s.refine_k_factor
-        )
         return ShardedIndex(
             _ActorBackend(self, owned=owned, on_close=on_close, direct_calls=direct_calls),
             manifest=self.manifest,
             dim=self.manifest.encoder.dim,
             query_batch_size=query_batch_size,
-            nprobe=nprobe,
-            ef_search=ef_search,
-            refine_k_factor=refine_k_factor,
+            params=resolve_search_params(self.manifest, SearchParams.of(self.settings)),
         )
 
     def alive(self, timeout_s: float = 30.0) -> bool:
@@ -542,15 +523,7 @@ class _ActorBackend:
         self._direct_retry_at = 0.0  # time.monotonic() before which small requests use Ray calls
         self._addresses_stale = False
 
-    def search_hits(
-        self,
-        xq: np.ndarray,
-        k: int,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
-        embeddings: bool = True,
-    ) -> Hits:
+    def search_hits(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES, embeddings: bool = True) -> Hits:
         """The exact top-k over all actors with payloads, merged here (``merge_hits`` / ``merge_topk``:
         the same winners and ties either way).
 
@@ -569,31 +542,30 @@ class _ActorBackend:
         small = len(xq) * k <= ONE_ROUND_TRIP_MAX_HITS
         if small and self._direct_ready():
             try:
-                return self._direct_search_hits(xq, k, nprobe, ef_search, refine_k_factor, embeddings)
+                return self._direct_search_hits(xq, k, params, embeddings)
             except DirectCallError as exc:
                 self._direct_failed(exc)
-        hits = self._ray_search_hits(xq, k, nprobe, ef_search, refine_k_factor, embeddings, small)
+        hits = self._ray_search_hits(xq, k, params, embeddings, small)
         if self._addresses_stale:
             self._refresh_addresses()
         return hits
 
-    def _ray_search_hits(self, xq, k, nprobe, ef_search, refine_k_factor, embeddings: bool, small: bool) -> Hits:
+    def _ray_search_hits(self, xq, k: int, params: SearchParams, embeddings: bool, small: bool) -> Hits:
         handles = self.group.handles
         if small and not embeddings:
-            request = pickle.dumps((xq, k, nprobe, ef_search, refine_k_factor, embeddings), pickle.HIGHEST_PROTOCOL)
+            request = pickle.dumps((xq, k, params, embeddings), pickle.HIGHEST_PROTOCOL)
             answers = self.ray.get([h.search_packed.remote(request) for h in handles])
             return merge_hits([pickle.loads(a) for a in answers], k)
         xq_arg = self.ray.put(xq) if xq.nbytes > 100_000 and len(handles) > 1 else xq  # one copy for all
         if small:
-            args = (xq_arg, k, nprobe, ef_search, refine_k_factor, embeddings)
-            return merge_hits(self.ray.get([h.search_hits.remote(*args) for h in handles]), k)
-        parts = self.ray.get([h.topk.remote(xq_arg, k, nprobe, ef_search, refine_k_factor) for h in handles])
+            return merge_hits(self.ray.get([h.search_hits.remote(xq_arg, k, params, embeddings) for h in handles]), k)
+        parts = self.ray.get([h.topk.remote(xq_arg, k, params) for h in handles])
         return self._winners(parts, k, self._ray_fetch, embeddings)
 
-    def _direct_search_hits(self, xq, k, nprobe, ef_search, refine_k_factor, embeddings: bool) -> Hits:
+    def _direct_search_hits(self, xq, k: int, params: SearchParams, embeddings: bool) -> Hits:
         assert self.direct is not None
         actors = list(range(len(self.group.handles)))
-        request = DIRECT_TOPK + pickle.dumps((xq, k, nprobe, ef_search, refine_k_factor), pickle.HIGHEST_PROTOCOL)
+        request = DIRECT_TOPK + pickle.dumps((xq, k, params), pickle.HIGHEST_PROTOCOL)
         answers = self.direct.call(self._addresses, actors, [request] * len(actors))
         return self._winners([pickle.loads(a) for a in answers], k, self._direct_fetch, embeddings)
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from raggen.index.loading import load_version, read_manifest, resolve_version_uri
+from raggen.index.search_params import SearchParams
 from raggen.index.settings import SearchSettings, wants_actors
 from raggen.index.sharded import ShardedIndex
 
@@ -77,5 +78,4 @@ def open_index(
         return group.sharded_index(owned=True)
     loaded = load_version(vuri, s3_options=s3_options, cache_dir=cache_dir, load_embeddings=load_embeddings,
                           keep_cached_versions=settings.cache_versions, passage_store=settings.local_passages)  # fmt: skip
-    return ShardedIndex.from_version(loaded, nprobe=settings.nprobe, ef_search=settings.ef_search,
-                                     refine_k_factor=settings.refine_k_factor)  # fmt: skip
+    return ShardedIndex.from_version(loaded, **SearchParams.of(settings).as_kwargs())

@@ -11,6 +11,7 @@ import pyarrow as pa
 from raggen.index.hits import Hits, fill_hits, merge_topk, requests_of
 from raggen.index.passage_blocks import PassageBlocks
 from raggen.index.passage_table import embeddings_of, int64_column, one_chunk, take_rows
+from raggen.index.search_params import NO_OVERRIDES, SearchParams
 from raggen.index.shard import (
     as_float32_matrix,
     deserialize_index,
@@ -27,8 +28,8 @@ class ShardSearcher:
     ``index``: an opened FAISS index (``LoadedShard.index()``, used as it is: never copied) or its
     serialized bytes. ``texts`` / ``vectors``: the shard's id/title/text as compressed blocks and
     its stored embeddings (n, d), both memory-mapped (then ``passages`` needs only ``row_id``).
-    ``nprobe`` / ``ef_search`` / ``refine_k_factor`` become the index's defaults; ``search`` takes
-    per-call values that leave the index unchanged (safe under concurrent calls)."""
+    ``params`` become the index's defaults; ``search`` takes per-call ones that leave the index
+    unchanged (safe under concurrent calls)."""
 
     def __init__(
         self,
@@ -36,9 +37,7 @@ class ShardSearcher:
         passages: pa.Table,
         *,
         metric: str,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
+        params: SearchParams = NO_OVERRIDES,
         use_gpu: bool = False,
         num_threads: int | None = None,
         texts: PassageBlocks | None = None,
@@ -48,7 +47,7 @@ class ShardSearcher:
             faiss.omp_set_num_threads(int(num_threads))
         if not isinstance(index, faiss.Index):
             index = deserialize_index(index)
-        set_search_params(index, nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor)
+        set_search_params(index, **params.as_kwargs())
         self.cpu_index = index
         self.index = to_gpu(index) if use_gpu else index
         self.dim = int(index.d)
@@ -68,10 +67,7 @@ class ShardSearcher:
         xq: np.ndarray,
         k: int,
         coarse: tuple[np.ndarray, np.ndarray] | None = None,
-        *,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
+        params: SearchParams = NO_OVERRIDES,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(b, d), k -> scores (b, k) higher-is-better, row ids (b, k), -1 where no hit.
 
@@ -80,7 +76,7 @@ class ShardSearcher:
         if coarse is not None:
             D, I = _search_preassigned(self.index, as_float32_matrix(xq, "xq", self.dim), int(k), *coarse)
         else:
-            D, I = search(self.index, xq, k, nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor)
+            D, I = search(self.index, xq, k, **params.as_kwargs())
         scores = (self.sign * D).astype(np.float32)
         scores[I < 0] = -np.inf
         return scores, I
@@ -201,49 +197,25 @@ class _LocalBackend:
             return list(self.pool.map(fn, items))
         return [fn(item) for item in items]
 
-    def search(
-        self,
-        xq: np.ndarray,
-        k: int,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
-    ):
+    def search(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES):
         assignment = None
         if self.coarse is not None:
             quantizer, default_nprobe = self.coarse
             nlist = quantizer.ntotal
-            probe = max(1, min(int(nprobe or default_nprobe), nlist))
+            probe = max(1, min(int(params.nprobe or default_nprobe), nlist))
             assignment = quantizer.search(xq, probe)  # (Dq, Iq): (b, nprobe) each
         return self._map(
-            lambda s: s.search(xq, k, assignment, nprobe=nprobe, ef_search=ef_search, refine_k_factor=refine_k_factor),
-            self.searchers,
-            len(xq) >= self.PARALLEL_MIN_QUERIES,
+            lambda s: s.search(xq, k, assignment, params), self.searchers, len(xq) >= self.PARALLEL_MIN_QUERIES
         )
 
-    def topk(
-        self,
-        xq: np.ndarray,
-        k: int,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
-    ):
+    def topk(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES):
         """(b, d), k -> merged scores (b, k), row ids (b, k), shard numbers (b, k) (-1: no hit)."""
-        scores, ids, local = merge_topk(self.search(xq, k, nprobe, ef_search, refine_k_factor), k)
+        scores, ids, local = merge_topk(self.search(xq, k, params), k)
         return scores, ids, np.where(local >= 0, self.shard_numbers[np.maximum(local, 0)], -1)
 
-    def search_hits(
-        self,
-        xq: np.ndarray,
-        k: int,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
-        embeddings: bool = True,
-    ) -> Hits:
+    def search_hits(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES, embeddings: bool = True) -> Hits:
         """The merged top-k of (b, d) queries with the hits' payloads (vectors only if ``embeddings``)."""
-        scores, ids, shards = self.topk(xq, k, nprobe, ef_search, refine_k_factor)
+        scores, ids, shards = self.topk(xq, k, params)
         fetched = self.fetch(requests_of(ids, shards), embeddings)
         return fill_hits(scores, ids, shards, fetched, embeddings=embeddings, dim=self.dim)
 

@@ -29,6 +29,7 @@ from raggen.index.hits import Hits, fill_hits, requests_of
 from raggen.index.hits import merge_topk as merge_topk  # re-exported: tuning, tests, raggen.index
 from raggen.index.loading import LoadedVersion
 from raggen.index.manifest import Manifest
+from raggen.index.search_params import NO_OVERRIDES, SearchParams
 from raggen.index.shard import as_float32_matrix
 from raggen.index.shard_searcher import ShardSearcher, _LocalBackend
 
@@ -49,17 +50,9 @@ class SearchResult:
     embeddings: np.ndarray  # (b, k, d) float32
 
 
-def resolve_search_params(
-    manifest: Manifest, nprobe: int | None, ef_search: int | None, refine_k_factor: float | None = None
-) -> tuple[int | None, int | None, float | None]:
-    """(nprobe, ef_search, refine_k_factor): what the opener gives, else the version's
-    ``search_defaults``, else None (the index's own)."""
-    defaults = manifest.search_defaults
-    if defaults is not None:
-        nprobe = defaults.nprobe if nprobe is None else nprobe
-        ef_search = defaults.ef_search if ef_search is None else ef_search
-        refine_k_factor = defaults.refine_k_factor if refine_k_factor is None else refine_k_factor
-    return nprobe, ef_search, refine_k_factor
+def resolve_search_params(manifest: Manifest, given: SearchParams = NO_OVERRIDES) -> SearchParams:
+    """What the opener gives, else the version's ``search_defaults``, else None (the index's own)."""
+    return given.over(SearchParams.of(manifest.search_defaults))
 
 
 class ShardedIndex:
@@ -72,16 +65,13 @@ class ShardedIndex:
         manifest: Manifest,
         dim: int,
         query_batch_size: int = 256,
-        nprobe: int | None = None,
-        ef_search: int | None = None,
-        refine_k_factor: float | None = None,
+        params: SearchParams = NO_OVERRIDES,
     ):
         self._backend = backend
         self.manifest = manifest
         self.dim = dim
         self.query_batch_size = query_batch_size
-        self.nprobe, self.ef_search = nprobe, ef_search  # the defaults in force (None: FAISS's)
-        self.refine_k_factor = refine_k_factor  # None: the index's own
+        self.params = params  # the defaults in force (a None field: the index's own, FAISS's)
 
     @property
     def version(self) -> str:
@@ -119,7 +109,7 @@ class ShardedIndex:
         per core), or (``use_actors``) through a new group of shard actors, one per shard, that
         load the version themselves from where ``loaded`` came from; ``close()`` ends the group.
         ``nprobe`` / ``ef_search`` / ``refine_k_factor`` default to the manifest's ``search_defaults``."""
-        nprobe, ef_search, refine_k_factor = resolve_search_params(loaded.manifest, nprobe, ef_search, refine_k_factor)
+        params = resolve_search_params(loaded.manifest, SearchParams(nprobe, ef_search, refine_k_factor))
         if use_actors:
             from raggen.index.actors import ShardActorGroup
             from raggen.index.settings import SearchSettings
@@ -128,9 +118,7 @@ class ShardedIndex:
                 mode="actors",
                 actor_num_cpus=actor_num_cpus,
                 actor_num_gpus=actor_num_gpus,
-                nprobe=nprobe,
-                ef_search=ef_search,
-                refine_k_factor=refine_k_factor,
+                **params.as_kwargs(),
             )
             group = ShardActorGroup.start(
                 loaded.uri,
@@ -141,8 +129,7 @@ class ShardedIndex:
             )
             return group.sharded_index(query_batch_size=query_batch_size, owned=True)
         metric = loaded.manifest.metric
-        searchers = [ShardSearcher(s.index(), s.passages, metric=metric, nprobe=nprobe, ef_search=ef_search,
-                                   refine_k_factor=refine_k_factor, texts=s.texts, vectors=s.vectors)
+        searchers = [ShardSearcher(s.index(), s.passages, metric=metric, params=params, texts=s.texts, vectors=s.vectors)
                      for s in loaded.shards]  # fmt: skip
         backend = _LocalBackend(searchers, max_workers=max_threads)
         return cls(
@@ -150,9 +137,7 @@ class ShardedIndex:
             manifest=loaded.manifest,
             dim=loaded.manifest.encoder.dim,
             query_batch_size=query_batch_size,
-            nprobe=nprobe,
-            ef_search=ef_search,
-            refine_k_factor=refine_k_factor,
+            params=params,
         )
 
     def search(
@@ -171,9 +156,9 @@ class ShardedIndex:
         xq = as_float32_matrix(xq, "xq", self.dim)
         if k <= 0:
             raise ValueError(f"k: must be positive, got {k}")
-        kw = {"nprobe": nprobe, "ef_search": ef_search, "refine_k_factor": refine_k_factor, "embeddings": embeddings}
+        params = SearchParams(nprobe, ef_search, refine_k_factor)
         parts = [
-            self._search_batch(xq[i : i + self.query_batch_size], k, **kw)
+            self._result(self._backend.search_hits(xq[i : i + self.query_batch_size], k, params, embeddings))
             for i in range(0, len(xq), self.query_batch_size)
         ]
         if not parts:
@@ -186,9 +171,6 @@ class ShardedIndex:
             texts=[row for p in parts for row in p.texts],
             embeddings=np.concatenate([p.embeddings for p in parts]),
         )
-
-    def _search_batch(self, xq: np.ndarray, k: int, *, nprobe, ef_search, refine_k_factor, embeddings) -> SearchResult:
-        return self._result(self._backend.search_hits(xq, k, nprobe, ef_search, refine_k_factor, embeddings))
 
     def fetch(
         self, row_ids: np.ndarray, shards: np.ndarray, scores: np.ndarray | None = None, *, embeddings: bool = False

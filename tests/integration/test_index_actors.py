@@ -304,7 +304,7 @@ def test_ivf_defaults_and_per_call_overrides_hold_through_actors(cluster, tmp_pa
     local = ShardedIndex.from_version(load_version(str(root)))
     index = open_index(str(root), settings=settings())
     try:
-        assert index.backend_kind == "actors" and index.nprobe == 2
+        assert index.backend_kind == "actors" and index.params.nprobe == 2
         for kw in ({}, {"nprobe": 1}, {"nprobe": 16}):
             np.testing.assert_array_equal(index.search(xq, 5, **kw).row_ids, local.search(xq, 5, **kw).row_ids)
         assert not np.array_equal(local.search(xq, 5, nprobe=1).row_ids, local.search(xq, 5, nprobe=16).row_ids)

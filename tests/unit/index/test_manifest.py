@@ -16,6 +16,7 @@ from raggen.index.latest import list_versions, read_latest
 from raggen.index.loading import load_version
 from raggen.index.passage_table import passages_table, write_parquet_atomic
 from raggen.index.publish import publish_version, set_latest
+from raggen.index.search_params import SearchParams
 from raggen.index.sharded import ShardedIndex
 
 D = 16
@@ -310,7 +311,7 @@ def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
                 passages_table(ids, [f"p{r}" for r in rows], [""] * len(rows), [""] * len(rows)),
             )
         )
-    searchers = [ShardSearcher(b, t, metric="ip", nprobe=3) for b, t in shards]
+    searchers = [ShardSearcher(b, t, metric="ip", params=SearchParams(nprobe=3)) for b, t in shards]
     shared = _LocalBackend(searchers, max_workers=1)
     assert shared.coarse is not None and shared.coarse[1] == 3
     xq = rng.standard_normal((9, D)).astype(np.float32)
@@ -321,7 +322,9 @@ def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
     other = S.build_shard_index(xb[:200], np.arange(200), factory="IVF16,Flat", train_sample=200, seed=7)
     other_table = passages_table(np.arange(200), [f"q{r}" for r in range(200)], [""] * 200, [""] * 200)
     mixed = _LocalBackend(
-        searchers[:1] + [ShardSearcher(S.serialize_index(other), other_table, metric="ip", nprobe=3)], max_workers=1
+        searchers[:1]
+        + [ShardSearcher(S.serialize_index(other), other_table, metric="ip", params=SearchParams(nprobe=3))],
+        max_workers=1,
     )
     assert mixed.coarse is None  # differently trained quantizers: each shard assigns its own lists
 

@@ -217,10 +217,13 @@ def test_a_shard_server_answers_the_same_from_either_passage_store(tmp_path):
     """``index.search.actor_passages``: a shard actor's class, built in this process (no Ray), gives
     the same hits, texts and stored vectors from mapped files as from the decoded table."""
     from raggen.index.actors import ShardServer
+    from raggen.index.search_params import SearchParams
 
     root, xb = publish(tmp_path, "IVF4,PQ4", store_embeddings=True)
     servers = {
-        store: ShardServer(root, [0, 1], cache_dir=str(tmp_path / "cache"), nprobe=4, passage_store=store)
+        store: ShardServer(
+            root, [0, 1], cache_dir=str(tmp_path / "cache"), params=SearchParams(nprobe=4), passage_store=store
+        )
         for store in ("mapped", "table")
     }
     assert servers["mapped"].embeddings_loaded == [True, True]  # PQ codes: "auto" wants the stored vectors

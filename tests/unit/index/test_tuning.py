@@ -164,7 +164,7 @@ def test_search_defaults_are_recorded_used_and_overridden_per_call(tmp_path):
     loaded = load_version(str(tmp_path / "root"))
     assert loaded.manifest.search_defaults.nprobe == 8
     index = ShardedIndex.from_version(loaded)
-    assert index.nprobe == 8
+    assert index.params.nprobe == 8
     xq = T.sample_queries(xb, 20, seed=9, similarity=0.7)
 
     def ids_at(**params):
@@ -187,7 +187,7 @@ def test_manifests_without_search_defaults_stay_readable_and_unchanged(tmp_path)
     assert "search_defaults" not in text  # written exactly as before
     loaded = load_version(str(tmp_path / "root"))
     assert loaded.manifest.search_defaults is None
-    assert ShardedIndex.from_version(loaded).nprobe is None  # FAISS's own default
+    assert ShardedIndex.from_version(loaded).params.nprobe is None  # FAISS's own default
     data = json.loads(text)
     data["search_defaults"] = {"nprobe": 4, "ef_search": None}
     assert M.Manifest.model_validate(data).search_defaults.nprobe == 4
@@ -220,7 +220,7 @@ def test_refine_k_factor_is_tuned_recorded_used_and_overridden_per_call(tmp_path
     on_disk = json.loads((tmp_path / "root" / "v1" / "manifest.json").read_text())
     assert on_disk["search_defaults"]["refine_k_factor"] == k_factor and on_disk["search_defaults"]["nprobe"] == nprobe
     index = ShardedIndex.from_version(load_version(str(tmp_path / "root")))
-    assert index.refine_k_factor == k_factor and index.nprobe == nprobe
+    assert index.params.refine_k_factor == k_factor and index.params.nprobe == nprobe
 
     def ids_at(**params):
         from raggen.index.sharded import merge_topk

@@ -49,12 +49,12 @@ def test_local_load_skips_embeddings_and_uses_the_tuned_nprobe(tmp_path):
     root, xb = publish(tmp_path)
     live = load_live_index(root, None, expect_dim=D)  # no settings: local, as before
     assert live.version == "v1" and live.backend == "local" and live.num_passages == len(xb)
-    assert live.index.nprobe == 2  # the version's search_defaults
+    assert live.index.params.nprobe == 2  # the version's search_defaults
     assert all(s._emb is None for s in live.index._backend.searchers)  # serving never loads the column
     result = live.index.search(xb[:3], 4, embeddings=False)
     assert result.ids[0][0] == "p0" and result.texts[0][0] == "x0"
     overridden = load_live_index(root, "v1", settings=SearchSettings(mode="auto", nprobe=8))  # auto: small -> local
-    assert overridden.backend == "local" and overridden.index.nprobe == 8
+    assert overridden.backend == "local" and overridden.index.params.nprobe == 8
     with pytest.raises(IndexIntegrityError, match="16-d but the query encoder gives 32-d"):
         load_live_index(root, None, expect_dim=32)
     # the passages' own model (x, mean-pooled) asking with CLS states: refused; other models are theirs to pair
