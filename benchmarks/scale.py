@@ -328,7 +328,7 @@ class IdleProbe:
         import faiss  # noqa: F401
         import pyarrow.parquet  # noqa: F401
 
-        import raggen.index.actors  # noqa: F401  (what unpickling ShardServer imports)
+        import raggen.index.shard_server  # noqa: F401  (what unpickling ShardServer imports)
         import raggen.storage.stores  # noqa: F401
 
     def status(self) -> dict[str, int]:

@@ -1,13 +1,14 @@
 """Sharded FAISS indexes: build one (shard.py); the published contract (manifest.py) with publish
 (publish.py), the LATEST pointer (latest.py), verify/load (loading.py), the S3 cache
 (version_cache.py) and passage parquet (passage_table.py); search (sharded.py over
-shard_searcher.py), shard actors (actors.py), hot swap (hot_swap.py) and shared groups
-(shared_groups.py); search settings (settings.py), build settings (build_settings.py), search defaults from a recall target
+shard_searcher.py, per-call knobs in search_params.py), shard actors (actors.py: the group;
+shard_server.py: each actor; actor_backend.py: the callers' requests), hot swap (hot_swap.py) and
+shared groups (shared_groups.py); search settings (settings.py), build settings (build_settings.py), search defaults from a recall target
 (tuning.py); encode with Ray Data (encode.py: shard_split.py, passage_tokens.py,
 encoder_actor.py, work_dir.py), the shard files (shard_files.py), the end-to-end build (build.py)
 and opening a version for search (open_search.py).
 
-Names load on first use (PEP 562): a shard actor imports ``raggen.index.actors`` and must not pay
+Names load on first use (PEP 562): a shard actor imports ``raggen.index.shard_server`` and must not pay
 for torch and transformers (which the encoding modules import) in its memory and start-up; nothing
 here imports Ray or starts anything.
 """
@@ -17,9 +18,9 @@ from __future__ import annotations
 from raggen.lazy import lazy_exports
 
 _HOMES = {
-    "ShardActor": "actors",
+    "ShardActor": "shard_server",
     "ShardActorGroup": "actors",
-    "ShardServer": "actors",
+    "ShardServer": "shard_server",
     "build_index": "build",
     "IndexBuildSettings": "build_settings",
     "encode_passages": "encode",

@@ -13,7 +13,7 @@ A caller (Train worker, eval, a Serve replica) keeps its query encoder and sends
 the caller merges the actors' lists exactly (``merge_hits`` / ``merge_topk``: the same order and
 ties) and keeps the winners' payloads (id, title, text; the stored vector only when asked for, for
 training). How a query batch travels depends on its size (queries x k):
-- up to ``ONE_ROUND_TRIP_MAX_HITS`` (serving's single queries, a training step): as direct calls,
+- up to ``actor_backend.ONE_ROUND_TRIP_MAX_HITS`` (serving's single queries, a training step): as direct calls,
   over a socket each actor opens once loaded (``direct_calls.py``, authenticated with a secret the
   group hands its actors through Ray): every actor's top-k without payloads, then the winners'
   payloads from the actors that hold them. A Ray actor call costs 0.8-2.5 ms on 2 cores before any
@@ -32,8 +32,9 @@ The group is picklable (handles + manifest): the driver starts one and passes it
 workers, which share it instead of loading N copies; a copy that was passed on never ends the
 group (``close`` does only in the process that started it).
 
-Hot swap (``SwappableIndex``) is in ``hot_swap.py``; groups shared by many callers in
-``shared_groups.py``.
+This module starts, checks and ends groups; each actor runs ``shard_server.ShardServer``, and a
+caller's requests go through ``actor_backend.ActorBackend``. Hot swap (``SwappableIndex``) is in
+``hot_swap.py``; groups shared by many callers in ``shared_groups.py``.
 """
 
 from __future__ import annotations
@@ -41,238 +42,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import secrets
-import threading
-import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
-
 from raggen.errors import IndexIntegrityError
-from raggen.index.direct_calls import DirectCallError, DirectClient, DirectServer, new_key
-from raggen.index.hits import Hits, fill_hits, merge_hits, merge_topk, requests_of
-from raggen.index.loading import load_version, read_manifest, resolve_version_uri
+from raggen.index.actor_backend import ActorBackend
+from raggen.index.direct_calls import new_key
+from raggen.index.loading import read_manifest, resolve_version_uri
 from raggen.index.manifest import Manifest
-from raggen.index.search_params import NO_OVERRIDES, SearchParams
+from raggen.index.search_params import SearchParams
 from raggen.index.settings import SearchSettings
-from raggen.index.shard_searcher import ShardSearcher, _LocalBackend
+from raggen.index.shard_server import ShardActor, ShardServer, hold_memory_tightly, rss_bytes, serve_from_heap
 from raggen.index.sharded import ShardedIndex, resolve_search_params
+
+__all__ = ["ShardActor", "ShardActorGroup", "ShardServer", "assign_shards", "hold_memory_tightly", "rss_bytes",
+           "serve_from_heap", "shard_bytes"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 ACTOR_NAME_PREFIX = "raggen-shards"  # actors are named <group name>/<actor number>
-ONE_ROUND_TRIP_MAX_HITS = 256  # queries x k up to which a request is small (see _ActorBackend.search_hits)
-DIRECT_TOPK, DIRECT_FETCH, DIRECT_PING = b"t", b"f", b"p"  # ops of a shard actor's direct calls (direct_calls.py)
-DIRECT_RETRY_AFTER_S = 5.0  # after a failed direct call a caller uses Ray calls for this long
 PLACEMENT_WARN_AFTER_S = 20.0  # a group not placed by then logs what it waits for
-
-
-def rss_bytes() -> int:
-    """This process's resident set size (VmRSS), in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD_BYTES = 128 << 10  # while loading: glibc's initial value, kept fixed
-SERVING_MMAP_THRESHOLD_BYTES = 32 << 20  # once loaded: the ceiling of glibc's own dynamic threshold (64-bit)
-
-
-def _set_mmap_threshold(nbytes: int) -> bool:
-    """glibc's M_MMAP_THRESHOLD (blocks of at least ``nbytes`` are mapped on their own and unmapped
-    when freed); False where glibc is absent."""
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):
-        return False
-
-
-def hold_memory_tightly() -> bool:
-    """Make freed memory leave this process while it loads (a shard actor: loads once, then serves;
-    ``serve_from_heap`` ends the glibc part once loaded).
-
-    * Arrow allocates from the system allocator: its default (mimalloc) keeps much of the
-      parquet decoder's scratch resident after the shard's table is built.
-    * glibc's mmap threshold stays at 128 KiB: by default it rises to the largest block freed
-      (hashing reads 8 MiB chunks), after which every block below it comes from the heap and
-      stays there once freed.
-
-    Measured on an actor with two 250k-passage shards (60 MB of files): peak RSS 342 -> 280 MB,
-    anon above an idle actor 134 -> 71 MB. Returns False where glibc is absent (the Arrow part
-    still applies)."""
-    import pyarrow as pa
-
-    pa.set_memory_pool(pa.system_memory_pool())
-    return _set_mmap_threshold(MMAP_THRESHOLD_BYTES)
-
-
-def serve_from_heap() -> bool:
-    """Once the shards are loaded: blocks below 32 MiB come from the heap again and are reused.
-
-    Kept at 128 KiB, every block of 128 KiB or more that a query allocates (FAISS's search scratch,
-    a batch's results) is a fresh mapping, faulted in page by page and unmapped when freed. Measured
-    in a shard actor with 4 IVF-PQ shards of 62.5k passages (its methods on a thread pool,
-    max_concurrency 4): one query's search 0.90 -> 0.39 ms, with its 10 texts 1.59 -> 1.07 ms;
-    RSS after 500 single and 600 batched k=100 queries the same (270 MB). False where glibc is absent."""
-    return _set_mmap_threshold(SERVING_MMAP_THRESHOLD_BYTES)
-
-
-class ShardServer:
-    """One shard actor: serves shards ``shards`` (numbers in the manifest) of one version.
-
-    Loads them from the store in ``__init__`` (every checksum verified; a version that does not
-    verify fails the actor, hence the group's start). ``search_hits`` returns this actor's merged
-    top-k with global shard numbers and the hits' payloads (what a ShardedIndex search calls);
-    ``fetch`` the payloads of given row ids per shard. ``info()`` counts queries and calls per
-    method."""
-
-    def __init__(
-        self,
-        version_uri: str,
-        shards: list[int],
-        *,
-        s3_options=None,
-        cache_dir=None,
-        load_embeddings: bool | str = "auto",
-        params: SearchParams = NO_OVERRIDES,
-        num_cpus: float = 1.0,
-        use_gpu: bool = False,
-        keep_cached_versions: int | None = 2,
-        expect_version: str | None = None,
-        passage_store: str = "mapped",
-        direct_key: bytes | None = None,
-        direct_identity: str = "",
-        max_concurrency: int = 4,
-    ):
-        import faiss
-
-        hold_memory_tightly()  # this process loads its shards once, then only serves them
-        threads = max(1, int(num_cpus))
-        faiss.omp_set_num_threads(threads)
-        loaded = load_version(
-            version_uri,
-            s3_options=s3_options,
-            cache_dir=cache_dir,
-            load_embeddings=load_embeddings,
-            shards=shards,
-            keep_cached_versions=keep_cached_versions,
-            passage_store=passage_store,  # "mapped": texts and vectors read from the node's cache
-        )
-        if expect_version is not None and loaded.version != expect_version:
-            raise IndexIntegrityError(f"{version_uri}: holds version {loaded.version!r}, expected {expect_version!r}")
-        serve_from_heap()  # loaded: what follows is per-query scratch, reused from the heap
-        self.version, self.shards = loaded.version, [int(s) for s in shards]
-        metric = loaded.manifest.metric
-        searchers = [ShardSearcher(s.index(), s.passages, metric=metric, params=params, use_gpu=use_gpu,
-                                   num_threads=threads, texts=s.texts, vectors=s.vectors)
-                     for s in loaded.shards]  # fmt: skip
-        self.backend = _LocalBackend(searchers, max_workers=threads, cpus=threads, shard_numbers=self.shards)
-        self.counts = [int(s.entry.count) for s in loaded.shards]
-        self.embeddings_loaded = [s.has_embeddings for s in loaded.shards]
-        self.queries = 0
-        self.calls: Counter[str] = Counter()  # method -> calls served (max_concurrency > 1: a lock)
-        self._count_lock = threading.Lock()
-        self.direct: DirectServer | None = None
-        if direct_key:  # small requests may come over a socket too (direct_calls.py), started once loaded
-            import ray
-
-            host = ray.util.get_node_ip_address()
-            try:
-                self.direct = DirectServer(self._direct_call, key=direct_key, identity=direct_identity, host=host,
-                                           max_concurrent_calls=max_concurrency)  # fmt: skip
-            except OSError as exc:  # never fail the actor for it: its callers use Ray calls
-                logger.warning("shard actor %s: no direct calls (cannot listen on %s: %s)", direct_identity, host, exc)
-
-    def _direct_call(self, op: bytes, payload: bytes) -> bytes:
-        """A direct call (a small request, see ``_ActorBackend.search_hits``): ``topk`` or ``fetch``,
-        arguments and answer pickled; or a ping (nothing: the round trip alone)."""
-        if op == DIRECT_TOPK:
-            xq, k, params = pickle.loads(payload)
-            answer: Any = self._topk(xq, k, params, counter="direct_topk")
-        elif op == DIRECT_FETCH:
-            requests, embeddings = pickle.loads(payload)
-            answer = self._fetch(requests, embeddings, counter="direct_fetch")
-        elif op == DIRECT_PING:
-            return b""
-        else:
-            raise ValueError(f"unknown direct call {op!r}")
-        return pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def direct_address(self) -> tuple[str, int] | None:
-        """Where this actor takes direct calls (None: it does not); a restarted actor has a new one."""
-        return self.direct.address if self.direct is not None else None
-
-    def _count(self, method: str, queries: int = 0) -> None:
-        with self._count_lock:
-            self.calls[method] += 1
-            self.queries += queries
-
-    def search_hits(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES, embeddings: bool = True) -> Hits:
-        """(b, d), k -> this actor's top-k with payloads (k per query, see the module docstring)."""
-        self._count("search_hits", len(xq))
-        return self.backend.search_hits(xq, k, params, embeddings)
-
-    def search_packed(self, request: bytes) -> bytes:
-        """``search_hits`` for a small request: its arguments and its answer each travel as ONE
-        in-band pickle (``_ActorBackend.search_hits`` sends it). Ray handles every argument, and every
-        array in an answer, as an object of its own (designed for large zero-copy buffers); for a
-        single query that costs more than the search. Measured on 2 cores: a call with
-        ``search_hits``' 6 arguments and a 10-hit answer 1.19 ms, packed 0.83 ms, a no-op call 0.79."""
-        xq, k, params, embeddings = pickle.loads(request)
-        self._count("search_packed", len(xq))
-        hits = self.backend.search_hits(xq, k, params, embeddings)
-        return pickle.dumps(hits, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def topk(
-        self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(b, d), k -> this actor's merged top-k without payloads: scores, row ids and global shard
-        numbers, (b, k) each (a large batch then fetches only the winners' payloads)."""
-        return self._topk(xq, k, params, counter="topk")
-
-    def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True) -> dict[int, tuple]:
-        """{shard number: row ids (n,)} -> {shard number: (ids, titles, texts, vectors (n, d) or None)}."""
-        return self._fetch(requests, embeddings, counter="fetch")
-
-    def _topk(self, xq: np.ndarray, k: int, params: SearchParams, *, counter: str):
-        """``topk``'s work, for a Ray call or a direct one (each counted under its own name)."""
-        self._count(counter, len(xq))
-        return self.backend.topk(xq, k, params)
-
-    def _fetch(self, requests: dict[int, np.ndarray], embeddings: bool, *, counter: str) -> dict[int, tuple]:
-        self._count(counter)
-        return {int(s): part for s, part in self.backend.fetch(requests, embeddings).items()}
-
-    def info(self) -> dict[str, Any]:
-        import ray
-
-        return {"version": self.version, "shards": self.shards, "counts": self.counts, "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id(), "rss_bytes": rss_bytes(),
-                "queries": self.queries, "calls": dict(self.calls),
-                "embeddings_loaded": self.embeddings_loaded, "direct_address": self.direct_address(),
-                "direct_connections": self.direct.connections() if self.direct is not None else 0}  # fmt: skip
-
-    def ready(self) -> dict[str, Any]:
-        return self.info()
-
-    def ping(self) -> None:
-        """Nothing: a call's cost through Ray alone (the floor under ``search_hits``' latency)."""
-
-
-ShardActor = ShardServer  # the class each Ray actor runs (wrapped with ray.remote at start-up)
 
 
 def assign_shards(num_shards: int, shards_per_actor: int) -> list[list[int]]:
@@ -429,7 +219,7 @@ class ShardActorGroup:
         ``on_close``: called (once) by its ``close()`` instead, e.g. to return a shared group's lease;
         ``direct_calls=False``: Ray calls only, even where the group takes direct calls."""
         return ShardedIndex(
-            _ActorBackend(self, owned=owned, on_close=on_close, direct_calls=direct_calls),
+            ActorBackend(self, owned=owned, on_close=on_close, direct_calls=direct_calls),
             manifest=self.manifest,
             dim=self.manifest.encoder.dim,
             query_batch_size=query_batch_size,
@@ -493,162 +283,6 @@ def _get(ray, refs: list, timeout_s: float, vuri: str) -> list:
             detail = lines[-1].split("IndexIntegrityError:", 1)[-1].strip() if lines else text.splitlines()[-1]
             raise IndexIntegrityError(detail) from None
         raise
-
-
-class _ActorBackend:
-    """The ShardedIndex backend that searches through a ShardActorGroup."""
-
-    kind = "actors"
-
-    def __init__(
-        self,
-        group: ShardActorGroup,
-        *,
-        owned: bool = False,
-        on_close: Callable[[], None] | None = None,
-        direct_calls: bool = True,
-    ):
-        import ray
-
-        self.ray = ray
-        self.group = group
-        self.owned = owned
-        self._on_close = on_close
-        self.direct: DirectClient | None = None
-        addresses = group.direct_addresses or []
-        if direct_calls and group.direct_key and addresses and all(a is not None for a in addresses):
-            identities = [f"{group.name}/{a}" for a in range(len(group.handles))]
-            self.direct = DirectClient(group.direct_key, identities)
-        self._addresses = list(addresses)
-        self._direct_retry_at = 0.0  # time.monotonic() before which small requests use Ray calls
-        self._addresses_stale = False
-
-    def search_hits(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES, embeddings: bool = True) -> Hits:
-        """The exact top-k over all actors with payloads, merged here (``merge_hits`` / ``merge_topk``:
-        the same winners and ties either way).
-
-        * A small request (at most ONE_ROUND_TRIP_MAX_HITS hits: serving's single queries, a training
-          step) goes as direct calls when the group takes them: every actor's top-k without
-          payloads, then the winners' payloads from the actors that hold them, each round trip
-          ~0.15 ms instead of a Ray call's 0.8-2.5 ms (``direct_calls``). If that fails, and where
-          the group takes no direct calls, it is ONE Ray call per actor, each answering its
-          top-k with their payloads (``search_packed`` without vectors: one in-band pickle each
-          way; ``search_hits`` with them: zero-copy arrays).
-        * A larger one takes two Ray calls per actor: ``topk``, then ``fetch`` of the winners'
-          payloads only. In one round trip each actor builds and sends k payloads per query of
-          which the caller keeps k in all; for 1000 queries at k=100 (2 cores, 500k passages) two
-          round trips gave 960-1010 instead of 570 queries/s with 2 actors and 1050-1150 instead
-          of 350-420 with 4."""
-        small = len(xq) * k <= ONE_ROUND_TRIP_MAX_HITS
-        if small and self._direct_ready():
-            try:
-                return self._direct_search_hits(xq, k, params, embeddings)
-            except DirectCallError as exc:
-                self._direct_failed(exc)
-        hits = self._ray_search_hits(xq, k, params, embeddings, small)
-        if self._addresses_stale:
-            self._refresh_addresses()
-        return hits
-
-    def _ray_search_hits(self, xq, k: int, params: SearchParams, embeddings: bool, small: bool) -> Hits:
-        handles = self.group.handles
-        if small and not embeddings:
-            request = pickle.dumps((xq, k, params, embeddings), pickle.HIGHEST_PROTOCOL)
-            answers = self.ray.get([h.search_packed.remote(request) for h in handles])
-            return merge_hits([pickle.loads(a) for a in answers], k)
-        xq_arg = self.ray.put(xq) if xq.nbytes > 100_000 and len(handles) > 1 else xq  # one copy for all
-        if small:
-            return merge_hits(self.ray.get([h.search_hits.remote(xq_arg, k, params, embeddings) for h in handles]), k)
-        parts = self.ray.get([h.topk.remote(xq_arg, k, params) for h in handles])
-        return self._winners(parts, k, self._ray_fetch, embeddings)
-
-    def _direct_search_hits(self, xq, k: int, params: SearchParams, embeddings: bool) -> Hits:
-        assert self.direct is not None
-        actors = list(range(len(self.group.handles)))
-        request = DIRECT_TOPK + pickle.dumps((xq, k, params), pickle.HIGHEST_PROTOCOL)
-        answers = self.direct.call(self._addresses, actors, [request] * len(actors))
-        return self._winners([pickle.loads(a) for a in answers], k, self._direct_fetch, embeddings)
-
-    def _winners(self, parts: list, k: int, fetch: Callable[..., dict[int, tuple]], embeddings: bool) -> Hits:
-        """The second round trip of either path: the actors' top-k lists (``ShardServer.topk``) merged
-        exactly, then the winners' payloads from the actors that hold them (``fetch(per_actor, embeddings)``)."""
-        scores, ids, shards = merge_topk(parts, k)
-        fetched = fetch(self._per_actor(requests_of(ids, shards)), embeddings)
-        return fill_hits(scores, ids, shards, fetched, embeddings=embeddings, dim=self.group.manifest.encoder.dim)
-
-    def _direct_fetch(self, per_actor: dict[int, dict[int, np.ndarray]], embeddings: bool) -> dict[int, tuple]:
-        assert self.direct is not None
-        bodies = [DIRECT_FETCH + pickle.dumps((req, embeddings), pickle.HIGHEST_PROTOCOL) for req in per_actor.values()]
-        out: dict[int, tuple] = {}
-        for answer in self.direct.call(self._addresses, list(per_actor), bodies):
-            out.update(pickle.loads(answer))
-        return out
-
-    def ping_direct(self) -> None:
-        """A direct call that does nothing, to every actor: the direct round trip alone (benchmarks)."""
-        if self.direct is None:
-            raise RuntimeError(f"shard actors {self.group.name}: no direct calls")
-        n = len(self.group.handles)
-        self.direct.call(self._addresses, list(range(n)), [DIRECT_PING] * n)
-
-    def _direct_ready(self) -> bool:
-        return self.direct is not None and time.monotonic() >= self._direct_retry_at
-
-    def _direct_failed(self, exc: DirectCallError) -> None:
-        """The request goes as Ray calls instead. A handler's error (a bad request) changes nothing
-        else; a failed connection (actor restarted, node gone, network) sends small requests as Ray
-        calls for DIRECT_RETRY_AFTER_S, then asks the actors where they listen now."""
-        if exc.remote:
-            logger.debug("direct call to shard actors %s failed in the actor: %s", self.group.name, exc)
-            return
-        if not self._addresses_stale:
-            logger.warning("direct calls to shard actors %s failed (%s); Ray calls instead", self.group.name, exc)
-        self._direct_retry_at = time.monotonic() + DIRECT_RETRY_AFTER_S
-        self._addresses_stale = True
-
-    def _refresh_addresses(self) -> None:
-        """After a failed direct call, once a Ray call went through: the actors' current addresses
-        (a restarted actor listens on a new port)."""
-        try:
-            addresses = self.ray.get([h.direct_address.remote() for h in self.group.handles], timeout=30)
-        except Exception:  # noqa: BLE001 - an actor still restarting: try again after the next failure's wait
-            self._direct_retry_at = time.monotonic() + DIRECT_RETRY_AFTER_S
-            return
-        self._addresses, self._addresses_stale = list(addresses), False
-        # an actor started again without a socket (it could not listen): Ray calls from now on
-        self._direct_retry_at = 0.0 if all(a is not None for a in addresses) else float("inf")
-
-    def _per_actor(self, requests: dict[int, np.ndarray]) -> dict[int, dict[int, np.ndarray]]:
-        per_actor: dict[int, dict[int, np.ndarray]] = {}
-        for s, rows in requests.items():
-            per_actor.setdefault(self.group.owner_of[s], {})[s] = rows
-        return per_actor
-
-    def fetch(self, requests: dict[int, np.ndarray], embeddings: bool = True):
-        """{shard number: row ids} -> {shard number: payloads}, from the actors that hold them
-        (direct calls for a small request, as for a search)."""
-        per_actor = self._per_actor(requests)
-        if sum(len(r) for r in requests.values()) <= ONE_ROUND_TRIP_MAX_HITS and self._direct_ready():
-            try:
-                return self._direct_fetch(per_actor, embeddings)
-            except DirectCallError as exc:
-                self._direct_failed(exc)
-        return self._ray_fetch(per_actor, embeddings)
-
-    def _ray_fetch(self, per_actor: dict[int, dict[int, np.ndarray]], embeddings: bool) -> dict[int, tuple]:
-        out: dict[int, tuple] = {}
-        for part in self.ray.get([self.group.handles[a].fetch.remote(req, embeddings) for a, req in per_actor.items()]):
-            out.update(part)
-        return out
-
-    def close(self, release_shared: bool = False) -> None:
-        if self.direct is not None:
-            self.direct.close()
-        on_close, self._on_close = self._on_close, None
-        if on_close is not None:
-            on_close()
-        elif self.owned or release_shared:
-            self.group.close(force=True)
 
 
 def shard_bytes(version_uri: str, manifest: Manifest, s3_options=None) -> int | None:

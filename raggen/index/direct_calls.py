@@ -5,7 +5,7 @@ work, about a whole single-query search at a tuned nprobe; a socket round trip t
 costs 0.12-0.19 ms. Ray still places, starts, restarts and ends the actors, and carries large
 batches; this path carries small search requests only. Any failure on it (a dead or restarted
 actor, a refused connection, a timeout, an error in the handler) makes the caller send the same
-request as a Ray call, which keeps Ray's restart and retry semantics (``actors._ActorBackend``).
+request as a Ray call, which keeps Ray's restart and retry semantics (``actor_backend.ActorBackend``).
 
 Wire format (TCP; one connection per caller thread and actor, kept open):
 

@@ -30,7 +30,7 @@ from ray import serve
 from raggen.devices import pick_device, pick_dtype
 from raggen.errors import RaggenError
 from raggen.index import SearchSettings
-from raggen.index.actors import rss_bytes
+from raggen.index.shard_server import rss_bytes
 from raggen.models import Generator as GeneratorModel
 from raggen.models import Reranker as RerankerModel
 from raggen.models import TextEncoder

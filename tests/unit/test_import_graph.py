@@ -139,6 +139,7 @@ def test_serve_imports_neither_train_nor_config():
 #: Ray Train controller (it unpickles a ``TrainJob``); ``raggen.config`` is read by every job driver.
 MODEL_FREE_MODULES = [
     "raggen.index.actors",
+    "raggen.index.shard_server",
     "raggen.serve.ingress",
     "raggen.index.passage_tokens",
     "raggen.models.specs",
