@@ -22,8 +22,9 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    check_cluster_answers(address or running_cluster_address(), explicit=address is not None)
+    named = address or os.environ.get("RAY_ADDRESS")
+    address = named or running_cluster_address()  # read once: what is checked is what is joined
+    check_cluster_answers(address, explicit=named is not None)
     kwargs = {"log_to_driver": True}
     if address:
         ray.init(address=address, **kwargs)
