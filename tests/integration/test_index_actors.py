@@ -492,6 +492,38 @@ def publish_tiny_index(passages, encoder_dir: str, root: str, work) -> None:
                                         metric="ip", faiss_factory="Flat", shard_files=files), work)  # fmt: skip
 
 
+def test_train_workers_start_a_new_group_when_the_drivers_is_gone(cluster, version):
+    """Every worker's set-up (``load_index``) borrows the driver's group while it answers; once its
+    actors are gone for good (past their restarts) a Ray Train restart must not fail on the same dead
+    group again: rank 0 starts a new group of the same version, which answers as the local index."""
+    import ray
+
+    from raggen.train.job import IndexTarget
+    from raggen.train.searched_index import load_index
+
+    xq = np.random.default_rng(7).standard_normal((6, D)).astype(np.float32)
+    want = ShardedIndex.from_version(load_version(version["root"])).search(xq, 5).ids
+    s = settings(shards_per_actor=2)
+    group = ShardActorGroup.start(version["root"], settings=s, source_uri=version["root"])
+    target = IndexTarget(uri=version["root"], search=s, group=group)
+    try:
+        borrowed = load_index(target)
+        assert borrowed.actor_group.name == group.name and borrowed.search(xq, 5).ids == want
+        borrowed.close()
+        assert group.alive(timeout_s=10), "closing a worker's index leaves the driver's group up"
+        for h in group.handles:
+            ray.kill(h, no_restart=True)
+        fresh = load_index(target)
+        try:
+            assert fresh.actor_group.name != group.name and fresh.version == group.version
+            assert fresh.search(xq, 5).ids == want
+        finally:
+            fresh.close()  # rank 0 owns what it started
+        assert not fresh.actor_group.alive(timeout_s=10)
+    finally:
+        group.close()
+
+
 def test_two_train_workers_search_through_one_actor_group(cluster, tmp_path):
     from ray.util.state import list_actors
 
