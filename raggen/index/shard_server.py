@@ -179,7 +179,7 @@ class ShardServer:
             self.queries += queries
 
     def search_hits(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES, embeddings: bool = True) -> Hits:
-        """(b, d), k -> this actor's top-k with payloads (k per query, see the module docstring)."""
+        """(b, d), k -> this actor's top-k with payloads (k per query, see ``raggen.index.actors``)."""
         self._count("search_hits", len(xq))
         return self.backend.search_hits(xq, k, params, embeddings)
 
