@@ -78,8 +78,7 @@ class ActorBackend:
             except DirectCallError as exc:
                 self._direct_failed(exc)
         hits = self._ray_search_hits(xq, k, params, embeddings, small)
-        if self._addresses_stale:
-            self._refresh_addresses()
+        self._after_ray_call()
         return hits
 
     def _ray_search_hits(self, xq, k: int, params: SearchParams, embeddings: bool, small: bool) -> Hits:
@@ -138,9 +137,13 @@ class ActorBackend:
         self._direct_retry_at = time.monotonic() + DIRECT_RETRY_AFTER_S
         self._addresses_stale = True
 
+    def _after_ray_call(self) -> None:
+        """A Ray call went through (a search's or a fetch's): after a failed direct call, ask the
+        actors for their current addresses (a restarted actor listens on a new port)."""
+        if self._addresses_stale:
+            self._refresh_addresses()
+
     def _refresh_addresses(self) -> None:
-        """After a failed direct call, once a Ray call went through: the actors' current addresses
-        (a restarted actor listens on a new port)."""
         try:
             addresses = self.ray.get([h.direct_address.remote() for h in self.group.handles], timeout=30)
         except Exception:  # noqa: BLE001 - an actor still restarting: try again after the next failure's wait
@@ -165,7 +168,9 @@ class ActorBackend:
                 return self._direct_fetch(per_actor, embeddings)
             except DirectCallError as exc:
                 self._direct_failed(exc)
-        return self._ray_fetch(per_actor, embeddings)
+        fetched = self._ray_fetch(per_actor, embeddings)
+        self._after_ray_call()
+        return fetched
 
     def _ray_fetch(self, per_actor: dict[int, dict[int, np.ndarray]], embeddings: bool) -> dict[int, tuple]:
         out: dict[int, tuple] = {}

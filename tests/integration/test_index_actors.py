@@ -395,6 +395,8 @@ def test_a_killed_shard_actor_is_restarted_and_no_search_fails(cluster, version)
     group = ShardActorGroup.start(version["root"], settings=settings(shards_per_actor=2))
     try:
         index = group.sharded_index()
+        fetcher = group.sharded_index()  # a caller that only fetches (BM25's hits), with connections of its own
+        hits = fetcher.search(xq, 10)
         victim = group.info()[1]
         results, errors, stop = [], [], threading.Event()
 
@@ -429,6 +431,14 @@ def test_a_killed_shard_actor_is_restarted_and_no_search_fails(cluster, version)
         # the caller found the restarted actor's new address and went back to direct calls
         assert restarted["direct_address"] != victim["direct_address"]
         assert restarted["calls"].get("direct_topk", 0) > 0, restarted["calls"]
+        # a fetch-only caller too: its first fetch finds the old address gone and goes as Ray calls,
+        # then asks for the new addresses, so its next fetch is a direct call to the restarted actor
+        for _ in range(2):
+            got = fetcher.fetch(hits.row_ids, hits.row_ids >> 40, hits.scores)
+            assert got.ids == want
+        calls = group.info()[1]["calls"]
+        assert calls.get("fetch", 0) > restarted["calls"].get("fetch", 0), calls
+        assert calls.get("direct_fetch", 0) > restarted["calls"].get("direct_fetch", 0), calls
         assert before > 0 and len(results) > after_restart, "searches ran before the kill and after the restart"
         assert all(ids == want for ids in results)
         assert group.alive()
