@@ -189,7 +189,7 @@ def _open_index(vuri: str, manifest: Manifest, entry: ShardEntry, file: _Verifie
     from raggen.index.shard import open_index_file
 
     try:
-        index = open_index_file(file.path, ivf="IVF" in manifest.faiss_factory.upper())
+        index = open_index_file(file.path)
     except RuntimeError as exc:
         raise IndexIntegrityError(
             f"{join_uri(vuri, entry.index)}: not a readable FAISS index ({str(exc).strip().splitlines()[-1]})"

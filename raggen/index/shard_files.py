@@ -181,7 +181,7 @@ def build_and_measure_shard(
                               store_embeddings=store_embeddings, trained_index=trained)  # fmt: skip
     if xq is None:
         return files, None
-    index = open_index_file(files[0], ivf="IVF" in faiss_factory.upper())
+    index = open_index_file(files[0])
     table = pq.read_table(encoded.path, columns=["row_id", "embedding"], memory_map=True)
     stats = shard_stats(index, embeddings_of(table), int64_column(table, "row_id"), xq, k=tune_k, metric=metric)
     return files, stats

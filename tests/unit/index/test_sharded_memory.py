@@ -43,12 +43,14 @@ from tests.helpers import REPO
 D = 16
 
 
-def publish(tmp_path, factory: str = "Flat", n: int = 600, num_shards: int = 2, store_embeddings: bool = True):
+def publish(
+    tmp_path, factory: str = "Flat", n: int = 600, num_shards: int = 2, store_embeddings: bool = True, dim: int = D
+):
     rng = np.random.default_rng(0)
-    xb = rng.standard_normal((n, D)).astype(np.float32)
+    xb = rng.standard_normal((n, dim)).astype(np.float32)
     out = tmp_path / "files"
     out.mkdir(exist_ok=True)
-    trained = S.train_index(xb, factory=factory, train_sample=n) if not S.new_index(D, factory).is_trained else None
+    trained = S.train_index(xb, factory=factory, train_sample=n) if not S.new_index(dim, factory).is_trained else None
     files, ids_all = [], []
     for s, rows in enumerate(np.array_split(np.arange(n), num_shards)):
         ids = (np.int64(s) << 40) + rows.astype(np.int64)
@@ -60,7 +62,7 @@ def publish(tmp_path, factory: str = "Flat", n: int = 600, num_shards: int = 2, 
         write_parquet_atomic(table, ppath)
         files.append((ipath, ppath, len(rows)))
         ids_all.append(ids)
-    manifest = M.make_manifest("v1", encoder_name_or_path="x", pooling="mean", dim=D, metric="ip",
+    manifest = M.make_manifest("v1", encoder_name_or_path="x", pooling="mean", dim=dim, metric="ip",
                                faiss_factory=factory, shard_files=files)  # fmt: skip
     publish_version(str(tmp_path / "root"), manifest, out)
     return str(tmp_path / "root"), xb
@@ -264,11 +266,11 @@ def test_tokenise_tasks_are_bounded_by_cpu_encoders_and_free_for_gpus():
 
 def test_open_index_file_maps_ivf_and_flat_and_reads_small_files(tmp_path):
     xb = np.random.default_rng(2).standard_normal((3000, D)).astype(np.float32)
-    for factory in ("Flat", "IVF8,Flat", "HNSW8"):
+    for factory in ("Flat", "IVF8,Flat", "HNSW8", "IVF8,PQ4x4,Refine(SQfp16)"):
         index = S.build_shard_index(xb, np.arange(3000), factory=factory)
         path = tmp_path / f"{factory.replace(',', '_')}.faiss"
         S.write_index_file(index, path)
-        again = S.open_index_file(path, ivf="IVF" in factory)
+        again = S.open_index_file(path)
         assert str(path) in mapped_files()
         np.testing.assert_array_equal(S.search(again, xb[:5], 4)[1], S.search(index, xb[:5], 4)[1])
         del again
@@ -279,6 +281,49 @@ def test_open_index_file_maps_ivf_and_flat_and_reads_small_files(tmp_path):
     with pytest.raises(RuntimeError):
         S.open_index_file(tmp_path / "junk.faiss")
     assert faiss.omp_get_max_threads() >= 1
+
+
+@pytest.mark.parametrize("factory", ["IVF16,PQ8,Refine(SQfp16)", "IVF16,PQ8,RFlat"])
+def test_a_loaded_reranked_index_keeps_its_refine_codes_in_the_page_cache(tmp_path, factory):
+    """A published version opened as every caller and shard actor opens it (``load_version``, then
+    searched): the refine stage's codes (fp16 / fp32 vectors, most of a re-ranked index's bytes) stay
+    mapped from the file. A fresh process loads a small version first (imports), then two plain
+    IVF-PQ versions (the first also grows the allocators' pools) and the re-ranked one of the same
+    vectors: the re-ranked one costs about the anonymous memory of the second plain one, not its
+    refine codes more. (FAISS's IVF-only flag, used for
+    every IVF factory before, read them into memory: 935 MB per shard actor for 1 GB of
+    ``IVF1024,PQ64,Refine(SQfp16)`` shards in the 2M rehearsal.)"""
+    roots = {}
+    n, d = 40_000, 128
+    versions = (("warm", factory, 2000), ("plain", "IVF16,PQ8", n), ("plain2", "IVF16,PQ8", n), ("refined", factory, n))
+    for name, f, rows in versions:
+        (tmp_path / name).mkdir()
+        roots[name], xb = publish(tmp_path / name, f, n=rows, num_shards=1, store_embeddings=False, dim=d)
+    want = ShardedIndex.from_version(load_version(roots["refined"], load_embeddings=False), nprobe=16)
+    np.save(tmp_path / "xq.npy", xb[:3])
+    code = (
+        "import json, sys, numpy as np\n"
+        "from raggen.index.loading import load_version\n"
+        "from raggen.index.sharded import ShardedIndex\n"
+        "def anon():\n"
+        "    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('RssAnon'))\n"
+        "xq = np.load(sys.argv[1])\n"
+        "held, growth = [], []\n"
+        "for root in sys.argv[2:]:  # each kept open, so no version reuses another's freed memory\n"
+        "    before = anon()\n"
+        "    held.append(ShardedIndex.from_version(load_version(root, load_embeddings=False), nprobe=16))\n"
+        "    ids = held[-1].search(xq, 5).ids\n"
+        "    growth.append(anon() - before)\n"
+        "print(json.dumps({'growth': growth, 'ids': ids}))\n"
+    )
+    argv = [str(tmp_path / "xq.npy"), *(roots[name] for name, _, _ in versions)]
+    run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["ids"] == want.search(xb[:3], 5).ids
+    _, _, plain, refined = out["growth"]
+    refine_codes = n * d * (2 if "SQfp16" in factory else 4)  # 10 / 20 MB: read into memory, they would show
+    assert refined - plain < 0.25 * refine_codes, (plain, refined, refine_codes)
 
 
 def test_column_helpers_equal_pyarrow_conversions_on_chunked_and_sliced_columns():
