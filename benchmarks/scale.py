@@ -9,7 +9,7 @@ search means something. Every step runs raggen's own code:
 2. build (in this process, as ``tests/helpers.write_shards`` does for precomputed vectors): one
    shared quantizer (``shard.train_index``), one IVF-PQ index per shard (``build_shard_index``,
    contiguous rows, ids ``shard << 40 | position``), a passage parquet per shard with synthetic texts (``--text-words``, DPR's 100 by default),
-   the search defaults tuned from ``SearchSettings.target_recall`` (``tuning.shard_stats`` +
+   the search defaults tuned from ``SearchSettings.target_recall`` (or ``--target-recall``; ``tuning.shard_stats`` +
    ``combine``, the build's own tuning), ``make_manifest``;
 3. publish to an S3 server (moto, in a child process on loopback) with ``publish_version``;
 4. serve: ``cluster/local-multinode.sh`` starts a head and one worker node (token auth), the
@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--actors", type=int, default=4, help="shard actors (each serves shards/actors shards)")
     p.add_argument("--factory", default="IVF1024,PQ64", help="faiss index_factory string")
+    p.add_argument("--target-recall", type=float, default=None,
+                   help="index.search.target_recall of the build's tuning (default: SearchSettings()'s; "
+                        "configs/wiki-dpr-21m.yaml sets 0.995)")  # fmt: skip
     p.add_argument("--train-sample", type=int, default=65_536, help="vectors the shared quantizer is trained on")
     p.add_argument("--queries", type=int, default=1000, help="held-out queries for recall (and batch QPS)")
     p.add_argument("--latency-queries", type=int, default=200, help="single queries timed per backend")
@@ -191,7 +194,7 @@ def build(xb: np.ndarray, out: Path, args) -> tuple[object, dict]:
     from raggen.index.passage_table import passages_table, write_parquet_atomic
     from raggen.index.settings import SearchSettings
 
-    search = SearchSettings()
+    search = SearchSettings() if args.target_recall is None else SearchSettings(target_recall=args.target_recall)
     n, d = xb.shape
     out.mkdir(parents=True, exist_ok=True)
     times = {}

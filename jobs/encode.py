@@ -38,6 +38,7 @@ INDEX_FLAGS = {
     "faiss_factory",
     "metric",
     "train_sample",
+    "target_recall",
     "num_actors",
     "actor_num_cpus",
     "actor_num_gpus",
@@ -74,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--metric", default="ip", choices=["ip", "l2"])
     p.add_argument("--train-sample", type=int, default=100_000)
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.99,
+        help="index.search.target_recall: the build tunes nprobe / efSearch / refine_k_factor to this "
+        "share of the exhaustive search's recall@100 on held-out tuning queries",
+    )
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--actor-num-cpus", type=float, default=1.0)
     p.add_argument("--actor-num-gpus", type=float, default=None, help="default: 1 per actor when the cluster has GPUs")
@@ -115,13 +123,14 @@ def index_config(args: argparse.Namespace):
 
 
 def flag_settings(args: argparse.Namespace):
-    """Flag mode: the encoder and the build settings the flags name, as ``build_index`` takes them
-    (``EncoderSpec``, ``IndexBuildSettings``); a bad value is a ConfigError naming the field."""
+    """Flag mode: the encoder, build and search settings the flags name, as ``build_index`` takes them
+    (``EncoderSpec``, ``IndexBuildSettings``, ``SearchSettings``); a bad value is a ConfigError naming the field."""
     from pydantic import ValidationError
 
     from raggen.config import format_validation_error
     from raggen.errors import ConfigError
     from raggen.index.build_settings import IndexBuildSettings
+    from raggen.index.settings import SearchSettings
     from raggen.models.retriever import EncoderSpec
 
     try:
@@ -134,9 +143,10 @@ def flag_settings(args: argparse.Namespace):
             actor_num_cpus=args.actor_num_cpus, actor_num_gpus=args.actor_num_gpus,
             store_embeddings=not args.no_embeddings,
         )  # fmt: skip
+        search = SearchSettings(target_recall=args.target_recall)
     except ValidationError as e:
         raise ConfigError(format_validation_error("flags", e)) from None
-    return encoder, settings
+    return encoder, settings, search
 
 
 def flag_s3_options(args: argparse.Namespace) -> dict | None:
@@ -156,10 +166,10 @@ def build(args: argparse.Namespace):
         return build_index_from_config(
             index_config(args), address=args.address, work_dir=args.work_dir, split_uri=args.split_uri
         )
-    encoder, settings = flag_settings(args)
+    encoder, settings, search = flag_settings(args)
     ensure_ray(address=args.address)
     return build_index(
-        args.passages, args.output, encoder=encoder, settings=settings, passages_format=args.passages_format,
+        args.passages, args.output, encoder=encoder, settings=settings, search=search, passages_format=args.passages_format,
         version=args.version, s3_options=flag_s3_options(args), work_dir=args.work_dir, split_uri=args.split_uri,
     )  # fmt: skip
 

@@ -17,7 +17,9 @@ ROWS = [
     "(a) encode: Ray Data pipeline, steady", "(a) encode: Ray Data pipeline, stage 2", "(a) encode: plain loop, 1 process",
     "(a) encode: pipeline / plain", "(a) encode: model only, bucketed", "(b) faiss IVF-PQ build (train + add)",
     "(b) faiss IVF-PQ search, GPU", "(b) faiss IVF-PQ search, CPU", "(b) faiss search GPU / CPU",
-    "(b) faiss recall@10 vs exact, GPU", "(b) faiss recall@10 vs exact, CPU", "(c) JSA Ray Train step", "total wall time",
+    "(b) faiss recall@10 vs exact, GPU", "(b) faiss recall@10 vs exact, CPU", "(b) faiss IVF-PQ,Refine(SQfp16) build",
+    "(b) faiss IVF-PQ,Refine(SQfp16) search, CPU", "(b) faiss recall@10 vs exact, Refine(SQfp16)",
+    "(c) JSA Ray Train step", "total wall time",
 ]  # fmt: skip
 GPU_ROWS = {"(b) faiss IVF-PQ search, GPU", "(b) faiss search GPU / CPU", "(b) faiss recall@10 vs exact, GPU"}
 
@@ -58,3 +60,7 @@ def test_tiny_gpu_check_prints_one_complete_table(ray_cluster):
         number = float(value.replace(",", ""))
         assert math.isfinite(number) and number > 0, (check, value)
     assert 0.0 < float(table["(b) faiss recall@10 vs exact, CPU"]) <= 1.0
+    # re-ranking the PQ candidates with fp16 vectors finds at least what the PQ codes alone find
+    assert float(table["(b) faiss recall@10 vs exact, Refine(SQfp16)"]) >= float(
+        table["(b) faiss recall@10 vs exact, CPU"]
+    )

@@ -37,8 +37,9 @@ def test_config_mode_builds_what_the_index_section_says(job):
 
 def test_flag_mode_and_normalize(job):
     args = job.parse_args(["--passages", "p.tsv", "--output", "ix", "--normalize", "--num-shards", "3"])
-    encoder, settings = job.flag_settings(args)
+    encoder, settings, search = job.flag_settings(args)
     assert (args.passages, args.output, encoder.normalize, settings.num_shards) == ("p.tsv", "ix", True, 3)
+    assert search.target_recall == 0.99  # SearchSettings' default tuning target
     # the flags' own defaults, not the config's
     assert (encoder.max_length, settings.num_actors, settings.actor_num_gpus, settings.store_embeddings) == (
         256,
@@ -50,10 +51,17 @@ def test_flag_mode_and_normalize(job):
     assert (encoder.passage_format, encoder.query_prefix, encoder.passage_prefix) == (None, None, "")
     prompted = job.parse_args(["--passages", "p", "--output", "o", "--query-prefix", "query: ", "--passage-prefix",
                                "passage: ", "--passage-format", "pair"])  # fmt: skip
-    encoder, _ = job.flag_settings(prompted)
+    encoder, _, _ = job.flag_settings(prompted)
     assert (encoder.passage_format, encoder.query_prefix, encoder.passage_prefix) == ("pair", "query: ", "passage: ")
     with pytest.raises(SystemExit):  # with a CONFIG the prompts are the index section's
         job.parse_args(["configs/quickstart.yaml", "--query-prefix", "query: "])
+
+
+def test_flag_mode_target_recall_reaches_the_builds_search_settings(job):
+    _, _, search = job.flag_settings(job.parse_args(["--passages", "p", "--output", "o", "--target-recall", "0.995"]))
+    assert search.target_recall == 0.995
+    with pytest.raises(SystemExit):  # with a CONFIG it is index.search.target_recall
+        job.parse_args(["configs/quickstart.yaml", "--target-recall", "0.995"])
 
 
 def test_flag_mode_bad_value_is_a_config_error(job):
@@ -61,6 +69,8 @@ def test_flag_mode_bad_value_is_a_config_error(job):
 
     with pytest.raises(ConfigError, match="batch_size"):
         job.flag_settings(job.parse_args(["--passages", "p", "--output", "o", "--batch-size", "0"]))
+    with pytest.raises(ConfigError, match="target_recall"):
+        job.flag_settings(job.parse_args(["--passages", "p", "--output", "o", "--target-recall", "1.5"]))
 
 
 @pytest.mark.parametrize(

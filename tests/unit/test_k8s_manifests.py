@@ -411,6 +411,7 @@ def encode_flags_from_config(cfg) -> dict[str, Any]:
         faiss_factory=i.faiss_factory,
         metric=i.metric,
         train_sample=i.train_sample,
+        target_recall=i.search.target_recall,
         num_actors=i.num_actors,
         actor_num_cpus=i.actor_num_cpus,
         actor_num_gpus=i.actor_num_gpus,

@@ -59,7 +59,7 @@ def test_dry_run_overrides_only_touch_models_sizes_and_paths(tmp_path):
     assert "index.s3.endpoint_url" in fields and "train.estimator" not in fields
     cfg = load_config(config, lines)  # the overridden config still validates
     assert cfg.train.estimator == "jsa" and cfg.index.metric == "ip" and cfg.index.encoder.pooling == "cls"
-    assert cfg.index.faiss_factory == "IVF8,PQ64" and cfg.train.num_workers == 2
+    assert cfg.index.faiss_factory == "IVF8,PQ64,Refine(SQfp16)" and cfg.train.num_workers == 2
     local = dry_run_overrides(str(config), tmp_path / "local")
     assert all("s3://" not in line for line in local)
 
