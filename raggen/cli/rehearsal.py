@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from raggen.cli.config_args import config_from_args
+
+
+def set_lines(overrides: list[str]) -> list[str]:
+    """``--set KEY=VALUE`` lines, shell-quoted where needed (``index.faiss_factory=IVF8,PQ64,Refine(SQfp16)``),
+    so that they paste into the ordinary commands as they are."""
+    return [f"--set {shlex.quote(line)}" for line in overrides]
 
 
 def cmd_dry_run(args: argparse.Namespace) -> None:
@@ -14,8 +21,8 @@ def cmd_dry_run(args: argparse.Namespace) -> None:
 
     overrides = getattr(args, "set", None) or []
     if args.print_overrides:
-        for line in dry_run_overrides(args.config, args.out, s3_endpoint=args.s3_endpoint, overrides=overrides):
-            print(f"--set {line}")
+        lines = dry_run_overrides(args.config, args.out, s3_endpoint=args.s3_endpoint, overrides=overrides)
+        print("\n".join(set_lines(lines)))
         return
     report = run_dry_run(args.config, args.out, s3_endpoint=args.s3_endpoint, overrides=overrides)
     print(json.dumps(report, indent=2, default=str))

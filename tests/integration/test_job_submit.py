@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -326,7 +327,7 @@ def test_quickstart_rehearsal_step_by_step_as_jobs_then_serve_detached(cluster):
     config = "configs/quickstart.yaml"
     printed = _raggen(cluster, "dry-run", config, "--out", str(cluster.root / "qs"), "--print-overrides", timeout=120)
     assert printed.returncode == 0, printed.stderr[-2000:]
-    lines = [line.removeprefix("--set ") for line in printed.stdout.splitlines() if line.startswith("--set ")]
+    lines = [shlex.split(line)[1] for line in printed.stdout.splitlines() if line.startswith("--set ")]
     assert "train.num_workers=2" in lines and "train.steps=2" in lines, printed.stdout
     overrides = [arg for item in lines for arg in ("--set", item)]
     cfg = load_config(REPO / config, lines)

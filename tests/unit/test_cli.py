@@ -153,3 +153,16 @@ def test_a_repo_relative_reader_typed_in_another_folder_is_refused_before_ray_st
     from raggen.cli.config_args import config_from_args
 
     check_served_models(app_args_from_config(config_from_args(SimpleNamespace(config=config, set=[]))))
+
+
+def test_dry_run_set_lines_paste_into_a_shell_as_they_are():
+    import shlex
+
+    from raggen.cli.rehearsal import set_lines
+
+    overrides = ["index.faiss_factory=IVF8,PQ64,Refine(SQfp16)", "train.steps=2", "index.passages=/tmp/a b/p.tsv"]
+    lines = set_lines(overrides)
+    assert lines[1] == "--set train.steps=2"  # plain values stay as they were printed before
+    assert [shlex.split(line) for line in lines] == [["--set", o] for o in overrides]
+    run = subprocess.run(["bash", "-n", "-c", "echo " + " ".join(lines)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr  # the parentheses no longer break the command line
