@@ -426,7 +426,11 @@ RAYJOBS = [p for p in RENDERED if p.values[0]["kind"] == "RayJob"]
 @pytest.mark.parametrize("obj", RAYJOBS)
 def test_rayjob_entrypoint_runs_its_config(obj):
     """The entry point exists, accepts its arguments, and runs the config its raggen.io/config
-    annotation names: train.py takes that file; encode.py takes flags equal to its index section."""
+    annotation names: train.py takes that file; encode.py takes flags equal to its index section.
+    Ray's job supervisor runs the entry point through a shell, so it must parse there as well (an
+    unquoted ``Refine(SQfp16)`` would not)."""
+    shell = subprocess.run(["bash", "-n", "-c", obj["spec"]["entrypoint"]], capture_output=True, text=True)
+    assert shell.returncode == 0, f"the entry point is not a valid shell command: {shell.stderr}"
     argv = shlex.split(obj["spec"]["entrypoint"])
     assert argv[0] == "python" and argv[1].startswith("jobs/"), argv
     script = REPO / argv[1]
