@@ -184,7 +184,7 @@ def _fetch_verified(store, vuri: str, name: str, expected: str, cache: Path | No
     return _Verified(local, source)
 
 
-def _open_index(vuri: str, manifest: Manifest, entry: ShardEntry, file: _Verified):
+def _open_index(vuri: str, entry: ShardEntry, file: _Verified):
     """The shard's FAISS index, opened once from its verified file (memory-mapped)."""
     from raggen.index.shard import open_index_file
 
@@ -299,7 +299,7 @@ def _load(
         entry = manifest.shards[n]
         ifile = _fetch_verified(store, vuri, entry.index, entry.index_sha256, cache, from_store=from_store)
         pfile = _fetch_verified(store, vuri, entry.passages, entry.passages_sha256, cache, from_store=from_store)
-        index = _open_index(vuri, manifest, entry, ifile)
+        index = _open_index(vuri, entry, ifile)
         embeddings = not from_store and _wants_embeddings(load_embeddings, index)
         columns = ["row_id"] if from_store else _columns(embeddings, passage_store)  # verify: ids only
         table, schema = _read_passages(vuri, entry, pfile, columns)
