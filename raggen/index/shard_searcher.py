@@ -4,6 +4,8 @@ in-process backend that searches many of them with a thread pool.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import faiss
 import numpy as np
 import pyarrow as pa
@@ -72,7 +74,7 @@ class ShardSearcher:
         """(b, d), k -> scores (b, k) higher-is-better, row ids (b, k), -1 where no hit.
 
         ``coarse`` = (Dq, Iq) (b, nprobe): the IVF list assignment computed once for all shards
-        that share one coarse quantizer (see ``shared_quantizer``)."""
+        that share one coarse quantizer (see ``ivf_quantizer``)."""
         if coarse is not None:
             D, I = _search_preassigned(self.index, as_float32_matrix(xq, "xq", self.dim), int(k), *coarse)
         else:
@@ -127,28 +129,64 @@ def _search_preassigned(index, xq: np.ndarray, k: int, Dq: np.ndarray, Iq: np.nd
     return D, I
 
 
-def shared_quantizer(searchers: list[ShardSearcher]):
-    """The coarse quantizer, when every shard is a bare IVF index over the same trained one
-    (build_index trains once and shares), else None. Then the list assignment of a query is the
-    same for every shard and is computed once instead of once per shard."""
+@dataclass(frozen=True)
+class IvfQuantizer:
+    """The coarse quantizer that every shard of a set shares, with the shards' nprobe (their
+    default) and a digest of its centroids (equal digests: the same trained quantizer)."""
+
+    quantizer: faiss.Index
+    nprobe: int
+    digest: str
+
+    @property
+    def nlist(self) -> int:
+        return int(self.quantizer.ntotal)
+
+    def info(self) -> dict[str, int | str]:
+        return {"digest": self.digest, "nprobe": self.nprobe, "nlist": self.nlist,
+                "bytes": self.nlist * int(self.quantizer.d) * 4}  # fmt: skip
+
+    def assign(self, xq: np.ndarray, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(Dq, Iq) (b, nprobe): the lists each query probes (``nprobe`` None: the shards' default)."""
+        probe = max(1, min(int(nprobe or self.nprobe), self.nlist))
+        return self.quantizer.search(xq, probe)
+
+    def check(self, xq: np.ndarray, assignment: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """An assignment made elsewhere (a caller's copy of this quantizer), as FAISS needs it; a
+        ValueError unless it has a row per query and only list numbers below nlist (-1: none)."""
+        Dq, Iq = (np.ascontiguousarray(a) for a in assignment)
+        if Dq.shape != Iq.shape or Iq.ndim != 2 or len(Iq) != len(xq) or Iq.shape[1] < 1:
+            raise ValueError(f"list assignment: shapes {Dq.shape} / {Iq.shape} for {len(xq)} queries")
+        if Iq.size and (Iq.min() < -1 or Iq.max() >= self.nlist):
+            raise ValueError(f"list assignment: list numbers outside -1..{self.nlist - 1}")
+        return Dq.astype(np.float32, copy=False), Iq.astype(np.int64, copy=False)
+
+
+def centroids_digest(quantizer: faiss.Index) -> str:
+    """sha256 of a coarse quantizer's centroids: equal for quantizers trained as one."""
     import hashlib
 
-    import faiss
+    centroids = quantizer.reconstruct_n(0, quantizer.ntotal)  # (nlist, d)
+    return hashlib.sha256(np.ascontiguousarray(centroids).tobytes()).hexdigest()
 
-    if len(searchers) < 2:
+
+def ivf_quantizer(searchers: list[ShardSearcher]) -> IvfQuantizer | None:
+    """The coarse quantizer, when every shard is a bare IVF index over the same trained one
+    (build_index trains once and shares) with the same nprobe, else None. Then the list assignment
+    of a query is the same for every shard: computed once (here, or by a shard actor's caller)
+    instead of once per shard."""
+    if not searchers:
         return None
     digests, nprobes = set(), set()
     for s in searchers:
         ivf = faiss.downcast_index(s.index)
         if not isinstance(ivf, faiss.IndexIVF):
             return None  # Flat/HNSW, OPQ in front of the IVF (the transform comes first), a GPU clone
-        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)  # (nlist, d)
-        digests.add(hashlib.sha256(np.ascontiguousarray(centroids).tobytes()).hexdigest())
+        digests.add(centroids_digest(ivf.quantizer))
         nprobes.add(int(ivf.nprobe))
     if len(digests) != 1 or len(nprobes) != 1:
         return None
-    ivf0 = faiss.downcast_index(searchers[0].index)
-    return ivf0.quantizer, int(ivf0.nprobe)
+    return IvfQuantizer(faiss.downcast_index(searchers[0].index).quantizer, nprobes.pop(), digests.pop())
 
 
 class _LocalBackend:
@@ -182,7 +220,10 @@ class _LocalBackend:
         assert len(self.shard_numbers) == len(searchers), "one shard number per searcher"
         self._position = {int(g): i for i, g in enumerate(self.shard_numbers)}  # shard number -> searcher
         self.dim = searchers[0].dim if searchers else 0
-        self.coarse = shared_quantizer(searchers)
+        # the shards' shared quantizer (also what a shard actor's callers may assign lists with);
+        # used here from 2 shards on, where it saves a quantizer search per further shard
+        self.ivf = ivf_quantizer(searchers)
+        self.coarse = self.ivf if self.ivf is not None and len(searchers) >= 2 else None
         cpus = cpus or os.cpu_count() or 1  # a shard actor passes its own CPU share, not the node's
         workers = min(len(searchers), max_workers or cpus)
         self.pool = None
@@ -197,20 +238,22 @@ class _LocalBackend:
             return list(self.pool.map(fn, items))
         return [fn(item) for item in items]
 
-    def search(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES):
-        assignment = None
-        if self.coarse is not None:
-            quantizer, default_nprobe = self.coarse
-            nlist = quantizer.ntotal
-            probe = max(1, min(int(params.nprobe or default_nprobe), nlist))
-            assignment = quantizer.search(xq, probe)  # (Dq, Iq): (b, nprobe) each
+    def search(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES, assignment=None):
+        """One (scores, ids) per shard. ``assignment`` (Dq, Iq) (b, nprobe): the lists to probe, made
+        by a caller with this backend's quantizer (``self.ivf``); else assigned here."""
+        if assignment is not None:
+            if self.ivf is None:
+                raise ValueError("a list assignment for shards that do not share one IVF quantizer")
+            assignment = self.ivf.check(xq, assignment)
+        elif self.coarse is not None:
+            assignment = self.coarse.assign(xq, params.nprobe)  # (Dq, Iq): (b, nprobe) each
         return self._map(
             lambda s: s.search(xq, k, assignment, params), self.searchers, len(xq) >= self.PARALLEL_MIN_QUERIES
         )
 
-    def topk(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES):
+    def topk(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES, assignment=None):
         """(b, d), k -> merged scores (b, k), row ids (b, k), shard numbers (b, k) (-1: no hit)."""
-        scores, ids, local = merge_topk(self.search(xq, k, params), k)
+        scores, ids, local = merge_topk(self.search(xq, k, params, assignment), k)
         return scores, ids, np.where(local >= 0, self.shard_numbers[np.maximum(local, 0)], -1)
 
     def search_hits(self, xq: np.ndarray, k: int, params: SearchParams = NO_OVERRIDES, embeddings: bool = True) -> Hits:

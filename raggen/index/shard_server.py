@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from raggen.errors import IndexIntegrityError
+from raggen.index import direct_messages as messages
 from raggen.index.direct_calls import DirectServer
 from raggen.index.hits import Hits
 from raggen.index.loading import load_version
@@ -155,19 +156,17 @@ class ShardServer:
                 logger.warning("shard actor %s: no direct calls (cannot listen on %s: %s)", direct_identity, host, exc)
 
     def _direct_call(self, op: bytes, payload: bytes) -> bytes:
-        """A direct call (a small request, see ``ActorBackend.search_hits``): ``topk`` or ``fetch``,
-        arguments and answer pickled; or a ping (nothing: the round trip alone)."""
+        """A direct call (a small request, see ``ActorBackend.search_hits``): ``topk`` or ``fetch``
+        (bodies: ``direct_messages``); or a ping (nothing: the round trip alone)."""
         if op == DIRECT_TOPK:
-            xq, k, params = pickle.loads(payload)
-            answer: Any = self._topk(xq, k, params, counter="direct_topk")
-        elif op == DIRECT_FETCH:
-            requests, embeddings = pickle.loads(payload)
-            answer = self._fetch(requests, embeddings, counter="direct_fetch")
-        elif op == DIRECT_PING:
+            xq, k, params, assignment = messages.read_topk_request(payload)
+            return messages.topk_answer(self._topk(xq, k, params, counter="direct_topk", assignment=assignment))
+        if op == DIRECT_FETCH:
+            requests, embeddings = messages.read_fetch_request(payload)
+            return messages.fetch_answer(self._fetch(requests, embeddings, counter="direct_fetch"))
+        if op == DIRECT_PING:
             return b""
-        else:
-            raise ValueError(f"unknown direct call {op!r}")
-        return pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        raise ValueError(f"unknown direct call {op!r}")
 
     def direct_address(self) -> tuple[str, int] | None:
         """Where this actor takes direct calls (None: it does not); a restarted actor has a new one."""
@@ -205,10 +204,27 @@ class ShardServer:
         """{shard number: row ids (n,)} -> {shard number: (ids, titles, texts, vectors (n, d) or None)}."""
         return self._fetch(requests, embeddings, counter="fetch")
 
-    def _topk(self, xq: np.ndarray, k: int, params: SearchParams, *, counter: str):
-        """``topk``'s work, for a Ray call or a direct one (each counted under its own name)."""
+    def _topk(self, xq: np.ndarray, k: int, params: SearchParams, *, counter: str, assignment=None):
+        """``topk``'s work, for a Ray call or a direct one (each counted under its own name; a call
+        whose lists the caller assigned also under "caller_assigned")."""
         self._count(counter, len(xq))
-        return self.backend.topk(xq, k, params)
+        if assignment is not None:
+            self._count("caller_assigned")
+        return self.backend.topk(xq, k, params, assignment)
+
+    def coarse_info(self) -> dict[str, Any] | None:
+        """What a caller needs to assign IVF lists for this actor (``ActorBackend``): the digest of the
+        quantizer all its shards share, their default nprobe, nlist and the quantizer's bytes; None
+        when its shards share none (not bare IVF, differently trained, on a GPU)."""
+        return self.backend.ivf.info() if self.backend.ivf is not None else None
+
+    def coarse_quantizer(self) -> bytes:
+        """That quantizer, serialized (``faiss.deserialize_index`` reads it)."""
+        import faiss
+
+        if self.backend.ivf is None:
+            raise ValueError("these shards share no IVF quantizer")
+        return faiss.serialize_index(self.backend.ivf.quantizer).tobytes()
 
     def _fetch(self, requests: dict[int, np.ndarray], embeddings: bool, *, counter: str) -> dict[int, tuple]:
         self._count(counter)

@@ -80,14 +80,16 @@ def write_version(
     factory: str = "Flat",
     num_shards: int = 4,
     search_defaults=None,
+    train_each: bool = False,
 ) -> None:
+    """``train_each``: every shard trains its own IVF quantizer (as versions built apart would)."""
     work = root.parent / f"work-{version}"
     work.mkdir(parents=True)
-    trained = train_index(xb, factory=factory, train_sample=len(xb)) if "IVF" in factory else None
+    trained = train_index(xb, factory=factory, train_sample=len(xb)) if "IVF" in factory and not train_each else None
     files = []
     for s, rows in enumerate(np.array_split(np.arange(len(xb)), num_shards)):
         ids = (np.int64(s) << 40) + rows.astype(np.int64)
-        index = build_shard_index(xb[rows], ids, factory=factory, trained_index=trained)
+        index = build_shard_index(xb[rows], ids, factory=factory, trained_index=trained, train_sample=len(rows), seed=s)
         ipath, ppath = work / f"shard-{s:05d}.faiss", work / f"shard-{s:05d}.parquet"
         write_index_file(index, ipath)
         write_parquet_atomic(passages_table(ids, [f"p{r}" for r in rows], [f"title {r}" for r in rows],
@@ -288,28 +290,34 @@ def test_a_group_the_cluster_cannot_place_says_so_while_waiting_then_fails(clust
 
 
 def test_ivf_defaults_and_per_call_overrides_hold_through_actors(cluster, tmp_path):
+    """The version's nprobe and a call's own give the local index's answer through the actors. Their
+    caller assigns a small request's IVF lists once, with its copy of the quantizer every shard
+    shares, for all actors; shards trained apart (no common quantizer) assign their own."""
     rng = np.random.default_rng(2)
     xb = rng.standard_normal((2000, D)).astype(np.float32)
-    root = tmp_path / "ivf"
-    write_version(
-        root,
-        "v1",
-        xb,
-        [f"t{i}" for i in range(2000)],
-        factory="IVF16,Flat",
-        num_shards=2,
-        search_defaults={"nprobe": 2},
-    )
     xq = rng.standard_normal((8, D)).astype(np.float32)
-    local = ShardedIndex.from_version(load_version(str(root)))
-    index = open_index(str(root), settings=settings())
-    try:
-        assert index.backend_kind == "actors" and index.params.nprobe == 2
-        for kw in ({}, {"nprobe": 1}, {"nprobe": 16}):
-            np.testing.assert_array_equal(index.search(xq, 5, **kw).row_ids, local.search(xq, 5, **kw).row_ids)
-        assert not np.array_equal(local.search(xq, 5, nprobe=1).row_ids, local.search(xq, 5, nprobe=16).row_ids)
-    finally:
-        index.close()
+    for name, train_each in (("ivf", False), ("ivf-apart", True)):
+        root = tmp_path / name / "index"
+        write_version(root, "v1", xb, [f"t{i}" for i in range(2000)], factory="IVF16,Flat", num_shards=2,
+                      search_defaults={"nprobe": 2}, train_each=train_each)  # fmt: skip
+        local = ShardedIndex.from_version(load_version(str(root)))
+        index = open_index(str(root), settings=settings())
+        try:
+            assert index.backend_kind == "actors" and index.params.nprobe == 2
+            for kw in ({}, {"nprobe": 1}, {"nprobe": 16}):
+                np.testing.assert_array_equal(index.search(xq, 5, **kw).row_ids, local.search(xq, 5, **kw).row_ids)
+                one = index.search(xq[:1], 5, embeddings=False, **kw)  # small: direct calls
+                np.testing.assert_array_equal(one.row_ids, local.search(xq[:1], 5, **kw).row_ids)
+            assert not np.array_equal(local.search(xq, 5, nprobe=1).row_ids, local.search(xq, 5, nprobe=16).row_ids)
+            ivf = index._backend.caller_quantizer()
+            assigned = [i["calls"].get("caller_assigned", 0) for i in index.actor_group.info()]
+            if train_each:
+                assert ivf is None and assigned == [0, 0]
+            else:
+                assert ivf is not None and ivf.nprobe == 2 and ivf.nlist == 16
+                assert all(a >= 6 for a in assigned), assigned  # every direct top-k call of the 6 searches
+        finally:
+            index.close()
 
 
 def test_caller_does_not_hold_the_passages(cluster, version):

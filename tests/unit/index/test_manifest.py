@@ -313,12 +313,27 @@ def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
         )
     searchers = [ShardSearcher(b, t, metric="ip", params=SearchParams(nprobe=3)) for b, t in shards]
     shared = _LocalBackend(searchers, max_workers=1)
-    assert shared.coarse is not None and shared.coarse[1] == 3
+    assert shared.coarse is not None and shared.coarse.nprobe == 3
     xq = rng.standard_normal((9, D)).astype(np.float32)
     fast = merge_topk(shared.search(xq, 6), 6)
     slow = merge_topk([s.search(xq, 6) for s in searchers], 6)
     np.testing.assert_array_equal(fast[1], slow[1])
     np.testing.assert_allclose(fast[0], slow[0], rtol=1e-6)
+    # a caller's copy of the quantizer (a shard actor's caller assigns lists for every actor)
+    copy = faiss.deserialize_index(faiss.serialize_index(shared.ivf.quantizer))
+    for nprobe in (None, 5):
+        Dq, Iq = copy.search(xq, nprobe or 3)
+        given = merge_topk(shared.search(xq, 6, assignment=(Dq, Iq)), 6)
+        own = merge_topk([s.search(xq, 6, params=SearchParams(nprobe=nprobe)) for s in searchers], 6)
+        np.testing.assert_array_equal(given[1], own[1])
+    one = _LocalBackend(searchers[:1], max_workers=1)  # one shard: nothing to save here, a caller still may
+    assert one.coarse is None and one.ivf is not None and one.ivf.digest == shared.ivf.digest
+    np.testing.assert_array_equal(
+        one.search(xq, 6, assignment=(Dq, Iq))[0][1], searchers[0].search(xq, 6, params=SearchParams(nprobe=5))[1]
+    )
+    for bad in ((Dq[:2], Iq[:2]), (Dq, Iq + 16), (Dq[:, :1], Iq)):  # rows != queries, lists >= nlist, shapes
+        with pytest.raises(ValueError, match="list assignment"):
+            shared.search(xq, 6, assignment=bad)
     other = S.build_shard_index(xb[:200], np.arange(200), factory="IVF16,Flat", train_sample=200, seed=7)
     other_table = passages_table(np.arange(200), [f"q{r}" for r in range(200)], [""] * 200, [""] * 200)
     mixed = _LocalBackend(
@@ -326,7 +341,9 @@ def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
         + [ShardSearcher(S.serialize_index(other), other_table, metric="ip", params=SearchParams(nprobe=3))],
         max_workers=1,
     )
-    assert mixed.coarse is None  # differently trained quantizers: each shard assigns its own lists
+    assert mixed.coarse is None and mixed.ivf is None  # differently trained: each shard assigns its own lists
+    with pytest.raises(ValueError, match="do not share one IVF quantizer"):
+        mixed.search(xq, 6, assignment=(Dq, Iq))
 
 
 def test_manifests_written_before_normalize_was_recorded_read_as_unnormalised():

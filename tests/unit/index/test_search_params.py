@@ -36,3 +36,6 @@ def test_pickles_small_and_whole():
     p = SearchParams(nprobe=4, refine_k_factor=8.0)
     assert pickle.loads(pickle.dumps(p, pickle.HIGHEST_PROTOCOL)) == p
     assert len(pickle.dumps(p, pickle.HIGHEST_PROTOCOL)) < 120
+    # as its three fields (__reduce__), not a slotted dataclass's state dict
+    assert SearchParams.__reduce__(p) == (SearchParams, (4, None, 8.0))
+    assert b"__getstate__" not in pickle.dumps(p, 0) and b"nprobe" not in pickle.dumps(p, pickle.HIGHEST_PROTOCOL)
