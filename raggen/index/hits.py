@@ -34,9 +34,10 @@ def topk_order(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _take(a: np.ndarray, order: np.ndarray, k: int, fill) -> np.ndarray:
-    """``a`` (b, n[, d]) gathered at ``order`` (b, m) along axis 1, padded with ``fill`` to k columns."""
-    idx = order if a.ndim == 2 else order[..., None]
-    out = np.take_along_axis(a, idx, 1)
+    """``a`` (b, n[, d]) gathered at ``order`` (b, m) along axis 1, padded with ``fill`` to k columns.
+    Fancy indexing, not ``np.take_along_axis``: the same gather, without its ~10 us of index set-up
+    per call (a single query's search through 4 shard actors merges 5 times)."""
+    out = a[np.arange(len(order))[:, None], order]
     if out.shape[1] < k:  # fewer hits than k in total
         pad = np.full((out.shape[0], k - out.shape[1], *out.shape[2:]), fill, dtype=out.dtype)
         out = np.concatenate([out, pad], 1)
