@@ -341,7 +341,8 @@ class IdleProbe:
 class RetrieverLikeCaller:
     """Holds a borrowed ShardActorGroup only (as a Serve Retriever replica does); searches through it,
     fetching texts, and reports its RSS at each stage: the first search sets up what any Ray caller of
-    these actors needs (connections to each actor's worker, the result types' imports), a fixed cost
+    these actors needs (connections to each actor's worker, the result types' imports, a copy of the
+    IVF quantizer the shards share: ``ActorBackend.caller_quantizer``), a fixed cost
     per replica; what the replica *holds* of the index is its RSS after many more searches, results
     dropped, against its RSS after that first search."""
 
@@ -617,7 +618,8 @@ def main(argv: list[str] | None = None) -> None:
         kept = c["kept"]["VmRSS"] - c["warm"]["VmRSS"]  # the same before malloc_trim: freed heap kept
         transient = max(c["peak"]["VmHWM"], c["peak"]["VmRSS"]) - c["warm"]["VmRSS"]
         m["caller"] = {**c, "growth": growth, "shm": shm, "warmup": warmup, "transient": transient}
-        row("memory", "Retriever-like caller (a Ray actor): RSS growth of its first search (Ray connections, imports)",
+        row("memory", "Retriever-like caller (a Ray actor): RSS growth of its first search (Ray connections, imports, "
+            "its copy of a shared IVF quantizer)",
             mb(warmup), "", f"fixed per replica; first search {c['first_ms']:.0f} ms")  # fmt: skip
         row("memory", f"  its peak above that during {L} + {len(xq)} searches with texts (results held)",
             mb(transient), "", f"{transient / index_bytes * 100:.1f}% of index bytes, transient")  # fmt: skip
@@ -756,7 +758,7 @@ def projection(m: dict, n: int, args) -> list[list[str]]:
         ["peak RSS per shard actor", f"{per_actor / 1e9:.2f} GB",
          f"idle {idle / 1e9:.2f} GB + {above:.2f} x its shard bytes ({idx / actors / 1e9:.2f} GB)"],
         ["RAM per node (shard actors)", f"{per_actor * actors / nodes / 1e9:.2f} GB", f"{actors // nodes} actors x {per_actor / 1e9:.2f} GB"],
-        ["Retriever-like caller", f"{m['caller']['warmup'] / 1e6:.0f} MB to connect + {m['caller']['growth'] / 1e6:.0f} MB held", "measured here; holds handles only (not scaled)"],
+        ["Retriever-like caller", f"{m['caller']['warmup'] / 1e6:.0f} MB to connect + {m['caller']['growth'] / 1e6:.0f} MB held", "measured here; handles, and a copy of the IVF quantizer the shards share when <= 64 MiB (not scaled)"],
         [f"build time on {gpus} workers", f"{build_s / 60:.1f} min",
          f"train {t['train']:.0f} s once + {linear / scale / n * 1e6:.1f} us/passage x {P:,} / {gpus}; rate measured on "
          f"{'this CPU' if faiss_gpus() == 0 else 'GPU'} (a GPU adds faster: not measured here)"],
