@@ -18,6 +18,7 @@ from raggen.index import direct_messages as messages
 from raggen.index.direct_calls import DirectCallError, DirectClient
 from raggen.index.hits import Hits, fill_hits, merge_hits, merge_topk, requests_of
 from raggen.index.search_params import NO_OVERRIDES, SearchParams
+from raggen.index.shard import deserialize_index
 from raggen.index.shard_searcher import IvfQuantizer, centroids_digest
 from raggen.index.shard_server import DIRECT_FETCH, DIRECT_PING, DIRECT_TOPK
 
@@ -141,8 +142,6 @@ class ActorBackend:
         return self._ivf
 
     def _copy_quantizer(self) -> IvfQuantizer | None:
-        import faiss
-
         handles = self.group.handles
         try:
             infos = self.ray.get([h.coarse_info.remote() for h in handles], timeout=60)
@@ -156,7 +155,7 @@ class ActorBackend:
                 "shard actors %s: no copy of their IVF quantizer (%s); each assigns lists", self.group.name, exc
             )
             return None
-        quantizer = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        quantizer = deserialize_index(blob)
         if centroids_digest(quantizer) != infos[0]["digest"]:
             return None
         return IvfQuantizer(quantizer, int(infos[0]["nprobe"]), infos[0]["digest"])

@@ -22,6 +22,7 @@ from raggen.index.direct_calls import DirectServer
 from raggen.index.hits import Hits
 from raggen.index.loading import load_version
 from raggen.index.search_params import NO_OVERRIDES, SearchParams
+from raggen.index.shard import serialize_index
 from raggen.index.shard_searcher import ShardSearcher, _LocalBackend
 
 logger = logging.getLogger(__name__)
@@ -219,12 +220,10 @@ class ShardServer:
         return self.backend.ivf.info() if self.backend.ivf is not None else None
 
     def coarse_quantizer(self) -> bytes:
-        """That quantizer, serialized (``faiss.deserialize_index`` reads it)."""
-        import faiss
-
+        """That quantizer, serialized (``raggen.index.shard.deserialize_index`` reads it)."""
         if self.backend.ivf is None:
             raise ValueError("these shards share no IVF quantizer")
-        return faiss.serialize_index(self.backend.ivf.quantizer).tobytes()
+        return serialize_index(self.backend.ivf.quantizer).tobytes()
 
     def _fetch(self, requests: dict[int, np.ndarray], embeddings: bool, *, counter: str) -> dict[int, tuple]:
         self._count(counter)
