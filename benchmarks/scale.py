@@ -37,7 +37,7 @@ what any nprobe reaches, so plain IVF-PQ fails it (benchmarks/ann_quality.py mea
 projection to 21M passages from the per-passage ratios: bytes, shard actors, RAM per node, build
 time on N workers.
 
-    .venv/bin/python benchmarks/scale.py                  # full size: 2M x 768, IVF1024,PQ64, 8 shards, 4 actors
+    .venv/bin/python benchmarks/scale.py                  # full size: 2M x 768, IVF1024,PQ64, 8 shards, one actor per node
     .venv/bin/python benchmarks/scale.py --vectors 20000 --dim 64 --shards 4 --actors 2 \\
         --factory IVF64,PQ16 --queries 200          # tiny check, a few minutes on 2 cores
     .venv/bin/python benchmarks/scale.py --no-cluster ... # one local Ray node instead of the 2-node cluster
@@ -76,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vectors", type=int, default=2_000_000, help="passages (synthetic vectors) in the index")
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--actors", type=int, default=4, help="shard actors (each serves shards/actors shards)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="shard actors (each serves shards/actors shards); default: index.search's own layout, one "
+                        "actor per node (2 here, on nodes of 1 CPU each)")  # fmt: skip
     p.add_argument("--factory", default="IVF1024,PQ64", help="faiss index_factory string")
     p.add_argument("--target-recall", type=float, default=None,
                    help="index.search.target_recall of the build's tuning (default: SearchSettings()'s; "
@@ -504,8 +506,10 @@ def main(argv: list[str] | None = None) -> None:
         log("published")
 
         # 4. Ray: a 2-node local cluster (or one local node)
-        per_actor = math.ceil(args.shards / args.actors)
-        num_actors = math.ceil(args.shards / per_actor)
+        # --actors N: N actors of 1 CPU (nodes declare ceil(N / 2) CPUs each, whatever the machine has);
+        # default: SearchSettings' layout (shards_per_actor None: one actor per node) on nodes of 1 CPU
+        per_actor = None if args.actors is None else math.ceil(args.shards / args.actors)
+        num_actors = (1 if args.no_cluster else 2) if per_actor is None else math.ceil(args.shards / per_actor)
         if args.no_cluster:
             import ray
 
@@ -539,8 +543,9 @@ def main(argv: list[str] | None = None) -> None:
         names = node_names(ray)
         infos = group.info()
         nodes = sorted({names.get(i["node_id"], i["node_id"][:8]) for i in infos})
+        sizes = "/".join(sorted({str(len(i["shards"])) for i in infos}))  # shards per actor
         row("serve", "open through shard actors (S3 download + sha256 + mmap, in the actors)", f"{m['actors_open_s']:.1f} s",
-            "", "", f"{len(infos)} actors x {per_actor} shards on {len(nodes)} node(s): {', '.join(nodes)}")  # fmt: skip
+            "", "", f"{len(infos)} actors x {sizes} shards on {len(nodes)} node(s): {', '.join(nodes)}")  # fmt: skip
         row("serve", "open in this process (local baseline)", f"{m['local_open_s']:.1f} s")
 
         # latency: single queries, k=10, texts fetched; local and actors interleaved (the load drifts)

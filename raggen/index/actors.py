@@ -2,7 +2,8 @@
 
     ShardActorGroup.start(uri, version, settings=...)      # verified: every actor checked its shards
       -> placement group, one bundle per actor, strategy SPREAD (over the nodes)
-      -> ShardServer actors, each serving ``settings.shards_per_actor`` consecutive shards, which it
+      -> ShardServer actors, each serving ``settings.shards_per_actor`` consecutive shards (default:
+         one actor per node, the shards split evenly over them: ``actor_assignment``), which it
          loads ONCE from the store itself (sha256 verified, FAISS file memory-mapped, the passage
          texts as compressed blocks and the stored vectors as a ``.npy``, both cache files read
          with ``pread`` (``passage_blocks``, ``passage_vectors``), the vectors only
@@ -56,8 +57,8 @@ from raggen.index.settings import SearchSettings
 from raggen.index.shard_server import ShardActor, ShardServer, hold_memory_tightly, rss_bytes, serve_from_heap
 from raggen.index.sharded import ShardedIndex, resolve_search_params
 
-__all__ = ["ShardActor", "ShardActorGroup", "ShardServer", "assign_shards", "hold_memory_tightly", "rss_bytes",
-           "serve_from_heap", "shard_bytes"]  # fmt: skip
+__all__ = ["ShardActor", "ShardActorGroup", "ShardServer", "actor_assignment", "assign_shards", "hold_memory_tightly",
+           "rss_bytes", "serve_from_heap", "shard_bytes", "split_shards"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,42 @@ def assign_shards(num_shards: int, shards_per_actor: int) -> list[list[int]]:
     lists in order then ties break as over all shards in order)."""
     m = max(1, int(shards_per_actor))
     return [list(range(a, min(a + m, num_shards))) for a in range(0, num_shards, m)]
+
+
+def split_shards(num_shards: int, num_actors: int) -> list[list[int]]:
+    """``num_shards`` split into min(num_shards, num_actors) consecutive runs whose sizes differ by at
+    most one (8 shards over 3 actors: 3, 3, 2), in shard order like ``assign_shards``."""
+    actors = max(1, min(num_shards, int(num_actors)))
+    base, extra = divmod(num_shards, actors)
+    bounds = [0]
+    for a in range(actors):
+        bounds.append(bounds[-1] + base + (a < extra))
+    return [list(range(bounds[a], bounds[a + 1])) for a in range(actors)]
+
+
+def nodes_that_fit(nodes: list[Mapping[str, Any]], bundle: Mapping[str, float]) -> int:
+    """Alive nodes (``ray.nodes()`` entries) whose total resources hold ``bundle``: where one shard
+    actor can run (a head started with 0 CPUs, as KubeRay heads often are, does not count)."""
+    return sum(
+        1 for n in nodes
+        if n.get("Alive") and all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in bundle.items())
+    )  # fmt: skip
+
+
+def actor_assignment(num_shards: int, settings: SearchSettings, nodes: list[Mapping[str, Any]]) -> list[list[int]]:
+    """The shards of each actor: ``settings.shards_per_actor`` consecutive shards per actor, or, when
+    it is None, one actor per node that fits one (at least one actor)."""
+    if settings.shards_per_actor is not None:
+        return assign_shards(num_shards, settings.shards_per_actor)
+    return split_shards(num_shards, max(1, nodes_that_fit(nodes, actor_bundle(settings))))
+
+
+def actor_bundle(settings: SearchSettings) -> dict[str, float]:
+    """One shard actor's placement-group bundle."""
+    bundle = {"CPU": float(settings.actor_num_cpus)}
+    if settings.actor_num_gpus:
+        bundle["GPU"] = float(settings.actor_num_gpus)
+    return bundle
 
 
 class ShardActorGroup:
@@ -138,10 +175,8 @@ class ShardActorGroup:
         manifest = manifest if manifest is not None else read_manifest(vuri, s3_options=s3_options)
         params = resolve_search_params(manifest, SearchParams.of(settings))
         name = name or f"{ACTOR_NAME_PREFIX}-{manifest.version}-{secrets.token_hex(3)}"
-        assignment = assign_shards(len(manifest.shards), settings.shards_per_actor)
-        bundle = {"CPU": float(settings.actor_num_cpus)}
-        if settings.actor_num_gpus:
-            bundle["GPU"] = float(settings.actor_num_gpus)
+        assignment = actor_assignment(len(manifest.shards), settings, [] if settings.shards_per_actor else ray.nodes())
+        bundle = actor_bundle(settings)
         direct_key = new_key() if settings.direct_calls else None
         pg = placement_group([dict(bundle) for _ in assignment], strategy="SPREAD", name=name)
         handles: list = []

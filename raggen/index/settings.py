@@ -37,7 +37,13 @@ class SearchSettings(BaseModel):
     auto_actors_passages: int = Field(AUTO_ACTORS_PASSAGES, ge=0)
     actor_num_cpus: float = Field(1.0, gt=0)  # each shard actor's CPU share (its FAISS threads: max(1, int(it)))
     actor_num_gpus: float = Field(0.0, ge=0)
-    shards_per_actor: int = Field(1, ge=1)  # consecutive shards served by one actor
+    # consecutive shards served by one actor. None (default): one actor per node that can hold one
+    # (its total resources fit actor_num_cpus / actor_num_gpus), the shards split evenly over them,
+    # counted when the group starts (on an autoscaling cluster, set it). One actor per shard would
+    # claim num_shards bundles (an 8-shard index: 8 CPUs, never placed on a 2-CPU laptop), and every
+    # actor wakes for every query: more actors than cores cost latency (scale rehearsal, 2 cores,
+    # plain IVF-PQ: 2 actors 1.34x a local search, 4 actors 1.60-1.77x)
+    shards_per_actor: int | None = Field(None, ge=1)
     actor_max_concurrency: int = Field(4, ge=1)  # requests one actor serves at once (FAISS releases the GIL)
     # small requests (at most 256 hits: serving's single queries, training steps) go to the actors over
     # an authenticated TCP socket of their own (~0.15 ms a round trip) instead of as Ray calls

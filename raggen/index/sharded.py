@@ -106,8 +106,9 @@ class ShardedIndex:
         max_threads: int | None = None,
     ) -> ShardedIndex:
         """In-process over the loaded shards (``max_threads`` shards searched at once, default: one
-        per core), or (``use_actors``) through a new group of shard actors, one per shard, that
-        load the version themselves from where ``loaded`` came from; ``close()`` ends the group.
+        per core), or (``use_actors``) through a new group of shard actors (``SearchSettings``'
+        default layout: one per node) that load the version themselves from where ``loaded`` came
+        from; ``close()`` ends the group.
         ``nprobe`` / ``ef_search`` / ``refine_k_factor`` default to the manifest's ``search_defaults``."""
         params = resolve_search_params(loaded.manifest, SearchParams(nprobe, ef_search, refine_k_factor))
         if use_actors:

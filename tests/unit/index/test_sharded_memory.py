@@ -20,7 +20,7 @@ import pytest
 
 from raggen.index import manifest as M
 from raggen.index import shard as S
-from raggen.index.actors import assign_shards
+from raggen.index.actors import actor_assignment, assign_shards, split_shards
 from raggen.index.encoder_actor import encoder_pool, tokenize_task_limit
 from raggen.index.hits import fill_hits, merge_hits, requests_of
 from raggen.index.hot_swap import SwappableIndex
@@ -230,6 +230,30 @@ def test_search_mode_thresholds_and_auto_opens_small_versions_locally(tmp_path):
     assert index.backend_kind == "local" and index.actor_group is None
     with pytest.raises(RuntimeError, match="running Ray"):
         open_index(root, settings=SearchSettings(mode="auto", auto_actors_passages=100))
+
+
+def test_shard_actor_layout_is_one_actor_per_node_that_fits_one_unless_configured():
+    def node(cpus: float, gpus: float = 0.0, alive: bool = True) -> dict:
+        return {"Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+    for shards in range(1, 12):
+        for actors in range(1, 14):
+            split = split_shards(shards, actors)
+            assert [s for run in split for s in run] == list(range(shards))  # every shard once, in order
+            assert len(split) == min(shards, actors)
+            assert max(map(len, split)) - min(map(len, split)) <= 1
+    assert split_shards(8, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert split_shards(8, 5) == [[0, 1], [2, 3], [4, 5], [6], [7]]  # five nodes: five actors
+    # a 0-CPU head (KubeRay) and a dead node hold none; a node too small for the bundle neither
+    nodes = [node(0), node(4), node(4), node(8, alive=False), node(0.5)]
+    default = SearchSettings(mode="actors")
+    assert default.shards_per_actor is None
+    assert actor_assignment(8, default, nodes) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert actor_assignment(8, SearchSettings(mode="actors", actor_num_cpus=0.5), nodes) == split_shards(8, 3)
+    assert actor_assignment(8, SearchSettings(mode="actors", actor_num_gpus=1), nodes) == [list(range(8))]  # none fits
+    assert actor_assignment(2, default, [node(2)] * 4) == [[0], [1]]  # never more actors than shards
+    assert actor_assignment(8, SearchSettings(mode="actors", shards_per_actor=2), nodes) == assign_shards(8, 2)
+    assert actor_assignment(8, SearchSettings(mode="actors", shards_per_actor=1), []) == [[s] for s in range(8)]
 
 
 def test_encoder_pool_is_sized_from_the_cluster():
