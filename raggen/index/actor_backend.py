@@ -29,9 +29,6 @@ logger = logging.getLogger(__name__)
 
 ONE_ROUND_TRIP_MAX_HITS = 256  # queries x k up to which a request is small (see ActorBackend.search_hits)
 DIRECT_RETRY_AFTER_S = 5.0  # after a failed direct call a caller uses Ray calls for this long
-# a caller keeps a copy of the shards' IVF quantizer up to this size (IVF16384 at 768-d: 48 MiB; the
-# 21M recipe's 65,536 lists: 192 MiB, assigned in each actor instead)
-CALLER_QUANTIZER_MAX_BYTES = 64 << 20
 
 
 class ActorBackend:
@@ -133,8 +130,9 @@ class ActorBackend:
         actors of IVF1024,PQ64 shards at nprobe 2 (a 200k copy of the scale rehearsal's index), an
         actor's CPU per single query fell from 1.43-1.49 to 1.12-1.14 ms and the queries/s of 4
         caller threads rose from 320-345 to 372-389 (a single query's p50 alone: within noise). None (each
-        actor assigns its own) when the shards share none (not bare IVF, trained apart, on a GPU)
-        or it is larger than CALLER_QUANTIZER_MAX_BYTES, or the actors could not be asked."""
+        actor assigns its own) when the shards share none (not IVF, behind a transform, trained apart, on a GPU)
+        or it is larger than ``index.search.caller_quantizer_max_bytes``, or the actors could not be
+        asked."""
         if not self._ivf_asked:
             with self._ivf_lock:
                 if not self._ivf_asked:
@@ -147,7 +145,7 @@ class ActorBackend:
             infos = self.ray.get([h.coarse_info.remote() for h in handles], timeout=60)
             if any(i is None for i in infos) or len({(i["digest"], i["nprobe"]) for i in infos}) != 1:
                 return None
-            if infos[0]["bytes"] > CALLER_QUANTIZER_MAX_BYTES:
+            if infos[0]["bytes"] > self.group.settings.caller_quantizer_max_bytes:
                 return None
             blob = self.ray.get(handles[0].coarse_quantizer.remote(), timeout=60)
         except Exception as exc:  # noqa: BLE001 - an actor restarting: it assigns lists itself, as without a copy

@@ -13,6 +13,7 @@ import pyarrow as pa
 from raggen.index.hits import Hits, fill_hits, merge_topk, requests_of
 from raggen.index.passage_blocks import PassageBlocks
 from raggen.index.passage_table import embeddings_of, int64_column, one_chunk, take_rows
+from raggen.index.preassigned import PreassignedSearch
 from raggen.index.search_params import NO_OVERRIDES, SearchParams
 from raggen.index.shard import (
     as_float32_matrix,
@@ -52,6 +53,7 @@ class ShardSearcher:
         set_search_params(index, **params.as_kwargs())
         self.cpu_index = index
         self.index = to_gpu(index) if use_gpu else index
+        self.preassigned = PreassignedSearch.of(self.index)  # None: takes no list assignment (GPU, HNSW, OPQ..)
         self.dim = int(index.d)
         self.sign = 1.0 if metric == "ip" else -1.0  # l2 distances -> higher-is-better scores
         row_ids = int64_column(passages, "row_id")
@@ -76,7 +78,10 @@ class ShardSearcher:
         ``coarse`` = (Dq, Iq) (b, nprobe): the IVF list assignment computed once for all shards
         that share one coarse quantizer (see ``ivf_quantizer``)."""
         if coarse is not None:
-            D, I = _search_preassigned(self.index, as_float32_matrix(xq, "xq", self.dim), int(k), *coarse)
+            if self.preassigned is None:
+                raise ValueError("a list assignment for a shard that takes none")
+            xq = as_float32_matrix(xq, "xq", self.dim)
+            D, I = self.preassigned.search(xq, int(k), *coarse, refine_k_factor=params.refine_k_factor)
         else:
             D, I = search(self.index, xq, k, **params.as_kwargs())
         scores = (self.sign * D).astype(np.float32)
@@ -115,18 +120,6 @@ class ShardSearcher:
 
     def ready(self) -> bool:
         return True
-
-
-def _search_preassigned(index, xq: np.ndarray, k: int, Dq: np.ndarray, Iq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """IVF search over the lists ``Iq`` (b, nprobe) given for each query; nprobe per call (the
-    Python wrapper takes neither per-call params nor an nprobe other than the index's)."""
-    n = xq.shape[0]
-    D, I = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
-    Iq, Dq = np.ascontiguousarray(Iq, dtype=np.int64), np.ascontiguousarray(Dq, dtype=np.float32)
-    params = faiss.SearchParametersIVF(nprobe=int(Iq.shape[1]))
-    index.search_preassigned_c(n, faiss.swig_ptr(xq), k, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq), faiss.swig_ptr(D),
-                               faiss.swig_ptr(I), False, params)  # fmt: skip
-    return D, I
 
 
 @dataclass(frozen=True)
@@ -170,23 +163,36 @@ def centroids_digest(quantizer: faiss.Index) -> str:
     return hashlib.sha256(np.ascontiguousarray(centroids).tobytes()).hexdigest()
 
 
+# re-ranked shards take a list assignment from this quantizer size on (nlist x d x 4 bytes). Their
+# candidates are re-scored in numpy (~0.085 ms more a shard per single query at 768-d, k x k_factor
+# 40) instead of in FAISS's C++, which only pays when the quantizer search saved costs more: 8 such
+# shards, single queries on one thread (benchmarks/refine_assignment.py): IVF64 / IVF256 (192 /
+# 768 KiB) 1.47x FAISS's own time at nprobe 8, IVF1024 (3 MiB) 0.74x / 0.94x at nprobe 2 / 128,
+# IVF65536 (192 MiB, the 21M recipe) 0.15x at nprobe 128. Bare IVF shards take one at any size
+REFINE_ASSIGN_MIN_QUANTIZER_BYTES = 2 << 20
+
+
 def ivf_quantizer(searchers: list[ShardSearcher]) -> IvfQuantizer | None:
-    """The coarse quantizer, when every shard is a bare IVF index over the same trained one
-    (build_index trains once and shares) with the same nprobe, else None. Then the list assignment
-    of a query is the same for every shard: computed once (here, or by a shard actor's caller)
-    instead of once per shard."""
+    """The coarse quantizer, when every shard is an IVF index that takes a list assignment (bare, or
+    re-ranked by refine codes with a quantizer of REFINE_ASSIGN_MIN_QUANTIZER_BYTES or more:
+    ``preassigned.PreassignedSearch``) over the same trained one (build_index trains once and
+    shares) with the same nprobe, else None. Then the list assignment of a query is the same for
+    every shard: computed once (here, or by a shard actor's caller) instead of once per shard."""
     if not searchers:
         return None
-    digests, nprobes = set(), set()
+    digests, nprobes, ivfs = set(), set(), []
     for s in searchers:
-        ivf = faiss.downcast_index(s.index)
-        if not isinstance(ivf, faiss.IndexIVF):
+        if s.preassigned is None:
             return None  # Flat/HNSW, OPQ in front of the IVF (the transform comes first), a GPU clone
+        ivf = s.preassigned.ivf
+        if s.preassigned.refine is not None and ivf.nlist * ivf.d * 4 < REFINE_ASSIGN_MIN_QUANTIZER_BYTES:
+            return None  # its own quantizer search costs less than re-scoring outside FAISS
         digests.add(centroids_digest(ivf.quantizer))
         nprobes.add(int(ivf.nprobe))
+        ivfs.append(ivf)
     if len(digests) != 1 or len(nprobes) != 1:
         return None
-    return IvfQuantizer(faiss.downcast_index(searchers[0].index).quantizer, nprobes.pop(), digests.pop())
+    return IvfQuantizer(ivfs[0].quantizer, nprobes.pop(), digests.pop())
 
 
 class _LocalBackend:

@@ -292,32 +292,46 @@ def test_a_group_the_cluster_cannot_place_says_so_while_waiting_then_fails(clust
 def test_ivf_defaults_and_per_call_overrides_hold_through_actors(cluster, tmp_path):
     """The version's nprobe and a call's own give the local index's answer through the actors. Their
     caller assigns a small request's IVF lists once, with its copy of the quantizer every shard
-    shares, for all actors; shards trained apart (no common quantizer) assign their own."""
+    shares, for all actors; shards trained apart (no common quantizer) and re-ranked shards with a
+    small quantizer (cheaper searched in each than re-scored outside FAISS) assign their own."""
     rng = np.random.default_rng(2)
     xb = rng.standard_normal((2000, D)).astype(np.float32)
     xq = rng.standard_normal((8, D)).astype(np.float32)
-    for name, train_each in (("ivf", False), ("ivf-apart", True)):
+    calls = ({}, {"nprobe": 1}, {"nprobe": 16})
+    cases = (("ivf", "IVF16,Flat", False, {}), ("ivf-apart", "IVF16,Flat", True, {}),
+             ("ivf-refine", "IVF16,PQ8,Refine(SQfp16)", False, {"refine_k_factor": 2.0}))  # fmt: skip
+    for name, factory, train_each, refine in cases:
         root = tmp_path / name / "index"
-        write_version(root, "v1", xb, [f"t{i}" for i in range(2000)], factory="IVF16,Flat", num_shards=2,
-                      search_defaults={"nprobe": 2}, train_each=train_each)  # fmt: skip
+        write_version(root, "v1", xb, [f"t{i}" for i in range(2000)], factory=factory, num_shards=2,
+                      search_defaults={"nprobe": 2, **refine}, train_each=train_each)  # fmt: skip
         local = ShardedIndex.from_version(load_version(str(root)))
         index = open_index(str(root), settings=settings())
         try:
             assert index.backend_kind == "actors" and index.params.nprobe == 2
-            for kw in ({}, {"nprobe": 1}, {"nprobe": 16}):
+            for kw in calls + (({"nprobe": 4, "refine_k_factor": 1.0}, {"refine_k_factor": 6.0}) if refine else ()):
                 np.testing.assert_array_equal(index.search(xq, 5, **kw).row_ids, local.search(xq, 5, **kw).row_ids)
                 one = index.search(xq[:1], 5, embeddings=False, **kw)  # small: direct calls
                 np.testing.assert_array_equal(one.row_ids, local.search(xq[:1], 5, **kw).row_ids)
             assert not np.array_equal(local.search(xq, 5, nprobe=1).row_ids, local.search(xq, 5, nprobe=16).row_ids)
             ivf = index._backend.caller_quantizer()
             assigned = [i["calls"].get("caller_assigned", 0) for i in index.actor_group.info()]
-            if train_each:
+            if train_each or refine:
                 assert ivf is None and assigned == [0, 0]
             else:
                 assert ivf is not None and ivf.nprobe == 2 and ivf.nlist == 16
-                assert all(a >= 6 for a in assigned), assigned  # every direct top-k call of the 6 searches
+                assert all(a >= 6 for a in assigned), assigned  # every direct top-k call of the 6+ searches
         finally:
             index.close()
+    # a quantizer over the caller's cap (16 x 32 floats: 2048 bytes) stays in the actors
+    root = str(tmp_path / "ivf" / "index")
+    want = ShardedIndex.from_version(load_version(root)).search(xq[:1], 5).row_ids
+    capped = open_index(root, settings=settings(caller_quantizer_max_bytes=2047))
+    try:
+        np.testing.assert_array_equal(capped.search(xq[:1], 5, embeddings=False).row_ids, want)
+        assert capped._backend.caller_quantizer() is None
+        assert [i["calls"].get("caller_assigned", 0) for i in capped.actor_group.info()] == [0, 0]
+    finally:
+        capped.close()
 
 
 def test_caller_does_not_hold_the_passages(cluster, version):

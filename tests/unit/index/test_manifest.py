@@ -292,15 +292,19 @@ def test_build_path_shares_one_training_and_publishes_an_exact_ivf(tmp_path):
     np.testing.assert_allclose(result.embeddings, xb[ref_rows], atol=1e-6)  # reconstructed from IVF-Flat
 
 
-def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ4,Refine(SQfp16)"])
+def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path, factory, monkeypatch):
     """With a shared IVF quantizer and nprobe < nlist, assigning once (search_preassigned) must
-    give exactly what every shard's own search gives."""
+    give exactly what every shard's own search gives; re-ranked shards (IDMap2 around IndexRefine)
+    too, their candidates re-scored after the assigned lists' search (from a quantizer size on:
+    below it, each shard searches its own)."""
+    from raggen.index import shard_searcher
     from raggen.index.shard_searcher import ShardSearcher, _LocalBackend
     from raggen.index.sharded import merge_topk
 
     rng = np.random.default_rng(5)
     xb = rng.standard_normal((800, D)).astype(np.float32)
-    trained = S.train_index(xb, factory="IVF16,Flat", train_sample=800)
+    trained = S.train_index(xb, factory=factory, train_sample=800)
     shards = []
     for s, rows in enumerate(np.array_split(np.arange(800), 4)):
         ids = (np.int64(s) << 40) + np.arange(len(rows))
@@ -312,6 +316,9 @@ def test_shared_quantizer_assignment_equals_searching_each_shard(tmp_path):
             )
         )
     searchers = [ShardSearcher(b, t, metric="ip", params=SearchParams(nprobe=3)) for b, t in shards]
+    if "Refine" in factory:  # 16 x 16 floats: below the size from which re-ranked shards share
+        assert _LocalBackend(searchers, max_workers=1).coarse is None
+        monkeypatch.setattr(shard_searcher, "REFINE_ASSIGN_MIN_QUANTIZER_BYTES", 0)
     shared = _LocalBackend(searchers, max_workers=1)
     assert shared.coarse is not None and shared.coarse.nprobe == 3
     xq = rng.standard_normal((9, D)).astype(np.float32)
