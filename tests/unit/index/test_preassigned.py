@@ -73,3 +73,20 @@ def test_shapes_whose_lists_depend_on_more_than_the_query_take_no_assignment(dat
     assert preassignable_ivf(index) is None
     with pytest.raises(ValueError, match="takes no IVF list assignment"):
         search_preassigned(index, xb[:1], 3, np.zeros((1, 1), np.float32), np.zeros((1, 1), np.int64))
+
+
+def test_a_large_batch_is_rescored_in_chunks_with_the_same_answer(data, monkeypatch):
+    """The candidates' vectors are decoded a few queries at a time (bounded memory for large batches)."""
+    from raggen.index import preassigned
+
+    xb, xq = data
+    index = S.build_shard_index(xb, np.arange(len(xb)), factory="IVF16,PQ4,Refine(SQfp16)", metric="l2",
+                                train_sample=len(xb))  # fmt: skip
+    plan = preassigned.PreassignedSearch.of(index)
+    Dq, Iq = plan.ivf.quantizer.search(xq, 4)
+    whole = plan.search(xq, 7, Dq, Iq, refine_k_factor=3.0)
+    monkeypatch.setattr(preassigned, "RESCORE_CHUNK_BYTES", 3 * 21 * D * 4)  # 3 queries of 21 candidates at once
+    chunked = plan.search(xq, 7, Dq, Iq, refine_k_factor=3.0)
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(whole[1], S.search(index, xq, 7, nprobe=4, refine_k_factor=3.0)[1])
