@@ -763,7 +763,7 @@ def projection(m: dict, n: int, args) -> list[list[str]]:
         ["peak RSS per shard actor", f"{per_actor / 1e9:.2f} GB",
          f"idle {idle / 1e9:.2f} GB + {above:.2f} x its shard bytes ({idx / actors / 1e9:.2f} GB)"],
         ["RAM per node (shard actors)", f"{per_actor * actors / nodes / 1e9:.2f} GB", f"{actors // nodes} actors x {per_actor / 1e9:.2f} GB"],
-        ["Retriever-like caller", f"{m['caller']['warmup'] / 1e6:.0f} MB to connect + {m['caller']['growth'] / 1e6:.0f} MB held", "measured here; handles, and a copy of the IVF quantizer the shards share when <= 64 MiB (not scaled)"],
+        ["Retriever-like caller", f"{m['caller']['warmup'] / 1e6:.0f} MB to connect + {m['caller']['growth'] / 1e6:.0f} MB held", "measured here; handles, and a copy of the IVF quantizer the shards share up to index.search.caller_quantizer_max_bytes (not scaled)"],
         [f"build time on {gpus} workers", f"{build_s / 60:.1f} min",
          f"train {t['train']:.0f} s once + {linear / scale / n * 1e6:.1f} us/passage x {P:,} / {gpus}; rate measured on "
          f"{'this CPU' if faiss_gpus() == 0 else 'GPU'} (a GPU adds faster: not measured here)"],

@@ -168,7 +168,7 @@ def centroids_digest(quantizer: faiss.Index) -> str:
 # 40) instead of in FAISS's C++, which only pays when the quantizer search saved costs more: 8 such
 # shards, single queries on one thread (benchmarks/refine_assignment.py): IVF64 / IVF256 (192 /
 # 768 KiB) 1.47x FAISS's own time at nprobe 8, IVF1024 (3 MiB) 0.74x / 0.94x at nprobe 2 / 128,
-# IVF65536 (192 MiB, the 21M recipe) 0.15x at nprobe 128. Bare IVF shards take one at any size
+# IVF65536 (192 MiB, the 21M recipe) 0.15-0.17x at nprobe 128. Bare IVF shards take one at any size
 REFINE_ASSIGN_MIN_QUANTIZER_BYTES = 2 << 20
 
 
