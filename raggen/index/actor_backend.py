@@ -129,10 +129,10 @@ class ActorBackend:
         small request's lists are assigned once, here, and not once per actor: on 2 cores with 4
         actors of IVF1024,PQ64 shards at nprobe 2 (a 200k copy of the scale rehearsal's index), an
         actor's CPU per single query fell from 1.43-1.49 to 1.12-1.14 ms and the queries/s of 4
-        caller threads rose from 320-345 to 372-389 (a single query's p50 alone: within noise). None (each
-        actor assigns its own) when the shards share none (not IVF, behind a transform, trained apart, on a GPU)
-        or it is larger than ``index.search.caller_quantizer_max_bytes``, or the actors could not be
-        asked."""
+        caller threads rose from 320-345 to 372-389 (a single query's p50 alone: within noise). None
+        (each actor assigns its own) when the shards share none (not IVF, behind a transform, trained
+        apart, on a GPU, re-ranked with a small quantizer: ``shard_searcher.ivf_quantizer``) or it is
+        larger than ``index.search.caller_quantizer_max_bytes``, or the actors could not be asked."""
         if not self._ivf_asked:
             with self._ivf_lock:
                 if not self._ivf_asked:

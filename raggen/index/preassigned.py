@@ -36,9 +36,8 @@ class PreassignedSearch:
     ivf: faiss.IndexIVF
     refine: faiss.IndexRefine | None
     refine_codes: faiss.Index | None
-    codes: (
-        np.ndarray | None
-    )  # the refine index's flat codes: (ntotal, d) float32 / float16, or (ntotal, code_size) uint8
+    # the refine index's flat codes: (ntotal, d) float32 / float16 values, or (ntotal, code_size) bytes
+    codes: np.ndarray | None
     id_map: np.ndarray | None  # IDMap's ids by position
 
     @classmethod

@@ -42,7 +42,7 @@ class SearchSettings(BaseModel):
     # counted when the group starts (on an autoscaling cluster, set it). One actor per shard would
     # claim num_shards bundles (an 8-shard index: 8 CPUs, never placed on a 2-CPU laptop), and every
     # actor wakes for every query: more actors than cores cost latency (scale rehearsal, 2 cores,
-    # plain IVF-PQ: 2 actors 1.34x a local search, 4 actors 1.60-1.77x)
+    # plain IVF-PQ: 2 actors 1.34-1.38x a local search, 4 actors 1.60-1.77x)
     shards_per_actor: int | None = Field(None, ge=1)
     actor_max_concurrency: int = Field(4, ge=1)  # requests one actor serves at once (FAISS releases the GIL)
     # small requests (at most 256 hits: serving's single queries, training steps) go to the actors over
