@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from raggen.index import shard as S
-from raggen.index.preassigned import preassignable_ivf, rescore, search_preassigned
+from raggen.index.preassigned import PreassignedSearch, preassignable_ivf, rescore, search_preassigned
 
 D = 16
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
@@ -90,3 +90,18 @@ def test_a_large_batch_is_rescored_in_chunks_with_the_same_answer(data, monkeypa
     np.testing.assert_array_equal(chunked[1], whole[1])
     np.testing.assert_array_equal(chunked[0], whole[0])
     np.testing.assert_array_equal(whole[1], S.search(index, xq, 7, nprobe=4, refine_k_factor=3.0)[1])
+
+
+@pytest.mark.parametrize("factory", ["IVF16,PQ4,Refine(SQfp16)", "IVF16,PQ4,RFlat", "IVF16,PQ4,Refine(SQ8)"])
+def test_refine_codes_read_in_place_from_a_memory_mapped_file(data, tmp_path, factory):
+    """Served shards are opened memory-mapped (``open_index_file``): the codes are read where the
+    file is mapped, with the same answer as FAISS's own search of the mapped index."""
+    xb, xq = data
+    path = tmp_path / "shard.faiss"
+    S.write_index_file(S.build_shard_index(xb, np.arange(len(xb)) + 5, factory=factory, train_sample=len(xb)), path)
+    mapped = S.open_index_file(path)
+    plan = PreassignedSearch.of(mapped)
+    assert plan is not None and plan.codes is not None and len(plan.codes) == len(xb)
+    Dq, Iq = plan.ivf.quantizer.search(xq, 3)
+    got = plan.search(xq, 6, Dq, Iq, refine_k_factor=2.0)
+    np.testing.assert_array_equal(got[1], S.search(mapped, xq, 6, nprobe=3, refine_k_factor=2.0)[1])
